@@ -1,0 +1,58 @@
+"""The Typer app and the one place that turns library errors into exit codes.
+
+Command modules register on :data:`app`; each command parses options, calls one library
+function inside :func:`library_errors`, and renders the result. Library imports happen
+inside the command functions so that ``kidney-edge --help`` and the runtime commands never
+import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="kidney-edge",
+    help="Kidney CT slice classifier (Normal, Cyst, Stone, Tumor): train, evaluate, export to "
+    "ONNX/INT8 and run on CPU-only edge machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def library_errors() -> Iterator[None]:
+    """Run library code; a KidneyEdgeError becomes one line on stderr and its exit code."""
+    from kidney_edge.errors import KidneyEdgeError
+
+    try:
+        yield
+    except KidneyEdgeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def not_available(command: str, issue: str) -> None:
+    """Exit cleanly for a command whose capability has not landed yet."""
+    err_console.print(f"[bold red]error:[/] `kidney-edge {command}` is not available yet ({issue}).")
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's log messages."),
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
