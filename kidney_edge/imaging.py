@@ -1,0 +1,300 @@
+"""Image I/O and THE preprocessing function: a file becomes the model's input array.
+
+Training, evaluation, export parity, predict and benchmark all call :func:`preprocess`; there is
+no second copy (train/serve skew is the usual reason an exported classifier disagrees with its
+PyTorch original). numpy + Pillow only; pydicom is imported lazily for DICOM files.
+
+Steps, all driven by the :class:`~kidney_edge.spec.ModelSpec`:
+decode (JPEG draft mode; DICOM: Hounsfield units then the spec's CT window) -> EXIF orientation
+-> 8-bit gray or RGB -> resize rule to ``input_size`` -> channels -> (pixel - mean) / std.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kidney_edge.errors import ImageReadError
+from kidney_edge.spec import ColorMode, ModelSpec, ResizeRule
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"})
+# A CT slice is at most a few megapixels; anything above this is refused before decoding,
+# well below Pillow's own bomb limit, so a hostile header cannot trigger a huge allocation.
+MAX_IMAGE_PIXELS = 40_000_000
+_DICOM_MAGIC_OFFSET, _DICOM_MAGIC = 128, b"DICM"
+
+ImageSource = str | Path | Image.Image | np.ndarray
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A ``.dcm`` suffix, or the DICM magic at byte 128 (DICOM files often have no suffix)."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == _DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether a scan should treat ``path`` as an image (by suffix, or by DICOM magic)."""
+    path = Path(path)
+    if path.suffix.lower() in SUPPORTED_SUFFIXES:
+        return True
+    return path.suffix == "" and path.is_file() and is_dicom_file(path)
+
+
+def load_image(path: str | Path, spec: ModelSpec) -> Image.Image:
+    """Decode a file into an 8-bit ``L`` or ``RGB`` image as the spec's colour mode says.
+
+    JPEGs are decoded in draft mode at the smallest DCT scale that still covers
+    ``input_size`` (the same path in training and inference). Raises ImageReadError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)")
+    if is_dicom_file(path):
+        image = _load_dicom(path, spec)
+    else:
+        image = _load_raster(path, spec)
+    return _to_color_mode(image, spec.color_mode)
+
+
+def _load_raster(path: Path, spec: ModelSpec) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                _check_pixel_count(path, image.size)
+                if image.format == "JPEG":
+                    draft_mode = "L" if spec.color_mode is ColorMode.GRAY else "RGB"
+                    image.draft(draft_mode, (spec.input_size, spec.input_size))
+                image.load()
+                return _to_8bit(ImageOps.exif_transpose(image))
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large to decode safely ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image Pillow can read (unknown format or not an image)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            path,
+            f"image declares {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
+            "(a decompression bomb or not a CT slice)",
+        )
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit ``L`` or ``RGB``. Transparency is composited over black (air)."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples: v16 = v8 * 257 maps back to exactly v8, so a 16-bit export of an
+        # 8-bit image preprocesses to the same array.
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values) <= 1.0 else 1.0  # floats in [0, 1] or already 0..255
+        values = np.nan_to_num(values * scale)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("P", "PA") or "A" in mode or mode.endswith("a"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _to_color_mode(image: Image.Image, color_mode: ColorMode) -> Image.Image:
+    image = _to_8bit(image)
+    wanted = "L" if color_mode is ColorMode.GRAY else "RGB"
+    # Pillow's L = (19595 R + 38470 G + 7471 B + 2^15) >> 16: exact for CT's equal channels.
+    return image if image.mode == wanted else image.convert(wanted)
+
+
+def _import_pydicom(path: Path) -> Any:
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageReadError(path, "reading DICOM needs pydicom: pip install 'kidney-edge[dicom]'") from None
+    return pydicom
+
+
+def read_dicom(path: str | Path) -> tuple[Any, np.ndarray]:
+    """Read a DICOM file: (dataset, one frame of modality-LUT values, Hounsfield units for CT).
+
+    Multi-frame files give their middle frame (a CT volume's central slice).
+    """
+    path = Path(path)
+    pydicom = _import_pydicom(path)
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        dataset = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise ImageReadError(path, f"not a readable DICOM file ({exc})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError(path, "DICOM file has no pixel data (not an image object)")
+    rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    _check_pixel_count(path, (cols, rows))
+    try:
+        pixels = dataset.pixel_array
+    except (NotImplementedError, RuntimeError, ImportError) as exc:
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        name = getattr(syntax, "name", syntax)
+        raise ImageReadError(
+            path,
+            f"cannot decode DICOM transfer syntax {name!s} ({syntax!s}): no decoder installed "
+            f"({exc}). Install one, e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, "
+            "or python-gdcm",
+        ) from None
+    except (ValueError, EOFError, AttributeError) as exc:
+        raise ImageReadError(path, f"DICOM pixel data is truncated or corrupt ({exc})") from None
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        log.info("%s: %d frames, using the middle frame %d", path, frames, frames // 2)
+        pixels = pixels[frames // 2]
+    if pixels.ndim != 2:
+        raise ImageReadError(
+            path, f"DICOM pixel data has shape {pixels.shape}; only grayscale slices are supported"
+        )
+    return dataset, np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
+
+
+def dicom_window(dataset: Any, values: np.ndarray, spec: ModelSpec) -> tuple[float, float]:
+    """(low, high) display window: the spec's CT window for CT, else the file's own or min/max."""
+    if str(dataset.get("Modality", "")).upper() == "CT":
+        window = spec.ct_window
+        return window.level - window.width / 2, window.level + window.width / 2
+    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if center is not None and width is not None:
+        center = float(center[0] if isinstance(center, Sequence) else center)
+        width = float(width[0] if isinstance(width, Sequence) else width)
+        return center - width / 2, center + width / 2
+    return float(values.min()), float(values.max())
+
+
+def _load_dicom(path: Path, spec: ModelSpec) -> Image.Image:
+    dataset, values = read_dicom(path)
+    low, high = dicom_window(dataset, values, spec)
+    scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+    pixels = np.rint(scaled).astype(np.uint8)
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = 255 - pixels  # MONOCHROME1: the lowest value is displayed white
+    return Image.fromarray(pixels, "L")
+
+
+def resized_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
+    """Decode if needed and apply the spec's resize rule: an ``input_size`` square image."""
+    image = _as_image(source, spec)
+    size = spec.input_size
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    if spec.resize is ResizeRule.STRETCH:
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    if spec.resize is ResizeRule.LETTERBOX:
+        scale = size / max(width, height)
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new(image.mode, (size, size), 0)  # black = air in CT
+        canvas.paste(
+            image.resize(new_size, Image.Resampling.BILINEAR),
+            ((size - new_size[0]) // 2, (size - new_size[1]) // 2),
+        )
+        return canvas
+    scale = size / min(width, height)  # CENTER_CROP
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return resized.crop((left, top, left + size, top + size))
+
+
+def _as_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return _to_color_mode(source, spec.color_mode)
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (2, 3):
+            raise ImageReadError(
+                "<array>", f"expected a uint8 (H, W) or (H, W, 3) array, got {source.dtype} {source.shape}"
+            )
+        return _to_color_mode(Image.fromarray(source), spec.color_mode)
+    return load_image(source, spec)
+
+
+def preprocess(source: ImageSource, spec: ModelSpec) -> np.ndarray:
+    """A file, Pillow image or uint8 array -> the model input: (3, S, S) float32, normalised."""
+    pixels = np.asarray(resized_image(source, spec), dtype=np.float32)
+    if pixels.ndim == 2:  # gray: replicate into the three input channels
+        chw = np.broadcast_to(pixels, (3, *pixels.shape))
+    else:
+        chw = pixels.transpose(2, 0, 1)
+        if spec.channel_order == "BGR":
+            chw = chw[::-1]
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((chw - mean) / std, dtype=np.float32)
+
+
+def preprocess_batch(paths: Sequence[str | Path], spec: ModelSpec) -> np.ndarray:
+    """Files -> (N, 3, S, S) float32. Raises ImageReadError on the first unreadable file."""
+    size = spec.input_size
+    batch = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    for index, path in enumerate(paths):
+        batch[index] = preprocess(path, spec)
+    return batch
+
+
+def describe_image(path: str | Path, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """What an image file is: format, size, mode; for DICOM also modality, HU range, window."""
+    path = Path(path)
+    spec = spec or ModelSpec()
+    if not path.is_file():
+        raise ImageReadError(path, "no such file")
+    if is_dicom_file(path):
+        dataset, values = read_dicom(path)
+        low, high = dicom_window(dataset, values, spec)
+        return {
+            "path": str(path),
+            "format": "DICOM",
+            "size": [int(dataset.Columns), int(dataset.Rows)],
+            "modality": str(dataset.get("Modality", "")),
+            "photometric": str(dataset.get("PhotometricInterpretation", "")),
+            "frames": int(dataset.get("NumberOfFrames", 1) or 1),
+            "value_range": [float(values.min()), float(values.max())],
+            "value_unit": "HU" if str(dataset.get("Modality", "")).upper() == "CT" else "stored",
+            "window": [low, high],
+            "transfer_syntax": str(dataset.file_meta.get("TransferSyntaxUID", "")),
+        }
+    image = load_image(path, spec)  # validates the whole file, not only the header
+    with Image.open(path) as raw:
+        return {
+            "path": str(path),
+            "format": raw.format,
+            "size": list(raw.size),
+            "mode": raw.mode,
+            "decoded_as": image.mode,
+            "bytes": path.stat().st_size,
+        }
