@@ -8,14 +8,25 @@ the host's core count, which over-subscribes containers.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
+from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -152,3 +163,375 @@ class OnnxClassifier:
     def __repr__(self) -> str:
         kind = "int8" if self.is_int8 else "fp32"
         return f"OnnxClassifier({str(self.path)!r}, {kind}, threads={self.threads})"
+
+
+# --------------------------------------------------------------------------- default model
+
+
+def find_default_model(export_root: str | os.PathLike[str] = "export") -> Path:
+    """The newest ``EXPORT_ROOT/*/model.onnx`` (by modification time)."""
+    root = Path(export_root)
+    candidates = sorted(root.glob("*/model.onnx"), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not candidates:
+        raise InputError(
+            f"no model found: {root}/*/model.onnx does not exist. Run `kidney-edge demo` to build a small "
+            "model, or `kidney-edge export RUN_DIR` for a trained run, or pass --model FILE.onnx"
+        )
+    return candidates[-1]
+
+
+# --------------------------------------------------------------------------- predict a folder
+
+EXIT_OK = 0
+EXIT_NOTHING_READ = 2  # same code as bad arguments: nothing useful came out of the run
+EXIT_SOME_FAILED = 3  # predictions were written, but some files have an `error` row instead
+_MAX_LISTED_FAILURES = 20
+
+
+class OutputFormat(str, Enum):
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Options of ``kidney-edge predict``; validated here so every caller gets the same messages."""
+
+    folder: Path
+    model: Path | None = None
+    out: Path = Path("predictions.csv")
+    fmt: OutputFormat = OutputFormat.CSV
+    batch_size: int = 8
+    threads: int | None = None
+    workers: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "folder", Path(self.folder))
+        set_(self, "out", Path(self.out))
+        if self.model is not None:
+            set_(self, "model", Path(self.model))
+        try:
+            set_(self, "fmt", OutputFormat(self.fmt))
+        except ValueError:
+            raise InputError(f"--format must be 'csv' or 'jsonl', got {self.fmt!r}") from None
+        if not self.folder.is_dir():
+            raise InputError(
+                f"FOLDER {self.folder} is not a directory; pass the folder of images to classify"
+            )
+        if not 1 <= self.batch_size <= 512:
+            raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.workers is not None and not 1 <= self.workers <= 64:
+            raise InputError(f"--workers must be in 1..64, got {self.workers}")
+        if self.out.is_dir():
+            raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
+
+
+@dataclass
+class PredictSummary:
+    """What a predict run did. ``exit_code`` is what the CLI exits with."""
+
+    out: Path
+    model: Path
+    fmt: str
+    decision_rule: str
+    class_names: tuple[str, ...]
+    is_int8: bool
+    threads: int
+    workers: int
+    batch_size: int
+    total_files: int = 0  # images found in the folder
+    skipped: int = 0  # already in the output (--resume)
+    predicted: int = 0
+    failed: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first few (path, error)
+    wall_s: float = 0.0
+    first_batch_s: float | None = None  # from the call to the first batch on disk
+    interrupted: bool = False
+
+    @property
+    def processed(self) -> int:
+        return self.predicted + self.failed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed == 0:
+            return EXIT_OK
+        return EXIT_NOTHING_READ if self.predicted == 0 else EXIT_SOME_FAILED
+
+
+def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files under ``folder``, recursively, in a deterministic (sorted, depth-first) order."""
+    from kidney_edge.imaging import is_image_file
+
+    root = Path(os.path.abspath(folder))  # absolute without resolving symlinks: stable row keys
+    found: list[Path] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in sorted(files):
+            path = Path(directory, name)
+            if not name.startswith(".") and is_image_file(path):
+                found.append(path)
+    return found
+
+
+def output_columns(class_names: tuple[str, ...]) -> list[str]:
+    return ["path", "label", "confidence", *(f"p_{name}" for name in class_names), "error"]
+
+
+def _format_rows(rows: list[dict[str, Any]], fmt: OutputFormat, columns: list[str]) -> str:
+    if fmt is OutputFormat.JSONL:
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    for row in rows:
+        writer.writerow(
+            {k: ("" if v is None else f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
+        )
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def _drop_partial_last_line(out: Path) -> None:
+    """A kill -9 can leave half a row at the end: cut the file back to its last newline."""
+    size = out.stat().st_size
+    if size == 0:
+        return
+    with open(out, "rb+") as handle:
+        tail_start = max(0, size - (1 << 20))
+        handle.seek(tail_start)
+        tail = handle.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        keep = tail_start + cut + 1 if cut >= 0 else 0  # rows are far shorter than 1 MiB
+        log.warning("%s: dropping a partially written last line (%d bytes)", out, size - keep)
+        handle.truncate(keep)
+
+
+def _done_paths(out: Path, fmt: OutputFormat, columns: list[str]) -> set[str]:
+    """Paths that already have a row in ``out`` (predicted or failed), after repairing its end."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    _drop_partial_last_line(out)
+    with open(out, encoding="utf-8", newline="") as handle:
+        if fmt is OutputFormat.JSONL:
+            return _done_paths_jsonl(out, handle, columns)
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return set()
+        if header != columns:
+            raise InputError(
+                f"--resume: {out} has columns {header}, but this model writes {columns}; "
+                "pass another --out or drop --resume to start over"
+            )
+        return {row[0] for row in reader if row}
+
+
+def _done_paths_jsonl(out: Path, handle: Any, columns: list[str]) -> set[str]:
+    done = set()
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"--resume: {out} line {number} is not JSON; pass another --out") from None
+        if sorted(row) != sorted(columns):
+            raise InputError(
+                f"--resume: {out} line {number} has keys {sorted(row)}, but this model writes "
+                f"{columns}; pass another --out or drop --resume to start over"
+            )
+        done.add(row["path"])
+    return done
+
+
+@dataclass
+class _LoadedBatch:
+    paths: list[Path]
+    inputs: np.ndarray  # (k, 3, S, S) float32: only the files that could be read
+    ok: list[int]  # index into `paths` of each row of `inputs`
+    errors: dict[int, str]  # index into `paths` -> why that file could not be read
+
+
+def _load_batch(paths: list[Path], spec: ModelSpec) -> _LoadedBatch:
+    """Decode + preprocess one batch (runs in a worker thread; Pillow releases the GIL)."""
+    from kidney_edge.imaging import preprocess
+
+    size = spec.input_size
+    inputs = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    ok: list[int] = []
+    errors: dict[int, str] = {}
+    for index, path in enumerate(paths):
+        try:
+            inputs[len(ok)] = preprocess(path, spec)
+            ok.append(index)
+        except ImageReadError as exc:
+            errors[index] = exc.reason
+        except Exception as exc:  # one odd file must never stop a 100,000-file run
+            errors[index] = f"unexpected {type(exc).__name__}: {exc}"
+    return _LoadedBatch(paths, inputs[: len(ok)], ok, errors)
+
+
+def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[str, Any]]:
+    """One output row per file of the batch, in file order; failed files carry `error`."""
+    spec = classifier.spec
+    probabilities = classifier.predict(loaded.inputs) if loaded.ok else np.empty((0, spec.num_classes))
+    labels = spec.decide(probabilities) if loaded.ok else np.empty(0, dtype=np.int64)
+    by_index = dict(zip(loaded.ok, zip(labels, probabilities, strict=True), strict=True))
+    rows = []
+    for index, path in enumerate(loaded.paths):
+        row: dict[str, Any] = {"path": str(path), "label": None, "confidence": None}
+        row.update({f"p_{name}": None for name in spec.class_names})
+        if index in by_index:
+            label, probs = by_index[index]
+            row["label"], row["confidence"] = spec.class_names[label], float(probs[label])
+            row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
+        row["error"] = loaded.errors.get(index)
+        rows.append(row)
+    return rows
+
+
+def _record(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if row["error"] is None:
+            summary.predicted += 1
+            summary.class_counts[row["label"]] += 1
+        else:
+            summary.failed += 1
+            if len(summary.failures) < _MAX_LISTED_FAILURES:
+                summary.failures.append((row["path"], row["error"]))
+
+
+def _default_workers() -> int:
+    # Decoding a draft-mode JPEG costs a fraction of the model's time per image, so one or two
+    # decode threads keep the model fed; more would only steal cores from onnxruntime.
+    return max(1, min(2, available_cpus() // 2))
+
+
+def _run_batches(
+    todo: list[Path],
+    classifier: OnnxClassifier,
+    config: PredictConfig,
+    write: Callable[[list[dict[str, Any]]], None],
+    summary: PredictSummary,
+) -> None:
+    """Decode in a thread pool, at most `workers + 1` batches ahead; infer and write in order."""
+    window = summary.workers + 1  # bounded: memory stays flat however many files there are
+    size = config.batch_size
+    with ThreadPoolExecutor(summary.workers, thread_name_prefix="kidney-edge-decode") as pool:
+        pending: deque[Future[_LoadedBatch]] = deque()
+        try:
+            for start in range(0, len(todo), size):
+                pending.append(pool.submit(_load_batch, todo[start : start + size], classifier.spec))
+                if len(pending) > window:
+                    write(_batch_rows(pending.popleft().result(), classifier))
+            while pending:
+                write(_batch_rows(pending.popleft().result(), classifier))
+        finally:
+            for future in pending:  # Ctrl-C or an error: do not decode what will not be written
+                future.cancel()
+
+
+def predict_folder(
+    folder: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] = Path("predictions.csv"),
+    fmt: str = "csv",
+    batch_size: int = 8,
+    threads: int | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictSummary:
+    """Classify every image under ``folder`` and stream one row per file to ``out``.
+
+    Rows are flushed per batch, so an interrupted run keeps every finished row; ``resume``
+    skips files already in ``out`` and appends. Unreadable files get a row with ``error``.
+    ``progress(done, total)`` is called after each batch. Ctrl-C ends the run early with
+    ``summary.interrupted`` set instead of raising.
+    """
+    started = time.perf_counter()
+    config = PredictConfig(
+        folder=Path(folder),
+        model=None if model is None else Path(model),
+        out=Path(out),
+        fmt=fmt,
+        batch_size=batch_size,
+        threads=threads,
+        workers=workers,
+        resume=resume,
+    )
+    classifier = OnnxClassifier(config.model or find_default_model(), threads=config.threads)
+    files = scan_images(config.folder)
+    if not files:
+        raise InputError(
+            f"no images found under {config.folder} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
+            "or DICOM files without a suffix)"
+        )
+    columns = output_columns(classifier.class_names)
+    done = _done_paths(config.out, config.fmt, columns) if config.resume else set()
+    todo = [path for path in files if str(path) not in done]
+    summary = _new_summary(config, classifier, total_files=len(files), skipped=len(files) - len(todo))
+    log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        handle.write(_format_rows(rows, config.fmt, columns))
+        handle.flush()  # per batch: a crash or Ctrl-C keeps every finished row
+        _record(summary, rows)
+        if summary.first_batch_s is None:
+            summary.first_batch_s = time.perf_counter() - started
+        if progress is not None:
+            progress(summary.processed, len(todo))
+
+    append = config.resume and config.out.is_file() and config.out.stat().st_size > 0
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    # Streamed, not atomic: the point is that rows already written survive an interruption.
+    with open(config.out, "a" if append else "w", encoding="utf-8", newline="") as handle:
+        if not append and config.fmt is OutputFormat.CSV:
+            handle.write(",".join(columns) + "\n")
+        if progress is not None:
+            progress(0, len(todo))
+        try:
+            _run_batches(todo, classifier, config, write, summary)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            log.warning("interrupted: %d rows written to %s", summary.processed, config.out)
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _new_summary(
+    config: PredictConfig, classifier: OnnxClassifier, *, total_files: int, skipped: int
+) -> PredictSummary:
+    spec = classifier.spec
+    return PredictSummary(
+        out=config.out,
+        model=classifier.path,
+        fmt=config.fmt.value,
+        decision_rule=spec.decision_rule.describe(),
+        class_names=spec.class_names,
+        is_int8=classifier.is_int8,
+        threads=classifier.threads,
+        workers=config.workers or _default_workers(),
+        batch_size=config.batch_size,
+        total_files=total_files,
+        skipped=skipped,
+        class_counts=dict.fromkeys(spec.class_names, 0),
+    )
