@@ -99,7 +99,7 @@ def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageReadError(
             path,
-            f"image declares {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
+            f"image too large: it declares {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
             "(a decompression bomb or not a CT slice)",
         )
 
