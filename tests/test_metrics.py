@@ -1,0 +1,204 @@
+"""Metric code against hand-computed cases and scikit-learn."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from kidney_edge import metrics
+from kidney_edge.errors import InputError
+from kidney_edge.spec import ModelSpec
+
+CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
+
+
+def one_hot_probs(y_pred: np.ndarray, n_classes: int = 4, confidence: float = 0.7) -> np.ndarray:
+    probs = np.full((len(y_pred), n_classes), (1 - confidence) / (n_classes - 1))
+    probs[np.arange(len(y_pred)), y_pred] = confidence
+    return probs
+
+
+def noisy_predictions(n: int = 400, accuracy: float = 0.8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 4, n)
+    y_pred = np.where(rng.random(n) < accuracy, y_true, rng.integers(0, 4, n))
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), y_pred] += 2.0
+    return y_true, y_pred, metrics.softmax(logits)
+
+
+def test_hand_computed_case_with_a_class_never_predicted() -> None:
+    # Stone (2) is never predicted; Tumor (3) is absent from y_true but predicted once.
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 0, 3])
+    result = metrics.classification_metrics(y_true, y_pred, one_hot_probs(y_pred), CLASSES, n_bootstrap=50)
+    cyst, normal, stone, tumor = (result["per_class"][c] for c in CLASSES)
+    assert result["accuracy"] == pytest.approx(4 / 7)
+    assert cyst["precision"] == pytest.approx(2 / 3) and cyst["recall"] == pytest.approx(2 / 3)
+    assert cyst["specificity"] == pytest.approx(3 / 4)  # negatives 1,1,2,2: one predicted Cyst
+    assert normal["precision"] == pytest.approx(2 / 3) and normal["recall"] == 1.0
+    assert normal["f1"] == pytest.approx(0.8)
+    assert stone["precision"] == 0.0 and stone["recall"] == 0.0 and stone["f1"] == 0.0
+    assert stone["predicted"] == 0 and stone["specificity"] == 1.0
+    assert tumor["support"] == 0 and tumor["recall"] == 0.0 and tumor["specificity"] == pytest.approx(6 / 7)
+    # Tumor is absent from y_true: its AUC and AP are undefined, not a crash and not 0.
+    assert tumor["roc_auc"] is None and tumor["average_precision"] is None
+    assert result["ci"]["recall_Tumor"] is None
+    # Macro-F1 over the 4 classes that occur in y_true or y_pred: (2/3 + 0.8 + 0 + 0) / 4.
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 4)
+    # Balanced accuracy: mean recall over classes present in y_true.
+    assert result["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert result["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0]]
+    assert result["confusion_matrix_normalized"][3] == [0.0, 0.0, 0.0, 0.0]
+    assert result["confusion_matrix_normalized"][0] == pytest.approx([2 / 3, 1 / 3, 0, 0])
+
+
+def test_perfect_classifier() -> None:
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    result = metrics.classification_metrics(y, y, one_hot_probs(y, confidence=1.0), CLASSES, n_bootstrap=100)
+    assert result["accuracy"] == result["macro_f1"] == result["balanced_accuracy"] == 1.0
+    for name in CLASSES:
+        per_class = result["per_class"][name]
+        assert per_class["precision"] == per_class["recall"] == per_class["specificity"] == 1.0
+        assert per_class["roc_auc"] == per_class["average_precision"] == 1.0
+        assert result["ci"][f"recall_{name}"] == [1.0, 1.0]
+    assert result["ci"]["accuracy"] == [1.0, 1.0]
+    assert result["ece"] == pytest.approx(0.0)
+
+
+def test_all_wrong_classifier() -> None:
+    y_true = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    y_pred = (y_true + 1) % 4
+    result = metrics.classification_metrics(y_true, y_pred, one_hot_probs(y_pred, confidence=0.9), CLASSES)
+    assert result["accuracy"] == result["macro_f1"] == result["balanced_accuracy"] == 0.0
+    assert all(result["per_class"][c]["recall"] == 0.0 for c in CLASSES)
+    # Per class: 2 positives score 0.033; of 6 negatives, 2 score 0.9 and 4 tie at 0.033,
+    # so AUC = (0 wins + 4 ties * 0.5) / 6 = 1/3: worse than chance.
+    assert all(result["per_class"][c]["roc_auc"] == pytest.approx(1 / 3) for c in CLASSES)
+    assert result["ci"]["macro_f1"] == [0.0, 0.0]
+    assert result["ece"] == pytest.approx(0.9)  # confident 0.9, accuracy 0
+
+
+def test_agrees_with_scikit_learn() -> None:
+    y_true, y_pred, probs = noisy_predictions()
+    result = metrics.classification_metrics(y_true, y_pred, probs, CLASSES, n_bootstrap=10)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    for k, name in enumerate(CLASSES):
+        per_class = result["per_class"][name]
+        assert per_class["precision"] == pytest.approx(precision[k])
+        assert per_class["recall"] == pytest.approx(recall[k])
+        assert per_class["f1"] == pytest.approx(f1[k])
+        assert per_class["support"] == support[k]
+        assert per_class["roc_auc"] == pytest.approx(roc_auc_score(y_true == k, probs[:, k]))
+        assert per_class["average_precision"] == pytest.approx(
+            average_precision_score(y_true == k, probs[:, k])
+        )
+        # Specificity of class k == recall of "not k" in the one-vs-rest problem.
+        not_k = precision_recall_fscore_support(y_true != k, y_pred != k, average="binary")[1]
+        assert per_class["specificity"] == pytest.approx(not_k)
+    assert result["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+
+
+def test_bootstrap_contains_estimate_is_deterministic_and_fast() -> None:
+    y_true, y_pred, probs = noisy_predictions(n=2000)
+    started = time.perf_counter()
+    ci = metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=1000, seed=0)
+    assert time.perf_counter() - started < 1.0
+    assert ci == metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=1000, seed=0)
+    assert ci != metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=1000, seed=1)
+    point = metrics.classification_metrics(y_true, y_pred, probs, CLASSES, n_bootstrap=0)
+    estimates = {"accuracy": point["accuracy"], "macro_f1": point["macro_f1"]}
+    estimates |= {f"recall_{c}": point["per_class"][c]["recall"] for c in CLASSES}
+    for key, value in estimates.items():
+        low, high = ci[key]
+        assert low <= value <= high, key
+        assert 0.0 < high - low < 0.1, key  # ~500 items per class: a few points wide
+
+
+def test_bootstrap_is_stratified() -> None:
+    # 3 Tumor items among 100: stratified resampling keeps them in every resample, so the
+    # Tumor recall interval exists and reflects the 2/3 hit rate.
+    y_true = np.array([0] * 97 + [3] * 3)
+    y_pred = np.array([0] * 97 + [3, 3, 0])
+    ci = metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=500)
+    low, high = ci["recall_Tumor"]
+    assert 0.0 <= low < 2 / 3 < high <= 1.0
+    assert ci["recall_Normal"] is None and ci["recall_Cyst"] == [1.0, 1.0]
+
+
+def test_ece_and_reliability_bins_by_hand() -> None:
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    y_true = np.array([0, 1, 0, 0])
+    bins = metrics.reliability_bins(probs, y_true, n_bins=10)
+    assert bins["count"][9] == 2 and bins["count"][5] == 2 and sum(bins["count"]) == 4
+    assert bins["accuracy"][9] == 0.5 and bins["confidence"][9] == pytest.approx(0.95)
+    assert bins["accuracy"][5] == 0.5 and bins["confidence"][5] == pytest.approx(0.55)
+    assert bins["accuracy"][0] is None
+    assert metrics.expected_calibration_error(probs, y_true, n_bins=10) == pytest.approx(
+        0.5 * 0.45 + 0.5 * 0.05
+    )
+
+
+def test_temperature_fit_recovers_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(scale=2.0, size=(3000, 4))
+    # Labels drawn from softmax(true_logits); the model reports logits 2.5x too sharp.
+    cumulative = metrics.softmax(true_logits).cumsum(axis=1)
+    y_true = (rng.random((3000, 1)) > cumulative).sum(axis=1)
+    temperature = metrics.fit_temperature(true_logits * 2.5, y_true)
+    assert temperature == pytest.approx(2.5, rel=0.1)
+    nll_fit = metrics.negative_log_likelihood(true_logits * 2.5, y_true, temperature)
+    assert nll_fit < metrics.negative_log_likelihood(true_logits * 2.5, y_true, 1.0)
+    with pytest.raises(InputError, match="empty validation"):
+        metrics.fit_temperature(np.zeros((0, 4)), np.zeros(0, dtype=int))
+
+
+def test_threshold_for_recall_is_the_largest_that_reaches_the_target() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.99])
+    is_positive = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    assert metrics.threshold_for_recall(scores, is_positive, 0.8) == 0.2  # 8 of 10 positives
+    assert metrics.threshold_for_recall(scores, is_positive, 0.81) == 0.1  # needs 9
+    assert metrics.threshold_for_recall(scores, is_positive, 1.0) == 0.05
+    with pytest.raises(InputError, match="tumor-recall"):
+        metrics.threshold_for_recall(scores, is_positive, 0.0)
+
+
+def test_tumor_rule_reaches_target_recall_on_validation() -> None:
+    y_true, _, probs = noisy_predictions(n=600, accuracy=0.6, seed=3)
+    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, target_recall=0.98)
+    assert rule is not None and rule.kind == "threshold" and rule.positive_class == "Tumor"
+    spec = ModelSpec(decision_rule=rule)
+    decided = spec.decide(probs.astype(np.float32))
+    tumor = y_true == 3
+    recall = np.mean(decided[tumor] == 3)
+    assert recall >= 0.98
+    # Largest threshold: nudging it up drops recall below the target.
+    higher = spec.replace(decision_rule=dataclasses.replace(rule, threshold=rule.threshold + 1e-6))
+    assert np.mean(higher.decide(probs.astype(np.float32))[tumor] == 3) < 0.98
+    # Argmax alone reaches far less than that at 60 % accuracy.
+    assert np.mean(probs[tumor].argmax(axis=1) == 3) < recall
+
+
+def test_tumor_rule_skipped_without_a_tumor_class(caplog: pytest.LogCaptureFixture) -> None:
+    y_true, _, probs = noisy_predictions(n=50)
+    with caplog.at_level("INFO", logger="kidney_edge.metrics"):
+        assert metrics.tumor_decision_rule(probs, y_true, ("a", "b", "c", "d")) is None
+    assert "no 'Tumor' class" in caplog.text
+
+
+def test_bad_metric_inputs() -> None:
+    with pytest.raises(InputError, match="empty"):
+        metrics.classification_metrics(np.array([]), np.array([]), np.zeros((0, 4)), CLASSES)
+    with pytest.raises(InputError, match="outside"):
+        metrics.classification_metrics(np.array([4]), np.array([0]), np.zeros((1, 4)), CLASSES)
