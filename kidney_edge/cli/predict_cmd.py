@@ -1,11 +1,121 @@
-"""`kidney-edge predict`."""
+"""`kidney-edge predict`: classify a folder of images with an ONNX model (no PyTorch).
+
+Exit codes: 0 every file was predicted; 3 some files could not be read (their rows carry an
+``error``); 2 nothing could be read, or bad arguments; 1 other failures; 130 interrupted
+(every finished row is kept; rerun with ``--resume``).
+"""
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kidney_edge.cli._app import app, console, library_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.progress import Progress, Task
+
+    from kidney_edge.runtime import PredictSummary
+
+_DEFAULT_OUT = Path("predictions.csv")
 
 
 @app.command()
-def predict() -> None:
-    """Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch)."""
-    not_available("predict", "edge runtime")
+def predict(
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of images, scanned recursively (JPEG, PNG, TIFF, DICOM).")
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="ONNX model; default: newest export/*/model.onnx.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output file, streamed as it goes.")] = _DEFAULT_OUT,
+    fmt: Annotated[str, typer.Option("--format", help="Output format: csv or jsonl.")] = "csv",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per onnxruntime call.")] = 8,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="onnxruntime threads; default: usable CPUs.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoding threads; default: 1-2 by CPUs.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip files already in --out and append.")] = False,
+) -> None:
+    """Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
+
+    Exit code 0: all predicted; 3: some files failed (rows with `error`); 2: nothing readable or bad arguments.
+    """
+    from kidney_edge.runtime import predict_folder
+
+    with library_errors(), _progress_bar() as bar:
+        task = bar.add_task("predict", total=None)
+        summary = predict_folder(
+            folder,
+            model=model,
+            out=out,
+            fmt=fmt,
+            batch_size=batch_size,
+            threads=threads,
+            workers=workers,
+            resume=resume,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    _render(summary)
+    raise typer.Exit(130 if summary.interrupted else summary.exit_code)
+
+
+def _progress_bar() -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class ImagesPerSecond(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _render(summary: PredictSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Predictions -> {summary.out}", show_header=True)
+    table.add_column("label")
+    table.add_column("images", justify="right")
+    for name, count in summary.class_counts.items():
+        table.add_row(name, str(count))
+    table.add_row("[red]failed[/]", str(summary.failed))
+    if summary.skipped:
+        table.add_row("already done (--resume)", str(summary.skipped))
+    console.print(table)
+    kind = "INT8" if summary.is_int8 else "fp32"
+    facts: list[Any] = [
+        f"model {summary.model} ({kind}), decision rule: {summary.decision_rule}",
+        f"{summary.processed} images in {summary.wall_s:.2f} s = {summary.images_per_s:.1f} images/s "
+        f"(batch {summary.batch_size}, {summary.threads} threads, {summary.workers} decode workers)",
+    ]
+    for path, error in summary.failures[:5]:
+        facts.append(f"[red]failed[/] {path}: {error}")
+    if summary.failed > 5:
+        facts.append(f"... {summary.failed - 5} more failures: see the `error` column of {summary.out}")
+    if summary.interrupted:
+        facts.append(f"[yellow]interrupted[/]: finished rows are in {summary.out}; rerun with --resume")
+    for line in facts:
+        console.print(line, highlight=False, soft_wrap=True)
