@@ -1,0 +1,425 @@
+"""Edge runtime: OnnxClassifier, predict_folder and `kidney-edge predict`, all without torch.
+
+Models here are tiny ONNX graphs built with onnx.helper (global average pool -> Gemm ->
+temperature -> softmax) carrying a real ModelSpec in their metadata, so every test runs in
+milliseconds and none of them needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kidney_edge.errors import InputError
+from kidney_edge.spec import ONNX_METADATA_KEY, DecisionRule, ModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
+
+
+def make_tiny_onnx(
+    path: Path, spec: ModelSpec | None = None, *, seed: int = 0, metadata: bool = True
+) -> Path:
+    """input (N,3,S,S) -> GlobalAveragePool -> Flatten -> Gemm -> logits; softmax(logits/T) -> probabilities."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = spec or ModelSpec(input_size=SIZE)
+    rng = np.random.default_rng(seed)
+    # Gray inputs have equal channel means, so the logits move with one number: the image's
+    # mean brightness. Slopes of both signs make different images land in different classes.
+    weight = np.zeros((3, spec.num_classes), np.float32)
+    weight[0] = np.linspace(-6.0, 6.0, spec.num_classes)
+    bias = rng.normal(scale=0.5, size=spec.num_classes).astype(np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
+        helper.make_node("Div", ["logits", "T"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
+    ]
+    size, classes = spec.input_size, spec.num_classes
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+        ],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(bias, "b"),
+            numpy_helper.from_array(np.array(spec.temperature, np.float32), "T"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if metadata:
+        helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_gray_images(folder: Path, count: int, *, size: int = 48, seed: int = 0) -> list[Path]:
+    """`count` gray JPEG/PNGs of varied brightness in two sub-folders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        level = 255.0 * index / max(1, count - 1)
+        pixels = np.clip(rng.normal(level, 20.0, size=(size, size + index % 7)), 0, 255).astype(np.uint8)
+        suffix = ".png" if index % 5 == 0 else ".jpg"
+        path = folder / ("left" if index % 2 else "right") / f"slice-{index:03d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, "L").save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> None:
+    """A valid PNG header declaring width x height pixels, with no real image data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return make_tiny_onnx(tmp_path / "export" / "run1" / "model.onnx")
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    write_gray_images(folder, 24)
+    return folder
+
+
+# --------------------------------------------------------------------------- OnnxClassifier
+
+
+def test_classifier_reads_spec_and_runs(model_path: Path) -> None:
+    from kidney_edge.runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(model_path, threads=1)
+    assert classifier.spec == ModelSpec(input_size=SIZE)
+    assert classifier.path == model_path and classifier.input_size == SIZE and not classifier.is_int8
+    batch = np.random.default_rng(0).normal(size=(5, 3, SIZE, SIZE)).astype(np.float32)
+    logits, probabilities = classifier.run(batch)
+    assert logits.shape == probabilities.shape == (5, 4)
+    np.testing.assert_allclose(probabilities, classifier.spec.probabilities(logits), atol=1e-6)
+    np.testing.assert_allclose(classifier.predict(batch), probabilities)
+    with pytest.raises(InputError, match=r"expected input \(N, 3, 32, 32\)"):
+        classifier.run(batch[:, :, :16])
+
+
+def test_classifier_applies_stored_temperature(tmp_path: Path) -> None:
+    from kidney_edge.runtime import OnnxClassifier
+
+    spec = ModelSpec(input_size=SIZE, temperature=2.5)
+    classifier = OnnxClassifier(make_tiny_onnx(tmp_path / "m.onnx", spec))
+    logits, probabilities = classifier.run(np.ones((2, 3, SIZE, SIZE), np.float32))
+    np.testing.assert_allclose(probabilities, spec.probabilities(logits), atol=1e-6)
+
+
+def test_classifier_rejects_files_without_spec_or_not_onnx(tmp_path: Path) -> None:
+    from kidney_edge.runtime import OnnxClassifier
+
+    bare = make_tiny_onnx(tmp_path / "bare.onnx", metadata=False)
+    with pytest.raises(InputError, match=ONNX_METADATA_KEY):
+        OnnxClassifier(bare)
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not a protobuf")
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        OnnxClassifier(junk)
+    with pytest.raises(InputError, match="not found"):
+        OnnxClassifier(tmp_path / "missing.onnx")
+
+
+def test_available_cpus_honours_affinity_and_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kidney_edge import runtime
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(runtime, "_CGROUP_V2_CPU_MAX", cpu_max)
+    cpu_max.write_text("max 100000\n")
+    assert runtime.available_cpus() == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU still needs one thread
+    assert runtime.available_cpus() == 1
+    cpu_max.write_text("6400000 100000\n")  # quota above the affinity mask: the mask wins
+    assert runtime.available_cpus() == affinity
+
+
+# --------------------------------------------------------------------------- default model
+
+
+def test_default_model_is_newest_export_and_message_when_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_dir: Path
+) -> None:
+    from kidney_edge.runtime import find_default_model, predict_folder
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"kidney-edge demo.*kidney-edge export"):
+        find_default_model()
+    with pytest.raises(InputError, match="no model found"):
+        predict_folder(image_dir)
+    old = make_tiny_onnx(tmp_path / "export" / "b-old" / "model.onnx")
+    new = make_tiny_onnx(tmp_path / "export" / "a-new" / "model.onnx", seed=1)
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    assert find_default_model() == Path("export/a-new/model.onnx")
+    summary = predict_folder(image_dir, out=tmp_path / "p.csv")
+    assert summary.model.resolve() == new.resolve() and summary.exit_code == 0
+
+
+# --------------------------------------------------------------------------- predict_folder
+
+
+def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.runtime import OnnxClassifier, output_columns, predict_folder
+
+    out = tmp_path / "predictions.csv"
+    summary = predict_folder(image_dir, model=model_path, out=out, batch_size=5, workers=2)
+    rows = read_rows(out)
+    assert list(rows[0]) == output_columns(CLASSES) == [
+        "path", "label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "error",
+    ]  # fmt: skip
+    paths = [Path(row["path"]) for row in rows]
+    assert paths == sorted(image_dir.rglob("*.*")) and len(paths) == 24
+    probabilities = np.array([[float(row[f"p_{c}"]) for c in CLASSES] for row in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+    classifier = OnnxClassifier(model_path)  # direct evaluation, one batch, no thread pool
+    expected = classifier.predict(preprocess_batch(paths, classifier.spec))
+    np.testing.assert_allclose(probabilities, expected, atol=2e-6)
+    labels = [CLASSES[i] for i in classifier.spec.decide(expected)]
+    assert [row["label"] for row in rows] == labels
+    assert len(set(labels)) >= 3  # the tiny model really separates the images
+    confidences = [float(row["confidence"]) for row in rows]
+    np.testing.assert_allclose(confidences, expected.max(axis=1), atol=2e-6)
+    assert all(row["error"] == "" for row in rows)
+    assert summary.exit_code == 0 and summary.predicted == 24 and summary.failed == 0
+    assert summary.class_counts == {c: labels.count(c) for c in CLASSES}
+    assert summary.decision_rule == "argmax" and summary.first_batch_s is not None
+
+
+def test_threshold_rule_from_spec_decides_labels(tmp_path: Path, image_dir: Path) -> None:
+    from kidney_edge.runtime import predict_folder
+
+    rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.05)
+    model = make_tiny_onnx(tmp_path / "m.onnx", ModelSpec(input_size=SIZE, decision_rule=rule))
+    summary = predict_folder(image_dir, model=model, out=tmp_path / "p.csv")
+    rows = read_rows(tmp_path / "p.csv")
+    for row in rows:
+        p_tumor = float(row["p_Tumor"])
+        others = {c: float(row[f"p_{c}"]) for c in CLASSES if c != "Tumor"}
+        assert row["label"] == ("Tumor" if p_tumor >= 0.05 else max(others, key=others.get))
+        assert float(row["confidence"]) == float(row[f"p_{row['label']}"])
+    assert any(row["label"] == "Tumor" and float(row["p_Tumor"]) < 0.5 for row in rows)
+    assert summary.decision_rule.startswith("Tumor if p >= 0.0500")
+
+
+def test_jsonl_output(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.runtime import output_columns, predict_folder
+
+    (image_dir / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "p.jsonl"
+    summary = predict_folder(image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 25 and all(list(row) == output_columns(CLASSES) for row in rows)
+    good = [row for row in rows if row["error"] is None]
+    assert len(good) == 24 and all(abs(sum(row[f"p_{c}"] for c in CLASSES) - 1) < 1e-5 for row in good)
+    (bad,) = [row for row in rows if row["error"]]
+    assert bad["label"] is None and "empty" in bad["error"] and summary.exit_code == 3
+
+
+def make_bad_files(folder: Path) -> dict[str, str]:
+    """One file of each bad kind -> a fragment its error message must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.jpg").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "text.png").write_text("this is not an image\n")
+    bomb_png(folder / "bomb.png")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 10)
+    return {
+        "zero.jpg": "empty",
+        "truncated.jpg": "truncated",
+        "text.png": "not an image",
+        "bomb.png": "pixels",
+        "broken.dcm": "DICOM",
+    }
+
+
+def test_every_bad_file_kind_gets_an_error_row_and_the_run_goes_on(
+    model_path: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.runtime import EXIT_SOME_FAILED, predict_folder
+
+    expected = make_bad_files(image_dir / "bad")
+    out = tmp_path / "p.csv"
+    summary = predict_folder(image_dir, model=model_path, out=out, batch_size=3)
+    rows = {Path(row["path"]).name: row for row in read_rows(out)}
+    assert len(rows) == 24 + len(expected)
+    for name, fragment in expected.items():
+        assert fragment in rows[name]["error"], (name, rows[name]["error"])
+        assert rows[name]["label"] == "" and rows[name]["p_Tumor"] == ""
+    assert sum(row["error"] == "" for row in rows.values()) == 24
+    assert summary.failed == len(expected) and summary.predicted == 24
+    assert summary.exit_code == EXIT_SOME_FAILED == 3
+
+
+def test_nothing_readable_exits_2_and_empty_folder_is_an_input_error(
+    model_path: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.runtime import predict_folder
+
+    make_bad_files(tmp_path / "bad")
+    summary = predict_folder(tmp_path / "bad", model=model_path, out=tmp_path / "p.csv")
+    assert summary.predicted == 0 and summary.failed == 5 and summary.exit_code == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        predict_folder(tmp_path / "empty", model=model_path, out=tmp_path / "q.csv")
+    with pytest.raises(InputError, match="--batch-size"):
+        predict_folder(tmp_path / "bad", model=model_path, batch_size=0)
+
+
+def test_resume_after_partial_last_line_yields_each_file_once(
+    model_path: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.runtime import predict_folder
+
+    reference = tmp_path / "reference.csv"
+    predict_folder(image_dir, model=model_path, out=reference)
+    out = tmp_path / "p.csv"
+    text = reference.read_text()
+    lines = text.splitlines(keepends=True)
+    out.write_text("".join(lines[:10]) + lines[10][:25])  # what a kill -9 mid-write leaves
+    summary = predict_folder(image_dir, model=model_path, out=out, resume=True)
+    assert summary.skipped == 9 and summary.processed == 15
+    assert out.read_text() == text  # every row exactly once, in order, header once
+    again = predict_folder(image_dir, model=model_path, out=out, resume=True)
+    assert again.skipped == 24 and again.processed == 0 and out.read_text() == text
+
+
+def test_ctrl_c_keeps_finished_rows_and_resume_completes(
+    model_path: Path, image_dir: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.runtime import predict_folder
+
+    def interrupt_after_two_batches(done: int, total: int) -> None:
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "p.jsonl"
+    summary = predict_folder(
+        image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4, progress=interrupt_after_two_batches
+    )
+    assert summary.interrupted and summary.processed == 8
+    assert len(out.read_text().splitlines()) == 8
+    predict_folder(image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4, resume=True)
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert sorted(paths) == paths and len(paths) == len(set(paths)) == 24
+
+
+def test_resume_refuses_output_of_another_model(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.runtime import predict_folder
+
+    out = tmp_path / "p.csv"
+    out.write_text("path,label,p_A,p_B,error\n")
+    with pytest.raises(InputError, match="--resume"):
+        predict_folder(image_dir, model=model_path, out=out, resume=True)
+
+
+# --------------------------------------------------------------------------- CLI, in a process without torch
+
+# Runs the CLI with `import torch` made to fail, as on an edge machine without PyTorch. An
+# optional per-image delay makes a run slow enough to be killed part-way.
+_NO_TORCH_CLI = """
+import sys, time
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+delay = float(sys.argv.pop(1))
+if delay:
+    import kidney_edge.imaging as imaging
+    original = imaging.preprocess
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return original(*args, **kwargs)
+    imaging.preprocess = slow
+from kidney_edge.cli import main
+sys.argv[0] = "kidney-edge"
+try:
+    main()
+finally:
+    assert "torch" not in sys.modules or sys.modules["torch"] is None
+"""
+
+
+def run_cli_without_torch(*args: str, delay: float = 0.0, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-c", _NO_TORCH_CLI, str(delay), *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_predict_cli_works_without_torch(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
+    (image_dir / "zero.png").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    process = run_cli_without_torch(
+        "predict", str(image_dir), "--model", str(model_path), "--out", str(out), cwd=tmp_path
+    )
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 3, output  # one bad file: the documented "some failed" code
+    rows = read_rows(out)
+    assert len(rows) == 25 and sum(row["error"] != "" for row in rows) == 1
+    assert "failed" in output and "images/s" in output and "argmax" in output
+
+
+def test_resume_after_kill_9_yields_each_file_once(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.csv"
+    args = ["predict", str(image_dir), "--model", str(model_path), "--batch-size", "2"]
+    done = run_cli_without_torch(*args, "--out", str(reference), cwd=tmp_path)
+    assert done.wait(timeout=60) == 0
+    out = tmp_path / "p.csv"
+    process = run_cli_without_torch(*args, "--out", str(out), delay=0.05, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    written = out.read_text().count("\n") - 1
+    assert 5 <= written < 24, "the run should have been killed part-way"
+    resumed = run_cli_without_torch(*args, "--out", str(out), "--resume", cwd=tmp_path)
+    output, _ = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, output
+    assert out.read_text() == reference.read_text()
