@@ -1,0 +1,164 @@
+"""`kidney-edge benchmark`: record fields, statistics, and agreement with a plain onnxruntime loop."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_runtime import run_cli_without_torch, write_gray_images
+
+from kidney_edge.errors import InputError
+from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
+
+SIZE = 64
+
+
+def make_conv_onnx(path: Path, *, int8_sibling: bool = False) -> Path:
+    """A small conv net (~40 M MACs at 64 px: milliseconds, so timings are above timer noise)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = ModelSpec(input_size=SIZE)
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.normal(scale=0.2, size=(32, 3, 3, 3)),
+        "w2": rng.normal(scale=0.05, size=(32, 32, 3, 3)),
+        "fc": rng.normal(scale=0.1, size=(32, spec.num_classes)),
+        "fc_b": np.zeros(spec.num_classes),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if int8_sibling:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(path), str(path.with_name("model.int8.onnx")), weight_type=QuantType.QInt8)
+    return path
+
+
+def plain_ort_median_ms(model: Path, batch_size: int, threads: int, iterations: int = 30) -> float:
+    """The reference: onnxruntime timed directly, no kidney-edge code in the loop."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(1).normal(size=(batch_size, 3, SIZE, SIZE)).astype(np.float32)
+    for _ in range(5):
+        session.run(None, {"input": batch})
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        session.run(None, {"input": batch})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def test_benchmark_json_fields_and_figures_agree_with_plain_onnxruntime(tmp_path: Path) -> None:
+    model = make_conv_onnx(tmp_path / "export" / "run" / "model.onnx", int8_sibling=True)
+    images = tmp_path / "images"
+    write_gray_images(images, 12)
+    out = tmp_path / "bench.json"
+    args = ["benchmark", "--model", str(model), "--batch-sizes", "1,4", "--threads", "1"]
+    process = run_cli_without_torch(
+        *args, "--images", str(images), "--iterations", "30", "--json", str(out), cwd=tmp_path
+    )
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "ORT int8" in output and "images/s" in output
+
+    record = json.loads(out.read_text())
+    machine = record["machine"]
+    assert machine["cores_usable"] >= 1 and machine["onnxruntime"] and machine["python"]
+    assert machine["cpu_model"] and {"avx2", "avx512f", "avx512_vnni", "avx_vnni"} <= set(
+        machine["isa_flags"]
+    )
+    rows = {(r["precision"], r["batch_size"], r["threads"]): r for r in record["model_only"]}
+    assert set(rows) == {(p, b, 1) for p in ("fp32", "int8") for b in (1, 4)}
+    for (_, batch_size, _), row in rows.items():
+        latency, per_image = row["latency_ms"], row["per_image_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] and latency["mean"] > 0
+        assert per_image["p50"] == pytest.approx(latency["p50"] / batch_size, rel=1e-3)
+        assert row["images_per_s"] == pytest.approx(1000 * batch_size / latency["mean"], rel=0.01)
+        assert row["iterations"] == 30
+    pipeline = record["pipeline"]
+    assert pipeline["images"] == 12 and pipeline["failed"] == 0 and pipeline["images_per_s"] > 0
+    assert record["pytorch"] is None
+
+    reference = plain_ort_median_ms(model, batch_size=4, threads=1)
+    measured = rows[("fp32", 4, 1)]["latency_ms"]["p50"]
+    assert 0.5 < measured / reference < 2.0, (measured, reference)  # shared, noisy machines
+
+
+def test_latency_stats_on_known_times() -> None:
+    from kidney_edge.bench import latency_stats
+
+    stats = latency_stats([0.001, 0.002, 0.003, 0.004], batch_size=2)
+    assert stats["latency_ms"]["p50"] == pytest.approx(2.5)
+    assert stats["latency_ms"]["mean"] == pytest.approx(2.5)
+    assert stats["latency_ms"]["p99"] == pytest.approx(3.97)
+    assert stats["per_image_ms"]["p50"] == pytest.approx(1.25)
+    assert stats["images_per_s"] == pytest.approx(800.0)
+
+
+def test_model_variants_pairs_fp32_and_int8(tmp_path: Path) -> None:
+    from kidney_edge.bench import model_variants
+
+    fp32 = tmp_path / "model.onnx"
+    fp32.write_bytes(b"x")
+    assert model_variants(fp32) == {"fp32": fp32}
+    int8 = tmp_path / "model.int8.onnx"
+    int8.write_bytes(b"x")
+    assert model_variants(fp32) == model_variants(int8) == {"fp32": fp32, "int8": int8}
+    other = tmp_path / "lite0.onnx"
+    assert model_variants(other) == {"fp32": other}
+
+
+def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kidney_edge.bench import BenchmarkConfig, bench_pytorch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"x")
+    result = bench_pytorch(checkpoint, BenchmarkConfig(threads=(1,)), report=lambda message: None)
+    assert result["rows"] == [] and "not installed" in result["skipped"]
+
+
+def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:
+    from kidney_edge.bench import BenchmarkConfig, parse_int_list
+    from kidney_edge.runtime import available_cpus
+
+    assert parse_int_list("1, 8", "--batch-sizes") == (1, 8)
+    with pytest.raises(InputError, match="--threads"):
+        parse_int_list("two", "--threads")
+    with pytest.raises(InputError, match="--batch-sizes"):
+        BenchmarkConfig(batch_sizes=(0,))
+    with pytest.raises(InputError, match="--images"):
+        BenchmarkConfig(images_dir=tmp_path / "missing")
+    assert BenchmarkConfig().threads == (available_cpus(),)
