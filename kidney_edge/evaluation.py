@@ -1,0 +1,537 @@
+"""Evaluate a checkpoint or an exported ONNX file on labelled images; finish a training run.
+
+Evaluating the exact artifact that ships is the point, so both paths share everything after
+the logits: the same metrics, predictions.csv, report and model card. Probabilities are always
+``spec.probabilities(logits)`` (the spec's temperature), labels ``spec.decide`` (its rule).
+
+Outputs in ``out_dir``: metrics.json, predictions.csv, report.html (+ PNGs), report.md,
+model_card.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kidney_edge import metrics as M
+from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.spec import DecisionRule, ModelSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+SPLITS = ("train", "val", "test")
+N_BOOTSTRAP = 1000
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of ``kidney-edge evaluate``; messages name the CLI flags."""
+
+    model_path: Path
+    data: Path
+    out_dir: Path
+    split: str = "test"
+    tumor_recall: float | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_path", Path(self.model_path))
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.split not in SPLITS:
+            raise InputError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.tumor_recall is not None and not 0.0 < self.tumor_recall <= 1.0:
+            raise InputError(f"--tumor-recall must be in (0, 1], e.g. 0.98; got {self.tumor_recall}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.model_path.is_file():
+            raise InputError(
+                f"model {self.model_path} does not exist (pass a checkpoint .pt or a .onnx file)"
+            )
+        if not self.data.exists():
+            raise InputError(f"data {self.data} does not exist (pass an image folder or a splits.csv)")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    out_dir: Path
+    split: str
+    n_images: int
+    metrics: dict[str, Any]  # the content of metrics.json
+    spec: ModelSpec
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Predictor:
+    """A loaded checkpoint (PyTorch) or ONNX file that turns image files into logits."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise InputError(f"model {self.path} does not exist (pass a checkpoint .pt or a .onnx file)")
+        self.torch_model: Any = None
+        self.onnx: Any = None
+        if self.path.suffix.lower() == ".onnx":
+            from kidney_edge.runtime import OnnxClassifier
+
+            self.onnx = OnnxClassifier(self.path)
+            self.spec: ModelSpec = self.onnx.spec
+        else:
+            from kidney_edge.checkpoint import load_model
+
+            self.torch_model, self.spec = load_model(self.path)
+
+    def logits(
+        self, paths: Sequence[Path], batch_size: int = 32, progress: Progress | None = None
+    ) -> np.ndarray:
+        """(N, C) float32 logits, read and preprocessed in batches by the one shared preprocess."""
+        from kidney_edge.imaging import preprocess_batch
+
+        chunks = []
+        for start in range(0, len(paths), batch_size):
+            batch = preprocess_batch(paths[start : start + batch_size], self.spec)  # (B, 3, S, S)
+            chunks.append(self._run(batch))
+            if progress is not None:
+                progress(min(start + batch_size, len(paths)), len(paths))
+        if not chunks:
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        return np.concatenate(chunks).astype(np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.onnx is not None:
+            return self.onnx.run(batch)[0]
+        import torch
+
+        with torch.inference_mode():
+            return self.torch_model(torch.from_numpy(batch)).numpy()
+
+
+def predict_files(
+    model_path: str | Path, paths: Sequence[str | Path], *, batch_size: int = 32
+) -> tuple[np.ndarray, ModelSpec]:
+    """(N, C) logits of a checkpoint or ONNX model for image files, and the model's spec."""
+    predictor = _Predictor(Path(model_path))
+    return predictor.logits([Path(p) for p in paths], batch_size), predictor.spec
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    paths: list[Path]
+    labels: list[str]
+    description: str
+    audit: dict[str, Any] | None = None
+    phantom: bool = False
+
+
+def load_labelled(data: Path, split: str, *, class_names: Sequence[str]) -> LabelledFiles:
+    """Images and labels from a class-per-folder tree (all files) or one split of a splits.csv."""
+    data = Path(data)
+    if data.is_dir():
+        files = _from_folder(data)
+    elif data.suffix.lower() == ".csv":
+        files = _from_splits(data, split)
+    else:
+        raise InputError(f"data {data} is neither a folder of class sub-folders nor a splits.csv")
+    _check_classes(files.labels, class_names, data)
+    return files
+
+
+def _from_folder(root: Path) -> LabelledFiles:
+    from kidney_edge.dataset import scan_dataset
+
+    scan = scan_dataset(root)
+    for problem in scan.problems[:20]:
+        log.warning("skipping %s: %s", problem.path, problem.reason)
+    if not scan.items:
+        raise InputError(
+            f"no labelled images in {root}: expected one sub-folder per class with images inside"
+        )
+    return LabelledFiles(
+        paths=[item.path for item in scan.items],
+        labels=[item.label for item in scan.items],
+        description=f"all images in folder {root}",
+        phantom=(root / "phantom_truth.csv").is_file(),
+    )
+
+
+def _from_splits(csv_path: Path, split: str) -> LabelledFiles:
+    from kidney_edge.dataset import read_splits
+
+    rows = read_splits(csv_path)  # InputError naming any missing files
+    chosen = [row for row in rows if row.split == split]
+    if not chosen:
+        counts = {name: sum(row.split == name for row in rows) for name in SPLITS}
+        raise InputError(
+            f"split {split!r} of {csv_path} is empty (rows per split: {counts}); choose another --split"
+        )
+    audit_path = csv_path.with_name(f"{csv_path.stem}_audit.json")
+    return LabelledFiles(
+        paths=[Path(row.path) for row in chosen],
+        labels=[row.label for row in chosen],
+        description=f"{csv_path}",
+        audit=_read_json(audit_path),
+        phantom=_looks_like_phantom([Path(row.path) for row in chosen]),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+def _looks_like_phantom(paths: Sequence[Path]) -> bool:
+    """The phantom generator leaves phantom_truth.csv beside its class folders."""
+    roots = {p.parent.parent for p in paths[:50]}
+    return any((root / "phantom_truth.csv").is_file() for root in roots)
+
+
+def _check_classes(labels: Sequence[str], class_names: Sequence[str], data: Path) -> None:
+    unknown = sorted(set(labels) - set(class_names))
+    if unknown:
+        raise InputError(
+            f"the data's classes do not match the model's: {data} has {sorted(set(labels))}, "
+            f"the model knows {list(class_names)} (unknown to the model: {unknown}); "
+            "evaluate with data labelled in the model's classes"
+        )
+    missing = [c for c in class_names if c not in set(labels)]
+    if missing:
+        log.warning("classes %s have no images in %s; their recall and AUC are undefined", missing, data)
+
+
+# --------------------------------------------------------------------------- core
+
+
+def evaluate(
+    model_path: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    out_dir: str | Path,
+    tumor_recall: float | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """Evaluate a checkpoint or ONNX file on a folder or one split of a splits.csv.
+
+    Uses the temperature and decision rule stored in the model's spec. With ``tumor_recall``,
+    a tumor threshold is chosen on the splits.csv's val split for this report only (the model
+    file is not changed).
+    """
+    config = EvaluateConfig(
+        model_path=Path(model_path),
+        data=Path(data),
+        out_dir=Path(out_dir),
+        split=split,
+        tumor_recall=tumor_recall,
+        batch_size=batch_size,
+    )
+    return run_evaluate(config, progress=progress)
+
+
+def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> EvaluationResult:
+    """:func:`evaluate` for a ready config (what the CLI calls)."""
+    predictor = _Predictor(config.model_path)
+    files = load_labelled(config.data, config.split, class_names=predictor.spec.class_names)
+    notes: list[str] = []
+    if config.tumor_recall is not None:
+        rule = _rule_from_val(predictor, config, notes)
+        predictor.spec = predictor.spec.replace(decision_rule=rule or DecisionRule())
+    history = config.model_path.parent / "history.csv"
+    return _evaluate_files(
+        predictor,
+        files,
+        config.out_dir,
+        split=config.split,
+        batch_size=config.batch_size,
+        history_csv=history if history.is_file() else None,
+        notes=notes,
+        progress=progress,
+    )
+
+
+def _rule_from_val(predictor: _Predictor, config: EvaluateConfig, notes: list[str]) -> DecisionRule | None:
+    if config.data.suffix.lower() != ".csv":
+        raise InputError(
+            "--tumor-recall chooses a threshold on the validation split: pass DATA as a splits.csv "
+            "with val rows, or leave --tumor-recall out to use the rule stored in the model"
+        )
+    val = load_labelled(config.data, "val", class_names=predictor.spec.class_names)
+    logits = predictor.logits(val.paths, config.batch_size)
+    rule = M.tumor_decision_rule(
+        predictor.spec.probabilities(logits),
+        _indices(val.labels, predictor.spec.class_names),
+        predictor.spec.class_names,
+        target_recall=config.tumor_recall,
+    )
+    if rule is not None:
+        notes.append(
+            f"Tumor threshold {rule.threshold:.4f} chosen at evaluation time on the val split of "
+            f"{config.data} for recall {config.tumor_recall}; the model file keeps its own rule."
+        )
+        if config.split == "val":
+            notes.append("The threshold was chosen on the split being evaluated: its recall is optimistic.")
+    return rule
+
+
+def _indices(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    lookup = {name: index for index, name in enumerate(class_names)}
+    return np.array([lookup[label] for label in labels], dtype=np.int64)
+
+
+def _evaluate_files(
+    predictor: _Predictor,
+    files: LabelledFiles,
+    out_dir: Path,
+    *,
+    split: str,
+    batch_size: int = 32,
+    history_csv: Path | None = None,
+    notes: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """Logits -> metrics.json, predictions.csv and the report for one set of labelled files."""
+    from kidney_edge.report import ReportInputs, write_report
+
+    spec = predictor.spec
+    logits = predictor.logits(files.paths, batch_size, progress)  # (N, C)
+    y_true = _indices(files.labels, spec.class_names)
+    probabilities = spec.probabilities(logits)  # (N, C) calibrated with the spec's temperature
+    decided = spec.decide(probabilities)
+    metrics = build_metrics(logits, y_true, spec)
+    metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_predictions(out_dir / "predictions.csv", files, probabilities, decided, spec.class_names)
+    gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
+    report = write_report(
+        out_dir,
+        ReportInputs(
+            spec=spec,
+            metrics=metrics,
+            y_true=y_true,
+            probabilities=probabilities,
+            model_path=str(predictor.path),
+            data_description=files.description,
+            split=split,
+            history_csv=history_csv,
+            audit=files.audit,
+            gallery=gallery,
+            gallery_note=gallery_note,
+            phantom_data=files.phantom,
+            notes=tuple(notes),
+        ),
+    )
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    log.info(
+        "evaluated %d images: macro-F1 %.4f, accuracy %.4f",
+        len(y_true),
+        metrics["macro_f1"],
+        metrics["accuracy"],
+    )
+    paths = {
+        "metrics": out_dir / "metrics.json",
+        "predictions": out_dir / "predictions.csv",
+        "report_html": report.html,
+        "report_md": report.markdown,
+        "model_card": report.model_card,
+    }
+    return EvaluationResult(out_dir, split, len(y_true), metrics, spec, paths)
+
+
+def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
+    """metrics.json content: argmax metrics at the top level, the spec's rule under ``metrics_under_rule``."""
+    probabilities = spec.probabilities(logits)
+    names = spec.class_names
+    metrics = M.classification_metrics(
+        y_true, probabilities.argmax(axis=1), probabilities, names, n_bootstrap=N_BOOTSTRAP
+    )
+    rule = spec.decision_rule
+    under_rule = None
+    if rule.kind != "argmax":
+        under_rule = M.classification_metrics(
+            y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP
+        )
+        under_rule.pop("reliability")  # identical probabilities: calibration does not change
+    uncalibrated = M.softmax(logits)
+    metrics.update(
+        temperature=spec.temperature,
+        decision_rule=_rule_dict(rule),
+        metrics_under_rule=under_rule,
+        calibration={
+            "temperature": spec.temperature,
+            "ece_before": M.expected_calibration_error(uncalibrated, y_true),
+            "ece_after": metrics["ece"],
+            "nll_before": M.negative_log_likelihood(logits, y_true, 1.0),
+            "nll_after": M.negative_log_likelihood(logits, y_true, spec.temperature),
+            "reliability_before": M.reliability_bins(uncalibrated, y_true),
+        },
+        spec=spec.to_dict(),
+    )
+    return metrics
+
+
+def _rule_dict(rule: DecisionRule) -> dict[str, Any]:
+    return {
+        "kind": rule.kind,
+        "positive_class": rule.positive_class,
+        "threshold": rule.threshold,
+        "target_recall": rule.target_recall,
+        "description": rule.describe(),
+    }
+
+
+def write_predictions(
+    path: Path,
+    files: LabelledFiles,
+    probabilities: np.ndarray,
+    decided: np.ndarray,
+    class_names: Sequence[str],
+) -> None:
+    """predictions.csv: path, true_label, predicted_label (the spec's rule), p_<Class>..."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "true_label", "predicted_label", *(f"p_{c}" for c in class_names)])
+    for file, label, predicted, row in zip(files.paths, files.labels, decided, probabilities, strict=True):
+        writer.writerow([str(file), label, class_names[predicted], *(f"{p:.6f}" for p in row)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _error_gallery(
+    predictor: _Predictor, files: LabelledFiles, probabilities: np.ndarray, decided: np.ndarray
+) -> tuple[list[Any], str]:
+    """Most confident errors first, with Grad-CAM overlays when the model is a checkpoint."""
+    from kidney_edge.imaging import preprocess_batch, resized_image
+    from kidney_edge.report import GALLERY_LIMIT, GalleryItem
+
+    spec = predictor.spec
+    y_true = _indices(files.labels, spec.class_names)
+    wrong = np.flatnonzero(decided != y_true)
+    if len(wrong) == 0:
+        return [], ""
+    confidence = probabilities[wrong, decided[wrong]]
+    chosen = wrong[np.argsort(-confidence, kind="stable")][:GALLERY_LIMIT]
+    heatmaps = None
+    if predictor.torch_model is not None:
+        from kidney_edge.gradcam import grad_cam
+
+        batch = preprocess_batch([files.paths[i] for i in chosen], spec)
+        heatmaps = grad_cam(predictor.torch_model, batch, decided[chosen])
+    note = (
+        f"{len(wrong)} misclassified of {len(y_true)}; showing the {len(chosen)} most confident, "
+        "with Grad-CAM for the predicted class."
+    )
+    if heatmaps is None:
+        note += " Grad-CAM needs the PyTorch checkpoint: evaluate best.pt to see heatmaps."
+    items = []
+    for position, index in enumerate(chosen):
+        image = resized_image(files.paths[index], spec)
+        overlay = None
+        if heatmaps is not None:
+            from kidney_edge.gradcam import overlay as make_overlay
+
+            overlay = make_overlay(image, heatmaps[position])
+        items.append(
+            GalleryItem(
+                path=files.paths[index],
+                true_label=files.labels[index],
+                predicted_label=spec.class_names[decided[index]],
+                confidence=float(probabilities[index, decided[index]]),
+                image=image,
+                overlay=overlay,
+            )
+        )
+    return items, note
+
+
+# --------------------------------------------------------------------------- end of a training run
+
+
+def finalize_run(
+    run_dir: str | Path, *, tumor_recall: float | None = 0.98, batch_size: int = 32
+) -> EvaluationResult:
+    """Calibrate on val, choose the tumor threshold on val, store both, then evaluate test.
+
+    The temperature and rule go into the spec of ``best.pt`` and ``spec.json``; metrics.json,
+    predictions.csv, the report and the model card are written into ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    checkpoint, splits = run_dir / "best.pt", run_dir / "splits.csv"
+    for required in (checkpoint, splits):
+        if not required.is_file():
+            raise KidneyEdgeError(f"cannot finish run {run_dir}: {required.name} is missing")
+    predictor = _Predictor(checkpoint)
+    spec, validation = _calibrate_on_val(predictor, splits, tumor_recall, batch_size)
+    from kidney_edge.checkpoint import update_spec
+
+    update_spec(checkpoint, spec)
+    atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
+    predictor.spec = spec
+    test = load_labelled(splits, "test", class_names=spec.class_names)
+    history = run_dir / "history.csv"
+    return _evaluate_files(
+        predictor,
+        test,
+        run_dir,
+        split="test",
+        batch_size=batch_size,
+        history_csv=history if history.is_file() else None,
+        extra={"validation": validation},
+    )
+
+
+def _calibrate_on_val(
+    predictor: _Predictor, splits: Path, tumor_recall: float | None, batch_size: int
+) -> tuple[ModelSpec, dict[str, Any]]:
+    """Fit the temperature, then the tumor threshold on calibrated val probabilities."""
+    spec = predictor.spec
+    try:
+        val = load_labelled(splits, "val", class_names=spec.class_names)
+    except InputError as exc:
+        if "is empty" not in str(exc):
+            raise
+        log.warning("no val split in %s: keeping temperature 1 and the argmax rule", splits)
+        return spec.replace(temperature=1.0, decision_rule=DecisionRule()), {"n_samples": 0}
+    logits = predictor.logits(val.paths, batch_size)
+    y_val = _indices(val.labels, spec.class_names)
+    temperature = M.fit_temperature(logits, y_val)
+    spec = spec.replace(temperature=temperature)
+    probabilities = spec.probabilities(logits)
+    rule = None
+    if tumor_recall is not None:
+        rule = M.tumor_decision_rule(probabilities, y_val, spec.class_names, target_recall=tumor_recall)
+    spec = spec.replace(decision_rule=rule or DecisionRule())
+    validation = {
+        "n_samples": len(y_val),
+        "temperature": temperature,
+        "nll_before": M.negative_log_likelihood(logits, y_val, 1.0),
+        "nll_after": M.negative_log_likelihood(logits, y_val, temperature),
+        "decision_rule": _rule_dict(spec.decision_rule),
+    }
+    if rule is not None:
+        positive = spec.class_names.index(rule.positive_class)
+        hits = spec.decide(probabilities)[y_val == positive] == positive
+        validation["tumor_recall_achieved"] = float(hits.mean())
+    log.info("val: temperature %.4f, rule %s", temperature, spec.decision_rule.describe())
+    return spec, validation

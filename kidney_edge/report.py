@@ -1,0 +1,706 @@
+"""The evaluation report: PNG plots, one self-contained ``report.html``, ``report.md``, ``model_card.md``.
+
+The HTML embeds every plot as a base64 PNG data URI and carries its own CSS, so it opens
+offline from an e-mail attachment. Plots use matplotlib's object API (``Figure``), never
+pyplot, so there is no global figure state and no display backend.
+
+Order follows how the seed judged its model: per-class recall (Tumor first), macro-F1,
+precision, then accuracy, each with a 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kidney_edge.io_utils import atomic_write_bytes, atomic_write_text
+from kidney_edge.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+POSITIVE_CLASS = "Tumor"  # the finding a missed call costs most; listed first everywhere
+GALLERY_LIMIT = 12
+PNG_DPI = 110
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One misclassified image: the resized input and, when available, its Grad-CAM overlay."""
+
+    path: Path
+    true_label: str
+    predicted_label: str
+    confidence: float  # probability of the (wrong) predicted class
+    image: Any  # PIL.Image at the model's input size
+    overlay: Any | None = None  # PIL.Image RGB heatmap overlay, None when Grad-CAM is unavailable
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report shows. ``metrics`` is the content of metrics.json."""
+
+    spec: ModelSpec
+    metrics: dict[str, Any]
+    y_true: np.ndarray  # (N,) true class indices
+    probabilities: np.ndarray  # (N, C) calibrated probabilities (the spec's temperature)
+    model_path: str
+    data_description: str
+    split: str
+    history_csv: Path | None = None
+    audit: dict[str, Any] | None = None
+    gallery: Sequence[GalleryItem] = ()
+    gallery_note: str = ""
+    phantom_data: bool = False
+    notes: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    markdown: Path
+    model_card: Path
+    images: tuple[Path, ...]
+
+
+def write_report(out_dir: Path, inputs: ReportInputs) -> ReportFiles:
+    """Render the plots, report.html, report.md and model_card.md into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = _render_plots(inputs)
+    for name, png in images.items():
+        atomic_write_bytes(out_dir / name, png)
+    card = model_card_blocks(inputs)
+    html_path, md_path, card_path = out_dir / "report.html", out_dir / "report.md", out_dir / "model_card.md"
+    atomic_write_text(html_path, render_html(inputs, images, card))
+    atomic_write_text(md_path, render_markdown(inputs))
+    atomic_write_text(card_path, blocks_to_markdown(card))
+    log.info("report written to %s", html_path)
+    return ReportFiles(html_path, md_path, card_path, tuple(out_dir / n for n in images))
+
+
+# --------------------------------------------------------------------------- ordering and numbers
+
+
+def ordered_classes(class_names: Sequence[str]) -> list[str]:
+    """Tumor first (the seed's headline figure), then the rest in spec order."""
+    return sorted(class_names, key=lambda name: name != POSITIVE_CLASS)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_ci(interval: Sequence[float] | None) -> str:
+    return "n/a" if not interval else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, value, 95% CI) rows: recall per class (Tumor first), macro-F1, precision, accuracy."""
+    ci, per_class = metrics.get("ci", {}), metrics["per_class"]
+    classes = ordered_classes(metrics["labels"])
+    rows = [(f"Recall {c}", _fmt(per_class[c]["recall"]), _fmt_ci(ci.get(f"recall_{c}"))) for c in classes]
+    rows.append(("Macro-F1", _fmt(metrics["macro_f1"]), _fmt_ci(ci.get("macro_f1"))))
+    rows += [
+        (f"Precision {c}", _fmt(per_class[c]["precision"]), _fmt_ci(ci.get(f"precision_{c}")))
+        for c in classes
+    ]
+    rows.append(("Accuracy", _fmt(metrics["accuracy"]), _fmt_ci(ci.get("accuracy"))))
+    rows.append(("Balanced accuracy", _fmt(metrics["balanced_accuracy"]), ""))
+    return rows
+
+
+def per_class_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name in ordered_classes(metrics["labels"]):
+        m = metrics["per_class"][name]
+        keys = ("precision", "recall", "specificity", "f1", "roc_auc", "average_precision")
+        rows.append([name, str(m["support"]), *(_fmt(m[k]) for k in keys)])
+    return rows
+
+
+PER_CLASS_HEADER = ["class", "support", "precision", "recall", "specificity", "F1", "ROC-AUC", "AP"]
+
+
+def rule_comparison_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """argmax vs the decision rule: the tumor recall gained and what it costs elsewhere."""
+    under_rule = metrics.get("metrics_under_rule")
+    if not under_rule:
+        return []
+    rows = []
+    for name in ordered_classes(metrics["labels"]):
+        for key in ("recall", "precision", "specificity"):
+            before, after = metrics["per_class"][name][key], under_rule["per_class"][name][key]
+            rows.append([f"{key.capitalize()} {name}", _fmt(before), _fmt(after), _delta(before, after)])
+    for key, label in (("macro_f1", "Macro-F1"), ("accuracy", "Accuracy")):
+        rows.append([label, _fmt(metrics[key]), _fmt(under_rule[key]), _delta(metrics[key], under_rule[key])])
+    return rows
+
+
+def _delta(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return ""
+    return f"{after - before:+.3f}"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _render_plots(inputs: ReportInputs) -> dict[str, bytes]:
+    """PNG name -> bytes, in report order; plots without data are left out."""
+    metrics = inputs.metrics
+    plots: dict[str, bytes] = {"confusion_matrix.png": plot_confusion(metrics, "argmax")}
+    if metrics.get("metrics_under_rule"):
+        rule = metrics["decision_rule"]
+        title = f"{rule['positive_class']} threshold {rule['threshold']:.3f}"
+        plots["confusion_matrix_rule.png"] = plot_confusion(metrics["metrics_under_rule"], title)
+    history = read_history(inputs.history_csv) if inputs.history_csv else None
+    if history:
+        plots["training_curves.png"] = plot_history(history)
+    plots["roc_pr.png"] = plot_roc_pr(inputs.y_true, inputs.probabilities, inputs.spec.class_names)
+    plots["reliability.png"] = plot_reliability(metrics)
+    if inputs.gallery:
+        plots["error_gallery.png"] = plot_gallery(inputs.gallery)
+    return plots
+
+
+def plot_confusion(metrics: dict[str, Any], rule_title: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    labels = metrics["labels"]
+    counts = np.asarray(metrics["confusion_matrix"])
+    normalised = np.asarray(metrics["confusion_matrix_normalized"])
+    figure = Figure(figsize=(10, 4.2))
+    for axis_index, (matrix, title, fmt) in enumerate(
+        ((counts, "counts", "d"), (normalised, "row-normalised (recall on the diagonal)", ".2f"))
+    ):
+        ax = figure.add_subplot(1, 2, axis_index + 1)
+        shown = normalised  # colour by row share in both panels, so big classes do not swamp
+        ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(
+                j,
+                i,
+                format(value, fmt),
+                ha="center",
+                va="center",
+                color="white" if shown[i, j] > 0.6 else "black",
+            )
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}\n{rule_title}", fontsize=10)
+    return _png(figure)
+
+
+def read_history(path: Path) -> dict[str, list] | None:
+    """history.csv -> column -> values (numbers where they parse); None if missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return None
+    return {column: [_number(row.get(column)) for row in rows] for column in rows[0]}
+
+
+def _number(text: str | None) -> float | str | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _numeric(values: list) -> bool:
+    return any(isinstance(v, float) for v in values) and all(
+        v is None or isinstance(v, float) for v in values
+    )
+
+
+def plot_history(history: dict[str, list]) -> bytes:
+    """Loss curves, quality curves (F1, accuracy, recall...) and the learning rate, per epoch."""
+    from matplotlib.figure import Figure
+
+    steps = len(next(iter(history.values())))
+    x = np.arange(1, steps + 1)
+    # Bookkeeping columns are numbers too, but not curves.
+    skip = {"epoch", "step", "global_epoch", "phase", "phase_epoch", "seconds", "time", "wall_s"}
+    numeric = {k: v for k, v in history.items() if _numeric(v) and k not in skip}
+    groups = {
+        "loss": [k for k in numeric if "loss" in k],
+        "learning rate": [k for k in numeric if k == "lr" or "learning_rate" in k or k.startswith("lr_")],
+    }
+    used = {k for keys in groups.values() for k in keys}
+    groups["validation / training scores"] = [k for k in numeric if k not in used and "time" not in k]
+    groups = {title: keys for title, keys in groups.items() if keys}
+    figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6))
+    for index, (title, keys) in enumerate(groups.items()):
+        ax = figure.add_subplot(1, len(groups), index + 1)
+        for key in keys:
+            y = np.array([np.nan if v is None else v for v in numeric[key]], dtype=float)
+            ax.plot(x, y, marker="o", markersize=3, label=key)
+        _mark_phases(ax, history.get("phase"))
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        if title == "learning rate":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(figure)
+
+
+def _mark_phases(ax: Any, phases: list | None) -> None:
+    """A dashed line where the phase changes (frozen backbone -> fine-tuning)."""
+    if not phases:
+        return
+    for index in range(1, len(phases)):
+        if phases[index] != phases[index - 1]:
+            ax.axvline(index + 0.5, color="grey", linestyle="--", linewidth=1)
+
+
+def plot_roc_pr(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> bytes:
+    """One-vs-rest ROC and precision-recall curves per class; classes absent from y_true are skipped."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    figure = Figure(figsize=(10, 4.2))
+    roc_ax, pr_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for name in ordered_classes(class_names):
+        k = list(class_names).index(name)
+        positive = np.asarray(y_true) == k
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, k])
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, k])
+        pr_ax.step(recall, precision, where="post", label=f"{name} (prevalence {positive.mean():.2f})")
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    roc_ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (recall)")
+    pr_ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+    roc_ax.set_title("ROC, one-vs-rest", fontsize=10)
+    pr_ax.set_title("precision-recall, one-vs-rest", fontsize=10)
+    for ax in (roc_ax, pr_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
+    return _png(figure)
+
+
+def plot_reliability(metrics: dict[str, Any]) -> bytes:
+    """Reliability diagrams before and after temperature scaling, with their ECE."""
+    from matplotlib.figure import Figure
+
+    calibration = metrics.get("calibration", {})
+    panels = [
+        ("before temperature (T = 1)", calibration.get("reliability_before"), calibration.get("ece_before")),
+        (
+            f"after temperature (T = {metrics.get('temperature', 1.0):.3f})",
+            metrics.get("reliability"),
+            metrics.get("ece"),
+        ),
+    ]
+    panels = [p for p in panels if p[1]]
+    figure = Figure(figsize=(4.6 * len(panels), 4.2))
+    for index, (title, bins, ece) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), index + 1)
+        edges = np.asarray(bins["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        accuracy = np.array([np.nan if a is None else a for a in bins["accuracy"]])
+        confidence = np.array([np.nan if c is None else c for c in bins["confidence"]])
+        ax.bar(centres, np.nan_to_num(accuracy), width=width * 0.95, color="#4c72b0", label="accuracy")
+        # The gap to perfect calibration, drawn hatched and unfilled so it reads the same
+        # whether the bin is over- (gap above) or under-confident (gap inside the bar).
+        low, high = np.fmin(accuracy, confidence), np.fmax(accuracy, confidence)
+        ax.bar(
+            centres,
+            np.nan_to_num(high - low),
+            bottom=np.nan_to_num(low),
+            width=width * 0.95,
+            fill=False,
+            hatch="///",
+            edgecolor="#c44e52",
+            linewidth=0.8,
+            label="gap to mean confidence",
+        )
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy")
+        ax.set_title(f"{title}\nECE {_fmt(ece)}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    return _png(figure)
+
+
+def plot_gallery(items: Sequence[GalleryItem]) -> bytes:
+    """Misclassified images: input (left) and Grad-CAM overlay (right), most confident errors first."""
+    from matplotlib.figure import Figure
+
+    columns = 4  # 2 items per row, each as image + overlay
+    rows = (len(items) + 1) // 2
+    figure = Figure(figsize=(10, 2.7 * rows))
+    for index, item in enumerate(items):
+        title = f"#{index + 1} true {item.true_label} -> {item.predicted_label} (p={item.confidence:.2f})"
+        panels = [(item.image, title), (item.overlay, "Grad-CAM" if item.overlay is not None else "")]
+        for offset, (image, panel_title) in enumerate(panels):
+            ax = figure.add_subplot(rows, columns, 2 * index + offset + 1)
+            ax.axis("off")
+            if image is not None:
+                ax.imshow(np.asarray(image), cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
+            ax.set_title(panel_title, fontsize=8, loc="left")
+    figure.tight_layout()
+    return _png(figure)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+Block = tuple[str, Any]  # ("h2"|"p"|"ul", text or list of texts)
+
+
+def model_card_blocks(inputs: ReportInputs) -> list[Block]:
+    spec, metrics = inputs.spec, inputs.metrics
+    rule = metrics.get("decision_rule") or {"kind": "argmax"}
+    limits = [
+        "Classifies single 2-D CT slices; it sees no volume, no contrast phase, no prior studies.",
+        "Test figures come from one split of one dataset; performance on other scanners, protocols "
+        "and populations is unknown until measured there.",
+        "Confidence intervals cover resampling of this test set only, not a change of site or time.",
+    ]
+    if inputs.phantom_data:
+        limits.insert(
+            0,
+            "Trained and evaluated on synthetic phantom slices, not patient scans: these figures "
+            "say the pipeline works, not that the model detects disease.",
+        )
+    recall = [
+        f"recall {c} {_fmt(metrics['per_class'][c]['recall'])} {_fmt_ci(metrics['ci'].get(f'recall_{c}'))}"
+        for c in ordered_classes(metrics["labels"])
+    ]
+    return [
+        ("h1", f"Model card: {spec.arch} ({', '.join(spec.class_names)})"),
+        ("h2", "Intended use"),
+        (
+            "p",
+            "Research and edge-deployment engineering: measuring and reproducing a kidney CT slice "
+            "classifier from training to a CPU-only runtime. Not a medical device and not for "
+            "diagnosis or any clinical decision.",
+        ),
+        ("h2", "Model"),
+        (
+            "ul",
+            [
+                f"architecture {spec.arch}, input {spec.input_size} px, resize {spec.resize.value}, "
+                f"colour {spec.color_mode.value}",
+                f"classes (index order): {', '.join(spec.class_names)}",
+                f"calibration temperature {spec.temperature:.4f}",
+                f"toolkit version {spec.toolkit_version}",
+                f"artifact: {inputs.model_path}",
+            ],
+        ),
+        ("h2", "Data and split"),
+        (
+            "ul",
+            [
+                f"evaluated on: {inputs.data_description}",
+                f"{metrics['n_samples']} items, support per class: "
+                + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in metrics["labels"]),
+                f"training data fingerprint: {spec.data_fingerprint or 'unknown'}",
+                *_audit_lines(inputs.audit),
+            ],
+        ),
+        ("h2", "Metrics (95% stratified bootstrap CIs, 1,000 resamples)"),
+        (
+            "ul",
+            [
+                *recall,
+                f"macro-F1 {_fmt(metrics['macro_f1'])} {_fmt_ci(metrics['ci'].get('macro_f1'))}",
+                f"accuracy {_fmt(metrics['accuracy'])} {_fmt_ci(metrics['ci'].get('accuracy'))}",
+                f"expected calibration error {_fmt(metrics['ece'])} after temperature scaling",
+            ],
+        ),
+        ("h2", "Operating point"),
+        ("p", _operating_point_text(rule, metrics)),
+        ("h2", "Known limits"),
+        ("ul", limits),
+    ]
+
+
+def _operating_point_text(rule: dict[str, Any], metrics: dict[str, Any]) -> str:
+    if rule.get("kind") != "threshold":
+        return "argmax over the calibrated probabilities (no tumor threshold was set)."
+    under_rule = metrics.get("metrics_under_rule") or {}
+    positive = rule["positive_class"]
+    recall = under_rule.get("per_class", {}).get(positive, {}).get("recall")
+    return (
+        f"{positive} is called when p({positive}) >= {rule['threshold']:.4f}, otherwise the most probable "
+        f"other class. The threshold was chosen on the validation split as the largest one reaching "
+        f"{positive} recall {rule.get('target_recall')}; on this evaluation set it gives {positive} "
+        f"recall {_fmt(recall)} (argmax: {_fmt(metrics['per_class'][positive]['recall'])})."
+    )
+
+
+def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    if not audit:
+        return ["no split audit available"]
+    return [f"split audit: {key} = {_short(value)}" for key, value in audit.items() if _is_scalar_like(value)]
+
+
+def _is_scalar_like(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    return isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values())
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def blocks_to_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2"):
+            lines += ["#" * int(kind[1]) + " " + content, ""]
+        elif kind == "p":
+            lines += [content, ""]
+        else:
+            lines += [f"- {item}" for item in content] + [""]
+    return "\n".join(lines)
+
+
+def _blocks_to_html(blocks: list[Block]) -> str:
+    parts = []
+    for kind, content in blocks:
+        if kind == "h1":
+            continue  # the section has its own heading
+        if kind == "h2":
+            parts.append(f"<h3>{html.escape(content)}</h3>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(content)}</p>")
+        else:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in content) + "</ul>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- HTML and Markdown
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .7em;text-align:right}
+th{background:#f3f5f8}td:first-child,th:first-child{text-align:left}
+.meta{color:#555;font-size:.92em}.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
+img{max-width:100%;height:auto;border:1px solid #eee}
+nav a{margin-right:1em}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+"""
+
+SECTIONS = (
+    ("headline", "Headline figures"),
+    ("operating-point", "Argmax vs tumor operating point"),
+    ("confusion", "Confusion matrices"),
+    ("training", "Training curves"),
+    ("roc-pr", "ROC and precision-recall curves"),
+    ("calibration", "Calibration"),
+    ("split-audit", "Split and leakage audit"),
+    ("errors", "Error gallery"),
+    ("model-card", "Model card"),
+)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(images: dict[str, bytes], name: str, alt: str) -> str:
+    if name not in images:
+        return ""
+    data = base64.b64encode(images[name]).decode("ascii")
+    return f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></p>'
+
+
+def render_html(inputs: ReportInputs, images: dict[str, bytes], card: list[Block]) -> str:
+    body = {key: builder(inputs, images) for key, builder in _SECTION_BUILDERS.items()}
+    body["model-card"] = _blocks_to_html(card)
+    nav = "".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS)
+    sections = "\n".join(
+        f'<section id="{key}"><h2>{html.escape(title)}</h2>\n{body[key]}</section>' for key, title in SECTIONS
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>kidney-edge evaluation: {html.escape(inputs.spec.arch)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>kidney-edge evaluation report</h1>{_meta_html(inputs)}<nav>{nav}</nav>\n{sections}\n"
+        "</body></html>\n"
+    )
+
+
+def _meta_html(inputs: ReportInputs) -> str:
+    m = inputs.metrics
+    lines = [
+        f"model: <code>{html.escape(inputs.model_path)}</code>",
+        f"data: {html.escape(inputs.data_description)} (split <b>{html.escape(inputs.split)}</b>, "
+        f"{m['n_samples']} images)",
+        f"architecture {html.escape(inputs.spec.arch)}, input {inputs.spec.input_size} px, "
+        f"toolkit {html.escape(inputs.spec.toolkit_version)}",
+    ]
+    text = '<p class="meta">' + "<br>".join(lines) + "</p>"
+    warnings = list(inputs.notes)
+    if inputs.phantom_data:
+        warnings.insert(
+            0, "Synthetic phantom data: these figures test the pipeline, not clinical performance."
+        )
+    warnings.append("Research tool. Not for diagnosis.")
+    return text + "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+
+
+def _headline_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    m = inputs.metrics
+    return (
+        "<p>Under argmax of the calibrated probabilities. 95% intervals: stratified bootstrap, "
+        "1,000 resamples, seed 0.</p>"
+        + _table(["figure", "value", "95% CI"], headline_rows(m))
+        + "<h3>Per class (one-vs-rest)</h3>"
+        + _table(PER_CLASS_HEADER, per_class_rows(m))
+    )
+
+
+def _operating_point_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    rows = rule_comparison_rows(inputs.metrics)
+    rule = inputs.metrics.get("decision_rule") or {"kind": "argmax"}
+    text = f"<p>{html.escape(_operating_point_text(rule, inputs.metrics))}</p>"
+    if not rows:
+        return text
+    return text + _table(["figure", "argmax", "tumor rule", "change"], rows)
+
+
+def _confusion_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    return _img(images, "confusion_matrix.png", "confusion matrix under argmax") + _img(
+        images, "confusion_matrix_rule.png", "confusion matrix under the tumor rule"
+    )
+
+
+def _training_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    if "training_curves.png" in images:
+        return "<p>From history.csv; dashed lines mark a phase change.</p>" + _img(
+            images, "training_curves.png", "training curves"
+        )
+    return "<p>No history.csv: this evaluation is not part of a training run.</p>"
+
+
+def _roc_pr_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    return _img(images, "roc_pr.png", "ROC and precision-recall curves")
+
+
+def _calibration_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    m = inputs.metrics
+    calibration = m.get("calibration", {})
+    rows = [
+        ["ECE (15 bins)", _fmt(calibration.get("ece_before")), _fmt(m.get("ece"))],
+        ["NLL", _fmt(calibration.get("nll_before")), _fmt(calibration.get("nll_after"))],
+    ]
+    return (
+        f"<p>Temperature T = {m.get('temperature', 1.0):.4f} (fitted on the validation split; "
+        "probabilities are softmax(logits / T)).</p>"
+        + _table(["", "T = 1", f"T = {m.get('temperature', 1.0):.3f}"], rows)
+        + _img(images, "reliability.png", "reliability diagrams")
+    )
+
+
+def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    audit = inputs.audit
+    if not audit:
+        return "<p>No split audit (splits_audit.json) available for this data.</p>"
+    rows = [[key, _short(value, 300)] for key, value in audit.items() if _is_scalar_like(value)]
+    rest = {key: value for key, value in audit.items() if not _is_scalar_like(value)}
+    details = ""
+    if rest:
+        details = (
+            "<details><summary>full audit</summary><pre>"
+            + html.escape(_short(json.dumps(rest, indent=2, default=str), 6000))
+            + "</pre></details>"
+        )
+    return _table(["check", "result"], rows) + details
+
+
+def _errors_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    if not inputs.gallery:
+        return (
+            "<p>No misclassified images.</p>" if not inputs.gallery_note else f"<p>{inputs.gallery_note}</p>"
+        )
+    rows = [
+        [f"#{i + 1}", item.true_label, item.predicted_label, f"{item.confidence:.3f}", str(item.path)]
+        for i, item in enumerate(inputs.gallery)
+    ]
+    note = f"<p>{html.escape(inputs.gallery_note)}</p>" if inputs.gallery_note else ""
+    return (
+        note
+        + _img(images, "error_gallery.png", "misclassified images with Grad-CAM")
+        + _table(["", "true", "predicted", "p(predicted)", "file"], rows)
+    )
+
+
+_SECTION_BUILDERS: dict[str, Callable[[ReportInputs, dict[str, bytes]], str]] = {
+    "headline": _headline_html,
+    "operating-point": _operating_point_html,
+    "confusion": _confusion_html,
+    "training": _training_html,
+    "roc-pr": _roc_pr_html,
+    "calibration": _calibration_html,
+    "split-audit": _audit_html,
+    "errors": _errors_html,
+}
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def render_markdown(inputs: ReportInputs) -> str:
+    """A short summary for terminals and pull requests; the HTML has the plots."""
+    m = inputs.metrics
+    lines = [
+        "# kidney-edge evaluation",
+        "",
+        f"model `{inputs.model_path}` on {inputs.data_description} "
+        f"(split {inputs.split}, {m['n_samples']} images)",
+        "",
+    ]
+    if inputs.phantom_data:
+        lines += ["> Synthetic phantom data: pipeline figures, not clinical performance.", ""]
+    lines += _md_table(["figure", "value", "95% CI"], headline_rows(m)) + [""]
+    lines += _md_table(PER_CLASS_HEADER, per_class_rows(m)) + [""]
+    comparison = rule_comparison_rows(m)
+    rule = m.get("decision_rule") or {"kind": "argmax"}
+    lines += ["## Operating point", "", _operating_point_text(rule, m), ""]
+    if comparison:
+        lines += _md_table(["figure", "argmax", "tumor rule", "change"], comparison) + [""]
+    calibration = m.get("calibration", {})
+    lines += [
+        "## Calibration",
+        "",
+        f"temperature {m.get('temperature', 1.0):.4f}; ECE {_fmt(calibration.get('ece_before'))} "
+        f"(T = 1) -> {_fmt(m.get('ece'))}",
+        "",
+        "Plots, error gallery and model card: `report.html`.",
+        "",
+    ]
+    return "\n".join(lines)
