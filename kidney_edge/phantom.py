@@ -1,0 +1,751 @@
+"""Phantom kidney CT slices in the Kaggle "CT KIDNEY DATASET" layout, for tests and the demo.
+
+The real dataset cannot be downloaded here, so :func:`synthesize` writes a stand-in that the
+same code reads: ``OUT/<Class>/<Class>- (k).jpg`` (512x512 RGB JPEGs with identical channels),
+``OUT/kidneyData.csv`` with the real columns (image_id, path, diag, target, Class) and a
+ground-truth ``OUT/phantom_truth.csv`` the real data lacks (patient, slice, finding, lesion).
+
+Each slice is an axial abdominal CT drawn in Hounsfield units (body outline, fat, muscle,
+spine and ribs, liver, spleen, aorta/IVC, bowel with gas, two kidneys with cortex, medulla and
+sinus fat), then posed, noised, windowed and JPEG-encoded. Findings sit in one kidney: a cyst
+is round, sharp and water-dark; a stone is tiny and very bright in the collecting system; a
+tumour is solid, heterogeneous, irregular and bulges the contour. Confounders (vascular
+calcifications, bright bowel contents, gas, gallbladder, renal pelvis) appear in every class,
+so "a bright dot" or "a dark blob" is not a shortcut.
+
+Like the real data, a *patient* is one anatomy seen in several adjacent slices numbered
+consecutively, and a few percent of files are byte-identical copies under another number, so
+a random split leaks. numpy + Pillow only; deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kidney_edge.errors import InputError
+from kidney_edge.io_utils import atomic_write_text
+from kidney_edge.spec import DEFAULT_CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+# Class sizes of the public Kaggle dataset (12,446 images).
+KAGGLE_CLASS_COUNTS = {"Normal": 5077, "Cyst": 3709, "Tumor": 2283, "Stone": 1377}
+FINDINGS = {"Normal": "none", "Cyst": "cyst", "Stone": "stone", "Tumor": "tumor"}
+# Default difficulty; higher means smaller, fainter lesions and more noise (see _Lesions).
+DEFAULT_DIFFICULTY = 1.0
+DUPLICATE_FRACTION = 0.03  # share of files that are byte copies of another file of the class
+SLICES_PER_PATIENT = (2, 8)  # inclusive range of adjacent slices drawn per patient
+REF = 512.0  # anatomy is described in pixels of a 512 px slice and scaled to `size`
+AIR, FAT, WATER = -1000.0, -100.0, 5.0
+MARGIN = 3  # px around each posed patient, so slices can shift without re-sampling
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PhantomSummary:
+    """What :func:`synthesize` wrote."""
+
+    out_dir: Path
+    class_counts: dict[str, int]
+    n_images: int
+    n_patients: int
+    n_duplicates: int
+    labels_csv: Path
+    truth_csv: Path
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Options of ``kidney-edge synth``; validated so messages name the CLI flag."""
+
+    n: int = sum(KAGGLE_CLASS_COUNTS.values())
+    seed: int = 0
+    size: int = 512
+    difficulty: float = DEFAULT_DIFFICULTY
+    class_mix: dict[str, float] | None = None
+    duplicate_fraction: float = DUPLICATE_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise InputError(f"--n must be at least 1 (got {self.n})")
+        if not 32 <= self.size <= 2048:
+            raise InputError(f"--size must be between 32 and 2048 pixels (got {self.size})")
+        if not 0.25 <= self.difficulty <= 4.0:
+            raise InputError(f"--difficulty must be between 0.25 and 4 (got {self.difficulty})")
+        if not 0.0 <= self.duplicate_fraction < 0.5:
+            raise InputError(f"duplicate fraction must be in [0, 0.5) (got {self.duplicate_fraction})")
+        mix = self.class_mix or {}
+        unknown = set(mix) - set(DEFAULT_CLASS_NAMES)
+        if unknown or any(v < 0 for v in mix.values()) or (mix and sum(mix.values()) <= 0):
+            raise InputError(
+                f"class mix must give non-negative weights for {list(DEFAULT_CLASS_NAMES)} (got {mix})"
+            )
+
+
+# ----------------------------------------------------------------------------- painting
+
+
+def _ellipse_weight(
+    shape: tuple[int, int],
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    angle: float = 0.0,
+    edge: float = 1.0,
+    wobble: tuple[np.ndarray, np.ndarray] | None = None,
+    warp: np.ndarray | None = None,
+) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """Anti-aliased coverage (0..1) of a rotated ellipse, on its bounding box only.
+
+    ``wobble`` = (amplitudes, phases) of angular harmonics k=2.. that make the outline
+    irregular (tumours); ``warp`` (full-size, small values) roughens the outline cheaply (body).
+    ``edge`` is the blur width of the border in pixels.
+    """
+    reach = max(a, b) * (1.0 + (float(np.abs(wobble[0]).sum()) if wobble else 0.0)) + 2 * edge + 1
+    height, width = shape
+    x0, x1 = max(0, int(cx - reach)), min(width, int(cx + reach) + 2)
+    y0, y1 = max(0, int(cy - reach)), min(height, int(cy + reach) + 2)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+    c, s = math.cos(angle), math.sin(angle)
+    u = (dx * c + dy * s) / a
+    v = (dy * c - dx * s) / b
+    rho = np.sqrt(u * u + v * v)
+    if wobble is not None:
+        theta = np.arctan2(v, u)
+        boundary = np.ones_like(rho)
+        for k, (amp, phase) in enumerate(zip(*wobble, strict=True), start=2):
+            boundary += amp * np.cos(k * theta + phase)
+        rho = rho / boundary
+    if warp is not None:
+        rho = rho * (1.0 - warp[y0:y1, x0:x1])
+    weight = np.clip((1.0 - rho) * (min(a, b) / edge) + 0.5, 0.0, 1.0)
+    return (slice(y0, y1), slice(x0, x1)), weight
+
+
+class _Canvas:
+    """A Hounsfield-unit image being drawn; coordinates are given at 512 px and scaled."""
+
+    def __init__(self, size: int, texture: np.ndarray, hu: np.ndarray | None = None) -> None:
+        self.scale = size / REF
+        self.hu = np.full((size, size), AIR, dtype=np.float32) if hu is None else hu
+        self.texture = texture  # (size, size) smooth unit noise for organ heterogeneity
+
+    def ellipse(
+        self,
+        cx: float,
+        cy: float,
+        a: float,
+        b: float,
+        value: float,
+        *,
+        angle: float = 0.0,
+        edge: float = 1.0,
+        wobble: tuple[np.ndarray, np.ndarray] | None = None,
+        tex: float = 0.0,
+        within: np.ndarray | None = None,
+        keep: bool = False,
+        rough: float = 0.0,
+    ) -> np.ndarray | None:
+        """Paint ``value`` (+ ``tex`` HU of texture) inside the ellipse; ``keep``: return its coverage."""
+        k = self.scale
+        warp = self.texture * rough if rough else None
+        found = _ellipse_weight(
+            self.hu.shape, cx * k, cy * k, max(a * k, 0.3), max(b * k, 0.3), angle, edge, wobble, warp
+        )
+        if found is None:
+            return None
+        region, weight = found
+        if within is not None:
+            weight = weight * within[region]
+        target = self.hu[region]
+        fill = value + tex * self.texture[region] if tex else value
+        target += weight * (fill - target)
+        if not keep:
+            return None
+        coverage = np.zeros_like(self.hu)
+        coverage[region] = weight
+        return coverage
+
+    def dot(self, cx: float, cy: float, r: float, value: float) -> None:
+        self.ellipse(cx, cy, r, r, value, edge=0.7)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """(size, size) float32 noise with unit std, smooth over ``size / cells`` pixels."""
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    field_ = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return field_ / max(float(field_.std()), 1e-6)
+
+
+# ----------------------------------------------------------------------------- anatomy
+
+
+@dataclass
+class _Kidney:
+    cx: float
+    cy: float
+    a: float  # half-axis across, px at 512
+    b: float  # half-axis along the long axis
+    angle: float
+    hilum: tuple[float, float]  # unit vector towards the renal hilum (anteromedial)
+
+
+@dataclass
+class _Patient:
+    """One anatomy: drawn once, then seen in several adjacent slices."""
+
+    base: np.ndarray  # (size + 2*MARGIN, size + 2*MARGIN) float32 HU, posed and blurred, no finding
+    forward: np.ndarray  # 2x3 affine: anatomy px (scaled to size) -> posed px
+    kidneys: list[_Kidney]
+    phase: str
+    cortex_hu: float
+    level: float
+    width: float
+    noise_hu: float
+    blur: float
+    quality: int
+    pose: tuple[float, float, float, float]  # rotation rad, scale, shift x, shift y (px at 512)
+    tumor_texture: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+_PHASES = {  # phase: (liver, spleen, cortex, medulla, vessels) HU
+    "non-contrast": (58.0, 48.0, 33.0, 28.0, 42.0),
+    "corticomedullary": (85.0, 120.0, 185.0, 95.0, 260.0),
+    "nephrographic": (110.0, 115.0, 160.0, 150.0, 160.0),
+}
+
+
+def _draw_body(cv: _Canvas, rng: np.random.Generator) -> tuple[float, float, float, float, np.ndarray]:
+    """Table, skin/fat, muscle wall, abdominal cavity. Returns centre, half-axes, cavity mask."""
+    cx, cy = 256 + rng.normal(0, 4), 262 + rng.normal(0, 4)
+    a, b = rng.uniform(185, 228), rng.uniform(130, 165)
+    fat = rng.uniform(10, 38)
+    wall = rng.uniform(6, 11)
+    table_y = cy + b + rng.uniform(1, 5)
+    _draw_couch(cv, table_y)
+    cv.ellipse(cx, cy, a, b, FAT + rng.normal(0, 8), rough=0.006, tex=8.0, edge=1.2)
+    cv.ellipse(cx, cy + 2, a - fat, b - fat * 0.8, 52.0, tex=6.0)
+    cavity = cv.ellipse(cx, cy + 4, a - fat - wall, b - fat * 0.8 - wall, -95.0, tex=10.0, keep=True)
+    return cx, cy, a, b, cavity
+
+
+def _draw_couch(cv: _Canvas, top: float) -> None:
+    """The CT table: a thin bright arc under the patient (only its band of rows is touched)."""
+    k, size = cv.scale, cv.hu.shape[0]
+    y0 = int((top - 30) * k)
+    if y0 >= size:
+        return
+    ys = np.arange(y0, size, dtype=np.float32)[:, None] / k
+    xs = np.arange(size, dtype=np.float32)[None, :] / k
+    arc = top + 12.0 - 0.0004 * (xs - 256.0) ** 2  # a cradle, rising at the sides (rows at 512 px)
+    inside = np.clip(1.0 - np.abs(ys - arc - 4.0) / 4.0, 0.0, 1.0)
+    cv.hu[y0:] += inside * (180.0 - cv.hu[y0:])
+
+
+def _draw_spine(cv: _Canvas, rng: np.random.Generator, sx: float, sy: float) -> None:
+    """Vertebral body, canal, posterior elements, psoas and paraspinal muscles."""
+    r = rng.uniform(19, 25)
+    for side in (-1, 1):
+        cv.ellipse(sx + side * (r + 12), sy + 6, 13, 19, 50.0, angle=side * 0.25, tex=5)  # psoas
+        cv.ellipse(sx + side * 27, sy + r + 30, 22, 17, 55.0, tex=6)  # erector spinae
+        cv.ellipse(sx + side * (r + 14), sy + r * 0.4, 16, 4, 650.0, angle=side * 0.35)  # transverse
+        cv.ellipse(sx + side * 9, sy + r + 14, 12, 3.5, 700.0, angle=side * 1.1)  # lamina
+    cv.ellipse(sx, sy, r, r * 0.9, 750.0, edge=0.8)  # cortical shell
+    cv.ellipse(sx, sy, r - 3, r * 0.9 - 3, rng.uniform(180, 280), tex=25)  # cancellous bone
+    cv.ellipse(sx, sy + r + 8, 8, 7, 15.0)  # spinal canal (fluid)
+    cv.ellipse(sx, sy + r + 27, 3.5, 11, 700.0)  # spinous process
+
+
+def _draw_ribs(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: float, b: float) -> None:
+    for side in (-1, 1):
+        for _ in range(rng.integers(2, 5)):
+            t = rng.uniform(0.15, 1.1)  # angle from the lateral point towards the back
+            x = cx + side * (a - rng.uniform(14, 30)) * math.cos(t)
+            y = cy + (b - rng.uniform(14, 30)) * math.sin(t)
+            rr = rng.uniform(4.5, 7.5)
+            cv.ellipse(x, y, rr * 1.5, rr, 800.0, angle=side * t)
+            cv.ellipse(x, y, rr * 1.5 - 2.2, rr - 2.2, 220.0, angle=side * t)
+
+
+def _draw_bowel(
+    cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, cavity: np.ndarray
+) -> None:
+    """Small-bowel loops anteriorly: wall, fluid, a gas pocket on top, sometimes oral contrast."""
+    oral_contrast = rng.random() < 0.35
+    for _ in range(rng.integers(5, 11)):
+        x = cx + rng.uniform(-0.2, 0.5) * a
+        y = cy - rng.uniform(0.15, 0.75) * b
+        r = rng.uniform(10, 24)
+        cv.ellipse(x, y, r, r * rng.uniform(0.7, 1.0), 45.0, angle=rng.uniform(0, np.pi), within=cavity)
+        content = rng.uniform(250, 450) if oral_contrast and rng.random() < 0.6 else rng.uniform(5, 30)
+        cv.ellipse(x, y, r - 3, r * 0.7 - 2, content, tex=15, within=cavity)
+        if rng.random() < 0.6:  # gas rises anteriorly: a crescent at the top of the loop
+            cv.ellipse(x, y - r * 0.35, r * 0.6, r * 0.3, -900.0, within=cavity)
+
+
+def _draw_colon(
+    cv: _Canvas, rng: np.random.Generator, x: float, y: float, r: float, cavity: np.ndarray
+) -> None:
+    """A colon segment with mottled stool and gas bubbles (dark blobs outside the kidney)."""
+    cv.ellipse(x, y, r, r * 0.85, 40.0, within=cavity)
+    cv.ellipse(x, y, r - 2.5, r * 0.85 - 2.5, rng.uniform(-60, 20), tex=60, within=cavity)
+    for _ in range(rng.integers(1, 5)):
+        t, d = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6) * r
+        gr = rng.uniform(2, r * 0.45)
+        cv.ellipse(x + d * math.cos(t), y + d * math.sin(t), gr, gr, -900.0, within=cavity)
+
+
+def _draw_kidney(cv: _Canvas, kid: _Kidney, cortex: float, medulla: float, rng: np.random.Generator) -> None:
+    """Cortex, 5-7 medullary pyramids, sinus fat opening to the hilum, a small renal pelvis."""
+    cv.ellipse(kid.cx, kid.cy, kid.a, kid.b, cortex, angle=kid.angle, tex=4)
+    hx, hy = kid.hilum
+    for i in range(rng.integers(5, 8)):
+        t = np.pi * (0.3 + 1.4 * i / 6) + math.atan2(hy, hx)  # around the kidney, away from the hilum
+        px, py = kid.cx + 0.62 * kid.a * math.cos(t), kid.cy + 0.62 * kid.b * math.sin(t)
+        cv.ellipse(px, py, kid.a * 0.2, kid.a * 0.12, medulla, angle=t, tex=4)
+    sinus_angle = math.atan2(hy, hx)
+    sx, sy = kid.cx + hx * kid.a * 0.7, kid.cy + hy * kid.a * 0.7
+    cv.ellipse(
+        sx, sy, kid.a * 0.6, kid.a * 0.32, -85.0, angle=sinus_angle, tex=12
+    )  # sinus fat, open medially
+    px, py = kid.cx + hx * kid.a * 0.85, kid.cy + hy * kid.a * 0.85
+    cv.ellipse(px, py, kid.a * 0.3, kid.a * 0.1, 8.0, angle=sinus_angle)  # renal pelvis (urine)
+
+
+def _place_kidneys(rng: np.random.Generator, sx: float, sy: float) -> list[_Kidney]:
+    kidneys = []
+    for side in (-1, 1):  # image left = patient right
+        a, b = rng.uniform(25, 33), rng.uniform(36, 46)
+        cx = sx + side * rng.uniform(58, 76)
+        cy = sy - rng.uniform(-5, 18)
+        angle = side * rng.uniform(0.35, 0.75)  # long axis tilted, hilum anteromedial
+        hx, hy = -side * 0.8, -0.6
+        kidneys.append(_Kidney(cx, cy, a, b, angle, (hx, hy)))
+    return kidneys
+
+
+def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _Patient:
+    """Draw one patient's anatomy in HU; everything slice-specific comes later."""
+    phase = str(rng.choice(list(_PHASES), p=[0.35, 0.3, 0.35]))
+    liver_hu, spleen_hu, cortex, medulla, vessel = (v + rng.normal(0, 6) for v in _PHASES[phase])
+    cv = _Canvas(size, _smooth_noise(rng, size, 24))
+    cx, cy, a, b, cavity = _draw_body(cv, rng)
+    sx, sy = cx + rng.normal(0, 3), cy + b * rng.uniform(0.2, 0.3)
+    # Liver (patient right = image left) and spleen, clipped to the cavity.
+    cv.ellipse(cx - a * 0.5, cy - b * 0.05, a * 0.42, b * 0.62, liver_hu, angle=0.4, tex=6, within=cavity)
+    if rng.random() < 0.3:  # gallbladder: a water-dark round blob outside the kidney
+        cv.ellipse(cx - a * 0.3, cy - b * 0.35, 14, 11, 5.0, within=cavity)
+    if rng.random() < 0.8:
+        cv.ellipse(
+            cx + a * 0.55, cy + b * 0.2, a * 0.2, b * 0.35, spleen_hu, angle=-0.4, tex=6, within=cavity
+        )
+    _draw_bowel(cv, rng, cx, cy, a, b, cavity)
+    kidneys = _place_kidneys(rng, sx, sy)
+    for kid in kidneys:  # colon flexures beside the kidneys: gas near, not in, the kidney
+        if rng.random() < 0.7:
+            side = 1 if kid.cx > sx else -1
+            _draw_colon(
+                cv, rng, kid.cx + side * (kid.a + 14), kid.cy - kid.b * 0.9, rng.uniform(13, 20), cavity
+            )
+    _draw_vessels(cv, rng, sx, sy, kidneys, vessel)
+    _draw_spine(cv, rng, sx, sy)
+    _draw_ribs(cv, rng, cx, cy, a, b)
+    for kid in kidneys:
+        _draw_kidney(cv, kid, cortex, medulla, rng)
+    _draw_calcifications(cv, rng, cx, cy, a, b, cavity)
+    noise = rng.uniform(8, 20) * math.sqrt(difficulty)
+    pose = (rng.normal(0, 0.08), rng.uniform(0.88, 1.1), rng.normal(0, 12), rng.normal(0, 10))
+    blur = rng.uniform(0.0, 1.0)
+    forward, coeffs = _pose_matrix(pose, size, MARGIN)
+    posed = Image.fromarray(cv.hu, mode="F").transform(
+        (size + 2 * MARGIN,) * 2, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=AIR
+    )
+    return _Patient(
+        base=_gaussian_blur(np.asarray(posed), blur * size / REF),
+        forward=forward,
+        kidneys=kidneys,
+        phase=phase,
+        cortex_hu=cortex,
+        level=rng.uniform(25, 60),
+        width=rng.uniform(320, 460),
+        noise_hu=noise,
+        blur=blur,
+        quality=int(rng.integers(85, 96)),
+        pose=pose,
+        tumor_texture=_smooth_noise(rng, size, 48),
+    )
+
+
+def _draw_vessels(
+    cv: _Canvas, rng: np.random.Generator, sx: float, sy: float, kidneys: list[_Kidney], hu: float
+) -> None:
+    """Aorta (sometimes with calcified wall), IVC and renal veins towards the hila."""
+    ax, ay, ar = sx + rng.uniform(6, 16), sy - rng.uniform(30, 40), rng.uniform(8, 12)
+    ix, iy = sx - rng.uniform(22, 32), sy - rng.uniform(28, 38)
+    for kid in kidneys:
+        hx, hy = kid.cx + kid.hilum[0] * kid.a, kid.cy + kid.hilum[1] * kid.a
+        tx, ty = (ix, iy) if kid.cx < sx else (ax, ay)
+        length = math.hypot(tx - hx, ty - hy) / 2
+        cv.ellipse((hx + tx) / 2, (hy + ty) / 2, length, 3.5, hu, angle=math.atan2(ty - hy, tx - hx))
+    cv.ellipse(ix, iy, 12, 8, hu - 10, angle=0.2)
+    cv.ellipse(ax, ay, ar, ar, hu)
+    if rng.random() < 0.5:  # atherosclerotic calcifications: bright dots like a stone, but outside
+        for t in rng.uniform(0, 2 * np.pi, rng.integers(1, 5)):
+            cv.dot(
+                ax + ar * math.cos(t), ay + ar * math.sin(t), rng.uniform(0.8, 2.2), rng.uniform(400, 1100)
+            )
+
+
+def _draw_calcifications(
+    cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, cavity: np.ndarray
+) -> None:
+    """Phleboliths / calcified nodes scattered in the abdomen: stone look-alikes outside the kidney."""
+    for _ in range(rng.poisson(1.2)):
+        x, y = cx + rng.uniform(-0.6, 0.6) * a, cy + rng.uniform(-0.6, 0.5) * b
+        if (
+            cavity[min(int(y * cv.scale), cavity.shape[0] - 1), min(int(x * cv.scale), cavity.shape[1] - 1)]
+            > 0.5
+        ):
+            cv.dot(x, y, rng.uniform(0.8, 2.5), rng.uniform(350, 1000))
+
+
+# ----------------------------------------------------------------------------- findings
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    """One finding in one kidney, in 512 px anatomy coordinates (before the pose)."""
+
+    finding: str  # "none" | "cyst" | "stone" | "tumor"
+    side: str = ""  # "right" (image left) | "left"
+    cx: float = 0.0
+    cy: float = 0.0
+    radius: float = 0.0  # largest cross-section radius (stone: of the largest stone)
+    hu: float = 0.0
+    contrast_hu: float = 0.0  # lesion minus cortex, what makes it visible
+    extra: tuple = ()  # stones: ((dx, dy, r, hu), ...); tumor: wobble and heterogeneity
+
+
+def _point_in_kidney(rng: np.random.Generator, kid: _Kidney, lo: float, hi: float) -> tuple[float, float]:
+    """A point at ``lo..hi`` of the way from the centre to the kidney outline, away from the hilum."""
+    hilum_angle = math.atan2(kid.hilum[1], kid.hilum[0])
+    t = hilum_angle + rng.uniform(0.5, 2 * np.pi - 0.5)
+    # Radius of the rotated ellipse in direction t.
+    rel = t - kid.angle
+    reach = 1.0 / math.sqrt((math.cos(rel) / kid.a) ** 2 + (math.sin(rel) / kid.b) ** 2)
+    d = rng.uniform(lo, hi) * reach
+    return kid.cx + d * math.cos(t), kid.cy + d * math.sin(t)
+
+
+def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, difficulty: float) -> _Lesion:
+    """Lesion size scales as difficulty**-0.6 and its contrast to the kidney as difficulty**-0.5."""
+    if finding == "none":
+        return _Lesion("none")
+    size_f, contrast_f = difficulty**-0.6, difficulty**-0.5
+    k = int(rng.integers(2))
+    kid, side = patient.kidneys[k], ("right", "left")[k]
+    cortex = patient.cortex_hu
+    if finding == "cyst":
+        cx, cy = _point_in_kidney(rng, kid, 0.1, 0.9)
+        radius = max(2.5, rng.uniform(7, 22) * size_f)
+        hu = cortex + contrast_f * (WATER + rng.normal(0, 4) - cortex)
+        return _Lesion("cyst", side, cx, cy, radius, hu, hu - cortex, (rng.uniform(0.85, 1.0),))
+    if finding == "stone":
+        sx = kid.cx + kid.hilum[0] * kid.a * 0.45
+        sy = kid.cy + kid.hilum[1] * kid.a * 0.45
+        stones = []
+        for _ in range(1 + rng.poisson(0.4)):
+            r = max(0.6, rng.uniform(0.75, 3.0) * math.sqrt(size_f))  # 1.5-6 px across at 512
+            hu = 300 + (rng.uniform(700, 1500) - 300) * min(1.0, contrast_f + 0.3)
+            off = rng.uniform(0, kid.a * 0.35, 2) * rng.choice([-1, 1], 2)
+            stones.append((float(off[0]), float(off[1]), r, hu))
+        big = max(stones, key=lambda s: s[2])
+        extra = ((sx, sy), tuple(stones))
+        return _Lesion("stone", side, sx + big[0], sy + big[1], big[2], big[3], big[3] - cortex, extra)
+    cx, cy = _point_in_kidney(rng, kid, 0.55, 0.95)  # tumour: peripheral, so it bulges the outline
+    radius = max(4.0, rng.uniform(11, 28) * size_f)
+    if patient.phase == "non-contrast":
+        base = cortex + rng.uniform(-8, 14)
+    else:  # renal cell carcinoma enhances less than the cortex in these phases
+        base = cortex - rng.uniform(40, 90)
+    hu = cortex + contrast_f * (base - cortex)
+    wobble = (rng.normal(0, 0.07, 5), rng.uniform(0, 2 * np.pi, 5))
+    hetero = rng.uniform(12, 30) * contrast_f
+    necrosis = rng.uniform(15, 35) if rng.random() < 0.4 else 0.0
+    return _Lesion("tumor", side, cx, cy, radius, hu, hu - cortex, (wobble, hetero, necrosis))
+
+
+def _draw_lesion(cv: _Canvas, lesion: _Lesion, depth: float, blur: float) -> float:
+    """Paint the lesion's cross-section at ``depth`` (-1..1 through it); returns the radius drawn."""
+    if lesion.finding == "none":
+        return 0.0
+    section = math.sqrt(max(0.0, 1.0 - depth * depth))
+    radius = lesion.radius * section
+    if lesion.finding == "cyst":
+        (ecc,) = lesion.extra
+        cv.ellipse(lesion.cx, lesion.cy, radius, radius * ecc, lesion.hu, edge=0.8 + blur)
+    elif lesion.finding == "stone":
+        (base_x, base_y), stones = lesion.extra
+        for dx, dy, r, hu in stones:  # stones are tiny: keep their full size in every slice
+            cv.ellipse(base_x + dx, base_y + dy, r, r, hu, edge=0.6 + 0.5 * blur)
+        radius = lesion.radius
+    else:
+        wobble, hetero, necrosis = lesion.extra
+        cv.ellipse(
+            lesion.cx, lesion.cy, radius, radius * 0.92, lesion.hu, wobble=wobble, tex=hetero, edge=1.2
+        )
+        if necrosis:
+            cv.ellipse(lesion.cx, lesion.cy, radius * 0.4, radius * 0.35, lesion.hu - necrosis, wobble=wobble)
+    return radius
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+def _pose_matrix(pose: tuple[float, float, float, float], size: int, margin: int) -> tuple[np.ndarray, tuple]:
+    """Forward 2x3 affine (anatomy px -> posed px, with ``margin``) and Pillow's inverse coefficients."""
+    angle, scale, tx, ty = pose
+    c, k = size / 2.0, size / REF
+    cos, sin = math.cos(angle), math.sin(angle)
+    rot = np.array([[cos, -sin], [sin, cos]]) * scale
+    shift = np.array([c + tx * k + margin, c + ty * k + margin]) - rot @ np.array([c, c])
+    inv = np.linalg.inv(rot)
+    inv_shift = -inv @ shift
+    coeffs = (inv[0, 0], inv[0, 1], inv_shift[0], inv[1, 0], inv[1, 1], inv_shift[1])
+    return np.hstack([rot, shift[:, None]]), coeffs
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (the reconstruction kernel's softness); a no-op below 0.3 px."""
+    if sigma < 0.3:
+        return image
+    taps = np.arange(-2, 3, dtype=np.float32)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(image, 2, mode="edge")
+    rows = sum(w * padded[:, i : i + image.shape[1]] for i, w in enumerate(kernel))
+    return sum(w * rows[i : i + image.shape[0], :] for i, w in enumerate(kernel)).astype(np.float32)
+
+
+def _posed_lesion(lesion: _Lesion, patient: _Patient, size: int) -> _Lesion:
+    """The lesion in posed coordinates (at 512 px scale), so slices can draw it after the pose."""
+    if lesion.finding == "none":
+        return lesion
+    k = size / REF
+    rot = patient.forward[:, :2]
+    scale = float(np.sqrt(abs(np.linalg.det(rot))))
+    x, y = patient.forward @ np.array([lesion.cx * k, lesion.cy * k, 1.0]) / k
+    extra = lesion.extra
+    if lesion.finding == "stone":
+        (bx, by), stones = extra
+        bx, by = patient.forward @ np.array([bx * k, by * k, 1.0]) / k
+        moved = tuple((*(rot @ np.array([dx, dy])), r * scale, hu) for dx, dy, r, hu in stones)
+        extra = ((float(bx), float(by)), moved)
+    return dataclasses.replace(lesion, cx=float(x), cy=float(y), radius=lesion.radius * scale, extra=extra)
+
+
+def _render_slice(
+    patient: _Patient,
+    lesion: _Lesion,
+    rng: np.random.Generator,
+    noise_bank: np.ndarray,
+    depth: float,
+) -> tuple[bytes, dict[str, float]]:
+    """One slice: a small shift of the posed anatomy, the finding's cross-section, noise, window, JPEG.
+
+    ``lesion`` is already posed (:func:`_posed_lesion`).
+    """
+    size = patient.base.shape[0] - 2 * MARGIN
+    dx, dy = (int(v) for v in rng.integers(-MARGIN, MARGIN + 1, 2))
+    hu = patient.base[MARGIN + dy : MARGIN + dy + size, MARGIN + dx : MARGIN + dx + size].copy()
+    k = size / REF
+    shifted = dataclasses.replace(lesion, cx=lesion.cx - dx / k, cy=lesion.cy - dy / k)
+    if lesion.finding == "stone":
+        (bx, by), stones = lesion.extra
+        shifted = dataclasses.replace(shifted, extra=((bx - dx / k, by - dy / k), stones))
+    radius = _draw_lesion(_Canvas(size, patient.tumor_texture, hu=hu), shifted, depth, patient.blur)
+    oy, ox = rng.integers(0, noise_bank.shape[0] - size, 2)
+    hu += patient.noise_hu * noise_bank[oy : oy + size, ox : ox + size]
+    level = patient.level + rng.normal(0, 2)
+    gain = 255.0 / patient.width
+    hu -= level - patient.width / 2
+    hu *= gain
+    gray = np.clip(hu, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gray, mode="L").convert("RGB").save(buffer, format="JPEG", quality=patient.quality)
+    truth = {"lesion_x": shifted.cx * k, "lesion_y": shifted.cy * k, "lesion_radius_px": radius * k}
+    return buffer.getvalue(), truth
+
+
+# ----------------------------------------------------------------------------- dataset layout
+
+
+def class_counts(n: int, class_mix: dict[str, float] | None = None) -> dict[str, int]:
+    """Split ``n`` images over the classes in proportion to ``class_mix`` (default: Kaggle's)."""
+    mix = class_mix or KAGGLE_CLASS_COUNTS
+    names = [c for c in DEFAULT_CLASS_NAMES if mix.get(c, 0) > 0]
+    total = sum(mix[c] for c in names)
+    exact = {c: n * mix[c] / total for c in names}
+    counts = {c: int(exact[c]) for c in names}
+    # Largest remainder, so the counts add up to n exactly.
+    for c in sorted(names, key=lambda c: counts[c] - exact[c])[: n - sum(counts.values())]:
+        counts[c] += 1
+    return {c: counts[c] for c in names if counts[c] > 0}
+
+
+@dataclass(frozen=True)
+class _ClassPlan:
+    """Which patient slice each file number of one class shows (duplicates point at an original)."""
+
+    name: str
+    slices_per_patient: list[int]
+    numbers: dict[tuple[int, int], list[int]]  # (patient, slice) -> file numbers (1-based)
+
+
+def _plan_class(name: str, count: int, duplicate_fraction: float, rng: np.random.Generator) -> _ClassPlan:
+    n_dup = min(int(round(count * duplicate_fraction)), count - 1)
+    originals = count - n_dup
+    slices: list[int] = []
+    while sum(slices) < originals:
+        slices.append(
+            int(min(rng.integers(SLICES_PER_PATIENT[0], SLICES_PER_PATIENT[1] + 1), originals - sum(slices)))
+        )
+    order: list[tuple[int, int]] = [(p, s) for p, n_s in enumerate(slices) for s in range(n_s)]
+    copied = rng.choice(len(order), size=n_dup, replace=n_dup > len(order))
+    sequence = list(order)
+    for index in copied:  # filed under another number, like the real dataset's byte copies
+        sequence.insert(int(rng.integers(0, len(sequence) + 1)), order[int(index)])
+    numbers: dict[tuple[int, int], list[int]] = {key: [] for key in order}
+    for number, key in enumerate(sequence, start=1):
+        numbers[key].append(number)
+    return _ClassPlan(name, slices, numbers)
+
+
+def file_name(class_name: str, number: int) -> str:
+    """The Kaggle dataset's file naming: ``Cyst- (12).jpg``."""
+    return f"{class_name}- ({number}).jpg"
+
+
+_TRUTH_COLUMNS = (
+    "path", "class", "patient", "slice", "finding", "kidney_side", "lesion_x", "lesion_y",
+    "lesion_radius_px", "lesion_contrast_hu", "phase", "duplicate_of", "difficulty",
+)  # fmt: skip
+
+
+def synthesize(
+    out_dir: str | Path,
+    *,
+    n: int = sum(KAGGLE_CLASS_COUNTS.values()),
+    seed: int = 0,
+    size: int = 512,
+    difficulty: float = DEFAULT_DIFFICULTY,
+    class_mix: dict[str, float] | None = None,
+    progress: ProgressFn | None = None,
+) -> PhantomSummary:
+    """Write ``n`` phantom slices to ``out_dir`` in the Kaggle layout; see the module docstring.
+
+    Deterministic for (n, seed, size, difficulty, class_mix). ``progress(done, total)`` is
+    called after every file. Existing files of the same names are overwritten.
+    """
+    config = PhantomConfig(n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix)
+    out = Path(out_dir)
+    counts = class_counts(config.n, config.class_mix)
+    plan_rng = np.random.default_rng([config.seed, 7])
+    # Shared white-noise bank; each slice reads a random window of it (cheaper than fresh noise).
+    noise_bank = plan_rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
+    label_rows: list[dict[str, object]] = []
+    truth_rows: list[dict[str, object]] = []
+    n_patients = done = 0
+    for class_index, name in enumerate(DEFAULT_CLASS_NAMES):
+        if name not in counts:
+            continue
+        plan = _plan_class(name, counts[name], config.duplicate_fraction, plan_rng)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for p, n_slices in enumerate(plan.slices_per_patient):
+            rng = np.random.default_rng([config.seed, class_index, p])
+            n_patients += 1
+            patient_id = f"P{n_patients:05d}"
+            patient = _build_patient(rng, size, config.difficulty)
+            lesion = _posed_lesion(
+                _make_lesion(rng, patient, FINDINGS[name], config.difficulty), patient, size
+            )
+            depths = np.linspace(-0.7, 0.7, n_slices) if n_slices > 1 else np.zeros(1)
+            for s in range(n_slices):
+                data, geometry = _render_slice(patient, lesion, rng, noise_bank, float(depths[s]))
+                numbers = plan.numbers[(p, s)]
+                first = f"{name}/{file_name(name, numbers[0])}"
+                for number in numbers:
+                    rel = f"{name}/{file_name(name, number)}"
+                    (out / rel).write_bytes(data)
+                    label_rows.append(_label_row(name, class_index, rel))
+                    truth_rows.append(
+                        _truth_row(
+                            rel, name, patient_id, s, patient, lesion, geometry, first, config.difficulty
+                        )
+                    )
+                    done += 1
+                    if progress is not None:
+                        progress(done, config.n)
+    n_duplicates = sum(1 for row in truth_rows if row["duplicate_of"])
+    labels_csv, truth_csv = out / "kidneyData.csv", out / "phantom_truth.csv"
+    _write_csv(truth_csv, _TRUTH_COLUMNS, truth_rows)
+    _write_csv(labels_csv, ("image_id", "path", "diag", "target", "Class"), label_rows)
+    log.info("wrote %d phantom slices of %d patients to %s", done, n_patients, out)
+    return PhantomSummary(out, counts, done, n_patients, n_duplicates, labels_csv, truth_csv)
+
+
+def _label_row(name: str, class_index: int, rel: str) -> dict[str, object]:
+    # kidneyData.csv as in the Kaggle dataset: target is the index in sorted class order.
+    return {"image_id": Path(rel).stem, "path": rel, "diag": name, "target": class_index, "Class": name}
+
+
+def _truth_row(
+    rel: str,
+    name: str,
+    patient_id: str,
+    slice_index: int,
+    patient: _Patient,
+    lesion: _Lesion,
+    geometry: dict[str, float],
+    first: str,
+    difficulty: float,
+) -> dict[str, object]:
+    has_lesion = lesion.finding != "none"
+    return {
+        "path": rel,
+        "class": name,
+        "patient": patient_id,
+        "slice": slice_index,
+        "finding": lesion.finding,
+        "kidney_side": lesion.side,
+        "lesion_x": round(geometry["lesion_x"], 1) if has_lesion else "",
+        "lesion_y": round(geometry["lesion_y"], 1) if has_lesion else "",
+        "lesion_radius_px": round(geometry["lesion_radius_px"], 2) if has_lesion else "",
+        "lesion_contrast_hu": round(lesion.contrast_hu, 1) if has_lesion else "",
+        "phase": patient.phase,
+        "duplicate_of": "" if rel == first else first,
+        "difficulty": difficulty,
+    }
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, object]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
