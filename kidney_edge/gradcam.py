@@ -30,7 +30,6 @@ def grad_cam(
     captured: dict[str, torch.Tensor] = {}
 
     def keep_output(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-        output.retain_grad()
         captured["activation"] = output
 
     handle = layer.register_forward_hook(keep_output)
@@ -40,11 +39,12 @@ def grad_cam(
             logits = model(inputs)  # (N, C)
             index = torch.as_tensor(np.asarray(class_indices, dtype=np.int64)).view(-1, 1)
             # Sum over the batch: each item's class logit depends only on its own activations.
-            logits.gather(1, index).sum().backward()
+            # autograd.grad (not backward) leaves the model's parameter .grad untouched.
+            (gradient,) = torch.autograd.grad(logits.gather(1, index).sum(), captured["activation"])
     finally:
         handle.remove()
     activation = captured["activation"].detach()  # (N, K, h, w)
-    weights = captured["activation"].grad.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True))  # (N, 1, h, w)
     cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12).view(-1, 1, 1)

@@ -157,7 +157,7 @@ def _delta(before: float | None, after: float | None) -> str:
 
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=PNG_DPI)
     return buffer.getvalue()
 
 
@@ -185,7 +185,7 @@ def plot_confusion(metrics: dict[str, Any], rule_title: str) -> bytes:
     labels = metrics["labels"]
     counts = np.asarray(metrics["confusion_matrix"])
     normalised = np.asarray(metrics["confusion_matrix_normalized"])
-    figure = Figure(figsize=(10, 4.2))
+    figure = Figure(figsize=(10, 4.2), layout="tight")
     for axis_index, (matrix, title, fmt) in enumerate(
         ((counts, "counts", "d"), (normalised, "row-normalised (recall on the diagonal)", ".2f"))
     ):
@@ -252,7 +252,7 @@ def plot_history(history: dict[str, list]) -> bytes:
     used = {k for keys in groups.values() for k in keys}
     groups["validation / training scores"] = [k for k in numeric if k not in used and "time" not in k]
     groups = {title: keys for title, keys in groups.items() if keys}
-    figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6))
+    figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6), layout="tight")
     for index, (title, keys) in enumerate(groups.items()):
         ax = figure.add_subplot(1, len(groups), index + 1)
         for key in keys:
@@ -282,7 +282,7 @@ def plot_roc_pr(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequ
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    figure = Figure(figsize=(10, 4.2))
+    figure = Figure(figsize=(10, 4.2), layout="tight")
     roc_ax, pr_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for name in ordered_classes(class_names):
         k = list(class_names).index(name)
@@ -318,7 +318,7 @@ def plot_reliability(metrics: dict[str, Any]) -> bytes:
         ),
     ]
     panels = [p for p in panels if p[1]]
-    figure = Figure(figsize=(4.6 * len(panels), 4.2))
+    figure = Figure(figsize=(4.6 * len(panels), 4.2), layout="tight")
     for index, (title, bins, ece) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), index + 1)
         edges = np.asarray(bins["edges"])
@@ -353,7 +353,7 @@ def plot_gallery(items: Sequence[GalleryItem]) -> bytes:
 
     columns = 4  # 2 items per row, each as image + overlay
     rows = (len(items) + 1) // 2
-    figure = Figure(figsize=(10, 2.7 * rows))
+    figure = Figure(figsize=(10, 2.7 * rows), layout="tight")
     for index, item in enumerate(items):
         title = f"#{index + 1} true {item.true_label} -> {item.predicted_label} (p={item.confidence:.2f})"
         panels = [(item.image, title), (item.overlay, "Grad-CAM" if item.overlay is not None else "")]

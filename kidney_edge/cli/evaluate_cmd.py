@@ -1,11 +1,96 @@
-"""`kidney-edge evaluate`."""
+"""`kidney-edge evaluate`: clinical metrics, calibration and an HTML report for a checkpoint or ONNX file."""
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kidney_edge.cli._app import app, console, library_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kidney_edge.evaluation import EvaluationResult
 
 
 @app.command()
-def evaluate() -> None:
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Checkpoint (best.pt) or exported model.onnx to evaluate.")],
+    data: Annotated[
+        Path, typer.Argument(help="Folder with one sub-folder per class, or a splits.csv (see --split).")
+    ],
+    split: Annotated[
+        str, typer.Option("--split", help="Which split of a splits.csv: test, val or train.")
+    ] = "test",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for metrics.json, predictions.csv and the report.")
+    ] = Path("evaluation"),
+    tumor_recall: Annotated[
+        float | None,
+        typer.Option(
+            "--tumor-recall",
+            help="Choose a Tumor threshold on the splits.csv's val split reaching this recall "
+            "(e.g. 0.98); default: the rule stored in the model.",
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+) -> None:
     """Evaluate a checkpoint or ONNX model on a split: clinical metrics and an HTML report."""
-    not_available("evaluate", "evaluation and report")
+    from kidney_edge.evaluation import EvaluateConfig, run_evaluate
+
+    with library_errors():
+        config = EvaluateConfig(
+            model_path=model,
+            data=data,
+            out_dir=out,
+            split=split,
+            tumor_recall=tumor_recall,
+            batch_size=batch_size,
+        )
+        with _progress_bar() as bar:
+            task = bar.add_task("evaluate", total=None)
+            result = run_evaluate(
+                config, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    _render(result)
+
+
+def _progress_bar():  # -> rich.progress.Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _render(result: EvaluationResult) -> None:
+    from rich.table import Table
+
+    from kidney_edge.report import headline_rows, rule_comparison_rows
+
+    metrics = result.metrics
+    table = Table(title=f"{result.split} split, {result.n_images} images (argmax)")
+    for column in ("figure", "value", "95% CI"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in headline_rows(metrics):
+        table.add_row(*row)
+    console.print(table)
+    comparison = rule_comparison_rows(metrics)
+    if comparison:
+        rule_table = Table(title=f"operating point: {metrics['decision_rule']['description']}")
+        for column in ("figure", "argmax", "tumor rule", "change"):
+            rule_table.add_column(column, justify="left" if column == "figure" else "right")
+        for row in comparison[:3] + comparison[-2:]:  # Tumor recall/precision/specificity, macro-F1, accuracy
+            rule_table.add_row(*row)
+        console.print(rule_table)
+    calibration = metrics["calibration"]
+    console.print(
+        f"temperature {metrics['temperature']:.4f}, ECE {calibration['ece_before']:.3f} (T = 1) "
+        f"-> {calibration['ece_after']:.3f}"
+    )
+    console.print(f"report: {result.files['report_html']}")
