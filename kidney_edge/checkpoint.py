@@ -25,20 +25,22 @@ from kidney_edge.spec import ModelSpec
 
 CHECKPOINT_FORMAT = "kidney-edge-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
-_PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
 def _assert_plain(value: Any, where: str = "checkpoint") -> None:
     """Internal invariant: only what ``weights_only=True`` loads without an allow-list."""
     if isinstance(value, dict):
         for key, item in value.items():
-            assert isinstance(key, (str, int)), f"{where}: key {key!r} is not str/int"
+            assert type(key) in (str, int), f"{where}: key {key!r} is not str/int"
             _assert_plain(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _assert_plain(item, f"{where}[{index}]")
     else:
-        assert isinstance(value, _PLAIN_SCALARS), f"{where}: {type(value).__name__} is not plain data"
+        # Exact types: a str subclass such as torch.__version__ would need an allow-list to load.
+        plain = type(value) in _PLAIN_SCALARS or isinstance(value, torch.Tensor)
+        assert plain, f"{where}: {type(value).__name__} is not plain data"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

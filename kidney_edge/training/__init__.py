@@ -1,0 +1,14 @@
+"""Two-phase transfer learning: frozen-backbone head training, then fine-tuning of the last blocks.
+
+Public API: :class:`TrainConfig`, :class:`PhaseConfig`, :func:`train` -> :class:`TrainResult`.
+Module map: ``config`` (frozen configs, events), ``data`` (splits, dataset, augmentation, class
+weights), ``loop`` (one phase: epochs, validation, checkpoints), ``distributed`` (torchrun),
+``trainer`` (the run from splits to test metrics).
+"""
+
+from __future__ import annotations
+
+from kidney_edge.training.config import PhaseConfig, TrainConfig, TrainEvent, TrainResult
+from kidney_edge.training.trainer import train
+
+__all__ = ["PhaseConfig", "TrainConfig", "TrainEvent", "TrainResult", "train"]

@@ -1,0 +1,154 @@
+"""Typed, frozen training configuration: one :class:`PhaseConfig` per phase inside a :class:`TrainConfig`.
+
+Defaults are what a user with a 2-core CPU and no GPU should run (see ``benchmarks/results/training.md``
+for the measurements behind them). Validation messages name the CLI flag that sets the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kidney_edge.errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase: ``head`` (frozen backbone) or ``finetune`` (last blocks unfrozen).
+
+    ``unfreeze_blocks`` counts MBConv blocks from the end (see ``KidneyNet.last_blocks_modules``);
+    0 trains the classifier only. ``cache_features`` computes the frozen backbone's pooled
+    features once and trains the classifier on them; it applies only when nothing but the
+    classifier trains and augmentation is off.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    unfreeze_blocks: int = 0
+    augment: bool = False
+    cache_features: bool = True
+    weight_decay: float = 1e-2  # AdamW's default
+    warmup_fraction: float = 0.1  # linear warm-up over this share of the phase's steps, then cosine
+    patience: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in ("head", "finetune"):
+            raise InputError(f"phase name must be 'head' or 'finetune', got {self.name!r}")
+        if self.epochs < 0:
+            raise InputError(f"--epochs-{self.name} must be >= 0, got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise InputError(f"--lr-{self.name} must be in (0, 1), got {self.lr}")
+        if self.unfreeze_blocks < 0:
+            raise InputError(f"--unfreeze-blocks must be >= 0, got {self.unfreeze_blocks}")
+        if self.name == "head" and self.unfreeze_blocks != 0:
+            raise InputError("the head phase trains the classifier only (unfreeze_blocks must be 0)")
+        if self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+            raise InputError("weight decay must be >= 0 and warm-up fraction in [0, 1)")
+        if self.patience < 1:
+            raise InputError(f"--patience must be >= 1, got {self.patience}")
+
+    @property
+    def uses_cached_features(self) -> bool:
+        return self.cache_features and self.unfreeze_blocks == 0 and not self.augment
+
+
+def default_head_phase() -> PhaseConfig:
+    # On cached features an epoch takes well under a second, so many epochs cost nothing.
+    return PhaseConfig(name="head", epochs=15, lr=1e-3, patience=5)
+
+
+def default_finetune_phase() -> PhaseConfig:
+    # 10x lower LR than the head; augmentation on. 6 blocks: see DESIGN.md's look-alike runs.
+    return PhaseConfig(name="finetune", epochs=8, lr=1e-4, unfreeze_blocks=6, augment=True, patience=4)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one ``kidney-edge train`` run needs; saved as the run's ``config.json``."""
+
+    data_dir: Path
+    out_dir: Path
+    arch: str = "efficientnet_lite0"
+    image_size: int = 224
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    splits: Path | None = None
+    resume: bool = False
+    workers: int = 0
+    pretrained: bool = True
+    weights: Path | None = None
+    tumor_recall: float = 0.98
+    head: PhaseConfig = field(default_factory=default_head_phase)
+    finetune: PhaseConfig = field(default_factory=default_finetune_phase)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "data_dir", Path(self.data_dir))
+        set_(self, "out_dir", Path(self.out_dir))
+        if self.splits is not None:
+            set_(self, "splits", Path(self.splits))
+        if self.weights is not None:
+            set_(self, "weights", Path(self.weights))
+        self._validate()
+
+    def _validate(self) -> None:
+        from kidney_edge.backbones import available_archs
+
+        if self.arch not in available_archs():
+            raise InputError(f"unknown --arch {self.arch!r}; choose one of {', '.join(available_archs())}")
+        if not 32 <= self.image_size <= 1024 or self.image_size % 32:
+            raise InputError(f"--image-size must be a multiple of 32 in 32..1024, got {self.image_size}")
+        if self.batch_size < 2:
+            raise InputError(f"--batch-size must be >= 2 (BatchNorm needs it), got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 < self.tumor_recall <= 1:
+            raise InputError(f"--tumor-recall must be in (0, 1], got {self.tumor_recall}")
+        if self.head.name != "head" or self.finetune.name != "finetune":
+            raise InputError("TrainConfig.head/finetune must be the 'head' and 'finetune' phases")
+        if self.head.epochs + self.finetune.epochs == 0:
+            raise InputError("nothing to train: --epochs-head and --epochs-finetune are both 0")
+
+    @property
+    def phases(self) -> tuple[PhaseConfig, PhaseConfig]:
+        return (self.head, self.finetune)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (paths as strings)."""
+        data = dataclasses.asdict(self)
+        for key in ("data_dir", "out_dir", "splits", "weights"):
+            data[key] = None if data[key] is None else str(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """What the progress callback receives.
+
+    ``kind``: "phase" (a phase starts; ``steps`` = steps per epoch), "step" (one optimizer
+    step done), "epoch" (an epoch is done; ``metrics`` holds train/val numbers), "finalize"
+    (training is over, the test evaluation runs).
+    """
+
+    kind: str
+    phase: str = ""
+    epoch: int = 0  # 1-based within the phase
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, Any]

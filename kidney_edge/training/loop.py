@@ -1,0 +1,427 @@
+"""One phase of training: ``fit_phase`` runs epochs of ``train_one_epoch`` + validation.
+
+The two phases are two calls of ``fit_phase`` with different :class:`PhaseConfig`. Each
+epoch ends by writing ``last.pt`` (weights, optimizer, scheduler, RNG, progress) and, when
+validation macro-F1 improved, ``best.pt``; every epoch re-seeds from (seed, phase, epoch),
+so a run resumed after ``kill -9`` replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
+from kidney_edge.training.config import PhaseConfig, TrainEvent
+from kidney_edge.training.distributed import DistContext, sharded_map
+
+log = logging.getLogger(__name__)
+Progress = Callable[[TrainEvent], None]
+PHASE_INDEX = {"head": 0, "finetune": 1}
+
+
+@dataclass
+class RunState:
+    """Mutable progress of a run, stored (as plain data) in every ``last.pt``."""
+
+    phase: str = "head"  # the phase in progress, or the last one completed
+    phase_epoch: int = 0  # completed epochs of `phase`
+    phase_done: bool = False
+    best_f1: float = -1.0
+    best_phase: str = ""
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best improved, within the current phase
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PhaseData:
+    """What a phase reads: datasets and labels of train/val, plus the class weights."""
+
+    train: Dataset  # un-augmented; augmentation is added per phase
+    val: Dataset
+    train_labels: np.ndarray  # (N,) int64
+    val_labels: np.ndarray
+    class_weights: torch.Tensor  # (C,) float32
+    augment: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Saver:
+    """Writes the run's checkpoints (rank 0 only); holds what every checkpoint carries."""
+
+    run_dir: Path
+    spec: Any
+    config: dict[str, Any]
+    context: DistContext
+
+    def save(self, name: str, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+        if self.context.is_main:
+            save_checkpoint(self.run_dir / name, model=model, spec=self.spec, config=self.config, extra=extra)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int
+    workers: int
+    seed: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, phase: str, epoch: int, rank: int) -> int:
+    # Distinct, reproducible stream per (seed, phase, epoch, rank): what makes resume exact.
+    return seed * 1_000_003 + PHASE_INDEX[phase] * 10_007 + epoch * 101 + rank
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": [list(random.getstate()[1]), random.getstate()[0]],
+    }
+
+
+def configure_trainable(model: nn.Module, phase: PhaseConfig) -> list[nn.Module]:
+    """Freeze everything but the classifier and the phase's last blocks; return trainable modules."""
+    modules = [*model.last_blocks_modules(phase.unfreeze_blocks), model.dropout, model.classifier]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    return modules
+
+
+def set_train_mode(model: nn.Module, trainable: list[nn.Module]) -> None:
+    """Frozen parts (their BatchNorm included) stay in eval mode; only trainable modules train."""
+    model.eval()
+    for module in trainable:
+        module.train()
+
+
+def lr_schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero, as a multiplier of the phase's LR."""
+    warmup = max(1, round(total_steps * warmup_fraction)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class _HeadOnly(nn.Module):
+    """The classifier on cached (N, F) pooled features; shares parameters with the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.dropout, self.classifier = model.dropout, model.classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(features))
+
+
+def make_loader(
+    dataset: Dataset, settings: LoaderSettings, context: DistContext, *, shuffle_seed: int | None
+):
+    """Shuffled (train: seeded per epoch) or ordered (inference) batches; sharded under torchrun."""
+    generator = None
+    sampler = None
+    if shuffle_seed is not None:
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        if context.distributed:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(dataset, context.world_size, context.rank, seed=settings.seed)
+            sampler.set_epoch(shuffle_seed)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+    tensors = isinstance(dataset, TensorDataset)  # cached features: no decoding worth a worker
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=0 if tensors else settings.workers,
+        generator=generator,
+        pin_memory=context.device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def _infer(fn: Callable, dataset: Dataset, indices: list[int], settings: LoaderSettings, ctx: DistContext):
+    """``fn`` over ``dataset[indices]`` in batches; (len(indices), ...) float32 on CPU."""
+    single = dataclasses.replace(ctx, rank=0, world_size=1)
+    loader = make_loader(Subset(dataset, indices), settings, single, shuffle_seed=None)
+    outputs = []
+    for images, _ in loader:
+        with autocast(ctx.device):
+            out = fn(images.to(ctx.device, non_blocking=True))
+        outputs.append(out.float().cpu())
+    if not outputs:
+        return torch.zeros(0)
+    return torch.cat(outputs)
+
+
+def autocast(device: torch.device):
+    # Mixed precision on CUDA only; CPU autocast (bf16) is slower than fp32 on most CPUs.
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def predict_logits(model, dataset, settings, ctx) -> torch.Tensor:
+    """(N, C) validation logits, the work split across ranks."""
+    model.eval()
+    return sharded_map(ctx, len(dataset), lambda idx: _infer(model, dataset, idx, settings, ctx))
+
+
+def extract_features(model, dataset, settings, ctx) -> torch.Tensor:
+    """(N, F) pooled features of the frozen backbone (eval mode), the work split across ranks."""
+    model.eval()
+
+    def pooled(images: torch.Tensor) -> torch.Tensor:
+        return model.pool_features(model.forward_features(images))
+
+    return sharded_map(ctx, len(dataset), lambda idx: _infer(pooled, dataset, idx, settings, ctx))
+
+
+def validation_metrics(logits: torch.Tensor, labels: np.ndarray, weights: torch.Tensor) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    target = torch.from_numpy(labels)
+    loss = nn.functional.cross_entropy(logits, target, weight=weights.cpu()).item()
+    predicted = logits.argmax(1).numpy()
+    classes = list(range(logits.shape[1]))
+    macro_f1 = f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
+    return {
+        "val_loss": loss,
+        "val_macro_f1": float(macro_f1),
+        "val_accuracy": accuracy_score(labels, predicted),
+    }
+
+
+@dataclass
+class Optimization:
+    """What one phase steps: the module called per batch, its optimizer, schedule and loss."""
+
+    net: nn.Module  # model, the cached-feature head, or either wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+
+
+def train_one_epoch(
+    opt: Optimization, loader: DataLoader, device: torch.device, on_step: Callable[[int], None]
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean train loss and accuracy."""
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, (inputs, targets) in enumerate(loader, start=1):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device):
+            logits = opt.net(inputs)  # (B, C)
+            loss = opt.loss_fn(logits.float(), targets)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.scheduler.step()
+        total_loss += loss.item() * len(targets)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(targets)
+        on_step(step)
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def build_optimization(
+    model: nn.Module, net: nn.Module, phase: PhaseConfig, steps_per_epoch: int, weights: torch.Tensor,
+    ctx: DistContext,
+) -> Optimization:  # fmt: skip
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=ids)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=phase.weight_decay)
+    schedule = lr_schedule(phase.epochs * steps_per_epoch, phase.warmup_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.device.type == "cuda")
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(ctx.device))
+    return Optimization(net, optimizer, scheduler, scaler, loss_fn)
+
+
+def _phase_inputs(model, phase: PhaseConfig, data: PhaseData, settings: LoaderSettings, ctx: DistContext):
+    """(net, train dataset, validation function) for the phase; caches features when it can."""
+    if phase.uses_cached_features:
+        started = time.perf_counter()
+        train_features = extract_features(model, data.train, settings, ctx)  # (N, F)
+        val_features = extract_features(model, data.val, settings, ctx)
+        log.info("cached backbone features in %.1f s", time.perf_counter() - started)
+        train_set = TensorDataset(train_features, torch.from_numpy(data.train_labels))
+
+        def validate() -> torch.Tensor:
+            model.eval()
+            with torch.no_grad():
+                return model.forward_head(val_features.to(ctx.device)).float().cpu()
+
+        return _HeadOnly(model), train_set, validate
+    train_set = data.train
+    if phase.augment:
+        train_set = _Augmented(data.train, data.augment)
+    return model, train_set, lambda: predict_logits(model, data.val, settings, ctx)
+
+
+class _Augmented(Dataset):
+    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+def fit_phase(
+    model: nn.Module,
+    phase: PhaseConfig,
+    data: PhaseData,
+    state: RunState,
+    saver: Saver,
+    settings: LoaderSettings,
+    resume_from: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Train ``phase`` from ``state.phase_epoch`` to its end or early stop, checkpointing each epoch."""
+    ctx, notify = saver.context, progress or (lambda event: None)
+    if state.phase != phase.name:  # entering this phase: start from the best model so far
+        if (saver.run_dir / "best.pt").is_file():
+            saver.context.barrier()
+            model.load_state_dict(load_checkpoint(saver.run_dir / "best.pt")["model_state"])
+        state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = phase.name, 0, False, 0
+    if phase.epochs == 0 or state.phase_epoch >= phase.epochs:
+        state.phase_done = True
+        return
+    trainable = configure_trainable(model, phase)
+    seed_everything(epoch_seed(settings.seed, phase.name, 0, ctx.rank))
+    net, train_set, validate = _phase_inputs(model, phase, data, settings, ctx)
+    steps = len(make_loader(train_set, settings, ctx, shuffle_seed=0))
+    opt = build_optimization(model, net, phase, steps, data.class_weights, ctx)
+    if resume_from is not None:
+        _restore(opt, resume_from)
+    notify(TrainEvent("phase", phase.name, state.phase_epoch, phase.epochs, 0, steps))
+    for epoch in range(state.phase_epoch + 1, phase.epochs + 1):
+        started = time.perf_counter()
+        seed = epoch_seed(settings.seed, phase.name, epoch, ctx.rank)
+        seed_everything(seed)
+        loader = make_loader(train_set, settings, ctx, shuffle_seed=seed)
+        set_train_mode(model, trainable)
+
+        def on_step(step: int, epoch: int = epoch) -> None:
+            notify(TrainEvent("step", phase.name, epoch, phase.epochs, step, steps))
+
+        metrics = train_one_epoch(opt, loader, ctx.device, on_step)
+        metrics.update(validation_metrics(validate(), data.val_labels, data.class_weights))
+        metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
+        _end_epoch(model, phase, epoch, metrics, state, saver, opt)
+        notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
+        if state.phase_done:
+            break
+
+
+def _end_epoch(
+    model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt
+) -> None:
+    """Book-keeping in crash-safe order: decide, then best.pt, then last.pt (the resume point)."""
+    improved = metrics["val_macro_f1"] > state.best_f1
+    if improved:
+        state.best_f1, state.best_phase, state.best_epoch, state.bad_epochs = (
+            metrics["val_macro_f1"], phase.name, epoch, 0
+        )  # fmt: skip
+    else:
+        state.bad_epochs += 1
+    state.phase_epoch = epoch
+    state.phase_done = epoch == phase.epochs or state.bad_epochs >= phase.patience
+    if state.bad_epochs >= phase.patience:
+        log.info("early stop in %s after epoch %d: no val macro-F1 gain for %d epochs", phase.name, epoch,
+                 phase.patience)  # fmt: skip
+    state.history.append({"phase": phase.name, "epoch": epoch, **metrics, "best": improved})
+    if improved:
+        saver.save("best.pt", model, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1})
+    saver.save("last.pt", model, training_state(state, opt))
+    if saver.context.is_main:
+        write_history(saver.run_dir / "history.csv", state.history)
+    saver.context.barrier()
+
+
+def training_state(state: RunState, opt: Optimization | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"run_state": state.to_dict(), "phase": state.phase, "epoch": state.phase_epoch}
+    extra["rng"] = rng_state()
+    if opt is not None:
+        extra["optimizer"] = opt.optimizer.state_dict()
+        extra["scheduler"] = opt.scheduler.state_dict()
+        extra["scaler"] = opt.scaler.state_dict()
+    return extra
+
+
+def _restore(opt: Optimization, checkpoint: dict[str, Any]) -> None:
+    opt.optimizer.load_state_dict(checkpoint["optimizer"])
+    opt.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        opt.scaler.load_state_dict(checkpoint["scaler"])
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    from kidney_edge.io_utils import atomic_write_text
+
+    columns = ["phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_macro_f1", "val_accuracy",
+               "lr", "seconds", "best"]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def iter_phases(phases, state: RunState) -> Iterator[PhaseConfig]:
+    """Phases still to run: skips those finished before a resume."""
+    order = [p.name for p in phases]
+    for phase in phases:
+        if order.index(phase.name) < order.index(state.phase):
+            continue
+        if phase.name == state.phase and state.phase_done:
+            continue
+        yield phase

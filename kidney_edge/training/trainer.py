@@ -1,0 +1,203 @@
+"""``train(config)``: splits -> spec -> phase 1 (head) -> phase 2 (fine-tune) -> test evaluation."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kidney_edge.errors import InputError
+from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.spec import ModelSpec
+from kidney_edge.training import data as run_data
+from kidney_edge.training import distributed
+from kidney_edge.training.config import TrainConfig, TrainEvent, TrainResult
+from kidney_edge.training.loop import (
+    LoaderSettings,
+    PhaseData,
+    Progress,
+    RunState,
+    Saver,
+    fit_phase,
+    iter_phases,
+    seed_everything,
+    training_state,
+)
+
+log = logging.getLogger(__name__)
+# Fields that shape the weights: a resumed run must use the same values to continue exactly.
+RESUME_FIELDS = ("arch", "image_size", "batch_size", "seed", "pretrained", "head", "finetune")
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Train a classifier on ``config.data_dir`` into ``config.out_dir``; see ``TrainConfig``.
+
+    Under ``torchrun`` every process calls this; only rank 0 writes files.
+    """
+    context = distributed.setup(config.device)
+    try:
+        return _train(config, context, progress)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress | None) -> TrainResult:
+    run_dir = config.out_dir
+    resume_from = _check_run_folder(config) if ctx.is_main else None
+    rows = _splits(config, ctx)
+    class_names = run_data.check_splits(rows)
+    spec = _make_spec(config, class_names, rows)
+    data = _phase_data(config, spec, rows)
+    recorded = _recorded_config(config, class_names, data, ctx)
+    if ctx.is_main:
+        atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
+        atomic_write_json(run_dir / "config.json", recorded)
+    ctx.barrier()
+    if resume_from is None and config.resume and (run_dir / "last.pt").is_file():
+        resume_from = _load_last(run_dir)  # ranks > 0 read what rank 0 checked
+    seed_everything(config.seed)
+    from kidney_edge.backbones import create_model
+
+    model = create_model(config.arch, num_classes=len(class_names), pretrained=config.pretrained,
+                         weights=config.weights).to(ctx.device)  # fmt: skip
+    state = RunState()
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model_state"])
+        state = RunState.from_dict(resume_from["run_state"])
+        log.info("resuming %s after %s epoch %d", run_dir, state.phase, state.phase_epoch)
+    saver = Saver(run_dir, spec, recorded, ctx)
+    settings = LoaderSettings(config.batch_size, config.workers, config.seed)
+    for phase in iter_phases(config.phases, state):
+        mid_phase = resume_from is not None and state.phase == phase.name and state.phase_epoch > 0
+        fit_phase(model, phase, data, state, saver, settings, resume_from if mid_phase else None, progress)
+        resume_from = None
+    state.finished = True
+    saver.save("last.pt", model, training_state(state, None))
+    if progress:
+        progress(TrainEvent("finalize"))
+    return _finish(config, state, ctx)
+
+
+def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
+    """Refuse to overwrite a run; with --resume, check the folder and return its last.pt (or None)."""
+    run_dir, saved_config = config.out_dir, config.out_dir / "config.json"
+    if not config.resume:
+        if saved_config.exists() or (run_dir / "last.pt").exists():
+            raise InputError(
+                f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return None
+    if not saved_config.is_file():
+        raise InputError(
+            f"--resume: {run_dir} holds no training run (no config.json); drop --resume to start one"
+        )
+    _check_compatible(config, saved_config)
+    return _load_last(run_dir) if (run_dir / "last.pt").is_file() else None
+
+
+def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
+    import json
+
+    try:
+        saved = json.loads(saved_config.read_text())["train_config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"--resume: {saved_config} is not a kidney-edge run config ({exc})") from None
+    current = config.to_dict()
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        for key in RESUME_FIELDS
+        if saved.get(key) != current[key]
+    ]
+    if changed:
+        raise InputError(
+            f"--resume: {config.out_dir} was trained with different options ({'; '.join(changed)}); "
+            "rerun with the run's original options or choose another --out"
+        )
+
+
+def _load_last(run_dir: Path) -> dict[str, Any]:
+    from kidney_edge.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    if "run_state" not in checkpoint:
+        raise InputError(f"--resume: {run_dir / 'last.pt'} holds no training state")
+    return checkpoint
+
+
+def _splits(config: TrainConfig, ctx: distributed.DistContext) -> list:
+    """Rank 0 makes (or, on resume, reuses) RUN/splits.csv; the other ranks read it."""
+    from kidney_edge import dataset
+
+    run_csv = config.out_dir / "splits.csv"
+    if ctx.is_main and not (config.resume and run_csv.is_file()):
+        run_data.prepare_splits(config.data_dir, config.splits, config.out_dir, seed=config.seed)
+    ctx.barrier()
+    return dataset.read_splits(run_csv)
+
+
+def _make_spec(config: TrainConfig, class_names: tuple[str, ...], rows: list) -> ModelSpec:
+    from kidney_edge.backbones import backbone_spec_defaults
+    from kidney_edge.dataset import data_fingerprint
+
+    return ModelSpec(
+        class_names=class_names,
+        arch=config.arch,
+        input_size=config.image_size,
+        data_fingerprint=data_fingerprint(rows),
+        **backbone_spec_defaults(config.arch),
+    )
+
+
+def _phase_data(config: TrainConfig, spec: ModelSpec, rows: list) -> PhaseData:
+    train_paths, train_labels = run_data.rows_of(rows, "train", spec.class_names)
+    val_paths, val_labels = run_data.rows_of(rows, "val", spec.class_names)
+    weights = run_data.class_weights(train_labels, spec.num_classes)
+    return PhaseData(
+        train=run_data.SliceDataset(train_paths, train_labels, spec),
+        val=run_data.SliceDataset(val_paths, val_labels, spec),
+        train_labels=train_labels,
+        val_labels=val_labels,
+        class_weights=torch.from_numpy(weights),
+        augment=run_data.augmentation(spec),
+    )
+
+
+def _recorded_config(config: TrainConfig, class_names, data: PhaseData, ctx) -> dict[str, Any]:
+    """config.json: the options plus what the run derived from them (class weights, environment)."""
+    counts = np.bincount(data.train_labels, minlength=len(class_names))
+    return {
+        "train_config": config.to_dict(),
+        "class_names": list(class_names),
+        "train_counts": {name: int(n) for name, n in zip(class_names, counts, strict=True)},
+        "class_weights": {
+            name: float(w) for name, w in zip(class_names, data.class_weights.tolist(), strict=True)
+        },
+        "environment": {
+            "device": str(ctx.device),
+            "world_size": ctx.world_size,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def _finish(config: TrainConfig, state: RunState, ctx) -> TrainResult:
+    """Rank 0 evaluates the best model on the test split (metrics.json, report); all ranks return."""
+    best = config.out_dir / "best.pt"
+    metrics: dict[str, Any] = {
+        "best_val_macro_f1": state.best_f1,
+        "best_phase": state.best_phase,
+        "best_epoch": state.best_epoch,
+    }
+    if ctx.is_main:
+        from kidney_edge.evaluation import finalize_run
+
+        metrics["test"] = finalize_run(config.out_dir, tumor_recall=config.tumor_recall).metrics
+    ctx.barrier()
+    return TrainResult(run_dir=config.out_dir, best_checkpoint=best, metrics=metrics)
