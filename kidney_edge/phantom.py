@@ -47,7 +47,7 @@ DUPLICATE_FRACTION = 0.03  # share of files that are byte copies of another file
 SLICES_PER_PATIENT = (2, 8)  # inclusive range of adjacent slices drawn per patient
 REF = 512.0  # anatomy is described in pixels of a 512 px slice and scaled to `size`
 AIR, FAT, WATER = -1000.0, -100.0, 5.0
-MARGIN = 3  # px around each posed patient, so slices can shift without re-sampling
+SHIFT = 3.0  # px at 512: slices of a patient shift by up to this much (posed once, then cropped)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -209,7 +209,8 @@ class _Kidney:
 class _Patient:
     """One anatomy: drawn once, then seen in several adjacent slices."""
 
-    base: np.ndarray  # (size + 2*MARGIN, size + 2*MARGIN) float32 HU, posed and blurred, no finding
+    base: np.ndarray  # (size + 2*margin,) * 2 float32 HU, posed and blurred, no finding
+    margin: int  # px of room for the per-slice shift
     forward: np.ndarray  # 2x3 affine: anatomy px (scaled to size) -> posed px
     kidneys: list[_Kidney]
     phase: str
@@ -247,7 +248,7 @@ def _draw_body(cv: _Canvas, rng: np.random.Generator) -> tuple[float, float, flo
 def _draw_couch(cv: _Canvas, top: float) -> None:
     """The CT table: a thin bright arc under the patient (only its band of rows is touched)."""
     k, size = cv.scale, cv.hu.shape[0]
-    y0 = int((top - 30) * k)
+    y0 = max(0, int((top - 30) * k))
     if y0 >= size:
         return
     ys = np.arange(y0, size, dtype=np.float32)[:, None] / k
@@ -371,12 +372,14 @@ def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _P
     noise = rng.uniform(8, 20) * math.sqrt(difficulty)
     pose = (rng.normal(0, 0.08), rng.uniform(0.88, 1.1), rng.normal(0, 12), rng.normal(0, 10))
     blur = rng.uniform(0.0, 1.0)
-    forward, coeffs = _pose_matrix(pose, size, MARGIN)
+    margin = max(1, round(SHIFT * size / REF))
+    forward, coeffs = _pose_matrix(pose, size, margin)
     posed = Image.fromarray(cv.hu, mode="F").transform(
-        (size + 2 * MARGIN,) * 2, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=AIR
+        (size + 2 * margin,) * 2, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=AIR
     )
     return _Patient(
         base=_gaussian_blur(np.asarray(posed), blur * size / REF),
+        margin=margin,
         forward=forward,
         kidneys=kidneys,
         phase=phase,
@@ -570,9 +573,10 @@ def _render_slice(
 
     ``lesion`` is already posed (:func:`_posed_lesion`).
     """
-    size = patient.base.shape[0] - 2 * MARGIN
-    dx, dy = (int(v) for v in rng.integers(-MARGIN, MARGIN + 1, 2))
-    hu = patient.base[MARGIN + dy : MARGIN + dy + size, MARGIN + dx : MARGIN + dx + size].copy()
+    m = patient.margin
+    size = patient.base.shape[0] - 2 * m
+    dx, dy = (int(v) for v in rng.integers(-m, m + 1, 2))
+    hu = patient.base[m + dy : m + dy + size, m + dx : m + dx + size].copy()
     k = size / REF
     shifted = dataclasses.replace(lesion, cx=lesion.cx - dx / k, cy=lesion.cy - dy / k)
     if lesion.finding == "stone":

@@ -1,0 +1,798 @@
+"""Dataset scan, leakage-safe stratified splits and the leakage audit.
+
+Published results on the Kaggle kidney CT dataset go wrong at the split: adjacent slices of one
+patient and byte-identical copies land on both sides of a random split. Here the unit of the
+split is a *group* of images that must stay together:
+
+- exact duplicates (same sha256),
+- near duplicates (perceptual hash within ``near_dup_distance`` bits; adjacent slices of one
+  patient look nearly alike, so this also keeps most patients together),
+- optional patient groups from ``group_pattern``: a regex searched in the path relative to the
+  dataset folder; the first capture group (or the whole match if the regex has no group) is the
+  group key, so files with the same key stay together; files it does not match form no group.
+  Example for the Kaggle names ``Cyst/Cyst- (123).jpg``: ``'^(.*\\(\\d*)\\d\\)'`` puts blocks of
+  ten consecutive numbers (120-129) together.
+
+Groups are assigned to train/val/test so that each class's split proportions match the target
+ratios (greedy by group size, then local moves). The audit records counts, groups and how many
+val/test images still have a twin in train (0 in ``grouped`` mode by construction).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from kidney_edge.errors import ImageReadError, InputError
+from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+LABELS_CSV = "kidneyData.csv"  # the Kaggle dataset's label file
+IGNORED_FILES = frozenset({LABELS_CSV, "phantom_truth.csv"})
+HASH_SIZE = 16  # 16x16 = 256-bit DCT hash: 64-bit hashes cannot tell CT slices of different patients apart
+# Hamming distance (of 256 bits) below which two images are near duplicates. Chosen on phantom
+# patients: adjacent slices of one patient stay within it, different patients rarely come close
+# (distributions in benchmarks/results/data.md).
+DEFAULT_NEAR_DUP_DISTANCE = 32
+# Thumbnail difference below which consecutively numbered files are one series (see _series_pairs);
+# on phantom data adjacent slices of one patient stay below 0.16, neighbours from different patients above 0.18.
+DEFAULT_SERIES_DISTANCE = 0.17
+ProgressFn = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    path: Path  # absolute
+    label: str
+    sha256: str
+    phash: bytes = field(default=b"", repr=False)  # 256-bit perceptual hash (32 bytes)
+    thumbnail: bytes = field(default=b"", repr=False)  # 16x16 gray, for series links
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    root: Path
+    class_names: tuple[str, ...]
+    items: list[ScannedImage]
+    problems: list[ScanProblem]
+
+
+def perceptual_hash(image: Image.Image, hash_size: int = HASH_SIZE) -> bytes:
+    """DCT perceptual hash, the same algorithm as ``imagehash.phash`` (tested against it).
+
+    Gray, resized to 4*hash_size square, 2-D DCT-II, the hash_size x hash_size lowest
+    frequencies compared with their median; returns the bits packed into bytes.
+    """
+    side = 4 * hash_size
+    pixels = np.asarray(image.convert("L").resize((side, side), Image.LANCZOS), dtype=np.float64)
+    basis = _dct_basis(side)[:hash_size]  # (hash_size, side)
+    low = basis @ pixels @ basis.T  # DCT-II along axis 0, then axis 1; lowest frequencies only
+    bits = low > np.median(low)
+    return np.packbits(bits.ravel()).tobytes()
+
+
+def _dct_basis(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    return np.cos(np.pi * k * (2 * np.arange(n)[None, :] + 1) / (2 * n))
+
+
+def scan_dataset(root: str | Path, *, progress: ProgressFn | None = None) -> DatasetScan:
+    """Find, label, hash and decode every image under ``root``; report what cannot be used.
+
+    Classes are the sub-folder names, or the ``Class`` column of ``kidneyData.csv`` when the
+    folder has one (the Kaggle layout). Raises InputError when nothing usable is found.
+    """
+    root = _check_root(root)
+    problems: list[ScanProblem] = []
+    csv_labels = _read_labels_csv(root, problems)
+    files = list(_walk_files(root, problems))
+    candidates = _label_files(root, files, csv_labels, problems)
+    from kidney_edge.imaging import load_image
+    from kidney_edge.spec import ModelSpec
+
+    decode_spec = ModelSpec(input_size=4 * HASH_SIZE)  # JPEG draft decode at 1/8 scale: fast
+    items: list[ScannedImage] = []
+    for done, (path, label) in enumerate(candidates, start=1):
+        item = _scan_one(path, label, decode_spec, load_image, problems)
+        if item is not None:
+            items.append(item)
+        if progress is not None:
+            progress(done, len(candidates))
+    items = _drop_label_conflicts(items, problems)
+    class_names = _class_names(root, candidates, items, problems)
+    if not items:
+        raise InputError(_nothing_usable_message(root, files, problems))
+    log.info(
+        "scanned %s: %d usable images in %d classes, %d problems",
+        root,
+        len(items),
+        len(class_names),
+        len(problems),
+    )
+    return DatasetScan(root, class_names, items, problems)
+
+
+def _check_root(root: str | Path) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"dataset folder {path} does not exist; pass the folder that holds the class sub-folders"
+        )
+    if not path.is_dir():
+        raise InputError(
+            f"dataset path {path} is not a folder; pass the folder that holds the class sub-folders"
+        )
+    return path.resolve()
+
+
+def _walk_files(root: Path, problems: list[ScanProblem]) -> Iterator[Path]:
+    """Every regular file under ``root`` (following symlinks once; loops reported, not followed)."""
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = folder.stat()
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                problems.append(
+                    ScanProblem(folder, "folder already scanned (symlink loop or duplicate link); skipped")
+                )
+                continue
+            seen.add(key)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(ScanProblem(folder, f"cannot read folder ({exc.strerror or exc})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files (.DS_Store, editor swap files) are not data
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(path)
+                elif entry.is_file(follow_symlinks=True):
+                    yield path
+                else:
+                    problems.append(ScanProblem(path, "not a regular file (broken link or special file)"))
+            except OSError as exc:  # e.g. a symlink pointing to itself
+                problems.append(ScanProblem(path, f"cannot follow ({exc.strerror or exc})"))
+
+
+def _read_labels_csv(root: Path, problems: list[ScanProblem]) -> dict[str, str] | None:
+    """kidneyData.csv -> {path relative to root (posix): class}, or None when there is none."""
+    csv_path = root / LABELS_CSV
+    if not csv_path.is_file():
+        return None
+    try:
+        rows = list(csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8-sig"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        problems.append(ScanProblem(csv_path, f"cannot read ({exc}); labels taken from folder names"))
+        return None
+    if not rows or "path" not in rows[0] or not ({"Class", "diag"} & set(rows[0])):
+        problems.append(
+            ScanProblem(csv_path, "needs columns path and Class (or diag); labels taken from folder names")
+        )
+        return None
+    labels: dict[str, str] = {}
+    for row in rows:
+        label = (row.get("Class") or row.get("diag") or "").strip()
+        rel = _csv_row_location(root, row)
+        if label and rel is not None:
+            labels[rel] = label
+        else:
+            problems.append(
+                ScanProblem(csv_path, f"row {row.get('image_id') or row.get('path')!r}: file not found")
+            )
+    return labels
+
+
+def _csv_row_location(root: Path, row: dict[str, str]) -> str | None:
+    """Where a kidneyData.csv row's file is under root.
+
+    The Kaggle file stores absolute Kaggle paths (/kaggle/input/.../Cyst/Cyst- (12).jpg), so
+    besides the path as given we try its last two parts (class folder / file name).
+    """
+    raw = (row.get("path") or "").strip().replace("\\", "/")
+    parts = [p for p in raw.split("/") if p]
+    for candidate in ("/".join(parts), "/".join(parts[-2:]), "/".join(parts[-1:])):
+        if candidate and not candidate.startswith("/") and (root / candidate).is_file():
+            return candidate
+    return None
+
+
+def _label_files(
+    root: Path, files: list[Path], csv_labels: dict[str, str] | None, problems: list[ScanProblem]
+) -> list[tuple[Path, str]]:
+    """(file, label) for every image file; non-images and files outside class folders are problems."""
+    from kidney_edge.imaging import is_image_file
+
+    labelled = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path.parent == root and path.name in IGNORED_FILES:
+            continue
+        if not is_image_file(path):
+            problems.append(
+                ScanProblem(path, f"not an image file (suffix {path.suffix or 'none'!r}); skipped")
+            )
+            continue
+        folder_label = rel.split("/")[0] if "/" in rel else None
+        label = csv_labels.get(rel) if csv_labels is not None else None
+        if label is None and folder_label is None:
+            problems.append(ScanProblem(path, "image outside the class folders; move it into one"))
+            continue
+        if csv_labels is not None and label is None:
+            problems.append(
+                ScanProblem(path, f"not listed in {LABELS_CSV}; labelled by its folder {folder_label!r}")
+            )
+        labelled.append((path, label or folder_label))
+    return labelled
+
+
+def _scan_one(
+    path: Path, label: str, spec: Any, load_image: Callable[..., Image.Image], problems: list[ScanProblem]
+) -> ScannedImage | None:
+    try:
+        data = path.read_bytes()
+        if not data:
+            raise ImageReadError(path, "file is empty (0 bytes)")
+        image = load_image(path, spec)  # proves the file decodes, with the same decoder as training
+        phash = perceptual_hash(image)
+        thumbnail = image.convert("L").resize((16, 16), Image.BOX).tobytes()
+    except ImageReadError as exc:
+        problems.append(ScanProblem(path, f"unreadable image: {exc.reason}"))
+        return None
+    except OSError as exc:
+        problems.append(ScanProblem(path, f"cannot read ({exc.strerror or exc})"))
+        return None
+    return ScannedImage(path, label, hashlib.sha256(data).hexdigest(), phash, thumbnail)
+
+
+def _drop_label_conflicts(items: list[ScannedImage], problems: list[ScanProblem]) -> list[ScannedImage]:
+    """The same bytes under two classes cannot both be right: report them and keep neither."""
+    labels_by_hash: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        labels_by_hash[item.sha256].add(item.label)
+    conflicting = {h for h, labels in labels_by_hash.items() if len(labels) > 1}
+    for item in items:
+        if item.sha256 in conflicting:
+            others = sorted(labels_by_hash[item.sha256] - {item.label})
+            problems.append(
+                ScanProblem(
+                    item.path, f"label conflict: same content also filed as {', '.join(others)}; excluded"
+                )
+            )
+    return [item for item in items if item.sha256 not in conflicting]
+
+
+def _class_names(
+    root: Path, candidates: list[tuple[Path, str]], items: list[ScannedImage], problems: list[ScanProblem]
+) -> tuple[str, ...]:
+    """Sorted classes with at least one usable image; class folders without one are reported."""
+    used = {item.label for item in items}
+    declared = {label for _, label in candidates}
+    declared |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    for label in sorted(declared - used):
+        problems.append(ScanProblem(root / label, f"class {label!r} has no readable images; left out"))
+    return tuple(sorted(used))
+
+
+def _nothing_usable_message(root: Path, files: list[Path], problems: list[ScanProblem]) -> str:
+    if not files:
+        return (
+            f"no files found in {root}; expected one sub-folder per class with images in it, "
+            "e.g. Cyst/Cyst- (1).jpg, Normal/Normal- (1).jpg (the Kaggle layout)"
+        )
+    shown = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:3])
+    return (
+        f"no usable images in {root} ({len(files)} files, {len(problems)} problems, e.g. {shown}); "
+        "expected one sub-folder per class with readable images"
+    )
+
+
+# ----------------------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    path: Path  # absolute
+    label: str
+    split: str  # "train" | "val" | "test"
+    group: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    rows: list[SplitRow]
+    audit: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Options of ``kidney-edge split``; messages name the CLI flags."""
+
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    mode: str = "grouped"
+    group_pattern: str | None = None
+    near_dup_distance: int | None = DEFAULT_NEAR_DUP_DISTANCE
+    series_distance: float | None = DEFAULT_SERIES_DISTANCE
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
+            raise InputError(
+                f"--ratios must be three non-negative numbers summing to 1, e.g. 0.7,0.15,0.15 (got {self.ratios})"
+            )
+        if self.ratios[0] <= 0:
+            raise InputError("--ratios: the train share must be above 0")
+        if self.mode not in ("grouped", "random"):
+            raise InputError(f"--split-mode must be 'grouped' or 'random' (got {self.mode!r})")
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise InputError(f"--group-pattern is not a valid regular expression: {exc}") from None
+        if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= HASH_SIZE**2 // 2:
+            raise InputError(
+                f"--near-dup-distance must be between 0 and {HASH_SIZE**2 // 2} bits, or -1 to turn it off "
+                f"(got {self.near_dup_distance})"
+            )
+        if self.series_distance is not None and not 0 <= self.series_distance <= 2:
+            raise InputError(
+                f"--series-distance must be between 0 and 2, or -1 to turn it off (got {self.series_distance})"
+            )
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int, chunk: int = 256) -> np.ndarray:
+    """(P, 2) index pairs i < j whose hashes differ in at most ``max_distance`` bits.
+
+    Vectorised XOR + popcount over uint64 words, a block of rows at a time: 12,500 hashes of
+    256 bits take about a second.
+    """
+    if len(hashes) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    words = np.frombuffer(b"".join(hashes), dtype=np.uint64).reshape(len(hashes), -1)
+    found = []
+    for start in range(0, len(words), chunk):
+        block = words[start : start + chunk]  # (c, W)
+        rest = words[start:]  # (n - start, W): only pairs with j >= i
+        distance = np.bitwise_count(block[:, None, :] ^ rest[None, :, :]).sum(axis=-1, dtype=np.int32)
+        i, j = np.nonzero(distance <= max_distance)
+        keep = j > i  # j is relative to `start`, i to the block
+        found.append(np.stack([i[keep] + start, j[keep] + start], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    group_of: np.ndarray  # (N,) group index per item
+    names: list[str]
+    near_pairs: np.ndarray  # (P, 2)
+    exact_groups: int
+    exact_files: int
+    near_groups: int
+    near_files: int
+    pattern_groups: int | None
+
+
+def _group_items(scan: DatasetScan, config: SplitConfig) -> _Grouping:
+    """Union-find over exact duplicates, near duplicates and pattern keys."""
+    items = scan.items
+    uf = _UnionFind(len(items))
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_hash[item.sha256].append(index)
+    for members in by_hash.values():
+        for other in members[1:]:
+            uf.union(members[0], other)
+    near = np.zeros((0, 2), dtype=np.int64)
+    if config.near_dup_distance is not None:
+        near = near_duplicate_pairs([item.phash for item in items], config.near_dup_distance)
+        near = near[[items[i].sha256 != items[j].sha256 for i, j in near]] if len(near) else near
+    series = np.zeros((0, 2), dtype=np.int64)
+    if config.series_distance is not None:
+        series = _series_pairs(scan, config.series_distance)
+        series = series[[items[i].sha256 != items[j].sha256 for i, j in series]] if len(series) else series
+    near = np.unique(np.concatenate([near, series]), axis=0)
+    near_uf = _UnionFind(len(items))
+    for i, j in near:
+        uf.union(int(i), int(j))
+        near_uf.union(int(i), int(j))
+    pattern_groups = _apply_pattern(scan, config.group_pattern, uf) if config.group_pattern else None
+    roots = np.array([uf.find(i) for i in range(len(items))])
+    order = sorted(range(len(items)), key=lambda i: items[i].path.as_posix())
+    index_of_root: dict[int, int] = {}
+    for i in order:  # number groups by their first file, so names are stable for a dataset
+        index_of_root.setdefault(int(roots[i]), len(index_of_root))
+    group_of = np.array([index_of_root[int(r)] for r in roots])
+    near_sizes = Counter(near_uf.find(i) for i in range(len(items)))
+    exact_sizes = [len(m) for m in by_hash.values() if len(m) > 1]
+    return _Grouping(
+        group_of=group_of,
+        names=[f"g{k:05d}" for k in range(len(index_of_root))],
+        near_pairs=near,
+        exact_groups=len(exact_sizes),
+        exact_files=sum(exact_sizes),
+        near_groups=sum(1 for n in near_sizes.values() if n > 1),
+        near_files=sum(n for n in near_sizes.values() if n > 1),
+        pattern_groups=pattern_groups,
+    )
+
+
+def _series_pairs(scan: DatasetScan, max_difference: float) -> np.ndarray:
+    """Pairs of files numbered next to each other (``Cyst- (12)`` / ``Cyst- (13)``, or one number
+    apart) whose 16x16 thumbnails differ by at most ``max_difference`` (mean absolute difference
+    after normalising each to zero mean, unit std).
+
+    Scanners and the Kaggle dataset number the slices of one patient consecutively. Adjacent
+    slices can be further apart in perceptual-hash bits than the global near-duplicate distance
+    (hash bits near the median flip under a one-pixel shift), while a thumbnail comparison is
+    stable; restricting it to neighbouring numbers keeps unrelated look-alikes apart.
+    """
+    series: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for index, item in enumerate(scan.items):
+        match = _NUMBERED.match(_relative(item.path, scan.root))
+        if match and item.thumbnail:
+            series[(match.group(1), match.group(3))].append((int(match.group(2)), index))
+    pairs = []
+    for members in series.values():
+        members.sort()
+        for k, (number, i) in enumerate(members):
+            for other_number, j in members[k + 1 : k + 3]:  # next two numbers: skips one interloper
+                if (
+                    other_number - number <= 2
+                    and _thumbnail_difference(scan.items[i], scan.items[j]) <= max_difference
+                ):
+                    pairs.append((min(i, j), max(i, j)))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
+
+
+def _thumbnail_difference(a: ScannedImage, b: ScannedImage) -> float:
+    x, y = (np.frombuffer(item.thumbnail, np.uint8).astype(np.float32) for item in (a, b))
+    x = (x - x.mean()) / (x.std() + 1e-6)
+    y = (y - y.mean()) / (y.std() + 1e-6)
+    return float(np.abs(x - y).mean())
+
+
+def _apply_pattern(scan: DatasetScan, pattern: str, uf: _UnionFind) -> int:
+    """Union files whose path (relative to the dataset folder) gives the same pattern key."""
+    regex = re.compile(pattern)
+    first_with_key: dict[str, int] = {}
+    for index, item in enumerate(scan.items):
+        match = regex.search(_relative(item.path, scan.root))
+        if match is None:
+            continue
+        key = match.group(1) if regex.groups else match.group(0)
+        if key in first_with_key:
+            uf.union(first_with_key[key], index)
+        else:
+            first_with_key[key] = index
+    if not first_with_key:
+        log.warning("--group-pattern %r matched no file path; no patient groups formed", pattern)
+    return len(first_with_key)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _assign_grouped(
+    group_of: np.ndarray, class_index: np.ndarray, n_classes: int, ratios: Sequence[float], seed: int
+) -> np.ndarray:
+    """Split index per group: largest groups first, each to the split that most lacks its classes."""
+    counts = np.zeros((group_of.max() + 1, n_classes))
+    np.add.at(counts, (group_of, class_index), 1)
+    totals = np.maximum(counts.sum(axis=0), 1)
+    target = np.outer(ratios, totals)  # (3, C) images wanted per split and class
+    closed = np.array([r <= 0 for r in ratios])
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(counts))  # seeded order among groups of equal size
+    order = perm[np.argsort(-counts.sum(axis=1)[perm], kind="stable")]
+    current = np.zeros_like(target)
+    split_of = np.empty(len(counts), dtype=np.int64)
+    for g in order:
+        score = ((target - current) / totals) @ counts[g]
+        score[closed] = -np.inf
+        s = int(np.argmax(score))
+        split_of[g] = s
+        current[s] += counts[g]
+    _improve(split_of, counts, current, target, totals, closed, rng)
+    return split_of
+
+
+def _improve(
+    split_of: np.ndarray,
+    counts: np.ndarray,
+    current: np.ndarray,
+    target: np.ndarray,
+    totals: np.ndarray,
+    closed: np.ndarray,
+    rng: np.random.Generator,
+    passes: int = 4,
+) -> None:
+    """Move single groups between splits while that lowers the squared proportion error."""
+
+    def cost(row: np.ndarray, s: int) -> float:
+        return float((((row - target[s]) / totals) ** 2).sum())
+
+    for _ in range(passes):
+        moved = False
+        for g in rng.permutation(len(counts)):
+            s = split_of[g]
+            for t in range(len(target)):
+                if t == s or closed[t]:
+                    continue
+                before = cost(current[s], s) + cost(current[t], t)
+                after = cost(current[s] - counts[g], s) + cost(current[t] + counts[g], t)
+                if after < before - 1e-12:
+                    current[s] -= counts[g]
+                    current[t] += counts[g]
+                    split_of[g], s, moved = t, t, True
+        if not moved:
+            break
+
+
+def _assign_random(class_index: np.ndarray, n_classes: int, ratios: Sequence[float], seed: int) -> np.ndarray:
+    """Per-image stratified split that ignores groups: only to show the leak it makes."""
+    rng = np.random.default_rng(seed)
+    split_of = np.empty(len(class_index), dtype=np.int64)
+    for c in range(n_classes):
+        members = rng.permutation(np.nonzero(class_index == c)[0])
+        cuts = np.round(np.cumsum(ratios)[:-1] * len(members)).astype(int)
+        for s, part in enumerate(np.split(members, cuts)):
+            split_of[part] = s
+    return split_of
+
+
+def make_splits(
+    scan: DatasetScan,
+    *,
+    ratios: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    mode: str = "grouped",
+    group_pattern: str | None = None,
+    near_dup_distance: int | None = DEFAULT_NEAR_DUP_DISTANCE,
+    series_distance: float | None = DEFAULT_SERIES_DISTANCE,
+) -> SplitResult:
+    """Stratified train/val/test split of ``scan``; deterministic for ``seed``.
+
+    ``grouped`` (default): duplicate, near-duplicate and pattern groups never cross splits.
+    ``random``: every image on its own, which leaks; it exists to show that, and says so.
+    """
+    config = SplitConfig(
+        tuple(float(r) for r in ratios), seed, mode, group_pattern, near_dup_distance, series_distance
+    )
+    if not scan.items:
+        raise InputError(f"no usable images in {scan.root} to split")
+    grouping = _group_items(scan, config)
+    class_index = np.array([scan.class_names.index(item.label) for item in scan.items])
+    if config.mode == "random":
+        log.warning(
+            "--split-mode random puts every image on its own: duplicates and adjacent slices of one "
+            "patient land in different splits, so validation/test scores are inflated (see the audit)"
+        )
+        split_of = _assign_random(class_index, len(scan.class_names), config.ratios, config.seed)
+    else:
+        per_group = _assign_grouped(
+            grouping.group_of, class_index, len(scan.class_names), config.ratios, config.seed
+        )
+        split_of = per_group[grouping.group_of]
+    rows = [
+        SplitRow(item.path, item.label, SPLITS[s], grouping.names[g], item.sha256)
+        for item, s, g in zip(scan.items, split_of, grouping.group_of, strict=True)
+    ]
+    return SplitResult(rows, leakage_audit(scan, rows, grouping, config))
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def leakage_audit(
+    scan: DatasetScan, rows: list[SplitRow], grouping: _Grouping, config: SplitConfig
+) -> dict[str, Any]:
+    """Counts per split and class, the groups found, and every val/test image with a twin in train."""
+    split_index = np.array([SPLITS.index(row.split) for row in rows])
+    counts = {s: {c: 0 for c in scan.class_names} for s in SPLITS}
+    for row in rows:
+        counts[row.split][row.label] += 1
+    totals = {c: sum(counts[s][c] for s in SPLITS) for c in scan.class_names}
+    proportions = {
+        c: {s: round(counts[s][c] / max(totals[c], 1), 4) for s in SPLITS} for c in scan.class_names
+    }
+    error = max(
+        abs(proportions[c][s] - r)
+        for c in scan.class_names
+        for s, r in zip(SPLITS, config.ratios, strict=True)
+    )
+    train_hashes = {row.sha256 for row in rows if row.split == "train"}
+    exact_twin = np.array([row.split != "train" and row.sha256 in train_hashes for row in rows])
+    near_twin = np.zeros(len(rows), dtype=bool)
+    for i, j in grouping.near_pairs:
+        if split_index[i] == 0 and split_index[j] != 0:
+            near_twin[j] = True
+        elif split_index[j] == 0 and split_index[i] != 0:
+            near_twin[i] = True
+    near_twin &= ~exact_twin
+    splits_per_group: dict[int, set[int]] = defaultdict(set)
+    labels_per_group: dict[int, set[str]] = defaultdict(set)
+    for g, s, row in zip(grouping.group_of, split_index, rows, strict=True):
+        splits_per_group[int(g)].add(int(s))
+        labels_per_group[int(g)].add(row.label)
+    group_sizes = Counter(int(g) for g in grouping.group_of)
+    conflicts = [p for p in scan.problems if p.reason.startswith("label conflict")]
+    leak = {
+        s: {
+            "images": int((split_index == k).sum()),
+            "exact_twin_in_train": int((exact_twin & (split_index == k)).sum()),
+            "near_twin_in_train": int((near_twin & (split_index == k)).sum()),
+        }
+        for k, s in enumerate(SPLITS)
+        if s != "train"
+    }
+    return {
+        "mode": config.mode,
+        "seed": config.seed,
+        "ratios": list(config.ratios),
+        "near_dup_distance": config.near_dup_distance,
+        "series_distance": config.series_distance,
+        "hash_bits": HASH_SIZE**2,
+        "group_pattern": config.group_pattern,
+        "dataset": str(scan.root),
+        "n_images": len(rows),
+        "class_names": list(scan.class_names),
+        "counts": counts,
+        "proportions": proportions,
+        "max_proportion_error": round(error, 4),
+        "groups": {
+            "total": len(group_sizes),
+            "with_several_images": sum(1 for n in group_sizes.values() if n > 1),
+            "largest": max(group_sizes.values()),
+            "crossing_splits": sum(1 for s in splits_per_group.values() if len(s) > 1),
+            "with_mixed_labels": sum(1 for labels in labels_per_group.values() if len(labels) > 1),
+        },
+        "exact_duplicates": {"groups": grouping.exact_groups, "files": grouping.exact_files},
+        "near_duplicates": {
+            "groups": grouping.near_groups,
+            "files": grouping.near_files,
+            "pairs": int(len(grouping.near_pairs)),
+        },
+        "pattern_groups": grouping.pattern_groups,
+        "leak": leak,
+        "leaked_images": sum(v["exact_twin_in_train"] + v["near_twin_in_train"] for v in leak.values()),
+        "label_conflicts": {"files": len(conflicts), "paths": [str(p.path) for p in conflicts]},
+        "scan_problems": [{"path": str(p.path), "reason": p.reason} for p in scan.problems],
+    }
+
+
+# ----------------------------------------------------------------------------- splits.csv
+
+_COLUMNS = ("path", "label", "split", "group", "sha256")
+
+
+def write_splits(rows: Sequence[SplitRow], csv_path: str | Path) -> None:
+    """Write the manifest atomically; paths relative to the CSV's folder when possible."""
+    csv_path = Path(csv_path)
+    base = csv_path.resolve().parent
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_COLUMNS)
+    for row in rows:
+        try:
+            location = Path(os.path.relpath(row.path, base)).as_posix()
+        except ValueError:  # another drive on Windows
+            location = row.path.as_posix()
+        writer.writerow([location, row.label, row.split, row.group, row.sha256])
+    atomic_write_text(csv_path, buffer.getvalue())
+
+
+def read_splits(csv_path: str | Path) -> list[SplitRow]:
+    """Read a splits.csv (relative paths resolve against its folder); InputError names missing files."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(
+            f"splits file {csv_path} does not exist; make one with `kidney-edge split DATA --out {csv_path}`"
+        )
+    try:
+        records = list(csv.DictReader(io.StringIO(csv_path.read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read splits file {csv_path}: {exc}") from None
+    missing_columns = {"path", "label", "split"} - set(records[0] if records else {})
+    if not records or missing_columns:
+        raise InputError(f"{csv_path} is not a splits.csv: needs columns path,label,split,group (and rows)")
+    base = csv_path.resolve().parent
+    rows, missing = [], []
+    for number, record in enumerate(records, start=2):
+        if record["split"] not in SPLITS:
+            raise InputError(
+                f"{csv_path} line {number}: split must be one of {SPLITS}, got {record['split']!r}"
+            )
+        path = (base / record["path"]).resolve()
+        if not path.is_file():
+            missing.append(str(path))
+        rows.append(
+            SplitRow(
+                path, record["label"], record["split"], record.get("group") or "", record.get("sha256") or ""
+            )
+        )
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"{csv_path}: {len(missing)} listed image(s) not found: {shown}")
+    return rows
+
+
+def audit_path(csv_path: str | Path) -> Path:
+    """Where the audit of a splits.csv lives: ``splits.csv`` -> ``splits_audit.json``."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(f"{csv_path.stem}_audit.json")
+
+
+def split_dataset(
+    data_dir: str | Path,
+    out_csv: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    **make_splits_kwargs: Any,
+) -> SplitResult:
+    """Scan ``data_dir``, split it, write ``out_csv`` and ``<stem>_audit.json`` beside it."""
+    scan = scan_dataset(data_dir, progress=progress)
+    result = make_splits(scan, **make_splits_kwargs)
+    write_splits(result.rows, out_csv)
+    atomic_write_json(audit_path(out_csv), result.audit)
+    log.info("wrote %s and %s", out_csv, audit_path(out_csv))
+    return result
+
+
+def data_fingerprint(rows: Sequence[SplitRow]) -> str:
+    """sha256 over the sorted (content hash, label, split) triples: independent of where files live."""
+    digest = hashlib.sha256()
+    for sha, label, split in sorted((row.sha256, row.label, row.split) for row in rows):
+        digest.update(f"{sha},{label},{split}\n".encode())
+    return digest.hexdigest()
