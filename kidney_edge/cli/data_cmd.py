@@ -2,16 +2,161 @@
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from kidney_edge.cli._app import app, console, err_console, library_errors
+
+
+class SplitMode(str, Enum):
+    grouped = "grouped"
+    random = "random"
 
 
 @app.command()
-def synth() -> None:
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
+    n: Annotated[
+        int, typer.Option("--n", help="Number of images (default: the Kaggle dataset's 12,446).")
+    ] = 12446,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 512,
+    difficulty: Annotated[
+        float, typer.Option("--difficulty", help="Higher: smaller, fainter lesions and more noise (0.25-4).")
+    ] = 1.0,
+) -> None:
     """Generate a phantom kidney CT dataset in the Kaggle dataset's layout."""
-    not_available("synth", "phantom generator")
+    from kidney_edge.phantom import synthesize
+
+    with library_errors(), Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("drawing slices", total=n)
+        summary = synthesize(
+            out,
+            n=n,
+            seed=seed,
+            size=size,
+            difficulty=difficulty,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    counts = ", ".join(f"{name} {count}" for name, count in summary.class_counts.items())
+    console.print(
+        f"wrote {summary.n_images} images ({counts}) of {summary.n_patients} patients, "
+        f"{summary.n_duplicates} byte-identical copies, to {summary.out_dir}"
+    )
 
 
 @app.command()
-def split() -> None:
+def split(
+    data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class (Kaggle layout).")],
+    out: Annotated[Path, typer.Option("--out", help="Manifest to write; the audit goes beside it.")] = Path(
+        "splits.csv"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the group assignment.")] = 0,
+    ratios: Annotated[
+        str, typer.Option("--ratios", help="train,val,test shares summing to 1.")
+    ] = "0.7,0.15,0.15",
+    split_mode: Annotated[
+        SplitMode,
+        typer.Option("--split-mode", help="grouped, or random (leaks; exists only to show the leak)."),
+    ] = SplitMode.grouped,
+    group_pattern: Annotated[
+        str | None,
+        typer.Option(
+            "--group-pattern",
+            help="Regex searched in each path relative to DATA; its first capture group (or the whole "
+            "match) is a patient key whose files stay in one split. E.g. '^(.*\\(\\d*)\\d\\)' keeps "
+            "blocks of ten consecutive numbers together.",
+        ),
+    ] = None,
+    near_dup_distance: Annotated[
+        int,
+        typer.Option(
+            "--near-dup-distance", help="Perceptual-hash distance (of 256 bits) for near duplicates; -1: off."
+        ),
+    ] = 32,
+    series_distance: Annotated[
+        float,
+        typer.Option(
+            "--series-distance", help="Thumbnail difference linking consecutively numbered files; -1: off."
+        ),
+    ] = 0.17,
+) -> None:
     """Scan a dataset folder and write a leakage-safe 70/15/15 splits.csv with an audit."""
-    not_available("split", "dataset split")
+    from kidney_edge.dataset import audit_path, split_dataset
+
+    with library_errors():
+        shares = _parse_ratios(ratios)
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("scanning images", total=None)
+            result = split_dataset(
+                data,
+                out,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                ratios=shares,
+                seed=seed,
+                mode=split_mode.value,
+                group_pattern=group_pattern,
+                near_dup_distance=None if near_dup_distance < 0 else near_dup_distance,
+                series_distance=None if series_distance < 0 else series_distance,
+            )
+    _print_audit(result.audit)
+    console.print(f"wrote {out} and {audit_path(out)}")
+
+
+def _parse_ratios(text: str) -> tuple[float, ...]:
+    from kidney_edge.errors import InputError
+
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--ratios must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
+
+
+def _print_audit(audit: dict[str, Any]) -> None:
+    table = Table(title=f"split ({audit['mode']} mode, seed {audit['seed']})")
+    table.add_column("class")
+    for split_name in ("train", "val", "test"):
+        table.add_column(split_name, justify="right")
+    for name in audit["class_names"]:
+        cells = [
+            f"{audit['counts'][s][name]} ({audit['proportions'][name][s]:.1%})"
+            for s in ("train", "val", "test")
+        ]
+        table.add_row(name, *cells)
+    console.print(table)
+    leak = Table(title="leakage audit")
+    leak.add_column("check")
+    leak.add_column("value", justify="right")
+    groups = audit["groups"]
+    leak.add_row(
+        "exact-duplicate groups (files)",
+        f"{audit['exact_duplicates']['groups']} ({audit['exact_duplicates']['files']})",
+    )
+    leak.add_row(
+        "near-duplicate groups (files)",
+        f"{audit['near_duplicates']['groups']} ({audit['near_duplicates']['files']})",
+    )
+    leak.add_row(
+        "groups / largest / crossing splits",
+        f"{groups['total']} / {groups['largest']} / {groups['crossing_splits']}",
+    )
+    for split_name, numbers in audit["leak"].items():
+        leak.add_row(f"{split_name} images with an exact twin in train", str(numbers["exact_twin_in_train"]))
+        leak.add_row(f"{split_name} images with a near twin in train", str(numbers["near_twin_in_train"]))
+    leak.add_row("label conflicts (files excluded)", str(audit["label_conflicts"]["files"]))
+    leak.add_row("scan problems", str(len(audit["scan_problems"])))
+    console.print(leak)
+    if audit["leaked_images"]:
+        err_console.print(
+            f"[bold yellow]warning:[/] {audit['leaked_images']} validation/test images have a twin in train: "
+            "their scores will be inflated (use --split-mode grouped)"
+        )
+    for problem in audit["scan_problems"][:10]:
+        err_console.print(f"[yellow]skipped[/] {problem['path']}: {problem['reason']}", highlight=False)
+    if len(audit["scan_problems"]) > 10:
+        err_console.print(f"... and {len(audit['scan_problems']) - 10} more problems (see the audit JSON)")
