@@ -1,0 +1,384 @@
+"""INT8 static quantization (onnxruntime, QDQ, per-channel weights) and the accuracy gate.
+
+Naive INT8 can cost EfficientNets 20-60 points of accuracy, so an INT8 file only ships when it
+scores within ``max_drop`` of the fp32 model on the test split (macro-F1 and tumor recall).
+Everything here runs on onnxruntime: no torch. ``onnx`` (train extra) edits the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MIN_CALIBRATION_IMAGES = 300  # below this, calibration ranges are noisy: warn (issue 6)
+DEFAULT_MAX_DROP = 0.01  # 1 point of macro-F1 or tumor recall (issue 6)
+_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+class ActivationType(str, Enum):
+    """Activation type of the QDQ graph; weights are always signed 8-bit (per channel)."""
+
+    AUTO = "auto"  # uint8 on x86-64 (U8S8 kernels), int8 elsewhere (ARM has S8S8 dot products)
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
+class CalibrationMethod(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How ``model.int8.onnx`` is made. Defaults chosen by benchmarks/bench_int8.py (see int8.md)."""
+
+    activation_type: ActivationType = ActivationType.AUTO
+    calibrate_method: CalibrationMethod = CalibrationMethod.MINMAX
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: only for VNNI-less saturation trouble; measure first
+    calibration_batch_size: int = 16
+    max_drop: float = DEFAULT_MAX_DROP
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "activation_type", ActivationType(self.activation_type))
+        except ValueError:
+            raise InputError(
+                f"--int8-activations must be one of auto, uint8, int8; got {self.activation_type!r}"
+            ) from None
+        try:
+            object.__setattr__(self, "calibrate_method", CalibrationMethod(self.calibrate_method))
+        except ValueError:
+            raise InputError(
+                f"--calibration-method must be one of minmax, percentile, entropy; got {self.calibrate_method!r}"
+            ) from None
+        if not 1 <= self.calibration_batch_size <= 256:
+            raise InputError(f"calibration batch size must be in 1..256, got {self.calibration_batch_size}")
+        if not 0.0 <= self.max_drop <= 1.0:
+            raise InputError(f"INT8 max drop must be in [0, 1] (0.01 = 1 point), got {self.max_drop}")
+
+
+# --------------------------------------------------------------------------- CPU facts
+
+
+def cpu_isa() -> dict[str, Any]:
+    """The CPU's INT8-relevant instruction sets and the onnxruntime version: INT8 speed depends on both."""
+    import onnxruntime
+
+    flags: set[str] = set()
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name":
+                model_name = value.strip()
+    except OSError:  # not Linux: flags unknown rather than guessed
+        log.debug("no /proc/cpuinfo; CPU instruction sets unknown")
+    return {
+        "machine": platform.machine(),
+        "cpu": model_name,
+        "cpus": os.cpu_count(),
+        **{flag: flag in flags for flag in _ISA_FLAGS},
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def resolve_activation_type(activation_type: ActivationType, machine: str | None = None) -> ActivationType:
+    """``auto`` -> uint8 on x86-64, int8 on ARM.
+
+    onnxruntime's x86 kernels (AVX2 ``vpmaddubsw``, AVX-512/AVX-VNNI ``vpdpbusd``) multiply
+    unsigned activations by signed weights; S8S8 graphs take a slower path there (issue 6
+    measured 1.0-1.3x vs fp32 for S8S8, 2.0-2.5x for U8S8). ARM's dot-product kernels are S8S8.
+    """
+    if activation_type is not ActivationType.AUTO:
+        return activation_type
+    machine = (machine or platform.machine()).lower()
+    return ActivationType.INT8 if machine in ("arm64", "aarch64") else ActivationType.UINT8
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _calibration_reader(paths: Sequence[Path], spec: ModelSpec, batch_size: int, progress: Any):
+    """A CalibrationDataReader feeding preprocessed batches (the one shared preprocessing)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from kidney_edge.imaging import preprocess_batch
+
+    class ImageCalibrationReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._start >= len(paths):
+                return None
+            chunk = paths[self._start : self._start + batch_size]
+            self._start += len(chunk)
+            if progress is not None:
+                progress(self._start, len(paths))
+            return {"input": preprocess_batch(chunk, spec)}  # (n, 3, S, S) float32
+
+        def rewind(self) -> None:
+            self._start = 0
+
+    return ImageCalibrationReader()
+
+
+def _head_node_names(model: Any) -> list[str]:
+    """Nodes that produce the ``logits`` output and everything downstream of it.
+
+    They stay fp32: the classifier Gemm is a negligible share of the compute, and quantizing
+    Softmax would round probabilities to 1/256 steps, which moves a tuned tumor threshold.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    head = {producers["logits"].name} if "logits" in producers else set()
+    tensors = {"logits"}
+    changed = True
+    while changed:  # graphs are topologically sorted, but a fixpoint does not rely on it
+        changed = False
+        for node in model.graph.node:
+            if node.name not in head and tensors & set(node.input):
+                head.add(node.name)
+                tensors.update(node.output)
+                changed = True
+    return sorted(head)
+
+
+def _name_unnamed_nodes(model: Any) -> None:
+    # nodes_to_exclude works by name; exporters may leave names empty.
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_model(
+    fp32_path: str | os.PathLike[str],
+    int8_path: str | os.PathLike[str],
+    calibration_paths: Sequence[Path],
+    spec: ModelSpec,
+    config: QuantizationConfig = QuantizationConfig(),
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write a QDQ INT8 copy of ``fp32_path`` calibrated on ``calibration_paths``; returns the recipe.
+
+    ``quant_pre_process`` (shape inference + graph optimisation) runs first, as onnxruntime
+    recommends: quantizing the unfused graph puts Q/DQ pairs around BatchNorm-era nodes that
+    then cannot fuse. The metadata of the fp32 file (the spec) is copied into the INT8 file.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration_paths:
+        raise InputError("INT8 calibration needs images: pass --splits with a train split, or --no-int8")
+    int8_path = Path(int8_path)
+    activation = resolve_activation_type(config.activation_type)
+    quant_types = {ActivationType.UINT8: QuantType.QUInt8, ActivationType.INT8: QuantType.QInt8}
+    with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
+        prepared, quantized = Path(tmp, "prepared.onnx"), Path(tmp, "int8.onnx")
+        quant_pre_process(str(fp32_path), str(prepared))
+        excluded = _prepare_for_quantization(prepared)
+        reader = _calibration_reader(list(calibration_paths), spec, config.calibration_batch_size, progress)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=quant_types[activation],
+            weight_type=QuantType.QInt8,
+            calibrate_method=_ORT_METHODS[config.calibrate_method](),
+            nodes_to_exclude=excluded,
+        )
+        recipe = {
+            "format": "QDQ",
+            "activation_type": activation.value,
+            "weight_type": "int8",
+            "per_channel": config.per_channel,
+            "reduce_range": config.reduce_range,
+            "calibrate_method": config.calibrate_method.value,
+            "calibration_images": len(calibration_paths),
+            "fp32_nodes": excluded,
+        }
+        _finish_int8_file(Path(fp32_path), quantized, int8_path, recipe)
+    return recipe
+
+
+_ORT_METHODS: dict[CalibrationMethod, Callable[[], Any]] = {
+    CalibrationMethod.MINMAX: lambda: _ort_method("MinMax"),
+    CalibrationMethod.PERCENTILE: lambda: _ort_method("Percentile"),
+    CalibrationMethod.ENTROPY: lambda: _ort_method("Entropy"),
+}
+
+
+def _ort_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
+
+    return OrtCalibrationMethod[name]
+
+
+def _prepare_for_quantization(path: Path) -> list[str]:
+    """Name every node and return the fp32 head's node names (see :func:`_head_node_names`)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    _name_unnamed_nodes(model)
+    onnx.save(model, str(path))
+    return _head_node_names(model)
+
+
+def _finish_int8_file(fp32_path: Path, quantized: Path, int8_path: Path, recipe: dict[str, Any]) -> None:
+    """Copy the spec metadata onto the quantized graph, check it, write it atomically."""
+    import json
+
+    import onnx
+
+    from kidney_edge.io_utils import atomic_write_bytes
+
+    source = onnx.load(str(fp32_path), load_external_data=False)
+    model = onnx.load(str(quantized))
+    del model.metadata_props[:]
+    for prop in source.metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    model.metadata_props.add(key="kidney_edge.quantization", value=json.dumps(recipe, sort_keys=True))
+    model.producer_name, model.producer_version = source.producer_name, source.producer_version
+    model.doc_string = source.doc_string + " INT8 (QDQ, per-channel weights)."
+    onnx.checker.check_model(model, full_check=True)
+    atomic_write_bytes(int8_path, model.SerializeToString())
+    log.info(
+        "wrote %s (%s activations, %s calibration)",
+        int8_path,
+        recipe["activation_type"],
+        recipe["calibrate_method"],
+    )
+
+
+# --------------------------------------------------------------------------- accuracy gate
+
+
+def predict_onnx(
+    model_path: str | os.PathLike[str],
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, ModelSpec]:
+    """(N, C) logits and probabilities of an exported model on image files, and its spec."""
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(model_path, threads=threads)
+    logits, probabilities = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = preprocess_batch(paths[start : start + batch_size], classifier.spec)  # (n, 3, S, S)
+        batch_logits, batch_probabilities = classifier.run(batch)
+        logits.append(batch_logits)
+        probabilities.append(batch_probabilities)
+    return np.concatenate(logits), np.concatenate(probabilities), classifier.spec
+
+
+def tumor_class(spec: ModelSpec) -> str | None:
+    """The class whose recall the gate protects: 'Tumor' by name, else the decision rule's class."""
+    for name in spec.class_names:
+        if name.lower() == "tumor":
+            return name
+    return spec.decision_rule.positive_class
+
+
+def gate_scores(y_true: np.ndarray, probabilities: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
+    """Accuracy, macro-F1 and tumor recall of ``probabilities`` under the spec's decision rule."""
+    from kidney_edge.metrics import classification_metrics
+
+    y_pred = spec.decide(probabilities)
+    metrics = classification_metrics(y_true, y_pred, probabilities, spec.class_names, n_bootstrap=0)
+    tumor = tumor_class(spec)
+    tumor_stats = metrics["per_class"].get(tumor) if tumor else None
+    has_tumors = bool(tumor_stats and tumor_stats["support"] > 0)
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "tumor_recall": tumor_stats["recall"] if has_tumors else None,
+    }
+
+
+def compare_scores(fp32: dict[str, Any], int8: dict[str, Any], max_drop: float) -> tuple[dict, list[str]]:
+    """Deltas (INT8 - fp32) and the gate's failures: a drop of more than ``max_drop`` in a gated score."""
+    deltas = {k: None if fp32[k] is None or int8[k] is None else int8[k] - fp32[k] for k in fp32}
+    failures = [
+        f"{key} dropped {-deltas[key] * 100:.2f} points ({fp32[key]:.4f} -> {int8[key]:.4f}; "
+        f"allowed {max_drop * 100:.2f})"
+        for key in ("macro_f1", "tumor_recall")
+        if deltas[key] is not None and -deltas[key] > max_drop + 1e-9
+    ]
+    return deltas, failures
+
+
+def int8_accuracy_gate(
+    fp32_path: str | os.PathLike[str],
+    int8_path: str | os.PathLike[str],
+    paths: Sequence[Path],
+    labels: np.ndarray | None,
+    *,
+    max_drop: float = DEFAULT_MAX_DROP,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Score fp32 and INT8 on the same images; ``passed`` is False when a gated score drops > max_drop.
+
+    With ``labels`` None (no labelled split), the fp32 model's own decisions are the reference,
+    so the figures measure INT8-vs-fp32 agreement rather than accuracy (``reference`` says which).
+    """
+    if not paths:
+        raise InputError("the INT8 accuracy gate needs test images: pass --splits with a test split")
+    _, fp32_probabilities, spec = predict_onnx(fp32_path, paths, batch_size=batch_size)
+    _, int8_probabilities, _ = predict_onnx(int8_path, paths, batch_size=batch_size)
+    fp32_decisions, int8_decisions = spec.decide(fp32_probabilities), spec.decide(int8_probabilities)
+    reference = np.asarray(labels) if labels is not None else fp32_decisions
+    fp32_scores = gate_scores(reference, fp32_probabilities, spec)
+    int8_scores = gate_scores(reference, int8_probabilities, spec)
+    deltas, failures = compare_scores(fp32_scores, int8_scores, max_drop)
+    return {
+        "reference": "labels" if labels is not None else "fp32_decisions",
+        "n_images": len(paths),
+        "fp32": fp32_scores,
+        "int8": int8_scores,
+        "delta": deltas,
+        "max_drop": max_drop,
+        "decision_agreement": float(np.mean(fp32_decisions == int8_decisions)),
+        "max_abs_diff_probabilities": float(np.abs(fp32_probabilities - int8_probabilities).max()),
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
+def require_quantization_tools() -> None:
+    """Fail early, with the fix, when the ``train`` extra (onnx) is missing."""
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime.quantization import quantize_static  # noqa: F401
+    except ImportError as exc:
+        raise KidneyEdgeError(
+            f"INT8 export needs the train extra ({exc}): pip install 'kidney-edge[train]'"
+        ) from None
