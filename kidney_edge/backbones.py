@@ -177,7 +177,7 @@ def _build_lite0(num_classes: int) -> KidneyNet:
             blocks.append(_MBConvLite(cin, cout, expand, kernel, stride if i == 0 else 1))
             cin = cout
     # Lite keeps stem (32) and head (1280) fixed; dropout 0.2 as in the TF Lite0 recipe.
-    return KidneyNet(
+    model = KidneyNet(
         "efficientnet_lite0",
         _ConvBNAct(3, 32, 3, 2),
         blocks,
@@ -186,6 +186,19 @@ def _build_lite0(num_classes: int) -> KidneyNet:
         num_classes,
         0.2,
     )
+    _init_weights(model)
+    return model
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's EfficientNet init (Kaiming fan-out convs), for training without ImageNet weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        elif isinstance(module, nn.Linear):
+            bound = 1.0 / module.out_features**0.5
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.zeros_(module.bias)
 
 
 # lukemelas module names -> ours, outside the blocks and inside each block.
