@@ -576,8 +576,42 @@ def _improve(
                     current[s] -= counts[g]
                     current[t] += counts[g]
                     split_of[g], s, moved = t, t, True
+        moved |= _swap_pass(split_of, counts, current, target, totals, closed, rng)
         if not moved:
             break
+
+
+def _swap_pass(
+    split_of: np.ndarray,
+    counts: np.ndarray,
+    current: np.ndarray,
+    target: np.ndarray,
+    totals: np.ndarray,
+    closed: np.ndarray,
+    rng: np.random.Generator,
+) -> bool:
+    """Exchange two groups of different splits when that lowers the error (vectorised over partners)."""
+
+    def cost(rows: np.ndarray, s: int) -> np.ndarray:
+        return (((rows - target[s]) / totals) ** 2).sum(axis=-1)
+
+    swapped = False
+    for g in rng.permutation(len(counts)):
+        s = split_of[g]
+        for t in range(len(target)):
+            partners = np.nonzero(split_of == t)[0]
+            if t == s or closed[t] or not len(partners):
+                continue
+            before = cost(current[s], s) + cost(current[t], t)
+            moved = counts[partners] - counts[g]  # (H, C) what s gains and t loses
+            after = cost(current[s] + moved, s) + cost(current[t] - moved, t)
+            best = int(np.argmin(after))
+            if after[best] < before - 1e-12:
+                h = partners[best]
+                current[s] += moved[best]
+                current[t] -= moved[best]
+                split_of[g], split_of[h], s, swapped = t, s, t, True
+    return swapped
 
 
 def _assign_random(class_index: np.ndarray, n_classes: int, ratios: Sequence[float], seed: int) -> np.ndarray:
