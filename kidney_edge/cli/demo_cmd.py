@@ -2,10 +2,75 @@
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kidney_edge.cli._app import app, console, library_errors
 
 
 @app.command()
-def demo() -> None:
-    """Run the whole pipeline on built-in phantom data: synth, split, train, report, export, predict, benchmark."""
-    not_available("demo", "demo")
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for every artifact of the demo."),
+    quick: bool = typer.Option(False, "--quick", help="A 1-2 minute smoke run: tiny data, small images, 2 epochs."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, split and training."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what an earlier demo left in --out."),
+) -> None:
+    """Run the whole pipeline on built-in phantom data, offline, on the CPU.
+
+    Generates phantom kidney CT slices, splits them without leakage, trains EfficientNet-Lite0
+    in two phases, evaluates on the test split (report with CIs, calibration, Grad-CAM),
+    exports ONNX fp32 + INT8 with parity, predicts a held-out folder of new phantom patients
+    and benchmarks latency. About 10 minutes on a 2-core CPU; --quick takes 1-2 minutes.
+    """
+    from kidney_edge.demo import DemoConfig, run_demo
+
+    with library_errors():
+        config = DemoConfig(out=out, quick=quick, seed=seed, overwrite=overwrite)
+        result = run_demo(config, progress=lambda message: console.print(f"[cyan]>[/] {message}"))
+    _render(result)
+
+
+def _pct(value: float | None, ci: list[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{100 * value:.1f}%"
+    return f"{text} [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else text
+
+
+def _render(result: Any) -> None:
+    head = result.headline
+    table = Table(title=f"Test split ({head.get('n_test')} held-out-patient slices), 95% bootstrap CI")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, recall in head["recall"].items():
+        table.add_row(f"recall {name}", _pct(recall, head["recall_ci"].get(name)))
+    table.add_row("macro-F1", _pct(head["macro_f1"], head.get("macro_f1_ci")))
+    for name, precision in head["precision"].items():
+        table.add_row(f"precision {name}", _pct(precision))
+    table.add_row("accuracy", _pct(head["accuracy"], head.get("accuracy_ci")))
+    rule = head.get("under_rule")
+    if rule:
+        table.add_row("Tumor recall / precision under the tumor rule",
+                      f"{_pct(rule['tumor_recall'])} / {_pct(rule['tumor_precision'])}")  # fmt: skip
+    console.print(table)
+    met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result.targets_met.items())
+    console.print(f"targets (>= 97%): {met}")
+    parity, int8 = result.parity, result.parity.get("int8") or {}
+    console.print(f"ONNX parity: max |dp| {parity.get('max_abs_diff')}, argmax agreement "
+                  f"{parity.get('argmax_agreement')} on {parity.get('n_images')} images")  # fmt: skip
+    if int8:
+        console.print(f"INT8: {int8}")
+    console.print(f"held-out patients: {result.holdout}")
+    for row in (result.benchmark.get("model_only") or [])[:8]:
+        console.print(f"latency: {row}")
+    timing = Table(title="Wall time per stage (s)")
+    for name in result.stages:
+        timing.add_column(name, justify="right")
+    timing.add_column("total", justify="right")
+    timing.add_row(*(f"{s:.0f}" for s in result.stages.values()), f"{result.total_s:.0f}")
+    console.print(timing)
+    for name, path in result.artifacts.items():
+        console.print(f"  {name:24s} {path}")
