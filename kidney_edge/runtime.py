@@ -478,8 +478,13 @@ def predict_folder(
         workers=workers,
         resume=resume,
     )
-    classifier = OnnxClassifier(config.model or find_default_model(), threads=config.threads)
-    files = scan_images(config.folder)
+    model_path = config.model or find_default_model()
+    # Loading and optimising the graph takes a few hundred ms and mostly runs outside the GIL:
+    # scan the folder meanwhile, it is part of the start-up to the first batch.
+    with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
+        pending_classifier = loader.submit(OnnxClassifier, model_path, threads=config.threads)
+        files = scan_images(config.folder)
+        classifier = pending_classifier.result()
     if not files:
         raise InputError(
             f"no images found under {config.folder} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
