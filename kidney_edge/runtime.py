@@ -268,13 +268,17 @@ class PredictSummary:
         return EXIT_NOTHING_READ if self.predicted == 0 else EXIT_SOME_FAILED
 
 
+def _log_unreadable_folder(error: OSError) -> None:
+    log.warning("skipping an unreadable folder: %s", error)
+
+
 def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files under ``folder``, recursively, in a deterministic (sorted, depth-first) order."""
     from kidney_edge.imaging import is_image_file
 
     root = Path(os.path.abspath(folder))  # absolute without resolving symlinks: stable row keys
     found: list[Path] = []
-    for directory, subdirs, files in os.walk(root):
+    for directory, subdirs, files in os.walk(root, onerror=_log_unreadable_folder):
         subdirs.sort()
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in sorted(files):
@@ -517,7 +521,7 @@ def predict_folder(
             _run_batches(todo, classifier, config, write, summary)
         except KeyboardInterrupt:
             summary.interrupted = True
-            log.warning("interrupted: %d rows written to %s", summary.processed, config.out)
+            log.info("interrupted: %d rows written to %s", summary.processed, config.out)
     summary.wall_s = time.perf_counter() - started
     return summary
 
