@@ -1,11 +1,144 @@
-"""`kidney-edge train`."""
+"""`kidney-edge train`: two-phase transfer learning into a run folder (thin wrapper over ``training.train``)."""
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+import os
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kidney_edge.cli._app import app, console, library_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kidney_edge.training import TrainEvent, TrainResult
+
+
+class Arch(str, Enum):
+    efficientnet_lite0 = "efficientnet_lite0"
+    efficientnet_b0 = "efficientnet_b0"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 @app.command()
-def train() -> None:
+def train(
+    data: Annotated[
+        Path, typer.Argument(help="Image folder laid out as DATA/<Class>/<image> (e.g. Kaggle).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume).")],
+    arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch.efficientnet_lite0,
+    epochs_head: Annotated[int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone).")] = 15,
+    epochs_finetune: Annotated[int, typer.Option("--epochs-finetune", help="Phase 2 epochs.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input size, a multiple of 32.")] = 224,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[Device, typer.Option("--device", help="auto: CUDA when available.")] = Device.auto,
+    splits: Annotated[
+        Path | None, typer.Option("--splits", help="Existing splits.csv; default: split DATA 70/15/15.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")
+    ] = False,
+    unfreeze_blocks: Annotated[
+        int,
+        typer.Option("--unfreeze-blocks", help="Phase 2 trains the last N of 16 MBConv blocks + conv head."),
+    ] = 6,
+    lr_head: Annotated[float, typer.Option("--lr-head")] = 1e-3,
+    lr_finetune: Annotated[float, typer.Option("--lr-finetune")] = 1e-4,
+    patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without gain.")] = 4,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random init, no ImageNet.")] = False,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="ImageNet weights file (original key names).")
+    ] = None,
+    tumor_recall: Annotated[
+        float, typer.Option("--tumor-recall", help="Tumor recall the decision threshold targets on val.")
+    ] = 0.98,
+) -> None:
     """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning)."""
-    not_available("train", "two-phase trainer")
+    from kidney_edge.training import PhaseConfig, TrainConfig
+    from kidney_edge.training import train as run_training
+
+    with library_errors():
+        config = TrainConfig(
+            data_dir=data, out_dir=out, arch=arch.value, image_size=image_size, batch_size=batch_size,
+            seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
+            pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
+            head=PhaseConfig("head", epochs=epochs_head, lr=lr_head, patience=patience),
+            finetune=PhaseConfig("finetune", epochs=epochs_finetune, lr=lr_finetune,
+                                 unfreeze_blocks=unfreeze_blocks, augment=True, patience=patience),
+        )  # fmt: skip
+        main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws
+        with _EpochProgress(enabled=main_process) as bar:
+            result = run_training(config, progress=bar.update)
+    if main_process:
+        _render(result)
+
+
+class _EpochProgress:
+    """Rich progress bar per epoch plus one summary line per finished epoch."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True, disable=not enabled,
+        )  # fmt: skip
+        self.task = None
+
+    def __enter__(self) -> _EpochProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, event: TrainEvent) -> None:
+        if not self.enabled:
+            return
+        if event.kind in ("phase", "epoch") and self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        if event.kind == "step":
+            if self.task is None:
+                label = f"{event.phase} epoch {event.epoch}/{event.epochs}"
+                self.task = self.bar.add_task(label, total=event.steps)
+            self.bar.update(self.task, completed=event.step)
+        elif event.kind == "epoch":
+            m = event.metrics
+            self.bar.console.print(
+                f"{event.phase} {event.epoch}/{event.epochs}: loss {m['train_loss']:.4f}  "
+                f"val loss {m['val_loss']:.4f}  val macro-F1 {m['val_macro_f1']:.4f}  "
+                f"val acc {m['val_accuracy']:.4f}  ({m['seconds']:.1f} s)"
+            )
+        elif event.kind == "finalize":
+            self.bar.console.print("evaluating the best model on the test split ...")
+
+
+def _render(result: TrainResult) -> None:
+    from rich.table import Table
+
+    metrics = result.metrics
+    test = metrics.get("test", {})
+    console.print(
+        f"best: {metrics['best_phase']} epoch {metrics['best_epoch']}, "
+        f"val macro-F1 {metrics['best_val_macro_f1']:.4f} -> {result.best_checkpoint}"
+    )
+    table = Table(title=f"Test split ({result.run_dir})")
+    table.add_column("class")
+    for column in ("precision", "recall", "f1", "support"):
+        table.add_column(column, justify="right")
+    for name, row in test.get("per_class", {}).items():
+        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(row["support"]))
+    console.print(table)
+    if test:
+        console.print(f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
+    console.print(f"run folder: {result.run_dir} (metrics.json, report.html, history.csv)")

@@ -59,7 +59,7 @@ class PhaseConfig:
 
 def default_head_phase() -> PhaseConfig:
     # On cached features an epoch takes well under a second, so many epochs cost nothing.
-    return PhaseConfig(name="head", epochs=15, lr=1e-3, patience=5)
+    return PhaseConfig(name="head", epochs=15, lr=1e-3, patience=4)
 
 
 def default_finetune_phase() -> PhaseConfig:
