@@ -46,6 +46,7 @@ def machine() -> dict[str, object]:
         "cpus_visible": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "niceness": os.nice(0),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -176,7 +177,7 @@ def write_markdown(results: dict[str, object], path: Path) -> None:
     ]
     m = results.get("machine", {})
     lines += [f"Machine: {m.get('cpu')}, {m.get('cpus_visible')} CPUs visible (shared with other jobs), "
-              f"Python {m.get('python')}, numpy {m.get('numpy')}, {m.get('date')}.", ""]  # fmt: skip
+              f"Python {m.get('python')}, numpy {m.get('numpy')}, niceness {m.get('niceness')}, {m.get('date')}.", ""]  # fmt: skip
     gen = results.get("generator")
     if gen:
         lines += [

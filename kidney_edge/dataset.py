@@ -428,7 +428,7 @@ def _group_items(scan: DatasetScan, config: SplitConfig) -> _Grouping:
         for other in members[1:]:
             uf.union(members[0], other)
     near = np.zeros((0, 2), dtype=np.int64)
-    if config.near_dup_distance is not None:
+    if config.near_dup_distance is not None and all(item.phash for item in items):
         near = near_duplicate_pairs([item.phash for item in items], config.near_dup_distance)
         near = near[[items[i].sha256 != items[j].sha256 for i, j in near]] if len(near) else near
     series = np.zeros((0, 2), dtype=np.int64)

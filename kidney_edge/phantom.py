@@ -664,10 +664,12 @@ def synthesize(
     """Write ``n`` phantom slices to ``out_dir`` in the Kaggle layout; see the module docstring.
 
     Deterministic for (n, seed, size, difficulty, class_mix). ``progress(done, total)`` is
-    called after every file. Existing files of the same names are overwritten.
+    called after every file. A previous phantom in ``out_dir`` is replaced (only the files its
+    phantom_truth.csv lists are removed); any other non-empty folder is refused.
     """
     config = PhantomConfig(n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix)
     out = Path(out_dir)
+    _clear_previous_phantom(out)
     counts = class_counts(config.n, config.class_mix)
     plan_rng = np.random.default_rng([config.seed, 7])
     # Shared white-noise bank; each slice reads a random window of it (cheaper than fresh noise).
@@ -711,6 +713,19 @@ def synthesize(
     _write_csv(labels_csv, ("image_id", "path", "diag", "target", "Class"), label_rows)
     log.info("wrote %d phantom slices of %d patients to %s", done, n_patients, out)
     return PhantomSummary(out, counts, done, n_patients, n_duplicates, labels_csv, truth_csv)
+
+
+def _clear_previous_phantom(out: Path) -> None:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    truth = out / "phantom_truth.csv"
+    if not truth.is_file():
+        raise InputError(f"{out} is not empty and holds no phantom dataset; pass a new or empty folder")
+    with open(truth, newline="") as handle:
+        for row in csv.DictReader(handle):
+            (out / row["path"]).unlink(missing_ok=True)
+    for name in ("kidneyData.csv", "phantom_truth.csv"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _label_row(name: str, class_index: int, rel: str) -> dict[str, object]:

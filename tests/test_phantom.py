@@ -118,3 +118,14 @@ def test_findings_look_as_described(tmp_path: Path) -> None:
 def test_bad_options_name_the_flag(tmp_path: Path, options: dict, flag: str) -> None:
     with pytest.raises(InputError, match=flag):
         synthesize(tmp_path, **options)
+
+
+def test_rerun_replaces_a_previous_phantom_and_refuses_other_folders(tmp_path: Path) -> None:
+    synthesize(tmp_path / "p", n=20, size=64)
+    synthesize(tmp_path / "p", n=8, size=64)
+    assert len(list((tmp_path / "p").rglob("*.jpg"))) == 8
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not empty"):
+        synthesize(tmp_path / "mine", n=4, size=64)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
