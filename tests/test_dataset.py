@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -121,6 +122,12 @@ def test_group_pattern_keeps_matching_files_together(scan400) -> None:
     result = make_splits(scan400, group_pattern=pattern, near_dup_distance=None, series_distance=None)
     assert all(len(s) == 1 for s in _splits_per(result.rows, lambda r: r.label).values())
     assert result.audit["pattern_groups"] == 4
+    decades = make_splits(scan400, group_pattern=r"^(.*\(\d*)\d\)")  # the documented example
+    key = re.compile(r"^(.*\(\d*)\d\)")
+    blocks = _splits_per(
+        decades.rows, lambda r: key.search(r.path.relative_to(scan400.root).as_posix()).group(1)
+    )
+    assert "Cyst/Cyst- (1" in blocks and all(len(s) == 1 for s in blocks.values())
     with pytest.raises(InputError, match="--group-pattern"):
         make_splits(scan400, group_pattern="([")
 
