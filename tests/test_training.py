@@ -1,0 +1,289 @@
+"""Two-phase trainer: what each phase may change, class weights, exact resume, torchrun, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from kidney_edge import InputError, ModelSpec
+from kidney_edge.backbones import create_model
+from kidney_edge.training import PhaseConfig, TrainConfig, TrainEvent, train
+from kidney_edge.training.data import augmentation, class_weights
+from kidney_edge.training.distributed import DistContext
+from kidney_edge.training.loop import LoaderSettings, PhaseData, RunState, Saver, fit_phase, lr_schedule
+
+SIZE = 32  # the smallest input the backbone takes: mechanics, not accuracy, are under test
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The 2-core machine is shared; two OpenMP threads under load run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
+    values = dict(
+        data_dir=data, out_dir=out, image_size=SIZE, batch_size=16, seed=0,
+        head=PhaseConfig("head", epochs=2, lr=1e-2),
+        finetune=PhaseConfig("finetune", epochs=2, lr=1e-3, unfreeze_blocks=2, augment=True),
+    )  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+# --- one phase at a time, on in-memory tensors --------------------------------------------
+
+
+def _phase_data(n: int = 12) -> PhaseData:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, SIZE, SIZE, generator=generator)  # (N, 3, 32, 32) normalised
+    labels = np.arange(n) % 4
+    dataset = TensorDataset(images, torch.from_numpy(labels))
+    spec = ModelSpec(input_size=SIZE)
+    return PhaseData(dataset, dataset, labels, labels, torch.ones(4), augmentation(spec))
+
+
+def _run_phase(tmp_path: Path, phase: PhaseConfig) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
+    fit_phase(model, phase, _phase_data(), RunState(phase=phase.name), saver, LoaderSettings(4, 0, 0))
+    return before, model.state_dict()
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-features", "augmented"])
+def test_head_phase_leaves_backbone_bit_identical(tmp_path: Path, cache: bool) -> None:
+    phase = PhaseConfig("head", epochs=2, lr=1e-2, cache_features=cache, augment=not cache)
+    assert phase.uses_cached_features is cache
+    before, after = _run_phase(tmp_path, phase)
+    assert _changed(before, after) == {"classifier.weight", "classifier.bias"}  # BN running stats included
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["run_state"]["phase_epoch"] == 2 and len(saved["run_state"]["history"]) == 2
+
+
+def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path) -> None:
+    phase = PhaseConfig("finetune", epochs=1, lr=1e-3, unfreeze_blocks=2, augment=True)
+    before, after = _run_phase(tmp_path, phase)
+    changed = _changed(before, after)
+    trainable = ("blocks.14.", "blocks.15.", "conv_head.", "classifier.")
+    assert changed and all(k.startswith(trainable) for k in changed), changed
+    for prefix in trainable:  # every unfrozen module moved (weights or BN statistics)
+        assert any(k.startswith(prefix) for k in changed), prefix
+
+
+def test_class_weights_match_hand_computation() -> None:
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # 10 images, 3 classes
+    # "balanced": n / (n_classes * count_c) = 10/18, 10/9, 10/3
+    assert class_weights(labels, 3) == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    factor = lr_schedule(100, 0.1)
+    assert [factor(0), factor(9), factor(10)] == pytest.approx([0.1, 1.0, 1.0])
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        ({"arch": "resnet50"}, "--arch"),
+        ({"image_size": 100}, "--image-size"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"device": "tpu"}, "--device"),
+        ({"tumor_recall": 1.5}, "--tumor-recall"),
+    ],
+)
+def test_config_errors_name_the_flag(tmp_path: Path, changes: dict, flag: str) -> None:
+    with pytest.raises(InputError, match=flag):
+        tiny_config(tmp_path, tmp_path / "run", **changes)
+
+
+def test_phase_config_errors_name_the_flag() -> None:
+    with pytest.raises(InputError, match="--lr-finetune"):
+        PhaseConfig("finetune", epochs=1, lr=0.0)
+    with pytest.raises(InputError, match="--epochs-head"):
+        PhaseConfig("head", epochs=-1, lr=1e-3)
+
+
+# --- whole runs on the phantom set ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("train") / "run"
+    events: list[TrainEvent] = []
+    result = train(tiny_config(phantom_dir, out), progress=events.append)
+    assert result.best_checkpoint == out / "best.pt"
+    assert [e.kind for e in events if e.kind != "step"] == [
+        "phase", "epoch", "epoch", "phase", "epoch", "epoch", "finalize",
+    ]  # fmt: skip
+    return out
+
+
+def test_run_folder_holds_the_contracted_artifacts(straight_run: Path) -> None:
+    from kidney_edge.dataset import data_fingerprint, read_splits
+
+    for name in (
+        "best.pt",
+        "last.pt",
+        "spec.json",
+        "config.json",
+        "history.csv",
+        "splits.csv",
+        "metrics.json",
+    ):
+        assert (straight_run / name).is_file(), name
+    with open(straight_run / "history.csv") as handle:
+        history = list(csv.DictReader(handle))
+    assert [(row["phase"], row["epoch"]) for row in history] == [
+        ("head", "1"), ("head", "2"), ("finetune", "1"), ("finetune", "2")
+    ]  # fmt: skip
+    rows = read_splits(straight_run / "splits.csv")
+    spec = ModelSpec.from_json((straight_run / "spec.json").read_text())
+    assert spec.data_fingerprint == data_fingerprint(rows)
+    assert spec.class_names == ("Cyst", "Normal", "Stone", "Tumor") and spec.input_size == SIZE
+    metrics = json.loads((straight_run / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "labels"} <= set(metrics)
+
+
+def test_class_weights_are_recorded_from_training_labels(straight_run: Path) -> None:
+    from kidney_edge.dataset import read_splits
+
+    recorded = json.loads((straight_run / "config.json").read_text())
+    train_labels = [row.label for row in read_splits(straight_run / "splits.csv") if row.split == "train"]
+    names = recorded["class_names"]
+    counts = [train_labels.count(name) for name in names]
+    expected = [len(train_labels) / (len(names) * c) for c in counts]
+    assert [recorded["class_weights"][n] for n in names] == pytest.approx(expected)
+    assert recorded["train_counts"] == dict(zip(names, counts, strict=True))
+
+
+def test_best_checkpoint_is_plain_data_and_loads(straight_run: Path) -> None:
+    from kidney_edge.checkpoint import load_model
+
+    raw = torch.load(straight_run / "best.pt", weights_only=True)
+    history = list(csv.DictReader(open(straight_run / "history.csv")))
+    best = max(history, key=lambda row: float(row["val_macro_f1"]))
+    assert raw["val_macro_f1"] == pytest.approx(float(best["val_macro_f1"]))
+    model, spec = load_model(straight_run / "best.pt")
+    assert spec.temperature > 0 and model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 4)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(phase: str, epoch: int):
+    def progress(event: TrainEvent) -> None:
+        # Dies inside an epoch, after the previous epoch's last.pt: what kill -9 leaves behind.
+        if event.kind == "step" and event.phase == phase and event.epoch == epoch:
+            raise _Crash
+
+    return progress
+
+
+def test_resume_after_crashes_matches_straight_run(straight_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import kidney_edge.evaluation
+
+    # Test metrics do not touch the weights; skipping them here keeps the test in seconds.
+    monkeypatch.setattr(kidney_edge.evaluation, "finalize_run", lambda run_dir, **kw: _NoMetrics)
+    config = tiny_config(Path(json.loads((straight_run / "config.json").read_text())["train_config"]["data_dir"]),
+                         tmp_path / "run")  # fmt: skip
+    with pytest.raises(_Crash):
+        train(config, progress=_crash_at("head", 2))
+    resumed = TrainConfig(**{**config.__dict__, "resume": True})
+    with pytest.raises(_Crash):
+        train(resumed, progress=_crash_at("finetune", 2))
+    train(resumed)
+    for name in ("last.pt", "best.pt"):
+        expected = torch.load(straight_run / name, weights_only=True)["model_state"]
+        actual = torch.load(tmp_path / "run" / name, weights_only=True)["model_state"]
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+    history = [row for row in csv.DictReader(open(tmp_path / "run" / "history.csv"))]
+    straight = [row for row in csv.DictReader(open(straight_run / "history.csv"))]
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in history] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+
+
+class _NoMetrics:
+    metrics: dict = {}
+
+
+# --- bad input through the CLI ---------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from kidney_edge.cli import app
+
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def _class_folder(root: Path, source: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for image in sorted((source / name).glob("*.jpg"))[:count]:
+            shutil.copy(image, root / name / image.name)
+    return root
+
+
+def test_bad_inputs_get_clear_messages(phantom_dir: Path, straight_run: Path, tmp_path: Path) -> None:
+    cases = [
+        ((tmp_path / "nowhere", "--out", tmp_path / "r1"), "nowhere"),
+        ((_class_folder(tmp_path / "one", phantom_dir, {"Cyst": 12}), "--out", tmp_path / "r2"), "2 classes"),
+        ((_class_folder(tmp_path / "few", phantom_dir, {"Cyst": 12, "Normal": 12, "Stone": 2}), "--out",
+          tmp_path / "r3"), "Stone"),
+        ((phantom_dir, "--out", straight_run), "--resume"),
+        ((phantom_dir, "--out", straight_run, "--resume", "--image-size", "64"), "image_size"),
+        ((phantom_dir, "--out", tmp_path / "empty", "--resume"), "no training run"),
+        ((phantom_dir, "--out", tmp_path / "r4", "--arch", "resnet50"), "resnet50"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = _cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output.replace("\n", " "), (args, result.output)
+
+
+# --- torchrun ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(phantom_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "kidney_edge", "train", str(phantom_dir), "--out", str(out), "--device", "cpu",
+        "--image-size", str(SIZE), "--batch-size", "8", "--epochs-head", "2", "--epochs-finetune", "1",
+        "--unfreeze-blocks", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["environment"]["world_size"] == 2
+    assert len(list(csv.DictReader(open(out / "history.csv")))) == 3
+    assert (out / "metrics.json").is_file() and (out / "best.pt").is_file()
+    assert not list(out.glob(".*.tmp"))
