@@ -190,7 +190,7 @@ def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[s
                 )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
-    return {"skipped": None, "rows": rows}
+    return {"skipped": None, "input_size": spec.input_size, "rows": rows}
 
 
 def bench_pipeline(model: Path, images_dir: Path, *, batch_size: int, threads: int) -> dict[str, Any]:
@@ -215,6 +215,18 @@ def bench_pipeline(model: Path, images_dir: Path, *, batch_size: int, threads: i
         "first_batch_s": None if summary.first_batch_s is None else round(summary.first_batch_s, 4),
         "images_per_s": round(summary.images_per_s, 2),
     }
+
+
+def int8_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fp32 mean latency / INT8 mean latency for each (batch size, threads) measured in both."""
+    fp32 = {(r["batch_size"], r["threads"]): r for r in rows if r["precision"] == "fp32"}
+    speedups = []
+    for row in rows:
+        key = (row["batch_size"], row["threads"])
+        if row["precision"] == "int8" and key in fp32:
+            ratio = fp32[key]["latency_ms"]["mean"] / row["latency_ms"]["mean"]
+            speedups.append({"batch_size": key[0], "threads": key[1], "speedup": round(ratio, 3)})
+    return speedups
 
 
 def run_benchmark(
@@ -257,6 +269,9 @@ def run_benchmark(
         "pytorch": None if config.checkpoint is None else bench_pytorch(config.checkpoint, config, report),
         "pipeline": None,
     }  # fmt: skip
+    result["int8_speedup"] = int8_speedup(result["model_only"])
+    if result["pytorch"] and result["pytorch"].get("input_size") not in (None, spec.input_size):
+        log.warning("the checkpoint's input size differs from the ONNX model's: not the same weights?")
     if config.images_dir is not None:
         report(f"end-to-end predict on {config.images_dir}")
         fp32 = variants.get("fp32", model_path)

@@ -18,16 +18,16 @@ SIZE = 64
 
 
 def make_conv_onnx(path: Path, *, int8_sibling: bool = False) -> Path:
-    """A small conv net (~40 M MACs at 64 px: milliseconds, so timings are above timer noise)."""
+    """A small conv net (~10 M MACs at 64 px: about a millisecond, well above timer noise)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     spec = ModelSpec(input_size=SIZE)
     rng = np.random.default_rng(0)
     inits = {
-        "w1": rng.normal(scale=0.2, size=(32, 3, 3, 3)),
-        "w2": rng.normal(scale=0.05, size=(32, 32, 3, 3)),
-        "fc": rng.normal(scale=0.1, size=(32, spec.num_classes)),
+        "w1": rng.normal(scale=0.2, size=(16, 3, 3, 3)),
+        "w2": rng.normal(scale=0.05, size=(16, 16, 3, 3)),
+        "fc": rng.normal(scale=0.1, size=(16, spec.num_classes)),
         "fc_b": np.zeros(spec.num_classes),
     }
     nodes = [
@@ -87,7 +87,7 @@ def test_benchmark_json_fields_and_figures_agree_with_plain_onnxruntime(tmp_path
     out = tmp_path / "bench.json"
     args = ["benchmark", "--model", str(model), "--batch-sizes", "1,4", "--threads", "1"]
     process = run_cli_without_torch(
-        *args, "--images", str(images), "--iterations", "30", "--json", str(out), cwd=tmp_path
+        *args, "--images", str(images), "--iterations", "20", "--json", str(out), cwd=tmp_path
     )
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
@@ -106,10 +106,11 @@ def test_benchmark_json_fields_and_figures_agree_with_plain_onnxruntime(tmp_path
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] and latency["mean"] > 0
         assert per_image["p50"] == pytest.approx(latency["p50"] / batch_size, rel=1e-3)
         assert row["images_per_s"] == pytest.approx(1000 * batch_size / latency["mean"], rel=0.01)
-        assert row["iterations"] == 30
+        assert row["iterations"] == 20
     pipeline = record["pipeline"]
     assert pipeline["images"] == 12 and pipeline["failed"] == 0 and pipeline["images_per_s"] > 0
     assert record["pytorch"] is None
+    assert {(s["batch_size"], s["threads"]) for s in record["int8_speedup"]} == {(1, 1), (4, 1)}
 
     reference = plain_ort_median_ms(model, batch_size=4, threads=1)
     measured = rows[("fp32", 4, 1)]["latency_ms"]["p50"]
@@ -148,6 +149,33 @@ def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: py
     checkpoint.write_bytes(b"x")
     result = bench_pytorch(checkpoint, BenchmarkConfig(threads=(1,)), report=lambda message: None)
     assert result["rows"] == [] and "not installed" in result["skipped"]
+
+
+def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from kidney_edge.backbones import create_model
+    from kidney_edge.bench import BenchmarkConfig, bench_pytorch
+    from kidney_edge.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=4, pretrained=False)
+    save_checkpoint(tmp_path / "best.pt", model=model, spec=ModelSpec(input_size=32), config={})
+    config = BenchmarkConfig(batch_sizes=(2,), threads=(1,), warmup=1, iterations=3)
+    result = bench_pytorch(tmp_path / "best.pt", config, report=lambda message: None)
+    assert result["skipped"] is None and result["input_size"] == 32
+    (row,) = result["rows"]
+    assert row["engine"] == "pytorch-eager" and row["batch_size"] == 2 and row["iterations"] == 3
+    assert row["latency_ms"]["p50"] > 0 and row["images_per_s"] > 0
+
+
+def test_int8_speedup_pairs_rows() -> None:
+    from kidney_edge.bench import int8_speedup
+
+    def row(precision: str, batch_size: int, mean: float) -> dict:
+        return {"precision": precision, "batch_size": batch_size, "threads": 2, "latency_ms": {"mean": mean}}
+
+    rows = [row("fp32", 1, 4.0), row("int8", 1, 2.0), row("fp32", 8, 30.0)]
+    assert int8_speedup(rows) == [{"batch_size": 1, "threads": 2, "speedup": 2.0}]
 
 
 def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:
