@@ -185,7 +185,9 @@ def plot_confusion(metrics: dict[str, Any], rule_title: str) -> bytes:
     labels = metrics["labels"]
     counts = np.asarray(metrics["confusion_matrix"])
     normalised = np.asarray(metrics["confusion_matrix_normalized"])
-    figure = Figure(figsize=(10, 4.2), layout="tight")
+    figure = Figure(figsize=(9, 4.4))
+    # Fixed margins: automatic layout engines re-measure every text and cost seconds per plot.
+    figure.subplots_adjust(left=0.09, right=0.98, bottom=0.2, top=0.86, wspace=0.35)
     for axis_index, (matrix, title, fmt) in enumerate(
         ((counts, "counts", "d"), (normalised, "row-normalised (recall on the diagonal)", ".2f"))
     ):
@@ -252,7 +254,8 @@ def plot_history(history: dict[str, list]) -> bytes:
     used = {k for keys in groups.values() for k in keys}
     groups["validation / training scores"] = [k for k in numeric if k not in used and "time" not in k]
     groups = {title: keys for title, keys in groups.items() if keys}
-    figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6), layout="tight")
+    figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6))
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     for index, (title, keys) in enumerate(groups.items()):
         ax = figure.add_subplot(1, len(groups), index + 1)
         for key in keys:
@@ -282,7 +285,8 @@ def plot_roc_pr(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequ
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    figure = Figure(figsize=(10, 4.2), layout="tight")
+    figure = Figure(figsize=(10, 4.2))
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     roc_ax, pr_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for name in ordered_classes(class_names):
         k = list(class_names).index(name)
@@ -318,7 +322,8 @@ def plot_reliability(metrics: dict[str, Any]) -> bytes:
         ),
     ]
     panels = [p for p in panels if p[1]]
-    figure = Figure(figsize=(4.6 * len(panels), 4.2), layout="tight")
+    figure = Figure(figsize=(4.6 * len(panels), 4.2))
+    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.13, top=0.86, wspace=0.28)
     for index, (title, bins, ece) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), index + 1)
         edges = np.asarray(bins["edges"])
@@ -347,24 +352,39 @@ def plot_reliability(metrics: dict[str, Any]) -> bytes:
     return _png(figure)
 
 
-def plot_gallery(items: Sequence[GalleryItem]) -> bytes:
-    """Misclassified images: input (left) and Grad-CAM overlay (right), most confident errors first."""
-    from matplotlib.figure import Figure
+GALLERY_TILE = 224  # px per panel; small inputs are upscaled so a 64 px model's errors stay visible
 
-    columns = 4  # 2 items per row, each as image + overlay
-    rows = (len(items) + 1) // 2
-    figure = Figure(figsize=(10, 2.7 * rows), layout="tight")
+
+def plot_gallery(items: Sequence[GalleryItem], columns: int = 2) -> bytes:
+    """Misclassified images as one PNG: input (left) and Grad-CAM overlay (right) per item.
+
+    Composed with Pillow, not matplotlib: a dozen image panels laid out by matplotlib cost
+    seconds, a paste costs microseconds.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    tile, caption, gap = GALLERY_TILE, 22, 12
+    rows = (len(items) + columns - 1) // columns
+    item_w, item_h = 2 * tile + 4, tile + caption
+    sheet = Image.new("RGB", (columns * item_w + (columns - 1) * gap, rows * (item_h + gap) - gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=14)
     for index, item in enumerate(items):
+        left = (index % columns) * (item_w + gap)
+        top = (index // columns) * (item_h + gap)
         title = f"#{index + 1} true {item.true_label} -> {item.predicted_label} (p={item.confidence:.2f})"
-        panels = [(item.image, title), (item.overlay, "Grad-CAM" if item.overlay is not None else "")]
-        for offset, (image, panel_title) in enumerate(panels):
-            ax = figure.add_subplot(rows, columns, 2 * index + offset + 1)
-            ax.axis("off")
-            if image is not None:
-                ax.imshow(np.asarray(image), cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
-            ax.set_title(panel_title, fontsize=8, loc="left")
-    figure.tight_layout()
-    return _png(figure)
+        draw.text((left + 2, top + 3), title, fill="black", font=font)
+        for offset, image in enumerate((item.image, item.overlay)):
+            if image is None:
+                draw.text(
+                    (left + tile + 14, top + caption + tile // 2), "no Grad-CAM", fill="grey", font=font
+                )
+                continue
+            panel = image.convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
+            sheet.paste(panel, (left + offset * (tile + 4), top + caption))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- model card
@@ -455,16 +475,46 @@ def _operating_point_text(rule: dict[str, Any], metrics: dict[str, Any]) -> str:
     )
 
 
+# (audit key, how the report names it) for the leakage audit that dataset.make_splits writes.
+_AUDIT_SUMMARY = (
+    ("mode", "split mode"),
+    ("seed", "split seed"),
+    ("ratios", "train/val/test ratios"),
+    ("n_images", "images split"),
+    ("leaked_images", "val/test images with an exact or near twin in train"),
+    ("groups", "groups (duplicates, near-duplicates, patients) kept together"),
+    ("exact_duplicates", "exact duplicates"),
+    ("near_duplicates", "near duplicates"),
+    ("max_proportion_error", "largest class-proportion deviation from the ratios"),
+    ("label_conflicts", "label conflicts"),
+)
+
+
+def audit_summary(audit: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(check, result) pairs: the known leakage-audit figures first, then other scalar entries."""
+    if not audit:
+        return []
+    known = dict(_AUDIT_SUMMARY)
+    rows = [(known[key], _audit_value(audit[key])) for key, _ in _AUDIT_SUMMARY if key in audit]
+    rows += [
+        (key, _short(value))
+        for key, value in audit.items()
+        if key not in known and isinstance(value, (str, int, float, bool))
+    ]
+    return rows
+
+
+def _audit_value(value: Any) -> str:
+    if isinstance(value, dict):
+        # e.g. label_conflicts {"files": 0, "paths": [...]}: show the counts, not the lists
+        return ", ".join(f"{k} {_short(v, 40)}" for k, v in value.items() if not isinstance(v, (list, dict)))
+    return _short(value)
+
+
 def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
     if not audit:
         return ["no split audit available"]
-    return [f"split audit: {key} = {_short(value)}" for key, value in audit.items() if _is_scalar_like(value)]
-
-
-def _is_scalar_like(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return True
-    return isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values())
+    return [f"split audit: {check}: {result}" for check, result in audit_summary(audit)]
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -628,16 +678,24 @@ def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     audit = inputs.audit
     if not audit:
         return "<p>No split audit (splits_audit.json) available for this data.</p>"
-    rows = [[key, _short(value, 300)] for key, value in audit.items() if _is_scalar_like(value)]
-    rest = {key: value for key, value in audit.items() if not _is_scalar_like(value)}
-    details = ""
-    if rest:
-        details = (
-            "<details><summary>full audit</summary><pre>"
-            + html.escape(_short(json.dumps(rest, indent=2, default=str), 6000))
-            + "</pre></details>"
-        )
-    return _table(["check", "result"], rows) + details
+    parts = [_table(["check", "result"], audit_summary(audit))]
+    counts = audit.get("counts")
+    if isinstance(counts, dict) and all(isinstance(v, dict) for v in counts.values()):
+        classes = ordered_classes(list(next(iter(counts.values()), {})))
+        rows = [[split, *(str(per_class.get(c, "")) for c in classes)] for split, per_class in counts.items()]
+        parts.append("<h3>Images per split and class</h3>" + _table(["split", *classes], rows))
+    leak = audit.get("leak")
+    if isinstance(leak, dict) and all(isinstance(v, dict) for v in leak.values()):
+        columns = list(next(iter(leak.values()), {}))
+        rows = [[split, *(str(values.get(c, "")) for c in columns)] for split, values in leak.items()]
+        header = ["split", *(c.replace("_", " ") for c in columns)]
+        parts.append("<h3>Leakage into val/test</h3>" + _table(header, rows))
+    parts.append(
+        "<details><summary>full audit (splits_audit.json)</summary><pre>"
+        + html.escape(_short(json.dumps(audit, indent=2, default=str), 8000))
+        + "</pre></details>"
+    )
+    return "\n".join(parts)
 
 
 def _errors_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:

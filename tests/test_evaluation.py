@@ -1,0 +1,283 @@
+"""Evaluation end to end on a tiny untrained model and the phantom set: files, numbers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.evaluation import evaluate, finalize_run, predict_files
+from kidney_edge.spec import ModelSpec
+
+IMAGE_SIZE = 64
+
+
+def save_tiny_checkpoint(
+    path: Path, class_names: tuple[str, ...], train: list | None = None, seed: int = 0
+) -> Path:
+    """A random-init Lite0 at 64 px; with ``train`` rows, made weakly predictive in ~2 s.
+
+    Untrained, its logits are near-constant (ties everywhere make AUCs meaningless), so its
+    BatchNorm statistics are re-estimated on the training images and its linear head is fitted
+    by ridge regression on the pooled features: a small but real classifier, no SGD needed.
+    """
+    import torch
+
+    from kidney_edge.backbones import create_model
+    from kidney_edge.checkpoint import save_checkpoint
+    from kidney_edge.imaging import preprocess_batch
+
+    torch.manual_seed(seed)
+    model = create_model("efficientnet_lite0", num_classes=len(class_names), pretrained=False)
+    spec = ModelSpec(class_names=class_names, input_size=IMAGE_SIZE)
+    if train:
+        x = torch.from_numpy(preprocess_batch([row.path for row in train], spec))  # (N, 3, 64, 64)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over this one pass
+        with torch.no_grad():
+            model.train().forward_features(x)
+            features = model.eval().forward_features(x).mean(dim=(2, 3)).double()  # (N, F)
+            mean, std = features.mean(0), features.std(0) + 1e-6
+            z = (features - mean) / std
+            targets = torch.zeros(len(train), len(class_names), dtype=torch.float64)
+            targets[range(len(train)), [class_names.index(row.label) for row in train]] = 1.0
+            weight = torch.linalg.solve(z.T @ z + 10.0 * torch.eye(z.shape[1], dtype=z.dtype), z.T @ targets)
+            weight = 4.0 * weight.T / std  # (C, F), undo the standardisation; x4 spreads the logits
+            model.classifier.weight.copy_(weight.float())
+            model.classifier.bias.copy_((-(weight @ mean) + 4.0 * targets.mean(0)).float())
+    save_checkpoint(path, model=model.eval(), spec=spec, config={"note": "test model, no SGD"})
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny 64 px models run fastest single-threaded on the shared 2-core machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits_csv(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kidney_edge.dataset import split_dataset
+
+    out = tmp_path_factory.mktemp("splits") / "splits.csv"
+    split_dataset(phantom_dir, out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as the trainer leaves it, then finalize_run on it."""
+    from kidney_edge.dataset import read_splits, write_splits
+
+    run = tmp_path_factory.mktemp("run")
+    rows = read_splits(splits_csv)
+    class_names = tuple(sorted({row.label for row in rows}))
+    save_tiny_checkpoint(run / "best.pt", class_names, [row for row in rows if row.split == "train"])
+    write_splits(rows, run / "splits.csv")
+    (run / "splits_audit.json").write_bytes(splits_csv.with_name("splits_audit.json").read_bytes())
+    with open(run / "history.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "phase", "train_loss", "val_loss", "val_macro_f1", "lr"])
+        writer.writerows(
+            [[1, 1, 1.3, 1.35, 0.2, 1e-3], [2, 1, 1.2, 1.3, 0.3, 1e-3], [3, 2, 1.0, 1.2, 0.4, 1e-4]]
+        )
+    finalize_run(run, tumor_recall=0.98)
+    return run
+
+
+def read_predictions(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_finalize_run_stores_calibration_and_rule_fitted_on_val(finished_run: Path, splits_csv: Path) -> None:
+    from kidney_edge.checkpoint import load_checkpoint
+    from kidney_edge.dataset import read_splits
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    stored = ModelSpec.from_dict(load_checkpoint(finished_run / "best.pt")["spec"])
+    assert stored == ModelSpec.from_json((finished_run / "spec.json").read_text())
+    assert stored.temperature == metrics["temperature"] == metrics["validation"]["temperature"]
+    assert stored.temperature != 1.0
+    rule = stored.decision_rule
+    assert rule.kind == "threshold" and rule.positive_class == "Tumor" and rule.target_recall == 0.98
+    assert metrics["decision_rule"]["threshold"] == rule.threshold
+    # Recompute on val: the stored rule reaches the target tumor recall there.
+    val = [row for row in read_splits(splits_csv) if row.split == "val"]
+    logits, _ = predict_files(finished_run / "best.pt", [row.path for row in val])
+    decided = stored.decide(stored.probabilities(logits))
+    tumor = np.array([row.label == "Tumor" for row in val])
+    recall = np.mean(decided[tumor] == stored.class_names.index("Tumor"))
+    assert recall >= 0.98 and recall == metrics["validation"]["tumor_recall_achieved"]
+    # Temperature lowers validation NLL (that is what it was fitted for).
+    assert metrics["validation"]["nll_after"] <= metrics["validation"]["nll_before"]
+
+
+def test_finalize_run_metrics_match_predictions_csv(finished_run: Path, splits_csv: Path) -> None:
+    from kidney_edge.dataset import read_splits
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "balanced_accuracy",
+        "per_class",
+        "confusion_matrix",
+        "labels",
+        "ci",
+        "ece",
+    ):
+        assert key in metrics
+    assert metrics["metrics_under_rule"] is not None
+    rows = read_predictions(finished_run / "predictions.csv")
+    labels = metrics["labels"]
+    assert list(rows[0]) == ["path", "true_label", "predicted_label", *(f"p_{c}" for c in labels)]
+    test_paths = sorted(str(r.path) for r in read_splits(splits_csv) if r.split == "test")
+    assert sorted(r["path"] for r in rows) == test_paths and metrics["n_samples"] == len(rows)
+    probabilities = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    true = np.array([labels.index(r["true_label"]) for r in rows])
+    assert metrics["accuracy"] == pytest.approx(np.mean(probabilities.argmax(axis=1) == true))
+    # predicted_label follows the stored rule: its accuracy is the rule's.
+    ruled = np.array([labels.index(r["predicted_label"]) for r in rows])
+    assert metrics["metrics_under_rule"]["accuracy"] == pytest.approx(np.mean(ruled == true))
+    support = {c: int(np.sum(true == k)) for k, c in enumerate(labels)}
+    assert {c: metrics["per_class"][c]["support"] for c in labels} == support
+
+
+def test_finalize_run_report(finished_run: Path) -> None:
+    html = (finished_run / "report.html").read_text()
+    for section in ("headline", "operating-point", "training", "split-audit", "errors", "model-card"):
+        assert f'<section id="{section}">' in html
+    assert html.count('<img src="data:image/png;base64,') == 6  # incl. training curves and gallery
+    assert "Images per split and class" in html and "Leakage into val/test" in html
+    assert "Grad-CAM" in html and "Synthetic phantom data" in html
+    for name in ("report.md", "model_card.md", "training_curves.png", "error_gallery.png", "roc_pr.png"):
+        assert (finished_run / name).is_file(), name
+
+
+def assert_close(actual: object, expected: object, where: str) -> None:
+    """Nested dicts/lists equal, floats within 1e-4 (the export's own parity bound on probabilities)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, abs=1e-4), where
+    else:
+        assert actual == expected, where
+
+
+def export_onnx(checkpoint: Path, out_dir: Path, splits: Path) -> Path:
+    from kidney_edge.export import export_model
+
+    return export_model(checkpoint, out_dir, int8=False, splits=splits).model_path
+
+
+def test_checkpoint_via_cli_and_its_onnx_export_give_the_same_metrics(
+    finished_run: Path, splits_csv: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.cli import app
+
+    onnx_path = export_onnx(finished_run / "best.pt", tmp_path / "export", splits_csv)
+    from_onnx = evaluate(onnx_path, splits_csv, split="test", out_dir=tmp_path / "onnx")
+    assert from_onnx.spec == ModelSpec.from_json(
+        (finished_run / "spec.json").read_text()
+    )  # T and rule travel
+    # The checkpoint through the CLI, at another batch size, re-choosing the tumor threshold on
+    # val: it must land on the threshold finalize_run stored.
+    out = tmp_path / "cli"
+    args = ["evaluate", str(finished_run / "best.pt"), str(splits_csv), "--split", "test", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--tumor-recall", "0.98", "--batch-size", "7"])
+    assert result.exit_code == 0, result.output
+    assert "Recall Tumor" in result.output and "report.html" in result.output
+    from_checkpoint = json.loads((out / "metrics.json").read_text())
+    assert "chosen at evaluation time" in (out / "report.html").read_text()
+    # Decisions (and so every count-based figure) agree exactly; probability-based ones
+    # (AUC, AP, ECE) and the threshold to float32 rounding.
+    for key in ("n_samples", "accuracy", "macro_f1", "balanced_accuracy", "confusion_matrix", "ci"):
+        assert from_onnx.metrics[key] == from_checkpoint[key], key
+    for key in ("per_class", "metrics_under_rule", "calibration", "decision_rule", "temperature"):
+        assert_close(from_onnx.metrics[key], from_checkpoint[key], key)
+    pt_rows = read_predictions(out / "predictions.csv")
+    onnx_rows = read_predictions(from_onnx.files["predictions"])
+    labels = from_checkpoint["labels"]
+    assert [r["predicted_label"] for r in pt_rows] == [r["predicted_label"] for r in onnx_rows]
+    pt_p = np.array([[float(r[f"p_{c}"]) for c in labels] for r in pt_rows])
+    onnx_p = np.array([[float(r[f"p_{c}"]) for c in labels] for r in onnx_rows])
+    np.testing.assert_allclose(onnx_p, pt_p, atol=1e-4)
+    # Grad-CAM needs PyTorch: the ONNX report says so instead of showing heatmaps.
+    assert "Grad-CAM needs the PyTorch checkpoint" in from_onnx.files["report_html"].read_text()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def make_folder(root: Path, classes: tuple[str, ...]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(len(classes))
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for k in range(2):  # distinct noise: identical files in two classes are a label conflict
+            pixels = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{name}- ({k}).png")
+    return root
+
+
+def test_model_classes_differ_from_the_data(finished_run: Path, tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", ("Cyst", "Kidney stone", "Normal"))
+    with pytest.raises(InputError) as error:
+        evaluate(finished_run / "best.pt", data, out_dir=tmp_path / "out")
+    message = str(error.value)
+    assert "Kidney stone" in message and "['Cyst', 'Normal', 'Stone', 'Tumor']" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_split_and_missing_files(finished_run: Path, splits_csv: Path, tmp_path: Path) -> None:
+    with open(splits_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    only_test = tmp_path / "only_test.csv"
+    with open(only_test, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            if row["split"] == "test":
+                writer.writerow({**row, "path": str((splits_csv.parent / row["path"]).resolve())})
+    with pytest.raises(InputError, match=r"split 'val' of .*only_test.csv is empty.*--split"):
+        evaluate(finished_run / "best.pt", only_test, split="val", out_dir=tmp_path / "out")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label,split,group\nnowhere/Tumor- (1).jpg,Tumor,test,g1\n")
+    with pytest.raises(InputError, match=r"not found.*nowhere"):
+        evaluate(finished_run / "best.pt", missing, out_dir=tmp_path / "out")
+
+
+def test_bad_options(finished_run: Path, splits_csv: Path, tmp_path: Path) -> None:
+    model = finished_run / "best.pt"
+    with pytest.raises(InputError, match="--split"):
+        evaluate(model, splits_csv, split="holdout", out_dir=tmp_path)
+    with pytest.raises(InputError, match="--tumor-recall"):
+        evaluate(model, splits_csv, tumor_recall=1.5, out_dir=tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate(tmp_path / "nope.pt", splits_csv, out_dir=tmp_path)
+    folder = make_folder(tmp_path / "data", ("Tumor",))
+    with pytest.raises(InputError, match="--tumor-recall chooses a threshold on the validation split"):
+        evaluate(model, folder, tumor_recall=0.98, out_dir=tmp_path)
+    with pytest.raises(KidneyEdgeError, match="best.pt is missing"):
+        finalize_run(tmp_path)  # no splits.csv beside best.pt (and no best.pt)
