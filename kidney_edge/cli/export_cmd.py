@@ -1,11 +1,120 @@
-"""`kidney-edge export`."""
+"""`kidney-edge export`: thin wrapper over ``kidney_edge.export.export_model``."""
 
 from __future__ import annotations
 
-from kidney_edge.cli._app import app, not_available
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kidney_edge.cli._app import app, console, err_console, library_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kidney_edge.export import ExportResult
+
+
+class Activations(str, Enum):
+    auto = "auto"
+    uint8 = "uint8"
+    int8 = "int8"
+
+
+class CalibrationMethod(str, Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+
+
+class Exporter(str, Enum):
+    torchscript = "torchscript"
+    dynamo = "dynamo"
 
 
 @app.command()
-def export() -> None:
-    """Export a trained run to ONNX (fp32 and INT8) with parity proven against PyTorch."""
-    not_available("export", "ONNX export")
+def export(
+    source: Annotated[Path, typer.Argument(help="Run folder (best.pt + splits.csv) or a .pt checkpoint.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder; default: export/<RUN name>.")
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (gated).")
+    ] = True,
+    allow_int8_drop: Annotated[
+        bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it loses > 1 point.")
+    ] = False,
+    splits: Annotated[
+        Path | None, typer.Option("--splits", help="splits.csv for parity/calibration/gate; default: RUN's.")
+    ] = None,
+    images: Annotated[
+        list[Path] | None, typer.Option("--images", help="Images/folders when there is no splits.csv.")
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="Training images that calibrate INT8.")
+    ] = 300,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    parity_batch_size: Annotated[
+        int, typer.Option("--parity-batch-size", help="Batch size of the check.")
+    ] = 8,
+    parity_images: Annotated[int, typer.Option("--parity-images", help="Test images PyTorch checks.")] = 256,
+    int8_activations: Annotated[
+        Activations, typer.Option("--int8-activations", help="auto: uint8 on x86-64, int8 on ARM.")
+    ] = Activations.auto,
+    calibration_method: Annotated[
+        CalibrationMethod, typer.Option("--calibration-method", help="INT8 activation ranges.")
+    ] = CalibrationMethod.minmax,
+    exporter: Annotated[
+        Exporter, typer.Option("--exporter", help="torch.onnx exporter.")
+    ] = Exporter.torchscript,
+) -> None:
+    """Export to ONNX with the spec inside, prove parity with PyTorch, add a gated INT8 model."""
+    from kidney_edge.export import ExportConfig, export_model
+    from kidney_edge.quantize import QuantizationConfig
+
+    out_dir = out if out is not None else Path("export") / source.resolve().with_suffix("").name
+    with library_errors():
+        config = ExportConfig(
+            int8=int8, allow_int8_drop=allow_int8_drop, splits=splits, images=tuple(images or ()),
+            calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
+            max_parity_images=parity_images, exporter=exporter.value,
+            quantization=QuantizationConfig(
+                activation_type=int8_activations.value, calibrate_method=calibration_method.value
+            ),
+        )  # fmt: skip
+        with console.status("exporting") as status:
+
+            def progress(stage: str, done: int, total: int) -> None:
+                status.update(f"{stage} {done}/{total}" if total > 1 else stage)
+
+            result = export_model(source, out_dir, config=config, progress=progress)
+    _render(result)
+
+
+def _render(result: ExportResult) -> None:
+    parity = result.parity
+    console.print(
+        f"[green]wrote[/] {result.model_path}  (opset {parity['opset']}, {parity['exporter']} exporter)\n"
+        f"parity vs PyTorch on {parity['n_images']} test images at batch {parity['batch_size']}: "
+        f"max |dp| {parity['max_abs_diff']:.1e}, argmax agreement {parity['argmax_agreement']:.0%}"
+    )
+    gate = result.int8_gate
+    if gate is not None:
+        fp32, int8 = gate["fp32"], gate["int8"]
+        console.print(
+            f"[green]wrote[/] {result.int8_path}  ({gate['recipe']['activation_type']} activations): "
+            f"macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, tumor recall "
+            f"{_pct(fp32['tumor_recall'])} -> {_pct(int8['tumor_recall'])} (vs {gate['reference']})"
+        )
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    model = result.int8_path or result.model_path
+    console.print(
+        f"figures: {result.parity_path}\n\nNext:\n"
+        f"  kidney-edge predict FOLDER --model {model}\n"
+        f"  kidney-edge benchmark --model {model}\n"
+        f"  kidney-edge info {model}"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

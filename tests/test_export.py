@@ -1,0 +1,333 @@
+"""Export: ONNX I/O contract, parity with PyTorch at another batch size, spec round trip, INT8 + gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from kidney_edge.checkpoint import save_checkpoint  # noqa: E402
+from kidney_edge.errors import InputError, KidneyEdgeError  # noqa: E402
+from kidney_edge.spec import ONNX_METADATA_KEY, DecisionRule, ModelSpec  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP's 2 spinning threads make convs 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _checkpoint(
+    path: Path, arch: str, *, pretrained: bool, size: int = 224, num_classes: int = 4, **spec_kw
+) -> ModelSpec:
+    from kidney_edge.backbones import backbone_spec_defaults, create_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch=arch, input_size=size, **backbone_spec_defaults(arch), **spec_kw)
+    model = create_model(arch, num_classes=num_classes, pretrained=pretrained)
+    save_checkpoint(path, model=model, spec=spec, config={"test": True})
+    return spec
+
+
+@pytest.fixture(scope="module")
+def splits_csv(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kidney_edge.dataset import split_dataset
+
+    csv = tmp_path_factory.mktemp("splits") / "splits.csv"
+    split_dataset(phantom_dir, csv, seed=0)
+    return csv
+
+
+@pytest.fixture(scope="module")
+def lite0_export(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A pretrained Lite0 run folder (4 classes, 224 px, calibrated spec) exported with INT8."""
+    from kidney_edge.export import export_model
+
+    run = tmp_path_factory.mktemp("run")
+    rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.3, target_recall=0.98)
+    spec = _checkpoint(
+        run / "best.pt", "efficientnet_lite0", pretrained=True, temperature=1.7, decision_rule=rule
+    )
+    shutil.copy(splits_csv, run / "splits.csv")
+    # A random head has near-tied logits, so INT8 may flip decisions: this fixture tests the
+    # mechanics (the gate itself is tested below), hence --allow-int8-drop.
+    result = export_model(
+        run,
+        run / "export",
+        calibration_images=16,
+        max_parity_images=6,
+        parity_batch_size=3,
+        allow_int8_drop=True,
+    )
+    return result, spec
+
+
+def _torch_outputs(checkpoint: Path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from kidney_edge.checkpoint import load_model
+
+    model, spec = load_model(checkpoint)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(batch)).numpy()
+    return logits, spec.probabilities(logits)
+
+
+def test_lite0_onnx_matches_pytorch_at_batch_3_after_export_at_batch_1(
+    lite0_export, splits_csv: Path
+) -> None:
+    from kidney_edge.dataset import read_splits
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.runtime import OnnxClassifier
+
+    result, spec = lite0_export
+    parity = json.loads(result.parity_path.read_text())
+    assert parity["export_batch_size"] == 1 and parity["batch_size"] == 3 and parity["n_images"] == 6
+    assert parity["thresholds"] == {"max_abs_diff": 1e-4, "argmax_agreement": 1.0}
+    assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0 and parity["passed"]
+    assert parity["max_abs_diff_logits"] < 1e-3
+    # Independently of export's own check: PyTorch (spec temperature applied in numpy) vs ONNX.
+    test_paths = [row.path for row in read_splits(splits_csv) if row.split == "test"][:3]
+    batch = preprocess_batch(test_paths, spec)  # (3, 3, 224, 224)
+    torch_logits, torch_probabilities = _torch_outputs(result.out_dir.parent / "best.pt", batch)
+    onnx_logits, onnx_probabilities = OnnxClassifier(result.model_path).run(batch)
+    np.testing.assert_allclose(onnx_probabilities, torch_probabilities, atol=1e-4)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-3)
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).all()
+
+
+def test_onnx_graph_contract_and_spec_round_trip(lite0_export) -> None:
+    result, spec = lite0_export
+    model = onnx.load(str(result.model_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    assert {node.domain for node in model.graph.node} <= {""}  # standard ops only
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert [i.name for i in model.graph.input] == ["input"] and dims == ["batch", 3, 224, 224]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    for path in (result.model_path, result.int8_path):
+        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert ModelSpec.from_json(metadata[ONNX_METADATA_KEY]) == spec
+        assert json.loads(metadata["class_names"]) == ["Cyst", "Normal", "Stone", "Tumor"]
+
+
+def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
+    from kidney_edge.onnx_info import describe_onnx
+    from kidney_edge.runtime import OnnxClassifier
+
+    result, spec = lite0_export
+    model = onnx.load(str(result.int8_path))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") > 40 and ops.count("DequantizeLinear") > 40
+    conv_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(conv_weights) >= 49  # every Conv's weight is int8 (per channel)
+    gate = result.int8_gate
+    assert gate["recipe"]["format"] == "QDQ" and gate["recipe"]["per_channel"] is True
+    assert gate["recipe"]["calibration_images"] == 16
+    assert any("fewer than 300" in w for w in gate["warnings"])
+    assert gate["reference"] == "labels" and gate["n_images"] > 0
+    assert set(gate["fp32"]) == {"accuracy", "macro_f1", "tumor_recall"}
+    assert gate["delta"]["macro_f1"] == pytest.approx(gate["int8"]["macro_f1"] - gate["fp32"]["macro_f1"])
+    assert {"avx2", "avx512f", "vnni", "onnxruntime"} <= set(gate["cpu"])
+    classifier = OnnxClassifier(result.int8_path)
+    rng = np.random.default_rng(0)
+    logits, probabilities = classifier.run(rng.normal(size=(5, 3, 224, 224)).astype(np.float32))
+    assert logits.shape == (5, 4) and np.all(np.isfinite(logits))
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, spec.probabilities(logits), atol=1e-5)  # head stayed fp32
+    info = describe_onnx(result.int8_path)
+    assert info["is_int8"] and info["opset"] == 17 and info["spec"] == spec.to_dict()
+    assert describe_onnx(result.model_path)["is_int8"] is False
+
+
+def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kidney_edge.onnx_info import describe_onnx
+
+    result, spec = lite0_export
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError, as in a base install
+    fp32, int8 = describe_onnx(result.model_path), describe_onnx(result.int8_path)
+    assert fp32["opset"] == 17 and fp32["is_int8"] is False and int8["is_int8"] is True
+    assert fp32["inputs"] == [{"name": "input", "type": "tensor(float)", "shape": ["batch", 3, 224, 224]}]
+    assert [o["name"] for o in fp32["outputs"]] == ["logits", "probabilities"]
+    assert fp32["size_bytes"] == result.model_path.stat().st_size and fp32["producer"].startswith(
+        "kidney-edge"
+    )
+
+
+def test_broken_int8_trips_the_accuracy_gate(lite0_export, tmp_path: Path) -> None:
+    from kidney_edge.quantize import int8_accuracy_gate
+
+    result, _ = lite0_export
+    broken = tmp_path / "broken.int8.onnx"
+    _perturb_int8_weights(result.int8_path, broken)
+    paths = _test_images(result)
+    gate = int8_accuracy_gate(result.model_path, broken, paths, None)
+    assert gate["reference"] == "fp32_decisions" and gate["fp32"]["macro_f1"] == 1.0
+    assert not gate["passed"] and any(f.startswith("macro_f1 dropped") for f in gate["failures"])
+    same = int8_accuracy_gate(result.model_path, result.model_path, paths, None)
+    assert same["passed"] and same["delta"]["macro_f1"] == 0.0 and same["decision_agreement"] == 1.0
+
+
+def _test_images(result) -> list[Path]:
+    from kidney_edge.dataset import read_splits
+
+    return [row.path for row in read_splits(result.out_dir.parent / "splits.csv") if row.split == "test"]
+
+
+def _perturb_int8_weights(source: Path, target: Path) -> None:
+    """A 'quantization bug': shuffle every int8 weight tensor (shapes and scales untouched)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor).copy()
+            flat = values.reshape(-1)
+            rng.shuffle(flat)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    onnx.save(model, str(target))
+
+
+def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: Path, monkeypatch) -> None:
+    import kidney_edge.quantize as quantize
+    from kidney_edge.export import export_model
+
+    _checkpoint(tmp_path / "small.pt", "efficientnet_lite0", pretrained=True, size=64)
+
+    def broken_quantize(fp32_path, int8_path, calibration_paths, spec, config, progress=None):
+        _perturb_fp32_weights(Path(fp32_path), Path(int8_path))
+        return {"format": "QDQ", "activation_type": "uint8", "calibration_images": len(calibration_paths)}
+
+    monkeypatch.setattr(quantize, "quantize_model", broken_quantize)
+    images = sorted(phantom_dir.glob("*/*.jpg"))[::6]
+    out = tmp_path / "out"
+    with pytest.raises(KidneyEdgeError, match="INT8 accuracy gate failed.*--allow-int8-drop"):
+        export_model(tmp_path / "small.pt", out, images=images, max_parity_images=4, parity_batch_size=2)
+    assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+    assert (out / "model.int8.rejected.onnx").is_file()
+    parity = json.loads((out / "parity.json").read_text())
+    assert (
+        parity["passed"]
+        and parity["int8"]["passed"] is False
+        and parity["int8"]["model"] == "model.int8.rejected.onnx"
+    )
+
+    result = export_model(
+        tmp_path / "small.pt",
+        out,
+        images=images,
+        max_parity_images=4,
+        parity_batch_size=2,
+        allow_int8_drop=True,
+    )
+    assert result.int8_path == out / "model.int8.onnx" and result.int8_path.is_file()
+    assert not (out / "model.int8.rejected.onnx").exists()  # the stale reject went with the new export
+    assert any("--allow-int8-drop" in w for w in result.warnings)
+
+
+def _perturb_fp32_weights(source: Path, target: Path) -> None:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(1)
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32 and values.ndim == 4:
+            noisy = values + rng.normal(scale=values.std() * 2, size=values.shape).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(noisy, tensor.name))
+    onnx.save(model, str(target))
+
+
+def test_b0_without_pretrained_weights_via_cli(tmp_path: Path, splits_csv: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kidney_edge.cli import app
+
+    _checkpoint(tmp_path / "b0.pt", "efficientnet_b0", pretrained=False)
+    out = tmp_path / "export" / "b0"
+    args = ["export", str(tmp_path / "b0.pt"), "--out", str(out), "--no-int8", "--splits", str(splits_csv)]
+    outcome = CliRunner().invoke(app, [*args, "--parity-batch-size", "3", "--parity-images", "6"])
+    assert outcome.exit_code == 0, outcome.output
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["batch_size"] == 3 and parity["n_images"] == 6 and parity["max_abs_diff"] <= 1e-4
+    assert parity["argmax_agreement"] == 1.0 and "int8" not in parity
+    assert not (out / "model.int8.onnx").exists()
+    text = "".join(outcome.output.split())
+    assert f"kidney-edgepredictFOLDER--model{out / 'model.onnx'}" in text
+    assert f"kidney-edgebenchmark--model{out / 'model.onnx'}" in text
+
+
+def test_checkpoint_with_wrong_classes_fails_clearly(tmp_path: Path) -> None:
+    from kidney_edge.backbones import create_model
+    from kidney_edge.export import export_model
+
+    model = create_model("efficientnet_lite0", num_classes=3, pretrained=False)  # head: 3 outputs
+    save_checkpoint(tmp_path / "bad.pt", model=model, spec=ModelSpec(input_size=64), config={})  # 4 classes
+    with pytest.raises(InputError, match=r"bad\.pt.*(do not fit|classes)"):
+        export_model(tmp_path / "bad.pt", tmp_path / "out", images=[tmp_path])
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_corrupted_or_missing_source_fails_clearly(tmp_path: Path) -> None:
+    from kidney_edge.export import export_model
+
+    (tmp_path / "best.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(InputError, match="not a readable kidney-edge checkpoint"):
+        export_model(tmp_path, tmp_path / "out")  # a run folder whose best.pt is corrupted
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(InputError, match="no best.pt"):
+        export_model(tmp_path / "empty_run", tmp_path / "out")
+    with pytest.raises(InputError, match="no such run folder or checkpoint"):
+        export_model(tmp_path / "missing.pt", tmp_path / "out")
+
+
+def test_checkpoint_without_images_asks_for_splits(tmp_path: Path) -> None:
+    from kidney_edge.export import export_model
+
+    _checkpoint(tmp_path / "m.pt", "efficientnet_lite0", pretrained=False, size=64)
+    with pytest.raises(InputError, match="--splits"):
+        export_model(tmp_path / "m.pt", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [({"opset": 13}, "--opset"), ({"parity_batch_size": 1}, "--parity-batch-size"),
+     ({"calibration_images": 0}, "--calibration-images"), ({"exporter": "tf"}, "--exporter")],
+)  # fmt: skip
+def test_export_config_names_the_flag(options: dict, flag: str) -> None:
+    from kidney_edge.export import ExportConfig
+
+    with pytest.raises(InputError, match=flag):
+        ExportConfig(**options)
+
+
+def test_gate_decision_on_hand_computed_scores() -> None:
+    from kidney_edge.quantize import compare_scores
+
+    fp32 = {"accuracy": 0.90, "macro_f1": 0.850, "tumor_recall": 0.980}
+    deltas, failures = compare_scores(fp32, {"accuracy": 0.9, "macro_f1": 0.845, "tumor_recall": 0.97}, 0.01)
+    assert failures == [] and deltas["macro_f1"] == pytest.approx(-0.005)  # 0.5 and 1.0 points: allowed
+    _, failures = compare_scores(fp32, {"accuracy": 0.9, "macro_f1": 0.83, "tumor_recall": 0.99}, 0.01)
+    assert failures == ["macro_f1 dropped 2.00 points (0.8500 -> 0.8300; allowed 1.00)"]
+    _, failures = compare_scores({**fp32, "tumor_recall": None}, {**fp32, "tumor_recall": None}, 0.01)
+    assert failures == []  # no tumors in the test split: nothing to gate on
+
+
+def test_activation_type_auto_follows_the_cpu() -> None:
+    from kidney_edge.quantize import ActivationType, QuantizationConfig, resolve_activation_type
+
+    assert resolve_activation_type(ActivationType.AUTO, "x86_64") is ActivationType.UINT8
+    assert resolve_activation_type(ActivationType.AUTO, "aarch64") is ActivationType.INT8
+    assert resolve_activation_type(ActivationType.INT8, "x86_64") is ActivationType.INT8
+    with pytest.raises(InputError, match="--int8-activations"):
+        QuantizationConfig(activation_type="int4")
