@@ -369,6 +369,14 @@ def create_model(
         raise InputError(f"a classifier needs at least 2 classes, got {num_classes}")
     model = backbone.build(num_classes)
     if pretrained or weights is not None:
-        path = Path(weights) if weights is not None else backbone.weights_path()
+        path = pretrained_weights_path(arch, weights)
         _load_pretrained(model, backbone, path, keep_classifier=num_classes == 1000)
     return model
+
+
+def pretrained_weights_path(arch: str, weights: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``arch``'s ImageNet weights come from; InputError saying how to provide them if absent."""
+    path = Path(weights) if weights is not None else _backbone(arch).weights_path()
+    if not path.is_file():
+        raise InputError(f"weights file {path} (--weights) does not exist")
+    return path

@@ -260,11 +260,15 @@ def test_bad_inputs_get_clear_messages(phantom_dir: Path, straight_run: Path, tm
         ((phantom_dir, "--out", straight_run, "--resume", "--image-size", "64"), "image_size"),
         ((phantom_dir, "--out", tmp_path / "empty", "--resume"), "no training run"),
         ((phantom_dir, "--out", tmp_path / "r4", "--arch", "resnet50"), "resnet50"),
+        ((phantom_dir, "--out", tmp_path / "r5", "--weights", tmp_path / "none.pth"), "none.pth"),
     ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append(((phantom_dir, "--out", tmp_path / "r6", "--device", "cuda"), "--device cuda"))
     for args, message in cases:
         result = _cli(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output.replace("\n", " "), (args, result.output)
+    assert not (tmp_path / "r5").exists()  # refused before writing anything
 
 
 # --- torchrun ---------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
 def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress | None) -> TrainResult:
     run_dir = config.out_dir
+    if config.pretrained or config.weights is not None:  # fail before anything is written
+        from kidney_edge.backbones import pretrained_weights_path
+
+        pretrained_weights_path(config.arch, config.weights)
     resume_from = _check_run_folder(config) if ctx.is_main else None
     rows = _splits(config, ctx)
     class_names = run_data.check_splits(rows)
