@@ -104,18 +104,39 @@ def _fmt_ci(interval: Sequence[float] | None) -> str:
     return "n/a" if not interval else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(figure, value, 95% CI) rows: recall per class (Tumor first), macro-F1, precision, accuracy."""
+HEADLINE_HEADER = ("figure", "value", "95% CI", "n")
+
+
+def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, value, 95% CI, n) rows: recall per class (Tumor first), macro-F1, precision, accuracy.
+
+    ``n`` is what the figure is a fraction of (class support for recall, predictions of the
+    class for precision): a reader needs it to judge an interval from a handful of images.
+    """
     ci, per_class = metrics.get("ci", {}), metrics["per_class"]
     classes = ordered_classes(metrics["labels"])
-    rows = [(f"Recall {c}", _fmt(per_class[c]["recall"]), _fmt_ci(ci.get(f"recall_{c}"))) for c in classes]
-    rows.append(("Macro-F1", _fmt(metrics["macro_f1"]), _fmt_ci(ci.get("macro_f1"))))
-    rows += [
-        (f"Precision {c}", _fmt(per_class[c]["precision"]), _fmt_ci(ci.get(f"precision_{c}")))
+    total = str(metrics["n_samples"])
+    rows = [
+        (
+            f"Recall {c}",
+            _fmt(per_class[c]["recall"]),
+            _fmt_ci(ci.get(f"recall_{c}")),
+            str(per_class[c]["support"]),
+        )
         for c in classes
     ]
-    rows.append(("Accuracy", _fmt(metrics["accuracy"]), _fmt_ci(ci.get("accuracy"))))
-    rows.append(("Balanced accuracy", _fmt(metrics["balanced_accuracy"]), ""))
+    rows.append(("Macro-F1", _fmt(metrics["macro_f1"]), _fmt_ci(ci.get("macro_f1")), total))
+    rows += [
+        (
+            f"Precision {c}",
+            _fmt(per_class[c]["precision"]),
+            _fmt_ci(ci.get(f"precision_{c}")),
+            str(per_class[c]["predicted"]),
+        )
+        for c in classes
+    ]
+    rows.append(("Accuracy", _fmt(metrics["accuracy"]), _fmt_ci(ci.get("accuracy")), total))
+    rows.append(("Balanced accuracy", _fmt(metrics["balanced_accuracy"]), "", total))
     return rows
 
 
@@ -409,7 +430,8 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
             "say the pipeline works, not that the model detects disease.",
         )
     recall = [
-        f"recall {c} {_fmt(metrics['per_class'][c]['recall'])} {_fmt_ci(metrics['ci'].get(f'recall_{c}'))}"
+        f"recall {c} {_fmt(metrics['per_class'][c]['recall'])} {_fmt_ci(metrics['ci'].get(f'recall_{c}'))} "
+        f"(n={metrics['per_class'][c]['support']})"
         for c in ordered_classes(metrics["labels"])
     ]
     return [
@@ -437,7 +459,9 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
         (
             "ul",
             [
-                f"evaluated on: {inputs.data_description}",
+                f"evaluated on: {inputs.split} split of {inputs.data_description}"
+                if inputs.data_description.endswith(".csv")
+                else f"evaluated on: {inputs.data_description}",
                 f"{metrics['n_samples']} items, support per class: "
                 + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in metrics["labels"]),
                 f"training data fingerprint: {spec.data_fingerprint or 'unknown'}",
@@ -511,10 +535,14 @@ def _audit_value(value: Any) -> str:
     return _short(value)
 
 
+_CARD_AUDIT_KEYS = ("mode", "n_images", "leaked_images", "groups")  # the card stays short
+
+
 def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
     if not audit:
         return ["no split audit available"]
-    return [f"split audit: {check}: {result}" for check, result in audit_summary(audit)]
+    shown = {key: audit[key] for key in _CARD_AUDIT_KEYS if key in audit}
+    return [f"split audit: {check}: {result}" for check, result in audit_summary(shown)]
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -558,7 +586,7 @@ table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding
 th{background:#f3f5f8}td:first-child,th:first-child{text-align:left}
 .meta{color:#555;font-size:.92em}.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
 img{max-width:100%;height:auto;border:1px solid #eee}
-nav a{margin-right:1em}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+table.text td,table.text th{text-align:left}nav a{margin-right:1em}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 """
 
 SECTIONS = (
@@ -574,10 +602,11 @@ SECTIONS = (
 )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attribute = f' class="{css_class}"' if css_class else ""
+    return f"<table{attribute}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _img(images: dict[str, bytes], name: str, alt: str) -> str:
@@ -626,7 +655,7 @@ def _headline_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     return (
         "<p>Under argmax of the calibrated probabilities. 95% intervals: stratified bootstrap, "
         "1,000 resamples, seed 0.</p>"
-        + _table(["figure", "value", "95% CI"], headline_rows(m))
+        + _table(HEADLINE_HEADER, headline_rows(m))
         + "<h3>Per class (one-vs-rest)</h3>"
         + _table(PER_CLASS_HEADER, per_class_rows(m))
     )
@@ -678,7 +707,7 @@ def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     audit = inputs.audit
     if not audit:
         return "<p>No split audit (splits_audit.json) available for this data.</p>"
-    parts = [_table(["check", "result"], audit_summary(audit))]
+    parts = [_table(["check", "result"], audit_summary(audit), css_class="text")]
     counts = audit.get("counts")
     if isinstance(counts, dict) and all(isinstance(v, dict) for v in counts.values()):
         classes = ordered_classes(list(next(iter(counts.values()), {})))
@@ -711,7 +740,7 @@ def _errors_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     return (
         note
         + _img(images, "error_gallery.png", "misclassified images with Grad-CAM")
-        + _table(["", "true", "predicted", "p(predicted)", "file"], rows)
+        + _table(["", "true", "predicted", "p(predicted)", "file"], rows, css_class="text")
     )
 
 
@@ -744,7 +773,7 @@ def render_markdown(inputs: ReportInputs) -> str:
     ]
     if inputs.phantom_data:
         lines += ["> Synthetic phantom data: pipeline figures, not clinical performance.", ""]
-    lines += _md_table(["figure", "value", "95% CI"], headline_rows(m)) + [""]
+    lines += _md_table(HEADLINE_HEADER, headline_rows(m)) + [""]
     lines += _md_table(PER_CLASS_HEADER, per_class_rows(m)) + [""]
     comparison = rule_comparison_rows(m)
     rule = m.get("decision_rule") or {"kind": "argmax"}

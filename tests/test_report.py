@@ -114,7 +114,13 @@ def test_headline_puts_tumor_recall_first_then_macro_f1_precision_accuracy(tmp_p
     assert figures[5] == "Precision Tumor" and figures.index("Accuracy") > figures.index("Precision Stone")
     recall = inputs.metrics["per_class"]["Tumor"]["recall"]
     low, high = inputs.metrics["ci"]["recall_Tumor"]
-    assert headline_rows(inputs.metrics)[0] == ("Recall Tumor", f"{recall:.3f}", f"[{low:.3f}, {high:.3f}]")
+    support = str(inputs.metrics["per_class"]["Tumor"]["support"])
+    assert headline_rows(inputs.metrics)[0] == (
+        "Recall Tumor",
+        f"{recall:.3f}",
+        f"[{low:.3f}, {high:.3f}]",
+        support,
+    )
 
 
 def test_markdown_report_and_model_card(full_report: tuple[ReportInputs, ReportFiles]) -> None:

@@ -71,11 +71,11 @@ def _progress_bar():  # -> rich.progress.Progress
 def _render(result: EvaluationResult) -> None:
     from rich.table import Table
 
-    from kidney_edge.report import headline_rows, rule_comparison_rows
+    from kidney_edge.report import HEADLINE_HEADER, headline_rows, rule_comparison_rows
 
     metrics = result.metrics
     table = Table(title=f"{result.split} split, {result.n_images} images (argmax)")
-    for column in ("figure", "value", "95% CI"):
+    for column in HEADLINE_HEADER:
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in headline_rows(metrics):
         table.add_row(*row)
