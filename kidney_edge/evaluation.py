@@ -254,6 +254,13 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
     predictor = _Predictor(config.model_path)
     files = load_labelled(config.data, config.split, class_names=predictor.spec.class_names)
     notes: list[str] = []
+    split = config.split
+    if config.data.is_dir():
+        split = "all"  # a folder has no splits: every image in it is evaluated
+        notes.append(
+            f"Every image in {config.data} was evaluated: if the model was trained on any of them, "
+            "these figures are optimistic. Pass the run's splits.csv to evaluate its test split."
+        )
     if config.tumor_recall is not None:
         rule = _rule_from_val(predictor, config, notes)
         predictor.spec = predictor.spec.replace(decision_rule=rule or DecisionRule())
@@ -262,7 +269,7 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
         predictor,
         files,
         config.out_dir,
-        split=config.split,
+        split=split,
         batch_size=config.batch_size,
         history_csv=history if history.is_file() else None,
         notes=notes,

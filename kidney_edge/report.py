@@ -266,7 +266,7 @@ def plot_history(history: dict[str, list]) -> bytes:
     steps = len(next(iter(history.values())))
     x = np.arange(1, steps + 1)
     # Bookkeeping columns are numbers too, but not curves.
-    skip = {"epoch", "step", "global_epoch", "phase", "phase_epoch", "seconds", "time", "wall_s"}
+    skip = {"epoch", "step", "global_epoch", "phase", "phase_epoch", "seconds", "time", "wall_s", "best"}
     numeric = {k: v for k, v in history.items() if _numeric(v) and k not in skip}
     groups = {
         "loss": [k for k in numeric if "loss" in k],

@@ -74,7 +74,8 @@ def _render(result: EvaluationResult) -> None:
     from kidney_edge.report import HEADLINE_HEADER, headline_rows, rule_comparison_rows
 
     metrics = result.metrics
-    table = Table(title=f"{result.split} split, {result.n_images} images (argmax)")
+    where = "whole folder" if result.split == "all" else f"{result.split} split"
+    table = Table(title=f"{where}, {result.n_images} images (argmax)")
     for column in HEADLINE_HEADER:
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in headline_rows(metrics):
