@@ -90,6 +90,19 @@ def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path) ->
         assert any(k.startswith(prefix) for k in changed), prefix
 
 
+def test_distributed_shards_partition_one_shuffle() -> None:
+    from kidney_edge.training.loop import make_loader
+
+    dataset = TensorDataset(torch.arange(20).float(), torch.zeros(20, dtype=torch.long))
+    shards = []
+    for rank in (0, 1):
+        ctx = DistContext(rank=rank, world_size=2)
+        loader = make_loader(dataset, LoaderSettings(4, 0, 0), ctx, shuffle_seed=7)
+        shards.append([int(v) for batch, _ in loader for v in batch])
+    assert sorted(shards[0] + shards[1]) == list(range(20))  # every image once per epoch
+    assert shards[0] != sorted(shards[0])  # shuffled
+
+
 def test_class_weights_match_hand_computation() -> None:
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # 10 images, 3 classes
     # "balanced": n / (n_classes * count_c) = 10/18, 10/9, 10/3

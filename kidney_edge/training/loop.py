@@ -93,9 +93,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, phase: str, epoch: int, rank: int) -> int:
-    # Distinct, reproducible stream per (seed, phase, epoch, rank): what makes resume exact.
-    return seed * 1_000_003 + PHASE_INDEX[phase] * 10_007 + epoch * 101 + rank
+def epoch_seed(seed: int, phase: str, epoch: int) -> int:
+    # Distinct, reproducible stream per (seed, phase, epoch): what makes resume exact.
+    return seed * 1_000_003 + PHASE_INDEX[phase] * 10_007 + epoch * 101
 
 
 def rng_state() -> dict[str, Any]:
@@ -157,7 +157,9 @@ def make_loader(
     generator = None
     sampler = None
     if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
+        # The shuffle order must agree across ranks (DistributedSampler splits one permutation);
+        # worker seeds, drawn from `generator`, differ per rank so augmentations do too.
+        generator = torch.Generator().manual_seed(shuffle_seed + context.rank)
         if context.distributed:
             from torch.utils.data.distributed import DistributedSampler
 
@@ -333,7 +335,7 @@ def fit_phase(
         state.phase_done = True
         return
     trainable = configure_trainable(model, phase)
-    seed_everything(epoch_seed(settings.seed, phase.name, 0, ctx.rank))
+    seed_everything(epoch_seed(settings.seed, phase.name, 0) + ctx.rank)
     net, train_set, validate = _phase_inputs(model, phase, data, settings, ctx)
     steps = len(make_loader(train_set, settings, ctx, shuffle_seed=0))
     opt = build_optimization(model, net, phase, steps, data.class_weights, ctx)
@@ -342,8 +344,8 @@ def fit_phase(
     notify(TrainEvent("phase", phase.name, state.phase_epoch, phase.epochs, 0, steps))
     for epoch in range(state.phase_epoch + 1, phase.epochs + 1):
         started = time.perf_counter()
-        seed = epoch_seed(settings.seed, phase.name, epoch, ctx.rank)
-        seed_everything(seed)
+        seed = epoch_seed(settings.seed, phase.name, epoch)
+        seed_everything(seed + ctx.rank)  # augmentation and dropout differ per rank
         loader = make_loader(train_set, settings, ctx, shuffle_seed=seed)
         set_train_mode(model, trainable)
 
