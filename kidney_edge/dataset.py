@@ -413,7 +413,9 @@ def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int, chunk: int 
 class _Grouping:
     group_of: np.ndarray  # (N,) group index per item
     names: list[str]
-    near_pairs: np.ndarray  # (P, 2)
+    near_pairs: np.ndarray  # (P, 2) near-duplicate or same-series pairs (different bytes)
+    hash_pairs: int
+    series_pairs: int
     exact_groups: int
     exact_files: int
     near_groups: int
@@ -431,15 +433,8 @@ def _group_items(scan: DatasetScan, config: SplitConfig) -> _Grouping:
     for members in by_hash.values():
         for other in members[1:]:
             uf.union(members[0], other)
-    near = np.zeros((0, 2), dtype=np.int64)
-    if config.near_dup_distance is not None and all(item.phash for item in items):
-        near = near_duplicate_pairs([item.phash for item in items], config.near_dup_distance)
-        near = near[[items[i].sha256 != items[j].sha256 for i, j in near]] if len(near) else near
-    series = np.zeros((0, 2), dtype=np.int64)
-    if config.series_distance is not None:
-        series = _series_pairs(scan, config.series_distance)
-        series = series[[items[i].sha256 != items[j].sha256 for i, j in series]] if len(series) else series
-    near = np.unique(np.concatenate([near, series]), axis=0)
+    hash_pairs, series_pairs = _similar_pairs(scan, config)
+    near = np.unique(np.concatenate([hash_pairs, series_pairs]), axis=0)
     near_uf = _UnionFind(len(items))
     for i, j in near:
         uf.union(int(i), int(j))
@@ -457,12 +452,31 @@ def _group_items(scan: DatasetScan, config: SplitConfig) -> _Grouping:
         group_of=group_of,
         names=[f"g{k:05d}" for k in range(len(index_of_root))],
         near_pairs=near,
+        hash_pairs=len(hash_pairs),
+        series_pairs=len(series_pairs),
         exact_groups=len(exact_sizes),
         exact_files=sum(exact_sizes),
         near_groups=sum(1 for n in near_sizes.values() if n > 1),
         near_files=sum(n for n in near_sizes.values() if n > 1),
         pattern_groups=pattern_groups,
     )
+
+
+def _similar_pairs(scan: DatasetScan, config: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(near-duplicate pairs by perceptual hash, same-series pairs), both without exact copies."""
+    items = scan.items
+    empty = np.zeros((0, 2), dtype=np.int64)
+    hash_pairs = series_pairs = empty
+    if config.near_dup_distance is not None and all(item.phash for item in items):
+        hash_pairs = near_duplicate_pairs([item.phash for item in items], config.near_dup_distance)
+    if config.series_distance is not None:
+        series_pairs = _series_pairs(scan, config.series_distance)
+
+    def without_copies(pairs: np.ndarray) -> np.ndarray:
+        keep = [items[i].sha256 != items[j].sha256 for i, j in pairs]
+        return pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
+
+    return without_copies(hash_pairs), without_copies(series_pairs)
 
 
 def _series_pairs(scan: DatasetScan, max_difference: float) -> np.ndarray:
@@ -748,8 +762,10 @@ def leakage_audit(
         "near_duplicates": {
             "groups": grouping.near_groups,
             "files": grouping.near_files,
-            "pairs": int(len(grouping.near_pairs)),
+            "hash_pairs": grouping.hash_pairs,
+            "series_pairs": grouping.series_pairs,
         },
+        "near_twin_means": "a perceptual-hash near duplicate, or a neighbouring file number that looks alike",
         "pattern_groups": grouping.pattern_groups,
         "leak": leak,
         "leaked_images": sum(v["exact_twin_in_train"] + v["near_twin_in_train"] for v in leak.values()),
