@@ -212,7 +212,24 @@ def write_markdown(results: dict[str, object], path: Path) -> None:
                   "Content groups vs the phantom's patients (truth file used only here): `"
                   + json.dumps(split["grouping_vs_phantom_patients"]) + "`", "",
                   "Perceptual-hash distances (256 bits) on a sample: `" + json.dumps(split["hash_distances"]) + "`", ""]  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + NOTES) + "\n")
+
+
+NOTES = [
+    "## Reading these numbers",
+    "",
+    "- The machine has 2 vCPUs shared with other engineers' jobs while these ran (see the load",
+    "  averages), and the runs were niced. `CPU s` is this single-threaded process's own CPU",
+    "  time: the best estimate of the time on one idle core. Wall time is what it took here.",
+    "- 64-bit perceptual hashes cannot separate CT slices of different patients (every slice",
+    "  shows the same body outline); the split uses 256-bit hashes (16x16 DCT). Even so, adjacent",
+    "  slices of one patient can flip many bits (bits near the median flip under a one-pixel",
+    "  shift, worst in small images), so consecutively numbered files whose 16x16 thumbnails",
+    "  look alike are linked too (`--series-distance`). This uses only file names and pixels,",
+    "  so it works on the real Kaggle files; `phantom_truth.csv` is used only to measure it.",
+    "- Over-grouping (one group holding several phantom patients) only makes the split more",
+    "  conservative; the proportions stay on target (`max_proportion_error`).",
+]
 
 
 def main() -> None:
