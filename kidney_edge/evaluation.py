@@ -495,7 +495,12 @@ def finalize_run(
     update_spec(checkpoint, spec)
     atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
     predictor.spec = spec
-    test = load_labelled(splits, "test", class_names=spec.class_names)
+    try:
+        test = load_labelled(splits, "test", class_names=spec.class_names)
+    except InputError as exc:
+        raise KidneyEdgeError(
+            f"run {run_dir}: no test metrics ({exc}); best.pt and spec.json hold the calibration"
+        ) from None
     history = run_dir / "history.csv"
     return _evaluate_files(
         predictor,

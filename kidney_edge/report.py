@@ -260,8 +260,13 @@ def _numeric(values: list) -> bool:
 
 
 def plot_history(history: dict[str, list]) -> bytes:
-    """Loss curves, quality curves (F1, accuracy, recall...) and the learning rate, per epoch."""
+    """Loss curves, quality curves (F1, accuracy, recall...) and the learning rate, per epoch.
+
+    Epochs are numbered through all phases; a dashed line marks a phase change and a star
+    the epoch whose checkpoint became best.pt (the last row flagged ``best``).
+    """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     steps = len(next(iter(history.values())))
     x = np.arange(1, steps + 1)
@@ -275,6 +280,7 @@ def plot_history(history: dict[str, list]) -> bytes:
     used = {k for keys in groups.values() for k in keys}
     groups["validation / training scores"] = [k for k in numeric if k not in used and "time" not in k]
     groups = {title: keys for title, keys in groups.items() if keys}
+    best = _best_epoch(history.get("best"))
     figure = Figure(figsize=(4.2 * max(1, len(groups)), 3.6))
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     for index, (title, keys) in enumerate(groups.items()):
@@ -282,14 +288,34 @@ def plot_history(history: dict[str, list]) -> bytes:
         for key in keys:
             y = np.array([np.nan if v is None else v for v in numeric[key]], dtype=float)
             ax.plot(x, y, marker="o", markersize=3, label=key)
+            if best is not None and key == "val_macro_f1":
+                ax.plot(
+                    [best + 1],
+                    [y[best]],
+                    marker="*",
+                    markersize=12,
+                    color="black",
+                    linestyle="",
+                    label="best.pt",
+                )
+            # A schedule that decays to 0 cannot go on a log axis.
+            if title == "learning rate" and np.nanmin(y) > 0:
+                ax.set_yscale("log")
         _mark_phases(ax, history.get("phase"))
-        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (all phases)")
         ax.set_title(title, fontsize=10)
-        if title == "learning rate":
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _png(figure)
+
+
+def _best_epoch(flags: list | None) -> int | None:
+    """Row index of the last epoch flagged best (True/1/"True"), or None."""
+    if not flags:
+        return None
+    rows = [i for i, flag in enumerate(flags) if str(flag).strip().lower() in ("true", "1", "1.0", "yes")]
+    return rows[-1] if rows else None
 
 
 def _mark_phases(ax: Any, phases: list | None) -> None:
@@ -678,8 +704,9 @@ def _confusion_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
 
 def _training_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     if "training_curves.png" in images:
-        return "<p>From history.csv; dashed lines mark a phase change.</p>" + _img(
-            images, "training_curves.png", "training curves"
+        return (
+            "<p>From history.csv; a dashed line marks the phase change, a star the epoch saved as best.pt.</p>"
+            + _img(images, "training_curves.png", "training curves")
         )
     return "<p>No history.csv: this evaluation is not part of a training run.</p>"
 
