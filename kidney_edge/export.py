@@ -138,6 +138,14 @@ def resolve_source(source: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     return source, None
 
 
+def default_out_dir(source: str | os.PathLike[str], export_root: str | os.PathLike[str] = "export") -> Path:
+    """export/<run name> for RUN or RUN/best.pt; export/<file stem> for another checkpoint file."""
+    source = Path(source).resolve()
+    if source.is_dir():
+        return Path(export_root) / source.name
+    return Path(export_root) / (source.parent.name if source.stem in ("best", "last") else source.stem)
+
+
 @dataclass
 class EvaluationImages:
     """Images export runs on: parity + accuracy gate (test) and INT8 calibration (train)."""

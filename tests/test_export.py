@@ -331,3 +331,15 @@ def test_activation_type_auto_follows_the_cpu() -> None:
     assert resolve_activation_type(ActivationType.INT8, "x86_64") is ActivationType.INT8
     with pytest.raises(InputError, match="--int8-activations"):
         QuantizationConfig(activation_type="int4")
+
+
+def test_default_out_dir_is_named_after_the_run(tmp_path: Path) -> None:
+    from kidney_edge.export import default_out_dir
+
+    run = tmp_path / "lite0_run"
+    run.mkdir()
+    (run / "best.pt").touch()
+    (tmp_path / "other.pt").touch()
+    assert default_out_dir(run) == Path("export/lite0_run")
+    assert default_out_dir(run / "best.pt") == Path("export/lite0_run")
+    assert default_out_dir(tmp_path / "other.pt", "out") == Path("out/other")

@@ -68,10 +68,10 @@ def export(
     ] = Exporter.torchscript,
 ) -> None:
     """Export to ONNX with the spec inside, prove parity with PyTorch, add a gated INT8 model."""
-    from kidney_edge.export import ExportConfig, export_model
+    from kidney_edge.export import ExportConfig, default_out_dir, export_model
     from kidney_edge.quantize import QuantizationConfig
 
-    out_dir = out if out is not None else Path("export") / source.resolve().with_suffix("").name
+    out_dir = out if out is not None else default_out_dir(source)
     with library_errors():
         config = ExportConfig(
             int8=int8, allow_int8_drop=allow_int8_drop, splits=splits, images=tuple(images or ()),
