@@ -437,7 +437,7 @@ def plot_gallery(items: Sequence[GalleryItem], columns: int = 2) -> bytes:
 # --------------------------------------------------------------------------- model card
 
 
-Block = tuple[str, Any]  # ("h2"|"p"|"ul", text or list of texts)
+Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"pre"|"ul", text or list of texts)
 
 
 def model_card_blocks(inputs: ReportInputs) -> list[Block]:
@@ -508,6 +508,8 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
         ("p", _operating_point_text(rule, metrics)),
         ("h2", "Known limits"),
         ("ul", limits),
+        ("h2", "Spec (preprocessing, calibration and decision rule, as stored in the model)"),
+        ("pre", spec.to_json()),
     ]
 
 
@@ -583,6 +585,8 @@ def blocks_to_markdown(blocks: list[Block]) -> str:
             lines += ["#" * int(kind[1]) + " " + content, ""]
         elif kind == "p":
             lines += [content, ""]
+        elif kind == "pre":
+            lines += ["```json", content, "```", ""]
         else:
             lines += [f"- {item}" for item in content] + [""]
     return "\n".join(lines)
@@ -597,6 +601,8 @@ def _blocks_to_html(blocks: list[Block]) -> str:
             parts.append(f"<h3>{html.escape(content)}</h3>")
         elif kind == "p":
             parts.append(f"<p>{html.escape(content)}</p>")
+        elif kind == "pre":
+            parts.append(f"<details><summary>spec JSON</summary><pre>{html.escape(content)}</pre></details>")
         else:
             parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in content) + "</ul>")
     return "\n".join(parts)
