@@ -452,8 +452,9 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
     if inputs.phantom_data:
         limits.insert(
             0,
-            "Trained and evaluated on synthetic phantom slices, not patient scans: these figures "
-            "say the pipeline works, not that the model detects disease.",
+            "Evaluated on synthetic phantom slices, not patient scans (a model trained by the demo "
+            "or on phantoms has never seen a patient): these figures say the pipeline works, not "
+            "that the model detects disease.",
         )
     recall = [
         f"recall {c} {_fmt(metrics['per_class'][c]['recall'])} {_fmt_ci(metrics['ci'].get(f'recall_{c}'))} "
