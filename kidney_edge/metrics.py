@@ -283,7 +283,10 @@ def negative_log_likelihood(logits: np.ndarray, y_true: np.ndarray, temperature:
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature T minimising validation NLL of softmax(logits / T) (Guo et al. 2017).
 
-    Searched over log T (a smooth 1-D problem) within :data:`TEMPERATURE_BOUNDS`.
+    Searched over log T (a smooth 1-D problem) within :data:`TEMPERATURE_BOUNDS`. When every
+    validation item is already classified correctly the NLL keeps falling as T -> 0, so there
+    is no optimum to find: T = 1 is kept (with a warning) rather than a near-zero T that
+    would push every probability to 0 or 1.
     """
     from scipy.optimize import minimize_scalar
 
@@ -291,6 +294,9 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     y_true = np.asarray(y_true, dtype=np.int64)
     if len(y_true) == 0:
         raise InputError("cannot fit a temperature on an empty validation split")
+    if np.all(logits.argmax(axis=1) == y_true):
+        log.warning("every validation item is classified correctly: temperature undefined, keeping T = 1")
+        return 1.0
     low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, y_true, math.exp(log_t)),

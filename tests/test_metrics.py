@@ -164,6 +164,14 @@ def test_temperature_fit_recovers_known_temperature() -> None:
         metrics.fit_temperature(np.zeros((0, 4)), np.zeros(0, dtype=int))
 
 
+def test_temperature_is_kept_at_one_when_validation_is_separable(caplog: pytest.LogCaptureFixture) -> None:
+    # All correct: NLL falls forever as T -> 0; no temperature should be "fitted".
+    logits = np.eye(4)[[0, 1, 2, 3, 0, 1]] * 3.0
+    with caplog.at_level("WARNING", logger="kidney_edge.metrics"):
+        assert metrics.fit_temperature(logits, np.array([0, 1, 2, 3, 0, 1])) == 1.0
+    assert "classified correctly" in caplog.text
+
+
 def test_threshold_for_recall_is_the_largest_that_reaches_the_target() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.99])
     is_positive = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
