@@ -216,11 +216,14 @@ def _csv_row_location(root: Path, row: dict[str, str]) -> str | None:
     """Where a kidneyData.csv row's file is under root.
 
     The Kaggle file stores absolute Kaggle paths (/kaggle/input/.../Cyst/Cyst- (12).jpg), so
-    besides the path as given we try its last two parts (class folder / file name).
+    besides the path as given we try its last two parts (class folder / file name), then
+    ``<Class>/<image_id>.jpg``.
     """
     raw = (row.get("path") or "").strip().replace("\\", "/")
     parts = [p for p in raw.split("/") if p]
-    for candidate in ("/".join(parts), "/".join(parts[-2:]), "/".join(parts[-1:])):
+    label, image_id = (row.get("Class") or row.get("diag") or "").strip(), (row.get("image_id") or "").strip()
+    by_id = f"{label}/{image_id}.jpg" if label and image_id else ""
+    for candidate in ("/".join(parts), "/".join(parts[-2:]), "/".join(parts[-1:]), by_id):
         if candidate and not candidate.startswith("/") and (root / candidate).is_file():
             return candidate
     return None

@@ -187,12 +187,14 @@ def test_kaggle_layout_and_labels_file_read_unchanged(tmp_path: Path) -> None:
     lines[-1] = lines[-1].replace(
         f"{KAGGLE_ROOT}/Tumor/Tumor- (6).jpg", f"{KAGGLE_ROOT}/Normal/Normal- (2).jpg"
     )
+    # A path column that leads nowhere still resolves through Class/image_id.jpg.
+    lines = [line.replace(f"{KAGGLE_ROOT}/Stone/Stone- (7).jpg", "D:\\old\\place.jpg") for line in lines]
     (root / "kidneyData.csv").write_text("\n".join(lines) + "\n")
     scan = scan_dataset(root)
     assert scan.class_names == ("Cyst", "Normal", "Stone", "Tumor")
     label = {p.path.relative_to(root).as_posix(): p.label for p in scan.items}
     assert label["Cyst/Cyst- (12).jpg"] == "Cyst" and label["Cyst/Cyst- (1002).jpg"] == "Cyst"
-    assert label["Normal/Normal- (2).jpg"] == "Tumor"
+    assert label["Normal/Normal- (2).jpg"] == "Tumor" and label["Stone/Stone- (7).jpg"] == "Stone"
     assert [p.path.name for p in scan.problems] == ["Tumor- (6).jpg"]  # not listed in the labels file
     assert "not listed" in scan.problems[0].reason and label["Tumor/Tumor- (6).jpg"] == "Tumor"
 
