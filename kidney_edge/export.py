@@ -518,15 +518,20 @@ def _export_verified(
     if progress is not None:
         progress("export", 0, 1)
     record = result.parity
-    record.update(
-        model=MODEL_FILE, **export_onnx(model, spec, staging, opset=config.opset, exporter=config.exporter)
-    )
     parity_paths = _shuffled(images.test_paths, config.seed)[: config.max_parity_images]
-    record.update(
-        check_parity(
-            model, spec, staging, parity_paths, batch_size=config.parity_batch_size, progress=progress
+    try:
+        record.update(
+            model=MODEL_FILE,
+            **export_onnx(model, spec, staging, opset=config.opset, exporter=config.exporter),
         )
-    )
+        record.update(
+            check_parity(
+                model, spec, staging, parity_paths, batch_size=config.parity_batch_size, progress=progress
+            )
+        )
+    except BaseException:
+        staging.unlink(missing_ok=True)  # an unverified graph must not linger beside the real ones
+        raise
     if not record["passed"]:
         failed = result.out_dir / "model.parity_failed.onnx"
         os.replace(staging, failed)
@@ -538,9 +543,9 @@ def _export_verified(
             f"on {record['n_images']} images; nothing was installed as {MODEL_FILE}, the graph is kept "
             f"as {failed} and the figures in {result.parity_path}"
         )
-    os.replace(staging, result.model_path)
     for stale in (INT8_FILE, REJECTED_INT8_FILE):  # INT8 files of an earlier export no longer match
         (result.out_dir / stale).unlink(missing_ok=True)
+    os.replace(staging, result.model_path)
     atomic_write_json(result.parity_path, record)
     log.info(
         "wrote %s; parity max |dp| %.2e on %d images",
