@@ -17,7 +17,9 @@ once with kidney_edge.phantom.synthesize under --cache (not in git).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--checkpoint", type=Path, help="adds PyTorch eager on the same weights")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "runtime")
+    parser.add_argument("--note", default="", help="free text stored with the results (model provenance...)")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite OUT.md from OUT.json, measure nothing"
+    )
     return parser.parse_args()
 
 
@@ -124,34 +130,44 @@ def timed_predict(model: Path, images: Path, threads: int, out: Path) -> dict[st
 
 def main() -> None:
     args = parse_args()
+    if args.render_only:
+        record = json.loads(args.out.with_suffix(".json").read_text())
+    else:
+        record = measure(args)
+        atomic_write_json(args.out.with_suffix(".json"), record)
+    atomic_write_text(args.out.with_suffix(".md"), markdown(record))
+    print(markdown(record))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or find_default_model(REPO / "export")
     images = args.images or phantom_images(args.cache, args.n)
     scratch = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     load_before = os.getloadavg()
-    warm_disk_cache(images)
-    model_only = run_benchmark(model, batch_sizes=(1, 8), threads=sorted({1, args.threads}),
-                               iterations=args.iterations, checkpoint=args.checkpoint)  # fmt: skip
-    end_to_end = timed_predict(model, images, args.threads, scratch / "e2e.csv")
+    try:
+        warm_disk_cache(images)
+        model_only = run_benchmark(model, batch_sizes=(1, 8), threads=sorted({1, args.threads}),
+                                   iterations=args.iterations, checkpoint=args.checkpoint)  # fmt: skip
+        end_to_end = timed_predict(model, images, args.threads, scratch / "e2e.csv")
+        rss_big = None
+        if args.rss_files:
+            big = linked_folder(images, args.rss_files, args.cache)
+            rss_big = timed_predict(model, big, args.threads, scratch / "rss.csv")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     fp32_b8 = next(r for r in model_only["model_only"]
                    if r["precision"] == "fp32" and r["batch_size"] == 8 and r["threads"] == args.threads)  # fmt: skip
-    rss_big = None
-    if args.rss_files:
-        big = linked_folder(images, args.rss_files, args.cache)
-        rss_big = timed_predict(model, big, args.threads, scratch / "rss.csv")
-    record = {
+    return {
         "machine": machine_info(),
         "load_average_at_start": [round(x, 2) for x in load_before],
         "model": str(model),
+        "note": args.note,
         "threads": args.threads,
         "model_only": model_only,
         "end_to_end": end_to_end,
         "peak_rss_large_folder": rss_big,
         "targets": targets(end_to_end, fp32_b8, rss_big),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out.with_suffix(".json"), record)
-    atomic_write_text(args.out.with_suffix(".md"), markdown(record))
-    print(markdown(record))
 
 
 def targets(end_to_end: dict, fp32_b8: dict, rss_big: dict | None) -> dict[str, Any]:
@@ -178,6 +194,8 @@ def markdown(record: dict[str, Any]) -> str:
         "(a load above the core count means other jobs shared the CPUs: figures are pessimistic).",
         f"Model: `{record['model']}`; {record['threads']} threads.",
         "",
+        f"Notes: {record.get('note') or '-'}",
+        "",
         "## Model only (onnxruntime, random inputs, after warm-up)",
         "",
         "| runtime | batch | threads | p50 ms | p90 ms | p99 ms | mean ms | ms/image | images/s |",
@@ -193,6 +211,10 @@ def markdown(record: dict[str, Any]) -> str:
             f"{lat['p90']:.2f} | {lat['p99']:.2f} | {lat['mean']:.2f} | {row['per_image_ms']['mean']:.2f} | "
             f"{row['images_per_s']:.1f} |"
         )
+    speedups = record["model_only"].get("int8_speedup") or []
+    if speedups:
+        lines += ["", "INT8 speed-up over fp32 (mean latency): " + ", ".join(
+            f"batch {s['batch_size']} / {s['threads']} threads: {s['speedup']:.2f}x" for s in speedups)]  # fmt: skip
     e2e, big = record["end_to_end"], record["peak_rss_large_folder"]
     lines += [
         "",
