@@ -274,16 +274,24 @@ def _log_unreadable_folder(error: OSError) -> None:
 
 def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files under ``folder``, recursively, in a deterministic (sorted, depth-first) order."""
+    return [Path(path) for path in _scan_image_paths(folder)]
+
+
+def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
+    # Plain strings, not Path objects: on 100,000 files Path construction alone costs seconds
+    # of start-up before the first batch.
     from kidney_edge.imaging import is_image_file
 
-    root = Path(os.path.abspath(folder))  # absolute without resolving symlinks: stable row keys
-    found: list[Path] = []
+    root = os.path.abspath(folder)  # absolute without resolving symlinks: stable row keys
+    found: list[str] = []
     for directory, subdirs, files in os.walk(root, onerror=_log_unreadable_folder):
-        subdirs.sort()
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in sorted(files):
-            path = Path(directory, name)
-            if not name.startswith(".") and is_image_file(path):
+            suffix = os.path.splitext(name)[1].lower()
+            if name.startswith(".") or (suffix and suffix not in SUPPORTED_SUFFIXES):
+                continue  # is_image_file would say no; skip building a Path for it
+            path = os.path.join(directory, name)
+            if suffix or is_image_file(path):  # no suffix: is_image_file looks for DICOM magic
                 found.append(path)
     return found
 
@@ -367,13 +375,13 @@ def _done_paths_jsonl(out: Path, handle: Any, columns: list[str]) -> set[str]:
 
 @dataclass
 class _LoadedBatch:
-    paths: list[Path]
+    paths: list[str]
     inputs: np.ndarray  # (k, 3, S, S) float32: only the files that could be read
     ok: list[int]  # index into `paths` of each row of `inputs`
     errors: dict[int, str]  # index into `paths` -> why that file could not be read
 
 
-def _load_batch(paths: list[Path], spec: ModelSpec) -> _LoadedBatch:
+def _load_batch(paths: list[str], spec: ModelSpec) -> _LoadedBatch:
     """Decode + preprocess one batch (runs in a worker thread; Pillow releases the GIL)."""
     from kidney_edge.imaging import preprocess
 
@@ -400,7 +408,7 @@ def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[s
     by_index = dict(zip(loaded.ok, zip(labels, probabilities, strict=True), strict=True))
     rows = []
     for index, path in enumerate(loaded.paths):
-        row: dict[str, Any] = {"path": str(path), "label": None, "confidence": None}
+        row: dict[str, Any] = {"path": path, "label": None, "confidence": None}
         row.update({f"p_{name}": None for name in spec.class_names})
         if index in by_index:
             label, probs = by_index[index]
@@ -429,7 +437,7 @@ def _default_workers() -> int:
 
 
 def _run_batches(
-    todo: list[Path],
+    todo: list[str],
     classifier: OnnxClassifier,
     config: PredictConfig,
     write: Callable[[list[dict[str, Any]]], None],
@@ -487,7 +495,7 @@ def predict_folder(
     # scan the folder meanwhile, it is part of the start-up to the first batch.
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
         pending_classifier = loader.submit(OnnxClassifier, model_path, threads=config.threads)
-        files = scan_images(config.folder)
+        files = _scan_image_paths(config.folder)
         classifier = pending_classifier.result()
     if not files:
         raise InputError(
@@ -496,7 +504,7 @@ def predict_folder(
         )
     columns = output_columns(classifier.class_names)
     done = _done_paths(config.out, config.fmt, columns) if config.resume else set()
-    todo = [path for path in files if str(path) not in done]
+    todo = [path for path in files if path not in done]
     summary = _new_summary(config, classifier, total_files=len(files), skipped=len(files) - len(todo))
     log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
 
