@@ -474,6 +474,9 @@ def predict_folder(
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
 
+    Columns: ``path`` (absolute), ``label`` (the spec's decision rule), ``confidence`` (the
+    label's probability), ``p_<Class>`` (temperature-calibrated, summing to 1) and ``error``.
+
     Rows are flushed per batch, so an interrupted run keeps every finished row; ``resume``
     skips files already in ``out`` and appends. Unreadable files get a row with ``error``.
     ``progress(done, total)`` is called after each batch. Ctrl-C ends the run early with

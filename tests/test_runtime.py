@@ -220,6 +220,10 @@ def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path,
     classifier = OnnxClassifier(model_path)  # direct evaluation, one batch, no thread pool
     expected = classifier.predict(preprocess_batch(paths, classifier.spec))
     np.testing.assert_allclose(probabilities, expected, atol=2e-6)
+    from kidney_edge.evaluation import predict_files  # the evaluation's own path, same files
+
+    logits, spec = predict_files(model_path, paths, batch_size=7)
+    np.testing.assert_allclose(probabilities, spec.probabilities(logits), atol=2e-6)
     labels = [CLASSES[i] for i in classifier.spec.decide(expected)]
     assert [row["label"] for row in rows] == labels
     assert len(set(labels)) >= 3  # the tiny model really separates the images
