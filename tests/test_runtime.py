@@ -284,6 +284,7 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the broken DICOM file
 def test_every_bad_file_kind_gets_an_error_row_and_the_run_goes_on(
     model_path: Path, image_dir: Path, tmp_path: Path
 ) -> None:
@@ -302,6 +303,7 @@ def test_every_bad_file_kind_gets_an_error_row_and_the_run_goes_on(
     assert summary.exit_code == EXIT_SOME_FAILED == 3
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the broken DICOM file
 def test_nothing_readable_exits_2_and_empty_folder_is_an_input_error(
     model_path: Path, tmp_path: Path
 ) -> None:
