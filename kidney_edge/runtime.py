@@ -77,6 +77,10 @@ def _session_options(threads: int | None):  # -> onnxruntime.SessionOptions
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads sleep instead of spin-waiting: a spinning thread steals its core from
+    # the decode thread (and from anything else on a small edge box). Measured on the 2-core
+    # dev machine under load ~3, Lite0 at batch 8: +20-25% images/s, model-only and end to end.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     return options
 
