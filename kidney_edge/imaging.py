@@ -52,7 +52,9 @@ def is_image_file(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() in SUPPORTED_SUFFIXES:
         return True
-    return path.suffix == "" and path.is_file() and is_dicom_file(path)
+    # DICOM files often have no suffix, or a UID-style name whose last dotted part looks like one
+    # (1.2.840.113619.2.55.3): the magic decides.
+    return path.is_file() and is_dicom_file(path)
 
 
 def load_image(path: str | Path, spec: ModelSpec) -> Image.Image:
@@ -153,7 +155,9 @@ def read_dicom(path: str | Path) -> tuple[Any, np.ndarray]:
     from pydicom.pixels import apply_modality_lut
 
     try:
-        dataset = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
+        with warnings.catch_warnings():  # malformed files: our error says it once, clearly
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageReadError(path, f"not a readable DICOM file ({exc})") from None
     if "PixelData" not in dataset:
@@ -161,7 +165,9 @@ def read_dicom(path: str | Path) -> tuple[Any, np.ndarray]:
     rows, cols = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     _check_pixel_count(path, (cols, rows))
     try:
-        pixels = dataset.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = dataset.pixel_array
     except (NotImplementedError, RuntimeError, ImportError) as exc:
         syntax = dataset.file_meta.get("TransferSyntaxUID")
         name = getattr(syntax, "name", syntax)

@@ -285,6 +285,8 @@ def test_dicom_slope_monochrome1_and_multiframe(tmp_path: Path) -> None:
 def test_dicom_without_suffix_is_detected(tmp_path: Path) -> None:
     path = make_ct_dicom(tmp_path / "IM0001", np.full((32, 32), 1040, np.uint16))
     assert is_image_file(path)
+    uid_named = make_ct_dicom(tmp_path / "1.2.840.113619.2.55.3", np.full((32, 32), 1040, np.uint16))
+    assert is_image_file(uid_named)
     np.testing.assert_allclose(pixels_of(preprocess(path, SPEC_CT), SPEC_CT)[0], 112, atol=1e-4)
 
 
