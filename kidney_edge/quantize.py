@@ -49,7 +49,7 @@ class QuantizationConfig:
     activation_type: ActivationType = ActivationType.AUTO
     calibrate_method: CalibrationMethod = CalibrationMethod.MINMAX
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights: only for VNNI-less saturation trouble; measure first
+    reduce_range: bool | None = None  # 7-bit weights; None: see resolve_reduce_range
     calibration_batch_size: int = 8  # x ~50 MB of intermediate tensors per image (Lite0, 224 px)
     max_drop: float = DEFAULT_MAX_DROP
 
@@ -100,12 +100,31 @@ def cpu_isa() -> dict[str, Any]:
     }
 
 
+def resolve_reduce_range(reduce_range: bool | None, activation: ActivationType, isa: dict[str, Any]) -> bool:
+    """``None`` -> 7-bit weights for uint8 activations on an x86-64 CPU without VNNI.
+
+    There onnxruntime's U8S8 kernels use AVX2 ``vpmaddubsw``, whose int16 sum of two u8 x s8
+    products saturates with full-range weights; 7-bit weights cannot saturate. Measured here
+    (AVX2, no VNNI; benchmarks/results/int8.md): ImageNet Lite0 logit error 0.37 with 8-bit
+    weights on the fused kernels vs 0.15 in unfused reference numerics, 0.29 with 7-bit
+    weights either way. VNNI's ``vpdpbusd`` accumulates in int32, so 8-bit weights are better
+    there. The choice follows the exporting CPU and is recorded in the recipe: an INT8 file made
+    on a VNNI machine and run on an AVX2-only one saturates (pass reduce_range=True there).
+    """
+    if reduce_range is not None:
+        return reduce_range
+    x86 = str(isa.get("machine", "")).lower() in ("x86_64", "amd64", "i686", "x86")
+    return activation is ActivationType.UINT8 and x86 and not isa.get("vnni", False)
+
+
 def resolve_activation_type(activation_type: ActivationType, machine: str | None = None) -> ActivationType:
     """``auto`` -> uint8 on x86-64, int8 on ARM.
 
     onnxruntime's x86 kernels (AVX2 ``vpmaddubsw``, AVX-512/AVX-VNNI ``vpdpbusd``) multiply
-    unsigned activations by signed weights; S8S8 graphs take a slower path there (issue 6
-    measured 1.0-1.3x vs fp32 for S8S8, 2.0-2.5x for U8S8). ARM's dot-product kernels are S8S8.
+    unsigned activations by signed weights. Checked on Lite0 with onnxruntime 1.32 here: the
+    U8S8 graph fuses completely (49 QLinearConv, 9 QLinearAdd, one Q and one DQ), while the
+    S8S8 one keeps 14 Convs in fp32 behind DequantizeLinear plus 30 Transposes. Issue 6 measured
+    1.0-1.3x vs fp32 for S8S8 and 2.0-2.5x for U8S8 on AVX-512 VNNI. ARM's dot products are S8S8.
     """
     if activation_type is not ActivationType.AUTO:
         return activation_type
@@ -201,6 +220,8 @@ def quantize_model(
     onnxruntime recommends, so Q/DQ pairs go on the fused graph. The head (classifier Gemm,
     temperature, Softmax) stays fp32. The fp32 file's metadata (the spec) is copied over.
     """
+    import contextlib
+    import io
     import tempfile
 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -210,31 +231,33 @@ def quantize_model(
         raise InputError("INT8 calibration needs images: pass --splits with a train split, or --no-int8")
     int8_path = Path(int8_path)
     activation = resolve_activation_type(config.activation_type)
+    reduce_range = resolve_reduce_range(config.reduce_range, activation, cpu_isa())
     quant_types = {ActivationType.UINT8: QuantType.QUInt8, ActivationType.INT8: QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
         prepared, quantized = Path(tmp, "prepared.onnx"), Path(tmp, "int8.onnx")
         quant_pre_process(str(fp32_path), str(prepared))
         excluded = _prepare_for_quantization(prepared)
         reader = _calibration_reader(list(calibration_paths), spec, config.calibration_batch_size, progress)
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=quant_types[activation],
-            weight_type=QuantType.QInt8,
-            calibrate_method=_ORT_METHODS[config.calibrate_method](),
-            nodes_to_exclude=excluded,
-            extra_options={"CalibStridedMinMax": 1},  # one batch per collect: bounded memory (any method)
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print per batch
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                reduce_range=reduce_range,
+                activation_type=quant_types[activation],
+                weight_type=QuantType.QInt8,
+                calibrate_method=_ORT_METHODS[config.calibrate_method](),
+                nodes_to_exclude=excluded,
+                extra_options={"CalibStridedMinMax": 1},  # one batch per collect: bounded memory (any method)
+            )
         recipe = {
             "format": "QDQ",
             "activation_type": activation.value,
             "weight_type": "int8",
             "per_channel": config.per_channel,
-            "reduce_range": config.reduce_range,
+            "reduce_range": reduce_range,
             "calibrate_method": config.calibrate_method.value,
             "calibration_images": len(calibration_paths),
             "fp32_nodes": excluded,
@@ -368,8 +391,8 @@ def int8_accuracy_gate(
     """
     if not paths:
         raise InputError("the INT8 accuracy gate needs test images: pass --splits with a test split")
-    _, fp32_probabilities, spec = predict_onnx(fp32_path, paths, batch_size=batch_size)
-    _, int8_probabilities, _ = predict_onnx(int8_path, paths, batch_size=batch_size)
+    fp32_logits, fp32_probabilities, spec = predict_onnx(fp32_path, paths, batch_size=batch_size)
+    int8_logits, int8_probabilities, _ = predict_onnx(int8_path, paths, batch_size=batch_size)
     fp32_decisions, int8_decisions = spec.decide(fp32_probabilities), spec.decide(int8_probabilities)
     reference = np.asarray(labels) if labels is not None else fp32_decisions
     fp32_scores = gate_scores(reference, fp32_probabilities, spec)
@@ -384,9 +407,20 @@ def int8_accuracy_gate(
         "max_drop": max_drop,
         "decision_agreement": float(np.mean(fp32_decisions == int8_decisions)),
         "max_abs_diff_probabilities": float(np.abs(fp32_probabilities - int8_probabilities).max()),
+        "logit_relative_error": _relative_error(fp32_logits, int8_logits),
         "passed": not failures,
         "failures": failures,
     }
+
+
+def _relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """||approx - ref|| / ||ref - per-image mean||: INT8 noise against the logit spread that decides.
+
+    Independent of model quality, unlike accuracy: an untrained head with tiny margins flips
+    decisions under the same noise that a trained one shrugs off.
+    """
+    spread = reference - reference.mean(axis=1, keepdims=True)
+    return float(np.linalg.norm(approximation - reference) / max(np.linalg.norm(spread), 1e-12))
 
 
 def require_quantization_tools() -> None:

@@ -343,3 +343,14 @@ def test_default_out_dir_is_named_after_the_run(tmp_path: Path) -> None:
     assert default_out_dir(run) == Path("export/lite0_run")
     assert default_out_dir(run / "best.pt") == Path("export/lite0_run")
     assert default_out_dir(tmp_path / "other.pt", "out") == Path("out/other")
+
+
+def test_reduce_range_auto_only_where_u8s8_can_saturate() -> None:
+    from kidney_edge.quantize import ActivationType, resolve_reduce_range
+
+    no_vnni, vnni = {"machine": "x86_64", "vnni": False}, {"machine": "x86_64", "vnni": True}
+    assert resolve_reduce_range(None, ActivationType.UINT8, no_vnni) is True
+    assert resolve_reduce_range(None, ActivationType.UINT8, vnni) is False
+    assert resolve_reduce_range(None, ActivationType.INT8, no_vnni) is False
+    assert resolve_reduce_range(None, ActivationType.UINT8, {"machine": "aarch64", "vnni": False}) is False
+    assert resolve_reduce_range(False, ActivationType.UINT8, no_vnni) is False

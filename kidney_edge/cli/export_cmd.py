@@ -63,6 +63,12 @@ def export(
     calibration_method: Annotated[
         CalibrationMethod, typer.Option("--calibration-method", help="INT8 activation ranges.")
     ] = CalibrationMethod.minmax,
+    int8_reduce_range: Annotated[
+        bool | None,
+        typer.Option(
+            "--int8-reduce-range/--no-int8-reduce-range", help="7-bit weights; default: x86 w/o VNNI."
+        ),
+    ] = None,
     exporter: Annotated[
         Exporter, typer.Option("--exporter", help="torch.onnx exporter.")
     ] = Exporter.torchscript,
@@ -78,7 +84,8 @@ def export(
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
             max_parity_images=parity_images, exporter=exporter.value,
             quantization=QuantizationConfig(
-                activation_type=int8_activations.value, calibrate_method=calibration_method.value
+                activation_type=int8_activations.value, calibrate_method=calibration_method.value,
+                reduce_range=int8_reduce_range,
             ),
         )  # fmt: skip
         with console.status("exporting") as status:
