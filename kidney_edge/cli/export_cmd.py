@@ -108,17 +108,19 @@ def _render(result: ExportResult) -> None:
     if gate is not None:
         fp32, int8 = gate["fp32"], gate["int8"]
         console.print(
-            f"[green]wrote[/] {result.int8_path}  ({gate['recipe']['activation_type']} activations): "
+            f"[green]wrote[/] {result.int8_path}  ({gate['recipe']['activation_type']} activations"
+            f"{', 7-bit weights' if gate['recipe'].get('reduce_range') else ''}): "
             f"macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, tumor recall "
             f"{_pct(fp32['tumor_recall'])} -> {_pct(int8['tumor_recall'])} (vs {gate['reference']})"
         )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     model = result.int8_path or result.model_path
+    both = "   # fp32 and INT8 side by side" if result.int8_path else ""
     console.print(
         f"figures: {result.parity_path}\n\nNext:\n"
+        f"  kidney-edge benchmark --model {result.model_path}{both}\n"
         f"  kidney-edge predict FOLDER --model {model}\n"
-        f"  kidney-edge benchmark --model {model}\n"
         f"  kidney-edge info {model}"
     )
 
