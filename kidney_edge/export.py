@@ -600,7 +600,6 @@ def _export_int8(
     os.replace(staging, target)
     gate["model"] = target.name
     result.parity["int8"] = gate
-    result.parity_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result.parity_path, result.parity)
     if accepted:
         result.int8_path = target
