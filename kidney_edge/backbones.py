@@ -196,8 +196,10 @@ def _init_weights(model: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out")
         elif isinstance(module, nn.Linear):
-            bound = 1.0 / module.out_features**0.5
-            nn.init.uniform_(module.weight, -bound, bound)
+            # Small weights: a new head starts near the uniform prediction (loss ln C). torchvision's
+            # U(+-1/sqrt(out_features)) is +-0.5 for 4 classes, which starts confidently wrong
+            # (initial loss ~3.5) and stalled phase 1 on cached features.
+            nn.init.normal_(module.weight, std=0.01)
             nn.init.zeros_(module.bias)
 
 
