@@ -37,20 +37,25 @@ class DemoSize:
     n_holdout: int
     image_size: int  # model input size
     slice_size: int  # phantom JPEG size
+    difficulty: float  # phantom difficulty (see kidney_edge.phantom)
     epochs_head: int
     epochs_finetune: int
     unfreeze_blocks: int
     batch_size: int
+    lr_head: float
     lr_finetune: float
     bench_iterations: int
 
 
-FULL = DemoSize(n_images=1600, n_holdout=200, image_size=224, slice_size=512, epochs_head=15,
-                epochs_finetune=5, unfreeze_blocks=4, batch_size=32, lr_finetune=3e-4,
-                bench_iterations=30)  # fmt: skip
-QUICK = DemoSize(n_images=200, n_holdout=24, image_size=96, slice_size=256, epochs_head=3,
-                 epochs_finetune=1, unfreeze_blocks=2, batch_size=16, lr_finetune=3e-4,
-                 bench_iterations=5)  # fmt: skip
+# Sized by measurement on the project's 2-core AVX2 machines (benchmarks/results/demo.md):
+# Lite0 at 224 extracts ~16 images/s frozen and fine-tunes ~10 images/s, so two fine-tuning
+# epochs over ~1,000 training slices is what fits in 10 minutes with everything else.
+FULL = DemoSize(n_images=1400, n_holdout=200, image_size=224, slice_size=512, difficulty=0.25,
+                epochs_head=15, epochs_finetune=2, unfreeze_blocks=6, batch_size=32, lr_head=3e-3,
+                lr_finetune=3e-4, bench_iterations=30)  # fmt: skip
+QUICK = DemoSize(n_images=300, n_holdout=16, image_size=64, slice_size=128, difficulty=0.25,
+                 epochs_head=3, epochs_finetune=1, unfreeze_blocks=2, batch_size=16, lr_head=3e-3,
+                 lr_finetune=3e-4, bench_iterations=3)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,10 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
 def _synthesize(out: Path, size: DemoSize, seed: int) -> None:
     from kidney_edge.phantom import synthesize
 
-    synthesize(out / "data", n=size.n_images, seed=seed, size=size.slice_size)
+    synthesize(out / "data", n=size.n_images, seed=seed, size=size.slice_size, difficulty=size.difficulty)
     # New patients from another seed: never seen in training, validation or test.
-    synthesize(out / "holdout", n=size.n_holdout, seed=seed + 10_000, size=size.slice_size)
+    synthesize(out / "holdout", n=size.n_holdout, seed=seed + 10_000, size=size.slice_size,
+               difficulty=size.difficulty)  # fmt: skip
 
 
 def _split(out: Path, seed: int) -> None:
@@ -154,7 +160,7 @@ def _train(out: Path, size: DemoSize, seed: int, say: Progress, result: DemoResu
         batch_size=size.batch_size,
         seed=seed,
         device="cpu",
-        head=PhaseConfig(name="head", epochs=size.epochs_head, lr=1e-3),
+        head=PhaseConfig(name="head", epochs=size.epochs_head, lr=size.lr_head),
         finetune=PhaseConfig(name="finetune", epochs=size.epochs_finetune, lr=size.lr_finetune,
                              unfreeze_blocks=size.unfreeze_blocks, augment=True, patience=3),
     )  # fmt: skip

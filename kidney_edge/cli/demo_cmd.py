@@ -14,7 +14,9 @@ from kidney_edge.cli._app import app, console, library_errors
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for every artifact of the demo."),
-    quick: bool = typer.Option(False, "--quick", help="A 1-2 minute smoke run: tiny data, small images, 2 epochs."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A 1-2 minute smoke run: tiny data, small images, 2 epochs."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data, split and training."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what an earlier demo left in --out."),
 ) -> None:
@@ -58,14 +60,24 @@ def _render(result: Any) -> None:
     console.print(table)
     met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result.targets_met.items())
     console.print(f"targets (>= 97%): {met}")
-    parity, int8 = result.parity, result.parity.get("int8") or {}
-    console.print(f"ONNX parity: max |dp| {parity.get('max_abs_diff')}, argmax agreement "
-                  f"{parity.get('argmax_agreement')} on {parity.get('n_images')} images")  # fmt: skip
-    if int8:
-        console.print(f"INT8: {int8}")
-    console.print(f"held-out patients: {result.holdout}")
-    for row in (result.benchmark.get("model_only") or [])[:8]:
-        console.print(f"latency: {row}")
+    parity, gate = result.parity, result.parity.get("int8") or {}
+    console.print(f"ONNX parity: max |dp| {parity.get('max_abs_diff'):.2e}, argmax agreement "
+                  f"{_pct(parity.get('argmax_agreement'))} on {parity.get('n_images')} test images")  # fmt: skip
+    if gate:
+        fp32, int8 = gate.get("fp32", {}), gate.get("int8", {})
+        verdict = "passed" if gate.get("passed") else "FAILED (fp32 deployed)"
+        console.print(f"INT8 gate {verdict}: macro-F1 {_pct(fp32.get('macro_f1'))} -> {_pct(int8.get('macro_f1'))}, "
+                      f"Tumor recall {_pct(fp32.get('tumor_recall'))} -> {_pct(int8.get('tumor_recall'))}")  # fmt: skip
+    hold = result.holdout
+    console.print(f"held-out phantom patients: {hold.get('images')} images with {hold.get('model')}, "
+                  f"accuracy {_pct(hold.get('accuracy'))}, {hold.get('images_per_s')} images/s end to end")  # fmt: skip
+    latency = Table(title="Model-only latency (onnxruntime)")
+    for column in ("precision", "batch", "threads", "ms/image p50", "images/s"):
+        latency.add_column(column, justify="right")
+    for row in result.benchmark.get("model_only") or []:
+        latency.add_row(str(row.get("precision")), str(row.get("batch_size")), str(row.get("threads")),
+                        f"{row['per_image_ms']['p50']:.2f}", f"{row.get('images_per_s', 0):.0f}")  # fmt: skip
+    console.print(latency)
     timing = Table(title="Wall time per stage (s)")
     for name in result.stages:
         timing.add_column(name, justify="right")

@@ -1,0 +1,51 @@
+"""`kidney-edge demo --quick` end to end: every artifact it promises, with sane numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kidney_edge.cli import app
+from kidney_edge.demo import QUICK
+
+runner = CliRunner()
+
+
+def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for relative in ("data/kidneyData.csv", "holdout/kidneyData.csv", "splits.csv", "splits_audit.json",
+                     "run/best.pt", "run/history.csv", "run/metrics.json", "run/report.html", "run/report.md",
+                     "run/model_card.md", "export/model.onnx", "export/parity.json",
+                     "holdout_predictions.csv", "benchmark.json", "demo_summary.json"):  # fmt: skip
+        assert (out / relative).is_file(), relative
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert list(summary["stages"]) == ["synth", "split", "train", "export", "predict", "benchmark"]
+    assert all(seconds >= 0 for seconds in summary["stages"].values())
+    assert summary["parity"]["argmax_agreement"] == 1.0 and summary["parity"]["max_abs_diff"] < 1e-4
+    audit = json.loads((out / "splits_audit.json").read_text())
+    assert audit["leaked_images"] == 0
+    metrics = json.loads((out / "run/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and set(metrics["per_class"]) == {
+        "Cyst",
+        "Normal",
+        "Stone",
+        "Tumor",
+    }
+    assert summary["headline"]["accuracy"] == metrics["accuracy"]
+    with open(out / "holdout_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == QUICK.n_holdout and not any(row["error"] for row in rows)
+    assert summary["holdout"]["images"] == QUICK.n_holdout
+    assert "recall Tumor" in result.output and "Wall time per stage" in result.output
+
+
+def test_demo_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("earlier work")
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "earlier work"
