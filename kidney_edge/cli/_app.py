@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 
 app = typer.Typer(
     name="kidney-edge",
@@ -40,6 +41,21 @@ def library_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def progress_bar(*extra_columns: object) -> Progress:
+    """The CLI's progress bar: description, bar, n/total, elapsed, then ``extra_columns``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        *extra_columns,
+        console=console,
+        transient=True,
+    )
 
 
 def not_available(command: str, issue: str) -> None:

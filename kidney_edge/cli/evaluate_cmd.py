@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors
+from kidney_edge.cli._app import app, console, library_errors, progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.evaluation import EvaluationResult
@@ -47,25 +47,12 @@ def evaluate(
             tumor_recall=tumor_recall,
             batch_size=batch_size,
         )
-        with _progress_bar() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("evaluate", total=None)
             result = run_evaluate(
                 config, progress=lambda done, total: bar.update(task, completed=done, total=total)
             )
     _render(result)
-
-
-def _progress_bar():  # -> rich.progress.Progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def _render(result: EvaluationResult) -> None:

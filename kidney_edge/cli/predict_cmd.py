@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors
+from kidney_edge.cli._app import app, console, library_errors, progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rich.progress import Progress, Task
+    from rich.progress import ProgressColumn, Task
 
     from kidney_edge.runtime import PredictSummary
 
@@ -45,9 +45,11 @@ def predict(
 
     Exit code 0: all predicted; 3: some files failed (rows with `error`); 2: nothing readable or bad arguments.
     """
+    from rich.progress import TimeRemainingColumn
+
     from kidney_edge.runtime import predict_folder
 
-    with library_errors(), _progress_bar() as bar:
+    with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
         summary = predict_folder(
             folder,
@@ -64,16 +66,8 @@ def predict(
     raise typer.Exit(130 if summary.interrupted else summary.exit_code)
 
 
-def _progress_bar() -> Progress:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _images_per_second() -> ProgressColumn:
+    from rich.progress import ProgressColumn
     from rich.text import Text
 
     class ImagesPerSecond(ProgressColumn):
@@ -81,16 +75,7 @@ def _progress_bar() -> Progress:
             speed = task.finished_speed or task.speed
             return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
 
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    return ImagesPerSecond()
 
 
 def _render(summary: PredictSummary) -> None:
