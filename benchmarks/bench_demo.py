@@ -44,6 +44,10 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def pct_ci(ci: list[float] | None) -> str:
+    return "-" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+
+
 def render(summary: dict, total_s: float | None, load: list[float]) -> str:
     stages = summary["stages"]
     head = summary["headline"]
@@ -73,10 +77,10 @@ def render(summary: dict, total_s: float | None, load: list[float]) -> str:
     ]
     for name, recall in head["recall"].items():
         ci = head["recall_ci"].get(name)
-        lines.append(f"| recall {name} | {pct(recall)} | {ci} |")
+        lines.append(f"| recall {name} | {pct(recall)} | {pct_ci(ci)} |")
     lines += [
-        f"| macro-F1 | {pct(head['macro_f1'])} | {head.get('macro_f1_ci')} |",
-        f"| accuracy | {pct(head['accuracy'])} | {head.get('accuracy_ci')} |",
+        f"| macro-F1 | {pct(head['macro_f1'])} | {pct_ci(head.get('macro_f1_ci'))} |",
+        f"| accuracy | {pct(head['accuracy'])} | {pct_ci(head.get('accuracy_ci'))} |",
         "",
         f"Targets (>= 97%): {summary.get('targets_met')}",
         "",
