@@ -14,7 +14,9 @@ from kidney_edge.cli._app import app, console, library_errors
 
 @app.command()
 def info(
-    file: Path = typer.Argument(..., help="A model (.onnx, .pt checkpoint) or an image (JPEG, PNG, BMP, TIFF, DICOM)."),
+    file: Path = typer.Argument(
+        ..., help="A model (.onnx, .pt checkpoint) or an image (JPEG, PNG, BMP, TIFF, DICOM)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """Describe a model file (.onnx or checkpoint) or an image file.
