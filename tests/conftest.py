@@ -27,3 +27,18 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "data"
     synthesize(out, n=120, size=128, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (``pytestmark = usefixtures(...)``).
+
+    On the shared 2-core machines OpenMP's spinning threads make small convolutions several
+    times slower; tiny test models run fastest single-threaded.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,7 @@ from kidney_edge import backbones as bb
 from kidney_edge.backbones import backbone_spec_defaults, create_model
 from kidney_edge.checkpoint import load_checkpoint, load_model, save_checkpoint, update_spec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2-core machine is shared; two OpenMP threads under load run several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

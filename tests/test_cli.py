@@ -44,5 +44,7 @@ def test_python_dash_m_entry_point() -> None:
     import subprocess
     import sys
 
-    completed = subprocess.run([sys.executable, "-m", "kidney_edge", "--help"], capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "kidney_edge", "--help"], capture_output=True, text=True
+    )
     assert completed.returncode == 0 and "predict" in completed.stdout

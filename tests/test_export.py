@@ -17,14 +17,7 @@ from kidney_edge.checkpoint import save_checkpoint  # noqa: E402
 from kidney_edge.errors import InputError, KidneyEdgeError  # noqa: E402
 from kidney_edge.spec import ONNX_METADATA_KEY, DecisionRule, ModelSpec  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP's 2 spinning threads make convs 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _checkpoint(

@@ -26,13 +26,7 @@ from kidney_edge.training.loop import LoaderSettings, PhaseData, RunState, Saver
 SIZE = 32  # the smallest input the backbone takes: mechanics, not accuracy, are under test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2-core machine is shared; two OpenMP threads under load run several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
@@ -143,7 +137,6 @@ def test_phase_config_errors_name_the_flag() -> None:
 
 @pytest.fixture(scope="module")
 def straight_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("train") / "run"
     events: list[TrainEvent] = []
     result = train(tiny_config(phantom_dir, out), progress=events.append)
