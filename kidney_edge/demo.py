@@ -89,6 +89,7 @@ class DemoResult:
     holdout: dict[str, Any] = field(default_factory=dict)
     benchmark: dict[str, Any] = field(default_factory=dict)
     targets_met: dict[str, bool] = field(default_factory=dict)
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # the run's metrics.json
 
     @property
     def total_s(self) -> float:
@@ -165,7 +166,8 @@ def _train(out: Path, size: DemoSize, seed: int, say: Progress, result: DemoResu
                              unfreeze_blocks=size.unfreeze_blocks, augment=True, patience=3),
     )  # fmt: skip
     trained = train(config, progress=_epoch_reporter(say))
-    result.headline = headline_figures(trained.metrics["test"])
+    result.test_metrics = trained.metrics["test"]
+    result.headline = headline_figures(result.test_metrics)
     result.targets_met = {
         "accuracy": result.headline["accuracy"] >= TARGETS["accuracy"],
         "macro_f1": result.headline["macro_f1"] >= TARGETS["macro_f1"],

@@ -41,7 +41,7 @@ def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == QUICK.n_holdout and not any(row["error"] for row in rows)
     assert summary["holdout"]["images"] == QUICK.n_holdout
-    assert "recall Tumor" in result.output and "Wall time per stage" in result.output
+    assert "Recall Tumor" in result.output and "Wall time per stage" in result.output
 
 
 def test_demo_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -56,6 +57,28 @@ def progress_bar(*extra_columns: object) -> Progress:
         console=console,
         transient=True,
     )
+
+
+def print_headline(metrics: dict[str, Any], title: str) -> None:
+    """The seed's figures (Tumor recall first) with CIs, then argmax vs the tumor rule when there is one."""
+    from rich.table import Table
+
+    from kidney_edge.report import HEADLINE_HEADER, headline_rows, rule_comparison_rows
+
+    table = Table(title=title)
+    for column in HEADLINE_HEADER:
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in headline_rows(metrics):
+        table.add_row(*row)
+    console.print(table)
+    comparison = rule_comparison_rows(metrics)
+    if comparison:
+        rule_table = Table(title=f"operating point: {metrics['decision_rule']['description']}")
+        for column in ("figure", "argmax", "tumor rule", "change"):
+            rule_table.add_column(column, justify="left" if column == "figure" else "right")
+        for row in comparison[:3] + comparison[-2:]:  # Tumor recall/precision/specificity, macro-F1, accuracy
+            rule_table.add_row(*row)
+        console.print(rule_table)
 
 
 def not_available(command: str, issue: str) -> None:

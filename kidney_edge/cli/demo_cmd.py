@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kidney_edge.cli._app import app, console, library_errors
+from kidney_edge.cli._app import app, console, library_errors, print_headline
 
 
 @app.command()
@@ -35,29 +35,14 @@ def demo(
     _render(result)
 
 
-def _pct(value: float | None, ci: list[float] | None = None) -> str:
-    if value is None:
-        return "-"
-    text = f"{100 * value:.1f}%"
-    return f"{text} [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else text
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _render(result: Any) -> None:
-    head = result.headline
-    table = Table(title=f"Test split ({head.get('n_test')} held-out-patient slices), 95% bootstrap CI")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, recall in head["recall"].items():
-        table.add_row(f"recall {name}", _pct(recall, head["recall_ci"].get(name)))
-    table.add_row("macro-F1", _pct(head["macro_f1"], head.get("macro_f1_ci")))
-    for name, precision in head["precision"].items():
-        table.add_row(f"precision {name}", _pct(precision))
-    table.add_row("accuracy", _pct(head["accuracy"], head.get("accuracy_ci")))
-    rule = head.get("under_rule")
-    if rule:
-        table.add_row("Tumor recall / precision under the tumor rule",
-                      f"{_pct(rule['tumor_recall'])} / {_pct(rule['tumor_precision'])}")  # fmt: skip
-    console.print(table)
+    print_headline(
+        result.test_metrics, f"Test split ({result.headline.get('n_test')} slices of held-out patients)"
+    )
     met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result.targets_met.items())
     console.print(f"targets (>= 97%): {met}")
     parity, gate = result.parity, result.parity.get("int8") or {}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors, progress_bar
+from kidney_edge.cli._app import app, console, library_errors, print_headline, progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.evaluation import EvaluationResult
@@ -56,26 +56,9 @@ def evaluate(
 
 
 def _render(result: EvaluationResult) -> None:
-    from rich.table import Table
-
-    from kidney_edge.report import HEADLINE_HEADER, headline_rows, rule_comparison_rows
-
     metrics = result.metrics
     where = "whole folder" if result.split == "all" else f"{result.split} split"
-    table = Table(title=f"{where}, {result.n_images} images (argmax)")
-    for column in HEADLINE_HEADER:
-        table.add_column(column, justify="left" if column == "figure" else "right")
-    for row in headline_rows(metrics):
-        table.add_row(*row)
-    console.print(table)
-    comparison = rule_comparison_rows(metrics)
-    if comparison:
-        rule_table = Table(title=f"operating point: {metrics['decision_rule']['description']}")
-        for column in ("figure", "argmax", "tumor rule", "change"):
-            rule_table.add_column(column, justify="left" if column == "figure" else "right")
-        for row in comparison[:3] + comparison[-2:]:  # Tumor recall/precision/specificity, macro-F1, accuracy
-            rule_table.add_row(*row)
-        console.print(rule_table)
+    print_headline(metrics, f"{where}, {result.n_images} images (argmax)")
     calibration = metrics["calibration"]
     console.print(
         f"temperature {metrics['temperature']:.4f}, ECE {calibration['ece_before']:.3f} (T = 1) "
