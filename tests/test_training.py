@@ -74,14 +74,46 @@ def test_head_phase_leaves_backbone_bit_identical(tmp_path: Path, cache: bool) -
     assert saved["run_state"]["phase_epoch"] == 2 and len(saved["run_state"]["history"]) == 2
 
 
-def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path) -> None:
-    phase = PhaseConfig("finetune", epochs=1, lr=1e-3, unfreeze_blocks=2, augment=True)
+@pytest.mark.parametrize("freeze_bn_stats", [True, False], ids=["frozen-bn-stats", "batch-bn-stats"])
+def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path, freeze_bn_stats: bool) -> None:
+    phase = PhaseConfig(
+        "finetune", epochs=1, lr=1e-3, unfreeze_blocks=2, augment=True, freeze_bn_stats=freeze_bn_stats
+    )
     before, after = _run_phase(tmp_path, phase)
     changed = _changed(before, after)
     trainable = ("blocks.14.", "blocks.15.", "conv_head.", "classifier.")
     assert changed and all(k.startswith(trainable) for k in changed), changed
-    for prefix in trainable:  # every unfrozen module moved (weights or BN statistics)
+    for prefix in trainable:  # every unfrozen module moved
         assert any(k.startswith(prefix) for k in changed), prefix
+    statistics = {k for k in changed if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    bn_weights = {k for k in changed if ".bn." in k and k.endswith((".weight", ".bias"))}
+    assert bn_weights  # BatchNorm's affine weights train either way
+    assert bool(statistics) is not freeze_bn_stats  # running statistics move only when asked
+
+
+@pytest.mark.parametrize(
+    ("finetune_f1", "stopped_after"),
+    [((0.50, 0.60, 0.70, 0.80), None), ((0.50, 0.40, 0.45, 0.80), 3)],
+    ids=["climbing-below-head-best", "stalled"],
+)
+def test_early_stopping_counts_from_the_phase_best(
+    tmp_path: Path, finetune_f1: tuple[float, ...], stopped_after: int | None
+) -> None:
+    """Fine-tuning that starts below the head's best but keeps improving is not stopped."""
+    from kidney_edge.training.loop import _end_epoch
+
+    saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
+    model, state = torch.nn.Linear(2, 4), RunState(phase="head")
+    _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9}, state, saver, None)
+    state.phase, state.phase_epoch, state.phase_best_f1, state.bad_epochs = "finetune", 0, -1.0, 0
+    phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
+    stop = None
+    for epoch, f1 in enumerate(finetune_f1, start=1):
+        _end_epoch(model, phase, epoch, {"val_macro_f1": f1}, state, saver, None)
+        if state.phase_done and stop is None:
+            stop = epoch
+    assert stop == (stopped_after or 4)
+    assert (state.best_phase, state.best_f1) == ("head", 0.9)  # best.pt stays the head's
 
 
 def test_distributed_shards_partition_one_shuffle() -> None:

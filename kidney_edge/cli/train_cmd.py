@@ -60,6 +60,13 @@ def train(
     tumor_recall: Annotated[
         float, typer.Option("--tumor-recall", help="Tumor recall the decision threshold targets on val.")
     ] = 0.98,
+    update_bn_stats: Annotated[
+        bool,
+        typer.Option(
+            "--update-bn-stats",
+            help="Phase 2 re-estimates BatchNorm statistics from batches (default: keep ImageNet's).",
+        ),
+    ] = False,
 ) -> None:
     """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning)."""
     from kidney_edge.training import PhaseConfig, TrainConfig
@@ -72,7 +79,8 @@ def train(
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             head=PhaseConfig("head", epochs=epochs_head, lr=lr_head, patience=patience),
             finetune=PhaseConfig("finetune", epochs=epochs_finetune, lr=lr_finetune,
-                                 unfreeze_blocks=unfreeze_blocks, augment=True, patience=patience),
+                                 unfreeze_blocks=unfreeze_blocks, augment=True, patience=patience,
+                                 freeze_bn_stats=not update_bn_stats),
         )  # fmt: skip
         main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:

@@ -42,7 +42,10 @@ class RunState:
     best_f1: float = -1.0
     best_phase: str = ""
     best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the best improved, within the current phase
+    # Early stopping counts epochs since the *phase's* best: fine-tuning starts below the head's
+    # best while its learning rate is high, and must not be stopped for that.
+    phase_best_f1: float = -1.0
+    bad_epochs: int = 0  # epochs since phase_best_f1 improved
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -119,11 +122,20 @@ def configure_trainable(model: nn.Module, phase: PhaseConfig) -> list[nn.Module]
     return modules
 
 
-def set_train_mode(model: nn.Module, trainable: list[nn.Module]) -> None:
-    """Frozen parts (their BatchNorm included) stay in eval mode; only trainable modules train."""
+def set_train_mode(model: nn.Module, trainable: list[nn.Module], freeze_bn_stats: bool = False) -> None:
+    """Frozen parts (their BatchNorm included) stay in eval mode; only trainable modules train.
+
+    ``freeze_bn_stats`` keeps the trainable modules' BatchNorm in eval mode too (running
+    statistics used and kept, affine weights still trained), as detectron2's FrozenBN does for
+    small-batch fine-tuning.
+    """
     model.eval()
     for module in trainable:
         module.train()
+        if freeze_bn_stats:
+            for layer in module.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
 
 
 def lr_schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -331,6 +343,7 @@ def fit_phase(
             saver.context.barrier()
             model.load_state_dict(load_checkpoint(saver.run_dir / "best.pt")["model_state"])
         state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = phase.name, 0, False, 0
+        state.phase_best_f1 = -1.0
     if phase.epochs == 0 or state.phase_epoch >= phase.epochs:
         state.phase_done = True
         return
@@ -347,7 +360,7 @@ def fit_phase(
         seed = epoch_seed(settings.seed, phase.name, epoch)
         seed_everything(seed + ctx.rank)  # augmentation and dropout differ per rank
         loader = make_loader(train_set, settings, ctx, shuffle_seed=seed)
-        set_train_mode(model, trainable)
+        set_train_mode(model, trainable, phase.freeze_bn_stats)
 
         def on_step(step: int, epoch: int = epoch) -> None:
             notify(TrainEvent("step", phase.name, epoch, phase.epochs, step, steps))
@@ -365,11 +378,12 @@ def _end_epoch(
     model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt
 ) -> None:
     """Book-keeping in crash-safe order: decide, then best.pt, then last.pt (the resume point)."""
-    improved = metrics["val_macro_f1"] > state.best_f1
+    f1 = metrics["val_macro_f1"]
+    improved = f1 > state.best_f1  # best.pt: the best model of the whole run
     if improved:
-        state.best_f1, state.best_phase, state.best_epoch, state.bad_epochs = (
-            metrics["val_macro_f1"], phase.name, epoch, 0
-        )  # fmt: skip
+        state.best_f1, state.best_phase, state.best_epoch = f1, phase.name, epoch
+    if f1 > state.phase_best_f1:
+        state.phase_best_f1, state.bad_epochs = f1, 0
     else:
         state.bad_epochs += 1
     state.phase_epoch = epoch
