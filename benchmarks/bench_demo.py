@@ -81,6 +81,19 @@ def render(summary: dict, total_s: float | None, load: list[float]) -> str:
     lines += [
         f"| macro-F1 | {pct(head['macro_f1'])} | {pct_ci(head.get('macro_f1_ci'))} |",
         f"| accuracy | {pct(head['accuracy'])} | {pct_ci(head.get('accuracy_ci'))} |",
+    ]
+    rule = head.get("under_rule") or {}
+    if rule:
+        lines.append(
+            f"| under the tumor operating point ({rule['rule'].get('threshold', 0):.3f}): Tumor recall / "
+            f"macro-F1 / accuracy | {pct(rule.get('tumor_recall'))} / {pct(rule.get('macro_f1'))} / "
+            f"{pct(rule.get('accuracy'))} | |"
+        )
+    phases = summary.get("phase_val_macro_f1") or {}
+    lines += [
+        "",
+        "Best validation macro-F1 per phase: "
+        + (", ".join(f"{name} {value:.3f}" for name, value in phases.items()) or "-"),
         "",
         f"Targets (>= 97%): {summary.get('targets_met')}",
         "",

@@ -13,6 +13,11 @@ tumour is solid, heterogeneous, irregular and bulges the contour. Confounders (v
 calcifications, bright bowel contents, gas, gallbladder, renal pelvis) appear in every class,
 so "a bright dot" or "a dark blob" is not a shortcut.
 
+``difficulty`` (0.25-4, default 1) is one dial: above 1 findings shrink and fade into more
+noise; below 1 they grow, stones multiply and move into the parenchyma, slices cut findings
+near their widest section, and confounders and non-contrast studies (where cysts and
+tumours are faint) become rare. The demo uses 0.25 so a CPU can learn the task in minutes.
+
 Like the real data, a *patient* is one anatomy seen in several adjacent slices numbered
 consecutively, and a few percent of files are byte-identical copies under another number, so
 a random split leaks. numpy + Pillow only; deterministic for a seed.
@@ -75,6 +80,7 @@ class PhantomConfig:
     difficulty: float = DEFAULT_DIFFICULTY
     class_mix: dict[str, float] | None = None
     duplicate_fraction: float = DUPLICATE_FRACTION
+    slices_per_patient: tuple[int, int] = SLICES_PER_PATIENT
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -85,6 +91,11 @@ class PhantomConfig:
             raise InputError(f"--difficulty must be between 0.25 and 4 (got {self.difficulty})")
         if not 0.0 <= self.duplicate_fraction < 0.5:
             raise InputError(f"duplicate fraction must be in [0, 0.5) (got {self.duplicate_fraction})")
+        low, high = self.slices_per_patient
+        if not 1 <= low <= high <= 64:
+            raise InputError(
+                f"--slices-per-patient must be MIN MAX with 1 <= MIN <= MAX <= 64 (got {low} {high})"
+            )
         mix = self.class_mix or {}
         unknown = set(mix) - set(DEFAULT_CLASS_NAMES)
         if unknown or any(v < 0 for v in mix.values()) or (mix and sum(mix.values()) <= 0):
@@ -284,11 +295,18 @@ def _draw_ribs(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: f
 
 
 def _draw_bowel(
-    cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, cavity: np.ndarray
+    cv: _Canvas,
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    cavity: np.ndarray,
+    confound: float,
 ) -> None:
     """Small-bowel loops anteriorly: wall, fluid, a gas pocket on top, sometimes oral contrast."""
-    oral_contrast = rng.random() < 0.35
-    for _ in range(rng.integers(5, 11)):
+    oral_contrast = rng.random() < 0.35 * confound
+    for _ in range(max(1, round(rng.integers(5, 11) * confound))):
         x = cx + rng.uniform(-0.2, 0.5) * a
         y = cy - rng.uniform(0.15, 0.75) * b
         r = rng.uniform(10, 24)
@@ -340,35 +358,46 @@ def _place_kidneys(rng: np.random.Generator, sx: float, sy: float) -> list[_Kidn
     return kidneys
 
 
+def _phase_mix(difficulty: float) -> list[float]:
+    """Non-contrast studies (where cysts and tumours are faint) are rarer on easy phantoms."""
+    plain = 0.35 * min(1.0, difficulty) ** 2
+    return [plain, (1.0 - plain) * 0.46, (1.0 - plain) * 0.54]
+
+
 def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _Patient:
-    """Draw one patient's anatomy in HU; everything slice-specific comes later."""
-    phase = str(rng.choice(list(_PHASES), p=[0.35, 0.3, 0.35]))
+    """Draw one patient's anatomy in HU; everything slice-specific comes later.
+
+    ``difficulty`` also sets how often look-alikes appear (``confound``): bright bowel
+    contents, vascular and nodal calcifications and the gallbladder.
+    """
+    phase = str(rng.choice(list(_PHASES), p=_phase_mix(difficulty)))
+    confound = min(1.0, difficulty)
     liver_hu, spleen_hu, cortex, medulla, vessel = (v + rng.normal(0, 6) for v in _PHASES[phase])
     cv = _Canvas(size, _smooth_noise(rng, size, 24))
     cx, cy, a, b, cavity = _draw_body(cv, rng)
     sx, sy = cx + rng.normal(0, 3), cy + b * rng.uniform(0.2, 0.3)
     # Liver (patient right = image left) and spleen, clipped to the cavity.
     cv.ellipse(cx - a * 0.5, cy - b * 0.05, a * 0.42, b * 0.62, liver_hu, angle=0.4, tex=6, within=cavity)
-    if rng.random() < 0.3:  # gallbladder: a water-dark round blob outside the kidney
+    if rng.random() < 0.3 * confound:  # gallbladder: a water-dark round blob outside the kidney
         cv.ellipse(cx - a * 0.3, cy - b * 0.35, 14, 11, 5.0, within=cavity)
     if rng.random() < 0.8:
         cv.ellipse(
             cx + a * 0.55, cy + b * 0.2, a * 0.2, b * 0.35, spleen_hu, angle=-0.4, tex=6, within=cavity
         )
-    _draw_bowel(cv, rng, cx, cy, a, b, cavity)
+    _draw_bowel(cv, rng, cx, cy, a, b, cavity, confound)
     kidneys = _place_kidneys(rng, sx, sy)
     for kid in kidneys:  # colon flexures beside the kidneys: gas near, not in, the kidney
-        if rng.random() < 0.7:
+        if rng.random() < 0.7 * confound:
             side = 1 if kid.cx > sx else -1
             _draw_colon(
                 cv, rng, kid.cx + side * (kid.a + 14), kid.cy - kid.b * 0.9, rng.uniform(13, 20), cavity
             )
-    _draw_vessels(cv, rng, sx, sy, kidneys, vessel)
+    _draw_vessels(cv, rng, sx, sy, kidneys, vessel, confound)
     _draw_spine(cv, rng, sx, sy)
     _draw_ribs(cv, rng, cx, cy, a, b)
     for kid in kidneys:
         _draw_kidney(cv, kid, cortex, medulla, rng)
-    _draw_calcifications(cv, rng, cx, cy, a, b, cavity)
+    _draw_calcifications(cv, rng, cx, cy, a, b, cavity, difficulty)
     noise = rng.uniform(8, 20) * math.sqrt(difficulty)
     pose = (rng.normal(0, 0.08), rng.uniform(0.88, 1.1), rng.normal(0, 12), rng.normal(0, 10))
     blur = rng.uniform(0.0, 1.0)
@@ -385,7 +414,8 @@ def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _P
         phase=phase,
         cortex_hu=cortex,
         level=rng.uniform(25, 60),
-        width=rng.uniform(320, 460),
+        # Easy phantoms are shown in a wider window: stones stand out of the enhancing kidney.
+        width=rng.uniform(320, 460) / min(1.0, difficulty) ** 0.25,
         noise_hu=noise,
         blur=blur,
         quality=int(rng.integers(85, 96)),
@@ -395,7 +425,13 @@ def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _P
 
 
 def _draw_vessels(
-    cv: _Canvas, rng: np.random.Generator, sx: float, sy: float, kidneys: list[_Kidney], hu: float
+    cv: _Canvas,
+    rng: np.random.Generator,
+    sx: float,
+    sy: float,
+    kidneys: list[_Kidney],
+    hu: float,
+    confound: float,
 ) -> None:
     """Aorta (sometimes with calcified wall), IVC and renal veins towards the hila."""
     ax, ay, ar = sx + rng.uniform(6, 16), sy - rng.uniform(30, 40), rng.uniform(8, 12)
@@ -407,7 +443,7 @@ def _draw_vessels(
         cv.ellipse((hx + tx) / 2, (hy + ty) / 2, length, 3.5, hu, angle=math.atan2(ty - hy, tx - hx))
     cv.ellipse(ix, iy, 12, 8, hu - 10, angle=0.2)
     cv.ellipse(ax, ay, ar, ar, hu)
-    if rng.random() < 0.5:  # atherosclerotic calcifications: bright dots like a stone, but outside
+    if rng.random() < 0.5 * confound:  # atherosclerotic calcifications: bright dots like a stone, but outside
         for t in rng.uniform(0, 2 * np.pi, rng.integers(1, 5)):
             cv.dot(
                 ax + ar * math.cos(t), ay + ar * math.sin(t), rng.uniform(0.8, 2.2), rng.uniform(400, 1100)
@@ -415,10 +451,17 @@ def _draw_vessels(
 
 
 def _draw_calcifications(
-    cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, cavity: np.ndarray
+    cv: _Canvas,
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    cavity: np.ndarray,
+    difficulty: float,
 ) -> None:
     """Phleboliths / calcified nodes scattered in the abdomen: stone look-alikes outside the kidney."""
-    for _ in range(rng.poisson(1.2)):
+    for _ in range(rng.poisson(1.2 * difficulty)):
         x, y = cx + rng.uniform(-0.6, 0.6) * a, cy + rng.uniform(-0.6, 0.5) * b
         if (
             cavity[min(int(y * cv.scale), cavity.shape[0] - 1), min(int(x * cv.scale), cavity.shape[1] - 1)]
@@ -444,10 +487,13 @@ class _Lesion:
     extra: tuple = ()  # stones: ((dx, dy, r, hu), ...); tumor: wobble and heterogeneity
 
 
-def _point_in_kidney(rng: np.random.Generator, kid: _Kidney, lo: float, hi: float) -> tuple[float, float]:
-    """A point at ``lo..hi`` of the way from the centre to the kidney outline, away from the hilum."""
+def _point_in_kidney(
+    rng: np.random.Generator, kid: _Kidney, lo: float, hi: float, spread: float = np.pi - 0.5
+) -> tuple[float, float]:
+    """A point at ``lo..hi`` of the way from the centre to the outline, within ``spread`` radians
+    of the side opposite the hilum (the default keeps only 0.5 rad around the hilum free)."""
     hilum_angle = math.atan2(kid.hilum[1], kid.hilum[0])
-    t = hilum_angle + rng.uniform(0.5, 2 * np.pi - 0.5)
+    t = hilum_angle + np.pi + rng.uniform(-spread, spread)
     # Radius of the rotated ellipse in direction t.
     rel = t - kid.angle
     reach = 1.0 / math.sqrt((math.cos(rel) / kid.a) ** 2 + (math.sin(rel) / kid.b) ** 2)
@@ -456,41 +502,62 @@ def _point_in_kidney(rng: np.random.Generator, kid: _Kidney, lo: float, hi: floa
 
 
 def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, difficulty: float) -> _Lesion:
-    """Lesion size scales as difficulty**-0.6 and its contrast to the kidney as difficulty**-0.5."""
+    """One finding, drawn in physical HU; ``difficulty`` sets how conspicuous it is.
+
+    Sizes scale as difficulty**-0.8. Above 1, contrast to the kidney also fades (as
+    difficulty**-0.5); below 1 (``ease`` > 1) tumours grow more heterogeneous, irregular and
+    necrotic and stones more numerous, while cysts stay water: easy phantoms never get
+    unphysical densities.
+    """
     if finding == "none":
         return _Lesion("none")
-    size_f, contrast_f = difficulty**-0.6, difficulty**-0.5
+    size_f, fade, ease = difficulty**-0.8, min(1.0, difficulty**-0.5), max(1.0, 1.0 / difficulty) ** 0.5
     k = int(rng.integers(2))
     kid, side = patient.kidneys[k], ("right", "left")[k]
     cortex = patient.cortex_hu
     if finding == "cyst":
         cx, cy = _point_in_kidney(rng, kid, 0.1, 0.9)
-        radius = max(2.5, rng.uniform(7, 22) * size_f)
-        hu = cortex + contrast_f * (WATER + rng.normal(0, 4) - cortex)
+        radius = max(2.5, min(rng.uniform(7 + 2 * (ease - 1), 20) * size_f, 1.3 * kid.b))
+        hu = cortex + fade * (WATER + rng.normal(0, 4) - cortex)
         return _Lesion("cyst", side, cx, cy, radius, hu, hu - cortex, (rng.uniform(0.85, 1.0),))
     if finding == "stone":
-        sx = kid.cx + kid.hilum[0] * kid.a * 0.45
-        sy = kid.cy + kid.hilum[1] * kid.a * 0.45
-        stones = []
-        for _ in range(1 + rng.poisson(0.4)):
-            r = max(0.6, rng.uniform(0.75, 3.0) * math.sqrt(size_f))  # 1.5-6 px across at 512
-            hu = 300 + (rng.uniform(700, 1500) - 300) * min(1.0, contrast_f + 0.3)
-            off = rng.uniform(0, kid.a * 0.35, 2) * rng.choice([-1, 1], 2)
-            stones.append((float(off[0]), float(off[1]), r, hu))
-        big = max(stones, key=lambda s: s[2])
-        extra = ((sx, sy), tuple(stones))
-        return _Lesion("stone", side, sx + big[0], sy + big[1], big[2], big[3], big[3] - cortex, extra)
+        return _make_stones(rng, kid, side, cortex, size_f, fade, ease)
     cx, cy = _point_in_kidney(rng, kid, 0.55, 0.95)  # tumour: peripheral, so it bulges the outline
-    radius = max(4.0, rng.uniform(11, 28) * size_f)
+    radius = max(4.0, min(rng.uniform(11, 26) * size_f, 1.4 * kid.b))
     if patient.phase == "non-contrast":
-        base = cortex + rng.uniform(-8, 14)
+        base = cortex + rng.uniform(-12, 10)
     else:  # renal cell carcinoma enhances less than the cortex in these phases
-        base = cortex - rng.uniform(40, 90)
-    hu = cortex + contrast_f * (base - cortex)
-    wobble = (rng.normal(0, 0.07, 5), rng.uniform(0, 2 * np.pi, 5))
-    hetero = rng.uniform(12, 30) * contrast_f
-    necrosis = rng.uniform(15, 35) if rng.random() < 0.4 else 0.0
+        base = cortex - rng.uniform(40, 90) * ease
+    hu = cortex + fade * (base - cortex)
+    wobble = (rng.normal(0, 0.07 * ease, 5), rng.uniform(0, 2 * np.pi, 5))
+    hetero = rng.uniform(12, 30) * fade * ease
+    necrosis = rng.uniform(15, 35) * ease if rng.random() < min(0.9, 0.4 * ease) else 0.0
     return _Lesion("tumor", side, cx, cy, radius, hu, hu - cortex, (wobble, hetero, necrosis))
+
+
+def _make_stones(
+    rng: np.random.Generator, kid: _Kidney, side: str, cortex: float, size_f: float, fade: float, ease: float
+) -> _Lesion:
+    """1-3 calculi, 1.5-6 px across at 512 at difficulty 1, in the renal sinus or a calyx.
+
+    A stone in the renal pelvis sits among the bright hilar vessels, which look much like it.
+    Easy phantoms (``ease`` > 1) put most stones, close together, in the lateral calyces, away
+    from the vessels.
+    """
+    if rng.random() < 1.0 / (1.0 + ease * ease):  # renal pelvis, at the hilum
+        sx = kid.cx + kid.hilum[0] * kid.a * 0.65
+        sy = kid.cy + kid.hilum[1] * kid.a * 0.65
+    else:
+        sx, sy = _point_in_kidney(rng, kid, 0.2, 0.55, spread=(np.pi - 0.5) / ease)
+    stones = []
+    for _ in range(1 + min(2, rng.poisson(0.4 * ease * ease))):
+        r = max(0.6, rng.uniform(0.75, 3.0) * size_f + 5.0 * (ease - 1.0))
+        hu = 300 + (rng.uniform(700, 1500) - 300) * min(1.0, fade + 0.3)
+        off = rng.uniform(0, kid.a * 0.3 / ease, 2) * rng.choice([-1, 1], 2)
+        stones.append((float(off[0]), float(off[1]), r, hu))
+    big = max(stones, key=lambda s: s[2])
+    extra = ((sx, sy), tuple(stones))
+    return _Lesion("stone", side, sx + big[0], sy + big[1], big[2], big[3], big[3] - cortex, extra)
 
 
 def _draw_lesion(cv: _Canvas, lesion: _Lesion, depth: float, blur: float) -> float:
@@ -621,14 +688,13 @@ class _ClassPlan:
     numbers: dict[tuple[int, int], list[int]]  # (patient, slice) -> file numbers (1-based)
 
 
-def _plan_class(name: str, count: int, duplicate_fraction: float, rng: np.random.Generator) -> _ClassPlan:
-    n_dup = min(int(round(count * duplicate_fraction)), count - 1)
+def _plan_class(name: str, count: int, config: PhantomConfig, rng: np.random.Generator) -> _ClassPlan:
+    n_dup = min(int(round(count * config.duplicate_fraction)), count - 1)
+    low, high = config.slices_per_patient
     originals = count - n_dup
     slices: list[int] = []
     while sum(slices) < originals:
-        slices.append(
-            int(min(rng.integers(SLICES_PER_PATIENT[0], SLICES_PER_PATIENT[1] + 1), originals - sum(slices)))
-        )
+        slices.append(int(min(rng.integers(low, high + 1), originals - sum(slices))))
     order: list[tuple[int, int]] = [(p, s) for p, n_s in enumerate(slices) for s in range(n_s)]
     copied = rng.choice(len(order), size=n_dup, replace=n_dup > len(order))
     sequence = list(order)
@@ -659,15 +725,23 @@ def synthesize(
     size: int = 512,
     difficulty: float = DEFAULT_DIFFICULTY,
     class_mix: dict[str, float] | None = None,
+    slices_per_patient: tuple[int, int] = SLICES_PER_PATIENT,
     progress: ProgressFn | None = None,
 ) -> PhantomSummary:
     """Write ``n`` phantom slices to ``out_dir`` in the Kaggle layout; see the module docstring.
 
-    Deterministic for (n, seed, size, difficulty, class_mix). ``progress(done, total)`` is
+    Deterministic for its arguments but ``progress``. ``progress(done, total)`` is
     called after every file. A previous phantom in ``out_dir`` is replaced (only the files its
     phantom_truth.csv lists are removed); any other non-empty folder is refused.
     """
-    config = PhantomConfig(n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix)
+    config = PhantomConfig(
+        n=n,
+        seed=seed,
+        size=size,
+        difficulty=difficulty,
+        class_mix=class_mix,
+        slices_per_patient=tuple(slices_per_patient),  # type: ignore[arg-type]
+    )
     out = Path(out_dir)
     _clear_previous_phantom(out)
     counts = class_counts(config.n, config.class_mix)
@@ -680,7 +754,7 @@ def synthesize(
     for class_index, name in enumerate(DEFAULT_CLASS_NAMES):
         if name not in counts:
             continue
-        plan = _plan_class(name, counts[name], config.duplicate_fraction, plan_rng)
+        plan = _plan_class(name, counts[name], config, plan_rng)
         (out / name).mkdir(parents=True, exist_ok=True)
         for p, n_slices in enumerate(plan.slices_per_patient):
             rng = np.random.default_rng([config.seed, class_index, p])
@@ -690,7 +764,9 @@ def synthesize(
             lesion = _posed_lesion(
                 _make_lesion(rng, patient, FINDINGS[name], config.difficulty), patient, size
             )
-            depths = np.linspace(-0.7, 0.7, n_slices) if n_slices > 1 else np.zeros(1)
+            # Slices cut the lesion off-centre; on easy phantoms never far from its widest section.
+            span = 0.7 * min(1.0, config.difficulty) ** 0.5
+            depths = np.linspace(-span, span, n_slices) if n_slices > 1 else np.zeros(1)
             for s in range(n_slices):
                 data, geometry = _render_slice(patient, lesion, rng, noise_bank, float(depths[s]))
                 numbers = plan.numbers[(p, s)]

@@ -37,6 +37,11 @@ def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
         "Tumor",
     }
     assert summary["headline"]["accuracy"] == metrics["accuracy"]
+    with open(out / "run/history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    for phase in ("head", "finetune"):  # what fine-tuning adds to the head alone, from the history
+        best = max(float(row["val_macro_f1"]) for row in history if row["phase"] == phase)
+        assert abs(summary["phase_val_macro_f1"][phase] - best) < 1e-4
     with open(out / "holdout_predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == QUICK.n_holdout and not any(row["error"] for row in rows)

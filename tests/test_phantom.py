@@ -106,10 +106,31 @@ def test_findings_look_as_described(tmp_path: Path) -> None:
     assert radius["hard"] < 0.7 * radius["easy"]
 
 
+def test_easy_phantoms_have_larger_findings_fewer_plain_studies_and_more_patients(tmp_path: Path) -> None:
+    """Difficulty below 1 (the demo's 0.25) makes findings conspicuous; slices_per_patient sets patients."""
+    easy = synthesize(tmp_path / "easy", n=60, size=128, seed=2, difficulty=0.25, slices_per_patient=(1, 1))
+    default = synthesize(tmp_path / "default", n=60, size=128, seed=2, slices_per_patient=(1, 1))
+    assert easy.n_patients == default.n_patients == 60 - easy.n_duplicates  # one slice per patient
+    rows = {name: _rows(s.truth_csv) for name, s in (("easy", easy), ("default", default))}
+
+    def mean_radius(name: str, finding: str) -> float:
+        return float(np.mean([float(r["lesion_radius_px"]) for r in rows[name] if r["finding"] == finding]))
+
+    for finding in ("cyst", "stone", "tumor"):
+        assert mean_radius("easy", finding) > 1.5 * mean_radius("default", finding), finding
+    plain = {name: sum(r["phase"] == "non-contrast" for r in rows[name]) / 60 for name in rows}
+    assert plain["easy"] < 0.2 < plain["default"]
+    runs = synthesize(tmp_path / "runs", n=40, size=64, slices_per_patient=(3, 4))
+    slices = Counter(r["patient"] for r in _rows(runs.truth_csv) if not r["duplicate_of"])
+    assert max(slices.values()) <= 4
+    assert sum(count < 3 for count in slices.values()) <= 4  # only a class's last patient is cut short
+
+
 @pytest.mark.parametrize(
     ("options", "flag"),
     [
         ({"n": 0}, "--n"),
+        ({"slices_per_patient": (3, 2)}, "--slices-per-patient"),
         ({"size": 8}, "--size"),
         ({"difficulty": 10.0}, "--difficulty"),
         ({"class_mix": {"X": 1}}, "class mix"),

@@ -27,8 +27,20 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 512,
     difficulty: Annotated[
-        float, typer.Option("--difficulty", help="Higher: smaller, fainter lesions and more noise (0.25-4).")
+        float,
+        typer.Option(
+            "--difficulty",
+            help="0.25-4. Higher: smaller, fainter findings, more noise and look-alikes; the demo uses 0.25.",
+        ),
     ] = 1.0,
+    slices_per_patient: Annotated[
+        tuple[int, int],
+        typer.Option(
+            "--slices-per-patient",
+            help="MIN MAX adjacent slices drawn of each patient (near-identical images that a split "
+            "must keep together).",
+        ),
+    ] = (2, 8),
 ) -> None:
     """Generate a phantom kidney CT dataset in the Kaggle dataset's layout."""
     from kidney_edge.phantom import synthesize
@@ -41,6 +53,7 @@ def synth(
             seed=seed,
             size=size,
             difficulty=difficulty,
+            slices_per_patient=slices_per_patient,
             progress=lambda done, total: bar.update(task, completed=done),
         )
     counts = ", ".join(f"{name} {count}" for name, count in summary.class_counts.items())

@@ -25,7 +25,7 @@ def demo(
     Generates phantom kidney CT slices, splits them without leakage, trains EfficientNet-Lite0
     in two phases, evaluates on the test split (report with CIs, calibration, Grad-CAM),
     exports ONNX fp32 + INT8 with parity, predicts a held-out folder of new phantom patients
-    and benchmarks latency. About 10 minutes on a 2-core CPU; --quick takes 1-2 minutes.
+    and benchmarks latency. About 7-8 minutes on a 2-core CPU; --quick takes under a minute.
     """
     from kidney_edge.demo import DemoConfig, run_demo
 
@@ -45,6 +45,8 @@ def _render(result: Any) -> None:
     )
     met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in result.targets_met.items())
     console.print(f"targets (>= 97%): {met}")
+    phases = ", ".join(f"{name} {value:.3f}" for name, value in result.phase_val_f1.items())
+    console.print(f"best validation macro-F1 per phase: {phases}")
     parity, gate = result.parity, result.parity.get("int8") or {}
     console.print(f"ONNX parity: max |dp| {parity.get('max_abs_diff'):.2e}, argmax agreement "
                   f"{_pct(parity.get('argmax_agreement'))} on {parity.get('n_images')} test images")  # fmt: skip
