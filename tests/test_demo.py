@@ -37,6 +37,10 @@ def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
         "Tumor",
     }
     assert summary["headline"]["accuracy"] == metrics["accuracy"]
+    for key, ok in summary["targets_met"].items():  # the verdicts follow the printed figures
+        figure = summary["headline"]["recall"]["Tumor"] if key == "tumor_recall" else summary["headline"][key]
+        assert ok == (figure >= summary["targets"][key])
+    assert "targets (>= 97%) under argmax" in result.output
     with open(out / "run/history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))
     for phase in ("head", "finetune"):  # what fine-tuning adds to the head alone, from the history
