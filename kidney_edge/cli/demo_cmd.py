@@ -25,7 +25,7 @@ def demo(
     Generates phantom kidney CT slices, splits them without leakage, trains EfficientNet-Lite0
     in two phases, evaluates on the test split (report with CIs, calibration, Grad-CAM),
     exports ONNX fp32 + INT8 with parity, predicts a held-out folder of new phantom patients
-    and benchmarks latency. About 7-8 minutes on a 2-core CPU; --quick takes under a minute.
+    and benchmarks latency. About 7 minutes on a 2-core CPU; --quick takes under a minute.
     """
     from kidney_edge.demo import DemoConfig, run_demo
 
