@@ -208,13 +208,15 @@ def _epoch_reporter(say: Progress) -> Callable[[Any], None]:
     return report
 
 
+def _verdicts(figures: dict[str, float | None]) -> dict[str, bool]:
+    """Each of :data:`TARGETS` met or not by ``figures`` (a missing figure is not met)."""
+    return {name: (figures.get(name) or 0.0) >= target for name, target in TARGETS.items()}
+
+
 def targets_met(headline: dict[str, Any]) -> dict[str, bool]:
     """The seed's targets judged on the argmax figures of :func:`headline_figures`."""
-    return {
-        "accuracy": headline["accuracy"] >= TARGETS["accuracy"],
-        "macro_f1": headline["macro_f1"] >= TARGETS["macro_f1"],
-        "tumor_recall": headline["recall"].get("Tumor", 0.0) >= TARGETS["tumor_recall"],
-    }
+    tumor_recall = headline["recall"].get("Tumor")
+    return _verdicts({**headline, "tumor_recall": tumor_recall})
 
 
 def targets_met_under_rule(headline: dict[str, Any]) -> dict[str, bool] | None:
@@ -224,13 +226,7 @@ def targets_met_under_rule(headline: dict[str, Any]) -> dict[str, bool] | None:
     are the figures a user of the exported model gets.
     """
     rule = headline.get("under_rule")
-    if not rule:
-        return None
-    return {
-        "accuracy": (rule.get("accuracy") or 0.0) >= TARGETS["accuracy"],
-        "macro_f1": (rule.get("macro_f1") or 0.0) >= TARGETS["macro_f1"],
-        "tumor_recall": (rule.get("tumor_recall") or 0.0) >= TARGETS["tumor_recall"],
-    }
+    return _verdicts(rule) if rule else None
 
 
 def best_val_f1_per_phase(history_csv: Path) -> dict[str, float]:

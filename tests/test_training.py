@@ -105,7 +105,7 @@ def test_early_stopping_counts_from_the_phase_best(
     saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
     model, state = torch.nn.Linear(2, 4), RunState(phase="head")
     _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9}, state, saver, None)
-    state.phase, state.phase_epoch, state.phase_best_f1, state.bad_epochs = "finetune", 0, -1.0, 0
+    state.enter_phase("finetune")
     phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
     stop = None
     for epoch, f1 in enumerate(finetune_f1, start=1):

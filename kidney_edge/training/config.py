@@ -36,10 +36,10 @@ class PhaseConfig:
     warmup_fraction: float = 0.1  # linear warm-up over this share of the phase's steps, then cosine
     patience: int = 4
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
-    # still train). Measured on the demo's phantom: with batch statistics, the first fine-tuning
-    # epoch's loss jumped from 1.2 to 2.5 and validation collapsed to one class, because the
-    # head was fitted on running-statistic features and the TF port's BN momentum (0.01) lets
-    # running statistics catch up only after hundreds of steps.
+    # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
+    # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
+    # features, and the TF port's BN momentum (0.01) lets running statistics catch up only
+    # after hundreds of steps.
     freeze_bn_stats: bool = True
 
     def __post_init__(self) -> None:

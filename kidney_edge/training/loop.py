@@ -49,6 +49,11 @@ class RunState:
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def enter_phase(self, name: str) -> None:
+        """Start phase ``name`` from its first epoch; the run's best model stays as it is."""
+        self.phase, self.phase_epoch, self.phase_done = name, 0, False
+        self.phase_best_f1, self.bad_epochs = -1.0, 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -342,8 +347,7 @@ def fit_phase(
         if (saver.run_dir / "best.pt").is_file():
             saver.context.barrier()
             model.load_state_dict(load_checkpoint(saver.run_dir / "best.pt")["model_state"])
-        state.phase, state.phase_epoch, state.phase_done, state.bad_epochs = phase.name, 0, False, 0
-        state.phase_best_f1 = -1.0
+        state.enter_phase(phase.name)
     if phase.epochs == 0 or state.phase_epoch >= phase.epochs:
         state.phase_done = True
         return
