@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, data: Path, splits: Path, freeze: bool) -> dic
     result = train(config)
     with open(result.run_dir / "history.csv", newline="") as handle:
         history = [row for row in csv.DictReader(handle) if row["phase"] == "finetune"]
-    test = result.metrics["test"]
+    test = result.metrics["test"]["argmax"]
     return {
         "bn_statistics": name,
         "finetune_epochs": [

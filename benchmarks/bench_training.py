@@ -159,7 +159,7 @@ def probe_vs_finetune(args: argparse.Namespace, data: Path, splits: Path) -> dic
         )  # fmt: skip
         started = time.perf_counter()
         result = train(config)
-        test = result.metrics["test"]
+        test = result.metrics["test"]["argmax"]
         results[name] = {
             "wall_s": time.perf_counter() - started,
             "best_phase": result.metrics["best_phase"],

@@ -100,7 +100,7 @@ class DemoResult:
     benchmark: dict[str, Any] = field(default_factory=dict)
     targets_met: dict[str, bool] = field(default_factory=dict)  # argmax figures
     # The figures of the decision rule the exported model applies (tumor operating point).
-    targets_met_under_rule: dict[str, bool] | None = None
+    targets_met_under_rule: dict[str, bool] = field(default_factory=dict)
     phase_val_f1: dict[str, float] = field(default_factory=dict)  # best val macro-F1 of each phase
     test_metrics: dict[str, Any] = field(default_factory=dict)  # the run's metrics.json
 
@@ -214,19 +214,17 @@ def _verdicts(figures: dict[str, float | None]) -> dict[str, bool]:
 
 
 def targets_met(headline: dict[str, Any]) -> dict[str, bool]:
-    """The seed's targets judged on the argmax figures of :func:`headline_figures`."""
-    tumor_recall = headline["recall"].get("Tumor")
-    return _verdicts({**headline, "tumor_recall": tumor_recall})
+    """The targets judged on the argmax figures of :func:`headline_figures`."""
+    return _verdicts(headline["argmax"])
 
 
-def targets_met_under_rule(headline: dict[str, Any]) -> dict[str, bool] | None:
-    """The same targets judged on the decision rule the exported model applies; None without one.
+def targets_met_under_rule(headline: dict[str, Any]) -> dict[str, bool]:
+    """The same targets judged on the decision rule that the exported model applies.
 
     The rule's threshold is chosen on validation only, and ``predict`` applies it, so these
     are the figures a user of the exported model gets.
     """
-    rule = headline.get("under_rule")
-    return _verdicts(rule) if rule else None
+    return _verdicts(headline["rule"])
 
 
 def best_val_f1_per_phase(history_csv: Path) -> dict[str, float]:
@@ -243,28 +241,29 @@ def best_val_f1_per_phase(history_csv: Path) -> dict[str, float]:
 
 
 def headline_figures(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The seed's figures, Tumor first: per-class recall, macro-F1, precision, accuracy, with CIs."""
-    per_class = metrics["per_class"]
-    order = sorted(per_class, key=lambda name: (name != "Tumor", metrics["labels"].index(name)))
-    ci = metrics.get("ci", {})
-    rule = metrics.get("metrics_under_rule") or {}
+    """Per decision (``argmax``, ``rule``): per-class recall (positive class first), macro-F1,
+    precision, accuracy and the positive class's recall, with CIs, from a metrics.json."""
+    figures: dict[str, Any] = {"n_test": metrics["n_samples"], "rule": metrics["decision_rule"]}
+    for decision in ("argmax", "rule"):
+        figures[decision] = _decision_figures(metrics[decision], metrics["positive_class"])
+    return figures
+
+
+def _decision_figures(block: dict[str, Any], positive_class: str | None) -> dict[str, Any]:
+    from kidney_edge.report import ordered_classes
+
+    order = ordered_classes(block["labels"], positive_class)
+    per_class, ci = block["per_class"], block.get("ci", {})
     return {
-        "recall": {name: per_class[name]["recall"] for name in order},
-        "recall_ci": {name: ci.get(f"recall_{name}") for name in order},
-        "precision": {name: per_class[name]["precision"] for name in order},
-        "macro_f1": metrics["macro_f1"],
+        "tumor_recall": (per_class.get(positive_class) or {}).get("recall"),
+        "tumor_recall_ci": ci.get(f"recall_{positive_class}"),
+        "macro_f1": block["macro_f1"],
         "macro_f1_ci": ci.get("macro_f1"),
-        "accuracy": metrics["accuracy"],
+        "accuracy": block["accuracy"],
         "accuracy_ci": ci.get("accuracy"),
-        "n_test": metrics.get("n_samples"),
-        "under_rule": {
-            "rule": (metrics.get("decision_rule") or {}),
-            "tumor_recall": (rule.get("per_class", {}).get("Tumor") or {}).get("recall"),
-            "tumor_precision": (rule.get("per_class", {}).get("Tumor") or {}).get("precision"),
-            "macro_f1": rule.get("macro_f1"),
-            "accuracy": rule.get("accuracy"),
-        } if rule else None,
-    }  # fmt: skip
+        "recall": {name: per_class[name]["recall"] for name in order},
+        "precision": {name: per_class[name]["precision"] for name in order},
+    }
 
 
 def _export(out: Path, result: DemoResult) -> None:
@@ -292,7 +291,7 @@ def _deployed_model(result: DemoResult) -> Path:
 
 
 def _predict(out: Path, result: DemoResult) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import OnnxClassifier, predict_folder
 
     model = _deployed_model(result)
     predictions = out / "holdout_predictions.csv"
@@ -300,16 +299,28 @@ def _predict(out: Path, result: DemoResult) -> None:
     result.artifacts["holdout_predictions.csv"] = str(predictions)
     result.holdout = {"model": model.name, "images": summary.predicted, "failed": summary.failed,
                       "images_per_s": round(summary.images_per_s, 1),
-                      "accuracy": holdout_accuracy(predictions)}  # fmt: skip
+                      **holdout_figures(predictions, OnnxClassifier(model).spec)}  # fmt: skip
 
 
-def holdout_accuracy(predictions_csv: Path) -> float:
-    """Share of predicted rows whose label equals the class folder the file sits in."""
+def holdout_figures(predictions_csv: Path, spec: Any) -> dict[str, Any]:
+    """argmax and rule figures (with CIs) of predict's rows, the truth being each file's class folder."""
+    import numpy as np
+
+    from kidney_edge.metrics import classification_metrics
+
     with open(predictions_csv, newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if not row["error"]]
     if not rows:
-        return 0.0
-    return sum(Path(row["path"]).parent.name == row["label"] for row in rows) / len(rows)
+        raise InputError(f"{predictions_csv}: no predicted rows to score")
+    index = {name: k for k, name in enumerate(spec.class_names)}
+    y_true = np.array([index[Path(row["path"]).parent.name] for row in rows])
+    probabilities = np.array([[float(row[f"p_{c}"]) for c in spec.class_names] for row in rows])
+    figures: dict[str, Any] = {"n": len(rows)}
+    for decision, column in (("argmax", "argmax_label"), ("rule", "label")):
+        y_pred = np.array([index[row[column]] for row in rows])
+        block = classification_metrics(y_true, y_pred, probabilities, spec.class_names)
+        figures[decision] = _decision_figures(block, spec.positive_class)
+    return figures
 
 
 def _benchmark(out: Path, size: DemoSize, result: DemoResult) -> None:

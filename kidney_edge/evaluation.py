@@ -10,8 +10,6 @@ model_card.md.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -24,7 +22,7 @@ import numpy as np
 from kidney_edge import metrics as M
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
-from kidney_edge.spec import DecisionRule, ModelSpec
+from kidney_edge.spec import DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)
 
@@ -289,11 +287,12 @@ def _rule_from_val(predictor: _Predictor, config: EvaluateConfig, notes: list[st
         predictor.spec.probabilities(logits),
         _indices(val.labels, predictor.spec.class_names),
         predictor.spec.class_names,
+        positive_class=predictor.spec.positive_class,
         target_recall=config.tumor_recall,
     )
     if rule is not None:
         notes.append(
-            f"Tumor threshold {rule.threshold:.4f} chosen at evaluation time on the val split of "
+            f"Operating point \"{rule.describe()}\" chosen at evaluation time on the val split of "
             f"{config.data} for recall {config.tumor_recall}; the model file keeps its own rule."
         )
         if config.split == "val":
@@ -330,7 +329,7 @@ def _evaluate_files(
     metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions(out_dir / "predictions.csv", files, probabilities, decided, spec.class_names)
+    write_predictions(out_dir / "predictions.csv", files, probabilities, spec)
     gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
     report = write_report(
         out_dir,
@@ -352,10 +351,10 @@ def _evaluate_files(
     )
     atomic_write_json(out_dir / "metrics.json", metrics)
     log.info(
-        "evaluated %d images: macro-F1 %.4f, accuracy %.4f",
+        "evaluated %d images: macro-F1 %.4f, accuracy %.4f (under the rule)",
         len(y_true),
-        metrics["macro_f1"],
-        metrics["accuracy"],
+        metrics[HEADLINE_BLOCK]["macro_f1"],
+        metrics[HEADLINE_BLOCK]["accuracy"],
     )
     paths = {
         "metrics": out_dir / "metrics.json",
@@ -367,36 +366,42 @@ def _evaluate_files(
     return EvaluationResult(out_dir, split, len(y_true), metrics, spec, paths)
 
 
+HEADLINE_BLOCK = "rule"  # headlines show the labels that predict writes: the spec's rule
+
+
 def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
-    """metrics.json content: argmax metrics at the top level, the spec's rule under ``metrics_under_rule``."""
+    """metrics.json content: an ``argmax`` and a ``rule`` block with the same keys.
+
+    ``rule`` holds the figures of the labels written to predictions.csv (the spec's decision
+    rule); ``argmax`` those of the most probable class. ``headline`` names the block that
+    headlines show. Under an argmax rule the two blocks are equal.
+    """
     probabilities = spec.probabilities(logits)
     names = spec.class_names
-    metrics = M.classification_metrics(
+    argmax = M.classification_metrics(
         y_true, probabilities.argmax(axis=1), probabilities, names, n_bootstrap=N_BOOTSTRAP
     )
-    rule = spec.decision_rule
-    under_rule = None
-    if rule.kind != "argmax":
-        under_rule = M.classification_metrics(
-            y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP
-        )
-        under_rule.pop("reliability")  # identical probabilities: calibration does not change
-    uncalibrated = M.softmax(logits)
-    metrics.update(
-        temperature=spec.temperature,
-        decision_rule=_rule_dict(rule),
-        metrics_under_rule=under_rule,
-        calibration={
+    rule = M.classification_metrics(y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP)
+    uncalibrated = softmax(logits)
+    return {
+        "n_samples": argmax["n_samples"],
+        "labels": list(names),
+        "positive_class": spec.positive_class,
+        "headline": HEADLINE_BLOCK,
+        "argmax": argmax,
+        "rule": rule,
+        "temperature": spec.temperature,
+        "decision_rule": _rule_dict(spec.decision_rule),
+        "calibration": {
             "temperature": spec.temperature,
             "ece_before": M.expected_calibration_error(uncalibrated, y_true),
-            "ece_after": metrics["ece"],
+            "ece_after": argmax["ece"],
             "nll_before": M.negative_log_likelihood(logits, y_true, 1.0),
             "nll_after": M.negative_log_likelihood(logits, y_true, spec.temperature),
             "reliability_before": M.reliability_bins(uncalibrated, y_true),
         },
-        spec=spec.to_dict(),
-    )
-    return metrics
+        "spec": spec.to_dict(),
+    }
 
 
 def _rule_dict(rule: DecisionRule) -> dict[str, Any]:
@@ -405,6 +410,7 @@ def _rule_dict(rule: DecisionRule) -> dict[str, Any]:
         "positive_class": rule.positive_class,
         "threshold": rule.threshold,
         "target_recall": rule.target_recall,
+        "note": rule.note,
         "description": rule.describe(),
     }
 
@@ -413,16 +419,21 @@ def write_predictions(
     path: Path,
     files: LabelledFiles,
     probabilities: np.ndarray,
-    decided: np.ndarray,
-    class_names: Sequence[str],
+    spec: ModelSpec,
 ) -> None:
-    """predictions.csv: path, true_label, predicted_label (the spec's rule), p_<Class>..."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "true_label", "predicted_label", *(f"p_{c}" for c in class_names)])
-    for file, label, predicted, row in zip(files.paths, files.labels, decided, probabilities, strict=True):
-        writer.writerow([str(file), label, class_names[predicted], *(f"{p:.6f}" for p in row)])
-    atomic_write_text(path, buffer.getvalue())
+    """predictions.csv: ``path``, ``true_label``, then predict's columns (:func:`runtime.output_columns`).
+
+    ``label`` is the spec's rule and ``argmax_label`` the most probable class: metrics.json's
+    ``rule`` and ``argmax`` blocks are recomputed exactly from them.
+    """
+    from kidney_edge.runtime import csv_text, output_columns, prediction_rows
+
+    columns = ["path", "true_label", *output_columns(spec.class_names)[1:-1]]  # no error column
+    rows = prediction_rows([str(p) for p in files.paths], probabilities, spec)
+    for row, true_label in zip(rows, files.labels, strict=True):
+        row["true_label"] = true_label
+        del row["error"]  # every evaluated file was read, or evaluation stopped with its name
+    atomic_write_text(path, ",".join(columns) + "\n" + csv_text(rows, columns))
 
 
 def _error_gallery(
@@ -532,7 +543,9 @@ def _calibrate_on_val(
     probabilities = spec.probabilities(logits)
     rule = None
     if tumor_recall is not None:
-        rule = M.tumor_decision_rule(probabilities, y_val, spec.class_names, target_recall=tumor_recall)
+        rule = M.tumor_decision_rule(
+            probabilities, y_val, spec.class_names, positive_class=spec.positive_class, target_recall=tumor_recall
+        )
     spec = spec.replace(decision_rule=rule or DecisionRule())
     validation = {
         "n_samples": len(y_val),
@@ -544,6 +557,6 @@ def _calibrate_on_val(
     if rule is not None:
         positive = spec.class_names.index(rule.positive_class)
         hits = spec.decide(probabilities)[y_val == positive] == positive
-        validation["tumor_recall_achieved"] = float(hits.mean())
+        validation["positive_recall_achieved"] = float(hits.mean())
     log.info("val: temperature %.4f, rule %s", temperature, spec.decision_rule.describe())
     return spec, validation

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
+from kidney_edge.spec import ModelSpec
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -45,11 +46,14 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("model_state", {})
+    spec = checkpoint.get("spec")
+    rule = ModelSpec.from_dict(spec).decision_rule.describe() if spec else None
     return {
         "path": str(path),
         "size_bytes": path.stat().st_size,
         "format_version": checkpoint.get("format_version"),
-        "spec": checkpoint.get("spec"),
+        "decision_rule": rule,
+        "spec": spec,
         "parameters": int(sum(int(t.numel()) for t in state.values())),
         "epoch": checkpoint.get("epoch"),
         "phase": checkpoint.get("phase"),

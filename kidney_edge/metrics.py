@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError
-from kidney_edge.spec import DecisionRule
+from kidney_edge.spec import DecisionRule, RuleKind
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,6 @@ def expected_calibration_error(
     return float(gap / total)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def negative_log_likelihood(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
     """Mean cross-entropy of temperature-scaled logits (log-sum-exp, stable)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
@@ -319,13 +312,21 @@ def threshold_for_recall(positive_scores: np.ndarray, is_positive: np.ndarray, t
     With the positives' scores sorted high to low, the k = ceil(target * n_pos)-th of them is
     that threshold: any higher t loses the k-th positive and falls below the target.
     """
-    if not 0.0 < target_recall <= 1.0:
-        raise InputError(f"--tumor-recall must be in (0, 1], got {target_recall}")
+    _check_target(target_recall)
     scores = np.sort(np.asarray(positive_scores, dtype=np.float64)[np.asarray(is_positive, bool)])[::-1]
     if len(scores) == 0:
         raise InputError("cannot choose a threshold: the validation split has no positive items")
-    needed = max(1, math.ceil(target_recall * len(scores) - 1e-9))
-    return float(scores[needed - 1])
+    return float(scores[_needed(target_recall, len(scores)) - 1])
+
+
+def _check_target(target_recall: float) -> None:
+    if not 0.0 < target_recall <= 1.0:
+        raise InputError(f"--tumor-recall must be in (0, 1], got {target_recall}")
+
+
+def _needed(target_recall: float, n_positive: int) -> int:
+    """How many of ``n_positive`` items a recall of ``target_recall`` must catch."""
+    return max(1, math.ceil(target_recall * n_positive - 1e-9))
 
 
 def tumor_decision_rule(
@@ -333,26 +334,59 @@ def tumor_decision_rule(
     y_true: np.ndarray,
     class_names: tuple[str, ...],
     *,
+    positive_class: str | None,
     target_recall: float = 0.98,
-    positive_class: str = "Tumor",
 ) -> DecisionRule | None:
-    """A threshold rule on p(positive_class) reaching ``target_recall`` on these (validation) data.
+    """The operating point for ``positive_class`` that reaches ``target_recall`` on these (validation) data.
 
-    Returns None, with a logged note, when the classes have no ``positive_class`` or the data
-    hold none of it.
+    The rule only adds positive calls to argmax (:class:`DecisionRule`), so its threshold
+    matters only for positives that argmax misses. When argmax alone reaches the target, the
+    rule is argmax and says so. Otherwise the threshold is the largest t that reaches the
+    target under the rule: the k-th highest p(positive) among the positives argmax misses,
+    with k the positive calls still needed. When no other item scores at or above the
+    positives the rule must catch (validation separates them), any t in the gap reaches the
+    target and the gap's midpoint is taken instead of its edge, with a note saying so.
+
+    Returns None, with a logged note, when there is no positive class or no positive item.
     """
-    if positive_class not in class_names:
-        log.info("no %r class in %s: keeping the argmax rule", positive_class, list(class_names))
+    _check_target(target_recall)
+    if positive_class is None or positive_class not in class_names:
+        log.info("no positive class among %s: keeping the argmax rule", list(class_names))
         return None
     k = class_names.index(positive_class)
-    is_positive = np.asarray(y_true) == k
+    y_true = np.asarray(y_true)
+    is_positive = y_true == k
     if not is_positive.any():
         log.warning("validation split has no %s items: keeping the argmax rule", positive_class)
         return None
     # The stored threshold is compared with float32 probabilities (spec.probabilities, ONNX):
     # choose it among float32 values so the comparison is exact at the boundary.
-    scores = np.asarray(probabilities, dtype=np.float32)[:, k].astype(np.float64)
-    threshold = threshold_for_recall(scores, is_positive, target_recall)
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    caught = probabilities.argmax(axis=1) == k
+    still_needed = _needed(target_recall, int(is_positive.sum())) - int((caught & is_positive).sum())
+    if still_needed <= 0:
+        return DecisionRule(
+            kind=RuleKind.ARGMAX.value, positive_class=positive_class, target_recall=target_recall
+        )
+    scores = probabilities[:, k].astype(np.float64)
+    missed = np.sort(scores[is_positive & ~caught])[::-1]
+    threshold = float(missed[still_needed - 1])
+    note = ""
+    below = scores[~is_positive & ~caught]
+    below = below[below < threshold]
+    if not (scores[~is_positive & ~caught] >= threshold).any() and len(below):
+        gap_low = float(below.max())
+        threshold = float(np.float32((gap_low + threshold) / 2))
+        note = (
+            f"validation separates the {positive_class} items the rule must add (p >= "
+            f"{float(missed[still_needed - 1]):.4f}) from every other item (p <= {gap_low:.4f}): "
+            "threshold at the gap's midpoint"
+        )
+        log.info(note)
     return DecisionRule(
-        kind="threshold", positive_class=positive_class, threshold=threshold, target_recall=target_recall
+        kind=RuleKind.THRESHOLD.value,
+        positive_class=positive_class,
+        threshold=threshold,
+        target_recall=target_recall,
+        note=note,
     )

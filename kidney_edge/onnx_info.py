@@ -48,9 +48,12 @@ def describe_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
         "inputs": [_io(arg) for arg in session.get_inputs()],
         "outputs": [_io(arg) for arg in session.get_outputs()],
         **_int8_facts(path, data),
-        "spec": _spec(path, custom),
         "metadata_keys": sorted(custom),
     }
+    spec = _spec(path, custom)
+    if spec is not None:
+        description["decision_rule"] = spec.decision_rule.describe()
+        description["spec"] = spec.to_dict()
     if "kidney_edge.quantization" in custom:
         description["quantization"] = json.loads(custom["kidney_edge.quantization"])
     return description
@@ -74,11 +77,11 @@ def _io(arg: Any) -> dict[str, Any]:
     return {"name": arg.name, "type": arg.type, "shape": [d if d is not None else "?" for d in arg.shape]}
 
 
-def _spec(path: Path, custom: dict[str, str]) -> dict[str, Any] | None:
+def _spec(path: Path, custom: dict[str, str]) -> ModelSpec | None:
     if ONNX_METADATA_KEY not in custom:
         return None  # not exported by kidney-edge: describe it anyway
     try:
-        return ModelSpec.from_json(custom[ONNX_METADATA_KEY]).to_dict()
+        return ModelSpec.from_json(custom[ONNX_METADATA_KEY])
     except InputError as exc:
         raise InputError(f"{path}: invalid kidney-edge spec in its metadata: {exc}") from None
 

@@ -339,39 +339,47 @@ def predict_onnx(
     return np.concatenate(logits), np.concatenate(probabilities), classifier.spec
 
 
-def tumor_class(spec: ModelSpec) -> str | None:
-    """The class whose recall the gate protects: 'Tumor' by name, else the decision rule's class."""
-    for name in spec.class_names:
-        if name.lower() == "tumor":
-            return name
-    return spec.decision_rule.positive_class
+GATED_SCORES = ("macro_f1", "positive_recall")  # a drop in either fails the gate
+DECISIONS = ("argmax", "rule")  # the gate scores both; predict writes the rule's labels
 
 
-def gate_scores(y_true: np.ndarray, probabilities: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
-    """Accuracy, macro-F1 and tumor recall of ``probabilities`` under the spec's decision rule."""
+def gate_scores(y_true: np.ndarray, y_pred: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the spec's positive-class recall of (N,) decisions ``y_pred``."""
     from kidney_edge.metrics import classification_metrics
 
-    y_pred = spec.decide(probabilities)
-    metrics = classification_metrics(y_true, y_pred, probabilities, spec.class_names, n_bootstrap=0)
-    tumor = tumor_class(spec)
-    tumor_stats = metrics["per_class"].get(tumor) if tumor else None
-    has_tumors = bool(tumor_stats and tumor_stats["support"] > 0)
+    n_classes = spec.num_classes
+    one_hot = np.eye(n_classes, dtype=np.float64)[y_pred]  # (N, C): only decisions are scored
+    metrics = classification_metrics(y_true, y_pred, one_hot, spec.class_names, n_bootstrap=0)
+    positive = metrics["per_class"].get(spec.positive_class) if spec.positive_class else None
+    has_positives = bool(positive and positive["support"] > 0)
     return {
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
-        "tumor_recall": tumor_stats["recall"] if has_tumors else None,
+        "positive_recall": positive["recall"] if has_positives else None,
     }
 
 
-def compare_scores(fp32: dict[str, Any], int8: dict[str, Any], max_drop: float) -> tuple[dict, list[str]]:
-    """Deltas (INT8 - fp32) and the gate's failures: a drop of more than ``max_drop`` in a gated score."""
-    deltas = {k: None if fp32[k] is None or int8[k] is None else int8[k] - fp32[k] for k in fp32}
-    failures = [
-        f"{key} dropped {-deltas[key] * 100:.2f} points ({fp32[key]:.4f} -> {int8[key]:.4f}; "
-        f"allowed {max_drop * 100:.2f})"
-        for key in ("macro_f1", "tumor_recall")
-        if deltas[key] is not None and -deltas[key] > max_drop + 1e-9
-    ]
+def _decisions(probabilities: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
+    return {"argmax": probabilities.argmax(axis=1).astype(np.int64), "rule": spec.decide(probabilities)}
+
+
+def compare_scores(
+    fp32: dict[str, dict[str, Any]], int8: dict[str, dict[str, Any]], max_drop: float
+) -> tuple[dict, list[str]]:
+    """Deltas (INT8 - fp32) per decision and the gate's failures: a gated score that drops > ``max_drop``."""
+    deltas: dict[str, dict[str, float | None]] = {}
+    failures = []
+    for decision in DECISIONS:
+        before, after = fp32[decision], int8[decision]
+        deltas[decision] = {
+            k: None if before[k] is None or after[k] is None else after[k] - before[k] for k in before
+        }
+        failures += [
+            f"{decision} {key} dropped {-deltas[decision][key] * 100:.2f} points "
+            f"({before[key]:.4f} -> {after[key]:.4f}; allowed {max_drop * 100:.2f})"
+            for key in GATED_SCORES
+            if deltas[decision][key] is not None and -deltas[decision][key] > max_drop + 1e-9
+        ]
     return deltas, failures
 
 
@@ -384,28 +392,34 @@ def int8_accuracy_gate(
     max_drop: float = DEFAULT_MAX_DROP,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Score fp32 and INT8 on the same images; ``passed`` is False when a gated score drops > max_drop.
+    """Score fp32 and INT8 on the same images, under argmax and under the spec's rule.
 
-    With ``labels`` None (no labelled split), the fp32 model's own decisions are the reference,
-    so the figures measure INT8-vs-fp32 agreement rather than accuracy (``reference`` says which).
+    ``passed`` is False when macro-F1 or the positive class's recall drops by more than
+    ``max_drop`` under either. With ``labels`` None (no labelled split), the fp32 model's own
+    decisions are the reference, so the figures measure INT8-vs-fp32 agreement rather than
+    accuracy (``reference`` says which).
     """
     if not paths:
         raise InputError("the INT8 accuracy gate needs test images: pass --splits with a test split")
     fp32_logits, fp32_probabilities, spec = predict_onnx(fp32_path, paths, batch_size=batch_size)
     int8_logits, int8_probabilities, _ = predict_onnx(int8_path, paths, batch_size=batch_size)
-    fp32_decisions, int8_decisions = spec.decide(fp32_probabilities), spec.decide(int8_probabilities)
-    reference = np.asarray(labels) if labels is not None else fp32_decisions
-    fp32_scores = gate_scores(reference, fp32_probabilities, spec)
-    int8_scores = gate_scores(reference, int8_probabilities, spec)
+    fp32_decisions, int8_decisions = _decisions(fp32_probabilities, spec), _decisions(int8_probabilities, spec)
+    fp32_scores, int8_scores = {}, {}
+    for decision in DECISIONS:
+        reference = np.asarray(labels) if labels is not None else fp32_decisions[decision]
+        fp32_scores[decision] = gate_scores(reference, fp32_decisions[decision], spec)
+        int8_scores[decision] = gate_scores(reference, int8_decisions[decision], spec)
     deltas, failures = compare_scores(fp32_scores, int8_scores, max_drop)
     return {
         "reference": "labels" if labels is not None else "fp32_decisions",
         "n_images": len(paths),
+        "positive_class": spec.positive_class,
+        "decision_rule": spec.decision_rule.describe(),
         "fp32": fp32_scores,
         "int8": int8_scores,
         "delta": deltas,
         "max_drop": max_drop,
-        "decision_agreement": float(np.mean(fp32_decisions == int8_decisions)),
+        "decision_agreement": float(np.mean(fp32_decisions["rule"] == int8_decisions["rule"])),
         "max_abs_diff_probabilities": float(np.abs(fp32_probabilities - int8_probabilities).max()),
         "logit_relative_error": _relative_error(fp32_logits, int8_logits),
         "passed": not failures,

@@ -4,8 +4,9 @@ The HTML embeds every plot as a base64 PNG data URI and carries its own CSS, so 
 offline from an e-mail attachment. Plots use matplotlib's object API (``Figure``), never
 pyplot, so there is no global figure state and no display backend.
 
-Order follows how the seed judged its model: per-class recall (Tumor first), macro-F1,
-precision, then accuracy, each with a 95% bootstrap interval.
+Order follows how clinicians judge the model: per-class recall (the spec's positive class,
+Tumor, first), macro-F1, precision, then accuracy, each with a 95% bootstrap interval. Headline
+figures are those of the labels that predict writes (metrics.json's ``rule`` block), and say so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-POSITIVE_CLASS = "Tumor"  # the finding a missed call costs most; listed first everywhere
 GALLERY_LIMIT = 12
 PNG_DPI = 110
 
@@ -91,9 +91,19 @@ def write_report(out_dir: Path, inputs: ReportInputs) -> ReportFiles:
 # --------------------------------------------------------------------------- ordering and numbers
 
 
-def ordered_classes(class_names: Sequence[str]) -> list[str]:
-    """Tumor first (the seed's headline figure), then the rest in spec order."""
-    return sorted(class_names, key=lambda name: name != POSITIVE_CLASS)
+def ordered_classes(class_names: Sequence[str], positive_class: str | None) -> list[str]:
+    """The positive class first (a missed one costs most), then the rest in spec order."""
+    return sorted(class_names, key=lambda name: name != positive_class)
+
+
+def headline_block(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics block headlines show (``metrics["headline"]``: the spec's rule)."""
+    return metrics[metrics["headline"]]
+
+
+def headline_caption(metrics: dict[str, Any]) -> str:
+    """Which labels the headline figures are of, in words."""
+    return f"under the decision rule: {metrics['decision_rule']['description']}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -108,13 +118,15 @@ HEADLINE_HEADER = ("figure", "value", "95% CI", "n")
 
 
 def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(figure, value, 95% CI, n) rows: recall per class (Tumor first), macro-F1, precision, accuracy.
+    """(figure, value, 95% CI, n) rows of the headline block: recall per class (positive class
+    first), macro-F1, precision, accuracy.
 
     ``n`` is what the figure is a fraction of (class support for recall, predictions of the
     class for precision): a reader needs it to judge an interval from a handful of images.
     """
-    ci, per_class = metrics.get("ci", {}), metrics["per_class"]
-    classes = ordered_classes(metrics["labels"])
+    block = headline_block(metrics)
+    ci, per_class = block.get("ci", {}), block["per_class"]
+    classes = ordered_classes(metrics["labels"], metrics["positive_class"])
     total = str(metrics["n_samples"])
     rows = [
         (
@@ -125,7 +137,7 @@ def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         )
         for c in classes
     ]
-    rows.append(("Macro-F1", _fmt(metrics["macro_f1"]), _fmt_ci(ci.get("macro_f1")), total))
+    rows.append(("Macro-F1", _fmt(block["macro_f1"]), _fmt_ci(ci.get("macro_f1")), total))
     rows += [
         (
             f"Precision {c}",
@@ -135,15 +147,16 @@ def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         )
         for c in classes
     ]
-    rows.append(("Accuracy", _fmt(metrics["accuracy"]), _fmt_ci(ci.get("accuracy")), total))
-    rows.append(("Balanced accuracy", _fmt(metrics["balanced_accuracy"]), "", total))
+    rows.append(("Accuracy", _fmt(block["accuracy"]), _fmt_ci(ci.get("accuracy")), total))
+    rows.append(("Balanced accuracy", _fmt(block["balanced_accuracy"]), "", total))
     return rows
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for name in ordered_classes(metrics["labels"]):
-        m = metrics["per_class"][name]
+    """One-vs-rest figures per class of the headline block."""
+    block, rows = headline_block(metrics), []
+    for name in ordered_classes(metrics["labels"], metrics["positive_class"]):
+        m = block["per_class"][name]
         keys = ("precision", "recall", "specificity", "f1", "roc_auc", "average_precision")
         rows.append([name, str(m["support"]), *(_fmt(m[k]) for k in keys)])
     return rows
@@ -153,18 +166,24 @@ PER_CLASS_HEADER = ["class", "support", "precision", "recall", "specificity", "F
 
 
 def rule_comparison_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """argmax vs the decision rule: the tumor recall gained and what it costs elsewhere."""
-    under_rule = metrics.get("metrics_under_rule")
-    if not under_rule:
+    """argmax vs the decision rule: the positive recall gained and what it costs elsewhere.
+
+    Empty under an argmax rule, where the two blocks are equal.
+    """
+    if metrics["decision_rule"]["kind"] == "argmax":
         return []
+    argmax, rule = metrics["argmax"], metrics["rule"]
     rows = []
-    for name in ordered_classes(metrics["labels"]):
+    for name in ordered_classes(metrics["labels"], metrics["positive_class"]):
         for key in ("recall", "precision", "specificity"):
-            before, after = metrics["per_class"][name][key], under_rule["per_class"][name][key]
+            before, after = argmax["per_class"][name][key], rule["per_class"][name][key]
             rows.append([f"{key.capitalize()} {name}", _fmt(before), _fmt(after), _delta(before, after)])
     for key, label in (("macro_f1", "Macro-F1"), ("accuracy", "Accuracy")):
-        rows.append([label, _fmt(metrics[key]), _fmt(under_rule[key]), _delta(metrics[key], under_rule[key])])
+        rows.append([label, _fmt(argmax[key]), _fmt(rule[key]), _delta(argmax[key], rule[key])])
     return rows
+
+
+RULE_COMPARISON_HEADER = ("figure", "argmax", "rule", "change")
 
 
 def _delta(before: float | None, after: float | None) -> str:
@@ -185,15 +204,17 @@ def _png(figure: Any) -> bytes:
 def _render_plots(inputs: ReportInputs) -> dict[str, bytes]:
     """PNG name -> bytes, in report order; plots without data are left out."""
     metrics = inputs.metrics
-    plots: dict[str, bytes] = {"confusion_matrix.png": plot_confusion(metrics, "argmax")}
-    if metrics.get("metrics_under_rule"):
-        rule = metrics["decision_rule"]
-        title = f"{rule['positive_class']} threshold {rule['threshold']:.3f}"
-        plots["confusion_matrix_rule.png"] = plot_confusion(metrics["metrics_under_rule"], title)
+    plots: dict[str, bytes] = {"confusion_matrix.png": plot_confusion(metrics["argmax"], "argmax")}
+    rule = metrics["decision_rule"]
+    if rule["kind"] != "argmax":
+        title = f"rule: {rule['positive_class']} also at p >= {rule['threshold']:.3f}"
+        plots["confusion_matrix_rule.png"] = plot_confusion(metrics["rule"], title)
     history = read_history(inputs.history_csv) if inputs.history_csv else None
     if history:
         plots["training_curves.png"] = plot_history(history)
-    plots["roc_pr.png"] = plot_roc_pr(inputs.y_true, inputs.probabilities, inputs.spec.class_names)
+    plots["roc_pr.png"] = plot_roc_pr(
+        inputs.y_true, inputs.probabilities, inputs.spec.class_names, inputs.spec.positive_class
+    )
     plots["reliability.png"] = plot_reliability(metrics)
     if inputs.gallery:
         plots["error_gallery.png"] = plot_gallery(inputs.gallery)
@@ -327,7 +348,9 @@ def _mark_phases(ax: Any, phases: list | None) -> None:
             ax.axvline(index + 0.5, color="grey", linestyle="--", linewidth=1)
 
 
-def plot_roc_pr(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> bytes:
+def plot_roc_pr(
+    y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str], positive_class: str | None
+) -> bytes:
     """One-vs-rest ROC and precision-recall curves per class; classes absent from y_true are skipped."""
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
@@ -335,7 +358,7 @@ def plot_roc_pr(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequ
     figure = Figure(figsize=(10, 4.2))
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     roc_ax, pr_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    for name in ordered_classes(class_names):
+    for name in ordered_classes(class_names, positive_class):
         k = list(class_names).index(name)
         positive = np.asarray(y_true) == k
         if positive.all() or not positive.any():
@@ -364,8 +387,8 @@ def plot_reliability(metrics: dict[str, Any]) -> bytes:
         ("before temperature (T = 1)", calibration.get("reliability_before"), calibration.get("ece_before")),
         (
             f"after temperature (T = {metrics.get('temperature', 1.0):.3f})",
-            metrics.get("reliability"),
-            metrics.get("ece"),
+            metrics["argmax"].get("reliability"),
+            metrics["argmax"].get("ece"),
         ),
     ]
     panels = [p for p in panels if p[1]]
@@ -456,10 +479,11 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
             "or on phantoms has never seen a patient): these figures say the pipeline works, not "
             "that the model detects disease.",
         )
+    block = headline_block(metrics)
     recall = [
-        f"recall {c} {_fmt(metrics['per_class'][c]['recall'])} {_fmt_ci(metrics['ci'].get(f'recall_{c}'))} "
-        f"(n={metrics['per_class'][c]['support']})"
-        for c in ordered_classes(metrics["labels"])
+        f"recall {c} {_fmt(block['per_class'][c]['recall'])} {_fmt_ci(block['ci'].get(f'recall_{c}'))} "
+        f"(n={block['per_class'][c]['support']})"
+        for c in ordered_classes(metrics["labels"], metrics["positive_class"])
     ]
     return [
         ("h1", f"Model card: {spec.arch} ({', '.join(spec.class_names)})"),
@@ -490,19 +514,19 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
                 if inputs.data_description.endswith(".csv")
                 else f"evaluated on: {inputs.data_description}",
                 f"{metrics['n_samples']} items, support per class: "
-                + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in metrics["labels"]),
+                + ", ".join(f"{c} {block['per_class'][c]['support']}" for c in metrics["labels"]),
                 f"training data fingerprint: {spec.data_fingerprint or 'unknown'}",
                 *_audit_lines(inputs.audit),
             ],
         ),
-        ("h2", "Metrics (95% stratified bootstrap CIs, 1,000 resamples)"),
+        ("h2", f"Metrics {headline_caption(metrics)} (95% stratified bootstrap CIs, 1,000 resamples)"),
         (
             "ul",
             [
                 *recall,
-                f"macro-F1 {_fmt(metrics['macro_f1'])} {_fmt_ci(metrics['ci'].get('macro_f1'))}",
-                f"accuracy {_fmt(metrics['accuracy'])} {_fmt_ci(metrics['ci'].get('accuracy'))}",
-                f"expected calibration error {_fmt(metrics['ece'])} after temperature scaling",
+                f"macro-F1 {_fmt(block['macro_f1'])} {_fmt_ci(block['ci'].get('macro_f1'))}",
+                f"accuracy {_fmt(block['accuracy'])} {_fmt_ci(block['ci'].get('accuracy'))}",
+                f"expected calibration error {_fmt(block['ece'])} after temperature scaling",
             ],
         ),
         ("h2", "Operating point"),
@@ -515,16 +539,22 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
 
 
 def _operating_point_text(rule: dict[str, Any], metrics: dict[str, Any]) -> str:
+    positive = rule.get("positive_class")
+    note = f" ({rule['note']})" if rule.get("note") else ""
     if rule.get("kind") != "threshold":
-        return "argmax over the calibrated probabilities (no tumor threshold was set)."
-    under_rule = metrics.get("metrics_under_rule") or {}
-    positive = rule["positive_class"]
-    recall = under_rule.get("per_class", {}).get(positive, {}).get("recall")
+        if positive and rule.get("target_recall") is not None:
+            return (
+                f"argmax over the calibrated probabilities: argmax alone reached {positive} recall "
+                f"{rule['target_recall']} on the validation split, so no threshold was needed."
+            )
+        return "argmax over the calibrated probabilities (no operating point was chosen)."
+    recall = metrics["rule"]["per_class"][positive]["recall"]
     return (
-        f"{positive} is called when p({positive}) >= {rule['threshold']:.4f}, otherwise the most probable "
-        f"other class. The threshold was chosen on the validation split as the largest one reaching "
-        f"{positive} recall {rule.get('target_recall')}; on this evaluation set it gives {positive} "
-        f"recall {_fmt(recall)} (argmax: {_fmt(metrics['per_class'][positive]['recall'])})."
+        f"{positive} is called where argmax is {positive} or p({positive}) >= {rule['threshold']:.4f}; "
+        f"other images keep their argmax label, so the rule only adds {positive} calls. The threshold "
+        f"was chosen on the validation split as the largest one reaching {positive} recall "
+        f"{rule.get('target_recall')}{note}; on this evaluation set it gives {positive} recall "
+        f"{_fmt(recall)} (argmax: {_fmt(metrics['argmax']['per_class'][positive]['recall'])})."
     )
 
 
@@ -686,8 +716,8 @@ def _meta_html(inputs: ReportInputs) -> str:
 def _headline_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     m = inputs.metrics
     return (
-        "<p>Under argmax of the calibrated probabilities. 95% intervals: stratified bootstrap, "
-        "1,000 resamples, seed 0.</p>"
+        f"<p>Labels {html.escape(headline_caption(m))} (the labels predict writes). 95% intervals: "
+        "stratified bootstrap, 1,000 resamples, seed 0.</p>"
         + _table(HEADLINE_HEADER, headline_rows(m))
         + "<h3>Per class (one-vs-rest)</h3>"
         + _table(PER_CLASS_HEADER, per_class_rows(m))
@@ -700,12 +730,12 @@ def _operating_point_html(inputs: ReportInputs, images: dict[str, bytes]) -> str
     text = f"<p>{html.escape(_operating_point_text(rule, inputs.metrics))}</p>"
     if not rows:
         return text
-    return text + _table(["figure", "argmax", "tumor rule", "change"], rows)
+    return text + _table(RULE_COMPARISON_HEADER, rows)
 
 
 def _confusion_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     return _img(images, "confusion_matrix.png", "confusion matrix under argmax") + _img(
-        images, "confusion_matrix_rule.png", "confusion matrix under the tumor rule"
+        images, "confusion_matrix_rule.png", "confusion matrix under the decision rule"
     )
 
 
@@ -726,7 +756,7 @@ def _calibration_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     m = inputs.metrics
     calibration = m.get("calibration", {})
     rows = [
-        ["ECE (15 bins)", _fmt(calibration.get("ece_before")), _fmt(m.get("ece"))],
+        ["ECE (15 bins)", _fmt(calibration.get("ece_before")), _fmt(calibration.get("ece_after"))],
         ["NLL", _fmt(calibration.get("nll_before")), _fmt(calibration.get("nll_after"))],
     ]
     return (
@@ -744,7 +774,7 @@ def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     parts = [_table(["check", "result"], audit_summary(audit), css_class="text")]
     counts = audit.get("counts")
     if isinstance(counts, dict) and all(isinstance(v, dict) for v in counts.values()):
-        classes = ordered_classes(list(next(iter(counts.values()), {})))
+        classes = ordered_classes(list(next(iter(counts.values()), {})), inputs.spec.positive_class)
         rows = [[split, *(str(per_class.get(c, "")) for c in classes)] for split, per_class in counts.items()]
         parts.append("<h3>Images per split and class</h3>" + _table(["split", *classes], rows))
     leak = audit.get("leak")
@@ -807,19 +837,20 @@ def render_markdown(inputs: ReportInputs) -> str:
     ]
     if inputs.phantom_data:
         lines += ["> Synthetic phantom data: pipeline figures, not clinical performance.", ""]
+    lines += [f"Labels {headline_caption(m)}.", ""]
     lines += _md_table(HEADLINE_HEADER, headline_rows(m)) + [""]
     lines += _md_table(PER_CLASS_HEADER, per_class_rows(m)) + [""]
     comparison = rule_comparison_rows(m)
     rule = m.get("decision_rule") or {"kind": "argmax"}
     lines += ["## Operating point", "", _operating_point_text(rule, m), ""]
     if comparison:
-        lines += _md_table(["figure", "argmax", "tumor rule", "change"], comparison) + [""]
+        lines += _md_table(RULE_COMPARISON_HEADER, comparison) + [""]
     calibration = m.get("calibration", {})
     lines += [
         "## Calibration",
         "",
         f"temperature {m.get('temperature', 1.0):.4f}; ECE {_fmt(calibration.get('ece_before'))} "
-        f"(T = 1) -> {_fmt(m.get('ece'))}",
+        f"(T = 1) -> {_fmt(calibration.get('ece_after'))}",
         "",
         "Plots, error gallery and model card: `report.html`.",
         "",

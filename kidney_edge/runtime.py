@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -301,14 +301,34 @@ def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def output_columns(class_names: tuple[str, ...]) -> list[str]:
-    return ["path", "label", "confidence", *(f"p_{name}" for name in class_names), "error"]
+    """The predictions schema every writer shares (predict here, evaluate with ``true_label``)."""
+    return ["path", "label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names), "error"]
 
 
-def _format_rows(rows: list[dict[str, Any]], fmt: OutputFormat, columns: list[str]) -> str:
-    if fmt is OutputFormat.JSONL:
-        return "".join(json.dumps(row) + "\n" for row in rows)
+def prediction_rows(
+    paths: Sequence[Any], probabilities: np.ndarray, spec: ModelSpec
+) -> list[dict[str, Any]]:
+    """One row per file of :func:`output_columns`: ``label`` under the spec's decision rule,
+    ``argmax_label`` the most probable class, ``confidence`` the label's probability."""
+    labels, argmax = spec.decide(probabilities), probabilities.argmax(axis=1)
+    rows = []
+    for path, label, top, probs in zip(paths, labels, argmax, probabilities, strict=True):
+        row: dict[str, Any] = {
+            "path": path,
+            "label": spec.class_names[label],
+            "argmax_label": spec.class_names[top],
+            "confidence": float(probs[label]),
+        }
+        row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
+        row["error"] = None
+        rows.append(row)
+    return rows
+
+
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV lines (no header) of ``rows``: floats with 6 decimals, None as an empty cell."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     for row in rows:
         writer.writerow(
             {k: ("" if v is None else f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
@@ -316,10 +336,10 @@ def _format_rows(rows: list[dict[str, Any]], fmt: OutputFormat, columns: list[st
     return buffer.getvalue()
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return f"{value:.6f}" if isinstance(value, float) else value
+def _format_rows(rows: list[dict[str, Any]], fmt: OutputFormat, columns: list[str]) -> str:
+    if fmt is OutputFormat.JSONL:
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    return csv_text(rows, columns)
 
 
 def _drop_partial_last_line(out: Path) -> None:
@@ -407,17 +427,15 @@ def _load_batch(paths: list[str], spec: ModelSpec) -> _LoadedBatch:
 def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[str, Any]]:
     """One output row per file of the batch, in file order; failed files carry `error`."""
     spec = classifier.spec
-    probabilities = classifier.predict(loaded.inputs) if loaded.ok else np.empty((0, spec.num_classes))
-    labels = spec.decide(probabilities) if loaded.ok else np.empty(0, dtype=np.int64)
-    by_index = dict(zip(loaded.ok, zip(labels, probabilities, strict=True), strict=True))
+    columns = output_columns(spec.class_names)
+    predicted = {}
+    if loaded.ok:
+        probabilities = classifier.predict(loaded.inputs)  # (len(ok), C)
+        ok_paths = [loaded.paths[index] for index in loaded.ok]
+        predicted = dict(zip(loaded.ok, prediction_rows(ok_paths, probabilities, spec), strict=True))
     rows = []
     for index, path in enumerate(loaded.paths):
-        row: dict[str, Any] = {"path": path, "label": None, "confidence": None}
-        row.update({f"p_{name}": None for name in spec.class_names})
-        if index in by_index:
-            label, probs = by_index[index]
-            row["label"], row["confidence"] = spec.class_names[label], float(probs[label])
-            row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
+        row = predicted.get(index) or {**dict.fromkeys(columns), "path": path}
         row["error"] = loaded.errors.get(index)
         rows.append(row)
     return rows
@@ -478,8 +496,9 @@ def predict_folder(
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
 
-    Columns: ``path`` (absolute), ``label`` (the spec's decision rule), ``confidence`` (the
-    label's probability), ``p_<Class>`` (temperature-calibrated, summing to 1) and ``error``.
+    Columns: ``path`` (absolute), ``label`` (the spec's decision rule), ``argmax_label`` (the
+    most probable class), ``confidence`` (the label's probability), ``p_<Class>``
+    (temperature-calibrated, summing to 1) and ``error``.
 
     Rows are flushed per batch, so an interrupted run keeps every finished row; ``resume``
     skips files already in ``out`` and appends. Unreadable files get a row with ``error``.

@@ -18,10 +18,15 @@ import numpy as np
 
 from kidney_edge.errors import InputError
 
-SPEC_SCHEMA_VERSION = 1
+# 2: ModelSpec.positive_class; a threshold rule only adds positive calls. Version-1 specs load
+# and are read under the version-2 rule (see DecisionRule.decide).
+SPEC_SCHEMA_VERSION = 2
 ONNX_METADATA_KEY = "kidney_edge.spec"
 # Sorted sub-folder names of the Kaggle dataset; also its kidneyData.csv `target` order.
 DEFAULT_CLASS_NAMES = ("Cyst", "Normal", "Stone", "Tumor")
+# The finding a missed call costs most: reported first, protected by the decision rule and the
+# INT8 gate. Everything else reads it from ModelSpec.positive_class.
+DEFAULT_POSITIVE_CLASS = "Tumor"
 # EfficientNet-Lite0's TF-ported ImageNet weights expect (x - 127) / 128 on 0..255 pixels.
 LITE0_MEAN = (127.0, 127.0, 127.0)
 LITE0_STD = (128.0, 128.0, 128.0)
@@ -54,45 +59,67 @@ class CTWindow:
             raise InputError(f"CT window width must be > 0 (got {self.width}); e.g. --window 40,400")
 
 
+class RuleKind(str, Enum):
+    """How class probabilities become one label."""
+
+    ARGMAX = "argmax"  # the most probable class
+    THRESHOLD = "threshold"  # argmax, plus the positive class wherever p(positive) >= threshold
+
+
 @dataclass(frozen=True)
 class DecisionRule:
     """How class probabilities become one label.
 
-    ``argmax``: the most probable class. ``threshold``: ``positive_class`` is chosen when its
-    probability reaches ``threshold`` (picked on validation for a target recall), otherwise the
-    most probable of the other classes.
+    ``argmax``: the most probable class. ``threshold``: the argmax label, except that
+    ``positive_class`` is also chosen wherever its probability reaches ``threshold``. The rule
+    only ever adds positive calls, so its positive recall is never below argmax's. An argmax
+    rule may still name ``positive_class`` and ``target_recall``: argmax alone met that target
+    on validation. ``note`` says how the operating point was chosen, in words.
     """
 
-    kind: str = "argmax"
+    kind: str = RuleKind.ARGMAX.value
     positive_class: str | None = None
     threshold: float | None = None
     target_recall: float | None = None
+    note: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("argmax", "threshold"):
-            raise InputError(f"decision rule kind must be 'argmax' or 'threshold', got {self.kind!r}")
-        if self.kind == "threshold":
+        try:
+            object.__setattr__(self, "kind", RuleKind(self.kind).value)
+        except ValueError:
+            raise InputError(f"decision rule kind must be 'argmax' or 'threshold', got {self.kind!r}") from None
+        if self.kind == RuleKind.THRESHOLD:
             if self.positive_class is None or self.threshold is None:
                 raise InputError("a 'threshold' decision rule needs positive_class and threshold")
             if not 0.0 <= self.threshold <= 1.0:
                 raise InputError(f"decision threshold must be in [0, 1], got {self.threshold}")
 
     def describe(self) -> str:
-        if self.kind == "argmax":
-            return "argmax"
-        return f"{self.positive_class} if p >= {self.threshold:.4f}, else argmax"
+        """The rule in words, as `info`, reports and headlines print it."""
+        if self.kind == RuleKind.THRESHOLD:
+            text = f"{self.positive_class} if argmax is {self.positive_class} or p({self.positive_class}) >= {self.threshold:.4f}, else argmax"
+        elif self.positive_class and self.target_recall is not None:
+            text = f"argmax (it meets {self.positive_class} recall {self.target_recall:g} on validation)"
+        else:
+            text = "argmax"
+        return f"{text}; {self.note}" if self.note else text
 
     def decide(self, probabilities: np.ndarray, class_names: tuple[str, ...]) -> np.ndarray:
         """(N, C) probabilities -> (N,) int64 class indices."""
         probabilities = np.asarray(probabilities)
-        if self.kind == "argmax":
-            return probabilities.argmax(axis=1).astype(np.int64)
-        positive = class_names.index(self.positive_class)
-        others = probabilities.copy()
-        others[:, positive] = -np.inf
-        labels = others.argmax(axis=1)
-        labels[probabilities[:, positive] >= self.threshold] = positive
-        return labels.astype(np.int64)
+        labels = probabilities.argmax(axis=1).astype(np.int64)
+        if self.kind == RuleKind.THRESHOLD:
+            positive = class_names.index(self.positive_class)
+            labels[probabilities[:, positive] >= self.threshold] = positive
+        return labels
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, C) logits -> (N, C) float64 probabilities of softmax(logits / temperature), stable."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _as_tuple3(value: Any, name: str) -> tuple[float, float, float]:
@@ -120,6 +147,7 @@ class ModelSpec:
     std: tuple[float, float, float] = LITE0_STD
     ct_window: CTWindow = field(default_factory=CTWindow)
     decision_rule: DecisionRule = field(default_factory=DecisionRule)
+    positive_class: str | None = DEFAULT_POSITIVE_CLASS
     temperature: float = 1.0
     toolkit_version: str = ""
     data_fingerprint: str | None = None
@@ -140,6 +168,12 @@ class ModelSpec:
             set_(self, "color_mode", ColorMode(self.color_mode))
         except ValueError as exc:
             raise InputError(f"invalid spec: {exc}") from None
+        if self.positive_class is not None and self.positive_class not in self.class_names:
+            if self.positive_class != DEFAULT_POSITIVE_CLASS:
+                raise InputError(
+                    f"positive class {self.positive_class!r} is not one of {list(self.class_names)}"
+                )
+            set_(self, "positive_class", None)  # classes without a Tumor: no positive class
         self._validate()
 
     def _validate(self) -> None:
@@ -175,10 +209,7 @@ class ModelSpec:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax: (N, C) logits -> (N, C) float32 probabilities."""
-        z = np.asarray(logits, dtype=np.float64) / self.temperature
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(logits, self.temperature).astype(np.float32)
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """(N, C) probabilities -> (N,) class indices under this spec's decision rule."""

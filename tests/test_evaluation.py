@@ -104,7 +104,7 @@ def test_finalize_run_stores_calibration_and_rule_fitted_on_val(finished_run: Pa
     assert stored.temperature == metrics["temperature"] == metrics["validation"]["temperature"]
     assert stored.temperature != 1.0
     rule = stored.decision_rule
-    assert rule.kind == "threshold" and rule.positive_class == "Tumor" and rule.target_recall == 0.98
+    assert rule.kind in ("threshold", "argmax") and rule.positive_class == "Tumor" and rule.target_recall == 0.98
     assert metrics["decision_rule"]["threshold"] == rule.threshold
     # Recompute on val: the stored rule reaches the target tumor recall there.
     val = [row for row in read_splits(splits_csv) if row.split == "val"]
@@ -112,41 +112,47 @@ def test_finalize_run_stores_calibration_and_rule_fitted_on_val(finished_run: Pa
     decided = stored.decide(stored.probabilities(logits))
     tumor = np.array([row.label == "Tumor" for row in val])
     recall = np.mean(decided[tumor] == stored.class_names.index("Tumor"))
-    assert recall >= 0.98 and recall == metrics["validation"]["tumor_recall_achieved"]
+    assert recall >= 0.98 and recall == metrics["validation"]["positive_recall_achieved"]
     # Temperature lowers validation NLL (that is what it was fitted for).
     assert metrics["validation"]["nll_after"] <= metrics["validation"]["nll_before"]
 
 
 def test_finalize_run_metrics_match_predictions_csv(finished_run: Path, splits_csv: Path) -> None:
+    """Every headline figure of metrics.json, both blocks, recomputed from predictions.csv alone."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
     from kidney_edge.dataset import read_splits
 
     metrics = json.loads((finished_run / "metrics.json").read_text())
-    for key in (
-        "accuracy",
-        "macro_f1",
-        "balanced_accuracy",
-        "per_class",
-        "confusion_matrix",
-        "labels",
-        "ci",
-        "ece",
-    ):
-        assert key in metrics
-    assert metrics["metrics_under_rule"] is not None
+    assert metrics["headline"] == "rule" and metrics["argmax"].keys() == metrics["rule"].keys()
     rows = read_predictions(finished_run / "predictions.csv")
     labels = metrics["labels"]
-    assert list(rows[0]) == ["path", "true_label", "predicted_label", *(f"p_{c}" for c in labels)]
+    assert list(rows[0]) == ["path", "true_label", "label", "argmax_label", "confidence", *(f"p_{c}" for c in labels)]
     test_paths = sorted(str(r.path) for r in read_splits(splits_csv) if r.split == "test")
     assert sorted(r["path"] for r in rows) == test_paths and metrics["n_samples"] == len(rows)
     probabilities = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     true = np.array([labels.index(r["true_label"]) for r in rows])
-    assert metrics["accuracy"] == pytest.approx(np.mean(probabilities.argmax(axis=1) == true))
-    # predicted_label follows the stored rule: its accuracy is the rule's.
-    ruled = np.array([labels.index(r["predicted_label"]) for r in rows])
-    assert metrics["metrics_under_rule"]["accuracy"] == pytest.approx(np.mean(ruled == true))
-    support = {c: int(np.sum(true == k)) for k, c in enumerate(labels)}
-    assert {c: metrics["per_class"][c]["support"] for c in labels} == support
+    for block, column in (("argmax", "argmax_label"), ("rule", "label")):
+        figures = metrics[block]
+        predicted = np.array([labels.index(r[column]) for r in rows])
+        present = sorted(set(true) | set(predicted))
+        assert figures["accuracy"] == np.mean(predicted == true), block
+        assert figures["macro_f1"] == pytest.approx(
+            f1_score(true, predicted, labels=present, average="macro", zero_division=0), abs=1e-12
+        ), block
+        assert figures["confusion_matrix"] == confusion_matrix(true, predicted, labels=range(len(labels))).tolist()
+        precision, recall, _, support = precision_recall_fscore_support(
+            true, predicted, labels=range(len(labels)), zero_division=0
+        )
+        for k, name in enumerate(labels):
+            assert figures["per_class"][name]["recall"] == pytest.approx(recall[k], abs=1e-12), (block, name)
+            assert figures["per_class"][name]["precision"] == pytest.approx(precision[k], abs=1e-12), (block, name)
+            assert figures["per_class"][name]["support"] == support[k]
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), [labels.index(r["argmax_label"]) for r in rows])
+    tumor = labels.index("Tumor")
+    assert metrics["rule"]["per_class"]["Tumor"]["recall"] >= metrics["argmax"]["per_class"]["Tumor"]["recall"]
+    assert all(r["label"] == "Tumor" for r in rows if r["argmax_label"] == "Tumor"), tumor
 
 
 def test_finalize_run_report(finished_run: Path) -> None:
@@ -203,14 +209,16 @@ def test_checkpoint_via_cli_and_its_onnx_export_give_the_same_metrics(
     assert "chosen at evaluation time" in (out / "report.html").read_text()
     # Decisions (and so every count-based figure) agree exactly; probability-based ones
     # (AUC, AP, ECE) and the threshold to float32 rounding.
-    for key in ("n_samples", "accuracy", "macro_f1", "balanced_accuracy", "confusion_matrix", "ci"):
-        assert from_onnx.metrics[key] == from_checkpoint[key], key
-    for key in ("per_class", "metrics_under_rule", "calibration", "decision_rule", "temperature"):
+    for block in ("argmax", "rule"):
+        for key in ("n_samples", "accuracy", "macro_f1", "balanced_accuracy", "confusion_matrix", "ci"):
+            assert from_onnx.metrics[block][key] == from_checkpoint[block][key], (block, key)
+        assert_close(from_onnx.metrics[block]["per_class"], from_checkpoint[block]["per_class"], block)
+    for key in ("calibration", "decision_rule", "temperature"):
         assert_close(from_onnx.metrics[key], from_checkpoint[key], key)
     pt_rows = read_predictions(out / "predictions.csv")
     onnx_rows = read_predictions(from_onnx.files["predictions"])
     labels = from_checkpoint["labels"]
-    assert [r["predicted_label"] for r in pt_rows] == [r["predicted_label"] for r in onnx_rows]
+    assert [r["label"] for r in pt_rows] == [r["label"] for r in onnx_rows]
     pt_p = np.array([[float(r[f"p_{c}"]) for c in labels] for r in pt_rows])
     onnx_p = np.array([[float(r[f"p_{c}"]) for c in labels] for r in onnx_rows])
     np.testing.assert_allclose(onnx_p, pt_p, atol=1e-4)

@@ -128,8 +128,12 @@ def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
     assert gate["recipe"]["calibration_images"] == 8
     assert any("fewer than 300" in w for w in gate["warnings"])
     assert gate["reference"] == "labels" and gate["n_images"] > 0
-    assert set(gate["fp32"]) == {"accuracy", "macro_f1", "tumor_recall"}
-    assert gate["delta"]["macro_f1"] == pytest.approx(gate["int8"]["macro_f1"] - gate["fp32"]["macro_f1"])
+    assert set(gate["fp32"]) == {"argmax", "rule"} and gate["positive_class"] == "Tumor"
+    for decision in ("argmax", "rule"):
+        assert set(gate["fp32"][decision]) == {"accuracy", "macro_f1", "positive_recall"}
+        assert gate["delta"][decision]["macro_f1"] == pytest.approx(
+            gate["int8"][decision]["macro_f1"] - gate["fp32"][decision]["macro_f1"]
+        )
     assert {"avx2", "avx512f", "vnni", "onnxruntime"} <= set(gate["cpu"])
     classifier = OnnxClassifier(result.int8_path)
     rng = np.random.default_rng(0)
@@ -164,10 +168,11 @@ def test_broken_int8_trips_the_accuracy_gate(lite0_export, tmp_path: Path) -> No
     _perturb_int8_weights(result.int8_path, broken)
     paths = _test_images(result)[:8]
     gate = int8_accuracy_gate(result.model_path, broken, paths, None)
-    assert gate["reference"] == "fp32_decisions" and gate["fp32"]["macro_f1"] == 1.0
-    assert not gate["passed"] and any(f.startswith("macro_f1 dropped") for f in gate["failures"])
+    assert gate["reference"] == "fp32_decisions"
+    assert gate["fp32"]["argmax"]["macro_f1"] == gate["fp32"]["rule"]["macro_f1"] == 1.0
+    assert not gate["passed"] and any(f.startswith("argmax macro_f1 dropped") for f in gate["failures"])
     same = int8_accuracy_gate(result.model_path, result.model_path, paths, None)
-    assert same["passed"] and same["delta"]["macro_f1"] == 0.0 and same["decision_agreement"] == 1.0
+    assert same["passed"] and same["delta"]["rule"]["macro_f1"] == 0.0 and same["decision_agreement"] == 1.0
 
 
 def _test_images(result) -> list[Path]:
@@ -307,12 +312,20 @@ def test_export_config_names_the_flag(options: dict, flag: str) -> None:
 def test_gate_decision_on_hand_computed_scores() -> None:
     from kidney_edge.quantize import compare_scores
 
-    fp32 = {"accuracy": 0.90, "macro_f1": 0.850, "tumor_recall": 0.980}
-    deltas, failures = compare_scores(fp32, {"accuracy": 0.9, "macro_f1": 0.845, "tumor_recall": 0.97}, 0.01)
-    assert failures == [] and deltas["macro_f1"] == pytest.approx(-0.005)  # 0.5 and 1.0 points: allowed
-    _, failures = compare_scores(fp32, {"accuracy": 0.9, "macro_f1": 0.83, "tumor_recall": 0.99}, 0.01)
-    assert failures == ["macro_f1 dropped 2.00 points (0.8500 -> 0.8300; allowed 1.00)"]
-    _, failures = compare_scores({**fp32, "tumor_recall": None}, {**fp32, "tumor_recall": None}, 0.01)
+    scores = {"accuracy": 0.90, "macro_f1": 0.850, "positive_recall": 0.980}
+    fp32 = {"argmax": scores, "rule": scores}
+    allowed = {"accuracy": 0.9, "macro_f1": 0.845, "positive_recall": 0.97}
+    deltas, failures = compare_scores(fp32, {"argmax": allowed, "rule": allowed}, 0.01)
+    assert failures == [] and deltas["rule"]["macro_f1"] == pytest.approx(-0.005)  # 0.5 and 1.0 points: allowed
+    # A drop under either decision fails the gate, and the failure names which.
+    dropped = {"accuracy": 0.9, "macro_f1": 0.83, "positive_recall": 0.99}
+    _, failures = compare_scores(fp32, {"argmax": scores, "rule": dropped}, 0.01)
+    assert failures == ["rule macro_f1 dropped 2.00 points (0.8500 -> 0.8300; allowed 1.00)"]
+    lost_tumors = {**scores, "positive_recall": 0.95}
+    _, failures = compare_scores(fp32, {"argmax": lost_tumors, "rule": scores}, 0.01)
+    assert failures == ["argmax positive_recall dropped 3.00 points (0.9800 -> 0.9500; allowed 1.00)"]
+    none = {**scores, "positive_recall": None}
+    _, failures = compare_scores({"argmax": none, "rule": none}, {"argmax": none, "rule": none}, 0.01)
     assert failures == []  # no tumors in the test split: nothing to gate on
 
 

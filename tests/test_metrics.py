@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import (
     average_precision_score,
     balanced_accuracy_score,
@@ -17,7 +19,7 @@ from sklearn.metrics import (
 
 from kidney_edge import metrics
 from kidney_edge.errors import InputError
-from kidney_edge.spec import ModelSpec
+from kidney_edge.spec import DecisionRule, ModelSpec, softmax
 
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
 
@@ -34,7 +36,7 @@ def noisy_predictions(n: int = 400, accuracy: float = 0.8, seed: int = 0):
     y_pred = np.where(rng.random(n) < accuracy, y_true, rng.integers(0, 4, n))
     logits = rng.normal(size=(n, 4))
     logits[np.arange(n), y_pred] += 2.0
-    return y_true, y_pred, metrics.softmax(logits)
+    return y_true, y_pred, softmax(logits)
 
 
 def test_hand_computed_case_with_a_class_never_predicted() -> None:
@@ -154,7 +156,7 @@ def test_temperature_fit_recovers_known_temperature() -> None:
     rng = np.random.default_rng(0)
     true_logits = rng.normal(scale=2.0, size=(3000, 4))
     # Labels drawn from softmax(true_logits); the model reports logits 2.5x too sharp.
-    cumulative = metrics.softmax(true_logits).cumsum(axis=1)
+    cumulative = softmax(true_logits).cumsum(axis=1)
     y_true = (rng.random((3000, 1)) > cumulative).sum(axis=1)
     temperature = metrics.fit_temperature(true_logits * 2.5, y_true)
     assert temperature == pytest.approx(2.5, rel=0.1)
@@ -184,8 +186,9 @@ def test_threshold_for_recall_is_the_largest_that_reaches_the_target() -> None:
 
 def test_tumor_rule_reaches_target_recall_on_validation() -> None:
     y_true, _, probs = noisy_predictions(n=600, accuracy=0.6, seed=3)
-    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, target_recall=0.98)
+    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
     assert rule is not None and rule.kind == "threshold" and rule.positive_class == "Tumor"
+    assert rule.note == ""  # noisy validation: no separation, the largest threshold is kept
     spec = ModelSpec(decision_rule=rule)
     decided = spec.decide(probs.astype(np.float32))
     tumor = y_true == 3
@@ -198,11 +201,88 @@ def test_tumor_rule_reaches_target_recall_on_validation() -> None:
     assert np.mean(probs[tumor].argmax(axis=1) == 3) < recall
 
 
-def test_tumor_rule_skipped_without_a_tumor_class(caplog: pytest.LogCaptureFixture) -> None:
+def test_rule_only_adds_positive_calls() -> None:
+    # Row 0: argmax Tumor at p 0.40 < t: stays Tumor. Row 1: p(Tumor) 0.35 >= t: becomes Tumor.
+    # Row 2: p(Tumor) 0.10 < t: keeps its argmax (Normal), not the argmax of the other classes.
+    probs = np.array([[0.3, 0.3, 0.0, 0.4], [0.45, 0.2, 0.0, 0.35], [0.1, 0.7, 0.1, 0.1]])
+    rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.3)
+    assert rule.decide(probs, CLASSES).tolist() == [3, 3, 1]
+    strict = DecisionRule(kind="threshold", positive_class="Tumor", threshold=1.0)
+    assert strict.decide(probs, CLASSES).tolist() == [3, 0, 1]  # t = 1 is argmax, never fewer Tumors
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 60),
+    threshold=st.floats(0.0, 1.0),
+    target=st.floats(0.05, 1.0),
+    sharpness=st.floats(0.1, 8.0),
+)
+def test_rule_never_removes_an_argmax_tumor(seed: int, n: int, threshold: float, target: float, sharpness: float) -> None:
+    rng = np.random.default_rng(seed)
+    probs = softmax(rng.normal(scale=sharpness, size=(n, 4))).astype(np.float32)
+    y_true = rng.integers(0, 4, n)
+    argmax_tumor = probs.argmax(axis=1) == 3
+    rules = [DecisionRule(kind="threshold", positive_class="Tumor", threshold=threshold)]
+    chosen = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=target)
+    rules += [chosen] if chosen is not None else []
+    for rule in rules:
+        decided = rule.decide(probs, CLASSES)
+        assert (decided[argmax_tumor] == 3).all()
+        # Only Tumor calls are added: every other row keeps its argmax label.
+        assert (decided[~argmax_tumor & (decided != 3)] == probs.argmax(axis=1)[~argmax_tumor & (decided != 3)]).all()
+        tumor = y_true == 3
+        if tumor.any():
+            assert np.mean(decided[tumor] == 3) >= np.mean(argmax_tumor[tumor])
+    if chosen is not None:  # the chosen operating point reaches its target on the data it was chosen on
+        assert np.mean(chosen.decide(probs, CLASSES)[y_true == 3] == 3) >= target - 1e-9
+
+
+def test_rule_is_argmax_when_argmax_meets_the_target() -> None:
+    # Every validation Tumor is the argmax at p 1.0: the old rule became "Tumor if p >= 1.0".
+    y_true = np.array([3, 3, 3, 0, 1, 2])
+    probs = np.eye(4, dtype=np.float32)[y_true]
+    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
+    assert rule is not None and rule.kind == "argmax" and rule.threshold is None
+    assert rule.positive_class == "Tumor" and rule.target_recall == 0.98
+    assert rule.describe() == "argmax (it meets Tumor recall 0.98 on validation)"
+    # On a test item that argmax calls Tumor at a modest p, the rule still calls Tumor.
+    assert rule.decide(np.array([[0.3, 0.2, 0.1, 0.4]]), CLASSES).tolist() == [3]
+
+
+def test_separated_validation_takes_the_gap_midpoint() -> None:
+    # Two Tumors that argmax misses (p 0.45 and 0.40); every other item has p(Tumor) <= 0.10.
+    y_true = np.array([3, 3, 3, 0, 1, 2, 0])
+    probs = np.array(
+        [[0.0, 0.0, 0.0, 1.0], [0.55, 0.0, 0.0, 0.45], [0.0, 0.6, 0.0, 0.4],
+         [0.9, 0.0, 0.0, 0.1], [0.05, 0.9, 0.0, 0.05], [0.0, 0.0, 1.0, 0.0], [0.95, 0.0, 0.0, 0.05]],
+        dtype=np.float32,
+    )  # fmt: skip
+    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=1.0)
+    assert rule is not None and rule.kind == "threshold"
+    assert rule.threshold == pytest.approx((0.40 + 0.10) / 2)  # not the edge value 0.40
+    assert "separates" in rule.note and "midpoint" in rule.describe()
+    assert (rule.decide(probs, CLASSES) == y_true).all()
+
+
+def test_tumor_rule_skipped_without_a_positive_class(caplog: pytest.LogCaptureFixture) -> None:
     y_true, _, probs = noisy_predictions(n=50)
+    spec = ModelSpec(class_names=("a", "b", "c", "d"))
+    assert spec.positive_class is None  # the default "Tumor" is not among these classes
     with caplog.at_level("INFO", logger="kidney_edge.metrics"):
-        assert metrics.tumor_decision_rule(probs, y_true, ("a", "b", "c", "d")) is None
-    assert "no 'Tumor' class" in caplog.text
+        assert metrics.tumor_decision_rule(probs, y_true, spec.class_names, positive_class=spec.positive_class) is None
+    assert "no positive class" in caplog.text
+
+
+def test_old_threshold_specs_are_read_under_the_adding_rule() -> None:
+    old = ModelSpec().to_dict()
+    old.pop("positive_class")
+    old["schema_version"] = 1
+    old["decision_rule"] = {"kind": "threshold", "positive_class": "Tumor", "threshold": 0.9, "target_recall": 0.98}
+    spec = ModelSpec.from_dict(old)
+    assert spec.positive_class == "Tumor"
+    assert spec.decide(np.array([[0.1, 0.1, 0.1, 0.7]])).tolist() == [3]  # argmax Tumor below t: kept
 
 
 def test_bad_metric_inputs() -> None:

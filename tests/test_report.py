@@ -112,9 +112,12 @@ def test_headline_puts_tumor_recall_first_then_macro_f1_precision_accuracy(tmp_p
     figures = [row[0] for row in headline_rows(inputs.metrics)]
     assert figures[:5] == ["Recall Tumor", "Recall Cyst", "Recall Normal", "Recall Stone", "Macro-F1"]
     assert figures[5] == "Precision Tumor" and figures.index("Accuracy") > figures.index("Precision Stone")
-    recall = inputs.metrics["per_class"]["Tumor"]["recall"]
-    low, high = inputs.metrics["ci"]["recall_Tumor"]
-    support = str(inputs.metrics["per_class"]["Tumor"]["support"])
+    assert inputs.metrics["headline"] == "rule"  # headlines show the labels predict writes
+    rule = inputs.metrics["rule"]
+    recall = rule["per_class"]["Tumor"]["recall"]
+    low, high = rule["ci"]["recall_Tumor"]
+    support = str(rule["per_class"]["Tumor"]["support"])
+    assert recall >= inputs.metrics["argmax"]["per_class"]["Tumor"]["recall"]
     assert headline_rows(inputs.metrics)[0] == (
         "Recall Tumor",
         f"{recall:.3f}",
@@ -129,7 +132,8 @@ def test_markdown_report_and_model_card(full_report: tuple[ReportInputs, ReportF
     assert (
         markdown.index("| Recall Tumor |") < markdown.index("| Macro-F1 |") < markdown.index("| Accuracy |")
     )
-    assert "| figure | argmax | tumor rule | change |" in markdown
+    assert "| figure | argmax | rule | change |" in markdown
+    assert "Labels under the decision rule: Tumor if argmax is Tumor or p(Tumor) >= 0.2500, else argmax." in markdown
     card = files.model_card.read_text(encoding="utf-8")
     for heading in (
         "## Intended use",
@@ -140,10 +144,10 @@ def test_markdown_report_and_model_card(full_report: tuple[ReportInputs, ReportF
     ):
         assert heading in card
     assert "not for diagnosis" in card and "synthetic phantom" in card
-    assert "p(Tumor) >= 0.2500" in card
+    assert "p(Tumor) >= 0.2500" in card and "only adds Tumor calls" in card
     spec_json = card.split("```json\n")[1].split("```")[0]
     assert ModelSpec.from_json(spec_json) == inputs.spec  # the spec travels with the report
-    macro = inputs.metrics["macro_f1"]
+    macro = inputs.metrics["rule"]["macro_f1"]
     assert f"macro-F1 {macro:.3f} [" in card
 
 
@@ -154,7 +158,7 @@ def test_report_without_rule_history_or_errors(tmp_path: Path) -> None:
     html = files.html.read_text(encoding="utf-8")
     assert len(embedded_pngs(html)) == 3  # confusion, ROC/PR, reliability
     assert "No history.csv" in html and "No split audit" in html and "No misclassified images" in html
-    assert "no tumor threshold was set" in html
+    assert "no operating point was chosen" in html
     assert not (tmp_path / "out" / "confusion_matrix_rule.png").exists()
 
 

@@ -210,7 +210,7 @@ def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path,
     summary = predict_folder(image_dir, model=model_path, out=out, batch_size=5, workers=2)
     rows = read_rows(out)
     assert list(rows[0]) == output_columns(CLASSES) == [
-        "path", "label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "error",
+        "path", "label", "argmax_label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "error",
     ]  # fmt: skip
     paths = [Path(row["path"]) for row in rows]
     assert paths == sorted(image_dir.rglob("*.*")) and len(paths) == 24
@@ -226,6 +226,7 @@ def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path,
     np.testing.assert_allclose(probabilities, spec.probabilities(logits), atol=2e-6)
     labels = [CLASSES[i] for i in classifier.spec.decide(expected)]
     assert [row["label"] for row in rows] == labels
+    assert [row["argmax_label"] for row in rows] == [CLASSES[i] for i in expected.argmax(axis=1)]
     assert len(set(labels)) >= 3  # the tiny model really separates the images
     confidences = [float(row["confidence"]) for row in rows]
     np.testing.assert_allclose(confidences, expected.max(axis=1), atol=2e-6)
@@ -244,11 +245,12 @@ def test_threshold_rule_from_spec_decides_labels(tmp_path: Path, image_dir: Path
     rows = read_rows(tmp_path / "p.csv")
     for row in rows:
         p_tumor = float(row["p_Tumor"])
-        others = {c: float(row[f"p_{c}"]) for c in CLASSES if c != "Tumor"}
-        assert row["label"] == ("Tumor" if p_tumor >= 0.05 else max(others, key=others.get))
+        probabilities = {c: float(row[f"p_{c}"]) for c in CLASSES}
+        assert row["argmax_label"] == max(probabilities, key=probabilities.get)
+        assert row["label"] == ("Tumor" if p_tumor >= 0.05 else row["argmax_label"])
         assert float(row["confidence"]) == float(row[f"p_{row['label']}"])
-    assert any(row["label"] == "Tumor" and float(row["p_Tumor"]) < 0.5 for row in rows)
-    assert summary.decision_rule.startswith("Tumor if p >= 0.0500")
+    assert any(row["label"] == "Tumor" and row["argmax_label"] != "Tumor" for row in rows)
+    assert summary.decision_rule.startswith("Tumor if argmax is Tumor or p(Tumor) >= 0.0500")
 
 
 def test_jsonl_output(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
@@ -456,3 +458,15 @@ def test_resume_after_kill_9_yields_each_file_once(model_path: Path, image_dir: 
     output, _ = resumed.communicate(timeout=60)
     assert resumed.returncode == 0, output
     assert out.read_text() == reference.read_text()
+
+
+def test_info_prints_the_decision_rule_in_words(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kidney_edge.cli import app
+
+    rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.3125, target_recall=0.98)
+    model = make_tiny_onnx(tmp_path / "m.onnx", ModelSpec(input_size=16, decision_rule=rule))
+    result = CliRunner().invoke(app, ["info", str(model)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Tumor if argmax is Tumor or p(Tumor) >= 0.3125, else argmax" in result.output

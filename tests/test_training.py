@@ -202,7 +202,9 @@ def test_run_folder_holds_the_contracted_artifacts(straight_run: Path) -> None:
     assert spec.data_fingerprint == data_fingerprint(rows)
     assert spec.class_names == ("Cyst", "Normal", "Stone", "Tumor") and spec.input_size == SIZE
     metrics = json.loads((straight_run / "metrics.json").read_text())
-    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "labels"} <= set(metrics)
+    assert {"argmax", "rule", "headline", "labels", "positive_class"} <= set(metrics)
+    for block in ("argmax", "rule"):
+        assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(metrics[block])
 
 
 def test_class_weights_are_recorded_from_training_labels(straight_run: Path) -> None:

@@ -60,12 +60,19 @@ def progress_bar(*extra_columns: object) -> Progress:
 
 
 def print_headline(metrics: dict[str, Any], title: str) -> None:
-    """The seed's figures (Tumor recall first) with CIs, then argmax vs the tumor rule when there is one."""
+    """The headline figures (positive class first) with CIs, saying which labels they are of,
+    then argmax vs the decision rule when the rule is not argmax."""
     from rich.table import Table
 
-    from kidney_edge.report import HEADLINE_HEADER, headline_rows, rule_comparison_rows
+    from kidney_edge.report import (
+        HEADLINE_HEADER,
+        RULE_COMPARISON_HEADER,
+        headline_caption,
+        headline_rows,
+        rule_comparison_rows,
+    )
 
-    table = Table(title=title)
+    table = Table(title=f"{title}, {headline_caption(metrics)}")
     for column in HEADLINE_HEADER:
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in headline_rows(metrics):
@@ -73,10 +80,10 @@ def print_headline(metrics: dict[str, Any], title: str) -> None:
     console.print(table)
     comparison = rule_comparison_rows(metrics)
     if comparison:
-        rule_table = Table(title=f"operating point: {metrics['decision_rule']['description']}")
-        for column in ("figure", "argmax", "tumor rule", "change"):
+        rule_table = Table(title="argmax vs the decision rule")
+        for column in RULE_COMPARISON_HEADER:
             rule_table.add_column(column, justify="left" if column == "figure" else "right")
-        for row in comparison[:3] + comparison[-2:]:  # Tumor recall/precision/specificity, macro-F1, accuracy
+        for row in comparison[:3] + comparison[-2:]:  # positive recall/precision/specificity, macro-F1, accuracy
             rule_table.add_row(*row)
         console.print(rule_table)
 

@@ -39,27 +39,38 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _pct_ci(value: float | None, ci: list[float] | None) -> str:
+    return _pct(value) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
+
+
 def _render(result: Any) -> None:
     print_headline(
         result.test_metrics, f"Test split ({result.headline.get('n_test')} slices of held-out patients)"
     )
-    for label, verdicts in (("argmax", result.targets_met), ("tumor rule", result.targets_met_under_rule)):
-        if verdicts is not None:
-            met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in verdicts.items())
-            console.print(f"targets (>= 97%) under {label}: {met}")
+    for label, verdicts in (("argmax", result.targets_met), ("the decision rule", result.targets_met_under_rule)):
+        met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in verdicts.items())
+        console.print(f"targets (>= 97%) on the test split under {label}: {met}")
     phases = ", ".join(f"{name} {value:.3f}" for name, value in result.phase_val_f1.items())
     console.print(f"best validation macro-F1 per phase: {phases}")
     parity, gate = result.parity, result.parity.get("int8") or {}
     console.print(f"ONNX parity: max |dp| {parity.get('max_abs_diff'):.2e}, argmax agreement "
                   f"{_pct(parity.get('argmax_agreement'))} on {parity.get('n_images')} test images")  # fmt: skip
     if gate:
-        fp32, int8 = gate.get("fp32", {}), gate.get("int8", {})
         verdict = "passed" if gate.get("passed") else "FAILED (fp32 deployed)"
-        console.print(f"INT8 gate {verdict}: macro-F1 {_pct(fp32.get('macro_f1'))} -> {_pct(int8.get('macro_f1'))}, "
-                      f"Tumor recall {_pct(fp32.get('tumor_recall'))} -> {_pct(int8.get('tumor_recall'))}")  # fmt: skip
+        console.print(f"INT8 gate {verdict}:")
+        for decision in ("argmax", "rule"):
+            fp32, int8 = gate["fp32"][decision], gate["int8"][decision]
+            console.print(f"  {decision:6s} macro-F1 {_pct(fp32['macro_f1'])} -> {_pct(int8['macro_f1'])}, "
+                          f"{gate['positive_class']} recall {_pct(fp32['positive_recall'])} -> {_pct(int8['positive_recall'])}")  # fmt: skip
     hold = result.holdout
     console.print(f"held-out phantom patients: {hold.get('images')} images with {hold.get('model')}, "
-                  f"accuracy {_pct(hold.get('accuracy'))}, {hold.get('images_per_s')} images/s end to end")  # fmt: skip
+                  f"{hold.get('images_per_s')} images/s end to end")  # fmt: skip
+    table = Table(title="Held-out patients (95% CI)")
+    for column in ("figure", "argmax", "rule (what predict writes)"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for key, name in (("tumor_recall", "Tumor recall"), ("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
+        table.add_row(name, *(_pct_ci(hold[d][key], hold[d].get(f"{key}_ci")) for d in ("argmax", "rule")))
+    console.print(table)
     latency = Table(title="Model-only latency (onnxruntime)")
     for column in ("precision", "batch", "threads", "ms/image p50", "images/s"):
         latency.add_column(column, justify="right")

@@ -58,7 +58,7 @@ def evaluate(
 def _render(result: EvaluationResult) -> None:
     metrics = result.metrics
     where = "whole folder" if result.split == "all" else f"{result.split} split"
-    print_headline(metrics, f"{where}, {result.n_images} images (argmax)")
+    print_headline(metrics, f"{where}, {result.n_images} images")
     calibration = metrics["calibration"]
     console.print(
         f"temperature {metrics['temperature']:.4f}, ECE {calibration['ece_before']:.3f} (T = 1) "

@@ -106,13 +106,16 @@ def _render(result: ExportResult) -> None:
     )
     gate = result.int8_gate
     if gate is not None:
-        fp32, int8 = gate["fp32"], gate["int8"]
         console.print(
             f"[green]wrote[/] {result.int8_path}  ({gate['recipe']['activation_type']} activations"
-            f"{', 7-bit weights' if gate['recipe'].get('reduce_range') else ''}): "
-            f"macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, tumor recall "
-            f"{_pct(fp32['tumor_recall'])} -> {_pct(int8['tumor_recall'])} (vs {gate['reference']})"
+            f"{', 7-bit weights' if gate['recipe'].get('reduce_range') else ''}), vs {gate['reference']}:"
         )
+        for decision in ("argmax", "rule"):
+            fp32, int8 = gate["fp32"][decision], gate["int8"][decision]
+            console.print(
+                f"  {decision:6s} macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, "
+                f"{gate['positive_class']} recall {_pct(fp32['positive_recall'])} -> {_pct(int8['positive_recall'])}"
+            )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     model = result.int8_path or result.model_path

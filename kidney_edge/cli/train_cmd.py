@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors
+from kidney_edge.cli._app import app, console, library_errors, print_headline
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.training import TrainEvent, TrainResult
@@ -132,21 +132,11 @@ class _EpochProgress:
 
 
 def _render(result: TrainResult) -> None:
-    from rich.table import Table
-
     metrics = result.metrics
-    test = metrics.get("test", {})
     console.print(
         f"best: {metrics['best_phase']} epoch {metrics['best_epoch']}, "
         f"val macro-F1 {metrics['best_val_macro_f1']:.4f} -> {result.best_checkpoint}"
     )
-    table = Table(title=f"Test split ({result.run_dir})")
-    table.add_column("class")
-    for column in ("precision", "recall", "f1", "support"):
-        table.add_column(column, justify="right")
-    for name, row in test.get("per_class", {}).items():
-        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(row["support"]))
-    console.print(table)
-    if test:
-        console.print(f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}")
+    if metrics.get("test"):
+        print_headline(metrics["test"], f"Test split ({result.run_dir})")
     console.print(f"run folder: {result.run_dir} (metrics.json, report.html, history.csv)")
