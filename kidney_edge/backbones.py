@@ -32,6 +32,7 @@ from torch import nn
 
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.spec import LITE0_MEAN, LITE0_STD
+from kidney_edge.training.config import ALL_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,21 @@ class KidneyNet(nn.Module):
         return self.classifier.parameters()
 
     def last_blocks_modules(self, n: int) -> list[nn.Module]:
-        """The modules "unfreeze the last ``n`` blocks" trains, head excluded.
+        """The modules "unfreeze the last ``n`` blocks" trains, head excluded, nearest the head first.
 
         A block is one MBConv block of the flat 16-block list (not a stage). ``n >= 1`` also
-        includes ``conv_head`` (1x1 conv + BN), which sits after the last block; ``n = 0`` is none.
+        includes ``conv_head`` (1x1 conv + BN), which sits after the last block; ``n = 0`` is none;
+        :data:`ALL_BLOCKS` is the whole backbone, stem included.
         """
+        if n == ALL_BLOCKS:
+            return [self.conv_head, *reversed(list(self.blocks)), self.stem]
         if not 0 <= n <= len(self.blocks):
-            raise InputError(f"--unfreeze-blocks must be in 0..{len(self.blocks)} for {self.arch}, got {n}")
+            raise InputError(
+                f"--unfreeze-blocks must be in 0..{len(self.blocks)} or 'all' for {self.arch}, got {n}"
+            )
         if n == 0:
             return []
-        return [*list(self.blocks)[-n:], self.conv_head]
+        return [self.conv_head, *reversed(list(self.blocks)[-n:])]
 
     def last_blocks_parameters(self, n: int) -> Iterator[nn.Parameter]:
         for module in self.last_blocks_modules(n):

@@ -487,12 +487,17 @@ def _error_gallery(
 
 
 def finalize_run(
-    run_dir: str | Path, *, tumor_recall: float | None = 0.98, batch_size: int = 32
+    run_dir: str | Path,
+    *,
+    tumor_recall: float | None = 0.98,
+    batch_size: int = 32,
+    warnings: Sequence[str] = (),
 ) -> EvaluationResult:
     """Calibrate on val, choose the tumor threshold on val, store both, then evaluate test.
 
     The temperature and rule go into the spec of ``best.pt`` and ``spec.json``; metrics.json,
-    predictions.csv, the report and the model card are written into ``run_dir``.
+    predictions.csv, the report and the model card are written into ``run_dir``. ``warnings``
+    about the training run go into metrics.json and the report.
     """
     run_dir = Path(run_dir)
     checkpoint, splits = run_dir / "best.pt", run_dir / "splits.csv"
@@ -520,7 +525,8 @@ def finalize_run(
         split="test",
         batch_size=batch_size,
         history_csv=history if history.is_file() else None,
-        extra={"validation": validation},
+        notes=[f"Warning: {warning}." for warning in warnings],
+        extra={"validation": validation, "warnings": list(warnings)},
     )
 
 

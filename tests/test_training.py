@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -173,9 +174,13 @@ def straight_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     events: list[TrainEvent] = []
     result = train(tiny_config(phantom_dir, out), progress=events.append)
     assert result.best_checkpoint == out / "best.pt"
-    assert [e.kind for e in events if e.kind != "step"] == [
-        "phase", "epoch", "epoch", "phase", "epoch", "epoch", "finalize",
-    ]  # fmt: skip
+    kinds = [e.kind for e in events if e.kind not in ("step", "warning")]
+    assert kinds == ["phase", "epoch", "epoch", "phase", "epoch", "epoch", "finalize"]
+    # Warnings come before the test evaluation and are recorded in metrics.json and the report.
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert [e.kind for e in events][-1 - len(warnings) : -1] == ["warning"] * len(warnings)
+    recorded = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert recorded == warnings and any("fewer than 10 validation images" in w for w in warnings)
     return out
 
 
@@ -331,3 +336,86 @@ def test_torchrun_two_processes_on_cpu(phantom_dir: Path, tmp_path: Path) -> Non
     assert len(list(csv.DictReader(open(out / "history.csv")))) == 3
     assert (out / "metrics.json").is_file() and (out / "best.pt").is_file()
     assert not list(out.glob(".*.tmp"))
+
+
+# --- honest warnings and the time budget ------------------------------------------------------
+
+
+def _history(phase: str, scores: list[float]) -> list[dict]:
+    return [{"phase": phase, "epoch": i + 1, "val_macro_f1": f1} for i, f1 in enumerate(scores)]
+
+
+def test_warnings_for_a_climbing_phase_a_small_class_and_a_head_near_chance() -> None:
+    from kidney_edge.training.diagnostics import run_warnings
+
+    names = ("Cyst", "Normal", "Stone", "Tumor")
+    val = np.repeat(np.arange(4), [12, 12, 9, 12])  # Stone has 9 validation images
+    history = _history("head", [0.20, 0.30, 0.33]) + _history("finetune", [0.5, 0.7, 0.8, 0.9])
+    warnings = run_warnings(history, {"head": 3, "finetune": 4}, val, names)
+    assert len(warnings) == 4
+    assert "still rising at the last head epoch (0.300 -> 0.330)" in warnings[0]
+    assert "still rising at the last finetune epoch (0.800 -> 0.900)" in warnings[1]
+    assert "(Stone 9)" in warnings[2]
+    assert "near chance, < 0.375" in warnings[3]
+    # A plateau, a phase stopped early, enough images and a head above chance: no warning.
+    calm = _history("head", [0.5, 0.6, 0.6]) + _history("finetune", [0.7, 0.9, 0.8])
+    balanced = np.repeat(np.arange(4), 10)
+    assert run_warnings(calm, {"head": 3, "finetune": 4}, balanced, names) == []
+
+
+def test_time_budget_cuts_finetune_epochs_to_fit(tmp_path: Path) -> None:
+    from kidney_edge.training.budget import FIXED_OVERHEAD_S, Speed, apply_plan, plan_epochs
+
+    config = tiny_config(tmp_path, tmp_path / "run", time_budget_min=10.0)
+    config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, epochs=12))
+    speed = Speed(finetune_s=0.1, frozen_s=0.02)  # 10 images/s fine-tuning, 50 inference
+    plan = plan_epochs(config, speed, n_train=560, n_val=120, n_test=120)
+    # fixed: 30 + (560 + 120) * 0.02 + (120 + 120) * 0.02 = 48.4 s; per epoch 56 + 2.4 = 58.4 s
+    fixed, per_epoch = FIXED_OVERHEAD_S + 680 * 0.02 + 240 * 0.02, 560 * 0.1 + 120 * 0.02
+    assert plan.finetune_epochs == int((600 - fixed) // per_epoch) == 9
+    assert plan.estimated_s == pytest.approx(fixed + 9 * per_epoch) and plan.estimated_s <= 600
+    assert apply_plan(config, plan).finetune.epochs == 9 and apply_plan(config, plan).head == config.head
+    assert "9 fine-tuning epochs" in plan.describe() and "10.0 images/s fine-tuning" in plan.describe()
+    roomy = dataclasses.replace(config, time_budget_min=600.0)
+    assert plan_epochs(roomy, speed, 560, 120, 120).finetune_epochs == 12  # never more than configured
+    with pytest.raises(InputError, match="--time-budget"):
+        plan_epochs(dataclasses.replace(config, time_budget_min=0.5), speed, 560, 120, 120)
+    with pytest.raises(InputError, match="--time-budget"):
+        tiny_config(tmp_path, tmp_path / "run", time_budget_min=0.0)
+
+
+def test_layer_decay_groups_and_whole_backbone_unfreezing() -> None:
+    from kidney_edge.backbones import create_model
+    from kidney_edge.training.config import ALL_BLOCKS
+    from kidney_edge.training.loop import configure_trainable, parameter_groups
+
+    model = create_model("efficientnet_lite0", num_classes=4, pretrained=False)
+    phase = PhaseConfig("finetune", epochs=1, lr=1e-3, unfreeze_blocks=3, layer_decay=0.5)
+    configure_trainable(model, phase)
+    groups = parameter_groups(model, phase)
+    # classifier, conv_head, then the last three blocks from the head down
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model.blocks[-1].parameters()}
+    whole = dataclasses.replace(phase, unfreeze_blocks=ALL_BLOCKS, layer_decay=1.0)
+    configure_trainable(model, whole)
+    assert all(p.requires_grad for p in model.parameters())
+    grouped = {id(p) for g in parameter_groups(model, whole) for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters()}
+
+
+def test_train_with_a_time_budget_records_its_plan_and_weights_are_untouched(
+    phantom_dir: Path, straight_run: Path, tmp_path: Path
+) -> None:
+    """Measuring speed on real batches must not change training: same epochs, same weights."""
+    out = tmp_path / "budget"
+    events: list[TrainEvent] = []
+    train(tiny_config(phantom_dir, out, splits=straight_run / "splits.csv", time_budget_min=600.0),
+          progress=events.append)  # fmt: skip
+    plan = [e.message for e in events if e.kind == "plan"]
+    assert len(plan) == 1 and "2 head + 2 fine-tuning epochs" in plan[0]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["time_budget_plan"]["finetune_epochs"] == 2
+    assert recorded["time_budget_plan"]["speed"]["finetune_s"] > 0
+    budgeted = torch.load(out / "best.pt", weights_only=True)["model_state"]
+    straight = torch.load(straight_run / "best.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(budgeted[k], straight[k]) for k in straight)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors, print_headline
+from kidney_edge.training.config import ALL_BLOCKS, DEVICES, TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.training import TrainEvent, TrainResult
@@ -20,10 +21,18 @@ class Arch(str, Enum):
     efficientnet_b0 = "efficientnet_b0"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)  # choices from the library
+_RUN = TrainConfig(data_dir=Path("."), out_dir=Path("."))  # the library's defaults, shown in --help
+_HEAD, _FINETUNE = _RUN.head, _RUN.finetune
+
+
+def _blocks(text: str) -> int:
+    if text.strip().lower() == "all":
+        return ALL_BLOCKS
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"expected a number of blocks or 'all', got {text!r}") from None
 
 
 @app.command()
@@ -32,13 +41,15 @@ def train(
         Path, typer.Argument(help="Image folder laid out as DATA/<Class>/<image> (e.g. Kaggle).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume).")],
-    arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch.efficientnet_lite0,
-    epochs_head: Annotated[int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone).")] = 15,
-    epochs_finetune: Annotated[int, typer.Option("--epochs-finetune", help="Phase 2 epochs.")] = 8,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    image_size: Annotated[int, typer.Option("--image-size", help="Input size, a multiple of 32.")] = 224,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[Device, typer.Option("--device", help="auto: CUDA when available.")] = Device.auto,
+    arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch(_RUN.arch),
+    epochs_head: Annotated[
+        int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone, cached features).")
+    ] = _HEAD.epochs,
+    epochs_finetune: Annotated[int, typer.Option("--epochs-finetune", help="Phase 2 epochs.")] = _FINETUNE.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _RUN.batch_size,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input size, a multiple of 32.")] = _RUN.image_size,
+    seed: Annotated[int, typer.Option("--seed")] = _RUN.seed,
+    device: Annotated[Device, typer.Option("--device", help="auto: CUDA when available.")] = Device(_RUN.device),
     splits: Annotated[
         Path | None, typer.Option("--splits", help="Existing splits.csv; default: split DATA 70/15/15.")
     ] = None,
@@ -46,30 +57,57 @@ def train(
         bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")
     ] = False,
     unfreeze_blocks: Annotated[
+        str,
+        typer.Option(
+            "--unfreeze-blocks",
+            help="Phase 2 trains the last N of 16 MBConv blocks + conv head, or 'all' (the whole backbone).",
+        ),
+    ] = str(_FINETUNE.unfreeze_blocks),
+    lr_head: Annotated[float, typer.Option("--lr-head")] = _HEAD.lr,
+    lr_finetune: Annotated[float, typer.Option("--lr-finetune")] = _FINETUNE.lr,
+    layer_decay: Annotated[
+        float,
+        typer.Option("--layer-decay", help="Phase 2 LR multiplier per block away from the head (1: one LR)."),
+    ] = _FINETUNE.layer_decay,
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing", help="Phase 2 label smoothing of the cross-entropy.")
+    ] = _FINETUNE.label_smoothing,
+    patience: Annotated[
         int,
-        typer.Option("--unfreeze-blocks", help="Phase 2 trains the last N of 16 MBConv blocks + conv head."),
-    ] = 6,
-    lr_head: Annotated[float, typer.Option("--lr-head")] = 1e-3,
-    lr_finetune: Annotated[float, typer.Option("--lr-finetune")] = 1e-4,
-    patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without gain.")] = 4,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+        typer.Option(
+            "--patience", help="Early stop after N epochs without gain (never in a phase's first half)."
+        ),
+    ] = _FINETUNE.patience,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            help="Minutes: measure this machine on the first batches and cut fine-tuning epochs to fit.",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = _RUN.workers,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random init, no ImageNet.")] = False,
     weights: Annotated[
         Path | None, typer.Option("--weights", help="ImageNet weights file (original key names).")
     ] = None,
     tumor_recall: Annotated[
-        float, typer.Option("--tumor-recall", help="Tumor recall the decision threshold targets on val.")
-    ] = 0.98,
+        float, typer.Option("--tumor-recall", help="Tumor recall the decision rule targets on val.")
+    ] = _RUN.tumor_recall,
     update_bn_stats: Annotated[
         bool,
         typer.Option(
             "--update-bn-stats",
             help="Phase 2 re-estimates BatchNorm statistics from batches (default: keep ImageNet's).",
         ),
-    ] = False,
+    ] = not _FINETUNE.freeze_bn_stats,
 ) -> None:
-    """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning)."""
-    from kidney_edge.training import PhaseConfig, TrainConfig
+    """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning).
+
+    The defaults are the recipe that held across every dataset family of the recipe
+    benchmark (benchmarks/results/recipe.md).
+    """
+    import dataclasses
+
     from kidney_edge.training import train as run_training
 
     with library_errors():
@@ -77,10 +115,12 @@ def train(
             data_dir=data, out_dir=out, arch=arch.value, image_size=image_size, batch_size=batch_size,
             seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
-            head=PhaseConfig("head", epochs=epochs_head, lr=lr_head, patience=patience),
-            finetune=PhaseConfig("finetune", epochs=epochs_finetune, lr=lr_finetune,
-                                 unfreeze_blocks=unfreeze_blocks, augment=True, patience=patience,
-                                 freeze_bn_stats=not update_bn_stats),
+            time_budget_min=time_budget,
+            head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head, patience=patience),
+            finetune=dataclasses.replace(
+                _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
+                patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
+                freeze_bn_stats=not update_bn_stats),
         )  # fmt: skip
         main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:
@@ -127,6 +167,10 @@ class _EpochProgress:
                 f"val loss {m['val_loss']:.4f}  val macro-F1 {m['val_macro_f1']:.4f}  "
                 f"val acc {m['val_accuracy']:.4f}  ({m['seconds']:.1f} s)"
             )
+        elif event.kind == "plan":
+            self.bar.console.print(f"[cyan]{event.message}[/]")
+        elif event.kind == "warning":
+            self.bar.console.print(f"[yellow]warning:[/] {event.message}")
         elif event.kind == "finalize":
             self.bar.console.print("evaluating the best model on the test split ...")
 

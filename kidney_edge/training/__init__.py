@@ -8,7 +8,17 @@ weights), ``loop`` (one phase: epochs, validation, checkpoints), ``distributed``
 
 from __future__ import annotations
 
+from typing import Any
+
 from kidney_edge.training.config import PhaseConfig, TrainConfig, TrainEvent, TrainResult
-from kidney_edge.training.trainer import train
 
 __all__ = ["PhaseConfig", "TrainConfig", "TrainEvent", "TrainResult", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # `train` pulls in torch; the configs do not, so the CLI can read their defaults cheaply.
+    if name == "train":
+        from kidney_edge.training.trainer import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 
+ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all); see backbones.ALL_BLOCKS
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -21,9 +23,13 @@ class PhaseConfig:
     """One training phase: ``head`` (frozen backbone) or ``finetune`` (last blocks unfrozen).
 
     ``unfreeze_blocks`` counts MBConv blocks from the end (see ``KidneyNet.last_blocks_modules``);
-    0 trains the classifier only. ``cache_features`` computes the frozen backbone's pooled
-    features once and trains the classifier on them; it applies only when nothing but the
-    classifier trains and augmentation is off.
+    0 trains the classifier only, :data:`ALL_BLOCKS` the whole backbone. ``cache_features``
+    computes the frozen backbone's pooled features once and trains the classifier on them; it
+    applies only when nothing but the classifier trains and augmentation is off.
+    ``layer_decay`` scales the learning rate by ``layer_decay ** k`` for the k-th unfrozen block
+    counted from the head (1.0: one rate for all). Early stopping needs ``patience`` epochs
+    without a new best of the phase, and never fires in the first half of the phase, while the
+    cosine schedule's rate is still high and validation still climbing.
     """
 
     name: str
@@ -35,6 +41,8 @@ class PhaseConfig:
     weight_decay: float = 1e-2  # AdamW's default
     warmup_fraction: float = 0.1  # linear warm-up over this share of the phase's steps, then cosine
     patience: int = 4
+    layer_decay: float = 1.0
+    label_smoothing: float = 0.0
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
     # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
@@ -49,14 +57,23 @@ class PhaseConfig:
             raise InputError(f"--epochs-{self.name} must be >= 0, got {self.epochs}")
         if not 0 < self.lr < 1:
             raise InputError(f"--lr-{self.name} must be in (0, 1), got {self.lr}")
-        if self.unfreeze_blocks < 0:
-            raise InputError(f"--unfreeze-blocks must be >= 0, got {self.unfreeze_blocks}")
+        if self.unfreeze_blocks < 0 and self.unfreeze_blocks != ALL_BLOCKS:
+            raise InputError(f"--unfreeze-blocks must be >= 0 or 'all', got {self.unfreeze_blocks}")
         if self.name == "head" and self.unfreeze_blocks != 0:
             raise InputError("the head phase trains the classifier only (unfreeze_blocks must be 0)")
         if self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
             raise InputError("weight decay must be >= 0 and warm-up fraction in [0, 1)")
         if self.patience < 1:
             raise InputError(f"--patience must be >= 1, got {self.patience}")
+        if not 0 < self.layer_decay <= 1:
+            raise InputError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def min_epochs(self) -> int:
+        """Epochs that always run: early stopping waits for the second half of the phase."""
+        return (self.epochs + 1) // 2
 
     @property
     def uses_cached_features(self) -> bool:
@@ -90,6 +107,7 @@ class TrainConfig:
     pretrained: bool = True
     weights: Path | None = None
     tumor_recall: float = 0.98
+    time_budget_min: float | None = None  # fine-tuning epochs are cut to fit (see training.budget)
     head: PhaseConfig = field(default_factory=default_head_phase)
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
 
@@ -120,6 +138,8 @@ class TrainConfig:
             raise InputError(f"--tumor-recall must be in (0, 1], got {self.tumor_recall}")
         if self.head.name != "head" or self.finetune.name != "finetune":
             raise InputError("TrainConfig.head/finetune must be the 'head' and 'finetune' phases")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise InputError(f"--time-budget must be > 0 minutes, got {self.time_budget_min}")
         if self.head.epochs + self.finetune.epochs == 0:
             raise InputError("nothing to train: --epochs-head and --epochs-finetune are both 0")
 
@@ -139,9 +159,10 @@ class TrainConfig:
 class TrainEvent:
     """What the progress callback receives.
 
-    ``kind``: "phase" (a phase starts; ``steps`` = steps per epoch), "step" (one optimizer
-    step done), "epoch" (an epoch is done; ``metrics`` holds train/val numbers), "finalize"
-    (training is over, the test evaluation runs).
+    ``kind``: "plan" (``--time-budget`` chose the epochs; ``message`` says how), "phase" (a
+    phase starts; ``steps`` = steps per epoch), "step" (one optimizer step done), "epoch" (an
+    epoch is done; ``metrics`` holds train/val numbers), "warning" (``message``: something the
+    user should know about the run), "finalize" (training is over, the test evaluation runs).
     """
 
     kind: str
@@ -151,6 +172,7 @@ class TrainEvent:
     step: int = 0
     steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
 
 
 @dataclass(frozen=True)

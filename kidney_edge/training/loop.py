@@ -118,7 +118,7 @@ def rng_state() -> dict[str, Any]:
 
 def configure_trainable(model: nn.Module, phase: PhaseConfig) -> list[nn.Module]:
     """Freeze everything but the classifier and the phase's last blocks; return trainable modules."""
-    modules = [*model.last_blocks_modules(phase.unfreeze_blocks), model.dropout, model.classifier]
+    modules = [model.classifier, model.dropout, *model.last_blocks_modules(phase.unfreeze_blocks)]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in modules:
@@ -289,13 +289,23 @@ def build_optimization(
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=ids)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=phase.lr, weight_decay=phase.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, phase), lr=phase.lr, weight_decay=phase.weight_decay)
     schedule = lr_schedule(phase.epochs * steps_per_epoch, phase.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.device.type == "cuda")
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(ctx.device))
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(ctx.device), label_smoothing=phase.label_smoothing)
     return Optimization(net, optimizer, scheduler, scaler, loss_fn)
+
+
+def parameter_groups(model: nn.Module, phase: PhaseConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the classifier and conv head at the phase's rate, each unfrozen block below
+    them at ``layer_decay`` times the rate of the block above (BEiT's layer-wise decay)."""
+    head = [*model.classifier.parameters()]
+    groups = [{"params": head, "lr": phase.lr}]
+    for depth, module in enumerate(model.last_blocks_modules(phase.unfreeze_blocks)):
+        # conv_head (depth 0) shares the classifier's rate; block k from the end gets decay ** k
+        groups.append({"params": [*module.parameters()], "lr": phase.lr * phase.layer_decay**depth})
+    return [group for group in groups if group["params"]]
 
 
 def _phase_inputs(model, phase: PhaseConfig, data: PhaseData, settings: LoaderSettings, ctx: DistContext):
@@ -391,8 +401,9 @@ def _end_epoch(
     else:
         state.bad_epochs += 1
     state.phase_epoch = epoch
-    state.phase_done = epoch == phase.epochs or state.bad_epochs >= phase.patience
-    if state.bad_epochs >= phase.patience:
+    stop_early = state.bad_epochs >= phase.patience and epoch >= phase.min_epochs
+    state.phase_done = epoch == phase.epochs or stop_early
+    if stop_early:
         log.info("early stop in %s after epoch %d: no val macro-F1 gain for %d epochs", phase.name, epoch,
                  phase.patience)  # fmt: skip
     state.history.append({"phase": phase.name, "epoch": epoch, **metrics, "best": improved})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from pathlib import Path
@@ -46,6 +47,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
 
 def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress | None) -> TrainResult:
+    config = _planned_on_resume(config)
     run_dir = config.out_dir
     if config.pretrained or config.weights is not None:  # fail before anything is written
         from kidney_edge.backbones import pretrained_weights_path
@@ -68,6 +70,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
 
     model = create_model(config.arch, num_classes=len(class_names), pretrained=config.pretrained,
                          weights=config.weights).to(ctx.device)  # fmt: skip
+    if config.time_budget_min is not None and resume_from is None:
+        config = _fit_budget(config, model, data, rows, ctx, progress)
     state = RunState()
     if resume_from is not None:
         model.load_state_dict(resume_from["model_state"])
@@ -81,9 +85,91 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
         resume_from = None
     state.finished = True
     saver.save("last.pt", model, training_state(state, None))
+    from kidney_edge.training.diagnostics import run_warnings
+
+    phase_epochs = {phase.name: phase.epochs for phase in config.phases}
+    warnings = run_warnings(state.history, phase_epochs, data.val_labels, spec.class_names)
+    for warning in warnings:
+        log.warning(warning)
+        if progress:
+            progress(TrainEvent("warning", message=warning))
     if progress:
         progress(TrainEvent("finalize"))
-    return _finish(config, state, ctx)
+    return _finish(config, state, ctx, warnings)
+
+
+def _planned_on_resume(config: TrainConfig) -> TrainConfig:
+    """On ``--resume --time-budget``, the epochs planned when the run started (config.json)."""
+    import json
+
+    saved = config.out_dir / "config.json"
+    if not (config.resume and config.time_budget_min is not None and saved.is_file()):
+        return config
+    try:
+        epochs = json.loads(saved.read_text())["train_config"]["finetune"]["epochs"]
+    except (OSError, ValueError, KeyError):
+        return config  # _check_run_folder names the problem
+    return dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, epochs=epochs))
+
+
+def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, progress) -> TrainConfig:
+    """The config with fine-tuning epochs cut to ``--time-budget``, recorded in config.json."""
+    import json
+
+    from kidney_edge.training import budget
+
+    speed = _measure_speed(config, model, data, ctx)
+    n_test = sum(1 for row in rows if row.split == "test")
+    plan = budget.plan_epochs(config, speed, len(data.train_labels), len(data.val_labels), n_test)
+    log.info(plan.describe())
+    if progress:
+        progress(TrainEvent("plan", message=plan.describe()))
+    planned = budget.apply_plan(config, plan)
+    if ctx.is_main:
+        record = json.loads((config.out_dir / "config.json").read_text())
+        record["train_config"] = planned.to_dict()
+        record["time_budget_plan"] = {"description": plan.describe(), **dataclasses.asdict(plan)}
+        atomic_write_json(config.out_dir / "config.json", record)
+    return planned
+
+
+def _measure_speed(config: TrainConfig, model, data: PhaseData, ctx):
+    """Seconds per image of a fine-tuning step and of an inference pass, on a few real batches.
+
+    The weights are restored afterwards, so a budgeted run trains exactly as an unbudgeted one
+    with the same epochs.
+    """
+    import copy
+
+    from torch.utils.data import Subset
+
+    from kidney_edge.training import budget
+    from kidney_edge.training.loop import _Augmented, configure_trainable, set_train_mode
+
+    saved = copy.deepcopy(model.state_dict())
+    phase = config.finetune
+    trainable = configure_trainable(model, phase)
+    n = min(config.batch_size, len(data.train_labels))
+    train_batch = Subset(_Augmented(data.train, data.augment), range(n))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> int:
+        set_train_mode(model, trainable, phase.freeze_bn_stats)
+        images, labels = zip(*(train_batch[i] for i in range(n)), strict=True)
+        loss = loss_fn(model(torch.stack(images).to(ctx.device)), torch.tensor(labels, device=ctx.device))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return n
+
+    def infer() -> int:
+        model.eval()
+        with torch.no_grad():
+            model(torch.stack([data.train[i][0] for i in range(n)]).to(ctx.device))
+        return n
+
+    speed = budget.measure_speed(step, infer)
+    model.load_state_dict(saved)
+    return speed
 
 
 def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
@@ -191,17 +277,19 @@ def _recorded_config(config: TrainConfig, class_names, data: PhaseData, ctx) -> 
     }
 
 
-def _finish(config: TrainConfig, state: RunState, ctx) -> TrainResult:
+def _finish(config: TrainConfig, state: RunState, ctx, warnings: list[str]) -> TrainResult:
     """Rank 0 evaluates the best model on the test split (metrics.json, report); all ranks return."""
     best = config.out_dir / "best.pt"
     metrics: dict[str, Any] = {
         "best_val_macro_f1": state.best_f1,
         "best_phase": state.best_phase,
         "best_epoch": state.best_epoch,
+        "warnings": warnings,
     }
     if ctx.is_main:
         from kidney_edge.evaluation import finalize_run
 
-        metrics["test"] = finalize_run(config.out_dir, tumor_recall=config.tumor_recall).metrics
+        finished = finalize_run(config.out_dir, tumor_recall=config.tumor_recall, warnings=warnings)
+        metrics["test"] = finished.metrics
     ctx.barrier()
     return TrainResult(run_dir=config.out_dir, best_checkpoint=best, metrics=metrics)
