@@ -6,16 +6,25 @@ split is a *group* of images that must stay together:
 
 - exact duplicates (same sha256),
 - near duplicates (perceptual hash within ``near_dup_distance`` bits; adjacent slices of one
-  patient look nearly alike, so this also keeps most patients together),
+  patient look nearly alike, so this also keeps most patients together) of one label,
+- series neighbours: files of one label numbered next to each other whose thumbnails differ by
+  at most ``series_distance`` (scanners number a patient's slices consecutively),
 - optional patient groups from ``group_pattern``: a regex searched in the path relative to the
   dataset folder; the first capture group (or the whole match if the regex has no group) is the
   group key, so files with the same key stay together; files it does not match form no group.
   Example for the Kaggle names ``Cyst/Cyst- (123).jpg``: ``'^(.*\\(\\d*)\\d\\)'`` puts blocks of
   ten consecutive numbers (120-129) together.
 
+Near-duplicate and series links join images by single linkage, which chains look-alike
+patients into ever larger groups. A group above ``max_group_share`` of the images, or too coarse
+for its class's split shares, is therefore cut at its weakest links; exact duplicates and
+pattern keys are never cut.
+
 Groups are assigned to train/val/test so that each class's split proportions match the target
-ratios (greedy by group size, then local moves). The audit records counts, groups and how many
-val/test images still have a twin in train (0 in ``grouped`` mode by construction).
+ratios and validation and test hold ``min_eval_images`` of every class (greedy by group size,
+local moves, then an exact deal for a class still off). The audit records counts, groups, cuts,
+how many val/test images still have a twin in train (in ``grouped`` mode only across cut links)
+and a ``warnings`` list of the goals missed.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -52,6 +62,17 @@ DEFAULT_NEAR_DUP_DISTANCE = 32
 # Thumbnail difference below which consecutively numbered files are one series (see _series_pairs);
 # on phantom data adjacent slices of one patient stay below 0.16, neighbours from different patients above 0.18.
 DEFAULT_SERIES_DISTANCE = 0.17
+# Largest share of a dataset's images one group may hold (exact duplicates and --group-pattern
+# keys excepted). Single-linkage grouping chains look-alike patients together; a group above a
+# few percent cannot be placed without skewing a class's val/test share (validation and test are
+# 15% each), so chains above it are cut at their weakest links (see _cut_groups).
+DEFAULT_MAX_GROUP_SHARE = 0.05
+# Largest deviation of a class's split shares from the ratios (as a share of the class's images)
+# that the grouped split aims at; a class whose groups are too coarse for it has them cut further.
+DEFAULT_PROPORTION_TOLERANCE = 0.02
+# Images of every class that validation and test should each hold: fewer make per-class recall a
+# coin toss (one Stone in val decides its recall alone). Below it the audit warns.
+DEFAULT_MIN_EVAL_IMAGES = 5
 ProgressFn = Callable[[int, int], None]
 
 
@@ -347,6 +368,9 @@ class SplitConfig:
     group_pattern: str | None = None
     near_dup_distance: int | None = DEFAULT_NEAR_DUP_DISTANCE
     series_distance: float | None = DEFAULT_SERIES_DISTANCE
+    max_group_share: float | None = DEFAULT_MAX_GROUP_SHARE
+    proportion_tolerance: float = DEFAULT_PROPORTION_TOLERANCE
+    min_eval_images: int = DEFAULT_MIN_EVAL_IMAGES
 
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
@@ -371,6 +395,17 @@ class SplitConfig:
             raise InputError(
                 f"--series-distance must be between 0 and 2, or -1 to turn it off (got {self.series_distance})"
             )
+        if self.max_group_share is not None and not 0 < self.max_group_share <= 1:
+            raise InputError(
+                "--max-group-share must be above 0 and at most 1 (a share of all images), or -1 to never "
+                f"cut groups (got {self.max_group_share})"
+            )
+        if not 0 < self.proportion_tolerance <= 1:
+            raise InputError(
+                f"--proportion-tolerance must be above 0 and at most 1 (got {self.proportion_tolerance})"
+            )
+        if self.min_eval_images < 0:
+            raise InputError(f"--min-eval-images must be 0 or more (got {self.min_eval_images})")
 
 
 class _UnionFind:
@@ -413,6 +448,59 @@ def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int, chunk: int 
 
 
 @dataclass(frozen=True)
+class _Links:
+    """Similarity links between items, each with how close it came to its threshold."""
+
+    pairs: np.ndarray  # (P, 2) int64 item indices, i < j
+    distance: np.ndarray  # (P,) float64 distance over the link's threshold: 0 alike .. 1 barely linked
+    tier: np.ndarray  # (P,) int64: links of a lower tier are stronger evidence than any of a higher one
+
+    @staticmethod
+    def of(pairs: np.ndarray, distance: np.ndarray, tier: int) -> _Links:
+        return _Links(pairs, distance, np.full(len(pairs), tier, dtype=np.int64))
+
+    @staticmethod
+    def empty() -> _Links:
+        return _Links.of(np.zeros((0, 2), dtype=np.int64), np.zeros(0), 0)
+
+    @staticmethod
+    def concat(parts: Sequence[_Links]) -> _Links:
+        return _Links(
+            *(
+                np.concatenate([getattr(part, name) for part in parts])
+                for name in ("pairs", "distance", "tier")
+            )
+        )
+
+    def where(self, keep: np.ndarray) -> _Links:
+        return _Links(self.pairs[keep], self.distance[keep], self.tier[keep])
+
+
+# Link tiers. Series links rank before every hash link: file order and looks together are
+# stronger evidence of one patient than looks alone, which look-alike patients share, so a chain
+# of look-alike patients is cut at its hash links first.
+_SERIES_TIER, _HASH_TIER = 0, 1
+# A series link at least this weak (distance over its threshold) may be cut to make a class's
+# groups fine enough for its split shares; a stronger one, the best evidence of one patient
+# there is, only to respect --max-group-share. Between adjacent slices of one phantom patient the
+# distance stays below 0.6 on both renderers, between neighbouring patients above 0.9
+# (series distances in benchmarks/results/data.md).
+_WEAK_SERIES_LINK = 0.75
+
+
+def _scaled(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """Distances over the threshold that admitted them, so hash and series links compare."""
+    distance = np.asarray(distance, dtype=np.float64)
+    return distance / threshold if threshold > 0 else np.zeros_like(distance)
+
+
+def _hash_distances(hashes: Sequence[bytes], pairs: np.ndarray) -> np.ndarray:
+    """(P,) Hamming distance in bits between the hashes of each pair."""
+    words = np.frombuffer(b"".join(hashes), dtype=np.uint64).reshape(len(hashes), -1)
+    return np.bitwise_count(words[pairs[:, 0]] ^ words[pairs[:, 1]]).sum(axis=1)
+
+
+@dataclass(frozen=True)
 class _Grouping:
     group_of: np.ndarray  # (N,) group index per item
     names: list[str]
@@ -424,79 +512,285 @@ class _Grouping:
     near_groups: int
     near_files: int
     pattern_groups: int | None
+    targets: _Targets  # per split and class: what the assignment aims at, and what the cuts allowed for
+    bound: int | None  # most images a group may hold unless it is one atom; None: never cut
+    links_cut: int
+    groups_cut: int
 
 
 def _group_items(scan: DatasetScan, config: SplitConfig) -> _Grouping:
-    """Union-find over exact duplicates, near duplicates and pattern keys."""
+    """Groups that must not cross splits.
+
+    Exact duplicates and pattern keys are *atoms*, never divided. Near-duplicate and series links
+    join atoms by single linkage, which chains: look-alike patients, each linked to the next, end
+    up in one group. Such groups are cut at their weakest links until none holds more than
+    ``max_group_share`` of the images and every class can be split within
+    ``proportion_tolerance`` (:func:`_cut_groups`).
+    """
     items = scan.items
-    uf = _UnionFind(len(items))
+    atoms_uf = _UnionFind(len(items))
     by_hash: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         by_hash[item.sha256].append(index)
     for members in by_hash.values():
         for other in members[1:]:
-            uf.union(members[0], other)
-    hash_pairs, series_pairs = _similar_pairs(scan, config)
-    near = np.unique(np.concatenate([hash_pairs, series_pairs]), axis=0)
-    near_uf = _UnionFind(len(items))
-    for i, j in near:
-        uf.union(int(i), int(j))
-        near_uf.union(int(i), int(j))
-    pattern_groups = _apply_pattern(scan, config.group_pattern, uf) if config.group_pattern else None
-    roots = np.array([uf.find(i) for i in range(len(items))])
+            atoms_uf.union(members[0], other)
+    pattern_groups = _apply_pattern(scan, config.group_pattern, atoms_uf) if config.group_pattern else None
+    hash_links, series_links = _similar_pairs(scan, config)
+    links = _Links.concat([hash_links, series_links])
+    class_index = np.array([scan.class_names.index(item.label) for item in items])
+    tree = _dendrogram(
+        np.array([atoms_uf.find(i) for i in range(len(items))]),
+        class_index,
+        len(scan.class_names),
+        links,
+    )
+    bound = None
+    if config.max_group_share is not None:
+        bound = max(1, math.floor(config.max_group_share * len(items) + 1e-9))
+    targets = _Targets.of(
+        np.bincount(class_index, minlength=len(scan.class_names)),
+        config.ratios,
+        config.min_eval_images,
+        config.proportion_tolerance,
+    )
+    cut = _cut_groups(tree, len(items) if bound is None else bound, targets)
     order = sorted(range(len(items)), key=lambda i: items[i].path.as_posix())
-    index_of_root: dict[int, int] = {}
+    index_of_group: dict[int, int] = {}
     for i in order:  # number groups by their first file, so names are stable for a dataset
-        index_of_root.setdefault(int(roots[i]), len(index_of_root))
-    group_of = np.array([index_of_root[int(r)] for r in roots])
+        index_of_group.setdefault(int(cut.group_of[i]), len(index_of_group))
+    near_uf = _UnionFind(len(items))
+    for i, j in links.pairs:
+        near_uf.union(int(i), int(j))
     near_sizes = Counter(near_uf.find(i) for i in range(len(items)))
     exact_sizes = [len(m) for m in by_hash.values() if len(m) > 1]
     return _Grouping(
-        group_of=group_of,
-        names=[f"g{k:05d}" for k in range(len(index_of_root))],
-        near_pairs=near,
-        hash_pairs=len(hash_pairs),
-        series_pairs=len(series_pairs),
+        group_of=np.array([index_of_group[int(g)] for g in cut.group_of]),
+        names=[f"g{k:05d}" for k in range(len(index_of_group))],
+        near_pairs=np.unique(links.pairs, axis=0),
+        hash_pairs=len(hash_links.pairs),
+        series_pairs=len(series_links.pairs),
         exact_groups=len(exact_sizes),
         exact_files=sum(exact_sizes),
         near_groups=sum(1 for n in near_sizes.values() if n > 1),
         near_files=sum(n for n in near_sizes.values() if n > 1),
         pattern_groups=pattern_groups,
+        targets=targets,
+        bound=bound,
+        links_cut=cut.links_cut,
+        groups_cut=cut.groups_cut,
     )
 
 
-def _similar_pairs(scan: DatasetScan, config: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(near-duplicate pairs by perceptual hash, same-series pairs), both without exact copies."""
+@dataclass(frozen=True)
+class _Dendrogram:
+    """Single-linkage merge tree over atoms: nodes 0..n_atoms-1 are the atoms, and each later
+    node k joins ``children[k]`` through the next-strongest link (Kruskal's algorithm)."""
+
+    atom_of: np.ndarray  # (N,) atom (leaf node) per item
+    children: np.ndarray  # (M, 2) int64 child nodes; -1 for atoms
+    counts: np.ndarray  # (M, C) int64 images per node and class
+    distance: np.ndarray  # (M,) float64 distance of the link that made each node; 0 for atoms
+    tier: np.ndarray  # (M,) int64 tier of that link
+    tops: list[int]  # one root per connected component
+
+    def is_atom(self, node: int) -> bool:
+        return bool(self.children[node, 0] < 0)
+
+    def leaves(self, node: int) -> Iterator[int]:
+        below = [node]
+        while below:
+            k = below.pop()
+            if self.is_atom(k):
+                yield k
+            else:
+                below.extend(self.children[k].tolist())
+
+
+def _dendrogram(atom_of: np.ndarray, class_index: np.ndarray, n_classes: int, links: _Links) -> _Dendrogram:
+    """Merge atoms (``atom_of``: an id per item, shared by items that must stay together) along
+    ``links``, strongest first (lowest tier, then shortest distance); ties broken by atom index,
+    so the tree is deterministic."""
+    _, atom_index = np.unique(atom_of, return_inverse=True)
+    n_atoms = int(atom_index.max()) + 1
+    a, b = atom_index[links.pairs[:, 0]], atom_index[links.pairs[:, 1]]
+    counts = np.zeros((2 * n_atoms - 1, n_classes), dtype=np.int64)
+    np.add.at(counts, (atom_index, class_index), 1)
+    children = np.full((2 * n_atoms - 1, 2), -1, dtype=np.int64)
+    merge_distance, merge_tier = np.zeros(2 * n_atoms - 1), np.zeros(2 * n_atoms - 1, dtype=np.int64)
+    uf = _UnionFind(n_atoms)
+    node_of_root = list(range(n_atoms))
+    node = n_atoms
+    for e in np.lexsort((b, a, links.distance, links.tier)):
+        ra, rb = uf.find(int(a[e])), uf.find(int(b[e]))
+        if ra == rb:
+            continue  # not a spanning-tree edge: the two are already joined by stronger links
+        children[node] = node_of_root[ra], node_of_root[rb]
+        counts[node] = counts[node_of_root[ra]] + counts[node_of_root[rb]]
+        merge_distance[node], merge_tier[node] = links.distance[e], links.tier[e]
+        uf.union(ra, rb)
+        node_of_root[uf.find(ra)] = node
+        node += 1
+    tops = sorted({node_of_root[uf.find(k)] for k in range(n_atoms)})
+    return _Dendrogram(
+        atom_index, children[:node], counts[:node], merge_distance[:node], merge_tier[:node], tops
+    )
+
+
+@dataclass(frozen=True)
+class _Cut:
+    group_of: np.ndarray  # (N,) group id per item (equal within a group, not numbered 0..G-1)
+    links_cut: int
+    groups_cut: int  # connected components that were divided
+
+
+def _cut_groups(tree: _Dendrogram, bound: int, targets: _Targets) -> _Cut:
+    """Cut the single-linkage groups of ``tree`` at their weakest links, as few as needed so that
+
+    1. no group holds more than ``bound`` images (a single atom beyond it stays whole), and
+    2. each class's groups can be dealt so that every split holds between ``targets.low`` and
+       ``targets.high`` images of it (:func:`_can_split`): while they cannot, the class's largest
+       group is cut, unless its weakest link is a strong series link (``_WEAK_SERIES_LINK``):
+       a group of consecutive files that look alike is one patient more likely than a chain.
+
+    Cutting a group's weakest link removes its largest minimum-spanning-tree edge, which undoes
+    the last merge that made it: every group is a node of the dendrogram. A chain of look-alike
+    patients breaks between patients first, whose links are weaker than those within one.
+    """
+    groups, stack, links_cut = [], list(tree.tops), 0
+    while stack:
+        node = stack.pop()
+        if tree.counts[node].sum() > bound and not tree.is_atom(node):
+            links_cut += 1
+            stack.extend(tree.children[node].tolist())
+        else:
+            groups.append(node)
+    for c in range(tree.counts.shape[1]):
+        while not _can_split(tree.counts[groups, c], targets.low[:, c], targets.high[:, c]):
+            weak = [
+                k
+                for k, node in enumerate(groups)
+                if tree.counts[node, c]
+                and not tree.is_atom(node)
+                and (tree.tier[node] != _SERIES_TIER or tree.distance[node] >= _WEAK_SERIES_LINK)
+            ]
+            if not weak:
+                break  # the audit warns about the proportions this leaves
+            widest = max(weak, key=lambda k: tree.counts[groups[k], c])
+            groups.extend(tree.children[groups.pop(widest)].tolist())
+            links_cut += 1
+    group_of_atom = np.empty(len(tree.children), dtype=np.int64)
+    for group, node in enumerate(groups):
+        group_of_atom[list(tree.leaves(node))] = group
+    kept = set(groups)
+    return _Cut(group_of_atom[tree.atom_of], links_cut, sum(top not in kept for top in tree.tops))
+
+
+@dataclass(frozen=True)
+class _Reachable:
+    """Which (val, test) image counts some choice of groups adds up to, and one such choice each."""
+
+    reach: np.ndarray  # (V+1, T+1) bool: reach[v, t] when groups sum to v in val and t in test
+    last: np.ndarray  # (V+1, T+1) int64: index of the last group of the first choice found; -1: none
+    into_val: np.ndarray  # (V+1, T+1) bool: that group went to val (else to test)
+
+    def choice(self, v: int, t: int, sizes: np.ndarray) -> tuple[list[int], list[int]]:
+        """(groups in val, groups in test) adding up to ``reach[v, t]``."""
+        val, test = [], []
+        while v or t:  # each step goes back to a cell reached before that group was considered
+            k = int(self.last[v, t])
+            if self.into_val[v, t]:
+                val.append(k)
+                v -= int(sizes[k])
+            else:
+                test.append(k)
+                t -= int(sizes[k])
+        return val, test
+
+
+def _reachable(sizes: np.ndarray, top_val: int, top_test: int) -> _Reachable:
+    """Subset sums by dynamic programming over groups of ``sizes`` images, each to val, test or
+    neither (train), up to ``top_val`` and ``top_test`` images."""
+    reach = np.zeros((top_val + 1, top_test + 1), dtype=bool)
+    reach[0, 0] = True
+    last = np.full(reach.shape, -1, dtype=np.int64)
+    into_val = np.zeros(reach.shape, dtype=bool)
+    for k, size in enumerate(sizes.tolist()):
+        if size <= 0:
+            continue
+        before = reach.copy()  # each group is used once
+        for axis, top in ((0, top_val), (1, top_test)):
+            if size > top:
+                continue
+            shifted = np.zeros_like(before)
+            if axis == 0:
+                shifted[size:] = before[: top + 1 - size]
+            else:
+                shifted[:, size:] = before[:, : top + 1 - size]
+            new = shifted & ~reach
+            last[new], into_val[new] = k, axis == 0
+            reach |= new
+    return _Reachable(reach, last, into_val)
+
+
+def _can_split(sizes: np.ndarray, low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether groups of ``sizes`` images can be dealt so that train, val and test each hold
+    between ``low`` and ``high`` (3,) of them."""
+    if high[1] < 0 or high[2] < 0:
+        return False
+    held = np.zeros(3)  # a greedy deal first, largest group to the split furthest below its middle
+    for size in np.sort(sizes)[::-1]:
+        held[np.argmax((low + high) / 2 - held)] += size
+    if ((held >= low) & (held <= high)).all():
+        return True  # enough on large data, where the exact search below would take seconds
+    found = _reachable(sizes, int(high[1]), int(high[2])).reach
+    val, test = np.indices(found.shape)
+    train = sizes.sum() - val - test
+    return bool((found & (val >= low[1]) & (test >= low[2]) & (train >= low[0]) & (train <= high[0])).any())
+
+
+def _similar_pairs(scan: DatasetScan, config: SplitConfig) -> tuple[_Links, _Links]:
+    """(near duplicates by perceptual hash, same-series neighbours) of different bytes and one label.
+
+    A look-alike filed under another class cannot hand the model the answer to a validation
+    image, and at 16x16 or 256 bits every abdominal slice looks alike: links across labels would
+    only chain the look-alike patients of all classes into one group.
+    """
     items = scan.items
-    empty = np.zeros((0, 2), dtype=np.int64)
-    hash_pairs = series_pairs = empty
+    hash_links = series_links = _Links.empty()
     if config.near_dup_distance is not None and all(item.phash for item in items):
-        hash_pairs = near_duplicate_pairs([item.phash for item in items], config.near_dup_distance)
+        hashes = [item.phash for item in items]
+        pairs = near_duplicate_pairs(hashes, config.near_dup_distance)
+        distance = _scaled(_hash_distances(hashes, pairs), config.near_dup_distance)
+        hash_links = _Links.of(pairs, distance, _HASH_TIER)
     if config.series_distance is not None:
-        series_pairs = _series_pairs(scan, config.series_distance)
+        series_links = _series_pairs(scan, config.series_distance)
+    label = np.unique([item.label for item in items], return_inverse=True)[1]
+    content = np.unique([item.sha256 for item in items], return_inverse=True)[1]
 
-    def without_copies(pairs: np.ndarray) -> np.ndarray:
-        keep = [items[i].sha256 != items[j].sha256 for i, j in pairs]
-        return pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
+    def kept(links: _Links) -> _Links:
+        first, second = links.pairs[:, 0], links.pairs[:, 1]
+        return links.where((label[first] == label[second]) & (content[first] != content[second]))
 
-    return without_copies(hash_pairs), without_copies(series_pairs)
+    return kept(hash_links), kept(series_links)
 
 
-def _series_pairs(scan: DatasetScan, max_difference: float) -> np.ndarray:
-    """Pairs of files numbered next to each other (``Cyst- (12)`` / ``Cyst- (13)``, or one number
-    apart) whose 16x16 thumbnails differ by at most ``max_difference`` (mean absolute difference
-    after normalising each to zero mean, unit std).
+def _series_pairs(scan: DatasetScan, max_difference: float) -> _Links:
+    """Pairs of files of one class numbered next to each other (``Cyst- (12)`` / ``Cyst- (13)``,
+    or one number apart) whose 16x16 thumbnails differ by at most ``max_difference`` (mean
+    absolute difference after normalising each to zero mean, unit std).
 
     Scanners and the Kaggle dataset number the slices of one patient consecutively. Adjacent
     slices can be further apart in perceptual-hash bits than the global near-duplicate distance
     (hash bits near the median flip under a one-pixel shift), while a thumbnail comparison is
-    stable; restricting it to neighbouring numbers keeps unrelated look-alikes apart.
+    stable; restricting it to neighbouring numbers keeps unrelated look-alikes apart. A series
+    is one label's files with one name pattern.
     """
-    series: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    series: dict[tuple[str, str, str], list[tuple[int, int]]] = defaultdict(list)
     for index, item in enumerate(scan.items):
         match = _NUMBERED.match(_relative(item.path, scan.root))
         if match and item.thumbnail:
-            series[(match.group(1), match.group(3))].append((int(match.group(2)), index))
+            series[(item.label, match.group(1), match.group(3))].append((int(match.group(2)), index))
     candidates = []
     for members in series.values():
         members.sort()
@@ -506,10 +800,11 @@ def _series_pairs(scan: DatasetScan, max_difference: float) -> np.ndarray:
                     candidates.append((min(i, j), max(i, j)))
     pairs = np.array(candidates, dtype=np.int64).reshape(-1, 2)
     if not len(pairs):
-        return pairs
+        return _Links.empty()
     thumbs = _normalised_thumbnails(scan.items)
     difference = np.abs(thumbs[pairs[:, 0]] - thumbs[pairs[:, 1]]).mean(axis=1)
-    return pairs[difference <= max_difference]
+    keep = difference <= max_difference
+    return _Links.of(pairs[keep], _scaled(difference[keep], max_difference), _SERIES_TIER)
 
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
@@ -551,61 +846,148 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+# A val/test image missing below a class's floor costs this many times a proportion error of one
+# image: with fewer than a handful of images of a class, its recall on that split is noise.
+_SHORTFALL_WEIGHT = 10.0
+
+
+def _penalty(images: np.ndarray, target: np.ndarray, floor: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Squared error of holding ``images`` instead of ``target``, plus the weighted squared
+    shortfall below ``floor``, both as shares of the class's ``total`` (broadcasting)."""
+    error = (images - target) / total
+    shortfall = np.maximum(floor - images, 0) / total
+    return error**2 + _SHORTFALL_WEIGHT * shortfall**2
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """What the grouped split aims at, per split and class, and how far off a split is."""
+
+    target: np.ndarray  # (3, C) images wanted per split and class
+    floor: np.ndarray  # (3, C) fewest wanted: min(min_eval_images, target) for val/test, 0 for train
+    slack: np.ndarray  # (C,) images a split may hold above or below its target: the tolerance, >= 1
+    low: np.ndarray  # (3, C) fewest accepted: target - slack, and not below the floor
+    high: np.ndarray  # (3, C) most accepted: target + slack
+    totals: np.ndarray  # (C,) images per class (at least 1)
+    closed: np.ndarray  # (3,) bool: splits with ratio 0 take no group
+
+    @staticmethod
+    def of(
+        class_sizes: np.ndarray, ratios: Sequence[float], min_eval_images: int, tolerance: float
+    ) -> _Targets:
+        totals = np.maximum(class_sizes, 1)
+        target = np.outer(ratios, totals)
+        floor = np.minimum(target, min_eval_images)
+        floor[0] = 0  # train holds most of every class anyway
+        slack = np.maximum(tolerance * totals, 1.0)  # never tighter than one image
+        closed = np.array([r <= 0 for r in ratios])
+        low, high = np.maximum(target - slack, floor), target + slack
+        low[closed], high[closed] = 0, 0
+        return _Targets(target, floor, slack, low, high, totals, closed)
+
+    def cost(self, rows: np.ndarray, s: int) -> np.ndarray:
+        """Cost of split ``s`` holding ``rows`` (..., C) images: :func:`_penalty` summed over classes."""
+        return _penalty(rows, self.target[s], self.floor[s], self.totals).sum(axis=-1)
+
+    def class_cost(self, c: int, held: Sequence[np.ndarray]) -> np.ndarray:
+        """Cost of class ``c`` alone, ``held[s]`` images of it in split s: summed over splits."""
+        return sum(
+            _penalty(images, self.target[s, c], self.floor[s, c], self.totals[c])
+            for s, images in enumerate(held)
+        )
+
+    def missed(self, current: np.ndarray) -> list[int]:
+        """Classes some split holds fewer than ``low`` or more than ``high`` images of."""
+        outside = (current < self.low - 1e-9) | (current > self.high + 1e-9)
+        return np.nonzero(outside[~self.closed].any(axis=0))[0].tolist()
+
+    def off_ratio(self, current: np.ndarray) -> list[int]:
+        """Classes some split holds more than ``slack`` images away from its target of."""
+        return np.nonzero((np.abs(current - self.target) > self.slack + 1e-9).any(axis=0))[0].tolist()
+
+
 def _assign_grouped(
-    group_of: np.ndarray, class_index: np.ndarray, n_classes: int, ratios: Sequence[float], seed: int
+    group_of: np.ndarray, class_index: np.ndarray, targets: _Targets, seed: int
 ) -> np.ndarray:
-    """Split index per group: largest groups first, each to the split that most lacks its classes."""
-    counts = np.zeros((group_of.max() + 1, n_classes))
+    """Split index per group: largest groups first, each to the split that most lacks its classes;
+    then local moves and swaps while they lower the cost; then an exact deal of the groups of any
+    class still outside its tolerance."""
+    counts = np.zeros((group_of.max() + 1, len(targets.totals)))
     np.add.at(counts, (group_of, class_index), 1)
-    totals = np.maximum(counts.sum(axis=0), 1)
-    target = np.outer(ratios, totals)  # (3, C) images wanted per split and class
-    closed = np.array([r <= 0 for r in ratios])
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(counts))  # seeded order among groups of equal size
     order = perm[np.argsort(-counts.sum(axis=1)[perm], kind="stable")]
-    current = np.zeros_like(target)
+    current = np.zeros_like(targets.target)
     split_of = np.empty(len(counts), dtype=np.int64)
     for g in order:
-        score = ((target - current) / totals) @ counts[g]
-        score[closed] = -np.inf
+        score = ((targets.target - current) / targets.totals) @ counts[g]
+        score[targets.closed] = -np.inf
         s = int(np.argmax(score))
         split_of[g] = s
         current[s] += counts[g]
-    _improve(split_of, counts, current, target, totals, closed, rng)
+    _improve(split_of, counts, current, targets, rng)
+    for c in targets.missed(current):
+        _deal_class(c, split_of, counts, current, targets, rng)
     return split_of
+
+
+def _deal_class(
+    c: int,
+    split_of: np.ndarray,
+    counts: np.ndarray,
+    current: np.ndarray,
+    targets: _Targets,
+    rng: np.random.Generator,
+) -> None:
+    """Re-deal the groups holding only class ``c`` to the cheapest (val, test) counts within its
+    tolerance, found exactly by :func:`_reachable`; single moves and swaps miss deals that need
+    one large group to change places with two small ones."""
+    own = rng.permutation(np.nonzero((counts[:, c] > 0) & (counts.sum(axis=1) == counts[:, c]))[0])
+    if not len(own):
+        return
+    sizes = counts[own, c].astype(np.int64)
+    fixed = current[:, c] - np.array([sizes[split_of[own] == s].sum() for s in range(3)])
+    top_val, top_test = (int(targets.high[s, c] - fixed[s]) for s in (1, 2))
+    if top_val < 0 or top_test < 0:
+        return
+    found = _reachable(sizes, top_val, top_test)
+    val, test = np.indices(found.reach.shape)
+    held = (fixed[0] + sizes.sum() - val - test, fixed[1] + val, fixed[2] + test)
+    cost = np.where(found.reach, targets.class_cost(c, held), np.inf)
+    v, t = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    if cost[v, t] >= targets.class_cost(c, current[:, c]) - 1e-12:
+        return
+    into_val, into_test = found.choice(int(v), int(t), sizes)
+    split_of[own] = 0
+    split_of[own[into_val]], split_of[own[into_test]] = 1, 2
+    current[:, c] = fixed + [sizes.sum() - v - t, v, t]
 
 
 def _improve(
     split_of: np.ndarray,
     counts: np.ndarray,
     current: np.ndarray,
-    target: np.ndarray,
-    totals: np.ndarray,
-    closed: np.ndarray,
+    targets: _Targets,
     rng: np.random.Generator,
     passes: int = 4,
 ) -> None:
-    """Move single groups between splits while that lowers the squared proportion error."""
-
-    def cost(row: np.ndarray, s: int) -> float:
-        return float((((row - target[s]) / totals) ** 2).sum())
-
+    """Move single groups between splits while that lowers the cost, then try swaps."""
     for _ in range(passes):
-        if np.abs(current - target).max() <= 1.0:
+        if np.abs(current - targets.target).max() <= 1.0:
             break  # every split/class count is within one image of its target: rounding level
         moved = False
         for g in rng.permutation(len(counts)):
             s = split_of[g]
-            for t in range(len(target)):
-                if t == s or closed[t]:
+            for t in range(len(targets.target)):
+                if t == s or targets.closed[t]:
                     continue
-                before = cost(current[s], s) + cost(current[t], t)
-                after = cost(current[s] - counts[g], s) + cost(current[t] + counts[g], t)
+                before = targets.cost(current[s], s) + targets.cost(current[t], t)
+                after = targets.cost(current[s] - counts[g], s) + targets.cost(current[t] + counts[g], t)
                 if after < before - 1e-12:
                     current[s] -= counts[g]
                     current[t] += counts[g]
                     split_of[g], s, moved = t, t, True
-        moved |= _swap_pass(split_of, counts, current, target, totals, closed, rng)
+        moved |= _swap_pass(split_of, counts, current, targets, rng)
         if not moved:
             break
 
@@ -614,26 +996,20 @@ def _swap_pass(
     split_of: np.ndarray,
     counts: np.ndarray,
     current: np.ndarray,
-    target: np.ndarray,
-    totals: np.ndarray,
-    closed: np.ndarray,
+    targets: _Targets,
     rng: np.random.Generator,
 ) -> bool:
-    """Exchange two groups of different splits when that lowers the error (vectorised over partners)."""
-
-    def cost(rows: np.ndarray, s: int) -> np.ndarray:
-        return (((rows - target[s]) / totals) ** 2).sum(axis=-1)
-
+    """Exchange two groups of different splits when that lowers the cost (vectorised over partners)."""
     swapped = False
     for g in rng.permutation(len(counts)):
         s = split_of[g]
-        for t in range(len(target)):
+        for t in range(len(targets.target)):
             partners = np.nonzero(split_of == t)[0]
-            if t == s or closed[t] or not len(partners):
+            if t == s or targets.closed[t] or not len(partners):
                 continue
-            before = cost(current[s], s) + cost(current[t], t)
+            before = targets.cost(current[s], s) + targets.cost(current[t], t)
             moved = counts[partners] - counts[g]  # (H, C) what s gains and t loses
-            after = cost(current[s] + moved, s) + cost(current[t] - moved, t)
+            after = targets.cost(current[s] + moved, s) + targets.cost(current[t] - moved, t)
             best = int(np.argmin(after))
             if after[best] < before - 1e-12:
                 h = partners[best]
@@ -664,14 +1040,29 @@ def make_splits(
     group_pattern: str | None = None,
     near_dup_distance: int | None = DEFAULT_NEAR_DUP_DISTANCE,
     series_distance: float | None = DEFAULT_SERIES_DISTANCE,
+    max_group_share: float | None = DEFAULT_MAX_GROUP_SHARE,
+    proportion_tolerance: float = DEFAULT_PROPORTION_TOLERANCE,
+    min_eval_images: int = DEFAULT_MIN_EVAL_IMAGES,
 ) -> SplitResult:
     """Stratified train/val/test split of ``scan``; deterministic for ``seed``.
 
     ``grouped`` (default): duplicate, near-duplicate and pattern groups never cross splits.
+    Near-duplicate and series groups are cut at their weakest links where they hold more than
+    ``max_group_share`` of the images (None: no limit) or are too coarse to split every class
+    within ``proportion_tolerance``. Validation and test aim at ``min_eval_images`` of every
+    class. The audit's ``warnings`` say where a goal was missed.
     ``random``: every image on its own, which leaks; it exists to show that, and says so.
     """
     config = SplitConfig(
-        tuple(float(r) for r in ratios), seed, mode, group_pattern, near_dup_distance, series_distance
+        ratios=tuple(float(r) for r in ratios),
+        seed=seed,
+        mode=mode,
+        group_pattern=group_pattern,
+        near_dup_distance=near_dup_distance,
+        series_distance=series_distance,
+        max_group_share=max_group_share,
+        proportion_tolerance=proportion_tolerance,
+        min_eval_images=min_eval_images,
     )
     if not scan.items:
         raise InputError(f"no usable images in {scan.root} to split")
@@ -684,9 +1075,7 @@ def make_splits(
         )
         split_of = _assign_random(class_index, len(scan.class_names), config.ratios, config.seed)
     else:
-        per_group = _assign_grouped(
-            grouping.group_of, class_index, len(scan.class_names), config.ratios, config.seed
-        )
+        per_group = _assign_grouped(grouping.group_of, class_index, grouping.targets, config.seed)
         split_of = per_group[grouping.group_of]
     rows = [
         SplitRow(item.path, item.label, SPLITS[s], grouping.names[g], item.sha256)
@@ -701,7 +1090,8 @@ def make_splits(
 def leakage_audit(
     scan: DatasetScan, rows: list[SplitRow], grouping: _Grouping, config: SplitConfig
 ) -> dict[str, Any]:
-    """Counts per split and class, the groups found, and every val/test image with a twin in train."""
+    """Counts per split and class, the groups found and cut, every val/test image with a twin in
+    train, and ``warnings``: each goal of the split that was missed, in words."""
     split_index = np.array([SPLITS.index(row.split) for row in rows])
     counts = {s: {c: 0 for c in scan.class_names} for s in SPLITS}
     for row in rows:
@@ -740,7 +1130,7 @@ def leakage_audit(
         for k, s in enumerate(SPLITS)
         if s != "train"
     }
-    return {
+    audit = {
         "mode": config.mode,
         "seed": config.seed,
         "ratios": list(config.ratios),
@@ -758,6 +1148,7 @@ def leakage_audit(
             "total": len(group_sizes),
             "with_several_images": sum(1 for n in group_sizes.values() if n > 1),
             "largest": max(group_sizes.values()),
+            "largest_share": round(max(group_sizes.values()) / len(rows), 4),
             "crossing_splits": sum(1 for s in splits_per_group.values() if len(s) > 1),
             "with_mixed_labels": sum(1 for labels in labels_per_group.values() if len(labels) > 1),
         },
@@ -770,11 +1161,77 @@ def leakage_audit(
         },
         "near_twin_means": "a perceptual-hash near duplicate, or a neighbouring file number that looks alike",
         "pattern_groups": grouping.pattern_groups,
+        "group_cuts": {
+            "max_group_share": config.max_group_share,
+            "bound_images": grouping.bound,
+            "proportion_tolerance": config.proportion_tolerance,
+            "links_cut": grouping.links_cut,
+            "groups_cut": grouping.groups_cut,
+        },
+        "min_eval_images": config.min_eval_images,
         "leak": leak,
         "leaked_images": sum(v["exact_twin_in_train"] + v["near_twin_in_train"] for v in leak.values()),
         "label_conflicts": {"files": len(conflicts), "paths": [str(p.path) for p in conflicts]},
         "scan_problems": [{"path": str(p.path), "reason": p.reason} for p in scan.problems],
     }
+    oversized = {
+        grouping.names[g]: (n, len({rows[i].sha256 for i in np.nonzero(grouping.group_of == g)[0]}) == 1)
+        for g, n in group_sizes.items()
+        if grouping.bound is not None and n > grouping.bound
+    }
+    held = np.array([[counts[s][c] for c in scan.class_names] for s in SPLITS])
+    off_ratio = [scan.class_names[c] for c in grouping.targets.off_ratio(held)]
+    audit["warnings"] = _audit_warnings(audit, off_ratio, oversized, config)
+    return audit
+
+
+def _audit_warnings(
+    audit: dict[str, Any], off_ratio: list[str], oversized: dict[str, tuple[int, bool]], config: SplitConfig
+) -> list[str]:
+    """The goals of the split it missed: leaks, small val/test classes, proportions, large groups.
+
+    ``off_ratio``: classes whose split shares miss the ratios by more than the tolerance (or one
+    image). ``oversized``: group name -> (images, whether they are all byte-identical) for groups
+    above the bound, which only an exact-duplicate set or a --group-pattern key can be.
+    """
+    warnings = []
+    if audit["leaked_images"] and config.mode == "random":
+        warnings.append(
+            f"{audit['leaked_images']} validation/test images have a twin in train: their scores will be "
+            "inflated (use --split-mode grouped)"
+        )
+    elif audit["leaked_images"]:  # grouped: exact copies never cross, so only cut links can
+        warnings.append(
+            f"{audit['leaked_images']} validation/test images have a near twin in train across a link cut "
+            "to keep groups within bounds (a look-alike neighbour, possibly of the same patient)"
+        )
+    for name in audit["class_names"]:
+        total = sum(audit["counts"][s][name] for s in SPLITS)
+        for s, ratio in zip(SPLITS[1:], config.ratios[1:], strict=True):
+            held = audit["counts"][s][name]
+            if ratio > 0 and held < config.min_eval_images:
+                why = (
+                    f"the class has only {total}"
+                    if ratio * total < config.min_eval_images
+                    else "its groups could not be dealt finer"
+                )
+                warnings.append(
+                    f"{s} holds {held} {name} image(s), fewer than --min-eval-images {config.min_eval_images} "
+                    f"({why}); its {name} scores rest on very few images"
+                )
+    if config.mode == "grouped" and off_ratio:
+        warnings.append(
+            f"{', '.join(off_ratio)}: split shares off the ratios by more than --proportion-tolerance "
+            f"{config.proportion_tolerance} (or one image), up to {audit['max_proportion_error']:.1%} "
+            "(see proportions): groups too large to deal finer"
+        )
+    for group, (images, identical) in oversized.items():
+        why = "byte-identical copies" if identical else "files sharing a --group-pattern key"
+        warnings.append(
+            f"group {group} holds {images} images ({images / audit['n_images']:.1%}), above the "
+            f"{audit['group_cuts']['bound_images']}-image bound (--max-group-share): {why}, kept whole"
+        )
+    return warnings
 
 
 # ----------------------------------------------------------------------------- splits.csv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kidney_edge.dataset import (
+    DatasetScan,
+    ScannedImage,
     audit_path,
     data_fingerprint,
     make_splits,
@@ -102,6 +105,7 @@ def test_random_mode_reports_the_leak_it_makes(scan400, caplog: pytest.LogCaptur
     assert audit["mode"] == "random"
     assert audit["groups"]["crossing_splits"] > 10
     assert audit["leaked_images"] > 0.2 * (audit["leak"]["val"]["images"] + audit["leak"]["test"]["images"])
+    assert any("inflated" in warning for warning in audit["warnings"])
     # Counted independently: val/test images whose exact bytes are in train.
     train = {r.sha256 for r in result.rows if r.split == "train"}
     exact = sum(r.split != "train" and r.sha256 in train for r in result.rows)
@@ -138,11 +142,183 @@ def test_group_pattern_keeps_matching_files_together(scan400) -> None:
         ({"ratios": (0.5, 0.1)}, "--ratios"),
         ({"mode": "shuffle"}, "--split-mode"),
         ({"near_dup_distance": 999}, "--near-dup"),
+        ({"max_group_share": 0.0}, "--max-group-share"),
+        ({"proportion_tolerance": 0.0}, "--proportion-tolerance"),
+        ({"min_eval_images": -1}, "--min-eval-images"),
     ],
 )
 def test_bad_split_options_name_the_flag(scan400, options: dict, flag: str) -> None:
     with pytest.raises(InputError, match=flag):
         make_splits(scan400, **options)
+
+
+# ----------------------------------------------------------------------------- look-alike chains
+#
+# Synthetic scans, no image files: each "patient" is a run of consecutively numbered slices
+# whose perceptual hashes (or thumbnails) differ a little, and neighbouring patients differ more
+# but still within the link thresholds, so single linkage chains a whole class into one group.
+
+
+# Options that leave plain single linkage: no group is ever cut.
+_NO_CUTS = {"max_group_share": None, "proportion_tolerance": 1.0, "min_eval_images": 0}
+
+
+def _scanned(
+    root: Path, label: str, number: int, hash_bits: np.ndarray, thumbnail: bytes = b""
+) -> ScannedImage:
+    path = root / label / f"{label}- ({number}).jpg"
+    return ScannedImage(path, label, f"{label}-{number}", np.packbits(hash_bits).tobytes(), thumbnail)
+
+
+def _hash_chain(root: Path, label: str, patient_sizes: list[int], rng: np.random.Generator):
+    """Items and their patient ids: each patient 12 fresh hash bits from the previous one (linked
+    at <= 32 bits, so the class chains), its slices 1 bit apart (the strongest links)."""
+    base = rng.integers(0, 2, 256).astype(bool)
+    items, patients = [], []
+    for p, n_slices in enumerate(patient_sizes):
+        base = base ^ np.isin(np.arange(256), rng.choice(256, 12, replace=False))
+        slice_bits = rng.choice(256, n_slices, replace=False)
+        for s in range(n_slices):
+            bits = base ^ np.isin(np.arange(256), slice_bits[:s])
+            items.append(_scanned(root, label, len(items) + 1, bits))
+            patients.append(f"{label}{p}")
+    return items, patients
+
+
+def _scan_of(root: Path, items: list) -> DatasetScan:
+    return DatasetScan(root, tuple(sorted({item.label for item in items})), items, [])
+
+
+def _group_members(result) -> dict[str, list[int]]:
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(result.rows):
+        members[row.group].append(index)
+    return members
+
+
+def test_look_alike_hash_chain_is_cut_between_patients_and_copies_stay_together(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    items, patients = _hash_chain(tmp_path, "Cyst", [4] * 24, rng)
+    copied = items[-1]  # eight byte-identical copies of the last slice: one atom of 9 files
+    items += [
+        dataclasses.replace(copied, path=copied.path.with_name(f"Cyst- ({200 + k}).jpg")) for k in range(8)
+    ]
+    patients += [patients[-1]] * 8
+    scan = _scan_of(tmp_path, items)  # 104 images: the 5% bound is 5
+
+    chained = make_splits(scan, series_distance=None, **_NO_CUTS)
+    assert chained.audit["groups"]["total"] == 1  # single linkage alone: one group of all 24 patients
+
+    result = make_splits(scan, series_distance=None)
+    audit = result.audit
+    assert audit["group_cuts"]["bound_images"] == 5 and audit["group_cuts"]["groups_cut"] == 1
+    groups = _group_members(result)
+    copies = {i for i, item in enumerate(items) if item.sha256 == copied.sha256}
+    assert len(copies) == 9 and any(set(m) == copies for m in groups.values())  # copies never divided
+    assert len({result.rows[i].split for i in copies}) == 1
+    # Above the bound only the copies, kept whole: even from the other slices of their patient.
+    assert sorted(len(m) for m in groups.values())[-2:] == [4, 9] and audit["groups"]["largest"] == 9
+    # The weakest links are between patients, so every other patient stays in one group.
+    group_of = {i: g for g, m in groups.items() for i in m}
+    for patient in set(patients[:-12]):
+        assert len({group_of[i] for i, p in enumerate(patients) if p == patient}) == 1, patient
+    assert any("byte-identical" in w and "above the 5-image bound" in w for w in audit["warnings"])
+
+
+def _thumbnail_chain(root: Path, labels: list[str], patient_sizes: list[int], rng: np.random.Generator):
+    """One numbered series whose patients alternate between ``labels`` (as a labels file can
+    relabel files of one folder): slices of a patient differ by a little noise, neighbouring
+    patients by a drift that keeps their thumbnails within the series distance."""
+    smooth = rng.normal(0, 1, (4, 4)).repeat(4, axis=0).repeat(4, axis=1).ravel()
+    items, patients, number = [], [], 0
+    for p, n_slices in enumerate(patient_sizes):
+        smooth = smooth + rng.normal(0, 0.08, 256)  # neighbours 0.09-0.12 apart, slices 0.02
+        label = labels[p % len(labels)]
+        for _ in range(n_slices):
+            number += 1
+            pixels = np.clip(128 + 40 * (smooth + rng.normal(0, 0.01, 256)), 0, 255).astype(np.uint8)
+            item = _scanned(root, label, number, rng.integers(0, 2, 256).astype(bool), pixels.tobytes())
+            items.append(dataclasses.replace(item, path=root / "All" / f"All- ({number}).jpg"))
+            patients.append(f"P{p}")
+    return items, patients
+
+
+def test_series_links_join_one_label_and_a_series_chain_is_cut_between_patients(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    items, patients = _thumbnail_chain(tmp_path, ["Normal"], [4] * 25, rng)
+    scan = _scan_of(tmp_path, items)  # 100 images, one series: the bound is 5
+    chained = make_splits(scan, near_dup_distance=None, **_NO_CUTS)
+    assert chained.audit["groups"]["total"] == 1 and chained.audit["near_duplicates"]["series_pairs"] > 100
+    result = make_splits(scan, near_dup_distance=None)
+    groups = _group_members(result)
+    assert max(len(m) for m in groups.values()) <= 5
+    group_of = {i: g for g, m in groups.items() for i in m}
+    for patient in set(patients):
+        assert len({group_of[i] for i, p in enumerate(patients) if p == patient}) == 1, patient
+
+    mixed, _ = _thumbnail_chain(tmp_path, ["Cyst", "Tumor"], [4] * 10, rng)
+    audit = make_splits(_scan_of(tmp_path, mixed), near_dup_distance=None, **_NO_CUTS).audit
+    # Every neighbouring patient carries the other label: no chain, each patient alone.
+    assert audit["groups"]["with_mixed_labels"] == 0 and audit["groups"]["total"] == 10
+
+
+def test_proportions_hold_on_400_look_alike_images_without_splitting_patients(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    items, patients = [], []
+    for label, count in {"Normal": 163, "Cyst": 119, "Tumor": 73, "Stone": 45}.items():
+        sizes = []
+        while sum(sizes) < count:
+            sizes.append(int(min(rng.integers(3, 8), count - sum(sizes))))
+        class_items, class_patients = _hash_chain(tmp_path, label, sizes, rng)
+        items += class_items
+        patients += class_patients
+    scan = _scan_of(tmp_path, items)
+    chained = make_splits(scan, series_distance=None, **_NO_CUTS)
+    assert chained.audit["groups"]["largest"] == 163  # a whole class in one group: no stratified split
+
+    result = make_splits(scan, series_distance=None)
+    audit = result.audit
+    assert audit["groups"]["largest"] <= 20  # 5% of 400
+    assert [w for w in audit["warnings"] if "twin in train" not in w] == []  # look-alikes across cut links
+    for label in scan.class_names:
+        members = [r for r in result.rows if r.label == label]
+        for split, target in zip(("train", "val", "test"), (0.7, 0.15, 0.15), strict=True):
+            held = sum(r.split == split for r in members)
+            assert abs(held / len(members) - target) <= 0.05, (label, split, held)
+            assert split == "train" or held >= 5
+    splits_of_patient: dict[str, set[str]] = defaultdict(set)
+    for patient, row in zip(patients, result.rows, strict=True):
+        splits_of_patient[patient].add(row.split)
+    assert [p for p, splits in splits_of_patient.items() if len(splits) > 1] == []
+
+
+def test_groups_that_moves_and_swaps_cannot_balance_are_dealt_exactly(tmp_path: Path) -> None:
+    # Six sets of byte-identical copies: single moves and pairwise swaps stop at 41/9/7, short of
+    # test's 8.55 - 1.14 images; only moving two groups at once reaches 39/9/9.
+    rng = np.random.default_rng(4)
+    items = []
+    for copies in (17, 15, 9, 7, 5, 4):
+        original = _scanned(tmp_path, "Stone", len(items) + 1, rng.integers(0, 2, 256).astype(bool))
+        items += [
+            dataclasses.replace(original, path=original.path.with_name(f"Stone- ({len(items) + k}).jpg"))
+            for k in range(1, copies + 1)
+        ]
+    counts = make_splits(_scan_of(tmp_path, items), max_group_share=None).audit["counts"]
+    assert [counts[s]["Stone"] for s in ("train", "val", "test")] == [39, 9, 9]
+
+
+def test_val_and_test_short_of_a_small_class_are_warned_about(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    items = []
+    for label, count in {"Normal": 60, "Stone": 12}.items():
+        for k in range(count):
+            items.append(_scanned(tmp_path, label, 10 * k, rng.integers(0, 2, 256).astype(bool)))
+    result = make_splits(_scan_of(tmp_path, items))
+    counts = result.audit["counts"]
+    assert counts["val"]["Normal"] >= 5 and counts["test"]["Normal"] >= 5
+    warned = [w for w in result.audit["warnings"] if "--min-eval-images 5" in w]
+    assert len(warned) == 2 and all("Stone" in w and "only 12" in w for w in warned)
+    assert make_splits(_scan_of(tmp_path, items), min_eval_images=1).audit["warnings"] == []
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -286,6 +462,8 @@ def test_cli_split_prints_the_audit(tmp_path: Path, phantom_dir: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "leakage audit" in result.output and "train" in result.output
+    # 120 images hold 13 Stones: fewer than 5 in val and test, and the audit's warnings say so.
+    assert "warning:" in result.output and "--min-eval-images 5" in result.output
     assert (tmp_path / "splits_audit.json").is_file()
     missing = runner.invoke(app, ["split", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
