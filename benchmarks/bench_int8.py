@@ -59,10 +59,10 @@ def log(message: str) -> None:
 
 
 def export_fp32(run: Path, work: Path) -> dict[str, Any]:
-    from kidney_edge.export import export_model
+    from kidney_edge.export import ExportConfig, export_model
 
     started = time.perf_counter()
-    result = export_model(run, work, int8=False)
+    result = export_model(run, work, ExportConfig(int8=False))
     return {"seconds": round(time.perf_counter() - started, 1), **result.parity}
 
 
@@ -107,8 +107,8 @@ def time_models(models: dict[str, Path], batch_sizes: list[int], threads: list[i
 def _time_models(models: dict[str, Path], batch_sizes: list[int], threads: int, rounds: int,
                  iterations: int) -> list[dict[str, Any]]:  # fmt: skip
     """Interleaved rounds: every model runs `iterations` batches per round, round after round."""
-    from kidney_edge.bench import latency_stats, time_callable
     from kidney_edge.runtime import OnnxClassifier
+    from kidney_edge.runtime.benchmark import latency_stats, time_callable
 
     classifiers = {name: OnnxClassifier(path, threads=threads) for name, path in models.items()}
     rows = []
@@ -143,8 +143,7 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     args = parse_args()
-    from kidney_edge.bench import machine_info
-    from kidney_edge.quantize import cpu_isa
+    from kidney_edge.runtime import cpu_isa, machine_info
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # PyTorch only runs the export's parity check here
     names = [n for n in args.variants.split(",") if n]

@@ -3,7 +3,7 @@
     python benchmarks/bench_runtime.py [--model export/RUN/model.onnx] [--images DIR]
 
 Measures, in one run and with the same thread count:
-- model-only latency/throughput (``kidney_edge.bench.run_benchmark``): batch 1 and 8, fp32 and
+- model-only latency/throughput (``kidney_edge.runtime.run_benchmark``): batch 1 and 8, fp32 and
   INT8 side by side when ``model.int8.onnx`` sits beside ``model.onnx``;
 - end-to-end ``kidney-edge predict`` on 2,000 phantom 512 px JPEGs, timed as a whole process
   (start-up included) -> images/s and its ratio to model-only fp32 at batch 8 (target >= 0.7);
@@ -30,9 +30,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kidney_edge.bench import machine_info, run_benchmark  # noqa: E402
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from kidney_edge.runtime import available_cpus, find_default_model, scan_images  # noqa: E402
+from kidney_edge.runtime import (  # noqa: E402
+    available_cpus,
+    find_default_model,
+    machine_info,
+    run_benchmark,
+    scan_images,
+)
 
 TARGET_RATIO, TARGET_RSS_MB, TARGET_STARTUP_S = 0.7, 400.0, 1.0
 

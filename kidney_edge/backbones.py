@@ -94,9 +94,6 @@ class KidneyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.classifier = nn.Linear(self.num_features, num_classes)
-
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The new task head: the final linear classifier."""
         return self.classifier.parameters()
@@ -297,6 +294,11 @@ _REGISTRY: dict[str, _Backbone] = {}
 
 
 def register_backbone(name: str, backbone: _Backbone) -> None:
+    """Make ``name`` buildable by :func:`create_model`; KidneyEdgeError if it is taken.
+
+    The built-in names are also listed, torch-free, in ``training.config.ARCHS`` (the CLI's
+    ``--arch`` choices); tests/test_backbones.py checks that the two agree.
+    """
     if name in _REGISTRY:
         raise KidneyEdgeError(f"backbone {name!r} is already registered")
     _REGISTRY[name] = backbone
@@ -311,6 +313,7 @@ register_backbone(
 
 
 def available_archs() -> tuple[str, ...]:
+    """Registered backbone names, built-ins (:data:`~kidney_edge.training.config.ARCHS`) first."""
     return tuple(_REGISTRY)
 
 

@@ -28,19 +28,25 @@ CHECKPOINT_FORMAT_VERSION = 1
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
-def _assert_plain(value: Any, where: str = "checkpoint") -> None:
-    """Internal invariant: only what ``weights_only=True`` loads without an allow-list."""
+def _check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Only what ``weights_only=True`` loads without an allow-list; InputError naming the first other value.
+
+    ``config`` and ``extra`` come from the caller, so this is input validation, not an invariant.
+    """
     if isinstance(value, dict):
         for key, item in value.items():
-            assert type(key) in (str, int), f"{where}: key {key!r} is not str/int"
-            _assert_plain(item, f"{where}.{key}")
+            if type(key) not in (str, int):
+                raise InputError(f"{where}: key {key!r} is not str/int; checkpoints hold plain data only")
+            _check_plain(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _assert_plain(item, f"{where}[{index}]")
-    else:
-        # Exact types: a str subclass such as torch.__version__ would need an allow-list to load.
-        plain = type(value) in _PLAIN_SCALARS or isinstance(value, torch.Tensor)
-        assert plain, f"{where}: {type(value).__name__} is not plain data"
+            _check_plain(item, f"{where}[{index}]")
+    # Exact types: a str subclass such as torch.__version__ would need an allow-list to load.
+    elif type(value) not in _PLAIN_SCALARS and not isinstance(value, torch.Tensor):
+        raise InputError(
+            f"{where}: {type(value).__name__} is not plain data (str, int, float, bool, None, "
+            "tensors, lists and dicts of them); convert it, e.g. str(path)"
+        )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -49,7 +55,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _write(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    _assert_plain(payload)
+    _check_plain(payload)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -116,3 +122,22 @@ def update_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
     payload = load_checkpoint(path)
     payload["spec"] = spec.to_dict()
     _write(path, payload)
+
+
+def describe_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``kidney-edge info`` shows of a checkpoint: format, spec and its rule, size, progress."""
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("model_state", {})
+    spec = checkpoint.get("spec")
+    rule = ModelSpec.from_dict(spec).decision_rule.describe() if spec else None
+    return {
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "format_version": checkpoint.get("format_version"),
+        "decision_rule": rule,
+        "spec": spec,
+        "parameters": int(sum(int(t.numel()) for t in state.values())),
+        "epoch": checkpoint.get("epoch"),
+        "phase": checkpoint.get("phase"),
+    }

@@ -1,8 +1,10 @@
-"""Evaluate a checkpoint or an exported ONNX file on labelled images; finish a training run.
+"""Evaluate a checkpoint or an exported ONNX file on labelled images.
 
 Evaluating the exact artifact that ships is the point, so both paths share everything after
 the logits: the same metrics, predictions.csv, report and model card. Probabilities are always
 ``spec.probabilities(logits)`` (the spec's temperature), labels ``spec.decide`` (its rule).
+The end of a training run (:mod:`kidney_edge.training.finalize`) evaluates through
+:func:`evaluate_files` too.
 
 Outputs in ``out_dir``: metrics.json, predictions.csv, report.html (+ PNGs), report.md,
 model_card.md.
@@ -20,14 +22,16 @@ from typing import Any
 import numpy as np
 
 from kidney_edge import metrics as M
-from kidney_edge.errors import InputError, KidneyEdgeError
+from kidney_edge.dataset import SPLITS, audit_path, read_splits, scan_dataset
+from kidney_edge.errors import EmptySplitError, InputError
+from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-SPLITS = ("train", "val", "test")
 N_BOOTSTRAP = 1000
 
 
@@ -73,18 +77,16 @@ class EvaluationResult:
 # --------------------------------------------------------------------------- models
 
 
-class _Predictor:
+class Predictor:
     """A loaded checkpoint (PyTorch) or ONNX file that turns image files into logits."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise InputError(f"model {self.path} does not exist (pass a checkpoint .pt or a .onnx file)")
         self.torch_model: Any = None
-        self.onnx: Any = None
+        self.onnx: OnnxClassifier | None = None
         if self.path.suffix.lower() == ".onnx":
-            from kidney_edge.runtime import OnnxClassifier
-
             self.onnx = OnnxClassifier(self.path)
             self.spec: ModelSpec = self.onnx.spec
         else:
@@ -93,35 +95,31 @@ class _Predictor:
             self.torch_model, self.spec = load_model(self.path)
 
     def logits(
-        self, paths: Sequence[Path], batch_size: int = 32, progress: Progress | None = None
+        self,
+        paths: Sequence[Path],
+        batch_size: int = EvaluateConfig.batch_size,
+        progress: Progress | None = None,
     ) -> np.ndarray:
         """(N, C) float32 logits, read and preprocessed in batches by the one shared preprocess."""
-        from kidney_edge.imaging import preprocess_batch
+        if self.onnx is not None:
+            return self.onnx.predict_files(paths, batch_size, progress=progress)[0]
+        import torch
 
-        chunks = []
-        for start in range(0, len(paths), batch_size):
-            batch = preprocess_batch(paths[start : start + batch_size], self.spec)  # (B, 3, S, S)
-            chunks.append(self._run(batch))
-            if progress is not None:
-                progress(min(start + batch_size, len(paths)), len(paths))
+        def run(batch: np.ndarray) -> np.ndarray:  # (B, 3, S, S) float32 -> (B, C)
+            with torch.inference_mode():
+                return self.torch_model(torch.from_numpy(batch)).numpy()
+
+        chunks = map_batches(paths, self.spec, batch_size, run, progress)
         if not chunks:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         return np.concatenate(chunks).astype(np.float32)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self.onnx is not None:
-            return self.onnx.run(batch)[0]
-        import torch
-
-        with torch.inference_mode():
-            return self.torch_model(torch.from_numpy(batch)).numpy()
-
 
 def predict_files(
-    model_path: str | Path, paths: Sequence[str | Path], *, batch_size: int = 32
+    model_path: str | Path, paths: Sequence[str | Path], *, batch_size: int = EvaluateConfig.batch_size
 ) -> tuple[np.ndarray, ModelSpec]:
     """(N, C) logits of a checkpoint or ONNX model for image files, and the model's spec."""
-    predictor = _Predictor(Path(model_path))
+    predictor = Predictor(Path(model_path))
     return predictor.logits([Path(p) for p in paths], batch_size), predictor.spec
 
 
@@ -151,8 +149,6 @@ def load_labelled(data: Path, split: str, *, class_names: Sequence[str]) -> Labe
 
 
 def _from_folder(root: Path) -> LabelledFiles:
-    from kidney_edge.dataset import scan_dataset
-
     scan = scan_dataset(root)
     for problem in scan.problems[:20]:
         log.warning("skipping %s: %s", problem.path, problem.reason)
@@ -169,21 +165,18 @@ def _from_folder(root: Path) -> LabelledFiles:
 
 
 def _from_splits(csv_path: Path, split: str) -> LabelledFiles:
-    from kidney_edge.dataset import read_splits
-
     rows = read_splits(csv_path)  # InputError naming any missing files
     chosen = [row for row in rows if row.split == split]
     if not chosen:
         counts = {name: sum(row.split == name for row in rows) for name in SPLITS}
-        raise InputError(
+        raise EmptySplitError(
             f"split {split!r} of {csv_path} is empty (rows per split: {counts}); choose another --split"
         )
-    audit_path = csv_path.with_name(f"{csv_path.stem}_audit.json")
     return LabelledFiles(
         paths=[Path(row.path) for row in chosen],
         labels=[row.label for row in chosen],
         description=f"{csv_path}",
-        audit=_read_json(audit_path),
+        audit=_read_json(audit_path(csv_path)),
         phantom=_looks_like_phantom([Path(row.path) for row in chosen]),
     )
 
@@ -224,10 +217,10 @@ def evaluate(
     model_path: str | Path,
     data: str | Path,
     *,
-    split: str = "test",
+    split: str = EvaluateConfig.split,
     out_dir: str | Path,
     tumor_recall: float | None = None,
-    batch_size: int = 32,
+    batch_size: int = EvaluateConfig.batch_size,
     progress: Progress | None = None,
 ) -> EvaluationResult:
     """Evaluate a checkpoint or ONNX file on a folder or one split of a splits.csv.
@@ -249,7 +242,7 @@ def evaluate(
 
 def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> EvaluationResult:
     """:func:`evaluate` for a ready config (what the CLI calls)."""
-    predictor = _Predictor(config.model_path)
+    predictor = Predictor(config.model_path)
     files = load_labelled(config.data, config.split, class_names=predictor.spec.class_names)
     notes: list[str] = []
     split = config.split
@@ -263,7 +256,7 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
         rule = _rule_from_val(predictor, config, notes)
         predictor.spec = predictor.spec.replace(decision_rule=rule or DecisionRule())
     history = config.model_path.parent / "history.csv"
-    return _evaluate_files(
+    return evaluate_files(
         predictor,
         files,
         config.out_dir,
@@ -275,7 +268,7 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
     )
 
 
-def _rule_from_val(predictor: _Predictor, config: EvaluateConfig, notes: list[str]) -> DecisionRule | None:
+def _rule_from_val(predictor: Predictor, config: EvaluateConfig, notes: list[str]) -> DecisionRule | None:
     if config.data.suffix.lower() != ".csv":
         raise InputError(
             "--tumor-recall chooses a threshold on the validation split: pass DATA as a splits.csv "
@@ -285,7 +278,7 @@ def _rule_from_val(predictor: _Predictor, config: EvaluateConfig, notes: list[st
     logits = predictor.logits(val.paths, config.batch_size)
     rule = M.tumor_decision_rule(
         predictor.spec.probabilities(logits),
-        _indices(val.labels, predictor.spec.class_names),
+        class_indices(val.labels, predictor.spec.class_names),
         predictor.spec.class_names,
         positive_class=predictor.spec.positive_class,
         target_recall=config.tumor_recall,
@@ -300,18 +293,19 @@ def _rule_from_val(predictor: _Predictor, config: EvaluateConfig, notes: list[st
     return rule
 
 
-def _indices(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+def class_indices(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    """Class names -> (N,) int64 indices into ``class_names`` (the spec's order)."""
     lookup = {name: index for index, name in enumerate(class_names)}
     return np.array([lookup[label] for label in labels], dtype=np.int64)
 
 
-def _evaluate_files(
-    predictor: _Predictor,
+def evaluate_files(
+    predictor: Predictor,
     files: LabelledFiles,
     out_dir: Path,
     *,
     split: str,
-    batch_size: int = 32,
+    batch_size: int = EvaluateConfig.batch_size,
     history_csv: Path | None = None,
     notes: Sequence[str] = (),
     extra: dict[str, Any] | None = None,
@@ -322,7 +316,7 @@ def _evaluate_files(
 
     spec = predictor.spec
     logits = predictor.logits(files.paths, batch_size, progress)  # (N, C)
-    y_true = _indices(files.labels, spec.class_names)
+    y_true = class_indices(files.labels, spec.class_names)
     probabilities = spec.probabilities(logits)  # (N, C) calibrated with the spec's temperature
     decided = spec.decide(probabilities)
     metrics = build_metrics(logits, y_true, spec)
@@ -391,7 +385,7 @@ def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> di
         "argmax": argmax,
         "rule": rule,
         "temperature": spec.temperature,
-        "decision_rule": _rule_dict(spec.decision_rule),
+        "decision_rule": rule_record(spec.decision_rule),
         "calibration": {
             "temperature": spec.temperature,
             "ece_before": M.expected_calibration_error(uncalibrated, y_true),
@@ -404,7 +398,8 @@ def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> di
     }
 
 
-def _rule_dict(rule: DecisionRule) -> dict[str, Any]:
+def rule_record(rule: DecisionRule) -> dict[str, Any]:
+    """The rule's fields plus its ``description`` in words, as metrics.json records it."""
     return {
         "kind": rule.kind,
         "positive_class": rule.positive_class,
@@ -421,30 +416,25 @@ def write_predictions(
     probabilities: np.ndarray,
     spec: ModelSpec,
 ) -> None:
-    """predictions.csv: ``path``, ``true_label``, then predict's columns (:func:`runtime.output_columns`).
+    """predictions.csv: predict's schema, labelled (:func:`kidney_edge.runtime.output_columns`).
 
     ``label`` is the spec's rule and ``argmax_label`` the most probable class: metrics.json's
     ``rule`` and ``argmax`` blocks are recomputed exactly from them.
     """
-    from kidney_edge.runtime import csv_text, output_columns, prediction_rows
-
-    columns = ["path", "true_label", *output_columns(spec.class_names)[1:-1]]  # no error column
-    rows = prediction_rows([str(p) for p in files.paths], probabilities, spec)
-    for row, true_label in zip(rows, files.labels, strict=True):
-        row["true_label"] = true_label
-        del row["error"]  # every evaluated file was read, or evaluation stopped with its name
-    atomic_write_text(path, ",".join(columns) + "\n" + csv_text(rows, columns))
+    columns = output_columns(spec.class_names, labelled=True)
+    rows = prediction_rows([str(p) for p in files.paths], probabilities, spec, true_labels=files.labels)
+    atomic_write_text(path, format_predictions(rows, columns, header=True))
 
 
 def _error_gallery(
-    predictor: _Predictor, files: LabelledFiles, probabilities: np.ndarray, decided: np.ndarray
+    predictor: Predictor, files: LabelledFiles, probabilities: np.ndarray, decided: np.ndarray
 ) -> tuple[list[Any], str]:
     """Most confident errors first, with Grad-CAM overlays when the model is a checkpoint."""
     from kidney_edge.imaging import preprocess_batch, resized_image
     from kidney_edge.report import GALLERY_LIMIT, GalleryItem
 
     spec = predictor.spec
-    y_true = _indices(files.labels, spec.class_names)
+    y_true = class_indices(files.labels, spec.class_names)
     wrong = np.flatnonzero(decided != y_true)
     if len(wrong) == 0:
         return [], ""
@@ -481,88 +471,3 @@ def _error_gallery(
             )
         )
     return items, note
-
-
-# --------------------------------------------------------------------------- end of a training run
-
-
-def finalize_run(
-    run_dir: str | Path,
-    *,
-    tumor_recall: float | None = 0.98,
-    batch_size: int = 32,
-    warnings: Sequence[str] = (),
-) -> EvaluationResult:
-    """Calibrate on val, choose the tumor threshold on val, store both, then evaluate test.
-
-    The temperature and rule go into the spec of ``best.pt`` and ``spec.json``; metrics.json,
-    predictions.csv, the report and the model card are written into ``run_dir``. ``warnings``
-    about the training run go into metrics.json and the report.
-    """
-    run_dir = Path(run_dir)
-    checkpoint, splits = run_dir / "best.pt", run_dir / "splits.csv"
-    for required in (checkpoint, splits):
-        if not required.is_file():
-            raise KidneyEdgeError(f"cannot finish run {run_dir}: {required.name} is missing")
-    predictor = _Predictor(checkpoint)
-    spec, validation = _calibrate_on_val(predictor, splits, tumor_recall, batch_size)
-    from kidney_edge.checkpoint import update_spec
-
-    update_spec(checkpoint, spec)
-    atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
-    predictor.spec = spec
-    try:
-        test = load_labelled(splits, "test", class_names=spec.class_names)
-    except InputError as exc:
-        raise KidneyEdgeError(
-            f"run {run_dir}: no test metrics ({exc}); best.pt and spec.json hold the calibration"
-        ) from None
-    history = run_dir / "history.csv"
-    return _evaluate_files(
-        predictor,
-        test,
-        run_dir,
-        split="test",
-        batch_size=batch_size,
-        history_csv=history if history.is_file() else None,
-        notes=[f"Warning: {warning}." for warning in warnings],
-        extra={"validation": validation, "warnings": list(warnings)},
-    )
-
-
-def _calibrate_on_val(
-    predictor: _Predictor, splits: Path, tumor_recall: float | None, batch_size: int
-) -> tuple[ModelSpec, dict[str, Any]]:
-    """Fit the temperature, then the tumor threshold on calibrated val probabilities."""
-    spec = predictor.spec
-    try:
-        val = load_labelled(splits, "val", class_names=spec.class_names)
-    except InputError as exc:
-        if "is empty" not in str(exc):
-            raise
-        log.warning("no val split in %s: keeping temperature 1 and the argmax rule", splits)
-        return spec.replace(temperature=1.0, decision_rule=DecisionRule()), {"n_samples": 0}
-    logits = predictor.logits(val.paths, batch_size)
-    y_val = _indices(val.labels, spec.class_names)
-    temperature = M.fit_temperature(logits, y_val)
-    spec = spec.replace(temperature=temperature)
-    probabilities = spec.probabilities(logits)
-    rule = None
-    if tumor_recall is not None:
-        rule = M.tumor_decision_rule(
-            probabilities, y_val, spec.class_names, positive_class=spec.positive_class, target_recall=tumor_recall
-        )
-    spec = spec.replace(decision_rule=rule or DecisionRule())
-    validation = {
-        "n_samples": len(y_val),
-        "temperature": temperature,
-        "nll_before": M.negative_log_likelihood(logits, y_val, 1.0),
-        "nll_after": M.negative_log_likelihood(logits, y_val, temperature),
-        "decision_rule": _rule_dict(spec.decision_rule),
-    }
-    if rule is not None:
-        positive = spec.class_names.index(rule.positive_class)
-        hits = spec.decide(probabilities)[y_val == positive] == positive
-        validation["positive_recall_achieved"] = float(hits.mean())
-    log.info("val: temperature %.4f, rule %s", temperature, spec.decision_rule.describe())
-    return spec, validation

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kidney_edge.errors import ImageReadError
+from kidney_edge.errors import ImageReadError, InputError
 from kidney_edge.spec import ColorMode, ModelSpec, ResizeRule
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,33 @@ def preprocess_batch(paths: Sequence[str | Path], spec: ModelSpec) -> np.ndarray
     for index, path in enumerate(paths):
         batch[index] = preprocess(path, spec)
     return batch
+
+
+BatchOutput = TypeVar("BatchOutput")
+
+
+def map_batches(
+    paths: Sequence[str | Path],
+    spec: ModelSpec,
+    batch_size: int,
+    run: Callable[[np.ndarray], BatchOutput],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[BatchOutput]:
+    """``run`` on consecutive (n, 3, S, S) float32 batches of ``paths``, in order.
+
+    The one loop that feeds files to a model, whatever the model (onnxruntime, PyTorch).
+    ``progress(done, total)`` is called after each batch. Raises ImageReadError on the first
+    unreadable file.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    outputs = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        outputs.append(run(preprocess_batch(chunk, spec)))
+        if progress is not None:
+            progress(start + len(chunk), len(paths))
+    return outputs
 
 
 def describe_image(path: str | Path, spec: ModelSpec | None = None) -> dict[str, Any]:

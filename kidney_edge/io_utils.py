@@ -1,12 +1,15 @@
-"""Atomic file writes: an interrupted run leaves the old file or the new one, never half of one."""
+"""Atomic file writes (an interrupted run leaves the old file or the new one, never half of one)
+and the one CSV writer every table file goes through."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,41 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def csv_text(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    header: bool = True,
+    float_digits: int | None = None,
+) -> str:
+    """CSV lines (``\\n``-terminated) of ``rows`` in ``columns`` order.
+
+    Keys outside ``columns`` are left out, a missing key or None is an empty cell, and floats
+    get ``float_digits`` decimals when given (Python's shortest repr otherwise).
+    """
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        if float_digits is not None:
+            row = {key: f"{value:.{float_digits}f}" if isinstance(value, float) else value
+                   for key, value in row.items()}  # fmt: skip
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(
+    path: str | os.PathLike[str],
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    float_digits: int | None = None,
+) -> None:
+    """A header line and one line per row (see :func:`csv_text`), written atomically."""
+    atomic_write_text(path, csv_text(rows, columns, float_digits=float_digits))
 
 
 def _json_default(value: Any) -> Any:

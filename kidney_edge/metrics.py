@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError
-from kidney_edge.spec import DecisionRule, RuleKind
+from kidney_edge.spec import DecisionRule, RuleKind, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,9 @@ def expected_calibration_error(
 
 
 def negative_log_likelihood(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean cross-entropy of temperature-scaled logits (log-sum-exp, stable)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z_max = z.max(axis=1, keepdims=True)
-    log_norm = z_max[:, 0] + np.log(np.exp(z - z_max).sum(axis=1))
-    return float(np.mean(log_norm - z[np.arange(len(z)), y_true]))
+    """Mean cross-entropy of temperature-scaled logits (the spec's softmax, in log space)."""
+    log_probabilities = log_softmax(logits, temperature)  # (N, C)
+    return float(np.mean(-log_probabilities[np.arange(len(log_probabilities)), y_true]))
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:

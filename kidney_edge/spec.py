@@ -114,12 +114,27 @@ class DecisionRule:
         return labels
 
 
+def _scaled(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) float64 logits / temperature and their (N, 1) row maxima (for stable exponentials)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return z, z.max(axis=1, keepdims=True)
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(N, C) logits -> (N, C) float64 probabilities of softmax(logits / temperature), stable."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
+    z, z_max = _scaled(logits, temperature)
+    e = np.exp(z - z_max)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, C) logits -> (N, C) float64 log-probabilities of softmax(logits / temperature).
+
+    Computed as z - logsumexp(z), so confident wrong predictions give large finite values
+    rather than log(0).
+    """
+    z, z_max = _scaled(logits, temperature)
+    return z - (z_max + np.log(np.exp(z - z_max).sum(axis=1, keepdims=True)))
 
 
 def _as_tuple3(value: Any, name: str) -> tuple[float, float, float]:

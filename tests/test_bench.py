@@ -118,7 +118,7 @@ def test_benchmark_json_fields_and_figures_agree_with_plain_onnxruntime(tmp_path
 
 
 def test_latency_stats_on_known_times() -> None:
-    from kidney_edge.bench import latency_stats
+    from kidney_edge.runtime import latency_stats
 
     stats = latency_stats([0.001, 0.002, 0.003, 0.004], batch_size=2)
     assert stats["latency_ms"]["p50"] == pytest.approx(2.5)
@@ -129,7 +129,7 @@ def test_latency_stats_on_known_times() -> None:
 
 
 def test_model_variants_pairs_fp32_and_int8(tmp_path: Path) -> None:
-    from kidney_edge.bench import model_variants
+    from kidney_edge.runtime import INT8_FILE, model_variants
 
     fp32 = tmp_path / "model.onnx"
     fp32.write_bytes(b"x")
@@ -137,12 +137,15 @@ def test_model_variants_pairs_fp32_and_int8(tmp_path: Path) -> None:
     int8 = tmp_path / "model.int8.onnx"
     int8.write_bytes(b"x")
     assert model_variants(fp32) == model_variants(int8) == {"fp32": fp32, "int8": int8}
-    other = tmp_path / "lite0.onnx"
+    other = make_conv_onnx(tmp_path / "lite0.onnx")
     assert model_variants(other) == {"fp32": other}
+    quantized = make_conv_onnx(tmp_path / "quantized" / "lite0.onnx", int8_sibling=True).with_name(INT8_FILE)
+    renamed = quantized.rename(quantized.with_name("lite0_q.onnx"))  # INT8 by its graph, not its name
+    assert model_variants(renamed) == {"int8": renamed}
 
 
 def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kidney_edge.bench import BenchmarkConfig, bench_pytorch
+    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     checkpoint = tmp_path / "best.pt"
@@ -154,8 +157,8 @@ def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: py
 def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from kidney_edge.backbones import create_model
-    from kidney_edge.bench import BenchmarkConfig, bench_pytorch
     from kidney_edge.checkpoint import save_checkpoint
+    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", num_classes=4, pretrained=False)
@@ -169,7 +172,7 @@ def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path
 
 
 def test_int8_speedup_pairs_rows() -> None:
-    from kidney_edge.bench import int8_speedup
+    from kidney_edge.runtime.benchmark import int8_speedup
 
     def row(precision: str, batch_size: int, mean: float) -> dict:
         return {"precision": precision, "batch_size": batch_size, "threads": 2, "latency_ms": {"mean": mean}}
@@ -179,8 +182,7 @@ def test_int8_speedup_pairs_rows() -> None:
 
 
 def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:
-    from kidney_edge.bench import BenchmarkConfig, parse_int_list
-    from kidney_edge.runtime import available_cpus
+    from kidney_edge.runtime import BenchmarkConfig, available_cpus, parse_int_list
 
     assert parse_int_list("1, 8", "--batch-sizes") == (1, 8)
     with pytest.raises(InputError, match="--threads"):

@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError, KidneyEdgeError
-from kidney_edge.evaluation import evaluate, finalize_run, predict_files
+from kidney_edge.evaluation import evaluate, predict_files
 from kidney_edge.spec import ModelSpec
+from kidney_edge.training.finalize import finalize_run
 
 IMAGE_SIZE = 64
 
@@ -183,9 +184,9 @@ def assert_close(actual: object, expected: object, where: str) -> None:
 
 
 def export_onnx(checkpoint: Path, out_dir: Path, splits: Path) -> Path:
-    from kidney_edge.export import export_model
+    from kidney_edge.export import ExportConfig, export_model
 
-    return export_model(checkpoint, out_dir, int8=False, splits=splits).model_path
+    return export_model(checkpoint, out_dir, ExportConfig(int8=False, splits=splits)).model_path
 
 
 def test_checkpoint_via_cli_and_its_onnx_export_give_the_same_metrics(

@@ -44,7 +44,7 @@ def splits_csv(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def lite0_export(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     """A pretrained Lite0 run folder (4 classes, 224 px, calibrated spec) exported with INT8."""
-    from kidney_edge.export import export_model
+    from kidney_edge.export import ExportConfig, export_model
 
     run = tmp_path_factory.mktemp("run")
     rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.3, target_recall=0.98)
@@ -54,14 +54,8 @@ def lite0_export(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     shutil.copy(splits_csv, run / "splits.csv")
     # A random head has near-tied logits, so INT8 may flip decisions: this fixture tests the
     # mechanics (the gate itself is tested below), hence --allow-int8-drop.
-    result = export_model(
-        run,
-        run / "export",
-        calibration_images=8,
-        max_parity_images=6,
-        parity_batch_size=3,
-        allow_int8_drop=True,
-    )
+    config = ExportConfig(calibration_images=8, max_parity_images=6, parity_batch_size=3, allow_int8_drop=True)
+    result = export_model(run, run / "export", config)
     return result, spec
 
 
@@ -114,8 +108,7 @@ def test_onnx_graph_contract_and_spec_round_trip(lite0_export) -> None:
 
 
 def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
-    from kidney_edge.onnx_info import describe_onnx
-    from kidney_edge.runtime import OnnxClassifier
+    from kidney_edge.runtime import OnnxClassifier, describe_onnx
 
     result, spec = lite0_export
     model = onnx.load(str(result.int8_path))
@@ -147,7 +140,7 @@ def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
 
 
 def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kidney_edge.onnx_info import describe_onnx
+    from kidney_edge.runtime import describe_onnx
 
     result, spec = lite0_export
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError, as in a base install
@@ -198,7 +191,7 @@ def _perturb_int8_weights(source: Path, target: Path) -> None:
 
 def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: Path, monkeypatch) -> None:
     import kidney_edge.quantize as quantize
-    from kidney_edge.export import export_model
+    from kidney_edge.export import ExportConfig, export_model
 
     _checkpoint(tmp_path / "small.pt", "efficientnet_lite0", pretrained=True, size=64)
 
@@ -209,8 +202,9 @@ def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: P
     monkeypatch.setattr(quantize, "quantize_model", broken_quantize)
     images = sorted(phantom_dir.glob("*/*.jpg"))[::12]
     out = tmp_path / "out"
+    config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2)
     with pytest.raises(KidneyEdgeError, match="INT8 accuracy gate failed.*--allow-int8-drop"):
-        export_model(tmp_path / "small.pt", out, images=images, max_parity_images=4, parity_batch_size=2)
+        export_model(tmp_path / "small.pt", out, config)
     assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
     assert (out / "model.int8.rejected.onnx").is_file()
     parity = json.loads((out / "parity.json").read_text())
@@ -220,14 +214,8 @@ def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: P
         and parity["int8"]["model"] == "model.int8.rejected.onnx"
     )
 
-    result = export_model(
-        tmp_path / "small.pt",
-        out,
-        images=images,
-        max_parity_images=4,
-        parity_batch_size=2,
-        allow_int8_drop=True,
-    )
+    config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2, allow_int8_drop=True)
+    result = export_model(tmp_path / "small.pt", out, config)
     assert result.int8_path == out / "model.int8.onnx" and result.int8_path.is_file()
     assert not (out / "model.int8.rejected.onnx").exists()  # the stale reject went with the new export
     assert any("--allow-int8-drop" in w for w in result.warnings)
@@ -267,12 +255,12 @@ def test_b0_without_pretrained_weights_via_cli(tmp_path: Path, splits_csv: Path)
 
 def test_checkpoint_with_wrong_classes_fails_clearly(tmp_path: Path) -> None:
     from kidney_edge.backbones import create_model
-    from kidney_edge.export import export_model
+    from kidney_edge.export import ExportConfig, export_model
 
     model = create_model("efficientnet_lite0", num_classes=3, pretrained=False)  # head: 3 outputs
     save_checkpoint(tmp_path / "bad.pt", model=model, spec=ModelSpec(input_size=64), config={})  # 4 classes
     with pytest.raises(InputError, match=r"bad\.pt.*(do not fit|classes)"):
-        export_model(tmp_path / "bad.pt", tmp_path / "out", images=[tmp_path])
+        export_model(tmp_path / "bad.pt", tmp_path / "out", ExportConfig(images=(tmp_path,)))
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 

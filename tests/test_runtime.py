@@ -165,17 +165,17 @@ def test_classifier_rejects_files_without_spec_or_not_onnx(tmp_path: Path) -> No
 def test_available_cpus_honours_affinity_and_cgroup_quota(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kidney_edge import runtime
+    from kidney_edge.runtime import hardware
 
     affinity = len(os.sched_getaffinity(0))
     cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(runtime, "_CGROUP_V2_CPU_MAX", cpu_max)
+    monkeypatch.setattr(hardware, "_CGROUP_V2_CPU_MAX", cpu_max)
     cpu_max.write_text("max 100000\n")
-    assert runtime.available_cpus() == affinity
+    assert hardware.available_cpus() == affinity
     cpu_max.write_text("50000 100000\n")  # half a CPU still needs one thread
-    assert runtime.available_cpus() == 1
+    assert hardware.available_cpus() == 1
     cpu_max.write_text("6400000 100000\n")  # quota above the affinity mask: the mask wins
-    assert runtime.available_cpus() == affinity
+    assert hardware.available_cpus() == affinity
 
 
 # --------------------------------------------------------------------------- default model
@@ -364,21 +364,21 @@ def test_ctrl_c_keeps_finished_rows_and_resume_completes(
 def test_decoding_stays_a_bounded_window_ahead_of_inference(
     model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kidney_edge import runtime
+    from kidney_edge.runtime import predict
 
     folder = tmp_path / "many"
     write_gray_images(folder, 60, size=16)
     decoded: list[int] = []
-    original = runtime._load_batch
+    original = predict._load_batch
 
     def counting_load(paths: list[Path], spec: ModelSpec) -> object:
         loaded = original(paths, spec)
         decoded.append(len(paths))
         return loaded
 
-    monkeypatch.setattr(runtime, "_load_batch", counting_load)
+    monkeypatch.setattr(predict, "_load_batch", counting_load)
     ahead: list[int] = []  # batches decoded but not yet written, seen after each write
-    summary = runtime.predict_folder(
+    summary = predict.predict_folder(
         folder, model=model_path, out=tmp_path / "p.csv", batch_size=2, workers=1,
         progress=lambda done, total: ahead.append(len(decoded) - done // 2),
     )  # fmt: skip

@@ -88,12 +88,6 @@ def print_headline(metrics: dict[str, Any], title: str) -> None:
         console.print(rule_table)
 
 
-def not_available(command: str, issue: str) -> None:
-    """Exit cleanly for a command whose capability has not landed yet."""
-    err_console.print(f"[bold red]error:[/] `kidney-edge {command}` is not available yet ({issue}).")
-    raise typer.Exit(1)
-
-
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the library's log messages."),

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors
+from kidney_edge.runtime import BenchmarkConfig
 
 
 @app.command()
@@ -15,7 +16,9 @@ def benchmark(
     model: Annotated[
         Path | None, typer.Option("--model", help="ONNX model; default: newest export/*/model.onnx.")
     ] = None,
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")
+    ] = ",".join(map(str, BenchmarkConfig.batch_sizes)),
     threads: Annotated[
         str | None, typer.Option("--threads", help="Comma-separated thread counts; default: usable CPUs.")
     ] = None,
@@ -28,14 +31,18 @@ def benchmark(
             "--checkpoint", help="Checkpoint of the same weights: adds PyTorch eager (needs torch)."
         ),
     ] = None,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before measuring.")] = 5,
-    iterations: Annotated[int, typer.Option("--iterations", help="Timed runs per configuration.")] = 50,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed runs before measuring.")
+    ] = BenchmarkConfig.warmup,
+    iterations: Annotated[
+        int, typer.Option("--iterations", help="Timed runs per configuration.")
+    ] = BenchmarkConfig.iterations,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full record as JSON (atomically).")
     ] = None,
 ) -> None:
     """Measure model latency and throughput with onnxruntime on this CPU (fp32 and INT8 side by side)."""
-    from kidney_edge.bench import parse_int_list, run_benchmark
+    from kidney_edge.runtime import parse_int_list, run_benchmark
 
     with library_errors(), console.status("benchmarking...") as status:
         result = run_benchmark(

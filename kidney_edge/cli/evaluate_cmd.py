@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors, print_headline, progress_bar
+from kidney_edge.dataset import SPLITS
+from kidney_edge.evaluation import EvaluateConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.evaluation import EvaluationResult
+
+Split = Enum("Split", {name: name for name in SPLITS}, type=str)  # choices from the library
 
 
 @app.command()
@@ -19,9 +24,9 @@ def evaluate(
     data: Annotated[
         Path, typer.Argument(help="Folder with one sub-folder per class, or a splits.csv (see --split).")
     ],
-    split: Annotated[
-        str, typer.Option("--split", help="Which split of a splits.csv: test, val or train.")
-    ] = "test",
+    split: Annotated[Split, typer.Option("--split", help="Which split of a splits.csv.")] = Split(
+        EvaluateConfig.split
+    ),
     out: Annotated[
         Path, typer.Option("--out", help="Folder for metrics.json, predictions.csv and the report.")
     ] = Path("evaluation"),
@@ -33,17 +38,19 @@ def evaluate(
             "(e.g. 0.98); default: the rule stored in the model.",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per forward pass.")
+    ] = EvaluateConfig.batch_size,
 ) -> None:
     """Evaluate a checkpoint or ONNX model on a split: clinical metrics and an HTML report."""
-    from kidney_edge.evaluation import EvaluateConfig, run_evaluate
+    from kidney_edge.evaluation import run_evaluate
 
     with library_errors():
         config = EvaluateConfig(
             model_path=model,
             data=data,
             out_dir=out,
-            split=split,
+            split=split.value,
             tumor_recall=tumor_recall,
             batch_size=batch_size,
         )

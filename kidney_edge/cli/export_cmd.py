@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.export import MIN_OPSET, ExportConfig, Exporter
+from kidney_edge.quantize import ActivationType, CalibrationMethod, QuantizationConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.export import ExportResult
-
-
-class Activations(str, Enum):
-    auto = "auto"
-    uint8 = "uint8"
-    int8 = "int8"
-
-
-class CalibrationMethod(str, Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-
-
-class Exporter(str, Enum):
-    torchscript = "torchscript"
-    dynamo = "dynamo"
 
 
 @app.command()
@@ -39,10 +23,10 @@ def export(
     ] = None,
     int8: Annotated[
         bool, typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (gated).")
-    ] = True,
+    ] = ExportConfig.int8,
     allow_int8_drop: Annotated[
         bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it loses > 1 point.")
-    ] = False,
+    ] = ExportConfig.allow_int8_drop,
     splits: Annotated[
         Path | None, typer.Option("--splits", help="splits.csv for parity/calibration/gate; default: RUN's.")
     ] = None,
@@ -51,18 +35,20 @@ def export(
     ] = None,
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="Training images that calibrate INT8.")
-    ] = 300,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 17,
+    ] = ExportConfig.calibration_images,
+    opset: Annotated[int, typer.Option("--opset", help=f"ONNX opset (>= {MIN_OPSET}).")] = ExportConfig.opset,
     parity_batch_size: Annotated[
         int, typer.Option("--parity-batch-size", help="Batch size of the check.")
-    ] = 8,
-    parity_images: Annotated[int, typer.Option("--parity-images", help="Test images PyTorch checks.")] = 256,
+    ] = ExportConfig.parity_batch_size,
+    parity_images: Annotated[
+        int, typer.Option("--parity-images", help="Test images PyTorch checks.")
+    ] = ExportConfig.max_parity_images,
     int8_activations: Annotated[
-        Activations, typer.Option("--int8-activations", help="auto: uint8 on x86-64, int8 on ARM.")
-    ] = Activations.auto,
+        ActivationType, typer.Option("--int8-activations", help="auto: uint8 on x86-64, int8 on ARM.")
+    ] = QuantizationConfig.activation_type,
     calibration_method: Annotated[
         CalibrationMethod, typer.Option("--calibration-method", help="INT8 activation ranges.")
-    ] = CalibrationMethod.minmax,
+    ] = QuantizationConfig.calibrate_method,
     int8_reduce_range: Annotated[
         bool | None,
         typer.Option(
@@ -71,20 +57,19 @@ def export(
     ] = None,
     exporter: Annotated[
         Exporter, typer.Option("--exporter", help="torch.onnx exporter.")
-    ] = Exporter.torchscript,
+    ] = ExportConfig.exporter,
 ) -> None:
     """Export to ONNX with the spec inside, prove parity with PyTorch, add a gated INT8 model."""
-    from kidney_edge.export import ExportConfig, default_out_dir, export_model
-    from kidney_edge.quantize import QuantizationConfig
+    from kidney_edge.export import default_out_dir, export_model
 
     out_dir = out if out is not None else default_out_dir(source)
     with library_errors():
         config = ExportConfig(
             int8=int8, allow_int8_drop=allow_int8_drop, splits=splits, images=tuple(images or ()),
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
-            max_parity_images=parity_images, exporter=exporter.value,
+            max_parity_images=parity_images, exporter=exporter,
             quantization=QuantizationConfig(
-                activation_type=int8_activations.value, calibrate_method=calibration_method.value,
+                activation_type=int8_activations, calibrate_method=calibration_method,
                 reduce_range=int8_reduce_range,
             ),
         )  # fmt: skip

@@ -25,7 +25,7 @@ def info(
     outputs, size, and whether it is INT8. Images: format, size, mode; for DICOM the modality,
     Hounsfield range and the window used.
     """
-    from kidney_edge.info import describe_file
+    from kidney_edge.runtime import describe_file
 
     with library_errors():
         description = describe_file(file)

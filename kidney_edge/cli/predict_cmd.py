@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors, progress_bar
+from kidney_edge.runtime import OutputFormat, PredictConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
 
     from kidney_edge.runtime import PredictSummary
-
-_DEFAULT_OUT = Path("predictions.csv")
 
 
 @app.command()
@@ -30,9 +29,11 @@ def predict(
     model: Annotated[
         Path | None, typer.Option("--model", help="ONNX model; default: newest export/*/model.onnx.")
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output file, streamed as it goes.")] = _DEFAULT_OUT,
-    fmt: Annotated[str, typer.Option("--format", help="Output format: csv or jsonl.")] = "csv",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per onnxruntime call.")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="Output file, streamed as it goes.")] = PredictConfig.out,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = PredictConfig.fmt,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per onnxruntime call.")
+    ] = PredictConfig.batch_size,
     threads: Annotated[
         int | None, typer.Option("--threads", help="onnxruntime threads; default: usable CPUs.")
     ] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,20 +9,25 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors, print_headline
-from kidney_edge.training.config import ALL_BLOCKS, DEVICES, TrainConfig
+from kidney_edge.training.config import (
+    ALL_BLOCKS,
+    ARCHS,
+    DEVICES,
+    TrainConfig,
+    default_finetune_phase,
+    default_head_phase,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.training import TrainEvent, TrainResult
 
-
-class Arch(str, Enum):
-    efficientnet_lite0 = "efficientnet_lite0"
-    efficientnet_b0 = "efficientnet_b0"
-
-
-Device = Enum("Device", {name: name for name in DEVICES}, type=str)  # choices from the library
-_RUN = TrainConfig(data_dir=Path("."), out_dir=Path("."))  # the library's defaults, shown in --help
-_HEAD, _FINETUNE = _RUN.head, _RUN.finetune
+# Choices from the library's own lists.
+Arch = Enum("Arch", {name: name for name in ARCHS}, type=str)
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+# The library's defaults, shown in --help: TrainConfig's class attributes are its field defaults
+# (an instance would validate --arch against the backbone registry, which imports torch).
+_RUN = TrainConfig
+_HEAD, _FINETUNE = default_head_phase(), default_finetune_phase()
 
 
 def _blocks(text: str) -> int:
@@ -109,6 +113,7 @@ def train(
     import dataclasses
 
     from kidney_edge.training import train as run_training
+    from kidney_edge.training.distributed import is_main_process
 
     with library_errors():
         config = TrainConfig(
@@ -122,7 +127,7 @@ def train(
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
                 freeze_bn_stats=not update_bn_stats),
         )  # fmt: skip
-        main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws
+        main_process = is_main_process()  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:
             result = run_training(config, progress=bar.update)
     if main_process:

@@ -13,9 +13,12 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 
-ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all); see backbones.ALL_BLOCKS
+ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all)
 
 DEVICES = ("auto", "cpu", "cuda")
+# The backbones kidney_edge.backbones registers, named here without importing torch so that the
+# CLI can offer them as choices; tests/test_backbones.py checks that the registry agrees.
+ARCHS = ("efficientnet_lite0", "efficientnet_b0")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class TrainConfig:
 
     data_dir: Path
     out_dir: Path
-    arch: str = "efficientnet_lite0"
+    arch: str = ARCHS[0]
     image_size: int = 224
     batch_size: int = 32
     seed: int = 0

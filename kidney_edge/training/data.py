@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kidney_edge import dataset
+from kidney_edge.dataset import SPLITS, audit_path
 from kidney_edge.errors import InputError
+from kidney_edge.imaging import preprocess
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 def prepare_splits(data_dir: Path, splits: Path | None, run_dir: Path, *, seed: int) -> list:
@@ -25,8 +27,6 @@ def prepare_splits(data_dir: Path, splits: Path | None, run_dir: Path, *, seed: 
     Without ``splits`` the data folder is scanned and split 70/15/15 (grouped); with it, that
     file's rows are re-written into the run folder (paths re-based, so the copy stays valid).
     """
-    from kidney_edge import dataset
-
     out_csv = run_dir / "splits.csv"
     if splits is None:
         if not data_dir.is_dir():
@@ -37,9 +37,9 @@ def prepare_splits(data_dir: Path, splits: Path | None, run_dir: Path, *, seed: 
             raise InputError(f"--splits file {splits} does not exist")
         rows = dataset.read_splits(splits)
         dataset.write_splits(rows, out_csv)
-        audit = splits.with_name(f"{splits.stem}_audit.json")
+        audit = audit_path(splits)
         if audit.is_file():
-            shutil.copyfile(audit, run_dir / "splits_audit.json")
+            shutil.copyfile(audit, audit_path(out_csv))
     check_splits(rows)
     return rows
 
@@ -80,7 +80,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return compute_class_weight("balanced", classes=classes, y=labels).astype(np.float32)
 
 
-def augmentation(spec: ModelSpec):
+def augmentation(spec: ModelSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     """Train-only geometric augmentation on normalised (3, S, S) tensors (after the shared preprocessing).
 
     Small rotations/shifts/zooms: slices differ in patient position, not in orientation, so no
@@ -95,16 +95,12 @@ def augmentation(spec: ModelSpec):
 class SliceDataset(Dataset):
     """(path, label) pairs -> ((3, S, S) float32 tensor, label) through ``imaging.preprocess``."""
 
-    def __init__(self, paths: Sequence[Path], labels: np.ndarray, spec: ModelSpec, transform=None) -> None:
-        self.paths, self.labels, self.spec, self.transform = list(paths), labels, spec, transform
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray, spec: ModelSpec) -> None:
+        self.paths, self.labels, self.spec = list(paths), labels, spec
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from kidney_edge.imaging import preprocess
-
         image = torch.from_numpy(preprocess(self.paths[index], self.spec))  # (3, S, S) float32
-        if self.transform is not None:
-            image = self.transform(image)
         return image, int(self.labels[index])

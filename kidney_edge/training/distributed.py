@@ -19,6 +19,15 @@ from kidney_edge.errors import InputError
 log = logging.getLogger(__name__)
 
 
+def is_main_process() -> bool:
+    """True unless torchrun started this process with a rank other than 0.
+
+    Readable before :func:`setup` (torchrun sets ``RANK`` in the environment), so the CLI can
+    let rank 0 alone draw progress and print results.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0

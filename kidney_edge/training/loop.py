@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
+from kidney_edge.io_utils import atomic_write_csv
+from kidney_edge.metrics import macro_f1
 from kidney_edge.training.config import PhaseConfig, TrainEvent
 from kidney_edge.training.distributed import DistContext, sharded_map
 
@@ -169,7 +171,7 @@ class _HeadOnly(nn.Module):
 
 def make_loader(
     dataset: Dataset, settings: LoaderSettings, context: DistContext, *, shuffle_seed: int | None
-):
+) -> DataLoader:
     """Shuffled (train: seeded per epoch) or ordered (inference) batches; sharded under torchrun."""
     generator = None
     sampler = None
@@ -210,18 +212,22 @@ def _infer(fn: Callable, dataset: Dataset, indices: list[int], settings: LoaderS
     return torch.cat(outputs)
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device) -> torch.autocast:
     # Mixed precision on CUDA only; CPU autocast (bf16) is slower than fp32 on most CPUs.
     return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
 
-def predict_logits(model, dataset, settings, ctx) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, dataset: Dataset, settings: LoaderSettings, ctx: DistContext
+) -> torch.Tensor:
     """(N, C) validation logits, the work split across ranks."""
     model.eval()
     return sharded_map(ctx, len(dataset), lambda idx: _infer(model, dataset, idx, settings, ctx))
 
 
-def extract_features(model, dataset, settings, ctx) -> torch.Tensor:
+def extract_features(
+    model: nn.Module, dataset: Dataset, settings: LoaderSettings, ctx: DistContext
+) -> torch.Tensor:
     """(N, F) pooled features of the frozen backbone (eval mode), the work split across ranks."""
     model.eval()
 
@@ -232,16 +238,16 @@ def extract_features(model, dataset, settings, ctx) -> torch.Tensor:
 
 
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray, weights: torch.Tensor) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+    """Class-weighted loss, macro-F1 (:func:`kidney_edge.metrics.macro_f1`, the figure early
+    stopping and best.pt select on) and accuracy of (N, C) validation logits."""
+    from sklearn.metrics import accuracy_score
 
     target = torch.from_numpy(labels)
     loss = nn.functional.cross_entropy(logits, target, weight=weights.cpu()).item()
     predicted = logits.argmax(1).numpy()
-    classes = list(range(logits.shape[1]))
-    macro_f1 = f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
     return {
         "val_loss": loss,
-        "val_macro_f1": float(macro_f1),
+        "val_macro_f1": macro_f1(labels, predicted, logits.shape[1]),
         "val_accuracy": accuracy_score(labels, predicted),
     }
 
@@ -432,22 +438,16 @@ def _restore(opt: Optimization, checkpoint: dict[str, Any]) -> None:
         opt.scaler.load_state_dict(checkpoint["scaler"])
 
 
+HISTORY_COLUMNS = ("phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_macro_f1",
+                   "val_accuracy", "lr", "seconds", "best")  # fmt: skip
+
+
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    import csv
-    import io
-
-    from kidney_edge.io_utils import atomic_write_text
-
-    columns = ["phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_macro_f1", "val_accuracy",
-               "lr", "seconds", "best"]  # fmt: skip
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
+    """history.csv: one row per finished epoch, :data:`HISTORY_COLUMNS`."""
+    atomic_write_csv(path, history, HISTORY_COLUMNS)
 
 
-def iter_phases(phases, state: RunState) -> Iterator[PhaseConfig]:
+def iter_phases(phases: Sequence[PhaseConfig], state: RunState) -> Iterator[PhaseConfig]:
     """Phases still to run: skips those finished before a resume."""
     order = [p.name for p in phases]
     for phase in phases:

@@ -287,7 +287,7 @@ def _finish(config: TrainConfig, state: RunState, ctx, warnings: list[str]) -> T
         "warnings": warnings,
     }
     if ctx.is_main:
-        from kidney_edge.evaluation import finalize_run
+        from kidney_edge.training.finalize import finalize_run
 
         finished = finalize_run(config.out_dir, tumor_recall=config.tumor_recall, warnings=warnings)
         metrics["test"] = finished.metrics

@@ -1,9 +1,11 @@
-"""Describe an ONNX model file for ``kidney-edge info``: spec, opset, I/O, size, INT8 or not.
+"""``kidney-edge info``: what a file is. ONNX models, checkpoints and images (any supported format).
 
-Runtime path: no torch, and ``onnx`` (train extra) is optional. Inputs, outputs and metadata come
-from onnxruntime; the opset comes from a minimal read of the ModelProto's top-level protobuf
-fields (no graph parsing), so it is exact without ``onnx``. INT8-ness is counted from the graph's
-ops when ``onnx`` is importable, else from the op names' bytes in the file.
+ONNX files are described without torch, and ``onnx`` (train extra) is optional. Inputs, outputs
+and metadata come from onnxruntime; the opset comes from a minimal read of the ModelProto's
+top-level protobuf fields (no graph parsing), so it is exact without ``onnx``. INT8-ness is
+:func:`~kidney_edge.runtime.classifier.int8_operators` on the file's bytes; with ``onnx``
+importable the graph's ops and integer initializers are counted too. Checkpoints need the
+``train`` extra: :func:`kidney_edge.checkpoint.describe_checkpoint` is imported only for them.
 """
 
 from __future__ import annotations
@@ -15,19 +17,43 @@ from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
+from kidney_edge.imaging import describe_image, is_image_file
+from kidney_edge.runtime.classifier import INT8_OPS, int8_operators
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 # ModelProto field numbers (onnx/onnx.proto3): stable since IR version 3.
-_MODEL_GRAPH, _MODEL_OPSET_IMPORT = 7, 8
+_MODEL_OPSET_IMPORT = 8
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
-_INT8_OPS = (
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "ConvInteger",
-    "MatMulInteger",
-)
+
+
+def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A plain dict describing ``path``; ``kind`` is ``onnx``, ``checkpoint`` or ``image``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a model file (.onnx, .pt) or an image file")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return {"kind": "onnx", **describe_onnx(path)}
+    if suffix in CHECKPOINT_SUFFIXES:
+        return {"kind": "checkpoint", **_describe_checkpoint(path)}
+    if not is_image_file(path):
+        raise InputError(
+            f"{path}: not a model or image file kidney-edge knows (.onnx, .pt, .jpg, .png, .bmp, .tif, .dcm)"
+        )
+    return {"kind": "image", **describe_image(path)}
+
+
+def _describe_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        from kidney_edge.checkpoint import describe_checkpoint
+    except ImportError:
+        raise InputError(
+            f"{path}: describing a checkpoint needs PyTorch: pip install 'kidney-edge[train]'"
+        ) from None
+    return describe_checkpoint(path)
 
 
 def describe_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -47,7 +73,7 @@ def describe_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
         "opset": opsets.get("", opsets.get("ai.onnx")),
         "inputs": [_io(arg) for arg in session.get_inputs()],
         "outputs": [_io(arg) for arg in session.get_outputs()],
-        **_int8_facts(path, data),
+        **_int8_facts(data),
         "metadata_keys": sorted(custom),
     }
     spec = _spec(path, custom)
@@ -86,21 +112,19 @@ def _spec(path: Path, custom: dict[str, str]) -> ModelSpec | None:
         raise InputError(f"{path}: invalid kidney-edge spec in its metadata: {exc}") from None
 
 
-def _int8_facts(path: Path, data: bytes) -> dict[str, Any]:
+def _int8_facts(data: bytes) -> dict[str, Any]:
+    found = int8_operators(data)
     try:
         import onnx
     except ImportError:
-        found = [op for op in _INT8_OPS if op.encode() in data]
         return {"is_int8": bool(found), "int8_ops": found, "int8_detected_by": "op names in the file bytes"}
     model = onnx.load_from_string(data)
     ops = [node.op_type for node in model.graph.node]
-    counts = {op: ops.count(op) for op in _INT8_OPS if op in ops}
     integer_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-    integer_weights = sum(1 for t in model.graph.initializer if t.data_type in integer_types)
     return {
-        "is_int8": bool(counts) or integer_weights > 0,
-        "int8_ops": counts,
-        "int8_initializers": integer_weights,
+        "is_int8": bool(found),
+        "int8_ops": {op: ops.count(op) for op in INT8_OPS if op in ops},
+        "int8_initializers": sum(1 for t in model.graph.initializer if t.data_type in integer_types),
         "nodes": len(ops),
         "int8_detected_by": "graph ops and initializer types",
     }

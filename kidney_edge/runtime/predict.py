@@ -1,18 +1,16 @@
-"""The edge runtime: an ONNX classifier on onnxruntime, no PyTorch anywhere on this path.
+"""``kidney-edge predict``: classify a folder of images into a streamed predictions file.
 
-:class:`OnnxClassifier` reads the model spec from the ONNX file's own metadata, so a ``.onnx``
-file alone is enough to preprocess, predict and decide. :func:`available_cpus` sizes the
-thread pool from the CPUs this process may actually use (affinity and cgroup quota), not from
-the host's core count, which over-subscribes containers.
+The predictions schema lives here once: :func:`output_columns` names the columns of predict's
+CSV/JSONL rows (and, ``labelled``, of evaluate's predictions.csv), :func:`prediction_rows`
+fills them from probabilities under the spec's decision rule, :func:`format_predictions`
+writes them.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -25,166 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
-from kidney_edge.imaging import SUPPORTED_SUFFIXES
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
+from kidney_edge.errors import ImageReadError, InputError, enum_choice
+from kidney_edge.imaging import SUPPORTED_SUFFIXES, is_image_file, preprocess
+from kidney_edge.io_utils import csv_text
+from kidney_edge.runtime.classifier import OnnxClassifier, find_default_model
+from kidney_edge.runtime.hardware import available_cpus
+from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-_CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-_CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-_CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-
-
-def _cgroup_cpu_limit() -> float | None:
-    """CPU quota of this process's cgroup in CPUs (e.g. 1.5), or None when unlimited/unknown."""
-    try:
-        if _CGROUP_V2_CPU_MAX.exists():
-            quota, period = _CGROUP_V2_CPU_MAX.read_text().split()[:2]
-            if quota == "max":
-                return None
-            return int(quota) / int(period)
-        if _CGROUP_V1_QUOTA.exists() and _CGROUP_V1_PERIOD.exists():
-            quota_us = int(_CGROUP_V1_QUOTA.read_text())
-            period_us = int(_CGROUP_V1_PERIOD.read_text())
-            return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-    except (OSError, ValueError) as exc:
-        log.debug("cannot read the cgroup CPU quota: %s", exc)
-    return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: min(affinity mask, cgroup quota rounded up), at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        cpus = min(cpus, max(1, math.ceil(limit)))
-    return max(1, cpus)
-
-
-def _session_options(threads: int | None):  # -> onnxruntime.SessionOptions
-    import onnxruntime as ort
-
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or available_cpus()
-    # One image batch is one graph: parallelism lives inside the operators, so inter-op
-    # threads would only compete with intra-op ones for the same cores.
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads sleep instead of spin-waiting: a spinning thread steals its core from
-    # the decode thread (and from anything else on a small edge box). Measured on the 2-core
-    # dev machine under load ~3, Lite0 at batch 8: +20-25% images/s, model-only and end to end.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
-    return options
-
-
-class OnnxClassifier:
-    """An exported kidney-edge ONNX model on the CPU execution provider.
-
-    The file must carry its :class:`ModelSpec` in ``metadata_props`` under
-    :data:`~kidney_edge.spec.ONNX_METADATA_KEY` (``kidney-edge export`` writes it).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"model file not found: {self.path} (pass --model FILE.onnx)")
-        self.threads = threads or available_cpus()
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=_session_options(threads), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises its own untyped exceptions for bad files
-            raise InputError(
-                f"{self.path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); "
-                "pass a model.onnx written by `kidney-edge export`"
-            ) from None
-        self.spec = self._read_spec()
-        self._input_name = self._session.get_inputs()[0].name
-        self._output_names = [o.name for o in self._session.get_outputs()]
-        self.is_int8 = self._detect_int8()
-
-    def _read_spec(self) -> ModelSpec:
-        metadata = self._session.get_modelmeta().custom_metadata_map
-        if ONNX_METADATA_KEY not in metadata:
-            raise InputError(
-                f"{self.path} has no kidney-edge spec in its metadata (key {ONNX_METADATA_KEY!r}); "
-                "export the model with `kidney-edge export` so preprocessing travels with it"
-            )
-        try:
-            return ModelSpec.from_json(metadata[ONNX_METADATA_KEY])
-        except InputError as exc:
-            raise InputError(f"{self.path}: invalid spec in ONNX metadata: {exc}") from None
-
-    def _detect_int8(self) -> bool:
-        # Cheap and torch/onnx-free: the export names INT8 files model.int8.onnx, and quantized
-        # graphs contain QuantizeLinear nodes whose names survive in the raw protobuf bytes.
-        if ".int8" in self.path.name:
-            return True
-        with open(self.path, "rb") as handle:
-            head = handle.read(4 << 20)
-        return b"QuantizeLinear" in head or b"QLinearConv" in head
-
-    @property
-    def input_size(self) -> int:
-        return int(self.spec.input_size)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.spec.class_names
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, S, S) float32 -> ((N, C) logits, (N, C) probabilities with temperature applied)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        size = self.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise InputError(f"{self.path}: expected input (N, 3, {size}, {size}), got {batch.shape}")
-        try:
-            values = self._session.run(None, {self._input_name: batch})
-            outputs = dict(zip(self._output_names, values, strict=True))
-        except Exception as exc:
-            raise KidneyEdgeError(f"onnxruntime failed on {self.path}: {exc}") from None
-        logits = np.asarray(outputs.get("logits", next(iter(outputs.values()))), dtype=np.float32)
-        if "probabilities" in outputs:
-            probabilities = np.asarray(outputs["probabilities"], dtype=np.float32)
-        else:  # a logits-only graph: calibrate here from the spec, as the export would have
-            probabilities = self.spec.probabilities(logits)
-        return logits, probabilities
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, C) calibrated probabilities."""
-        return self.run(batch)[1]
-
-    def __repr__(self) -> str:
-        kind = "int8" if self.is_int8 else "fp32"
-        return f"OnnxClassifier({str(self.path)!r}, {kind}, threads={self.threads})"
-
-
-# --------------------------------------------------------------------------- default model
-
-
-def find_default_model(export_root: str | os.PathLike[str] = "export") -> Path:
-    """The newest ``EXPORT_ROOT/*/model.onnx`` (by modification time)."""
-    root = Path(export_root)
-    candidates = sorted(root.glob("*/model.onnx"), key=lambda p: (p.stat().st_mtime, str(p)))
-    if not candidates:
-        raise InputError(
-            f"no model found: {root}/*/model.onnx does not exist. Run `kidney-edge demo` to build a small "
-            "model, or `kidney-edge export RUN_DIR` for a trained run, or pass --model FILE.onnx"
-        )
-    return candidates[-1]
-
-
-# --------------------------------------------------------------------------- predict a folder
 
 EXIT_OK = 0
 EXIT_NOTHING_READ = 2  # same code as bad arguments: nothing useful came out of the run
@@ -193,6 +39,8 @@ _MAX_LISTED_FAILURES = 20
 
 
 class OutputFormat(str, Enum):
+    """Format of a predictions file (``--format``)."""
+
     CSV = "csv"
     JSONL = "jsonl"
 
@@ -216,10 +64,7 @@ class PredictConfig:
         set_(self, "out", Path(self.out))
         if self.model is not None:
             set_(self, "model", Path(self.model))
-        try:
-            set_(self, "fmt", OutputFormat(self.fmt))
-        except ValueError:
-            raise InputError(f"--format must be 'csv' or 'jsonl', got {self.fmt!r}") from None
+        set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
         if not self.folder.is_dir():
             raise InputError(
                 f"FOLDER {self.folder} is not a directory; pass the folder of images to classify"
@@ -284,8 +129,6 @@ def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
 def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
     # Plain strings, not Path objects: on 100,000 files Path construction alone costs seconds
     # of start-up before the first batch.
-    from kidney_edge.imaging import is_image_file
-
     root = os.path.abspath(folder)  # absolute without resolving symlinks: stable row keys
     found: list[str] = []
     for directory, subdirs, files in os.walk(root, onerror=_log_unreadable_folder):
@@ -300,46 +143,61 @@ def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
     return found
 
 
-def output_columns(class_names: tuple[str, ...]) -> list[str]:
-    """The predictions schema every writer shares (predict here, evaluate with ``true_label``)."""
-    return ["path", "label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names), "error"]
+FLOAT_DIGITS = 6  # decimals of probabilities and confidence in a predictions CSV
+
+
+def output_columns(class_names: Sequence[str], *, labelled: bool = False) -> list[str]:
+    """The predictions schema: ``path``, ``label``, ``argmax_label``, ``confidence``,
+    ``p_<Class>`` per class, ``error``.
+
+    ``labelled`` (evaluate's predictions.csv): ``true_label`` after ``path`` and no ``error``,
+    since every evaluated file was read or the evaluation stopped naming it.
+    """
+    scores = ["label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names)]
+    return ["path", "true_label", *scores] if labelled else ["path", *scores, "error"]
 
 
 def prediction_rows(
-    paths: Sequence[Any], probabilities: np.ndarray, spec: ModelSpec
+    paths: Sequence[Any],
+    probabilities: np.ndarray,
+    spec: ModelSpec,
+    *,
+    true_labels: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per file of :func:`output_columns`: ``label`` under the spec's decision rule,
-    ``argmax_label`` the most probable class, ``confidence`` the label's probability."""
+    ``argmax_label`` the most probable class, ``confidence`` the label's probability.
+
+    With ``true_labels`` the rows are ``labelled``: they carry ``true_label`` and no ``error``.
+    """
     labels, argmax = spec.decide(probabilities), probabilities.argmax(axis=1)
+    truths = [None] * len(paths) if true_labels is None else true_labels
     rows = []
-    for path, label, top, probs in zip(paths, labels, argmax, probabilities, strict=True):
-        row: dict[str, Any] = {
-            "path": path,
-            "label": spec.class_names[label],
-            "argmax_label": spec.class_names[top],
-            "confidence": float(probs[label]),
-        }
+    for path, truth, label, top, probs in zip(paths, truths, labels, argmax, probabilities, strict=True):
+        row: dict[str, Any] = {"path": path}
+        if true_labels is not None:
+            row["true_label"] = truth
+        row.update(
+            label=spec.class_names[label], argmax_label=spec.class_names[top], confidence=float(probs[label])
+        )
         row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
-        row["error"] = None
+        if true_labels is None:
+            row["error"] = None
         rows.append(row)
     return rows
 
 
-def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """CSV lines (no header) of ``rows``: floats with 6 decimals, None as an empty cell."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    for row in rows:
-        writer.writerow(
-            {k: ("" if v is None else f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}
-        )
-    return buffer.getvalue()
-
-
-def _format_rows(rows: list[dict[str, Any]], fmt: OutputFormat, columns: list[str]) -> str:
+def format_predictions(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: OutputFormat = OutputFormat.CSV,
+    *,
+    header: bool = False,
+) -> str:
+    """Rows as CSV lines (``header`` first when asked; floats with :data:`FLOAT_DIGITS` decimals,
+    None as an empty cell) or as JSON lines."""
     if fmt is OutputFormat.JSONL:
         return "".join(json.dumps(row) + "\n" for row in rows)
-    return csv_text(rows, columns)
+    return csv_text(rows, columns, header=header, float_digits=FLOAT_DIGITS)
 
 
 def _drop_partial_last_line(out: Path) -> None:
@@ -407,8 +265,6 @@ class _LoadedBatch:
 
 def _load_batch(paths: list[str], spec: ModelSpec) -> _LoadedBatch:
     """Decode + preprocess one batch (runs in a worker thread; Pillow releases the GIL)."""
-    from kidney_edge.imaging import preprocess
-
     size = spec.input_size
     inputs = np.empty((len(paths), 3, size, size), dtype=np.float32)
     ok: list[int] = []
@@ -486,9 +342,9 @@ def predict_folder(
     folder: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | None = None,
-    out: str | os.PathLike[str] = Path("predictions.csv"),
-    fmt: str = "csv",
-    batch_size: int = 8,
+    out: str | os.PathLike[str] = PredictConfig.out,
+    fmt: OutputFormat | str = PredictConfig.fmt,
+    batch_size: int = PredictConfig.batch_size,
     threads: int | None = None,
     workers: int | None = None,
     resume: bool = False,
@@ -535,7 +391,7 @@ def predict_folder(
     log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
 
     def write(rows: list[dict[str, Any]]) -> None:
-        handle.write(_format_rows(rows, config.fmt, columns))
+        handle.write(format_predictions(rows, columns, config.fmt))
         handle.flush()  # per batch: a crash or Ctrl-C keeps every finished row
         _record(summary, rows)
         if summary.first_batch_s is None:
@@ -548,7 +404,7 @@ def predict_folder(
     # Streamed, not atomic: the point is that rows already written survive an interruption.
     with open(config.out, "a" if append else "w", encoding="utf-8", newline="") as handle:
         if not append and config.fmt is OutputFormat.CSV:
-            handle.write(",".join(columns) + "\n")
+            handle.write(format_predictions([], columns, header=True))
         if progress is not None:
             progress(0, len(todo))
         try:

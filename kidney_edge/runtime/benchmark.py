@@ -1,0 +1,281 @@
+"""Latency and throughput of an exported model on this CPU, and of the whole predict pipeline.
+
+Model-only figures time ``OnnxClassifier.run`` on a fixed random batch after a warm-up:
+p50/p90/p99/mean milliseconds per batch and per image, and images/s, for every batch size x
+thread count, for fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit
+in the same folder. PyTorch eager on the same weights is measured only when a checkpoint is
+given and torch is importable (imported inside that branch: the runtime path stays torch-free).
+The end-to-end figure runs :func:`kidney_edge.runtime.predict_folder` on a folder of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kidney_edge.errors import InputError
+from kidney_edge.io_utils import atomic_write_json
+from kidney_edge.runtime.classifier import (
+    INT8_FILE,
+    MODEL_FILE,
+    OnnxClassifier,
+    find_default_model,
+    is_int8_model,
+)
+from kidney_edge.runtime.hardware import available_cpus, cpu_info
+from kidney_edge.runtime.predict import predict_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Options of ``kidney-edge benchmark``."""
+
+    model: Path | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    threads: tuple[int, ...] | None = None  # None: the CPUs this process may use
+    warmup: int = 5
+    iterations: int = 50
+    images_dir: Path | None = None
+    checkpoint: Path | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        set_(
+            self, "threads", (available_cpus(),) if not self.threads else tuple(int(t) for t in self.threads)
+        )
+        if not self.batch_sizes or any(not 1 <= b <= 512 for b in self.batch_sizes):
+            raise InputError(f"--batch-sizes must be integers in 1..512, got {list(self.batch_sizes)}")
+        if any(t < 1 for t in self.threads):
+            raise InputError(f"--threads must be integers >= 1, got {list(self.threads)}")
+        if self.warmup < 0 or self.iterations < 1:
+            raise InputError(
+                f"--warmup must be >= 0 and --iterations >= 1 (got {self.warmup}, {self.iterations})"
+            )
+        if self.images_dir is not None and not Path(self.images_dir).is_dir():
+            raise InputError(f"--images {self.images_dir} is not a directory")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise InputError(f"--checkpoint {self.checkpoint} does not exist")
+
+
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'1,8' -> (1, 8); InputError naming ``flag`` otherwise."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated integers such as 1,8; got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} needs at least one value, e.g. {flag} 1,8")
+    return values
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, usable cores, ISA flags, library versions and load: what the figures depend on."""
+    import onnxruntime
+
+    cpu = cpu_info()
+    return {
+        "cpu_model": cpu.model,
+        "cores_usable": available_cpus(),
+        "cores_host": os.cpu_count(),
+        "isa_flags": cpu.isa,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1m_5m_15m": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
+    }
+
+
+def model_variants(model: Path) -> dict[str, Path]:
+    """{'fp32': ..., 'int8': ...}: both when the export's two files sit side by side."""
+    siblings = {"fp32": model.with_name(MODEL_FILE), "int8": model.with_name(INT8_FILE)}
+    if model.name in (MODEL_FILE, INT8_FILE):
+        return {kind: path for kind, path in siblings.items() if path.is_file()}
+    return {"int8" if is_int8_model(model) else "fp32": model}
+
+
+def latency_stats(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
+    """Per-run wall times -> batch and per-image percentiles (ms) and throughput (images/s)."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    batch = {"p50": np.percentile(ms, 50), "p90": np.percentile(ms, 90), "p99": np.percentile(ms, 99)}
+    batch["mean"] = ms.mean()
+    return {
+        "latency_ms": {k: round(float(v), 4) for k, v in batch.items()},
+        "per_image_ms": {k: round(float(v) / batch_size, 4) for k, v in batch.items()},
+        "images_per_s": round(float(batch_size * len(ms) / (ms.sum() / 1000.0)), 2),
+    }
+
+
+def time_callable(run: Callable[[], Any], *, warmup: int, iterations: int) -> list[float]:
+    """Wall seconds of each of ``iterations`` calls of ``run``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _random_batch(batch_size: int, input_size: int) -> np.ndarray:
+    # Normalised CT-like inputs: values around 0 with unit spread; (N, 3, S, S) float32.
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(batch_size, 3, input_size, input_size)).astype(np.float32)
+
+
+def bench_onnx(
+    variants: dict[str, Path], config: BenchmarkConfig, report: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Model-only latency rows of each variant at every thread count x batch size."""
+    rows = []
+    for precision, path in variants.items():
+        for threads in config.threads:
+            classifier = OnnxClassifier(path, threads=threads)
+            for batch_size in config.batch_sizes:
+                report(f"onnxruntime {precision}, batch {batch_size}, {threads} threads")
+                batch = _random_batch(batch_size, classifier.input_size)
+                seconds = time_callable(
+                    lambda c=classifier, b=batch: c.run(b), warmup=config.warmup, iterations=config.iterations
+                )
+                rows.append(
+                    {"engine": "onnxruntime", "precision": precision, "model": str(path),
+                     "batch_size": batch_size, "threads": threads, "iterations": len(seconds),
+                     **latency_stats(seconds, batch_size)}
+                )  # fmt: skip
+    return rows
+
+
+def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[str], None]) -> dict[str, Any]:
+    """PyTorch eager on the checkpoint's weights; {'skipped': reason} when torch is missing."""
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "PyTorch is not installed (pip install 'kidney-edge[train]')", "rows": []}
+    from kidney_edge.checkpoint import load_model
+
+    model, spec = load_model(checkpoint, device="cpu")
+    previous_threads = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in config.threads:
+            torch.set_num_threads(threads)
+            for batch_size in config.batch_sizes:
+                report(f"PyTorch eager, batch {batch_size}, {threads} threads")
+                batch = torch.from_numpy(_random_batch(batch_size, spec.input_size))
+                with torch.inference_mode():
+                    seconds = time_callable(
+                        lambda b=batch: model(b), warmup=config.warmup, iterations=config.iterations
+                    )
+                rows.append(
+                    {"engine": "pytorch-eager", "precision": "fp32", "model": str(checkpoint),
+                     "batch_size": batch_size, "threads": threads, "iterations": len(seconds),
+                     "torch": torch.__version__, **latency_stats(seconds, batch_size)}
+                )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"skipped": None, "input_size": spec.input_size, "rows": rows}
+
+
+def bench_pipeline(model: Path, images_dir: Path, *, batch_size: int, threads: int) -> dict[str, Any]:
+    """End-to-end predict (scan, decode, preprocess, infer, write CSV) on a folder of images."""
+    with tempfile.TemporaryDirectory(prefix="kidney-edge-bench-") as scratch:
+        summary = predict_folder(
+            images_dir,
+            model=model,
+            out=Path(scratch) / "predictions.csv",
+            batch_size=batch_size,
+            threads=threads,
+        )
+    return {
+        "images_dir": str(images_dir),
+        "model": str(model),
+        "images": summary.processed,
+        "failed": summary.failed,
+        "batch_size": batch_size,
+        "threads": summary.threads,
+        "workers": summary.workers,
+        "seconds": round(summary.wall_s, 4),
+        "first_batch_s": None if summary.first_batch_s is None else round(summary.first_batch_s, 4),
+        "images_per_s": round(summary.images_per_s, 2),
+    }
+
+
+def int8_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fp32 mean latency / INT8 mean latency for each (batch size, threads) measured in both."""
+    fp32 = {(r["batch_size"], r["threads"]): r for r in rows if r["precision"] == "fp32"}
+    speedups = []
+    for row in rows:
+        key = (row["batch_size"], row["threads"])
+        if row["precision"] == "int8" and key in fp32:
+            ratio = fp32[key]["latency_ms"]["mean"] / row["latency_ms"]["mean"]
+            speedups.append({"batch_size": key[0], "threads": key[1], "speedup": round(ratio, 3)})
+    return speedups
+
+
+def run_benchmark(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    batch_sizes: Sequence[int] = BenchmarkConfig.batch_sizes,
+    threads: Sequence[int] | None = None,
+    warmup: int = BenchmarkConfig.warmup,
+    iterations: int = BenchmarkConfig.iterations,
+    images_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    json_out: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``model`` (default: newest export) and return (and optionally write) the record."""
+    config = BenchmarkConfig(
+        model=None if model is None else Path(model),
+        batch_sizes=tuple(batch_sizes),
+        threads=None if threads is None else tuple(threads),
+        warmup=warmup,
+        iterations=iterations,
+        images_dir=None if images_dir is None else Path(images_dir),
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+    )
+    report = progress or (lambda message: log.info("benchmark: %s", message))
+    model_path = config.model or find_default_model()
+    if not model_path.is_file():
+        raise InputError(f"--model {model_path} does not exist")
+    variants = model_variants(model_path)
+    spec = OnnxClassifier(model_path, threads=1).spec
+    result: dict[str, Any] = {
+        "kind": "kidney-edge-benchmark",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "model": {"path": str(model_path), "variants": {k: str(v) for k, v in variants.items()},
+                  "arch": spec.arch, "input_size": spec.input_size, "class_names": list(spec.class_names)},
+        "settings": {"batch_sizes": list(config.batch_sizes), "threads": list(config.threads),
+                     "warmup": config.warmup, "iterations": config.iterations},
+        "model_only": bench_onnx(variants, config, report),
+        "pytorch": None if config.checkpoint is None else bench_pytorch(config.checkpoint, config, report),
+        "pipeline": None,
+    }  # fmt: skip
+    result["int8_speedup"] = int8_speedup(result["model_only"])
+    if result["pytorch"] and result["pytorch"].get("input_size") not in (None, spec.input_size):
+        log.warning("the checkpoint's input size differs from the ONNX model's: not the same weights?")
+    if config.images_dir is not None:
+        report(f"end-to-end predict on {config.images_dir}")
+        fp32 = variants.get("fp32", model_path)
+        result["pipeline"] = bench_pipeline(
+            fp32, config.images_dir, batch_size=max(config.batch_sizes), threads=max(config.threads)
+        )
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+    return result
