@@ -420,3 +420,32 @@ def test_train_with_a_time_budget_records_its_plan_and_weights_are_untouched(
     budgeted = torch.load(out / "best.pt", weights_only=True)["model_state"]
     straight = torch.load(straight_run / "best.pt", weights_only=True)["model_state"]
     assert all(torch.equal(budgeted[k], straight[k]) for k in straight)
+
+
+def test_train_out_defaults_to_a_new_run_folder_under_models(tmp_path: Path, monkeypatch) -> None:
+    import re
+
+    from kidney_edge.cli import app
+    from kidney_edge.training import TrainResult, trainer
+    from kidney_edge.training.config import resolve_run_dir
+
+    started: list[TrainConfig] = []
+
+    def record(config: TrainConfig, progress=None) -> TrainResult:  # the CLI's wiring, not training
+        started.append(config)
+        metrics = {"best_phase": "head", "best_epoch": 1, "best_val_macro_f1": 0.5}
+        return TrainResult(config.out_dir, config.out_dir / "best.pt", metrics)
+
+    monkeypatch.setattr(trainer, "train", record)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "kidney-ct"
+    data.mkdir()
+    result = CliRunner().invoke(app, ["train", str(data), "--no-pretrained"])
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.out_dir.parent == Path("models")  # models/README.md: runs land in models/<run>/
+    assert re.fullmatch(r"kidney-ct-\d{8}-\d{6}", config.out_dir.name), config.out_dir
+    assert resolve_run_dir(data, tmp_path / "mine") == tmp_path / "mine"  # --out wins
+    resumed = CliRunner().invoke(app, ["train", str(data), "--resume"])
+    assert resumed.exit_code == 2 and "pass its folder as --out" in resumed.output
+    assert len(started) == 1

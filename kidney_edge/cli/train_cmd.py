@@ -13,6 +13,7 @@ from kidney_edge.training.config import (
     ALL_BLOCKS,
     ARCHS,
     DEVICES,
+    MODELS_ROOT,
     TrainConfig,
     default_finetune_phase,
     default_head_phase,
@@ -44,7 +45,13 @@ def train(
     data: Annotated[
         Path, typer.Argument(help="Image folder laid out as DATA/<Class>/<image> (e.g. Kaggle).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Run folder to create (or continue with --resume).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help=f"Run folder to create (or continue with --resume); default: {MODELS_ROOT}/<DATA name>-<time>.",
+        ),
+    ] = None,
     arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch(_RUN.arch),
     epochs_head: Annotated[
         int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone, cached features).")
@@ -113,11 +120,12 @@ def train(
     import dataclasses
 
     from kidney_edge.training import train as run_training
+    from kidney_edge.training.config import resolve_run_dir
     from kidney_edge.training.distributed import is_main_process
 
     with library_errors():
         config = TrainConfig(
-            data_dir=data, out_dir=out, arch=arch.value, image_size=image_size, batch_size=batch_size,
+            data_dir=data, out_dir=resolve_run_dir(data, out, resume=resume), arch=arch.value, image_size=image_size, batch_size=batch_size,
             seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             time_budget_min=time_budget,

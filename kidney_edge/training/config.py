@@ -7,6 +7,7 @@ for the measurements behind them). Validation messages name the CLI flag that se
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,24 @@ DEVICES = ("auto", "cpu", "cuda")
 # The backbones kidney_edge.backbones registers, named here without importing torch so that the
 # CLI can offer them as choices; tests/test_backbones.py checks that the registry agrees.
 ARCHS = ("efficientnet_lite0", "efficientnet_b0")
+MODELS_ROOT = Path("models")  # `kidney-edge train` writes MODELS_ROOT/<run name>/ without --out
+
+
+def default_run_dir(data_dir: str | Path, models_root: str | Path = MODELS_ROOT) -> Path:
+    """``models/<data folder name>-<YYYYmmdd-HHMMSS>``: a new run folder per run, named after its data."""
+    name = Path(data_dir).resolve().name or "run"
+    return Path(models_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run_dir(data_dir: str | Path, out_dir: str | Path | None, *, resume: bool = False) -> Path:
+    """``out_dir`` (--out), else a new :func:`default_run_dir`; --resume needs the run's own folder."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if resume:
+        raise InputError(
+            f"--resume continues an existing run: pass its folder as --out (e.g. {MODELS_ROOT}/RUN)"
+        )
+    return default_run_dir(data_dir)
 
 
 @dataclass(frozen=True)
