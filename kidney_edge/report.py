@@ -128,25 +128,17 @@ def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ci, per_class = block.get("ci", {}), block["per_class"]
     classes = ordered_classes(metrics["labels"], metrics["positive_class"])
     total = str(metrics["n_samples"])
-    rows = [
-        (
-            f"Recall {c}",
-            _fmt(per_class[c]["recall"]),
-            _fmt_ci(ci.get(f"recall_{c}")),
-            str(per_class[c]["support"]),
-        )
-        for c in classes
-    ]
+
+    def per_class_figure(figure: str, n_key: str) -> list[tuple[str, str, str, str]]:
+        return [
+            (f"{figure.capitalize()} {c}", _fmt(per_class[c][figure]), _fmt_ci(ci.get(f"{figure}_{c}")),
+             str(per_class[c][n_key]))
+            for c in classes
+        ]  # fmt: skip
+
+    rows = per_class_figure("recall", "support")
     rows.append(("Macro-F1", _fmt(block["macro_f1"]), _fmt_ci(ci.get("macro_f1")), total))
-    rows += [
-        (
-            f"Precision {c}",
-            _fmt(per_class[c]["precision"]),
-            _fmt_ci(ci.get(f"precision_{c}")),
-            str(per_class[c]["predicted"]),
-        )
-        for c in classes
-    ]
+    rows += per_class_figure("precision", "predicted")
     rows.append(("Accuracy", _fmt(block["accuracy"]), _fmt_ci(ci.get("accuracy")), total))
     rows.append(("Balanced accuracy", _fmt(block["balanced_accuracy"]), "", total))
     return rows
