@@ -106,12 +106,12 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], load: list[floa
 
 def main() -> None:
     args = parse_args()
-    from kidney_edge.dataset import split_dataset
+    from kidney_edge.dataset import SplitConfig, split_dataset
     from kidney_edge.phantom import synthesize
 
     data, splits = args.work / "data", args.work / "splits.csv"
     synthesize(data, n=args.n, seed=0, size=512, difficulty=0.25, slices_per_patient=(1, 3))
-    split_dataset(data, splits, seed=0)
+    split_dataset(data, splits, SplitConfig(seed=0))
     runs = [run(args, data, splits, freeze) for freeze in (True, False)]
     load = [round(x, 2) for x in os.getloadavg()]
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average_end": load, "runs": runs}

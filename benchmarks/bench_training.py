@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def phantom(args: argparse.Namespace) -> tuple[Path, Path]:
     """Phantom images + their splits.csv, made once under --cache."""
-    from kidney_edge.dataset import split_dataset
+    from kidney_edge.dataset import SplitConfig, split_dataset
     from kidney_edge.phantom import synthesize
 
     data = args.cache / f"phantom-{args.n}-{args.phantom_size}"
@@ -65,7 +65,7 @@ def phantom(args: argparse.Namespace) -> tuple[Path, Path]:
         synthesize(data, n=args.n, size=args.phantom_size, seed=0)
     splits = args.cache / f"splits-{args.n}-{args.phantom_size}.csv"
     if not splits.is_file():
-        split_dataset(data, splits, seed=0)
+        split_dataset(data, splits, SplitConfig(seed=0))
     return data, splits
 
 

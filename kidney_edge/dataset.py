@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge.errors import ImageReadError, InputError
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.io_utils import atomic_write_csv, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -1064,6 +1064,11 @@ def make_splits(
         proportion_tolerance=proportion_tolerance,
         min_eval_images=min_eval_images,
     )
+    return split_scan(scan, config)
+
+
+def split_scan(scan: DatasetScan, config: SplitConfig) -> SplitResult:
+    """:func:`make_splits` for a ready :class:`SplitConfig`."""
     if not scan.items:
         raise InputError(f"no usable images in {scan.root} to split")
     grouping = _group_items(scan, config)
@@ -1243,16 +1248,18 @@ def write_splits(rows: Sequence[SplitRow], csv_path: str | Path) -> None:
     """Write the manifest atomically; paths relative to the CSV's folder when possible."""
     csv_path = Path(csv_path)
     base = csv_path.resolve().parent
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(_COLUMNS)
-    for row in rows:
+
+    def location(path: Path) -> str:
         try:
-            location = Path(os.path.relpath(row.path, base)).as_posix()
+            return Path(os.path.relpath(path, base)).as_posix()
         except ValueError:  # another drive on Windows
-            location = row.path.as_posix()
-        writer.writerow([location, row.label, row.split, row.group, row.sha256])
-    atomic_write_text(csv_path, buffer.getvalue())
+            return path.as_posix()
+
+    records = [
+        {"path": location(row.path), "label": row.label, "split": row.split, "group": row.group, "sha256": row.sha256}
+        for row in rows
+    ]
+    atomic_write_csv(csv_path, records, _COLUMNS)
 
 
 def read_splits(csv_path: str | Path) -> list[SplitRow]:
@@ -1299,13 +1306,14 @@ def audit_path(csv_path: str | Path) -> Path:
 def split_dataset(
     data_dir: str | Path,
     out_csv: str | Path,
+    config: SplitConfig | None = None,
     *,
     progress: ProgressFn | None = None,
-    **make_splits_kwargs: Any,
 ) -> SplitResult:
-    """Scan ``data_dir``, split it, write ``out_csv`` and ``<stem>_audit.json`` beside it."""
+    """Scan ``data_dir``, split it under ``config`` (default: :class:`SplitConfig`'s defaults),
+    write ``out_csv`` and ``<stem>_audit.json`` beside it."""
     scan = scan_dataset(data_dir, progress=progress)
-    result = make_splits(scan, **make_splits_kwargs)
+    result = split_scan(scan, config or SplitConfig())
     write_splits(result.rows, out_csv)
     atomic_write_json(audit_path(out_csv), result.audit)
     log.info("wrote %s and %s", out_csv, audit_path(out_csv))

@@ -472,19 +472,14 @@ def export_model(
     config: ExportConfig | None = None,
     *,
     progress: Progress | None = None,
-    **options: Any,
 ) -> ExportResult:
     """Export RUN (best.pt + splits.csv) or a checkpoint to ``out_dir`` under ``config`` (default:
     :class:`ExportConfig`'s defaults); see the module docstring.
 
     Raises KidneyEdgeError when parity fails, or when INT8 fails the accuracy gate without
-    ``allow_int8_drop`` (``model.onnx`` is then kept, parity.json says why). ``options``
-    (ExportConfig fields as keywords) remain accepted only until ``kidney_edge.demo`` passes a
-    config; new code passes ``config``.
+    ``allow_int8_drop`` (``model.onnx`` is then kept, parity.json says why).
     """
-    if config is not None and options:
-        raise TypeError("pass either config or keyword options, not both")
-    config = config or ExportConfig(**options)
+    config = config or ExportConfig()
     checkpoint, run_splits = resolve_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from kidney_edge.dataset import (
     DatasetScan,
     ScannedImage,
+    SplitConfig,
     audit_path,
     data_fingerprint,
     make_splits,
@@ -429,7 +430,7 @@ def test_splits_csv_round_trip_with_relative_paths(tmp_path: Path, phantom_dir: 
     data = tmp_path / "project" / "data"
     shutil.copytree(phantom_dir, data)
     out = tmp_path / "project" / "runs" / "splits.csv"
-    result = split_dataset(data, out, seed=1)
+    result = split_dataset(data, out, SplitConfig(seed=1))
     text = out.read_text()
     assert text.startswith("path,label,split,group,sha256\n") and str(tmp_path) not in text
     assert "../data/Cyst/Cyst- (1).jpg" in text

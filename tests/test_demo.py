@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kidney_edge.cli import app
@@ -14,6 +15,7 @@ from kidney_edge.demo import QUICK
 runner = CliRunner()
 
 
+@pytest.mark.slow  # the suite's longest test (minutes): .ci/run runs it as its own step
 def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])

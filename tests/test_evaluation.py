@@ -62,10 +62,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def splits_csv(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kidney_edge.dataset import split_dataset
+    from kidney_edge.dataset import SplitConfig, split_dataset
 
     out = tmp_path_factory.mktemp("splits") / "splits.csv"
-    split_dataset(phantom_dir, out, seed=0)
+    split_dataset(phantom_dir, out, SplitConfig(seed=0))
     return out
 
 

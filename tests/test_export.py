@@ -34,10 +34,10 @@ def _checkpoint(
 
 @pytest.fixture(scope="module")
 def splits_csv(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kidney_edge.dataset import split_dataset
+    from kidney_edge.dataset import SplitConfig, split_dataset
 
     csv = tmp_path_factory.mktemp("splits") / "splits.csv"
-    split_dataset(phantom_dir, csv, seed=0)
+    split_dataset(phantom_dir, csv, SplitConfig(seed=0))
     return csv
 
 

@@ -40,10 +40,15 @@ class EpochPlan:
     budget_s: float
     speed: Speed
 
+    @property
+    def over_budget(self) -> bool:
+        return self.estimated_s > self.budget_s
+
     def describe(self) -> str:
+        over = " (over budget: one epoch is the least a run trains)" if self.over_budget else ""
         return (
             f"time budget {self.budget_s / 60:.1f} min: {self.head_epochs} head + {self.finetune_epochs} "
-            f"fine-tuning epochs, estimated {self.estimated_s / 60:.1f} min (measured "
+            f"fine-tuning epochs, estimated {self.estimated_s / 60:.1f} min{over} (measured "
             f"{1 / self.speed.finetune_s:.1f} images/s fine-tuning, {1 / self.speed.frozen_s:.1f} images/s inference)"
         )
 
@@ -53,6 +58,8 @@ def plan_epochs(config: TrainConfig, speed: Speed, n_train: int, n_val: int, n_t
 
     Estimate = fixed overhead + feature caching (train + val, frozen) + per fine-tuning epoch
     (train steps + a validation pass) + the end of the run (val calibration + test evaluation).
+    When not even one epoch fits, the plan keeps one and says it is over budget: a run that
+    trains nothing is of no use, and the estimate is only as good as the machine's load allows.
     """
     if config.time_budget_min is None:
         raise InputError("plan_epochs needs TrainConfig.time_budget_min (--time-budget)")
@@ -61,12 +68,7 @@ def plan_epochs(config: TrainConfig, speed: Speed, n_train: int, n_val: int, n_t
     per_epoch = n_train * speed.finetune_s + n_val * speed.frozen_s
     wanted = config.finetune.epochs
     fits = math.floor((budget - fixed) / per_epoch) if per_epoch > 0 else wanted
-    if fits < 1:
-        raise InputError(
-            f"--time-budget {config.time_budget_min:g} min is too short for one fine-tuning epoch here "
-            f"(about {(fixed + per_epoch) / 60:.1f} min needed); raise it, or lower --image-size"
-        )
-    epochs = min(wanted, fits)
+    epochs = max(1, min(wanted, fits))
     return EpochPlan(config.head.epochs, epochs, fixed + epochs * per_epoch, budget, speed)
 
 
@@ -76,7 +78,7 @@ def apply_plan(config: TrainConfig, plan: EpochPlan) -> TrainConfig:
     return dataclasses.replace(config, finetune=finetune)
 
 
-def measure_speed(step: Callable[[], int], infer: Callable[[], int], repeats: int = 2) -> Speed:
+def measure_speed(step: Callable[[], int], infer: Callable[[], int], repeats: int = 3) -> Speed:
     """Seconds per image of ``step`` (one training batch) and ``infer`` (one inference batch).
 
     Each callable runs one batch and returns its image count; the first call of each is a

@@ -31,7 +31,7 @@ def prepare_splits(data_dir: Path, splits: Path | None, run_dir: Path, *, seed: 
     if splits is None:
         if not data_dir.is_dir():
             raise InputError(f"data folder {data_dir} does not exist or is not a folder (DATA argument)")
-        rows = dataset.split_dataset(data_dir, out_csv, seed=seed).rows
+        rows = dataset.split_dataset(data_dir, out_csv, dataset.SplitConfig(seed=seed)).rows
     else:
         if not splits.is_file():
             raise InputError(f"--splits file {splits} does not exist")

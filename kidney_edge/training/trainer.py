@@ -122,6 +122,8 @@ def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, pr
     n_test = sum(1 for row in rows if row.split == "test")
     plan = budget.plan_epochs(config, speed, len(data.train_labels), len(data.val_labels), n_test)
     log.info(plan.describe())
+    if plan.over_budget:
+        log.warning("--time-budget %.1f min: %s", config.time_budget_min, plan.describe())
     if progress:
         progress(TrainEvent("plan", message=plan.describe()))
     planned = budget.apply_plan(config, plan)
