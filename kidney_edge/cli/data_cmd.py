@@ -11,6 +11,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.dataset import SplitConfig
+from kidney_edge.phantom2 import STYLE_SLICES_PER_PATIENT, PhantomStyle
 
 
 class SplitMode(str, Enum):
@@ -34,27 +36,41 @@ def synth(
         ),
     ] = 1.0,
     slices_per_patient: Annotated[
-        tuple[int, int],
+        tuple[int, int] | None,
         typer.Option(
             "--slices-per-patient",
             help="MIN MAX adjacent slices drawn of each patient (near-identical images that a split "
-            "must keep together).",
+            "must keep together). Default: the style's ("
+            + ", ".join(
+                f"{style.value} {low} {high}" for style, (low, high) in STYLE_SLICES_PER_PATIENT.items()
+            )
+            + ").",
         ),
-    ] = (2, 8),
+    ] = None,
+    style: Annotated[
+        PhantomStyle,
+        typer.Option(
+            "--style",
+            help="classic: the tuned phantom of the demo and tests. lookalike: an independent renderer "
+            "(other anatomy, noise, sizes 0.75-1.25 x --size, JPEG quality) to check training defaults "
+            "on data they were not tuned on.",
+        ),
+    ] = PhantomStyle.classic,
 ) -> None:
     """Generate a phantom kidney CT dataset in the Kaggle dataset's layout."""
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantom2 import synthesizer
 
+    options = {} if slices_per_patient is None else {"slices_per_patient": slices_per_patient}
     with library_errors(), Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("drawing slices", total=n)
-        summary = synthesize(
+        summary = synthesizer(style)(
             out,
             n=n,
             seed=seed,
             size=size,
             difficulty=difficulty,
-            slices_per_patient=slices_per_patient,
             progress=lambda done, total: bar.update(task, completed=done),
+            **options,
         )
     counts = ", ".join(f"{name} {count}" for name, count in summary.class_counts.items())
     console.print(
@@ -69,10 +85,12 @@ def split(
     out: Annotated[Path, typer.Option("--out", help="Manifest to write; the audit goes beside it.")] = Path(
         "splits.csv"
     ),
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the group assignment.")] = 0,
-    ratios: Annotated[
-        str, typer.Option("--ratios", help="train,val,test shares summing to 1.")
-    ] = "0.7,0.15,0.15",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed of the group assignment.")
+    ] = SplitConfig.seed,
+    ratios: Annotated[str, typer.Option("--ratios", help="train,val,test shares summing to 1.")] = ",".join(
+        f"{share:g}" for share in SplitConfig.ratios
+    ),
     split_mode: Annotated[
         SplitMode,
         typer.Option("--split-mode", help="grouped, or random (leaks; exists only to show the leak)."),
@@ -91,13 +109,37 @@ def split(
         typer.Option(
             "--near-dup-distance", help="Perceptual-hash distance (of 256 bits) for near duplicates; -1: off."
         ),
-    ] = 32,
+    ] = SplitConfig.near_dup_distance,
     series_distance: Annotated[
         float,
         typer.Option(
             "--series-distance", help="Thumbnail difference linking consecutively numbered files; -1: off."
         ),
-    ] = 0.17,
+    ] = SplitConfig.series_distance,
+    max_group_share: Annotated[
+        float,
+        typer.Option(
+            "--max-group-share",
+            help="Most of all images one near-duplicate/series group may hold: larger chains of "
+            "look-alikes are cut at their weakest links (byte-identical copies and --group-pattern "
+            "keys stay whole); -1: never cut.",
+        ),
+    ] = SplitConfig.max_group_share,
+    proportion_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--proportion-tolerance",
+            help="How far (as a share of the class) a class's split shares may stray from --ratios "
+            "before its groups are cut finer at weak links.",
+        ),
+    ] = SplitConfig.proportion_tolerance,
+    min_eval_images: Annotated[
+        int,
+        typer.Option(
+            "--min-eval-images",
+            help="Images of every class that val and test should each hold; fewer are warned about.",
+        ),
+    ] = SplitConfig.min_eval_images,
 ) -> None:
     """Scan a dataset folder and write a leakage-safe 70/15/15 splits.csv with an audit."""
     from kidney_edge.dataset import audit_path, split_dataset
@@ -106,16 +148,19 @@ def split(
         shares = _parse_ratios(ratios)
         with Progress(console=err_console, transient=True) as bar:
             task = bar.add_task("scanning images", total=None)
-            result = split_dataset(
-                data,
-                out,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            config = SplitConfig(
                 ratios=shares,
                 seed=seed,
                 mode=split_mode.value,
                 group_pattern=group_pattern,
                 near_dup_distance=None if near_dup_distance < 0 else near_dup_distance,
                 series_distance=None if series_distance < 0 else series_distance,
+                max_group_share=None if max_group_share < 0 else max_group_share,
+                proportion_tolerance=proportion_tolerance,
+                min_eval_images=min_eval_images,
+            )
+            result = split_dataset(
+                data, out, config, progress=lambda done, total: bar.update(task, completed=done, total=total)
             )
     _print_audit(result.audit)
     console.print(f"wrote {out} and {audit_path(out)}")
@@ -155,8 +200,13 @@ def _print_audit(audit: dict[str, Any]) -> None:
         f"{audit['near_duplicates']['groups']} ({audit['near_duplicates']['files']})",
     )
     leak.add_row(
-        "groups / largest / crossing splits",
-        f"{groups['total']} / {groups['largest']} / {groups['crossing_splits']}",
+        "groups / largest (share) / crossing splits",
+        f"{groups['total']} / {groups['largest']} ({groups['largest_share']:.1%}) / {groups['crossing_splits']}",
+    )
+    cuts = audit["group_cuts"]
+    leak.add_row(
+        "group bound (images) / links cut / groups cut",
+        f"{cuts['bound_images']} / {cuts['links_cut']} / {cuts['groups_cut']}",
     )
     for split_name, numbers in audit["leak"].items():
         leak.add_row(f"{split_name} images with an exact twin in train", str(numbers["exact_twin_in_train"]))
@@ -164,11 +214,8 @@ def _print_audit(audit: dict[str, Any]) -> None:
     leak.add_row("label conflicts (files excluded)", str(audit["label_conflicts"]["files"]))
     leak.add_row("scan problems", str(len(audit["scan_problems"])))
     console.print(leak)
-    if audit["leaked_images"]:
-        err_console.print(
-            f"[bold yellow]warning:[/] {audit['leaked_images']} validation/test images have a twin in train: "
-            "their scores will be inflated (use --split-mode grouped)"
-        )
+    for warning in audit["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     for problem in audit["scan_problems"][:10]:
         err_console.print(f"[yellow]skipped[/] {problem['path']}: {problem['reason']}", highlight=False)
     if len(audit["scan_problems"]) > 10:
