@@ -38,14 +38,15 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge.errors import InputError
-from kidney_edge.io_utils import atomic_write_text
+from kidney_edge.io_utils import atomic_write_csv
 from kidney_edge.spec import DEFAULT_CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
 # Class sizes of the public Kaggle dataset (12,446 images).
-KAGGLE_CLASS_COUNTS = {"Normal": 5077, "Cyst": 3709, "Tumor": 2283, "Stone": 1377}
-FINDINGS = {"Normal": "none", "Cyst": "cyst", "Stone": "stone", "Tumor": "tumor"}
+CYST, NORMAL, STONE, TUMOR = DEFAULT_CLASS_NAMES  # the Kaggle dataset's class folders
+KAGGLE_CLASS_COUNTS = {NORMAL: 5077, CYST: 3709, TUMOR: 2283, STONE: 1377}
+FINDINGS = {NORMAL: "none", CYST: "cyst", STONE: "stone", TUMOR: "tumor"}
 # Default difficulty; higher means smaller, fainter lesions and more noise (see _Lesions).
 DEFAULT_DIFFICULTY = 1.0
 DUPLICATE_FRACTION = 0.03  # share of files that are byte copies of another file of the class
@@ -839,8 +840,4 @@ def _truth_row(
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, object]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, rows, columns)

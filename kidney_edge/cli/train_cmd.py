@@ -86,7 +86,7 @@ def train(
     patience: Annotated[
         int,
         typer.Option(
-            "--patience", help="Early stop after N epochs without gain (never in a phase's first half)."
+            "--patience", help="Phase 2 stops after N epochs without gain (never in its first half)."
         ),
     ] = _FINETUNE.patience,
     time_budget: Annotated[
@@ -129,7 +129,7 @@ def train(
             seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             time_budget_min=time_budget,
-            head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head, patience=patience),
+            head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head),
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
