@@ -65,7 +65,7 @@ def render(summary: dict, total_s: float | None, load: list[float], notes: list[
         )
         + " |",
         "",
-        f"Decision rule stored in the model: {head['rule'].get('description')}.",
+        f"Decision rule stored in the model: {head['decision_rule']['description']}.",
         "",
         f"| figure | test split ({head.get('n_test')} slices), argmax | test, rule "
         f"| hold-out ({hold.get('n')} slices of new patients), argmax | hold-out, rule |",

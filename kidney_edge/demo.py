@@ -232,7 +232,7 @@ def best_val_f1_per_phase(history_csv: Path) -> dict[str, float]:
 def headline_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     """Per decision (``argmax``, ``rule``): per-class recall (positive class first), macro-F1,
     precision, accuracy and the positive class's recall, with CIs, from a metrics.json."""
-    figures: dict[str, Any] = {"n_test": metrics["n_samples"], "rule": metrics["decision_rule"]}
+    figures: dict[str, Any] = {"n_test": metrics["n_samples"], "decision_rule": metrics["decision_rule"]}
     for decision in ("argmax", "rule"):
         figures[decision] = _decision_figures(metrics[decision], metrics["positive_class"])
     return figures
