@@ -12,22 +12,22 @@ its own anatomy model, built from signed-distance shapes placed in millimetres:
   couch, and sometimes the arms;
 - bean-shaped kidneys (a hilar notch facing anteromedially) with renal sinus fat, a pelvis and
   calyces holding urine, and spoke-like medullary pyramids in the corticomedullary phase;
-- findings in one kidney: stones of a few millimetres in a calyx or the pelvis; cysts, a
+- findings in one kidney: stones of 5-14 mm (2-8 px at 224 px) in a calyx or the pelvis; cysts, a
   quarter of them hyperdense (50-85 HU, not water-dark); tumours as lobulated, heterogeneous,
   often necrotic masses that bulge out of the kidney;
 - calcifications outside the collecting system on any class (aortic wall plaques, gallstones,
   dense bowel contents, oral contrast), so "a bright dot" is not a shortcut.
 
 Acquisition varies per patient: image side (0.75-1.25 x ``size``), field of view (the body fills
-68-95 % of the width), contrast phase, reconstruction kernel, window, low-dose noise with a
+75-100 % of the width), contrast phase, reconstruction kernel, window, low-dose noise with a
 ramp-filtered noise power spectrum, and JPEG quality 60-95. Patients are drawn from a few
 body-habitus archetypes, so different patients look alike. Each patient is 3-6 consecutive
-slices (the anatomy drifts by a millimetre or two, the finding is cut at 60-100 % of its widest
+slices (the anatomy drifts by a millimetre or two, the finding is cut at 75-100 % of its widest
 section) and ~3 % of files are byte copies filed under another number.
 
-``difficulty`` (0.25-4, default 1) scales findings (size x difficulty^-0.5, contrast), noise
-(x difficulty^0.5), how often look-alike calcifications appear and the share of non-contrast
-studies. numpy + Pillow only; deterministic for a seed.
+``difficulty`` (0.25-4, default 1) scales findings (size x difficulty^-0.5, tumour contrast
+x difficulty^-0.3), noise (x difficulty^0.5), how often look-alike calcifications appear and
+the share of non-contrast studies. numpy + Pillow only; deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge import phantom
+from kidney_edge.dataset import LABELS_CSV
 from kidney_edge.errors import InputError
+from kidney_edge.io_utils import atomic_write_csv
 from kidney_edge.phantom import (
     DEFAULT_DIFFICULTY,
-    DUPLICATE_FRACTION,
     FINDINGS,
     KAGGLE_CLASS_COUNTS,
     PhantomConfig,
@@ -56,7 +57,6 @@ from kidney_edge.phantom import (
     _ClassPlan,
     _clear_previous_phantom,
     _label_row,
-    _write_csv,
     class_counts,
     file_name,
 )
@@ -235,16 +235,17 @@ class _Canvas:
         grain: float = 0.0,
         within: np.ndarray | None = None,
         below_y: float | None = None,
-        keep: bool = False,
-    ) -> np.ndarray | None:
+        mask: np.ndarray | None = None,
+    ) -> None:
         """Blend ``value`` (+ ``tex``/``grain`` HU of texture) into the shape's coverage.
 
         ``within``: a full-size coverage the shape is clipped to; ``below_y``: only below this
-        height in mm (an air-fluid level). ``keep``: return the full-size coverage.
+        height in mm (an air-fluid level); ``mask``: a full-size array that keeps the maximum
+        of itself and the coverage (where the shape is, for tests and the truth file).
         """
         found = self.coverage(shape)
         if found is None:
-            return np.zeros_like(self.hu) if keep else None
+            return
         region, weight = found
         if within is not None:
             weight = weight * within[region]
@@ -258,11 +259,8 @@ class _Canvas:
             fill = fill + grain * self.grain[region]
         target = self.hu[region]
         target += weight * (fill - target)
-        if not keep:
-            return None
-        full = np.zeros_like(self.hu)
-        full[region] = weight
-        return full
+        if mask is not None:
+            np.maximum(mask[region], weight, out=mask[region])
 
 
 # ----------------------------------------------------------------------------- random fields
@@ -273,8 +271,8 @@ class _Fields:
     """Pre-computed random fields that patients and slices read windows of (cheap per slice)."""
 
     noise: dict[str, np.ndarray]  # kernel -> unit-std noise with that kernel's noise power spectrum
-    texture: np.ndarray  # smooth (about 12 px) unit-std field for organ heterogeneity
-    grain: np.ndarray  # fine (about 3 px) unit-std field for mottle and tumour texture
+    texture: np.ndarray  # unit std, blobs ~6 px across (FWHM): organ heterogeneity
+    grain: np.ndarray  # unit std, ~1.6 px across: mottle, stool, tumour texture
 
 
 # Reconstruction kernels: (apodisation cut-off in cycles/px, relative noise std). Filtered back
@@ -351,7 +349,7 @@ def _draw_habitus(rng: np.random.Generator) -> _Habitus:
         kidney_spread=rng.uniform(62, 84),
         kidney_tilt=rng.uniform(0.35, 0.8),
         liver_reach=rng.uniform(0.35, 1.0),
-        fill=rng.uniform(0.68, 0.95),
+        fill=rng.uniform(0.75, 1.0),
         layout=int(rng.integers(0, 2**31)),
     )
 
@@ -362,7 +360,7 @@ def _jitter(habitus: _Habitus, rng: np.random.Generator) -> _Habitus:
         name: getattr(habitus, name) * float(rng.normal(1.0, 0.03))
         for name in ("half_width", "front", "back", "fat_front", "fat_back", "wall", "spine_depth")
     }
-    changes["fill"] = float(np.clip(habitus.fill * rng.normal(1.0, 0.03), 0.5, 0.95))
+    changes["fill"] = float(np.clip(habitus.fill * rng.normal(1.0, 0.03), 0.7, 1.02))
     return replace(habitus, **changes)
 
 
@@ -384,7 +382,7 @@ _PHASE_NAMES = ("non-contrast", "portal-venous", "corticomedullary")
 
 
 def _draw_phase(rng: np.random.Generator, difficulty: float) -> _Phase:
-    plain = min(0.7, 0.2 * difficulty)  # non-contrast studies hide cysts and tumours best
+    plain = min(0.7, 0.15 * difficulty)  # non-contrast studies hide cysts and tumours best
     name = _PHASE_NAMES[int(rng.choice(3, p=[plain, 0.65 * (1 - plain), 0.35 * (1 - plain)]))]
     u = rng.uniform
     if name == "non-contrast":
@@ -700,7 +698,7 @@ def _paint_couch(cv: _Canvas, h: _Habitus, rng: np.random.Generator) -> None:
 
 def _paint_arms(cv: _Canvas, h: _Habitus, rng: np.random.Generator) -> None:
     """Arms resting beside the body, when the field of view is wide enough to show them."""
-    if h.fill > 0.75 or rng.random() > 0.35:
+    if h.fill > 0.85 or rng.random() > 0.3:
         return
     for m in (-1.0, 1.0):
         x, r = m * (h.half_width + rng.uniform(25, 40)), rng.uniform(32, 42)
@@ -828,14 +826,14 @@ def _collecting_system(kid: _Kidney, scale: float) -> list[_Shape]:
 
 
 def _paint_kidney(
-    cv: _Canvas, kid: _Kidney, phase: _Phase, scale: float, keep: bool
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+    cv: _Canvas, kid: _Kidney, phase: _Phase, scale: float, kidneys: np.ndarray, system: np.ndarray
+) -> None:
     """Parenchyma, pyramids, sinus fat and collecting system at this slice's ``scale``.
 
-    Returns (kidney, collecting system) coverages when ``keep``.
+    Their coverages are added to ``kidneys`` and ``system`` (full-size masks).
     """
     outline = _kidney_outline(kid, scale)
-    kidney = cv.paint(outline, phase.cortex, tex=4, keep=keep)
+    cv.paint(outline, phase.cortex, tex=4, mask=kidneys)
     if phase.medulla < phase.cortex - 20:  # corticomedullary phase: darker pyramids as spokes
         pyramids = replace(outline, a=outline.a * 0.72, b=outline.b * 0.68, lobes=())
         spokes = 6.0
@@ -851,12 +849,8 @@ def _paint_kidney(
     sx, sy = _kidney_point(kid, 0.0, 0.55, scale)  # the sinus opens through the hilum
     sinus = _Radial(sx, sy, kid.a * 0.48 * scale, kid.b * 0.55 * scale, angle=kid.angle, lobes=kid.lobes)
     cv.paint(sinus, FAT + 35, tex=10, grain=10)
-    system = np.zeros_like(cv.hu) if keep else None
     for shape in _collecting_system(kid, scale):
-        cover = cv.paint(shape, WATER, keep=keep)
-        if system is not None and cover is not None:
-            np.maximum(system, cover, out=system)
-    return kidney, system
+        cv.paint(shape, WATER, mask=system)
 
 
 def _make_finding(
@@ -867,7 +861,8 @@ def _make_finding(
     kid = patient.kidneys[k]
     grow = difficulty**-0.5
     z = half_span * rng.uniform(0.8, 1.2)  # near the middle slice (slice 0 is at z = 0)
-    extent = 1.25 * half_span + 0.5  # every slice cuts the finding at >= 60 % of its widest section
+    # Slices lie within 1.2 half_span of z, so each cuts the finding at >= 75 % of its widest section.
+    extent = 1.8 * half_span + 0.5
     if kind == "none":
         return _Finding("none", k, kid.x, kid.y, 0.0, 0.0, z, extent)
     if kind == "stone":
@@ -948,32 +943,28 @@ def _make_stones(
     )
 
 
-def _paint_finding(cv: _Canvas, finding: _Finding, z: float, keep: bool) -> tuple[np.ndarray | None, float]:
-    """Paint the finding's section at height ``z``; returns (coverage if ``keep``, section radius)."""
+def _paint_finding(cv: _Canvas, finding: _Finding, z: float) -> tuple[np.ndarray, float]:
+    """Paint the finding's section at height ``z``; returns (its full-size coverage, section radius mm)."""
+    cover = np.zeros_like(cv.hu)
     if finding.kind == "none":
-        return (np.zeros_like(cv.hu) if keep else None), 0.0
+        return cover, 0.0
     section = finding.radius * math.sqrt(max(0.0, 1.0 - ((z - finding.z) / finding.extent) ** 2))
     if finding.kind == "stone":
-        cover = cv.paint(_disc(finding.x, finding.y, section), finding.hu, keep=keep)
+        cv.paint(_disc(finding.x, finding.y, section), finding.hu, mask=cover)
         for x, y, r, zs in finding.extra_stones:
             part = 1.0 - ((z - zs) / (2.0 * r)) ** 2  # small stones: a sphere, seen on few slices
             if part > 0:
                 cv.paint(_disc(x, y, r * math.sqrt(part)), finding.hu)
-        return cover, section
-    if finding.kind == "cyst":
-        return cv.paint(
-            _Radial(finding.x, finding.y, section, section * 0.92), finding.hu, grain=2, keep=keep
-        ), section
-    mass = _Radial(finding.x, finding.y, section, section * 0.88, angle=finding.angle, lobes=finding.lobes)
-    cover = cv.paint(mass, finding.hu, tex=12, grain=14, keep=keep)
-    if finding.necrosis:
-        core = replace(
-            mass,
-            a=section * finding.necrosis,
-            b=section * finding.necrosis * 0.8,
-            x=finding.x + 0.15 * section,
+    elif finding.kind == "cyst":
+        cv.paint(_Radial(finding.x, finding.y, section, section * 0.92), finding.hu, grain=2, mask=cover)
+    else:
+        mass = _Radial(
+            finding.x, finding.y, section, section * 0.88, angle=finding.angle, lobes=finding.lobes
         )
-        cv.paint(core, 18.0, grain=10)
+        cv.paint(mass, finding.hu, tex=12, grain=14, mask=cover)
+        if finding.necrosis:
+            core = replace(mass, a=section * finding.necrosis, b=section * finding.necrosis * 0.8)
+            cv.paint(replace(core, x=finding.x + 0.15 * section), 18.0, grain=10)
     return cover, section
 
 
@@ -994,7 +985,7 @@ class RenderedSlice:
 
 
 def _render(
-    patient: _Patient, finding: _Finding, index: int, rng: np.random.Generator, fields: _Fields, keep: bool
+    patient: _Patient, finding: _Finding, index: int, rng: np.random.Generator, fields: _Fields
 ) -> RenderedSlice:
     """Slice ``index`` of ``patient``: crop the drifting anatomy, add kidneys, finding, noise, window."""
     scan = patient.scan
@@ -1004,44 +995,37 @@ def _render(
     oy = int(np.clip(round(m + scan.drift[1] * index + rng.normal(0, 0.3)), 0, 2 * m))
     window = (slice(oy, oy + side), slice(ox, ox + side))
     centre = (scan.centre[0] + m - ox, scan.centre[1] + m - oy)
-    cv = _Canvas(
-        patient.base[window].copy(),
-        scan.mm_per_px,
-        centre,
-        scan.edge_mm,
-        patient.texture[window],
-        patient.grain[window],
-    )
-    kidneys, system = [], []
+    texture, grain = patient.texture[window], patient.grain[window]
+    cv = _Canvas(patient.base[window].copy(), scan.mm_per_px, centre, scan.edge_mm, texture, grain)
+    kidneys = np.zeros_like(cv.hu)
+    system = np.zeros_like(cv.hu)
     for kid in patient.kidneys:
         scale = math.sqrt(max(0.5, 1.0 - ((z + kid.z_offset) / 60.0) ** 2))  # ~120 mm long ellipsoid
-        kidney, collecting = _paint_kidney(cv, kid, patient.phase, scale, keep)
-        kidneys.append(kidney)
-        system.append(collecting)
-    lesion, section = _paint_finding(cv, finding, z, keep)
-    clean = cv.hu.copy() if keep else None
+        _paint_kidney(cv, kid, patient.phase, scale, kidneys, system)
+    lesion, section = _paint_finding(cv, finding, z)
+    clean = cv.hu.copy()
     noise = _window_of(fields.noise[scan.kernel], rng, side)
     cv.hu += noise * patient.noise_gain[window] * scan.noise_hu
     low = scan.level - scan.width / 2
     pixels = np.clip((cv.hu - low) * (255.0 / scan.width) + 0.5, 0, 255).astype(np.uint8)
-    fx, fy = cv.to_px(finding.x, finding.y)
-    if not keep:
-        empty = np.zeros((0, 0), bool)
-        return RenderedSlice(pixels, cv.hu, empty, empty, empty, (fx, fy), section / scan.mm_per_px)
-    assert clean is not None and lesion is not None
     finding_mask = lesion > 0.3
-    kidney_mask = np.maximum(kidneys[0], kidneys[1]) > 0.5
+    kidney_mask = kidneys > 0.5
     if finding.kind in ("cyst", "tumor"):
         kidney_mask |= finding_mask
-    system_mask = np.maximum(system[0], system[1]) > 0.5
     return RenderedSlice(
-        pixels, clean, kidney_mask, system_mask, finding_mask, (fx, fy), section / scan.mm_per_px
+        pixels,
+        clean,
+        kidney_mask,
+        system > 0.5,
+        finding_mask,
+        cv.to_px(finding.x, finding.y),
+        section / scan.mm_per_px,
     )
 
 
 def _encode(pixels: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").convert("RGB").save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -1061,19 +1045,19 @@ def render_patient(
         raise InputError(f"class must be one of {list(FINDINGS)} (got {class_name!r})")
     PhantomConfig(n=n_slices, seed=seed, size=size, difficulty=difficulty)
     rng = np.random.default_rng([seed, 23])
-    fields = _make_fields(np.random.default_rng([seed, 5]), _field_side([size]))
+    fields = _make_fields(np.random.default_rng([seed, 5]), _field_side(size))
     patient = _build_patient(rng, _draw_habitus(rng), fields, size, difficulty)
     finding = _make_finding(rng, patient, FINDINGS[class_name], difficulty, _half_span(patient, n_slices))
-    return [_render(patient, finding, s, rng, fields, keep=True) for s in range(n_slices)]
+    return [_render(patient, finding, s, rng, fields) for s in range(n_slices)]
 
 
 def _half_span(patient: _Patient, n_slices: int) -> float:
     return max(0.5, (n_slices - 1) * patient.scan.spacing_mm / 2)
 
 
-def _field_side(sizes: list[int]) -> int:
-    largest = max(16, int(round(max(sizes) * max(SIZE_FACTORS) / 8)) * 8)
-    return 2 * largest + 64
+def _field_side(size: int) -> int:
+    """Side of the random fields: room for random windows of the largest image and its margin."""
+    return 2 * int(round(size * max(SIZE_FACTORS))) + 64
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -1108,29 +1092,11 @@ def _plan(name: str, count: int, config: PhantomConfig, rng: np.random.Generator
 
 
 TRUTH_COLUMNS = (
-    "path",
-    "class",
-    "patient",
-    "slice",
-    "finding",
-    "kidney_side",
-    "lesion_x",
-    "lesion_y",
-    "lesion_radius_px",
-    "lesion_contrast_hu",
-    "phase",
-    "duplicate_of",
-    "difficulty",
-    "habitus",
-    "size_px",
-    "fov_mm",
-    "kernel",
-    "noise_hu",
-    "window",
-    "jpeg_quality",
-    "hyperdense",
-    "confounders",
-)
+    "path", "class", "patient", "slice", "finding", "kidney_side", "lesion_x", "lesion_y",
+    "lesion_radius_px", "lesion_contrast_hu", "phase", "duplicate_of", "difficulty",
+    "habitus", "size_px", "fov_mm", "kernel", "noise_hu", "window", "jpeg_quality",
+    "hyperdense", "confounders",
+)  # fmt: skip
 
 
 def synthesize(
@@ -1147,24 +1113,19 @@ def synthesize(
     """Write ``n`` look-alike slices to ``out_dir`` in the Kaggle layout; see the module docstring.
 
     Takes the same arguments as :func:`kidney_edge.phantom.synthesize`. ``size`` is the
-    nominal image side: each patient is stored at 0.75, 0.875, 1 or 1.25 times it. Deterministic
+    nominal image side: each patient is stored at one of :data:`SIZE_FACTORS` times it. Deterministic
     for its arguments but ``progress``. A previous phantom in ``out_dir`` is replaced; any other
     non-empty folder is refused.
     """
+    low, high = slices_per_patient
     config = PhantomConfig(
-        n=n,
-        seed=seed,
-        size=size,
-        difficulty=difficulty,
-        class_mix=class_mix,
-        duplicate_fraction=DUPLICATE_FRACTION,
-        slices_per_patient=tuple(slices_per_patient),
-    )  # type: ignore[arg-type]
+        n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix, slices_per_patient=(low, high)
+    )
     out = Path(out_dir)
     _clear_previous_phantom(out)
     counts = class_counts(config.n, config.class_mix)
     plan_rng = np.random.default_rng([config.seed, 17])
-    fields = _make_fields(np.random.default_rng([config.seed, 5]), _field_side([config.size]))
+    fields = _make_fields(np.random.default_rng([config.seed, 5]), _field_side(config.size))
     expected_patients = config.n / (sum(config.slices_per_patient) / 2)
     habitus_rng = np.random.default_rng([config.seed, 11])
     archetypes = [
@@ -1187,7 +1148,7 @@ def synthesize(
                 rng, patient, FINDINGS[name], config.difficulty, _half_span(patient, n_slices)
             )
             for s in range(n_slices):
-                rendered = _render(patient, finding, s, rng, fields, keep=False)
+                rendered = _render(patient, finding, s, rng, fields)
                 data = _encode(rendered.pixels, patient.scan.quality)
                 numbers = plan.numbers[(p, s)]
                 first = f"{name}/{file_name(name, numbers[0])}"
@@ -1213,9 +1174,9 @@ def synthesize(
                     if progress is not None:
                         progress(done, config.n)
     n_duplicates = sum(1 for row in truth_rows if row["duplicate_of"])
-    labels_csv, truth_csv = out / "kidneyData.csv", out / "phantom_truth.csv"
-    _write_csv(truth_csv, TRUTH_COLUMNS, truth_rows)
-    _write_csv(labels_csv, ("image_id", "path", "diag", "target", "Class"), label_rows)
+    labels_csv, truth_csv = out / LABELS_CSV, out / "phantom_truth.csv"
+    atomic_write_csv(truth_csv, truth_rows, TRUTH_COLUMNS)
+    atomic_write_csv(labels_csv, label_rows, ("image_id", "path", "diag", "target", "Class"))
     log.info("wrote %d look-alike slices of %d patients to %s", done, n_patients, out)
     return PhantomSummary(out, counts, done, n_patients, n_duplicates, labels_csv, truth_csv)
 

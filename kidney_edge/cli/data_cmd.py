@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
 from kidney_edge.dataset import SplitConfig
-from kidney_edge.phantom2 import STYLE_SLICES_PER_PATIENT, PhantomStyle
+from kidney_edge.phantom2 import SIZE_FACTORS, STYLE_SLICES_PER_PATIENT, PhantomStyle
 
 
 class SplitMode(str, Enum):
@@ -27,7 +27,13 @@ def synth(
         int, typer.Option("--n", help="Number of images (default: the Kaggle dataset's 12,446).")
     ] = 12446,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 512,
+    size: Annotated[
+        int,
+        typer.Option(
+            "--size",
+            help=f"Image side in pixels (lookalike: each patient's is {min(SIZE_FACTORS)}-{max(SIZE_FACTORS)} x this).",
+        ),
+    ] = 512,
     difficulty: Annotated[
         float,
         typer.Option(
@@ -52,8 +58,8 @@ def synth(
         typer.Option(
             "--style",
             help="classic: the tuned phantom of the demo and tests. lookalike: an independent renderer "
-            "(other anatomy, noise, sizes 0.75-1.25 x --size, JPEG quality) to check training defaults "
-            "on data they were not tuned on.",
+            "(other anatomy, noise, image sizes, fields of view and JPEG quality) to check training "
+            "defaults on data they were not tuned on.",
         ),
     ] = PhantomStyle.classic,
 ) -> None:
