@@ -120,8 +120,10 @@ def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int
 
     n_train = sum(1 for row in read_splits(splits) if row.split == "train")
     share = _unfrozen_share(config)
+    from kidney_edge.demo import decision_figures
+
     test = result.metrics["test"]
-    figures = {block: _figures(test[block]) for block in ("argmax", "rule")}
+    figures = {block: decision_figures(test[block], test["positive_class"]) for block in ("argmax", "rule")}
     return {
         "test": figures,
         "best_val_macro_f1": {
@@ -161,19 +163,6 @@ def _unfrozen_share(config: Any) -> float:
     configure_trainable(model, config.finetune)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable / sum(p.numel() for p in model.parameters())
-
-
-def _figures(block: dict[str, Any]) -> dict[str, Any]:
-    ci = block.get("ci", {})
-    return {
-        "macro_f1": block["macro_f1"],
-        "macro_f1_ci": ci.get("macro_f1"),
-        "tumor_recall": block["per_class"]["Tumor"]["recall"],
-        "tumor_recall_ci": ci.get("recall_Tumor"),
-        "accuracy": block["accuracy"],
-        "accuracy_ci": ci.get("accuracy"),
-        "n_test": block["n_samples"],
-    }
 
 
 # --------------------------------------------------------------------------- selection and tables

@@ -234,11 +234,12 @@ def headline_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     precision, accuracy and the positive class's recall, with CIs, from a metrics.json."""
     figures: dict[str, Any] = {"n_test": metrics["n_samples"], "decision_rule": metrics["decision_rule"]}
     for decision in ("argmax", "rule"):
-        figures[decision] = _decision_figures(metrics[decision], metrics["positive_class"])
+        figures[decision] = decision_figures(metrics[decision], metrics["positive_class"])
     return figures
 
 
-def _decision_figures(block: dict[str, Any], positive_class: str | None) -> dict[str, Any]:
+def decision_figures(block: dict[str, Any], positive_class: str | None) -> dict[str, Any]:
+    """The headline figures of one metrics block (argmax or rule), positive class first."""
     from kidney_edge.report import ordered_classes
 
     order = ordered_classes(block["labels"], positive_class)
@@ -296,20 +297,20 @@ def holdout_figures(predictions_csv: Path, spec: Any) -> dict[str, Any]:
     """argmax and rule figures (with CIs) of predict's rows, the truth being each file's class folder."""
     import numpy as np
 
+    from kidney_edge.evaluation import class_indices
     from kidney_edge.metrics import classification_metrics
 
     with open(predictions_csv, newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if not row["error"]]
     if not rows:
         raise InputError(f"{predictions_csv}: no predicted rows to score")
-    index = {name: k for k, name in enumerate(spec.class_names)}
-    y_true = np.array([index[Path(row["path"]).parent.name] for row in rows])
+    y_true = class_indices([Path(row["path"]).parent.name for row in rows], spec.class_names)
     probabilities = np.array([[float(row[f"p_{c}"]) for c in spec.class_names] for row in rows])
     figures: dict[str, Any] = {"n": len(rows)}
     for decision, column in (("argmax", "argmax_label"), ("rule", "label")):
-        y_pred = np.array([index[row[column]] for row in rows])
+        y_pred = class_indices([row[column] for row in rows], spec.class_names)
         block = classification_metrics(y_true, y_pred, probabilities, spec.class_names)
-        figures[decision] = _decision_figures(block, spec.positive_class)
+        figures[decision] = decision_figures(block, spec.positive_class)
     return figures
 
 

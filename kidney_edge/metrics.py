@@ -370,10 +370,9 @@ def tumor_decision_rule(
     missed = np.sort(scores[is_positive & ~caught])[::-1]
     threshold = float(missed[still_needed - 1])
     note = ""
-    below = scores[~is_positive & ~caught]
-    below = below[below < threshold]
-    if not (scores[~is_positive & ~caught] >= threshold).any() and len(below):
-        gap_low = float(below.max())
+    others = scores[~is_positive & ~caught]  # the items the rule could turn into false positives
+    if len(others) and others.max() < threshold:
+        gap_low = float(others.max())
         threshold = float(np.float32((gap_low + threshold) / 2))
         note = (
             f"validation separates the {positive_class} items the rule must add (p >= "

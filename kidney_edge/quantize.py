@@ -293,18 +293,20 @@ DECISIONS = ("argmax", "rule")  # the gate scores both; predict writes the rule'
 
 
 def gate_scores(y_true: np.ndarray, y_pred: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the spec's positive-class recall of (N,) decisions ``y_pred``."""
-    from kidney_edge.metrics import classification_metrics
+    """Accuracy, macro-F1 and the spec's positive-class recall (None without positives) of (N,)
+    decisions ``y_pred``."""
+    from kidney_edge.metrics import macro_f1
 
-    n_classes = spec.num_classes
-    one_hot = np.eye(n_classes, dtype=np.float64)[y_pred]  # (N, C): only decisions are scored
-    metrics = classification_metrics(y_true, y_pred, one_hot, spec.class_names, n_bootstrap=0)
-    positive = metrics["per_class"].get(spec.positive_class) if spec.positive_class else None
-    has_positives = bool(positive and positive["support"] > 0)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    positive_recall = None
+    if spec.positive_class is not None:
+        is_positive = y_true == spec.class_names.index(spec.positive_class)
+        if is_positive.any():
+            positive_recall = float(np.mean(y_pred[is_positive] == y_true[is_positive]))
     return {
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "positive_recall": positive["recall"] if has_positives else None,
+        "accuracy": float(np.mean(y_pred == y_true)),
+        "macro_f1": macro_f1(y_true, y_pred, spec.num_classes),
+        "positive_recall": positive_recall,
     }
 
 
