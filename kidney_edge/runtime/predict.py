@@ -297,6 +297,15 @@ def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[s
     return rows
 
 
+def classify_paths(paths: Sequence[str], classifier: OnnxClassifier) -> list[dict[str, Any]]:
+    """Rows of :func:`output_columns` for ``paths``, in order: decode, preprocess, infer, decide.
+
+    The one chain every entry point runs (folder predict, serve, a Ray actor). Files that cannot
+    be read get a row with ``error`` set and empty scores instead of raising.
+    """
+    return _batch_rows(_load_batch(list(paths), classifier.spec), classifier)
+
+
 def _record(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if row["error"] is None:
