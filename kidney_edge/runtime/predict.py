@@ -26,8 +26,9 @@ import numpy as np
 from kidney_edge.errors import ImageReadError, InputError, enum_choice
 from kidney_edge.imaging import SUPPORTED_SUFFIXES, is_image_file, preprocess
 from kidney_edge.io_utils import csv_text
-from kidney_edge.runtime.classifier import OnnxClassifier, find_default_model
+from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.hardware import available_cpus
+from kidney_edge.runtime.precision import Precision, PrecisionChoice, Probe, resolve_precision
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PredictConfig:
     threads: int | None = None
     workers: int | None = None
     resume: bool = False
+    precision: Precision = Precision.AUTO
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -65,6 +67,7 @@ class PredictConfig:
         if self.model is not None:
             set_(self, "model", Path(self.model))
         set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
+        set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
         if not self.folder.is_dir():
             raise InputError(
                 f"FOLDER {self.folder} is not a directory; pass the folder of images to classify"
@@ -101,6 +104,9 @@ class PredictSummary:
     wall_s: float = 0.0
     first_batch_s: float | None = None  # from the call to the first batch on disk
     interrupted: bool = False
+    precision: str = ""  # fp32 or int8: the model that ran (runtime.precision)
+    precision_reason: str = ""  # why that one: forced, gate record, measured speed on this CPU
+    precision_warning: str | None = None  # a forced INT8 without a passed accuracy gate
 
     @property
     def processed(self) -> int:
@@ -357,6 +363,8 @@ def predict_folder(
     threads: int | None = None,
     workers: int | None = None,
     resume: bool = False,
+    precision: Precision | str = PredictConfig.precision,
+    probe: Probe | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
@@ -369,6 +377,10 @@ def predict_folder(
     skips files already in ``out`` and appends. Unreadable files get a row with ``error``.
     ``progress(done, total)`` is called after each batch. Ctrl-C ends the run early with
     ``summary.interrupted`` set instead of raising.
+
+    ``model`` is an export folder, an .onnx file or None (the newest export folder); ``precision``
+    picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`; ``probe`` replaces
+    its speed probe).
     """
     started = time.perf_counter()
     config = PredictConfig(
@@ -380,14 +392,17 @@ def predict_folder(
         threads=threads,
         workers=workers,
         resume=resume,
+        precision=precision,
     )
-    model_path = config.model or find_default_model()
     # Loading and optimising the graph takes a few hundred ms and mostly runs outside the GIL:
     # scan the folder meanwhile, it is part of the start-up to the first batch.
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
-        pending_classifier = loader.submit(OnnxClassifier, model_path, threads=config.threads)
+        pending_classifier = loader.submit(
+            resolve_precision, config.model, config.precision, batch_size=config.batch_size,
+            threads=config.threads, probe=probe,
+        )  # fmt: skip
         files = _scan_image_paths(config.folder)
-        classifier = pending_classifier.result()
+        choice, classifier = pending_classifier.result()
     if not files:
         raise InputError(
             f"no images found under {config.folder} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
@@ -396,7 +411,7 @@ def predict_folder(
     columns = output_columns(classifier.class_names)
     done = _done_paths(config.out, config.fmt, columns) if config.resume else set()
     todo = [path for path in files if path not in done]
-    summary = _new_summary(config, classifier, total_files=len(files), skipped=len(files) - len(todo))
+    summary = _new_summary(config, classifier, choice, total_files=len(files), skipped=len(files) - len(todo))
     log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
 
     def write(rows: list[dict[str, Any]]) -> None:
@@ -426,7 +441,12 @@ def predict_folder(
 
 
 def _new_summary(
-    config: PredictConfig, classifier: OnnxClassifier, *, total_files: int, skipped: int
+    config: PredictConfig,
+    classifier: OnnxClassifier,
+    choice: PrecisionChoice,
+    *,
+    total_files: int,
+    skipped: int,
 ) -> PredictSummary:
     spec = classifier.spec
     return PredictSummary(
@@ -438,6 +458,9 @@ def _new_summary(
         is_int8=classifier.is_int8,
         threads=classifier.threads,
         workers=config.workers or _default_workers(),
+        precision=choice.precision.value,
+        precision_reason=choice.reason,
+        precision_warning=choice.warning,
         batch_size=config.batch_size,
         total_files=total_files,
         skipped=skipped,
