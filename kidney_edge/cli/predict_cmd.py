@@ -14,6 +14,7 @@ import typer
 
 from kidney_edge.cli._app import app, console, library_errors, progress_bar
 from kidney_edge.runtime import OutputFormat, PredictConfig
+from kidney_edge.runtime.precision import Precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
@@ -27,7 +28,10 @@ def predict(
         Path, typer.Argument(help="Folder of images, scanned recursively (JPEG, PNG, TIFF, DICOM).")
     ],
     model: Annotated[
-        Path | None, typer.Option("--model", help="ONNX model; default: newest export/*/model.onnx.")
+        Path | None,
+        typer.Option(
+            "--model", help="Export folder (fp32 + INT8) or one .onnx file; default: newest export/*/."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output file, streamed as it goes.")] = PredictConfig.out,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = PredictConfig.fmt,
@@ -41,6 +45,14 @@ def predict(
         int | None, typer.Option("--workers", help="Decoding threads; default: 1-2 by CPUs.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip files already in --out and append.")] = False,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="Model of an export folder: auto = INT8 when its accuracy gate passed and it measures "
+            "faster on this CPU (probe cached beside the models), else fp32; fp32/int8 force one.",
+        ),
+    ] = PredictConfig.precision,
 ) -> None:
     """Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
 
@@ -61,6 +73,7 @@ def predict(
             threads=threads,
             workers=workers,
             resume=resume,
+            precision=precision,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     _render(summary)
@@ -92,6 +105,9 @@ def _render(summary: PredictSummary) -> None:
         table.add_row("already done (--resume)", str(summary.skipped))
     console.print(table)
     kind = "INT8" if summary.is_int8 else "fp32"
+    console.print(f"precision {summary.precision_reason}", highlight=False, soft_wrap=True)
+    if summary.precision_warning:
+        console.print(f"[yellow]warning[/]: {summary.precision_warning}", highlight=False, soft_wrap=True)
     facts: list[Any] = [
         f"model {summary.model} ({kind}), decision rule: {summary.decision_rule}",
         f"{summary.processed} images in {summary.wall_s:.2f} s = {summary.images_per_s:.1f} images/s "
