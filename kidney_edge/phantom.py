@@ -630,14 +630,15 @@ def _posed_lesion(lesion: _Lesion, patient: _Patient, size: int) -> _Lesion:
     return dataclasses.replace(lesion, cx=float(x), cy=float(y), radius=lesion.radius * scale, extra=extra)
 
 
-def _render_slice(
+def slice_hu(
     patient: _Patient,
     lesion: _Lesion,
     rng: np.random.Generator,
     noise_bank: np.ndarray,
     depth: float,
-) -> tuple[bytes, dict[str, float]]:
-    """One slice: a small shift of the posed anatomy, the finding's cross-section, noise, window, JPEG.
+) -> tuple[np.ndarray, dict[str, float]]:
+    """One slice in Hounsfield units: a small shift of the posed anatomy, the finding's
+    cross-section at ``depth`` (-1..1 through it), noise. Also the lesion's geometry in pixels.
 
     ``lesion`` is already posed (:func:`_posed_lesion`).
     """
@@ -653,14 +654,31 @@ def _render_slice(
     radius = _draw_lesion(_Canvas(size, patient.tumor_texture, hu=hu), shifted, depth, patient.blur)
     oy, ox = rng.integers(0, noise_bank.shape[0] - size, 2)
     hu += patient.noise_hu * noise_bank[oy : oy + size, ox : ox + size]
-    level = patient.level + rng.normal(0, 2)
-    gain = 255.0 / patient.width
-    hu -= level - patient.width / 2
-    hu *= gain
+    truth = {"lesion_x": shifted.cx * k, "lesion_y": shifted.cy * k, "lesion_radius_px": radius * k}
+    return hu, truth
+
+
+def display_window(patient: _Patient, rng: np.random.Generator) -> tuple[float, float]:
+    """(level, width) in HU that one slice of ``patient`` is shown in: the patient's window with
+    a little per-slice jitter of the level."""
+    return patient.level + rng.normal(0, 2), patient.width
+
+
+def _render_slice(
+    patient: _Patient,
+    lesion: _Lesion,
+    rng: np.random.Generator,
+    noise_bank: np.ndarray,
+    depth: float,
+) -> tuple[bytes, dict[str, float]]:
+    """One slice as JPEG bytes: :func:`slice_hu`, then the :func:`display_window`, 8 bits, JPEG."""
+    hu, truth = slice_hu(patient, lesion, rng, noise_bank, depth)
+    level, width = display_window(patient, rng)
+    hu -= level - width / 2
+    hu *= 255.0 / width
     gray = np.clip(hu, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(gray, mode="L").convert("RGB").save(buffer, format="JPEG", quality=patient.quality)
-    truth = {"lesion_x": shifted.cx * k, "lesion_y": shifted.cy * k, "lesion_radius_px": radius * k}
     return buffer.getvalue(), truth
 
 
