@@ -107,6 +107,7 @@ class PredictSummary:
     precision: str = ""  # fp32 or int8: the model that ran (runtime.precision)
     precision_reason: str = ""  # why that one: forced, gate record, measured speed on this CPU
     precision_warning: str | None = None  # a forced INT8 without a passed accuracy gate
+    positive_class: str | None = None  # the spec's positive class (series rows name its peak slice)
 
     @property
     def processed(self) -> int:
@@ -141,6 +142,8 @@ def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in sorted(files):
             suffix = os.path.splitext(name)[1].lower()
+            if suffix[1:].isdigit():  # a UID-style DICOM name (1.2.840.113619.2.55.3): no suffix
+                suffix = ""
             if name.startswith(".") or (suffix and suffix not in SUPPORTED_SUFFIXES):
                 continue  # is_image_file would say no; skip building a Path for it
             path = os.path.join(directory, name)
@@ -461,6 +464,7 @@ def _new_summary(
         precision=choice.precision.value,
         precision_reason=choice.reason,
         precision_warning=choice.warning,
+        positive_class=spec.positive_class,
         batch_size=config.batch_size,
         total_files=total_files,
         skipped=skipped,
