@@ -225,3 +225,20 @@ def test_predict_export_folder_end_to_end(export_dir: Path, tmp_path: Path) -> N
     result = CliRunner().invoke(app, ["predict", str(images), "--model", str(export_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "precision fp32: INT8 accuracy gate failed at export" in " ".join(result.output.split())
+
+
+def test_benchmark_takes_an_export_folder_and_a_precision(export_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.runtime import run_benchmark
+
+    images = tmp_path / "images"
+    write_gray_images(images, 4)
+    options = {"batch_sizes": (2,), "threads": (1,), "warmup": 0, "iterations": 2, "images_dir": images}
+    record = run_benchmark(export_dir, precision="int8", **options)
+    assert [row["precision"] for row in record["model_only"]] == ["int8"]
+    assert record["pipeline"]["precision"] == "int8" and record["pipeline"]["images"] == 4
+    write_gate(export_dir, passed=False)
+    record = run_benchmark(export_dir, **options)  # auto: both timed, predict on the gate's choice
+    assert {row["precision"] for row in record["model_only"]} == {"fp32", "int8"}
+    assert (
+        record["pipeline"]["precision"] == "fp32" and "gate failed" in record["pipeline"]["precision_reason"]
+    )

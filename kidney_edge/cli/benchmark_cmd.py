@@ -9,12 +9,14 @@ import typer
 
 from kidney_edge.cli._app import app, console, library_errors
 from kidney_edge.runtime import BenchmarkConfig
+from kidney_edge.runtime.precision import Precision
 
 
 @app.command()
 def benchmark(
     model: Annotated[
-        Path | None, typer.Option("--model", help="ONNX model; default: newest export/*/model.onnx.")
+        Path | None,
+        typer.Option("--model", help="Export folder or .onnx file; default: newest export/*/model.onnx."),
     ] = None,
     batch_sizes: Annotated[
         str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")
@@ -37,6 +39,14 @@ def benchmark(
     iterations: Annotated[
         int, typer.Option("--iterations", help="Timed runs per configuration.")
     ] = BenchmarkConfig.iterations,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="auto: time every model of the export, and predict --images on the one predict would "
+            "choose here; fp32/int8: only that one.",
+        ),
+    ] = BenchmarkConfig.precision,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full record as JSON (atomically).")
     ] = None,
@@ -53,6 +63,7 @@ def benchmark(
             iterations=iterations,
             images_dir=images,
             checkpoint=checkpoint,
+            precision=precision,
             json_out=json_out,
             progress=lambda message: status.update(f"benchmarking: {message}"),
         )
@@ -88,6 +99,7 @@ def _render(result: dict[str, Any]) -> None:
             f"threads, first batch after {pipeline['first_batch_s']} s, {pipeline['failed']} failed)",
             highlight=False,
         )
+        console.print(f"end-to-end precision {pipeline['precision_reason']}", highlight=False, soft_wrap=True)
     machine = result["machine"]
     isa = ", ".join(flag for flag, present in machine["isa_flags"].items() if present) or "none"
     console.print(

@@ -13,6 +13,7 @@ on a ``.pt`` checkpoint (an InputError saying what to install).
 - :mod:`~kidney_edge.runtime.benchmark`: ``benchmark``, model-only and end to end.
 - :mod:`~kidney_edge.runtime.describe`: ``info`` on ONNX files, checkpoints and images.
 - :mod:`~kidney_edge.runtime.hardware`: usable CPUs and the CPU's instruction sets.
+- :mod:`~kidney_edge.runtime.precision`: fp32 or INT8 from an export folder, chosen on this CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kidney_edge.runtime.classifier import (
 )
 from kidney_edge.runtime.describe import describe_file, describe_onnx
 from kidney_edge.runtime.hardware import CpuInfo, available_cpus, cpu_info, cpu_isa
+from kidney_edge.runtime.precision import Precision, PrecisionChoice, resolve_precision
 from kidney_edge.runtime.predict import (
     EXIT_NOTHING_READ,
     EXIT_OK,
@@ -66,6 +68,8 @@ __all__ = [
     "OnnxClassifier",
     "OutputFormat",
     "PredictConfig",
+    "Precision",
+    "PrecisionChoice",
     "PredictSummary",
     "available_cpus",
     "classify_paths",
@@ -84,6 +88,7 @@ __all__ = [
     "parse_int_list",
     "predict_folder",
     "prediction_rows",
+    "resolve_precision",
     "run_benchmark",
     "scan_images",
     "session_options",

@@ -3,9 +3,11 @@
 Model-only figures time ``OnnxClassifier.run`` on a fixed random batch after a warm-up:
 p50/p90/p99/mean milliseconds per batch and per image, and images/s, for every batch size x
 thread count, for fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit
-in the same folder. PyTorch eager on the same weights is measured only when a checkpoint is
+in the same folder (or ``--model`` names the export folder; ``--precision fp32|int8`` keeps one).
+PyTorch eager on the same weights is measured only when a checkpoint is
 given and torch is importable (imported inside that branch: the runtime path stays torch-free).
-The end-to-end figure runs :func:`kidney_edge.runtime.predict_folder` on a folder of images.
+The end-to-end figure runs :func:`kidney_edge.runtime.predict_folder` on a folder of images, on
+the model ``--precision`` picks (see :mod:`kidney_edge.runtime.precision`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kidney_edge.errors import InputError
+from kidney_edge.errors import InputError, enum_choice
 from kidney_edge.io_utils import atomic_write_json
 from kidney_edge.runtime.classifier import (
     INT8_FILE,
@@ -32,6 +34,7 @@ from kidney_edge.runtime.classifier import (
     is_int8_model,
 )
 from kidney_edge.runtime.hardware import available_cpus, cpu_info
+from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.predict import predict_folder
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,11 @@ class BenchmarkConfig:
     iterations: int = 50
     images_dir: Path | None = None
     checkpoint: Path | None = None
+    precision: Precision = Precision.AUTO  # auto: every model of the export, side by side
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
         set_(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
         set_(
             self, "threads", (available_cpus(),) if not self.threads else tuple(int(t) for t in self.threads)
@@ -100,8 +105,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def model_variants(model: Path) -> dict[str, Path]:
-    """{'fp32': ..., 'int8': ...}: both when the export's two files sit side by side."""
+def model_variants(model: Path, precision: Precision = Precision.AUTO) -> dict[str, Path]:
+    """{'fp32': ..., 'int8': ...}: both when the export's two files sit side by side (``model``
+    is one of them or their folder); only ``precision``'s when it is fp32 or int8."""
+    if precision is not Precision.AUTO:
+        variants = model_variants(model)
+        if precision.value not in variants:
+            raise InputError(f"--precision {precision.value}: {model} has no {precision.value} model")
+        return {precision.value: variants[precision.value]}
+    if model.is_dir():
+        model = model / MODEL_FILE
     siblings = {"fp32": model.with_name(MODEL_FILE), "int8": model.with_name(INT8_FILE)}
     if model.name in (MODEL_FILE, INT8_FILE):
         return {kind: path for kind, path in siblings.items() if path.is_file()}
@@ -191,7 +204,9 @@ def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[s
     return {"skipped": None, "input_size": spec.input_size, "rows": rows}
 
 
-def bench_pipeline(model: Path, images_dir: Path, *, batch_size: int, threads: int) -> dict[str, Any]:
+def bench_pipeline(
+    model: Path, images_dir: Path, *, batch_size: int, threads: int, precision: Precision = Precision.AUTO
+) -> dict[str, Any]:
     """End-to-end predict (scan, decode, preprocess, infer, write CSV) on a folder of images."""
     with tempfile.TemporaryDirectory(prefix="kidney-edge-bench-") as scratch:
         summary = predict_folder(
@@ -200,10 +215,13 @@ def bench_pipeline(model: Path, images_dir: Path, *, batch_size: int, threads: i
             out=Path(scratch) / "predictions.csv",
             batch_size=batch_size,
             threads=threads,
+            precision=precision,
         )
     return {
         "images_dir": str(images_dir),
-        "model": str(model),
+        "model": str(summary.model),
+        "precision": summary.precision,
+        "precision_reason": summary.precision_reason,
         "images": summary.processed,
         "failed": summary.failed,
         "batch_size": batch_size,
@@ -236,6 +254,7 @@ def run_benchmark(
     iterations: int = BenchmarkConfig.iterations,
     images_dir: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    precision: Precision | str = BenchmarkConfig.precision,
     json_out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -248,13 +267,16 @@ def run_benchmark(
         iterations=iterations,
         images_dir=None if images_dir is None else Path(images_dir),
         checkpoint=None if checkpoint is None else Path(checkpoint),
+        precision=precision,
     )
     report = progress or (lambda message: log.info("benchmark: %s", message))
     model_path = config.model or find_default_model()
-    if not model_path.is_file():
+    if not model_path.exists():
         raise InputError(f"--model {model_path} does not exist")
-    variants = model_variants(model_path)
-    spec = OnnxClassifier(model_path, threads=1).spec
+    variants = model_variants(model_path, config.precision)
+    if not variants:
+        raise InputError(f"--model {model_path} has neither {MODEL_FILE} nor {INT8_FILE}")
+    spec = OnnxClassifier(next(iter(variants.values())), threads=1).spec
     result: dict[str, Any] = {
         "kind": "kidney-edge-benchmark",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -262,7 +284,8 @@ def run_benchmark(
         "model": {"path": str(model_path), "variants": {k: str(v) for k, v in variants.items()},
                   "arch": spec.arch, "input_size": spec.input_size, "class_names": list(spec.class_names)},
         "settings": {"batch_sizes": list(config.batch_sizes), "threads": list(config.threads),
-                     "warmup": config.warmup, "iterations": config.iterations},
+                     "warmup": config.warmup, "iterations": config.iterations,
+                     "precision": config.precision.value},
         "model_only": bench_onnx(variants, config, report),
         "pytorch": None if config.checkpoint is None else bench_pytorch(config.checkpoint, config, report),
         "pipeline": None,
@@ -272,9 +295,14 @@ def run_benchmark(
         log.warning("the checkpoint's input size differs from the ONNX model's: not the same weights?")
     if config.images_dir is not None:
         report(f"end-to-end predict on {config.images_dir}")
-        fp32 = variants.get("fp32", model_path)
+        # auto: the model predict would choose here; forced: that variant's file
+        forced = config.precision is not Precision.AUTO
         result["pipeline"] = bench_pipeline(
-            fp32, config.images_dir, batch_size=max(config.batch_sizes), threads=max(config.threads)
+            variants[config.precision.value] if forced else model_path,
+            config.images_dir,
+            batch_size=max(config.batch_sizes),
+            threads=max(config.threads),
+            precision=config.precision,
         )
     if json_out is not None:
         atomic_write_json(json_out, result)
