@@ -15,11 +15,13 @@ import typer
 from kidney_edge.cli._app import app, console, library_errors, progress_bar
 from kidney_edge.runtime import OutputFormat, PredictConfig
 from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
 
     from kidney_edge.runtime import PredictSummary
+    from kidney_edge.runtime.series import SeriesSummary
 
 
 @app.command()
@@ -45,6 +47,20 @@ def predict(
         int | None, typer.Option("--workers", help="Decoding threads; default: 1-2 by CPUs.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip files already in --out and append.")] = False,
+    series: Annotated[
+        bool | None,
+        typer.Option(
+            "--series/--no-series",
+            help="Also one row per DICOM series (study -> series, slices ordered along z) in series.csv "
+            "beside --out; default: when every input is DICOM.",
+        ),
+    ] = None,
+    aggregate: Annotated[
+        Aggregation, typer.Option("--aggregate", help="How a series' slice probabilities become its scores.")
+    ] = DEFAULT_AGGREGATION,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Slices averaged per class by --aggregate topk.")
+    ] = DEFAULT_TOP_K,
     precision: Annotated[
         Precision,
         typer.Option(
@@ -62,6 +78,11 @@ def predict(
 
     from kidney_edge.runtime import predict_folder
 
+    from kidney_edge.runtime.series import SeriesMode, SeriesRule, write_series
+
+    with library_errors():
+        rule = SeriesRule(aggregate=aggregate, top_k=top_k)
+    mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
         summary = predict_folder(
@@ -77,7 +98,26 @@ def predict(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     _render(summary)
+    if not summary.interrupted:  # series rows need every slice row: a --resume run writes them
+        with library_errors():
+            series_summary = write_series(summary.out, class_names=summary.class_names, rule=rule,
+                                          positive_class=summary.positive_class, fmt=summary.fmt, mode=mode)  # fmt: skip
+        if series_summary is not None:
+            _render_series(series_summary)
     raise typer.Exit(130 if summary.interrupted else summary.exit_code)
+
+
+def _render_series(summary: SeriesSummary) -> None:
+    counts = ", ".join(f"{name} {count}" for name, count in summary.label_counts.items())
+    console.print(f"{summary.n_series} series -> {summary.out}: {counts} ({summary.rule})", highlight=False)
+    flagged = [row for row in summary.rows if row["error"] or row["warning"]]
+    for row in flagged[:5]:
+        kind = "[red]error[/]" if row["error"] else "[yellow]warning[/]"
+        console.print(f"{kind} series {row['series_uid']}: {row['error'] or row['warning']}", highlight=False, soft_wrap=True)
+    if len(flagged) > 5:
+        console.print(f"... {len(flagged) - 5} more flagged series: see the warning/error columns of {summary.out}")
+    if summary.n_non_dicom:
+        console.print(f"{summary.n_non_dicom} inputs are not DICOM: they belong to no series", highlight=False)
 
 
 def _images_per_second() -> ProgressColumn:
