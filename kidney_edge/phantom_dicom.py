@@ -110,7 +110,9 @@ class SeriesPhantomConfig:
             raise InputError(f"--n (series) must be in 1..100000, got {self.n_series}")
         low, high = self.slices_per_series
         if not 3 <= low <= high <= 512:
-            raise InputError(f"--slices-per-patient must be MIN MAX with 3 <= MIN <= MAX <= 512 (got {low} {high})")
+            raise InputError(
+                f"--slices-per-patient must be MIN MAX with 3 <= MIN <= MAX <= 512 (got {low} {high})"
+            )
         # The rest (size, difficulty, class mix) is checked by the classic phantom's own config.
         phantom.PhantomConfig(n=1, size=self.size, difficulty=self.difficulty, class_mix=self.class_mix)
 
@@ -235,7 +237,10 @@ def _render_series(
     low, high = config.slices_per_series
     n_slices = int(rng.integers(low, high + 1))
     centre, half = _lesion_span(lesion, n_slices, config, rng) if finding != "none" else (0.0, 1.0)
-    study_uid, series_uid = _uid(config.seed, plan.patient_id, "study"), _uid(config.seed, plan.patient_id, "series")
+    study_uid, series_uid = (
+        _uid(config.seed, plan.patient_id, "study"),
+        _uid(config.seed, plan.patient_id, "series"),
+    )
     folder = Path(plan.patient_id) / study_uid / series_uid
     spacing = config.pixel_spacing_mm
     corner = -config.field_of_view_mm / 2 + spacing / 2
@@ -286,11 +291,12 @@ def _render_series(
         "finding_instances": instance_ranges(finding_instances),
         "split": plan.split,
         "quirk": plan.quirk.value if plan.quirk else "",
-        "quirk_instances": instance_ranges(sorted({i + 1 for i in (*skipped, *coronal)})) or (
-            str(n_slices // 2 + 1) if plan.quirk is Quirk.DUPLICATE else ""
-        ),
+        "quirk_instances": instance_ranges(sorted({i + 1 for i in (*skipped, *coronal)}))
+        or (str(n_slices // 2 + 1) if plan.quirk is Quirk.DUPLICATE else ""),
         "kidney_side": lesion.side,
-        "lesion_radius_mm": round(lesion.radius * config.field_of_view_mm / phantom.REF, 1) if lesion.radius else "",
+        "lesion_radius_mm": round(lesion.radius * config.field_of_view_mm / phantom.REF, 1)
+        if lesion.radius
+        else "",
         "phase": patient.phase,
         "hu_scale": config.hu_scale.value,
         "difficulty": config.difficulty,
@@ -445,7 +451,9 @@ def read_series_truth(folder: str | Path) -> list[dict[str, str]]:
     """The rows of ``folder``'s series_truth.csv (InputError when there is none)."""
     path = Path(folder) / SERIES_TRUTH_CSV
     if not path.is_file():
-        raise InputError(f"{path} does not exist: make a series phantom with `kidney-edge synth OUT --format dicom`")
+        raise InputError(
+            f"{path} does not exist: make a series phantom with `kidney-edge synth OUT --format dicom`"
+        )
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 

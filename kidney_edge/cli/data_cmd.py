@@ -12,7 +12,10 @@ from rich.table import Table
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
 from kidney_edge.dataset import SplitConfig
+from kidney_edge.phantom import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
 from kidney_edge.phantom2 import SIZE_FACTORS, STYLE_SLICES_PER_PATIENT, PhantomStyle
+from kidney_edge.phantom_dicom import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
+from kidney_edge.phantom_dicom import SLICES_PER_SERIES, PhantomFormat, SeriesPhantomConfig
 
 
 class SplitMode(str, Enum):
@@ -24,8 +27,13 @@ class SplitMode(str, Enum):
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
     n: Annotated[
-        int, typer.Option("--n", help="Number of images (default: the Kaggle dataset's 12,446).")
-    ] = 12446,
+        int | None,
+        typer.Option(
+            "--n",
+            help=f"Number of images (default: the Kaggle dataset's {sum(KAGGLE_CLASS_COUNTS.values()):,}); "
+            f"--format dicom: number of series (default {SeriesPhantomConfig.n_series}).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 0,
     size: Annotated[
         int,
@@ -35,12 +43,13 @@ def synth(
         ),
     ] = 512,
     difficulty: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--difficulty",
-            help="0.25-4. Higher: smaller, fainter findings, more noise and look-alikes; the demo uses 0.25.",
+            help="0.25-4. Higher: smaller, fainter findings, more noise and look-alikes; the demo uses 0.25. "
+            f"Default {DEFAULT_DIFFICULTY:g}; --format dicom: {SERIES_DIFFICULTY:g}, the demo's.",
         ),
-    ] = 1.0,
+    ] = None,
     slices_per_patient: Annotated[
         tuple[int, int] | None,
         typer.Option(
@@ -50,7 +59,7 @@ def synth(
             + ", ".join(
                 f"{style.value} {low} {high}" for style, (low, high) in STYLE_SLICES_PER_PATIENT.items()
             )
-            + ").",
+            + f"); --format dicom: slices per series (default {SLICES_PER_SERIES[0]} {SLICES_PER_SERIES[1]}).",
         ),
     ] = None,
     style: Annotated[
@@ -62,10 +71,23 @@ def synth(
             "defaults on data they were not tuned on.",
         ),
     ] = PhantomStyle.classic,
+    fmt: Annotated[
+        PhantomFormat,
+        typer.Option(
+            "--format",
+            help="kaggle: class folders of JPEG slices. dicom: one CT study per patient, a series of "
+            "DICOM slices in a PACS-style folder tree, with series_truth.csv and splits.csv (classic style).",
+        ),
+    ] = PhantomFormat.KAGGLE,
 ) -> None:
-    """Generate a phantom kidney CT dataset in the Kaggle dataset's layout."""
+    """Generate a phantom kidney CT dataset: JPEG slices in the Kaggle layout, or DICOM series."""
     from kidney_edge.phantom2 import synthesizer
 
+    if fmt is PhantomFormat.DICOM:
+        _synth_series(out, n, seed, size, difficulty, slices_per_patient, style)
+        return
+    n = sum(KAGGLE_CLASS_COUNTS.values()) if n is None else n
+    difficulty = DEFAULT_DIFFICULTY if difficulty is None else difficulty
     options = {} if slices_per_patient is None else {"slices_per_patient": slices_per_patient}
     with library_errors(), Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("drawing slices", total=n)
@@ -82,6 +104,42 @@ def synth(
     console.print(
         f"wrote {summary.n_images} images ({counts}) of {summary.n_patients} patients, "
         f"{summary.n_duplicates} byte-identical copies, to {summary.out_dir}"
+    )
+
+
+def _synth_series(
+    out: Path,
+    n: int | None,
+    seed: int,
+    size: int,
+    difficulty: float | None,
+    slices_per_series: tuple[int, int] | None,
+    style: PhantomStyle,
+) -> None:
+    from kidney_edge.errors import InputError
+    from kidney_edge.phantom_dicom import synthesize_series
+
+    with library_errors():
+        if style is not PhantomStyle.classic:
+            raise InputError("--format dicom draws the classic phantom (the demo model's); drop --style")
+        config = SeriesPhantomConfig(
+            n_series=SeriesPhantomConfig.n_series if n is None else n,
+            seed=seed,
+            size=size,
+            difficulty=SERIES_DIFFICULTY if difficulty is None else difficulty,
+            slices_per_series=slices_per_series or SLICES_PER_SERIES,
+        )
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("drawing series", total=config.n_series)
+            summary = synthesize_series(
+                out, config, progress=lambda done, total: bar.update(task, completed=done)
+            )
+    counts = ", ".join(f"{name} {count}" for name, count in summary.class_counts.items())
+    quirks = ", ".join(summary.quirks) or "none"
+    console.print(
+        f"wrote {summary.n_series} DICOM series ({counts}), {summary.n_files} files, to {summary.out_dir}; "
+        f"series with export quirks: {quirks}; truth in {summary.truth_csv.name}, slice labels in "
+        f"{summary.splits_csv.name}"
     )
 
 

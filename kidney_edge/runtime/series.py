@@ -379,7 +379,9 @@ def _check_spacing(series: _Series) -> None:
     )
     if len(spacings) > 1:
         shown = ", ".join(f"{key} mm on {count}" for key, count in spacings.most_common())
-        series.warnings.append(f"pixel spacing differs within the series ({shown}); each slice classified as it is")
+        series.warnings.append(
+            f"pixel spacing differs within the series ({shown}); each slice classified as it is"
+        )
 
 
 def _split_by_prediction(series: _Series) -> tuple[list[_Slice], int, int]:
@@ -437,7 +439,9 @@ def _check_steps(series: _Series, along: np.ndarray) -> None:
     steps = np.diff(along)
     same = int((steps < _SAME_POSITION_MM).sum())
     if same:
-        series.warnings.append(f"{same} slice(s) share a position with another slice (repeated acquisitions?)")
+        series.warnings.append(
+            f"{same} slice(s) share a position with another slice (repeated acquisitions?)"
+        )
     moving = steps[steps >= _SAME_POSITION_MM]
     if len(moving) == 0:
         return
@@ -604,7 +608,10 @@ def read_prediction_rows(path: str | os.PathLike[str], fmt: str = "csv") -> list
                 return [json.loads(line) for line in handle if line.strip()]
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path} is not JSON lines: {exc}") from None
-        return [{key: (value if value != "" else None) for key, value in row.items()} for row in csv.DictReader(handle)]
+        return [
+            {key: (value if value != "" else None) for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def write_series(
