@@ -26,6 +26,7 @@ from kidney_edge.dataset import SPLITS, audit_path, read_splits, scan_dataset
 from kidney_edge.errors import EmptySplitError, InputError
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
 from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import DecisionRule, ModelSpec, softmax
 
@@ -78,7 +79,11 @@ class EvaluationResult:
 
 
 class Predictor:
-    """A loaded checkpoint (PyTorch) or ONNX file that turns image files into logits."""
+    """A loaded checkpoint (PyTorch) or ONNX file that turns image files into logits and features.
+
+    ``ood`` is the model's OOD detector: from the ONNX metadata, or the run's ``ood.npz`` beside
+    a checkpoint; None when there is none.
+    """
 
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
@@ -86,13 +91,44 @@ class Predictor:
             raise InputError(f"model {self.path} does not exist (pass a checkpoint .pt or a .onnx file)")
         self.torch_model: Any = None
         self.onnx: OnnxClassifier | None = None
+        self.ood: OodDetector | None = None
         if self.path.suffix.lower() == ".onnx":
             self.onnx = OnnxClassifier(self.path)
             self.spec: ModelSpec = self.onnx.spec
+            self.ood = self.onnx.ood
         else:
             from kidney_edge.checkpoint import load_model
 
             self.torch_model, self.spec = load_model(self.path)
+            sidecar = self.path.parent / OOD_FILE
+            if sidecar.is_file():
+                self.ood = OodDetector.from_bytes(sidecar.read_bytes(), where=str(sidecar))
+
+    def infer(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = EvaluateConfig.batch_size,
+        progress: Progress | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C) float32 logits and (N, F) float32 pooled features (None from an ONNX file
+        exported without them), read and preprocessed in batches by the one shared preprocess."""
+        if self.onnx is not None:
+            outputs = self.onnx.infer_files(paths, batch_size, features=True, progress=progress)
+            return outputs.logits, outputs.features
+        import torch
+
+        model = self.torch_model
+
+        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (B, 3, S, S) float32
+            with torch.inference_mode():
+                features = model.pool_features(model.forward_features(torch.from_numpy(batch)))  # (B, F)
+                return model.forward_head(features).numpy(), features.numpy()
+
+        chunks = map_batches(paths, self.spec, batch_size, run, progress)
+        if not chunks:
+            return np.zeros((0, self.spec.num_classes), np.float32), np.zeros((0, 0), np.float32)
+        logits, features = (np.concatenate(parts).astype(np.float32) for parts in zip(*chunks, strict=True))
+        return logits, features
 
     def logits(
         self,
@@ -100,19 +136,8 @@ class Predictor:
         batch_size: int = EvaluateConfig.batch_size,
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """(N, C) float32 logits, read and preprocessed in batches by the one shared preprocess."""
-        if self.onnx is not None:
-            return self.onnx.predict_files(paths, batch_size, progress=progress)[0]
-        import torch
-
-        def run(batch: np.ndarray) -> np.ndarray:  # (B, 3, S, S) float32 -> (B, C)
-            with torch.inference_mode():
-                return self.torch_model(torch.from_numpy(batch)).numpy()
-
-        chunks = map_batches(paths, self.spec, batch_size, run, progress)
-        if not chunks:
-            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
-        return np.concatenate(chunks).astype(np.float32)
+        """(N, C) float32 logits (see :meth:`infer`)."""
+        return self.infer(paths, batch_size, progress)[0]
 
 
 def predict_files(
@@ -315,15 +340,17 @@ def evaluate_files(
     from kidney_edge.report import ReportInputs, write_report
 
     spec = predictor.spec
-    logits = predictor.logits(files.paths, batch_size, progress)  # (N, C)
+    logits, features = predictor.infer(files.paths, batch_size, progress)  # (N, C), (N, F)
     y_true = class_indices(files.labels, spec.class_names)
     probabilities = spec.probabilities(logits)  # (N, C) calibrated with the spec's temperature
     decided = spec.decide(probabilities)
     metrics = build_metrics(logits, y_true, spec)
+    ood_scores = None if predictor.ood is None else predictor.ood.score(logits, features)
+    metrics["ood"] = ood_record(predictor.ood, ood_scores)
     metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions(out_dir / "predictions.csv", files, probabilities, spec)
+    write_predictions(out_dir / "predictions.csv", files, probabilities, spec, ood_scores)
     gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
     report = write_report(
         out_dir,
@@ -398,6 +425,46 @@ def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> di
     }
 
 
+def ood_record(detector: OodDetector | None, scores: np.ndarray | None) -> dict[str, Any] | None:
+    """metrics.json's ``ood`` block: the detector, and the share of these (in-distribution)
+    images it rejects with a 95% Wilson interval. None without a detector."""
+    if detector is None or scores is None:
+        return None
+    from scipy.stats import binomtest
+
+    rejected = int(detector.rejects(scores).sum())
+    n = len(scores)
+    record: dict[str, Any] = {"detector": detector.record(), "n_images": n, "rejected": rejected}
+    if n:
+        interval = binomtest(rejected, n).proportion_ci(0.95, method="wilson")
+        record.update(rejection_rate=rejected / n, rejection_ci95=[interval.low, interval.high])
+    return record
+
+
+def fit_ood_on_splits(
+    predictor: Predictor,
+    splits: Path,
+    method: OodMethod | str,
+    max_id_rejection: float,
+    batch_size: int = EvaluateConfig.batch_size,
+) -> OodDetector:
+    """Fit ``method`` on the train split's features, its threshold on the val split's scores."""
+    names = predictor.spec.class_names
+    train = load_labelled(splits, "train", class_names=names)
+    val = load_labelled(splits, "val", class_names=names)
+    train_logits, train_features = predictor.infer(train.paths, batch_size)
+    val_outputs = predictor.infer(val.paths, batch_size)
+    detector = fit_detector(
+        method,
+        (train_logits, train_features, class_indices(train.labels, names)),
+        val_outputs,
+        len(names),
+        max_id_rejection,
+    )
+    log.info("OOD detector: %s", detector.describe())
+    return detector
+
+
 def rule_record(rule: DecisionRule) -> dict[str, Any]:
     """The rule's fields plus its ``description`` in words, as metrics.json records it."""
     return {
@@ -415,14 +482,19 @@ def write_predictions(
     files: LabelledFiles,
     probabilities: np.ndarray,
     spec: ModelSpec,
+    ood_scores: np.ndarray | None = None,
 ) -> None:
     """predictions.csv: predict's schema, labelled (:func:`kidney_edge.runtime.output_columns`).
 
     ``label`` is the spec's rule and ``argmax_label`` the most probable class: metrics.json's
-    ``rule`` and ``argmax`` blocks are recomputed exactly from them.
+    ``rule`` and ``argmax`` blocks are recomputed exactly from them. Evaluated images are
+    labelled in-distribution data, so ``label`` is never ``unknown`` here: ``ood_score`` and
+    metrics.json's ``ood`` block say which of them predict would reject.
     """
     columns = output_columns(spec.class_names, labelled=True)
-    rows = prediction_rows([str(p) for p in files.paths], probabilities, spec, true_labels=files.labels)
+    rows = prediction_rows(
+        [str(p) for p in files.paths], probabilities, spec, true_labels=files.labels, ood_scores=ood_scores
+    )
     atomic_write_text(path, format_predictions(rows, columns, header=True))
 
 

@@ -1,11 +1,13 @@
 """Export a trained model to ONNX with its spec inside, prove parity with PyTorch, add INT8.
 
 ``export_model(RUN_OR_CHECKPOINT, OUT)`` writes ``OUT/model.onnx`` (input ``input`` float32
-(N, 3, S, S) with a dynamic batch axis; outputs ``logits`` and ``probabilities`` =
-softmax(logits / spec.temperature)), checks PyTorch against onnxruntime on real preprocessed
-test images at a batch size other than the export's, then (by default) writes
-``OUT/model.int8.onnx`` and keeps it only when it passes the accuracy gate. All figures go
-to ``OUT/parity.json``.
+(N, 3, S, S) with a dynamic batch axis; outputs ``logits``, ``probabilities`` =
+softmax(logits / spec.temperature), ``features`` (N, F) pooled penultimate features and
+``cam`` (N, C, h, w) class activation maps), checks PyTorch against onnxruntime on real
+preprocessed test images at a batch size other than the export's, then (by default) writes
+``OUT/model.int8.onnx`` and keeps it only when it passes the accuracy gate. The run's OOD
+detector goes into both files' metadata, each with a threshold chosen on its own validation
+scores. All figures go to ``OUT/parity.json``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from kidney_edge.errors import InputError, KidneyEdgeError, enum_choice
+from kidney_edge.errors import EmptySplitError, InputError, KidneyEdgeError, enum_choice
 from kidney_edge.imaging import map_batches
+from kidney_edge.io_utils import atomic_write_json
+from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
+from kidney_edge.runtime.classifier import CAM, FEATURES, LOGITS, PROBABILITIES
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ EXPORT_BATCH_SIZE = 1  # parity is then checked at another batch size, through t
 MAX_ABS_DIFF_PROBABILITIES = 1e-4
 MIN_ARGMAX_AGREEMENT = 1.0
 MIN_OPSET = 17
+OUTPUT_NAMES = (LOGITS, PROBABILITIES, FEATURES, CAM)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -74,6 +80,7 @@ class ExportConfig:
     max_parity_images: int = 256
     exporter: Exporter = Exporter.TORCHSCRIPT
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    ood: bool = True  # carry the run's OOD detector (fitted here for runs that have none)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -246,7 +253,8 @@ def load_checked_model(checkpoint: Path) -> tuple[Any, ModelSpec]:
 
 
 def onnx_module(model: Any, temperature: float) -> Any:
-    """Wrap ``model`` so the graph outputs (logits, softmax(logits / temperature))."""
+    """Wrap ``model`` so the graph outputs :data:`OUTPUT_NAMES`: logits, softmax(logits /
+    temperature), pooled features (what the OOD detector scores) and class activation maps."""
     import torch
 
     class OnnxHead(torch.nn.Module):
@@ -254,10 +262,16 @@ def onnx_module(model: Any, temperature: float) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: (N, 3, S, S)
-            logits = self.model(x)  # (N, C)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # x: (N, 3, S, S)
+            feature_map = self.model.forward_features(x)  # (N, F, h, w)
+            features = self.model.pool_features(feature_map)  # (N, F)
+            logits = self.model.forward_head(features)  # (N, C)
             scaled = logits if temperature == 1.0 else logits / temperature
-            return logits, torch.softmax(scaled, dim=1)
+            # CAM (Zhou et al. 2016): the classifier's weights applied at every position of the
+            # feature map; its spatial mean plus the bias is the logit. (N, C, h, w)
+            weight = self.model.classifier.weight[:, :, None, None]
+            cam = torch.nn.functional.conv2d(feature_map, weight)
+            return logits, torch.softmax(scaled, dim=1), features, cam
 
     return OnnxHead().eval()
 
@@ -302,7 +316,7 @@ def export_onnx(
 def _torch_export(
     wrapper: Any, dummy: Any, raw: Path, exporter: Exporter, opset: int
 ) -> tuple[Exporter, int]:
-    names = {"input_names": ["input"], "output_names": ["logits", "probabilities"]}
+    names = {"input_names": ["input"], "output_names": list(OUTPUT_NAMES)}
     if exporter is Exporter.TORCHSCRIPT:
         try:
             _export_torchscript(wrapper, dummy, raw, opset, names)
@@ -329,7 +343,7 @@ def _export_torchscript(wrapper: Any, dummy: Any, raw: Path, opset: int, names: 
             dynamo=False,
             opset_version=opset,
             do_constant_folding=True,
-            dynamic_axes={name: {0: "batch"} for name in ("input", "logits", "probabilities")},
+            dynamic_axes={name: {0: "batch"} for name in ("input", *OUTPUT_NAMES)},
             **names,
         )
 
@@ -382,9 +396,9 @@ def _check_graph(proto: Any, spec: ModelSpec) -> None:
         )
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != ["input"] or outputs != ["logits", "probabilities"]:
+    if inputs != ["input"] or outputs != list(OUTPUT_NAMES):
         raise KidneyEdgeError(
-            f"exported graph has inputs {inputs} and outputs {outputs}; expected input -> logits, probabilities"
+            f"exported graph has inputs {inputs} and outputs {outputs}; expected input -> {', '.join(OUTPUT_NAMES)}"
         )
     dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
     size = spec.input_size
@@ -401,7 +415,10 @@ def _add_metadata(proto: Any, spec: ModelSpec, exporter: str) -> None:
     entries = {
         ONNX_METADATA_KEY: spec.to_json(),  # everything predict needs: preprocessing, classes, decision
         "class_names": json.dumps(list(spec.class_names)),  # for tools that do not know kidney-edge
-        "kidney_edge.outputs": "logits: raw scores; probabilities: softmax(logits / temperature)",
+        "kidney_edge.outputs": (
+            "logits: raw scores; probabilities: softmax(logits / temperature); features: pooled "
+            "penultimate features; cam: class activation maps (classifier weights on the last feature map)"
+        ),
         "kidney_edge.exporter": exporter,
     }
     for key, value in entries.items():
@@ -435,7 +452,7 @@ def check_parity(
 
     def run_torch(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (n, 3, S, S) float32
         with torch.no_grad():
-            logits, probabilities = wrapper(torch.from_numpy(batch))
+            logits, probabilities, _, _ = wrapper(torch.from_numpy(batch))
         return logits.numpy(), probabilities.numpy()
 
     on_batch = None if progress is None else (lambda done, total: progress("parity", done, total))
@@ -489,9 +506,77 @@ def export_model(
     result.parity = {"source": str(source), "checkpoint": str(checkpoint), "images": images.origin}
     result.warnings.extend(images.warnings)
     _export_verified(model, spec, images, config, result, progress)
+    splits = config.splits or run_splits
+    detector = None
+    if config.ood:
+        detector = _install_ood(result.model_path, _run_detector(checkpoint), splits, result, progress)
+        result.parity["ood"] = None if detector is None else detector.record()
+        atomic_write_json(result.parity_path, result.parity)
     if config.int8:
         _export_int8(spec, images, config, result, progress)
+        if detector is not None and result.int8_path is not None:
+            int8_detector = _install_ood(result.int8_path, detector, splits, result, progress)
+            result.parity["int8"]["ood"] = None if int8_detector is None else int8_detector.record()
+            atomic_write_json(result.parity_path, result.parity)
     return result
+
+
+# --------------------------------------------------------------------------- OOD detector
+
+
+def _run_detector(checkpoint: Path) -> OodDetector | None:
+    """The detector the training run fitted (``ood.npz`` beside its checkpoint), if any."""
+    sidecar = checkpoint.parent / OOD_FILE
+    return OodDetector.from_bytes(sidecar.read_bytes(), where=str(sidecar)) if sidecar.is_file() else None
+
+
+def _install_ood(
+    onnx_path: Path,
+    detector: OodDetector | None,
+    splits: Path | None,
+    result: ExportResult,
+    progress: Progress | None,
+) -> OodDetector | None:
+    """Put ``detector`` into ``onnx_path``'s metadata with a threshold chosen on this file's own
+    val scores; without a detector, fit the default one on this file's train features."""
+    from kidney_edge.evaluation import Predictor, fit_ood_on_splits, load_labelled
+    from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD
+
+    if splits is None:
+        result.warnings.append(
+            "no OOD detector: it is fitted on the run's train and val splits; export a run folder "
+            "or pass --splits RUN/splits.csv"
+        )
+        return None
+    if progress is not None:
+        progress(f"ood ({onnx_path.name})", 0, 1)
+    predictor = Predictor(onnx_path)
+    try:
+        if detector is None:
+            detector = fit_ood_on_splits(predictor, splits, DEFAULT_OOD_METHOD, DEFAULT_MAX_ID_REJECTION)
+        else:
+            val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
+            detector = detector.with_threshold(detector.score(*predictor.infer(val.paths)))
+    except EmptySplitError as exc:
+        result.warnings.append(f"no OOD detector: {exc}")
+        return None
+    set_metadata(onnx_path, {ONNX_OOD_KEY: detector.to_metadata()})
+    log.info("%s: OOD detector %s", onnx_path.name, detector.describe())
+    return detector
+
+
+def set_metadata(onnx_path: Path, entries: dict[str, str]) -> None:
+    """Set (add or replace) ``metadata_props`` entries of an ONNX file, atomically."""
+    import onnx
+
+    from kidney_edge.io_utils import atomic_write_bytes
+
+    proto = onnx.load(str(onnx_path))
+    kept = [(prop.key, prop.value) for prop in proto.metadata_props if prop.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        proto.metadata_props.add(key=key, value=value)
+    atomic_write_bytes(onnx_path, proto.SerializeToString())
 
 
 def _export_verified(

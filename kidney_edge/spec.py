@@ -27,6 +27,8 @@ DEFAULT_CLASS_NAMES = ("Cyst", "Normal", "Stone", "Tumor")
 # The finding a missed call costs most: reported first, protected by the decision rule and the
 # INT8 gate. Everything else reads it from ModelSpec.positive_class.
 DEFAULT_POSITIVE_CLASS = "Tumor"
+# The label of an input the model's OOD detector rejects: not one of its classes.
+UNKNOWN_LABEL = "unknown"
 # EfficientNet-Lite0's TF-ported ImageNet weights expect (x - 127) / 128 on 0..255 pixels.
 LITE0_MEAN = (127.0, 127.0, 127.0)
 LITE0_STD = (128.0, 128.0, 128.0)
@@ -194,6 +196,8 @@ class ModelSpec:
     def _validate(self) -> None:
         if len(self.class_names) < 2:
             raise InputError(f"a spec needs at least 2 classes, got {list(self.class_names)}")
+        if UNKNOWN_LABEL in self.class_names:
+            raise InputError(f"{UNKNOWN_LABEL!r} is reserved for inputs the OOD detector rejects; rename that class")
         if len(set(self.class_names)) != len(self.class_names):
             raise InputError(f"class names must be unique, got {list(self.class_names)}")
         if not 16 <= int(self.input_size) <= 2048:

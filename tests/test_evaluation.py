@@ -128,7 +128,9 @@ def test_finalize_run_metrics_match_predictions_csv(finished_run: Path, splits_c
     assert metrics["headline"] == "rule" and metrics["argmax"].keys() == metrics["rule"].keys()
     rows = read_predictions(finished_run / "predictions.csv")
     labels = metrics["labels"]
-    assert list(rows[0]) == ["path", "true_label", "label", "argmax_label", "confidence", *(f"p_{c}" for c in labels)]
+    assert list(rows[0]) == [
+        "path", "true_label", "label", "argmax_label", "confidence", *(f"p_{c}" for c in labels), "ood_score"
+    ]  # fmt: skip
     test_paths = sorted(str(r.path) for r in read_splits(splits_csv) if r.split == "test")
     assert sorted(r["path"] for r in rows) == test_paths and metrics["n_samples"] == len(rows)
     probabilities = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
@@ -282,3 +284,22 @@ def test_bad_options(finished_run: Path, splits_csv: Path, tmp_path: Path) -> No
         evaluate(model, folder, tumor_recall=0.98, out_dir=tmp_path)
     with pytest.raises(KidneyEdgeError, match="best.pt is missing"):
         finalize_run(tmp_path)  # no splits.csv beside best.pt (and no best.pt)
+
+
+def test_run_fits_an_ood_detector_and_reports_its_rejection_rate(finished_run: Path) -> None:
+    """ood.npz beside best.pt; metrics.json's rejection rate and CI recomputed from ood_score."""
+    from scipy.stats import binomtest
+
+    from kidney_edge.ood import OOD_FILE, OodDetector
+
+    detector = OodDetector.from_bytes((finished_run / OOD_FILE).read_bytes())
+    assert detector.method.value == "mahalanobis" and detector.n_fit > 0 and detector.n_val > 0
+    assert detector.val_rejection <= 0.05
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["validation"]["ood"]["threshold"] == detector.threshold
+    block = metrics["ood"]
+    scores = np.array([float(r["ood_score"]) for r in read_predictions(finished_run / "predictions.csv")])
+    rejected = int((scores > detector.threshold).sum())
+    assert block["rejected"] == rejected and block["n_images"] == len(scores)
+    interval = binomtest(rejected, len(scores)).proportion_ci(0.95, method="wilson")
+    assert block["rejection_ci95"] == pytest.approx([interval.low, interval.high])

@@ -100,11 +100,43 @@ def test_onnx_graph_contract_and_spec_round_trip(lite0_export) -> None:
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert [i.name for i in model.graph.input] == ["input"] and dims == ["batch", 3, 224, 224]
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities", "features", "cam"]
     for path in (result.model_path, result.int8_path):
         metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert ModelSpec.from_json(metadata[ONNX_METADATA_KEY]) == spec
         assert json.loads(metadata["class_names"]) == ["Cyst", "Normal", "Stone", "Tumor"]
+
+
+def test_features_and_cam_outputs_match_pytorch(lite0_export, splits_csv: Path) -> None:
+    from kidney_edge.checkpoint import load_model
+    from kidney_edge.dataset import read_splits
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.runtime import OnnxClassifier
+
+    result, spec = lite0_export
+    paths = [row.path for row in read_splits(splits_csv) if row.split == "test"][:3]
+    batch = preprocess_batch(paths, spec)  # (3, 3, 224, 224)
+    outputs = OnnxClassifier(result.model_path).infer(batch, features=True, cam=True)
+    model, _ = load_model(result.out_dir.parent / "best.pt")
+    with torch.no_grad():
+        feature_map = model.forward_features(torch.from_numpy(batch))  # (3, 1280, 7, 7)
+    pooled = feature_map.mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(outputs.features, pooled, atol=1e-4)
+    assert outputs.cam.shape == (3, 4, 7, 7)
+    # CAM's spatial mean plus the classifier bias is the logit (Zhou et al. 2016).
+    bias = model.classifier.bias.detach().numpy()
+    np.testing.assert_allclose(outputs.cam.mean(axis=(2, 3)) + bias, outputs.logits, atol=1e-3)
+
+
+def test_both_models_carry_an_ood_detector_with_their_own_threshold(lite0_export) -> None:
+    from kidney_edge.runtime import OnnxClassifier
+
+    result, _ = lite0_export
+    fp32, int8 = OnnxClassifier(result.model_path).ood, OnnxClassifier(result.int8_path).ood
+    assert fp32 is not None and int8 is not None and fp32.method == int8.method
+    assert result.parity["ood"]["threshold"] == fp32.threshold
+    assert result.int8_gate["ood"]["threshold"] == int8.threshold
+    assert fp32.n_val == int8.n_val > 0 and fp32.val_rejection <= 0.05
 
 
 def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
@@ -147,7 +179,7 @@ def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytes
     fp32, int8 = describe_onnx(result.model_path), describe_onnx(result.int8_path)
     assert fp32["opset"] == 17 and fp32["is_int8"] is False and int8["is_int8"] is True
     assert fp32["inputs"] == [{"name": "input", "type": "tensor(float)", "shape": ["batch", 3, 224, 224]}]
-    assert [o["name"] for o in fp32["outputs"]] == ["logits", "probabilities"]
+    assert [o["name"] for o in fp32["outputs"]] == ["logits", "probabilities", "features", "cam"]
     assert fp32["size_bytes"] == result.model_path.stat().st_size and fp32["producer"].startswith(
         "kidney-edge"
     )

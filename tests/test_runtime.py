@@ -210,7 +210,7 @@ def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path,
     summary = predict_folder(image_dir, model=model_path, out=out, batch_size=5, workers=2)
     rows = read_rows(out)
     assert list(rows[0]) == output_columns(CLASSES) == [
-        "path", "label", "argmax_label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "error",
+        "path", "label", "argmax_label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "ood_score", "error",
     ]  # fmt: skip
     paths = [Path(row["path"]) for row in rows]
     assert paths == sorted(image_dir.rglob("*.*")) and len(paths) == 24

@@ -58,6 +58,13 @@ def export(
     exporter: Annotated[
         Exporter, typer.Option("--exporter", help="torch.onnx exporter.")
     ] = ExportConfig.exporter,
+    ood: Annotated[
+        bool,
+        typer.Option(
+            "--ood/--no-ood",
+            help="Carry the run's out-of-distribution detector (fitted on its splits if it has none).",
+        ),
+    ] = ExportConfig.ood,
 ) -> None:
     """Export to ONNX with the spec inside, prove parity with PyTorch, add a gated INT8 model."""
     from kidney_edge.export import default_out_dir, export_model
@@ -67,7 +74,7 @@ def export(
         config = ExportConfig(
             int8=int8, allow_int8_drop=allow_int8_drop, splits=splits, images=tuple(images or ()),
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
-            max_parity_images=parity_images, exporter=exporter,
+            max_parity_images=parity_images, exporter=exporter, ood=ood,
             quantization=QuantizationConfig(
                 activation_type=int8_activations, calibrate_method=calibration_method,
                 reduce_range=int8_reduce_range,
@@ -89,6 +96,8 @@ def _render(result: ExportResult) -> None:
         f"parity vs PyTorch on {parity['n_images']} test images at batch {parity['batch_size']}: "
         f"max |dp| {parity['max_abs_diff']:.1e}, argmax agreement {parity['argmax_agreement']:.0%}"
     )
+    ood = parity.get("ood")
+    console.print(f"unknown (fp32): {ood['description']}" if ood else "unknown: no OOD detector")
     gate = result.int8_gate
     if gate is not None:
         console.print(
@@ -101,6 +110,8 @@ def _render(result: ExportResult) -> None:
                 f"  {decision:6s} macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, "
                 f"{gate['positive_class']} recall {_pct(fp32['positive_recall'])} -> {_pct(int8['positive_recall'])}"
             )
+        if gate.get("ood"):
+            console.print(f"  unknown (INT8): {gate['ood']['description']}")
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     model = result.int8_path or result.model_path

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kidney_edge.cli._app import app, console, library_errors, print_headline
+from kidney_edge.ood import OodMethod
 from kidney_edge.training.config import (
     ALL_BLOCKS,
     ARCHS,
@@ -104,6 +105,18 @@ def train(
     tumor_recall: Annotated[
         float, typer.Option("--tumor-recall", help="Tumor recall the decision rule targets on val.")
     ] = _RUN.tumor_recall,
+    ood_method: Annotated[
+        OodMethod,
+        typer.Option("--ood-method", help="Out-of-distribution detector fitted on train, threshold on val."),
+    ] = OodMethod(_RUN.ood_method),
+    no_ood: Annotated[bool, typer.Option("--no-ood", help="Fit no OOD detector (nothing is labelled unknown).")] = False,
+    ood_max_rejection: Annotated[
+        float,
+        typer.Option(
+            "--ood-max-rejection",
+            help="Share of in-distribution val images the OOD threshold may reject (95% upper bound).",
+        ),
+    ] = _RUN.ood_max_rejection,
     update_bn_stats: Annotated[
         bool,
         typer.Option(
@@ -128,6 +141,7 @@ def train(
             data_dir=data, out_dir=resolve_run_dir(data, out, resume=resume), arch=arch.value, image_size=image_size, batch_size=batch_size,
             seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
+            ood_method=None if no_ood else ood_method.value, ood_max_rejection=ood_max_rejection,
             time_budget_min=time_budget,
             head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head),
             finetune=dataclasses.replace(

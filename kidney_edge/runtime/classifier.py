@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.imaging import map_batches
+from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
@@ -35,6 +37,8 @@ INT8_OPS = (
     "ConvInteger",
     "MatMulInteger",
 )
+# Output names of an exported graph (export.py writes them; older exports have the first two).
+LOGITS, PROBABILITIES, FEATURES, CAM = "logits", "probabilities", "features", "cam"
 # Graph nodes are serialised before initializers (GraphProto field 1 before field 5), so
 # their op types sit in the first bytes even of a large model.
 _NODES_HEAD_BYTES = 4 << 20
@@ -72,14 +76,40 @@ def session_options(threads: int | None) -> Any:  # -> onnxruntime.SessionOption
     return options
 
 
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What one batch gives: calibrated probabilities, plus what the graph and detector add."""
+
+    logits: np.ndarray  # (N, C) float32
+    probabilities: np.ndarray  # (N, C) float32, temperature-calibrated
+    features: np.ndarray | None = None  # (N, D) pooled penultimate features, when asked for
+    ood_scores: np.ndarray | None = None  # (N,) float64, when the model's OOD detector is on
+    unknown: np.ndarray | None = None  # (N,) bool: rejected by the OOD detector
+    cam: np.ndarray | None = None  # (N, C, h, w) class activation maps, when asked for
+
+
+def concat_outputs(outputs: Sequence[ModelOutputs], num_classes: int) -> ModelOutputs:
+    """Batches of :class:`ModelOutputs` joined in order (an empty sequence gives N = 0)."""
+    if not outputs:
+        empty = np.zeros((0, num_classes), dtype=np.float32)
+        return ModelOutputs(empty, empty.copy())
+
+    def joined(name: str) -> np.ndarray | None:
+        parts = [getattr(o, name) for o in outputs]
+        return None if parts[0] is None else np.concatenate(parts)
+
+    return ModelOutputs(**{name: joined(name) for name in ModelOutputs.__dataclass_fields__})
+
+
 class OnnxClassifier:
     """An exported kidney-edge ONNX model on the CPU execution provider.
 
     The file must carry its :class:`ModelSpec` in ``metadata_props`` under
-    :data:`~kidney_edge.spec.ONNX_METADATA_KEY` (``kidney-edge export`` writes it).
+    :data:`~kidney_edge.spec.ONNX_METADATA_KEY` (``kidney-edge export`` writes it), and may carry
+    an OOD detector under :data:`~kidney_edge.ood.ONNX_OOD_KEY`; ``ood=False`` ignores it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ood: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -95,13 +125,14 @@ class OnnxClassifier:
                 f"{self.path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); "
                 "pass a model.onnx written by `kidney-edge export`"
             ) from None
-        self.spec = self._read_spec()
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        self.spec = self._read_spec(metadata)
         self._input_name = self._session.get_inputs()[0].name
-        self._output_names = [o.name for o in self._session.get_outputs()]
+        self.output_names = tuple(o.name for o in self._session.get_outputs())
+        self.ood: OodDetector | None = self._read_ood(metadata) if ood else None
         self.is_int8 = is_int8_model(self.path)
 
-    def _read_spec(self) -> ModelSpec:
-        metadata = self._session.get_modelmeta().custom_metadata_map
+    def _read_spec(self, metadata: dict[str, str]) -> ModelSpec:
         if ONNX_METADATA_KEY not in metadata:
             raise InputError(
                 f"{self.path} has no kidney-edge spec in its metadata (key {ONNX_METADATA_KEY!r}); "
@@ -112,6 +143,17 @@ class OnnxClassifier:
         except InputError as exc:
             raise InputError(f"{self.path}: invalid spec in ONNX metadata: {exc}") from None
 
+    def _read_ood(self, metadata: dict[str, str]) -> OodDetector | None:
+        if ONNX_OOD_KEY not in metadata:
+            return None
+        detector = OodDetector.from_metadata(metadata[ONNX_OOD_KEY], where=str(self.path))
+        if detector.needs_features and FEATURES not in self.output_names:
+            raise InputError(
+                f"{self.path}: its OOD detector needs a `{FEATURES}` output the graph lacks; re-export "
+                "the model, or pass --no-ood"
+            )
+        return detector
+
     @property
     def input_size(self) -> int:
         return int(self.spec.input_size)
@@ -120,27 +162,70 @@ class OnnxClassifier:
     def class_names(self) -> tuple[str, ...]:
         return self.spec.class_names
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, S, S) float32 -> ((N, C) logits, (N, C) probabilities with temperature applied)."""
+    @property
+    def has_cam(self) -> bool:
+        return CAM in self.output_names
+
+    def infer(self, batch: np.ndarray, *, features: bool = False, cam: bool = False) -> ModelOutputs:
+        """(N, 3, S, S) float32 -> :class:`ModelOutputs`, with OOD scores when the detector is on.
+
+        Only the outputs needed are fetched: ``features`` and ``cam`` on request (``cam`` when the
+        graph has it), features also whenever the detector scores them.
+        """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         size = self.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
             raise InputError(f"{self.path}: expected input (N, 3, {size}, {size}), got {batch.shape}")
+        wanted = [name for name in (LOGITS, PROBABILITIES) if name in self.output_names]
+        if features or (self.ood is not None and self.ood.needs_features):
+            wanted.append(FEATURES)
+        if cam and self.has_cam:
+            wanted.append(CAM)
+        wanted = [name for name in wanted if name in self.output_names] or [self.output_names[0]]
         try:
-            values = self._session.run(None, {self._input_name: batch})
-            outputs = dict(zip(self._output_names, values, strict=True))
+            values = self._session.run(wanted, {self._input_name: batch})
         except Exception as exc:
             raise KidneyEdgeError(f"onnxruntime failed on {self.path}: {exc}") from None
-        logits = np.asarray(outputs.get("logits", next(iter(outputs.values()))), dtype=np.float32)
-        if "probabilities" in outputs:
-            probabilities = np.asarray(outputs["probabilities"], dtype=np.float32)
+        fetched = dict(zip(wanted, values, strict=True))
+        logits = np.asarray(fetched.get(LOGITS, values[0]), dtype=np.float32)
+        if PROBABILITIES in fetched:
+            probabilities = np.asarray(fetched[PROBABILITIES], dtype=np.float32)
         else:  # a logits-only graph: calibrate here from the spec, as the export would have
             probabilities = self.spec.probabilities(logits)
-        return logits, probabilities
+        pooled = fetched.get(FEATURES)
+        scores = unknown = None
+        if self.ood is not None:
+            scores = self.ood.score(logits, pooled)
+            unknown = self.ood.rejects(scores)
+        return ModelOutputs(logits, probabilities, pooled, scores, unknown, fetched.get(CAM))
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, S, S) float32 -> ((N, C) logits, (N, C) probabilities with temperature applied)."""
+        outputs = self.infer(batch)
+        return outputs.logits, outputs.probabilities
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 -> (N, C) calibrated probabilities."""
-        return self.run(batch)[1]
+        return self.infer(batch).probabilities
+
+    def infer_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        batch_size: int = 16,
+        *,
+        features: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ModelOutputs:
+        """:meth:`infer` over image files, ``batch_size`` per call, joined in file order.
+
+        Every file goes through the one shared preprocessing; the first unreadable file raises
+        ImageReadError (folder predict, which must survive bad files, has its own per-file
+        error rows). ``progress(done, total)`` is called after each batch.
+        """
+        outputs = map_batches(
+            list(paths), self.spec, batch_size, lambda batch: self.infer(batch, features=features), progress
+        )
+        return concat_outputs(outputs, self.spec.num_classes)
 
     def predict_files(
         self,
@@ -149,21 +234,14 @@ class OnnxClassifier:
         *,
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(N, C) logits and (N, C) calibrated probabilities of image files, ``batch_size`` per call.
-
-        Every file goes through the one shared preprocessing; the first unreadable file raises
-        ImageReadError (folder predict, which must survive bad files, has its own per-file
-        error rows). ``progress(done, total)`` is called after each batch.
-        """
-        outputs = map_batches(list(paths), self.spec, batch_size, self.run, progress)
-        if not outputs:
-            empty = np.zeros((0, self.spec.num_classes), dtype=np.float32)
-            return empty, empty.copy()
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+        """(N, C) logits and (N, C) calibrated probabilities of image files (see :meth:`infer_files`)."""
+        outputs = self.infer_files(paths, batch_size, progress=progress)
+        return outputs.logits, outputs.probabilities
 
     def __repr__(self) -> str:
         kind = "int8" if self.is_int8 else "fp32"
-        return f"OnnxClassifier({str(self.path)!r}, {kind}, threads={self.threads})"
+        ood = "" if self.ood is None else f", ood={self.ood.method.value}"
+        return f"OnnxClassifier({str(self.path)!r}, {kind}, threads={self.threads}{ood})"
 
 
 def find_default_model(export_root: str | os.PathLike[str] = EXPORT_ROOT) -> Path:

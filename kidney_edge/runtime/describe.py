@@ -18,6 +18,7 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.imaging import describe_image, is_image_file
+from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.classifier import INT8_OPS, int8_operators
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
@@ -80,6 +81,8 @@ def describe_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
     if spec is not None:
         description["decision_rule"] = spec.decision_rule.describe()
         description["spec"] = spec.to_dict()
+    if ONNX_OOD_KEY in custom:
+        description["ood_detector"] = OodDetector.from_metadata(custom[ONNX_OOD_KEY], str(path)).describe()
     if "kidney_edge.quantization" in custom:
         description["quantization"] = json.loads(custom["kidney_edge.quantization"])
     return description

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from kidney_edge.io_utils import csv_text
 from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.runtime.precision import Precision, PrecisionChoice, Probe, resolve_precision
-from kidney_edge.spec import ModelSpec
+from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class OutputFormat(str, Enum):
 
     CSV = "csv"
     JSONL = "jsonl"
+    PARQUET = "parquet"  # a folder of Parquet parts: written by `--engine ray` only
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class PredictConfig:
     workers: int | None = None
     resume: bool = False
     precision: Precision = Precision.AUTO
+    ood: bool = True  # label inputs the model's OOD detector rejects as unknown (--no-ood: off)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -67,6 +70,8 @@ class PredictConfig:
         if self.model is not None:
             set_(self, "model", Path(self.model))
         set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
+        if self.fmt is OutputFormat.PARQUET:
+            raise InputError("--format parquet needs --engine ray; local predict writes csv or jsonl")
         set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
         if not self.folder.is_dir():
             raise InputError(
@@ -92,6 +97,7 @@ class PredictSummary:
     decision_rule: str
     class_names: tuple[str, ...]
     is_int8: bool
+    ood_detector: str | None  # the detector in words; None without one (or with --no-ood)
     threads: int
     workers: int
     batch_size: int
@@ -157,12 +163,12 @@ FLOAT_DIGITS = 6  # decimals of probabilities and confidence in a predictions CS
 
 def output_columns(class_names: Sequence[str], *, labelled: bool = False) -> list[str]:
     """The predictions schema: ``path``, ``label``, ``argmax_label``, ``confidence``,
-    ``p_<Class>`` per class, ``error``.
+    ``p_<Class>`` per class, ``ood_score``, ``error``.
 
     ``labelled`` (evaluate's predictions.csv): ``true_label`` after ``path`` and no ``error``,
     since every evaluated file was read or the evaluation stopped naming it.
     """
-    scores = ["label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names)]
+    scores = ["label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names), "ood_score"]
     return ["path", "true_label", *scores] if labelled else ["path", *scores, "error"]
 
 
@@ -172,23 +178,35 @@ def prediction_rows(
     spec: ModelSpec,
     *,
     true_labels: Sequence[str] | None = None,
+    ood_scores: np.ndarray | None = None,
+    unknown: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per file of :func:`output_columns`: ``label`` under the spec's decision rule,
-    ``argmax_label`` the most probable class, ``confidence`` the label's probability.
+    """One row per file of :func:`output_columns`: ``label`` under the spec's decision rule, or
+    :data:`~kidney_edge.spec.UNKNOWN_LABEL` where ``unknown`` (the OOD detector rejected it);
+    ``argmax_label`` the most probable class; ``confidence`` the label's probability (empty for
+    unknown); ``ood_score`` the detector's score (empty without a detector).
 
     With ``true_labels`` the rows are ``labelled``: they carry ``true_label`` and no ``error``.
     """
+    n = len(paths)
     labels, argmax = spec.decide(probabilities), probabilities.argmax(axis=1)
-    truths = [None] * len(paths) if true_labels is None else true_labels
+    truths = [None] * n if true_labels is None else true_labels
+    scores = [None] * n if ood_scores is None else [float(score) for score in ood_scores]
+    rejected = np.zeros(n, dtype=bool) if unknown is None else np.asarray(unknown, dtype=bool)
     rows = []
-    for path, truth, label, top, probs in zip(paths, truths, labels, argmax, probabilities, strict=True):
+    for i, (path, truth, label, top, probs) in enumerate(
+        zip(paths, truths, labels, argmax, probabilities, strict=True)
+    ):
         row: dict[str, Any] = {"path": path}
         if true_labels is not None:
             row["true_label"] = truth
         row.update(
-            label=spec.class_names[label], argmax_label=spec.class_names[top], confidence=float(probs[label])
+            label=UNKNOWN_LABEL if rejected[i] else spec.class_names[label],
+            argmax_label=spec.class_names[top],
+            confidence=None if rejected[i] else float(probs[label]),
         )
         row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
+        row["ood_score"] = scores[i]
         if true_labels is None:
             row["error"] = None
         rows.append(row)
@@ -295,9 +313,12 @@ def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[s
     columns = output_columns(spec.class_names)
     predicted = {}
     if loaded.ok:
-        probabilities = classifier.predict(loaded.inputs)  # (len(ok), C)
+        outputs = classifier.infer(loaded.inputs)  # (len(ok), C) probabilities, OOD scores
         ok_paths = [loaded.paths[index] for index in loaded.ok]
-        predicted = dict(zip(loaded.ok, prediction_rows(ok_paths, probabilities, spec), strict=True))
+        rows = prediction_rows(
+            ok_paths, outputs.probabilities, spec, ood_scores=outputs.ood_scores, unknown=outputs.unknown
+        )
+        predicted = dict(zip(loaded.ok, rows, strict=True))
     rows = []
     for index, path in enumerate(loaded.paths):
         row = predicted.get(index) or {**dict.fromkeys(columns), "path": path}
@@ -368,13 +389,16 @@ def predict_folder(
     resume: bool = False,
     precision: Precision | str = PredictConfig.precision,
     probe: Probe | None = None,
+    ood: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
 
     Columns: ``path`` (absolute), ``label`` (the spec's decision rule), ``argmax_label`` (the
     most probable class), ``confidence`` (the label's probability), ``p_<Class>``
-    (temperature-calibrated, summing to 1) and ``error``.
+    (temperature-calibrated, summing to 1), ``ood_score`` and ``error``. With the model's OOD
+    detector on (``ood``, the default) an input it rejects gets label ``unknown``; its
+    probabilities are still written.
 
     Rows are flushed per batch, so an interrupted run keeps every finished row; ``resume``
     skips files already in ``out`` and appends. Unreadable files get a row with ``error``.
@@ -396,13 +420,14 @@ def predict_folder(
         workers=workers,
         resume=resume,
         precision=precision,
+        ood=ood,
     )
     # Loading and optimising the graph takes a few hundred ms and mostly runs outside the GIL:
     # scan the folder meanwhile, it is part of the start-up to the first batch.
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
         pending_classifier = loader.submit(
             resolve_precision, config.model, config.precision, batch_size=config.batch_size,
-            threads=config.threads, probe=probe,
+            threads=config.threads, probe=probe, load=partial(OnnxClassifier, threads=config.threads, ood=config.ood),
         )  # fmt: skip
         files = _scan_image_paths(config.folder)
         choice, classifier = pending_classifier.result()
@@ -459,6 +484,7 @@ def _new_summary(
         decision_rule=spec.decision_rule.describe(),
         class_names=spec.class_names,
         is_int8=classifier.is_int8,
+        ood_detector=None if classifier.ood is None else classifier.ood.describe(),
         threads=classifier.threads,
         workers=config.workers or _default_workers(),
         precision=choice.precision.value,
@@ -468,5 +494,7 @@ def _new_summary(
         batch_size=config.batch_size,
         total_files=total_files,
         skipped=skipped,
-        class_counts=dict.fromkeys(spec.class_names, 0),
+        class_counts=dict.fromkeys(
+            (*spec.class_names, *([UNKNOWN_LABEL] if classifier.ood is not None else [])), 0
+        ),
     )

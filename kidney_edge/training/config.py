@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
+from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
 
 ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all)
 
@@ -132,6 +133,8 @@ class TrainConfig:
     pretrained: bool = True
     weights: Path | None = None
     tumor_recall: float = 0.98
+    ood_method: str | None = DEFAULT_OOD_METHOD.value  # None: no OOD detector (--no-ood)
+    ood_max_rejection: float = DEFAULT_MAX_ID_REJECTION
     time_budget_min: float | None = None  # fine-tuning epochs are cut to fit (see training.budget)
     head: PhaseConfig = field(default_factory=default_head_phase)
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
@@ -161,6 +164,12 @@ class TrainConfig:
             raise InputError(f"--workers must be >= 0, got {self.workers}")
         if not 0 < self.tumor_recall <= 1:
             raise InputError(f"--tumor-recall must be in (0, 1], got {self.tumor_recall}")
+        if self.ood_method is not None and self.ood_method not in {m.value for m in OodMethod}:
+            raise InputError(
+                f"--ood-method must be one of {', '.join(m.value for m in OodMethod)}, got {self.ood_method!r}"
+            )
+        if not 0 < self.ood_max_rejection < 1:
+            raise InputError(f"--ood-max-rejection must be in (0, 1), got {self.ood_max_rejection}")
         if self.head.name != "head" or self.finetune.name != "finetune":
             raise InputError("TrainConfig.head/finetune must be the 'head' and 'finetune' phases")
         if self.time_budget_min is not None and not self.time_budget_min > 0:

@@ -22,10 +22,12 @@ from kidney_edge.evaluation import (
     Predictor,
     class_indices,
     evaluate_files,
+    fit_ood_on_splits,
     load_labelled,
     rule_record,
 )
-from kidney_edge.io_utils import atomic_write_text
+from kidney_edge.io_utils import atomic_write_bytes, atomic_write_text
+from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod
 from kidney_edge.spec import DecisionRule, ModelSpec
 from kidney_edge.training.config import TrainConfig
 
@@ -36,14 +38,18 @@ def finalize_run(
     run_dir: str | Path,
     *,
     tumor_recall: float | None = TrainConfig.tumor_recall,
+    ood_method: OodMethod | str | None = TrainConfig.ood_method,
+    ood_max_rejection: float = TrainConfig.ood_max_rejection,
     batch_size: int = EvaluateConfig.batch_size,
     warnings: Sequence[str] = (),
 ) -> EvaluationResult:
-    """Calibrate on val, choose the tumor threshold on val, store both, then evaluate test.
+    """Calibrate on val, choose the tumor threshold on val, store both, fit the OOD detector on
+    train (threshold on val), then evaluate test.
 
-    The temperature and rule go into the spec of ``best.pt`` and ``spec.json``; metrics.json,
-    predictions.csv, the report and the model card are written into ``run_dir``. ``warnings``
-    about the training run go into metrics.json and the report.
+    The temperature and rule go into the spec of ``best.pt`` and ``spec.json``, the detector into
+    ``ood.npz`` beside them; metrics.json, predictions.csv, the report and the model card are
+    written into ``run_dir``. ``warnings`` about the training run go into metrics.json and the
+    report.
     """
     run_dir = Path(run_dir)
     checkpoint, splits = run_dir / "best.pt", run_dir / "splits.csv"
@@ -55,6 +61,9 @@ def finalize_run(
     update_spec(checkpoint, spec)
     atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
     predictor.spec = spec
+    if ood_method is not None:
+        predictor.ood = _fit_ood(predictor, splits, ood_method, ood_max_rejection, batch_size, run_dir)
+        validation["ood"] = None if predictor.ood is None else predictor.ood.record()
     try:
         test = load_labelled(splits, "test", class_names=spec.class_names)
     except InputError as exc:
@@ -72,6 +81,27 @@ def finalize_run(
         notes=[f"Warning: {warning}." for warning in warnings],
         extra={"validation": validation, "warnings": list(warnings)},
     )
+
+
+def _fit_ood(
+    predictor: Predictor,
+    splits: Path,
+    method: OodMethod | str,
+    max_id_rejection: float,
+    batch_size: int,
+    run_dir: Path,
+) -> OodDetector | None:
+    """Fit the OOD detector and write it to ``run_dir/ood.npz``; None (and no file) without a
+    train or val split."""
+    sidecar = run_dir / OOD_FILE
+    try:
+        detector = fit_ood_on_splits(predictor, splits, method, max_id_rejection, batch_size)
+    except EmptySplitError as exc:
+        log.warning("no OOD detector: %s", exc)
+        sidecar.unlink(missing_ok=True)
+        return None
+    atomic_write_bytes(sidecar, detector.to_bytes())
+    return detector
 
 
 def _calibrate_on_val(

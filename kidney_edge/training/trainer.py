@@ -289,7 +289,13 @@ def _finish(config: TrainConfig, state: RunState, ctx, warnings: list[str]) -> T
     if ctx.is_main:
         from kidney_edge.training.finalize import finalize_run
 
-        finished = finalize_run(config.out_dir, tumor_recall=config.tumor_recall, warnings=warnings)
+        finished = finalize_run(
+            config.out_dir,
+            tumor_recall=config.tumor_recall,
+            ood_method=config.ood_method,
+            ood_max_rejection=config.ood_max_rejection,
+            warnings=warnings,
+        )
         metrics["test"] = finished.metrics
     ctx.barrier()
     return TrainResult(run_dir=config.out_dir, best_checkpoint=best, metrics=metrics)

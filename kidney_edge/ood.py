@@ -1,0 +1,258 @@
+"""Out-of-distribution ("unknown") detection: post-hoc detectors on a trained classifier.
+
+A detector scores each image from the classifier's logits and pooled penultimate features
+(higher = more foreign) and rejects scores above a threshold chosen on validation images, so
+that at most a stated share of in-distribution images is rejected. It travels inside the ONNX
+file (metadata key :data:`ONNX_OOD_KEY`, an ``.npz`` in base64) and, for a training run, as
+``ood.npz`` beside the checkpoint.
+
+Methods (scores after OpenOOD v1.5, Zhang et al. 2023, https://github.com/Jingkang50/OpenOOD):
+
+- ``msp``: 1 - max softmax probability (Hendrycks & Gimpel 2017);
+- ``energy``: -logsumexp(logits) (Liu et al. 2020);
+- ``mahalanobis``: the smallest Mahalanobis distance to a class mean under one shared,
+  shrunk covariance (Lee et al. 2018), computed as a squared distance after whitening;
+- ``knn``: 1 - cosine similarity to the k-th nearest training feature (Sun et al. 2022).
+
+Scoring is numpy only (the edge runtime imports this module); fitting uses scikit-learn's
+Ledoit-Wolf covariance and scipy's Wilson interval, imported where they are used.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from kidney_edge.errors import InputError, enum_choice
+
+ONNX_OOD_KEY = "kidney_edge.ood"
+OOD_FILE = "ood.npz"  # beside a run's best.pt
+# Share of in-distribution images the threshold may reject, as the upper end of the 95% Wilson
+# interval of the validation rejection rate: a threshold set at the point estimate would reject
+# more than the target on about half of all new data (validation sets hold a few hundred images).
+DEFAULT_MAX_ID_REJECTION = 0.05
+CONFIDENCE = 0.95
+KNN_NEIGHBOURS = 5  # k of the KNN score; OpenOOD's default k=50 assumes 50,000 training images
+MAX_KNN_BANK = 4096  # training features the KNN detector keeps (evenly strided when more)
+_EPS = 1e-12
+
+
+class OodMethod(str, Enum):
+    """Post-hoc OOD scores (``--ood-method``)."""
+
+    MSP = "msp"
+    ENERGY = "energy"
+    MAHALANOBIS = "mahalanobis"
+    KNN = "knn"
+
+
+# The detector every run fits unless told otherwise: best in benchmarks/results/ood.md.
+DEFAULT_OOD_METHOD = OodMethod.MAHALANOBIS
+Params = Mapping[str, np.ndarray]
+
+
+def _normalised(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), _EPS)
+
+
+def _score_msp(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return 1.0 - 1.0 / np.exp(z).sum(axis=1)  # 1 - max softmax = 1 - exp(0) / sum(exp(z - max))
+
+
+def _score_energy(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z_max = z.max(axis=1)
+    return -(z_max + np.log(np.exp(z - z_max[:, None]).sum(axis=1)))
+
+
+def _score_mahalanobis(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    whitened = _need(features) @ params["whitening"]  # (N, D) @ (D, D): distances become Euclidean
+    centres = params["whitened_means"]  # (C, D)
+    squared = (
+        (whitened**2).sum(axis=1, keepdims=True) - 2.0 * whitened @ centres.T + (centres**2).sum(axis=1)[None]
+    )  # (N, C)
+    return squared.min(axis=1).astype(np.float64)
+
+
+def _score_knn(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    similarity = _normalised(_need(features)) @ params["bank"].T  # (N, bank)
+    k = min(int(params["k"]), similarity.shape[1])
+    kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]  # k-th largest similarity
+    return (1.0 - kth).astype(np.float64)
+
+
+def _need(features: np.ndarray | None) -> np.ndarray:
+    if features is None:
+        raise InputError("this OOD detector needs the model's `features` output; re-export the model")
+    return np.asarray(features, dtype=np.float32)
+
+
+_SCORERS: dict[OodMethod, Callable[[Params, np.ndarray, np.ndarray | None], np.ndarray]] = {
+    OodMethod.MSP: _score_msp,
+    OodMethod.ENERGY: _score_energy,
+    OodMethod.MAHALANOBIS: _score_mahalanobis,
+    OodMethod.KNN: _score_knn,
+}
+
+
+@dataclass(frozen=True)
+class OodDetector:
+    """A fitted detector: ``score`` is higher for more foreign inputs; ``rejects`` is score > threshold.
+
+    ``val_rejection`` and ``n_val`` record the in-distribution validation images the threshold
+    was chosen on; ``max_id_rejection`` the target it was chosen for.
+    """
+
+    method: OodMethod
+    threshold: float
+    params: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    max_id_rejection: float = DEFAULT_MAX_ID_REJECTION
+    val_rejection: float | None = None
+    n_val: int = 0
+    n_fit: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", enum_choice(OodMethod, self.method, "--ood-method"))
+
+    @property
+    def needs_features(self) -> bool:
+        return self.method in (OodMethod.MAHALANOBIS, OodMethod.KNN)
+
+    def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """(N, C) logits and (N, D) pooled features -> (N,) float64 scores, higher = more foreign."""
+        return _SCORERS[self.method](self.params, logits, features)
+
+    def rejects(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) scores -> (N,) bool: the inputs this detector calls unknown."""
+        return np.asarray(scores) > self.threshold
+
+    def describe(self) -> str:
+        text = f"{self.method.value} score > {self.threshold:.6g} is unknown"
+        if self.val_rejection is not None:
+            text += (
+                f" (rejects {self.val_rejection:.1%} of {self.n_val} validation images; "
+                f"target <= {self.max_id_rejection:.0%} at 95% confidence)"
+            )
+        return text
+
+    def record(self) -> dict[str, Any]:
+        """The detector's facts without its arrays, for metrics.json, parity.json and `info`."""
+        return {
+            "method": self.method.value,
+            "threshold": self.threshold,
+            "max_id_rejection": self.max_id_rejection,
+            "val_rejection": self.val_rejection,
+            "n_val": self.n_val,
+            "n_fit": self.n_fit,
+            "description": self.describe(),
+        }
+
+    def to_bytes(self) -> bytes:
+        header = {k: v for k, v in self.record().items() if k != "description"}
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, header=np.array(json.dumps(header)), **self.params)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "OOD detector") -> OodDetector:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                header = json.loads(str(archive["header"]))
+                params = {name: archive[name] for name in archive.files if name != "header"}
+            return cls(params=params, **header)
+        except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{where} is not a valid kidney-edge OOD detector ({exc})") from None
+
+    def to_metadata(self) -> str:
+        return base64.b64encode(self.to_bytes()).decode("ascii")
+
+    @classmethod
+    def from_metadata(cls, text: str, where: str = "ONNX metadata") -> OodDetector:
+        try:
+            data = base64.b64decode(text.encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            raise InputError(f"{where}: {ONNX_OOD_KEY} is not base64") from None
+        return cls.from_bytes(data, where)
+
+    def with_threshold(self, val_scores: np.ndarray, max_id_rejection: float | None = None) -> OodDetector:
+        """This detector with its threshold chosen on in-distribution validation ``val_scores``."""
+        target = self.max_id_rejection if max_id_rejection is None else max_id_rejection
+        threshold = choose_threshold(val_scores, target)
+        rejected = float(np.mean(np.asarray(val_scores) > threshold)) if len(val_scores) else None
+        return OodDetector(
+            self.method, threshold, dict(self.params), target, rejected, len(val_scores), self.n_fit
+        )
+
+
+def fit_params(
+    method: OodMethod | str, features: np.ndarray, labels: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
+    """The arrays ``method`` scores with, from (N, D) training features and (N,) class indices."""
+    method = enum_choice(OodMethod, method, "--ood-method")
+    if method is OodMethod.MAHALANOBIS:
+        return _fit_mahalanobis(np.asarray(features, dtype=np.float64), np.asarray(labels), n_classes)
+    if method is OodMethod.KNN:
+        bank = _normalised(features)
+        stride = max(1, -(-len(bank) // MAX_KNN_BANK))
+        return {"bank": bank[::stride].astype(np.float32), "k": np.array(KNN_NEIGHBOURS)}
+    return {}
+
+
+def _fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    from sklearn.covariance import LedoitWolf
+
+    present = [c for c in range(n_classes) if np.any(labels == c)]
+    means = np.stack([features[labels == c].mean(axis=0) for c in present])  # (C', D)
+    centred = features - means[np.searchsorted(present, labels)]
+    # A few hundred images against 1,280 dimensions: the plain covariance is singular, so it is
+    # shrunk towards a scaled identity by the Ledoit-Wolf estimate (as in Lee et al.'s code).
+    covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    whitening = eigenvectors / np.sqrt(np.maximum(eigenvalues, _EPS))[None]  # (D, D): W W^T = cov^-1
+    return {"whitened_means": (means @ whitening).astype(np.float32), "whitening": whitening.astype(np.float32)}
+
+
+def choose_threshold(val_scores: np.ndarray, max_id_rejection: float) -> float:
+    """The lowest threshold whose validation rejection rate has a 95% Wilson upper bound at most
+    ``max_id_rejection`` (scores above the threshold are rejected)."""
+    from scipy.stats import binomtest
+
+    if not 0.0 < max_id_rejection < 1.0:
+        raise InputError(f"--ood-max-rejection must be in (0, 1), got {max_id_rejection}")
+    scores = np.sort(np.asarray(val_scores, dtype=np.float64))[::-1]  # highest first
+    n = len(scores)
+    if n == 0:
+        raise InputError("no validation images to choose the OOD threshold on")
+    rejected = 0  # the largest count whose upper bound still meets the target
+    for k in range(1, n):
+        upper = binomtest(k, n).proportion_ci(CONFIDENCE, method="wilson").high
+        if upper > max_id_rejection:
+            break
+        rejected = k
+    if rejected == 0 and binomtest(0, n).proportion_ci(CONFIDENCE, method="wilson").high > max_id_rejection:
+        return float(scores[0])  # too few images for the bound: reject nothing seen in validation
+    return float(scores[rejected])  # the (rejected+1)-th highest: `rejected` scores lie above it
+
+
+def fit_detector(
+    method: OodMethod | str,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    max_id_rejection: float = DEFAULT_MAX_ID_REJECTION,
+) -> OodDetector:
+    """Fit ``method`` on ``train`` = (logits, features, labels), threshold on ``val`` = (logits, features)."""
+    train_logits, train_features, train_labels = train
+    params = fit_params(method, train_features, train_labels, n_classes)
+    detector = OodDetector(method, float("inf"), params, max_id_rejection, n_fit=len(train_labels))
+    return detector.with_threshold(detector.score(*val), max_id_rejection)
