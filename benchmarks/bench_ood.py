@@ -1,0 +1,266 @@
+"""Out-of-distribution detectors compared on a trained run: in-distribution rejection vs foreign inputs.
+
+    python benchmarks/bench_ood.py --run RUN --holdout HOLDOUT_FOLDER [--work /tmp/ood-bench]
+
+Exports RUN (fp32 + INT8, the export's own detector fitting included), then, for each model
+file and each method of ``kidney_edge.ood.OodMethod``: fits the detector on the run's train
+split features (that file's own features), chooses its threshold on the val split, and
+measures the rejection rate on HOLDOUT (in-distribution images never used in training, with a
+95% Wilson interval) and on the project's foreign corpus (``kidney_edge.foreign``), per kind,
+with the AUROC of hold-out vs foreign scores (scikit-learn). Then ``kidney-edge predict`` runs
+end to end on a mixed folder (hold-out + foreign) with the exported files, and on HOLDOUT with
+and without ``--no-ood`` (alternating, whole process) for the detector's cost in throughput.
+Writes OUT.json and OUT.md with the machine line and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REQUIRED_KINDS_EXCLUDED = ("other_ct",)  # real CT of other anatomy: reported apart (see foreign.py)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="trained run folder (best.pt + splits.csv)")
+    parser.add_argument("--holdout", type=Path, required=True, help="in-distribution images never trained on")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ood-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ood")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating predict runs with and without OOD")
+    return parser.parse_args()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def outputs_of(classifier: Any, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Logits and features of the files the pipeline can read, and their indices into ``paths``."""
+    from kidney_edge.errors import ImageReadError
+    from kidney_edge.imaging import preprocess
+
+    inputs, readable = [], []
+    for index, path in enumerate(paths):
+        try:
+            inputs.append(preprocess(path, classifier.spec))
+            readable.append(index)
+        except ImageReadError as exc:
+            log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
+    logits, features = [], []
+    for start in range(0, len(inputs), 32):
+        out = classifier.infer(np.stack(inputs[start : start + 32]), features=True)
+        logits.append(out.logits)
+        features.append(out.features)
+    return np.concatenate(logits), np.concatenate(features), readable
+
+
+def wilson(k: int, n: int) -> list[float]:
+    from scipy.stats import binomtest
+
+    interval = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [interval.low, interval.high]
+
+
+def compare_methods(model_path: Path, run: Path, holdout: list[Path], foreign: list[dict[str, Any]]) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    from kidney_edge.evaluation import class_indices, load_labelled
+    from kidney_edge.ood import OodMethod, fit_detector
+    from kidney_edge.runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(model_path, ood=False)
+    names = classifier.spec.class_names
+    train = load_labelled(run / "splits.csv", "train", class_names=names)
+    val = load_labelled(run / "splits.csv", "val", class_names=names)
+    log(f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out")
+    train_logits, train_features, _ = outputs_of(classifier, train.paths)
+    val_logits, val_features, _ = outputs_of(classifier, val.paths)
+    hold_logits, hold_features, _ = outputs_of(classifier, holdout)
+    foreign_logits, foreign_features, readable = outputs_of(classifier, [Path(r["path"]) for r in foreign])
+    kinds = np.array([foreign[i]["kind"] for i in readable])
+    required = ~np.isin(kinds, REQUIRED_KINDS_EXCLUDED)
+    results: dict[str, Any] = {
+        "n_train": len(train.paths), "n_val": len(val.paths), "n_holdout": len(holdout),
+        "n_foreign": len(foreign), "n_foreign_readable": len(readable), "methods": {},
+        "foreign_argmax_labels": dict(zip(*np.unique(np.array(names)[foreign_logits.argmax(1)], return_counts=True), strict=True)),
+    }  # fmt: skip
+    results["foreign_argmax_labels"] = {k: int(v) for k, v in results["foreign_argmax_labels"].items()}
+    y_train = class_indices(train.labels, names)
+    for method in OodMethod:
+        started = time.perf_counter()
+        detector = fit_detector(method, (train_logits, train_features, y_train), (val_logits, val_features), len(names))
+        fit_s = time.perf_counter() - started
+        hold_scores = detector.score(hold_logits, hold_features)
+        foreign_scores = detector.score(foreign_logits, foreign_features)
+        hold_rejected = int(detector.rejects(hold_scores).sum())
+        foreign_rejected = detector.rejects(foreign_scores)
+        per_kind = {
+            kind: {"n": int((kinds == kind).sum()), "rejected": int(foreign_rejected[kinds == kind].sum())}
+            for kind in sorted(set(kinds))
+        }
+        scores = np.concatenate([hold_scores, foreign_scores[required]])
+        is_foreign = np.concatenate([np.zeros(len(hold_scores)), np.ones(int(required.sum()))])
+        results["methods"][method.value] = {
+            "detector": detector.record(),
+            "fit_s": round(fit_s, 2),
+            "holdout_rejection": hold_rejected / len(hold_scores),
+            "holdout_rejection_ci95": wilson(hold_rejected, len(hold_scores)),
+            "foreign_rejection": float(foreign_rejected[required].mean()),
+            "foreign_rejected": int(foreign_rejected[required].sum()),
+            "foreign_n": int(required.sum()),
+            "per_kind": per_kind,
+            "auroc_holdout_vs_foreign": float(roc_auc_score(is_foreign, scores)),
+        }
+        log(f"  {method.value}: hold-out {hold_rejected / len(hold_scores):.1%}, foreign {foreign_rejected[required].mean():.1%}")
+    return results
+
+
+def predict_cli(folder: Path, model: Path, out: Path, *extra: str) -> tuple[dict[str, int], float]:
+    """Run `kidney-edge predict` in a subprocess; label counts and whole-process seconds."""
+    command = [sys.executable, "-m", "kidney_edge", "predict", str(folder), "--model", str(model), "--out", str(out), *extra]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    seconds = time.perf_counter() - started
+    if completed.returncode not in (0, 3):
+        raise SystemExit(f"predict failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = "error" if row["error"] else row["label"]
+        counts[key] = counts.get(key, 0) + 1
+    return counts, seconds
+
+
+def end_to_end(models: dict[str, Path], holdout_dir: Path, foreign_dir: Path, work: Path, repeats: int) -> dict[str, Any]:
+    mixed = work / "mixed"
+    shutil.rmtree(mixed, ignore_errors=True)
+    shutil.copytree(foreign_dir, mixed / "foreign", ignore=shutil.ignore_patterns("*.csv"))
+    from kidney_edge.runtime import scan_images
+
+    for path in scan_images(holdout_dir)[:100]:
+        target = mixed / "holdout" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    record: dict[str, Any] = {"mixed_folder": {"holdout_images": 100}}
+    for precision, model in models.items():
+        counts, _ = predict_cli(mixed, model, work / f"mixed_{precision}.csv")
+        record["mixed_folder"][precision] = counts
+        log(f"mixed folder, {precision}: {counts}")
+    timing: dict[str, list[float]] = {"ood": [], "no_ood": []}
+    for _ in range(repeats):  # alternate so that load from other jobs hits both alike
+        for key, extra in (("ood", ()), ("no_ood", ("--no-ood",))):
+            _, seconds = predict_cli(holdout_dir, models["fp32"], work / f"holdout_{key}.csv", *extra)
+            timing[key].append(seconds)
+    n = len(scan_images(holdout_dir))
+    best = {key: min(values) for key, values in timing.items()}
+    record["throughput"] = {
+        "images": n, "model": "fp32", "seconds": timing,
+        "images_per_s_best": {key: n / s for key, s in best.items()},
+        "ood_over_no_ood": best["no_ood"] / best["ood"],
+    }  # fmt: skip
+    return record
+
+
+def write_markdown(path: Path, result: dict[str, Any]) -> None:
+    lines = [
+        "# Out-of-distribution (\"unknown\") detectors",
+        "",
+        f"Measured {result['date']} with `{result['command']}`.",
+        f"Machine: {result['machine']['cpu_model']}, {result['machine']['cores_usable']} usable cores, "
+        f"load average before {result['load_before']}, after {result['load_after']}.",
+        "",
+        "Each detector is fitted on the run's train split features of that model file, its threshold "
+        "set on the val split so that the 95% upper bound of val rejection is at most 5%. "
+        "Hold-out: in-distribution images never used in training. Foreign: the project's own corpus "
+        "(`kidney_edge.foreign`), without `other_ct`, which is reported per kind.",
+        "",
+    ]
+    for precision, block in result["models"].items():
+        lines += [
+            f"## {precision} ({block['n_train']} train, {block['n_val']} val, {block['n_holdout']} hold-out, "
+            f"{block['n_foreign_readable']} of {block['n_foreign']} foreign files readable)",
+            "",
+            "| method | val rejection | hold-out rejection [95% CI] | foreign rejected | AUROC hold-out vs foreign |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for method, m in block["methods"].items():
+            low, high = m["holdout_rejection_ci95"]
+            lines.append(
+                f"| {method} | {m['detector']['val_rejection']:.1%} | {m['holdout_rejection']:.1%} "
+                f"[{low:.1%}, {high:.1%}] | {m['foreign_rejected']}/{m['foreign_n']} = "
+                f"{m['foreign_rejection']:.1%} | {m['auroc_holdout_vs_foreign']:.3f} |"
+            )
+        kinds = sorted(next(iter(block["methods"].values()))["per_kind"])
+        lines += ["", "Foreign rejected per kind:", "", "| method | " + " | ".join(kinds) + " |",
+                  "| --- |" + " --- |" * len(kinds)]  # fmt: skip
+        for method, m in block["methods"].items():
+            cells = [f"{m['per_kind'][k]['rejected']}/{m['per_kind'][k]['n']}" for k in kinds]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", f"Without a detector the model labels the foreign files: {block['foreign_argmax_labels']}.", ""]
+    e2e = result["end_to_end"]
+    lines += [
+        "## End to end: `kidney-edge predict` with the exported files",
+        "",
+        f"Mixed folder (100 hold-out slices + the foreign corpus), label counts: fp32 {e2e['mixed_folder'].get('fp32')}, "
+        f"INT8 {e2e['mixed_folder'].get('int8')}.",
+        "",
+        f"Throughput on {e2e['throughput']['images']} hold-out images (fp32, whole process, best of "
+        f"{len(e2e['throughput']['seconds']['ood'])} alternating runs): with the detector "
+        f"{e2e['throughput']['images_per_s_best']['ood']:.1f} images/s, with `--no-ood` "
+        f"{e2e['throughput']['images_per_s_best']['no_ood']:.1f} images/s; ratio "
+        f"{1 / e2e['throughput']['ood_over_no_ood']:.3f}.",
+        "",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    args = parse_args()
+    from kidney_edge.export import export_model
+    from kidney_edge.foreign import FOREIGN_CSV, write_foreign_corpus
+    from kidney_edge.runtime import machine_info, scan_images
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    args.work.mkdir(parents=True, exist_ok=True)
+    foreign_dir = args.work / "foreign"
+    shutil.rmtree(foreign_dir, ignore_errors=True)
+    write_foreign_corpus(foreign_dir)
+    with open(foreign_dir / FOREIGN_CSV, newline="") as handle:
+        foreign = [{**row, "path": str(foreign_dir / row["path"])} for row in csv.DictReader(handle)]
+    log("exporting (fp32 + INT8, with the export's own detector)")
+    exported = export_model(args.run, args.work / "export")
+    models = {"fp32": exported.model_path}
+    if exported.int8_path is not None:
+        models["int8"] = exported.int8_path
+    holdout = scan_images(args.holdout)
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine_info(),
+        "load_before": load_before,
+        "export_detector": {"fp32": exported.parity.get("ood"), "int8": (exported.int8_gate or {}).get("ood")},
+        "models": {precision: compare_methods(path, args.run, holdout, foreign) for precision, path in models.items()},
+    }
+    result["end_to_end"] = end_to_end(models, args.holdout, foreign_dir, args.work, args.repeats)
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_markdown(args.out.with_suffix(".md"), result)
+    log(f"wrote {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
