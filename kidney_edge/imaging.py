@@ -11,11 +11,12 @@ decode (JPEG draft mode; DICOM: Hounsfield units then the spec's CT window) -> E
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,7 +32,10 @@ SUPPORTED_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"
 MAX_IMAGE_PIXELS = 40_000_000
 _DICOM_MAGIC_OFFSET, _DICOM_MAGIC = 128, b"DICM"
 
-ImageSource = str | Path | Image.Image | np.ndarray
+# A file's content in memory (an upload): decoded like a file on disk, never written to one.
+BinarySource = bytes | bytearray | memoryview | BinaryIO
+FileSource = str | Path | BinarySource
+ImageSource = FileSource | Image.Image | np.ndarray
 
 
 def is_dicom_file(path: str | Path) -> bool:
@@ -57,30 +61,45 @@ def is_image_file(path: str | Path) -> bool:
     return path.is_file() and is_dicom_file(path)
 
 
-def load_image(path: str | Path, spec: ModelSpec) -> Image.Image:
+def load_image(source: FileSource, spec: ModelSpec) -> Image.Image:
     """Decode a file into an 8-bit ``L`` or ``RGB`` image as the spec's colour mode says.
 
-    JPEGs are decoded in draft mode at the smallest DCT scale that still covers
-    ``input_size`` (the same path in training and inference). Raises ImageReadError.
+    ``source`` is a path, or a file's bytes / a seekable binary file object (named in errors by
+    its ``name`` attribute, else ``<upload>``); both take the same decoders. JPEGs are decoded
+    in draft mode at the smallest DCT scale that still covers ``input_size`` (the same path in
+    training and inference). Raises ImageReadError.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(path, "file is empty (0 bytes)")
-    if is_dicom_file(path):
-        image = _load_dicom(path, spec)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageReadError(path, "no such file")
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "file is empty (0 bytes)")
+        name, readable, dicom = path, path, is_dicom_file(path)
     else:
-        image = _load_raster(path, spec)
+        readable = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        name = getattr(readable, "name", None) or "<upload>"
+        dicom = _stream_is_dicom(readable, name)
+    image = _load_dicom(readable, spec, name) if dicom else _load_raster(readable, spec, name)
     return _to_color_mode(image, spec.color_mode)
 
 
-def _load_raster(path: Path, spec: ModelSpec) -> Image.Image:
+def _stream_is_dicom(stream: BinaryIO, name: object) -> bool:
+    """The DICM magic at byte 128 of an in-memory file; empty files raise. Leaves it at 0."""
+    stream.seek(0)
+    head = stream.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
+    stream.seek(0)
+    if not head:
+        raise ImageReadError(name, "file is empty (0 bytes)")
+    return head[_DICOM_MAGIC_OFFSET:] == _DICOM_MAGIC
+
+
+def _load_raster(source: Path | BinaryIO, spec: ModelSpec, name: object) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                _check_pixel_count(path, image.size)
+            with Image.open(source) as image:  # reads the header only
+                _check_pixel_count(name, image.size)
                 if image.format == "JPEG":
                     draft_mode = "L" if spec.color_mode is ColorMode.GRAY else "RGB"
                     image.draft(draft_mode, (spec.input_size, spec.input_size))
@@ -89,14 +108,14 @@ def _load_raster(path: Path, spec: ModelSpec) -> Image.Image:
     except ImageReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"image too large to decode safely ({exc})") from None
+        raise ImageReadError(name, f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image Pillow can read (unknown format or not an image)") from None
+        raise ImageReadError(name, "not an image Pillow can read (unknown format or not an image)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+        raise ImageReadError(name, f"corrupt or truncated image ({exc})") from None
 
 
-def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
+def _check_pixel_count(path: object, size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageReadError(
@@ -137,7 +156,7 @@ def _to_color_mode(image: Image.Image, color_mode: ColorMode) -> Image.Image:
     return image if image.mode == wanted else image.convert(wanted)
 
 
-def _import_pydicom(path: Path) -> Any:
+def _import_pydicom(path: object) -> Any:
     try:
         import pydicom
     except ImportError:
@@ -145,19 +164,24 @@ def _import_pydicom(path: Path) -> Any:
     return pydicom
 
 
-def read_dicom(path: str | Path) -> tuple[Any, np.ndarray]:
+def read_dicom(source: str | Path | BinaryIO, name: object = None) -> tuple[Any, np.ndarray]:
     """Read a DICOM file: (dataset, one frame of modality-LUT values, Hounsfield units for CT).
 
-    Multi-frame files give their middle frame (a CT volume's central slice).
+    ``source`` is a path or a binary file object (then it needs the DICM preamble; ``name``
+    names it in errors). Multi-frame files give their middle frame (a CT volume's central slice).
     """
-    path = Path(path)
+    if isinstance(source, (str, Path)):
+        source = path = Path(source)
+        force = path.suffix.lower() == ".dcm"
+    else:
+        path, force = name or getattr(source, "name", None) or "<upload>", False
     pydicom = _import_pydicom(path)
     from pydicom.pixels import apply_modality_lut
 
     try:
         with warnings.catch_warnings():  # malformed files: our error says it once, clearly
             warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
+            dataset = pydicom.dcmread(source, force=force)
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageReadError(path, f"not a readable DICOM file ({exc})") from None
     if "PixelData" not in dataset:
@@ -203,8 +227,8 @@ def dicom_window(dataset: Any, values: np.ndarray, spec: ModelSpec) -> tuple[flo
     return float(values.min()), float(values.max())
 
 
-def _load_dicom(path: Path, spec: ModelSpec) -> Image.Image:
-    dataset, values = read_dicom(path)
+def _load_dicom(source: Path | BinaryIO, spec: ModelSpec, name: object) -> Image.Image:
+    dataset, values = read_dicom(source, name)
     low, high = dicom_window(dataset, values, spec)
     scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
     pixels = np.rint(scaled).astype(np.uint8)
@@ -251,7 +275,8 @@ def _as_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
 
 
 def preprocess(source: ImageSource, spec: ModelSpec) -> np.ndarray:
-    """A file, Pillow image or uint8 array -> the model input: (3, S, S) float32, normalised."""
+    """A file (path, bytes or binary file object), Pillow image or uint8 array -> the model
+    input: (3, S, S) float32, normalised."""
     pixels = np.asarray(resized_image(source, spec), dtype=np.float32)
     if pixels.ndim == 2:  # gray: replicate into the three input channels
         chw = np.broadcast_to(pixels, (3, *pixels.shape))

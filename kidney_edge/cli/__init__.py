@@ -10,6 +10,7 @@ from kidney_edge.cli import (  # noqa: F401  (each module registers its command 
     export_cmd,
     info_cmd,
     predict_cmd,
+    serve_cmd,
     train_cmd,
 )
 from kidney_edge.cli._app import app

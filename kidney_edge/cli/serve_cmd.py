@@ -1,0 +1,82 @@
+"""`kidney-edge serve`: a local HTTP service and web page for one exported model (no PyTorch).
+
+Exit codes: 0 stopped normally; 2 bad arguments, a missing model or the ``serve`` extra not
+installed; 1 other failures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.serve.config import ServeConfig
+
+_D = ServeConfig  # defaults come from the library's config
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="ONNX model or export folder; default: newest export/*/."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; anything but loopback prints a warning.")
+    ] = _D.host,
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = _D.port,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="KIDNEY_EDGE_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' (env KIDNEY_EDGE_TOKEN).",
+        ),
+    ] = None,
+    max_bytes: Annotated[
+        int, typer.Option("--max-bytes", help="Largest request body (413 above).")
+    ] = _D.max_bytes,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Images in flight before 503 + Retry-After.")
+    ] = _D.max_queue,
+    max_files: Annotated[int, typer.Option("--max-files", help="Files per batch request.")] = _D.max_files,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Images per ONNX call.")] = _D.max_batch,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
+    ] = _D.max_wait_ms,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="onnxruntime threads; default: usable CPUs.")
+    ] = None,
+    decode_workers: Annotated[
+        int | None, typer.Option("--decode-workers", help="Decoding threads; default: 1-2 by CPUs.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option("--precision", help="fp32 or INT8 model of an export folder.")
+    ] = _D.precision,
+    save_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-dir", help="Keep every upload here under a server-chosen name (default: keep nothing)."
+        ),
+    ] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, /v1/predict/batch, GET /healthz, /metrics, and a web page at /.
+
+    Binds 127.0.0.1 by default. No TLS: put a reverse proxy in front to serve other machines.
+    """
+    from kidney_edge.runtime.serve import serve as run_server
+
+    with library_errors():
+        config = ServeConfig(
+            model=model, host=host, port=port, token=token, max_bytes=max_bytes, max_queue=max_queue,
+            max_files=max_files, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads,
+            decode_workers=decode_workers, precision=precision, save_dir=save_dir, access_log=access_log,
+        )  # fmt: skip
+        if config.warning:
+            err_console.print(f"[bold yellow]warning:[/] {config.warning}", highlight=False, soft_wrap=True)
+        console.print("kidney-edge serve: loading the model; the web page is at /, the API schema at /docs")
+        run_server(config)

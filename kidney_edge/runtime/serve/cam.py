@@ -1,0 +1,51 @@
+"""Class activation maps from the graph's ``cam`` output, drawn over the model's view, in numpy.
+
+CAM (Zhou et al. 2016, arXiv:1512.04150): the classifier weights of one class applied to the
+last feature map, (h, w) per class. Here, as in :mod:`kidney_edge.gradcam`'s report figures:
+ReLU (evidence for the class only), bilinear upsampling to the input size, scaling to 0..1 by
+the peak, jet colours weighted by the heat so cold regions keep their grey values.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+OVERLAY_ALPHA = 0.45  # heatmap opacity at the peak: enough to read the anatomy underneath
+
+
+def heatmap(cam: np.ndarray, size: int) -> np.ndarray:
+    """(h, w) class activation map -> (size, size) float32 in [0, 1] (all zero without evidence)."""
+    positive = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    upsampled = np.asarray(
+        Image.fromarray(positive, "F").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    peak = float(upsampled.max())
+    return upsampled / peak if peak > 1e-12 else np.zeros_like(upsampled)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """(...) values in [0, 1] -> (..., 3) float32 RGB in [0, 1]: blue, cyan, yellow, red."""
+    t = np.clip(values, 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where R, G, B peak
+    return np.clip(1.5 - np.abs(4.0 * (t - centres)), 0.0, 1.0).astype(np.float32)
+
+
+def overlay(view: Image.Image, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """A (S, S) 0..1 heatmap blended over the model's (S, S) view -> RGB image."""
+    base = np.asarray(view.convert("RGB"), dtype=np.float32)
+    if base.shape[:2] != heat.shape:
+        raise ValueError(f"heatmap {heat.shape} does not match the image {base.shape[:2]}")
+    weight = alpha * np.clip(heat, 0.0, 1.0)[..., None]
+    blended = base * (1.0 - weight) + jet(heat) * 255.0 * weight
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+
+
+def png_data_url(image: Image.Image) -> str:
+    """An image as a ``data:image/png;base64,...`` URL (the page shows it without another request)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
