@@ -201,3 +201,20 @@ def test_is_image_file(tmp_path: Path) -> None:
     dicom_like.write_bytes(b"\x00" * 128 + b"DICM" + b"\x00" * 10)
     assert is_image_file(tmp_path / "a.JPG") and is_image_file(dicom_like)
     assert not is_image_file(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("mode, order", [("L", "RGB"), ("RGB", "RGB"), ("RGB", "BGR")])
+def test_preprocess_into_a_batch_row_equals_the_array_formula_bit_for_bit(mode: str, order: str) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64) if mode == "L" else (64, 64, 3), dtype=np.uint8)
+    spec = ModelSpec(input_size=64, resize="stretch", color_mode="gray" if mode == "L" else "rgb",
+                     channel_order=order, mean=(120.5, 110.0, 100.25), std=(60.0, 61.5, 70.0))  # fmt: skip
+    chw = np.broadcast_to(pixels, (3, 64, 64)) if mode == "L" else pixels.transpose(2, 0, 1)
+    chw = chw[::-1] if order == "BGR" else chw
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (spec.mean, spec.std))
+    expected = (chw.astype(np.float32) - mean) / std  # (3, S, S) float32
+    batch = np.full((2, 3, 64, 64), np.nan, dtype=np.float32)
+    returned = preprocess(pixels, spec, out=batch[1])
+    assert returned is batch[1] or np.shares_memory(returned, batch)
+    assert batch[1].tobytes() == expected.tobytes() and np.isnan(batch[0]).all()
+    assert preprocess(pixels, spec).tobytes() == expected.tobytes()
