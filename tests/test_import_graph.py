@@ -118,3 +118,29 @@ def test_edge_commands_run_without_the_training_stack(
     assert graph["exit_code"] == 0, graph["output"]
     assert graph["attempts"] == [], f"{command[0]} tried to import {graph['attempts']}"
     assert graph["loaded"] == []
+
+
+def test_predict_writes_series_rows_without_the_training_stack(
+    edge_files: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("pydicom")
+    import numpy as np
+
+    from kidney_edge.phantom_dicom import SliceHeader, write_slice
+
+    for i in range(3):
+        header = SliceHeader("P1", "1.2.3", "1.2.3.4", f"1.2.3.4.{i + 1}", i + 1, (0.0, 0.0, -5.0 * i))
+        write_slice(tmp_path / "study" / header.sop_uid, np.full((16, 16), 40.0), header)
+    args = [
+        "predict",
+        str(tmp_path / "study"),
+        "--model",
+        str(edge_files["model"]),
+        "--out",
+        str(tmp_path / "p.csv"),
+    ]
+    graph = run_refusing_heavy(_CLI_COMMAND, *args, cwd=tmp_path)
+    assert graph["exit_code"] == 0, graph["output"]
+    assert graph["attempts"] == [] and graph["loaded"] == []
+    assert "kidney_edge.runtime.series" in graph["ours"]
+    assert len((tmp_path / "p.series.csv").read_text().splitlines()) == 2  # header + the one series

@@ -289,7 +289,7 @@ def series_columns(class_names: Sequence[str]) -> list[str]:
 @dataclass
 class _Slice:
     header: DicomHeader
-    row: Mapping[str, Any] | None  # its prediction row; None when predict has not written one
+    row: Mapping[str, Any]  # its prediction row
 
 
 @dataclass
@@ -386,22 +386,12 @@ def _check_spacing(series: _Series) -> None:
 
 def _split_by_prediction(series: _Series) -> tuple[list[_Slice], int, int]:
     """(slices with probabilities to aggregate, failed count, unknown count); warns for the rest."""
-    missing = [s for s in series.slices if s.row is None]
-    failed = [s for s in series.slices if s.row is not None and s.row.get("error")]
-    unknown = [s for s in series.slices if s.row is not None and not s.row.get("error")
-               and s.row.get("label") == UNKNOWN_LABEL]  # fmt: skip
-    usable = [s for s in series.slices if s.row is not None and not s.row.get("error")
-              and s.row.get("label") != UNKNOWN_LABEL]  # fmt: skip
-    if missing:
-        series.warnings.append(
-            f"{len(missing)} file(s) have no row in the predictions file (an interrupted run? "
-            "predict --resume completes it)"
-        )
+    failed = [s for s in series.slices if s.row.get("error")]
+    unknown = [s for s in series.slices if not s.row.get("error") and s.row.get("label") == UNKNOWN_LABEL]
+    usable = [s for s in series.slices if not s.row.get("error") and s.row.get("label") != UNKNOWN_LABEL]
     if failed:
-        first = failed[0]
-        series.warnings.append(
-            f"{len(failed)} slice(s) could not be read, e.g. {Path(first.header.path).name}: {first.row['error']}"  # type: ignore[index]
-        )
+        name, error = Path(failed[0].header.path).name, failed[0].row["error"]
+        series.warnings.append(f"{len(failed)} slice(s) could not be read, e.g. {name}: {error}")
     if unknown:
         series.warnings.append(
             f"{len(unknown)} slice(s) rejected as {UNKNOWN_LABEL} by the OOD detector: left out of the aggregation"
@@ -457,11 +447,11 @@ def _check_steps(series: _Series, along: np.ndarray) -> None:
 
 def _probabilities(slices: Sequence[_Slice], class_names: Sequence[str]) -> np.ndarray:
     """(S, C) float64 slice probabilities from prediction rows (CSV text or numbers)."""
-    return np.array([[float(s.row[f"p_{name}"]) for name in class_names] for s in slices], dtype=np.float64)  # type: ignore[index]
+    return np.array([[float(s.row[f"p_{name}"]) for name in class_names] for s in slices], dtype=np.float64)
 
 
 def series_row(
-    slices: Sequence[tuple[DicomHeader, Mapping[str, Any] | None]],
+    slices: Sequence[tuple[DicomHeader, Mapping[str, Any]]],
     class_names: Sequence[str],
     rule: SeriesRule,
     positive_class: str | None,
@@ -479,7 +469,7 @@ def series_row(
     _keep_main_orientation(series)
     _check_spacing(series)
     usable, failed, unknown = _split_by_prediction(series)
-    calls = Counter(str(s.row.get("label")) for s in usable)  # type: ignore[union-attr]
+    calls = Counter(str(s.row.get("label")) for s in usable)
     row.update({f"n_{name}": calls.get(name, 0) for name in class_names})
     row.update(n_unknown=unknown, n_failed=failed, n_left_out=series.left_out, n_slices=len(usable))
     if not series.errors and not usable:
@@ -520,7 +510,7 @@ class SeriesGroup:
     """The files of one series in the order they were listed, with their prediction rows."""
 
     key: tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
-    members: list[tuple[DicomHeader, Mapping[str, Any] | None]]
+    members: list[tuple[DicomHeader, Mapping[str, Any]]]
 
 
 def group_series(
