@@ -13,7 +13,8 @@ Every image comes from a package already installed or is drawn here; nothing is 
 ``write_foreign_corpus(OUT)`` writes ``OUT/<kind>/<name>`` and ``OUT/foreign.csv`` (path, kind,
 source). Real CT from other anatomy (pydicom's ``CT_small.dcm``) is written as kind
 ``other_ct``: it is foreign to a model trained on kidney slices, but anatomy a user may still
-expect to be read, so figures report it apart.
+expect to be read, so figures report it apart. The colour ultrasound file is one predict cannot
+read (colour DICOM): it gets an error row, not a label.
 """
 
 from __future__ import annotations
