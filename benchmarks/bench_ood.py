@@ -38,7 +38,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--holdout", type=Path, required=True, help="in-distribution images never trained on")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ood-bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ood")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating predict runs with and without OOD")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating predict runs with and without OOD"
+    )
     return parser.parse_args()
 
 
@@ -73,7 +75,9 @@ def wilson(k: int, n: int) -> list[float]:
     return [interval.low, interval.high]
 
 
-def compare_methods(model_path: Path, run: Path, holdout: list[Path], foreign: list[dict[str, Any]]) -> dict[str, Any]:
+def compare_methods(
+    model_path: Path, run: Path, holdout: list[Path], foreign: list[dict[str, Any]]
+) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     from kidney_edge.evaluation import class_indices, load_labelled
@@ -84,7 +88,9 @@ def compare_methods(model_path: Path, run: Path, holdout: list[Path], foreign: l
     names = classifier.spec.class_names
     train = load_labelled(run / "splits.csv", "train", class_names=names)
     val = load_labelled(run / "splits.csv", "val", class_names=names)
-    log(f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out")
+    log(
+        f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out"
+    )
     train_logits, train_features, _ = outputs_of(classifier, train.paths)
     val_logits, val_features, _ = outputs_of(classifier, val.paths)
     hold_logits, hold_features, _ = outputs_of(classifier, holdout)
@@ -100,7 +106,9 @@ def compare_methods(model_path: Path, run: Path, holdout: list[Path], foreign: l
     y_train = class_indices(train.labels, names)
     for method in OodMethod:
         started = time.perf_counter()
-        detector = fit_detector(method, (train_logits, train_features, y_train), (val_logits, val_features), len(names))
+        detector = fit_detector(
+            method, (train_logits, train_features, y_train), (val_logits, val_features), len(names)
+        )
         fit_s = time.perf_counter() - started
         hold_scores = detector.score(hold_logits, hold_features)
         foreign_scores = detector.score(foreign_logits, foreign_features)
@@ -123,13 +131,26 @@ def compare_methods(model_path: Path, run: Path, holdout: list[Path], foreign: l
             "per_kind": per_kind,
             "auroc_holdout_vs_foreign": float(roc_auc_score(is_foreign, scores)),
         }
-        log(f"  {method.value}: hold-out {hold_rejected / len(hold_scores):.1%}, foreign {foreign_rejected[required].mean():.1%}")
+        log(
+            f"  {method.value}: hold-out {hold_rejected / len(hold_scores):.1%}, foreign {foreign_rejected[required].mean():.1%}"
+        )
     return results
 
 
 def predict_cli(folder: Path, model: Path, out: Path, *extra: str) -> tuple[dict[str, int], float]:
     """Run `kidney-edge predict` in a subprocess; label counts and whole-process seconds."""
-    command = [sys.executable, "-m", "kidney_edge", "predict", str(folder), "--model", str(model), "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "kidney_edge",
+        "predict",
+        str(folder),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *extra,
+    ]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     seconds = time.perf_counter() - started
@@ -144,7 +165,9 @@ def predict_cli(folder: Path, model: Path, out: Path, *extra: str) -> tuple[dict
     return counts, seconds
 
 
-def end_to_end(models: dict[str, Path], holdout_dir: Path, foreign_dir: Path, work: Path, repeats: int) -> dict[str, Any]:
+def end_to_end(
+    models: dict[str, Path], holdout_dir: Path, foreign_dir: Path, work: Path, repeats: int
+) -> dict[str, Any]:
     mixed = work / "mixed"
     shutil.rmtree(mixed, ignore_errors=True)
     shutil.copytree(foreign_dir, mixed / "foreign", ignore=shutil.ignore_patterns("*.csv"))
@@ -176,7 +199,7 @@ def end_to_end(models: dict[str, Path], holdout_dir: Path, foreign_dir: Path, wo
 
 def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines = [
-        "# Out-of-distribution (\"unknown\") detectors",
+        '# Out-of-distribution ("unknown") detectors',
         "",
         f"Measured {result['date']} with `{result['command']}`.",
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['cores_usable']} usable cores, "
@@ -209,7 +232,11 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         for method, m in block["methods"].items():
             cells = [f"{m['per_kind'][k]['rejected']}/{m['per_kind'][k]['n']}" for k in kinds]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", f"Without a detector the model labels the foreign files: {block['foreign_argmax_labels']}.", ""]
+        lines += [
+            "",
+            f"Without a detector the model labels the foreign files: {block['foreign_argmax_labels']}.",
+            "",
+        ]
     e2e = result["end_to_end"]
     lines += [
         "## End to end: `kidney-edge predict` with the exported files",
@@ -251,8 +278,13 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(),
         "load_before": load_before,
-        "export_detector": {"fp32": exported.parity.get("ood"), "int8": (exported.int8_gate or {}).get("ood")},
-        "models": {precision: compare_methods(path, args.run, holdout, foreign) for precision, path in models.items()},
+        "export_detector": {
+            "fp32": exported.parity.get("ood"),
+            "int8": (exported.int8_gate or {}).get("ood"),
+        },
+        "models": {
+            precision: compare_methods(path, args.run, holdout, foreign) for precision, path in models.items()
+        },
     }
     result["end_to_end"] = end_to_end(models, args.holdout, foreign_dir, args.work, args.repeats)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]

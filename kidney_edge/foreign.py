@@ -79,7 +79,9 @@ def _photos(out: Path, rng: np.random.Generator) -> list[ForeignImage]:
             side = min(width, height) // 2
             x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
             crop = photo.crop((x, y, x + side, y + side))
-            items.append(_save(crop, out, "photo", f"{stem}_crop{i}.jpg", f"matplotlib sample_data/{name} crop"))
+            items.append(
+                _save(crop, out, "photo", f"{stem}_crop{i}.jpg", f"matplotlib sample_data/{name} crop")
+            )
     return items
 
 
@@ -114,7 +116,9 @@ def _terrain(out: Path) -> list[ForeignImage]:
     for name in ("topobathy.npz", "jacksboro_fault_dem.npz"):
         with np.load(_sample_data_dir() / name) as archive:
             elevation = archive[archive.files[0]].astype(np.float64)
-        items.append(_save(_to_gray(elevation), out, "terrain", f"{Path(name).stem}.png", f"matplotlib {name}"))
+        items.append(
+            _save(_to_gray(elevation), out, "terrain", f"{Path(name).stem}.png", f"matplotlib {name}")
+        )
     return items
 
 
@@ -156,7 +160,15 @@ def _text(out: Path, size: int) -> list[ForeignImage]:
 
 def _colour(out: Path, rng: np.random.Generator, size: int) -> list[ForeignImage]:
     bars = np.zeros((size, size, 3), np.uint8)
-    palette = [(255, 255, 255), (255, 255, 0), (0, 255, 255), (0, 255, 0), (255, 0, 255), (255, 0, 0), (0, 0, 255)]
+    palette = [
+        (255, 255, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (0, 255, 0),
+        (255, 0, 255),
+        (255, 0, 0),
+        (0, 0, 255),
+    ]
     for i, colour in enumerate(palette):
         bars[:, i * size // 7 : (i + 1) * size // 7] = colour
     items = [_save(Image.fromarray(bars), out, "colour", "colour_bars.png", "drawn")]
@@ -173,7 +185,9 @@ def _colour(out: Path, rng: np.random.Generator, size: int) -> list[ForeignImage
     return items
 
 
-def write_foreign_corpus(out: str | os.PathLike[str], *, seed: int = 0, size: int = 512) -> list[ForeignImage]:
+def write_foreign_corpus(
+    out: str | os.PathLike[str], *, seed: int = 0, size: int = 512
+) -> list[ForeignImage]:
     """Write the corpus under ``out`` (see the module docstring) and return its images."""
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -185,6 +199,8 @@ def write_foreign_corpus(out: str | os.PathLike[str], *, seed: int = 0, size: in
         *_text(out, size),
         *_colour(out, rng, size),
     ]
-    rows = [{"path": str(item.path.relative_to(out)), "kind": item.kind, "source": item.source} for item in items]
+    rows = [
+        {"path": str(item.path.relative_to(out)), "kind": item.kind, "source": item.source} for item in items
+    ]
     atomic_write_csv(out / FOREIGN_CSV, rows, ["path", "kind", "source"])
     return items

@@ -219,7 +219,10 @@ def _fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int) -
     covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     whitening = eigenvectors / np.sqrt(np.maximum(eigenvalues, _EPS))[None]  # (D, D): W W^T = cov^-1
-    return {"whitened_means": (means @ whitening).astype(np.float32), "whitening": whitening.astype(np.float32)}
+    return {
+        "whitened_means": (means @ whitening).astype(np.float32),
+        "whitening": whitening.astype(np.float32),
+    }
 
 
 def choose_threshold(val_scores: np.ndarray, max_id_rejection: float) -> float:

@@ -35,7 +35,9 @@ def test_msp_and_energy_scores_by_hand() -> None:
 def test_mahalanobis_is_the_distance_to_the_nearest_class_mean() -> None:
     rng = np.random.default_rng(0)
     scale = np.array([1.0, 4.0])  # the second axis varies 4x more: distances along it count less
-    features = np.concatenate([rng.normal(0, 1, (4000, 2)) * scale, rng.normal(0, 1, (4000, 2)) * scale + [10, 0]])
+    features = np.concatenate(
+        [rng.normal(0, 1, (4000, 2)) * scale, rng.normal(0, 1, (4000, 2)) * scale + [10, 0]]
+    )
     labels = np.repeat([0, 1], 4000)
     detector = OodDetector(OodMethod.MAHALANOBIS, 1.0, fit_params("mahalanobis", features, labels, 2))
     probe = np.array([[0.0, 8.0], [2.0, 0.0], [10.0, 0.0]])
@@ -48,7 +50,9 @@ def test_knn_score_is_one_minus_the_kth_cosine_similarity() -> None:
     params = fit_params("knn", bank, np.zeros(3, int), 1) | {"k": np.array(2)}
     detector = OodDetector(OodMethod.KNN, 0.5, params)
     # (1, 0): similarities 1, 0, 0.707 -> 2nd highest 0.707
-    np.testing.assert_allclose(detector.score(np.zeros((1, 1)), np.array([[3.0, 0.0]])), [1 - np.sqrt(0.5)], atol=1e-6)
+    np.testing.assert_allclose(
+        detector.score(np.zeros((1, 1)), np.array([[3.0, 0.0]])), [1 - np.sqrt(0.5)], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("n", [20, 180, 1000])
@@ -68,7 +72,10 @@ def test_detector_round_trips_through_bytes_and_metadata() -> None:
     rng = np.random.default_rng(1)
     features, labels = rng.normal(size=(60, 8)), np.repeat([0, 1, 2], 20)
     detector = fit_detector(
-        "mahalanobis", (rng.normal(size=(60, 3)), features, labels), (rng.normal(size=(40, 3)), rng.normal(size=(40, 8))), 3
+        "mahalanobis",
+        (rng.normal(size=(60, 3)), features, labels),
+        (rng.normal(size=(40, 3)), rng.normal(size=(40, 8))),
+        3,
     )
     again = OodDetector.from_metadata(detector.to_metadata())
     assert again == detector and again.record() == detector.record()
@@ -97,7 +104,9 @@ def test_predict_writes_unknown_rows_with_scores_and_no_ood_turns_it_off(tmp_pat
     model = _model_with_detector(tmp_path / "m.onnx", detector)
     summary = predict_folder(images, model=model, out=tmp_path / "p.csv")
     rows = read_rows(tmp_path / "p.csv")
-    probabilities = np.array([[float(r[f"p_{c}"]) for c in ("Cyst", "Normal", "Stone", "Tumor")] for r in rows])
+    probabilities = np.array(
+        [[float(r[f"p_{c}"]) for c in ("Cyst", "Normal", "Stone", "Tumor")] for r in rows]
+    )
     logits = OnnxClassifier(model).predict_files([r["path"] for r in rows])[0]
     expected = detector.score(logits)
     np.testing.assert_allclose([float(r["ood_score"]) for r in rows], expected, atol=1e-6)
