@@ -371,9 +371,12 @@ def test_decoding_stays_a_bounded_window_ahead_of_inference(
     decoded: list[int] = []
     original = predict._load_batch
 
-    def counting_load(paths: list[Path], spec: ModelSpec) -> object:
-        loaded = original(paths, spec)
+    buffers: set[int] = set()
+
+    def counting_load(paths: list[Path], spec: ModelSpec, buffer: np.ndarray) -> object:
+        loaded = original(paths, spec, buffer)
         decoded.append(len(paths))
+        buffers.add(id(buffer))
         return loaded
 
     monkeypatch.setattr(predict, "_load_batch", counting_load)
@@ -384,6 +387,7 @@ def test_decoding_stays_a_bounded_window_ahead_of_inference(
     )  # fmt: skip
     assert summary.predicted == 60 and len(decoded) == 30
     assert max(ahead) <= 2  # workers + 1: memory does not grow with the folder
+    assert len(buffers) == 3  # window + 1 batch buffers, cycled: none allocated per batch
 
 
 def test_resume_refuses_output_of_another_model(model_path: Path, image_dir: Path, tmp_path: Path) -> None:

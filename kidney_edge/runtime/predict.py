@@ -285,26 +285,31 @@ def _done_paths_jsonl(out: Path, handle: Any, columns: list[str]) -> set[str]:
 @dataclass
 class _LoadedBatch:
     paths: list[str]
-    inputs: np.ndarray  # (k, 3, S, S) float32: only the files that could be read
+    inputs: np.ndarray  # (k, 3, S, S) float32: only the files that could be read (rows of `buffer`)
     ok: list[int]  # index into `paths` of each row of `inputs`
     errors: dict[int, str]  # index into `paths` -> why that file could not be read
+    buffer: np.ndarray  # the (>= len(paths), 3, S, S) float32 array `inputs` is a view of
 
 
-def _load_batch(paths: list[str], spec: ModelSpec) -> _LoadedBatch:
-    """Decode + preprocess one batch (runs in a worker thread; Pillow releases the GIL)."""
+def _load_batch(paths: list[str], spec: ModelSpec, buffer: np.ndarray | None = None) -> _LoadedBatch:
+    """Decode + preprocess one batch into ``buffer`` (a new array when None), each file straight
+    into its row: no per-image array and no copy into the batch. Runs in a worker thread;
+    Pillow's decoder and numpy's arithmetic release the GIL."""
     size = spec.input_size
-    inputs = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    if buffer is None:
+        buffer = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    assert buffer.shape[0] >= len(paths) and buffer.shape[1:] == (3, size, size), buffer.shape
     ok: list[int] = []
     errors: dict[int, str] = {}
     for index, path in enumerate(paths):
         try:
-            inputs[len(ok)] = preprocess(path, spec)
+            preprocess(path, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
             ok.append(index)
         except ImageReadError as exc:
             errors[index] = exc.reason
         except Exception as exc:  # one odd file must never stop a 100,000-file run
             errors[index] = f"unexpected {type(exc).__name__}: {exc}"
-    return _LoadedBatch(paths, inputs[: len(ok)], ok, errors)
+    return _LoadedBatch(paths, buffer[: len(ok)], ok, errors, buffer)
 
 
 def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[str, Any]]:
@@ -360,18 +365,30 @@ def _run_batches(
     write: Callable[[list[dict[str, Any]]], None],
     summary: PredictSummary,
 ) -> None:
-    """Decode in a thread pool, at most `workers + 1` batches ahead; infer and write in order."""
-    window = summary.workers + 1  # bounded: memory stays flat however many files there are
-    size = config.batch_size
+    """Decode in a thread pool, at most `workers + 1` batches ahead; infer and write in order.
+
+    Batches are decoded into ``window + 1`` preallocated buffers that cycle: ``window`` being
+    filled ahead while one is inferred. Memory stays flat however many files there are, and no
+    batch-sized array is allocated (and page-faulted in) per batch.
+    """
+    window = summary.workers + 1
+    size, spec = config.batch_size, classifier.spec
+    free = [np.empty((size, 3, spec.input_size, spec.input_size), np.float32) for _ in range(window + 1)]
+
+    def infer_and_write(done: Future[_LoadedBatch]) -> None:
+        loaded = done.result()
+        write(_batch_rows(loaded, classifier))
+        free.append(loaded.buffer)  # only now: onnxruntime has finished reading it
+
     with ThreadPoolExecutor(summary.workers, thread_name_prefix="kidney-edge-decode") as pool:
         pending: deque[Future[_LoadedBatch]] = deque()
         try:
             for start in range(0, len(todo), size):
-                pending.append(pool.submit(_load_batch, todo[start : start + size], classifier.spec))
+                pending.append(pool.submit(_load_batch, todo[start : start + size], spec, free.pop()))
                 if len(pending) > window:
-                    write(_batch_rows(pending.popleft().result(), classifier))
+                    infer_and_write(pending.popleft())
             while pending:
-                write(_batch_rows(pending.popleft().result(), classifier))
+                infer_and_write(pending.popleft())
         finally:
             for future in pending:  # Ctrl-C or an error: do not decode what will not be written
                 future.cancel()
