@@ -1,4 +1,5 @@
-"""The layer boundary as a test: the edge runtime and its commands never import the training stack.
+"""The layer boundary as a test: the edge runtime and its commands never import the training stack,
+nor Ray (the runtime's modules, ``kidney_edge.runtime.ray_engine`` included, import it lazily).
 
 Each check runs in a fresh interpreter whose import system refuses torch, torchvision, sklearn
 and matplotlib, and records every attempt, so that an import caught by a ``try`` still fails
@@ -18,7 +19,9 @@ from test_runtime import REPO, make_tiny_onnx, write_gray_images
 
 from kidney_edge.spec import ModelSpec
 
-HEAVY = ("torch", "torchvision", "sklearn", "matplotlib")
+# The `ray` extra (pyarrow comes with it): only `predict --engine ray` may import it.
+RAY_EXTRA = ("ray", "pyarrow")
+HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", *RAY_EXTRA)
 # What the runtime may import of kidney_edge: the spec / imaging / errors / io layer and itself.
 RUNTIME_LAYER = ("kidney_edge", "kidney_edge.errors", "kidney_edge.spec", "kidney_edge.imaging",
                  "kidney_edge.io_utils", "kidney_edge.runtime")  # fmt: skip

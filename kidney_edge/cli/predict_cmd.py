@@ -15,6 +15,7 @@ import typer
 from kidney_edge.cli._app import app, console, library_errors, progress_bar
 from kidney_edge.runtime import OutputFormat, PredictConfig
 from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,7 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
 @app.command()
 def predict(
     folder: Annotated[
-        Path, typer.Argument(help="Folder of images, scanned recursively (JPEG, PNG, TIFF, DICOM).")
+        str,
+        typer.Argument(
+            help="Folder of images, scanned recursively (JPEG, PNG, TIFF, DICOM); with --engine ray also "
+            "a folder every node mounts, or a URI such as s3://bucket/slices.",
+        ),
     ],
     model: Annotated[
         Path | None,
@@ -69,6 +74,16 @@ def predict(
             "faster on this CPU (probe cached beside the models), else fp32; fp32/int8 force one.",
         ),
     ] = PredictConfig.precision,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="local: this process; ray: a pool of Ray Data actors.")
+    ] = Engine.LOCAL,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster (auto, ray://host:10001); default: start Ray here."),
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", help="Ray actors, one model each; default: CPUs // --threads.")
+    ] = None,
 ) -> None:
     """Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
 
@@ -76,8 +91,9 @@ def predict(
     """
     from rich.progress import TimeRemainingColumn
 
+    from kidney_edge.errors import InputError
     from kidney_edge.runtime import predict_folder
-
+    from kidney_edge.runtime.ray_engine import check_engine_options, predict_with_ray, series_readable
     from kidney_edge.runtime.series import SeriesMode, SeriesRule, write_series
 
     with library_errors():
@@ -85,20 +101,23 @@ def predict(
     mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
-        summary = predict_folder(
-            folder,
-            model=model,
-            out=out,
-            fmt=fmt,
-            batch_size=batch_size,
-            threads=threads,
-            workers=workers,
-            resume=resume,
-            precision=precision,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        engine = check_engine_options(engine, actors=actors, address=address, workers=workers, fmt=fmt)
+        if series and not series_readable(folder, fmt):
+            raise InputError(
+                "--series reads predictions and DICOM headers back: it needs csv/jsonl, local files"
+            )
+        common: dict[str, Any] = {
+            "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
+            "resume": resume, "precision": precision,
+            "progress": lambda done, total: bar.update(task, completed=done, total=total),
+        }  # fmt: skip
+        if engine is Engine.RAY:
+            summary = predict_with_ray(folder, actors=actors, address=address, **common)
+        else:
+            summary = predict_folder(folder, workers=workers, **common)
     _render(summary)
-    if not summary.interrupted:  # series rows need every slice row: a --resume run writes them
+    # series rows need every slice row: a --resume run writes them
+    if not summary.interrupted and series_readable(folder, fmt):
         with library_errors():
             series_summary = write_series(summary.out, class_names=summary.class_names, rule=rule,
                                           positive_class=summary.positive_class, fmt=summary.fmt, mode=mode)  # fmt: skip
@@ -151,7 +170,7 @@ def _render(summary: PredictSummary) -> None:
     facts: list[Any] = [
         f"model {summary.model} ({kind}), decision rule: {summary.decision_rule}",
         f"{summary.processed} images in {summary.wall_s:.2f} s = {summary.images_per_s:.1f} images/s "
-        f"(batch {summary.batch_size}, {summary.threads} threads, {summary.workers} decode workers)",
+        f"(batch {summary.batch_size}, {_engine_in_words(summary)})",
     ]
     for path, error in summary.failures[:5]:
         facts.append(f"[red]failed[/] {path}: {error}")
@@ -161,3 +180,10 @@ def _render(summary: PredictSummary) -> None:
         facts.append(f"[yellow]interrupted[/]: finished rows are in {summary.out}; rerun with --resume")
     for line in facts:
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def _engine_in_words(summary: PredictSummary) -> str:
+    if isinstance(summary, RayPredictSummary):
+        lost = f", {summary.fatal_files} files killed their worker" if summary.fatal_files else ""
+        return f"{summary.actors} actors x {summary.threads} threads on Ray ({summary.address}){lost}"
+    return f"{summary.threads} threads, {summary.workers} decode workers"
