@@ -338,6 +338,7 @@ def evaluate_files(
 ) -> EvaluationResult:
     """Logits -> metrics.json, predictions.csv and the report for one set of labelled files."""
     from kidney_edge.report import ReportInputs, write_report
+    from kidney_edge.series_eval import series_evaluation
 
     spec = predictor.spec
     logits, features = predictor.infer(files.paths, batch_size, progress)  # (N, C), (N, F)
@@ -350,6 +351,7 @@ def evaluate_files(
     metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics.update(series_evaluation(files.paths, files.labels, probabilities, spec, out_dir))  # DICOM only
     write_predictions(out_dir / "predictions.csv", files, probabilities, spec, ood_scores)
     gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
     report = write_report(

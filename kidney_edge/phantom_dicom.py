@@ -60,7 +60,7 @@ SERIES_TRUTH_CSV = "series_truth.csv"
 SPLITS_CSV = "splits.csv"
 # Easy enough for the demo's model: the series phantom is drawn at the demo phantom's difficulty.
 DEFAULT_DIFFICULTY = DEMO_SIZE.difficulty
-SLICES_PER_SERIES = (16, 24)
+SLICES_PER_SERIES = (24, 40)  # 12-20 cm at 5 mm: both kidneys, findings on some slices only
 SLICE_THICKNESS_MM = 5.0  # a routine abdominal reconstruction
 FIELD_OF_VIEW_MM = 360.0  # 0.70 mm pixels at 512 px
 

@@ -653,6 +653,7 @@ SECTIONS = (
     ("calibration", "Calibration"),
     ("split-audit", "Split and leakage audit"),
     ("errors", "Error gallery"),
+    ("per-series", "Per series"),
     ("model-card", "Model card"),
 )
 
@@ -800,6 +801,12 @@ def _errors_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     )
 
 
+def _per_series_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
+    from kidney_edge.series_eval import per_series_html
+
+    return per_series_html(inputs.metrics.get("series"), inputs.spec)
+
+
 _SECTION_BUILDERS: dict[str, Callable[[ReportInputs, dict[str, bytes]], str]] = {
     "headline": _headline_html,
     "operating-point": _operating_point_html,
@@ -809,6 +816,7 @@ _SECTION_BUILDERS: dict[str, Callable[[ReportInputs, dict[str, bytes]], str]] = 
     "calibration": _calibration_html,
     "split-audit": _audit_html,
     "errors": _errors_html,
+    "per-series": _per_series_html,
 }
 
 
