@@ -1,0 +1,340 @@
+"""`kidney-edge serve` under concurrent load, against `kidney-edge benchmark`'s model-only figure.
+
+    python benchmarks/bench_serve.py --model /tmp/demo-record/export/model.onnx \\
+        --images /tmp/demo-record/holdout --clients 1,32 --duration 60
+    python benchmarks/bench_serve.py --render-only        # rewrite serve.md from serve.json
+
+One run, one machine, in this order:
+1. ``kidney-edge benchmark --precision fp32`` on the same model file and thread count (random
+   inputs after warm-up): model-only images/s at each batch size;
+2. ``kidney-edge serve`` started as its own process on 127.0.0.1 (the real CLI and uvicorn);
+3. per client count: a warm-up, then ``--duration`` seconds in which every client (an asyncio
+   task sharing one httpx client, one connection each) POSTs hold-out JPEGs as raw bodies to
+   /v1/predict back to back. Bounded by ``--duration`` and ``--max-requests``; 127.0.0.1 only.
+Reported: errors (any non-200 or exception), p50/p99/max latency, images/s and its ratio to
+the best model-only images/s, mean ONNX batch size (from /metrics), CPU seconds of the server
+and of the load generator, and the labels' accuracy against the hold-out folders (a check that
+answers are right, not only fast). The load generator shares the CPUs with the server: its CPU
+time is recorded beside the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from kidney_edge.runtime import available_cpus, machine_info, scan_images  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "serve"
+TARGET_RATIO = 0.7  # served images/s over model-only images/s at 32 clients
+MIN_CLIENTS_FOR_TARGET = 32
+MODEL_ONLY_BATCHES = (1, 8, 16)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("/tmp/demo-record/export/model.onnx"))
+    parser.add_argument("--images", type=Path, default=Path("/tmp/demo-record/holdout"))
+    parser.add_argument("--clients", default="1,32", help="comma-separated concurrent client counts")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per client count")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of untimed load first")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="hard cap per client count")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (both runs)")
+    parser.add_argument("--serve-args", default="", help="extra `kidney-edge serve` options")
+    parser.add_argument("--render-only", action="store_true")
+    return parser.parse_args()
+
+
+def uptime_load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def model_only(model: Path, threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "benchmark.json"
+        command = [sys.executable, "-m", "kidney_edge", "benchmark", "--model", str(model),
+                   "--precision", "fp32", "--batch-sizes", ",".join(map(str, MODEL_ONLY_BATCHES)),
+                   "--threads", str(threads), "--warmup", "5", "--iterations", "30", "--json", str(out)]  # fmt: skip
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+        record = json.loads(out.read_text())
+    rows = [
+        {
+            "batch_size": r["batch_size"],
+            "images_per_s": r["images_per_s"],
+            "p50_ms": r["latency_ms"].get("p50"),
+        }
+        for r in record["model_only"]
+    ]
+    return {"command": " ".join(command[1:]).replace(str(out), "OUT.json"), "rows": rows}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The few /metrics samples this report uses, by their full sample name."""
+    wanted = ("kidney_edge_batch_size_sum", "kidney_edge_batch_size_count")
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith(wanted) or name.startswith("kidney_edge_stage_duration_seconds_sum"):
+            values[name] = float(value)
+        elif name.startswith("kidney_edge_stage_duration_seconds_count"):
+            values[name] = float(value)
+    return values
+
+
+async def load(
+    url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float, cap: int
+) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    correct = answered = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+
+        async def one_client(offset: int) -> None:
+            nonlocal correct, answered
+            index = offset
+            while time.perf_counter() < stop_at and len(latencies) + sum(errors.values()) < cap:
+                body, truth = bodies[index % len(bodies)]
+                index += clients
+                started = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/v1/predict", content=body, headers={"content-type": "image/jpeg"}
+                    )
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                if response.status_code != 200:
+                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+                answered += 1
+                correct += response.json()["label"] == truth
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        wall = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "clients": clients,
+        "seconds": round(wall, 2),
+        "requests": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "images_per_s": round(len(latencies) / wall, 2),
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 1),
+            "p99": round(float(np.percentile(ms, 99)), 1),
+            "mean": round(float(ms.mean()), 1),
+            "max": round(float(ms.max()), 1),
+        },  # fmt: skip
+        "accuracy": round(correct / answered, 4) if answered else None,
+    }
+
+
+def run_clients(
+    url: str, pid: int, bodies: list[tuple[bytes, str]], clients: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    import httpx
+
+    asyncio.run(load(url, bodies, clients, args.warmup, args.max_requests))  # untimed
+    before_metrics = parse_metrics(httpx.get(url + "/metrics").text)
+    server_cpu, own_cpu = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
+    load_before = uptime_load()
+    result = asyncio.run(load(url, bodies, clients, args.duration, args.max_requests))
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    result["server_cpu_s"] = round(cpu_seconds(pid) - server_cpu, 1)
+    result["load_generator_cpu_s"] = round(
+        (own_after.ru_utime + own_after.ru_stime) - (own_cpu.ru_utime + own_cpu.ru_stime), 1
+    )
+    after_metrics = parse_metrics(httpx.get(url + "/metrics").text)
+    delta = {k: after_metrics.get(k, 0.0) - before_metrics.get(k, 0.0) for k in after_metrics}
+    batches = delta.get("kidney_edge_batch_size_count", 0.0)
+    result["mean_batch_size"] = (
+        round(delta.get("kidney_edge_batch_size_sum", 0.0) / batches, 2) if batches else None
+    )
+    for stage in ("decode", "queue", "inference"):
+        total = delta.get(f'kidney_edge_stage_duration_seconds_sum{{stage="{stage}"}}', 0.0)
+        count = delta.get(f'kidney_edge_stage_duration_seconds_count{{stage="{stage}"}}', 0.0)
+        result[f"mean_{stage}_ms"] = round(total / count * 1000, 2) if count else None
+    result["uptime_load_before"] = load_before
+    result["uptime_load_after"] = uptime_load()
+    return result
+
+
+def start_server(model: Path, port: int, threads: int, extra: str, log: Path) -> subprocess.Popen:
+    import httpx
+
+    command = [sys.executable, "-m", "kidney_edge", "serve", "--model", str(model), "--port", str(port),
+               "--threads", str(threads), *extra.split()]  # fmt: skip
+    server = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit(f"the server did not become ready in 120 s; see {log}")
+
+
+def read_bodies(folder: Path) -> list[tuple[bytes, str]]:
+    files = scan_images(folder)
+    if not files:
+        raise SystemExit(f"no images under {folder}")
+    return [(path.read_bytes(), path.parent.name) for path in files]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    threads = args.threads or available_cpus()
+    bodies = read_bodies(args.images)
+    record: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "model": str(args.model),
+        "images": f"{args.images} ({len(bodies)} files, raw JPEG bodies, cycled)",
+        "threads": threads,
+        "serve_args": args.serve_args,
+        "duration_s": args.duration,
+        "uptime_load_start": uptime_load(),
+    }
+    print(f"model-only benchmark ({threads} threads) ...", flush=True)
+    record["model_only"] = model_only(args.model, threads)
+    best = max(row["images_per_s"] for row in record["model_only"]["rows"])
+    record["model_only_best_images_per_s"] = best
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        server = start_server(args.model, port, threads, args.serve_args, log)
+        try:
+            record["runs"] = []
+            for clients in (int(c) for c in args.clients.split(",")):
+                print(f"{clients} clients for {args.duration:.0f} s ...", flush=True)
+                result = run_clients(f"http://127.0.0.1:{port}", server.pid, bodies, clients, args)
+                result["ratio_to_model_only"] = round(result["images_per_s"] / best, 3)
+                record["runs"].append(result)
+                print(json.dumps(result), flush=True)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    record["uptime_load_end"] = uptime_load()
+    return record
+
+
+def render(record: dict[str, Any]) -> str:
+    machine = record["machine"]
+    vnni = machine["isa_flags"].get("avx512_vnni") or machine["isa_flags"].get("avx_vnni")
+    lines = [
+        "# `kidney-edge serve` under load",
+        "",
+        f"Recorded {record['created']} by `benchmarks/bench_serve.py` "
+        f"(`--duration {record['duration_s']:g}`{' --serve-args ' + repr(record['serve_args']) if record['serve_args'] else ''}).",
+        f"Machine: {machine['cpu_model']} ({'AVX-512 VNNI' if vnni else 'no VNNI'}), "
+        f"{machine['cores_usable']} usable CPUs, onnxruntime {machine['onnxruntime']} with "
+        f"{record['threads']} intra-op threads. Load average (1, 5, 15 min) at start "
+        f"{record['uptime_load_start']}, at end {record['uptime_load_end']} (a shared machine).",
+        f"Model: `{record['model']}`. Images: {record['images']}.",
+        "",
+        "## Model-only (`kidney-edge benchmark`, same run, same thread count)",
+        "",
+        f"`{record['model_only']['command']}`",
+        "",
+        "| batch | images/s | p50 ms per batch |",
+        "| ---: | ---: | ---: |",
+        *(
+            f"| {r['batch_size']} | {r['images_per_s']:.1f} | {r['p50_ms']} |"
+            for r in record["model_only"]["rows"]
+        ),
+        "",
+        f"The ratio below divides by the best of these, {record['model_only_best_images_per_s']:.1f} images/s.",
+        "",
+        "## Served (`kidney-edge serve` on 127.0.0.1, raw JPEG bodies to `POST /v1/predict`)",
+        "",
+        "| clients | seconds | requests | errors | p50 ms | p99 ms | max ms | images/s | ratio to model-only "
+        "| mean ONNX batch | decode ms | queue ms | inference ms (batch) | server CPU s | load-generator CPU s "
+        "| label accuracy | load before → after |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in record["runs"]:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['clients']} | {r['seconds']} | {r['requests']} | {r['errors']} | {lat['p50']} | {lat['p99']} "
+            f"| {lat['max']} | {r['images_per_s']:.1f} | {r['ratio_to_model_only']:.2f} | {r['mean_batch_size']} "
+            f"| {r['mean_decode_ms']} | {r['mean_queue_ms']} | {r['mean_inference_ms']} | {r['server_cpu_s']} "
+            f"| {r['load_generator_cpu_s']} | {r['accuracy']} | {r['uptime_load_before']} → {r['uptime_load_after']} |"
+        )
+    target_runs = [r for r in record["runs"] if r["clients"] >= MIN_CLIENTS_FOR_TARGET]
+    lines += ["", "## Verdict", ""]
+    for r in target_runs:
+        met = r["errors"] == 0 and r["ratio_to_model_only"] >= TARGET_RATIO
+        lines.append(
+            f"- {r['clients']} clients for {r['seconds']} s: {r['errors']} errors, "
+            f"{r['ratio_to_model_only']:.2f}x model-only (target >= {TARGET_RATIO}x with zero errors): "
+            f"**{'met' if met else 'missed'}**."
+        )
+    lines += [
+        "",
+        "Latency is per request, client side, from send to parsed answer. `decode`, `queue` and "
+        "`inference` are the server's own per-image means from `/metrics` (`inference` is the time of "
+        "the ONNX batch the image rode in). The load generator runs on the same CPUs as the server, so "
+        "its CPU seconds are time the server could not use.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS.with_suffix(".json"), RESULTS.with_suffix(".md")
+    if args.render_only:
+        atomic_write_text(md_path, render(json.loads(json_path.read_text())))
+        return
+    record = run(args)
+    atomic_write_json(json_path, record)
+    atomic_write_text(md_path, render(record))
+    print(f"wrote {md_path}")
+
+
+if __name__ == "__main__":
+    main()
