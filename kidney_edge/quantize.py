@@ -47,6 +47,14 @@ class CalibrationMethod(str, Enum):
     ENTROPY = "entropy"
 
 
+class Fp32Layer(str, Enum):
+    """Layers a recipe may keep in fp32 besides the head, found by their place in the graph (not
+    by name, so any exporter's graph works)."""
+
+    STEM = "stem"  # the first Conv: it reads the normalised image
+    LAST_CONV = "last-conv"  # the last Conv before the logits: its output is pooled into the features
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """How ``model.int8.onnx`` is made. Defaults chosen by benchmarks/bench_int8.py (see int8.md)."""
@@ -57,12 +65,18 @@ class QuantizationConfig:
     reduce_range: bool | None = None  # 7-bit weights; None: see resolve_reduce_range
     calibration_batch_size: int = 8  # x ~50 MB of intermediate tensors per image (Lite0, 224 px)
     max_drop: float = DEFAULT_MAX_DROP
+    fp32_layers: tuple[Fp32Layer, ...] = ()  # kept in fp32 besides the head
+    pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference + fusions) first
 
     def __post_init__(self) -> None:
         activation = enum_choice(ActivationType, self.activation_type, "--int8-activations")
         method = enum_choice(CalibrationMethod, self.calibrate_method, "--calibration-method")
+        layers = tuple(
+            dict.fromkeys(enum_choice(Fp32Layer, layer, "--int8-fp32-layers") for layer in self.fp32_layers)
+        )
         object.__setattr__(self, "activation_type", activation)
         object.__setattr__(self, "calibrate_method", method)
+        object.__setattr__(self, "fp32_layers", layers)
         if not 1 <= self.calibration_batch_size <= 256:
             raise InputError(f"calibration batch size must be in 1..256, got {self.calibration_batch_size}")
         if not 0.0 <= self.max_drop <= 1.0:
@@ -105,7 +119,7 @@ def resolve_activation_type(activation_type: ActivationType, machine: str | None
 # --------------------------------------------------------------------------- calibration
 
 
-def _calibration_reader(paths: Sequence[Path], spec: ModelSpec, batch_size: int, progress: Any):
+def calibration_reader(paths: Sequence[Path], spec: ModelSpec, batch_size: int, progress: Any):
     """A CalibrationDataReader of preprocessed batches (the one shared preprocessing).
 
     Items are batches; ``set_range`` lets quantize_static's strided mode (``CalibStridedMinMax``)
@@ -165,6 +179,37 @@ def _head_node_names(model: Any) -> list[str]:
     return sorted(head)
 
 
+def _ancestors(model: Any, output: str) -> set[str]:
+    """Names of the nodes ``output`` depends on (itself included)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found: set[str] = set()
+    stack = [output]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and node.name not in found:
+            found.add(node.name)
+            stack.extend(node.input)
+    return found
+
+
+def layer_node_names(model: Any, layers: Sequence[Fp32Layer]) -> list[str]:
+    """The node of each of ``layers`` in ``model`` (an onnx ModelProto with named nodes).
+
+    The stem is the first Conv of the graph (graphs are topologically sorted), the last conv
+    the last Conv that the ``logits`` output depends on: other Convs, such as the class
+    activation maps' projection, come after it but do not feed the decision.
+    """
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    if not convs:
+        return []
+    feeding = _ancestors(model, "logits")
+    names = {
+        Fp32Layer.STEM: convs[0].name,
+        Fp32Layer.LAST_CONV: next((n.name for n in reversed(convs) if n.name in feeding), convs[-1].name),
+    }
+    return sorted({names[layer] for layer in layers})
+
+
 def _name_unnamed_nodes(model: Any) -> None:
     # nodes_to_exclude works by name; exporters may leave names empty.
     for index, node in enumerate(model.graph.node):
@@ -186,16 +231,16 @@ def quantize_model(
 ) -> dict[str, Any]:
     """Write a QDQ INT8 copy of ``fp32_path`` calibrated on ``calibration_paths``; returns the recipe.
 
-    ``quant_pre_process`` (shape inference + onnxruntime's basic fusions) runs first, as
-    onnxruntime recommends, so Q/DQ pairs go on the fused graph. The head (classifier Gemm,
-    temperature, Softmax) stays fp32. The fp32 file's metadata (the spec) is copied over.
+    ``quant_pre_process`` (shape inference + onnxruntime's basic fusions) runs first unless
+    ``config.pre_process`` is off, so Q/DQ pairs go on the fused graph. The head (classifier
+    Gemm, temperature, Softmax) and ``config.fp32_layers`` stay fp32. The fp32 file's metadata
+    (the spec) is copied over.
     """
     import contextlib
     import io
     import tempfile
 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration_paths:
         raise InputError("INT8 calibration needs images: pass --splits with a train split, or --no-int8")
@@ -205,9 +250,8 @@ def quantize_model(
     quant_types = {ActivationType.UINT8: QuantType.QUInt8, ActivationType.INT8: QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
         prepared, quantized = Path(tmp, "prepared.onnx"), Path(tmp, "int8.onnx")
-        quant_pre_process(str(fp32_path), str(prepared))
-        excluded = _prepare_for_quantization(prepared)
-        reader = _calibration_reader(list(calibration_paths), spec, config.calibration_batch_size, progress)
+        excluded = prepare_for_quantization(fp32_path, prepared, config)
+        reader = calibration_reader(list(calibration_paths), spec, config.calibration_batch_size, progress)
         with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print per batch
             quantize_static(
                 str(prepared),
@@ -230,6 +274,8 @@ def quantize_model(
             "reduce_range": reduce_range,
             "calibrate_method": config.calibrate_method.value,
             "calibration_images": len(calibration_paths),
+            "pre_process": config.pre_process,
+            "fp32_layers": [layer.value for layer in config.fp32_layers],
             "fp32_nodes": excluded,
         }
         _finish_int8_file(Path(fp32_path), quantized, int8_path, recipe)
@@ -249,14 +295,21 @@ def _ort_method(name: str) -> Any:
     return OrtCalibrationMethod[name]
 
 
-def _prepare_for_quantization(path: Path) -> list[str]:
-    """Name every node and return the fp32 head's node names (see :func:`_head_node_names`)."""
+def prepare_for_quantization(
+    fp32_path: str | os.PathLike[str], prepared: str | os.PathLike[str], config: QuantizationConfig
+) -> list[str]:
+    """Write the graph quantize_static starts from to ``prepared`` (``quant_pre_process``'d when
+    the config says so, every node named) and return the nodes that stay fp32: the head (see
+    :func:`_head_node_names`) and the config's ``fp32_layers``."""
     import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(str(path))
+    if config.pre_process:
+        quant_pre_process(str(fp32_path), str(prepared))
+    model = onnx.load(str(prepared if config.pre_process else fp32_path))
     _name_unnamed_nodes(model)
-    onnx.save(model, str(path))
-    return _head_node_names(model)
+    onnx.save(model, str(prepared))
+    return sorted(set(_head_node_names(model)) | set(layer_node_names(model, config.fp32_layers)))
 
 
 def _finish_int8_file(fp32_path: Path, quantized: Path, int8_path: Path, recipe: dict[str, Any]) -> None:
@@ -356,7 +409,10 @@ def int8_accuracy_gate(
     spec = fp32.spec
     fp32_logits, fp32_probabilities = fp32.predict_files(paths, batch_size)
     int8_logits, int8_probabilities = OnnxClassifier(int8_path).predict_files(paths, batch_size)
-    fp32_decisions, int8_decisions = _decisions(fp32_probabilities, spec), _decisions(int8_probabilities, spec)
+    fp32_decisions, int8_decisions = (
+        _decisions(fp32_probabilities, spec),
+        _decisions(int8_probabilities, spec),
+    )
     fp32_scores, int8_scores = {}, {}
     for decision in DECISIONS:
         reference = np.asarray(labels) if labels is not None else fp32_decisions[decision]

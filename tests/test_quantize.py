@@ -1,0 +1,74 @@
+"""Recipe options of the INT8 quantizer: layers kept in fp32 (by graph position), pre-processing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_bench import make_conv_onnx
+from test_runtime import write_gray_images
+
+from kidney_edge.errors import InputError
+from kidney_edge.quantize import Fp32Layer, QuantizationConfig, layer_node_names, quantize_model
+from kidney_edge.spec import ModelSpec
+
+
+def graph_with_a_conv_after_the_logits_path():
+    """conv1 -> conv2 -> pool -> Gemm -> logits, and conv2's output -> cam_conv -> cam (not to logits)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {
+        "w1": np.ones((4, 3, 3, 3), np.float32),
+        "w2": np.ones((4, 4, 1, 1), np.float32),
+        "wc": np.ones((2, 4, 1, 1), np.float32),
+        "fc": np.ones((4, 2), np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="gemm"),
+        helper.make_node("Conv", ["c2", "wc"], ["cam"], name="cam_conv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "cam")],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    return helper.make_model(graph)
+
+
+def test_layers_are_found_by_graph_position() -> None:
+    model = graph_with_a_conv_after_the_logits_path()
+    assert layer_node_names(model, [Fp32Layer.STEM]) == ["conv1"]
+    assert layer_node_names(model, [Fp32Layer.LAST_CONV]) == ["conv2"]  # not cam_conv: it feeds no logits
+    assert layer_node_names(model, [Fp32Layer.STEM, Fp32Layer.LAST_CONV]) == ["conv1", "conv2"]
+    assert layer_node_names(model, []) == []
+
+
+def test_config_validates_fp32_layers() -> None:
+    config = QuantizationConfig(fp32_layers=("stem", "last-conv", "stem"))
+    assert config.fp32_layers == (Fp32Layer.STEM, Fp32Layer.LAST_CONV)
+    with pytest.raises(InputError, match="--int8-fp32-layers must be one of stem, last-conv"):
+        QuantizationConfig(fp32_layers=("head",))
+
+
+@pytest.mark.parametrize("pre_process", [True, False])
+def test_quantize_keeps_the_chosen_layers_fp32(tmp_path: Path, pre_process: bool) -> None:
+    import onnx
+
+    fp32 = make_conv_onnx(tmp_path / "model.onnx")
+    images = write_gray_images(tmp_path / "images", 8, size=64)
+    config = QuantizationConfig(fp32_layers=("stem",), pre_process=pre_process, calibration_batch_size=4)
+    recipe = quantize_model(fp32, tmp_path / "int8.onnx", images, ModelSpec(input_size=64), config)
+    assert recipe["fp32_layers"] == ["stem"] and recipe["pre_process"] is pre_process
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    stem, second = convs
+    assert stem.name in recipe["fp32_nodes"] and stem.input[1] not in dequantized  # float weights
+    assert second.input[1] in dequantized and second.input[0] in dequantized  # int8 weights and input
