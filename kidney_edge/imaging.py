@@ -293,9 +293,15 @@ def preprocess(source: ImageSource, spec: ModelSpec, out: np.ndarray | None = No
     else:
         order = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
         planes = [pixels[..., channel] for channel in order]
+    computed: dict[tuple[int, float, float], int] = {}
     for channel, plane in enumerate(planes):
+        key = (id(plane), spec.mean[channel], spec.std[channel])
+        if key in computed:  # gray with the same normalisation per channel: a copy, not arithmetic
+            out[channel] = out[computed[key]]
+            continue
         np.subtract(plane, np.float32(spec.mean[channel]), out=out[channel], dtype=np.float32)
         np.divide(out[channel], np.float32(spec.std[channel]), out=out[channel])
+        computed[key] = channel
     return out
 
 

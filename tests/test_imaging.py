@@ -203,12 +203,18 @@ def test_is_image_file(tmp_path: Path) -> None:
     assert not is_image_file(tmp_path / "notes.txt")
 
 
-@pytest.mark.parametrize("mode, order", [("L", "RGB"), ("RGB", "RGB"), ("RGB", "BGR")])
-def test_preprocess_into_a_batch_row_equals_the_array_formula_bit_for_bit(mode: str, order: str) -> None:
+@pytest.mark.parametrize(
+    "mode, order, mean, std",
+    [("L", "RGB", (127.0,) * 3, (128.0,) * 3), ("L", "RGB", (120.5, 110.0, 100.25), (60.0, 61.5, 70.0)),
+     ("RGB", "RGB", (120.5, 110.0, 100.25), (60.0, 61.5, 70.0)), ("RGB", "BGR", (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))],
+)  # fmt: skip
+def test_preprocess_into_a_batch_row_equals_the_array_formula_bit_for_bit(
+    mode: str, order: str, mean: tuple, std: tuple
+) -> None:
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (64, 64) if mode == "L" else (64, 64, 3), dtype=np.uint8)
     spec = ModelSpec(input_size=64, resize="stretch", color_mode="gray" if mode == "L" else "rgb",
-                     channel_order=order, mean=(120.5, 110.0, 100.25), std=(60.0, 61.5, 70.0))  # fmt: skip
+                     channel_order=order, mean=mean, std=std)  # fmt: skip
     chw = np.broadcast_to(pixels, (3, 64, 64)) if mode == "L" else pixels.transpose(2, 0, 1)
     chw = chw[::-1] if order == "BGR" else chw
     mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (spec.mean, spec.std))
