@@ -242,3 +242,23 @@ def test_benchmark_takes_an_export_folder_and_a_precision(export_dir: Path, tmp_
     assert (
         record["pipeline"]["precision"] == "fp32" and "gate failed" in record["pipeline"]["precision_reason"]
     )
+
+
+def test_int8_runs_decode_jpegs_in_draft_mode(export_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from PIL import JpegImagePlugin
+
+    from kidney_edge.runtime import predict_folder
+
+    requests = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        requests.append((mode, size))
+        return original(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    images = tmp_path / "images"
+    jpegs = [path for path in write_gray_images(images, 5, size=256) if path.suffix == ".jpg"]
+    summary = predict_folder(images, model=export_dir, out=tmp_path / "p.csv", threads=1, precision="int8")
+    assert summary.is_int8 and summary.predicted == 5
+    assert requests == [("L", (64, 64))] * len(jpegs)  # the spec's input size, gray: the INT8 file's own spec
