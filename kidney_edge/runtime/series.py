@@ -41,18 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from kidney_edge import spec as spec_module
 from kidney_edge.errors import InputError, enum_choice
 from kidney_edge.imaging import is_dicom_file
 from kidney_edge.io_utils import atomic_write_text, csv_text
-from kidney_edge.spec import DEFAULT_CLASS_NAMES, DecisionRule
+from kidney_edge.spec import DEFAULT_CLASS_NAMES, DEFAULT_POSITIVE_CLASS, UNKNOWN_LABEL, DecisionRule
 
 log = logging.getLogger(__name__)
 
 # The Kaggle dataset's no-finding class: its series score is "no finding scored".
 NORMAL_CLASS = DEFAULT_CLASS_NAMES[1]
-# The label predict gives a slice its OOD detector rejects (spec.UNKNOWN_LABEL).
-UNKNOWN_LABEL: str = getattr(spec_module, "UNKNOWN_LABEL", "unknown")
 CT_MODALITY = "CT"
 LOCALIZER = "LOCALIZER"  # ImageType value of scout / topogram images
 FLOAT_DIGITS = 6
@@ -126,9 +123,9 @@ def aggregate(probabilities: np.ndarray, how: Aggregation | str, top_k: int = 1)
     return AGGREGATIONS[how](values, top_k)
 
 
-# Chosen on phantom series: benchmarks/results/series.md (series-level sensitivity and
-# specificity per class for every aggregation; top-3 mean keeps max's sensitivity without
-# calling a finding from one or two stray slices).
+# Chosen on validation phantom series (benchmarks/results/series.md): mean loses findings seen
+# on a few slices, noisy-OR over-calls; max, top-2 and top-3 are within one series, top-3 ahead
+# on validation, and it does not call a finding from one stray slice.
 DEFAULT_AGGREGATION = Aggregation.TOPK
 DEFAULT_TOP_K = 3
 
@@ -450,13 +447,21 @@ def _probabilities(slices: Sequence[_Slice], class_names: Sequence[str]) -> np.n
     return np.array([[float(s.row[f"p_{name}"]) for name in class_names] for s in slices], dtype=np.float64)
 
 
-def series_row(
+@dataclass(frozen=True)
+class SeriesAssessment:
+    """One series' row and the slices it aggregated, in order along z."""
+
+    row: dict[str, Any]
+    ordered: list[tuple[DicomHeader, Mapping[str, Any]]]  # empty when the series has an error
+
+
+def assess_series(
     slices: Sequence[tuple[DicomHeader, Mapping[str, Any]]],
     class_names: Sequence[str],
     rule: SeriesRule,
     positive_class: str | None,
-) -> dict[str, Any]:
-    """One row of :func:`series_columns` for the files of one series (header, prediction row)."""
+) -> SeriesAssessment:
+    """The row of :func:`series_columns` for the files of one series (header, prediction row)."""
     series = _Series([_Slice(header, row) for header, row in slices])
     first = series.slices[0].header
     row: dict[str, Any] = dict.fromkeys(series_columns(class_names))
@@ -474,11 +479,23 @@ def series_row(
     row.update(n_unknown=unknown, n_failed=failed, n_left_out=series.left_out, n_slices=len(usable))
     if not series.errors and not usable:
         series.errors.append("no slice could be classified" + (" (see warning)" if series.warnings else ""))
+    ordered: list[_Slice] = []
     if not series.errors:
-        _label(row, series, _ordered(series, usable), class_names, rule, positive_class)
+        ordered = _ordered(series, usable)
+        _label(row, series, ordered, class_names, rule, positive_class)
     row["warning"] = "; ".join(series.warnings) or None
     row["error"] = "; ".join(series.errors) or None
-    return row
+    return SeriesAssessment(row, [(s.header, s.row) for s in ordered])
+
+
+def series_row(
+    slices: Sequence[tuple[DicomHeader, Mapping[str, Any]]],
+    class_names: Sequence[str],
+    rule: SeriesRule,
+    positive_class: str | None,
+) -> dict[str, Any]:
+    """:func:`assess_series`'s row."""
+    return assess_series(slices, class_names, rule, positive_class).row
 
 
 def _label(
@@ -608,7 +625,7 @@ def write_series(
     predictions: str | os.PathLike[str],
     *,
     class_names: Sequence[str],
-    positive_class: str | None = spec_module.DEFAULT_POSITIVE_CLASS,
+    positive_class: str | None = DEFAULT_POSITIVE_CLASS,
     rule: SeriesRule | None = None,
     fmt: str = "csv",
     mode: SeriesMode | str = SeriesMode.AUTO,
