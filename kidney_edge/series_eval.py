@@ -220,12 +220,16 @@ def per_series_html(block: Mapping[str, Any] | None, spec: ModelSpec) -> str:
     """The report's "per series" section: metrics per class, then for each series a strip of its
     slices along z above its positive-class probability curve (misclassified series first)."""
     if not block:
-        return "<p>No DICOM series in this data: series-level results need DICOM slices with study and series UIDs.</p>"
+        return (
+            "<p>No DICOM series in this data: series-level results need DICOM slices with study "
+            "and series UIDs.</p>"
+        )
     rows = []
     for name, values in block["per_class"].items():
         rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{values['support']}</td><td>{_rate(values['sensitivity'])}</td>"
-            f"<td>{_rate(values['specificity'])}</td><td>{values['predicted']}</td></tr>"
+            f"<tr><td>{html.escape(name)}</td><td>{values['support']}</td>"
+            f"<td>{_rate(values['sensitivity'])}</td><td>{_rate(values['specificity'])}</td>"
+            f"<td>{values['predicted']}</td></tr>"
         )
     head = (
         f"<p>{block['n_series']} series ({block['n_unlabelled']} without a label), series accuracy "

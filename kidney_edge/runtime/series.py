@@ -171,8 +171,9 @@ class SeriesRule:
         return scores
 
     def decide(self, scores: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
-        """(N, C) series scores -> (N,) class indices."""
-        return self.decision.decide(np.asarray(scores, dtype=np.float64), tuple(class_names))
+        """(N, C) series scores -> (N,) class indices. Scores are compared in float32, the precision
+        an operating point is chosen in (:func:`kidney_edge.metrics.tumor_decision_rule`)."""
+        return self.decision.decide(np.asarray(scores, dtype=np.float32), tuple(class_names))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,9 +221,9 @@ class DicomHeader:
     patient_id: str = ""
     modality: str = ""
     image_type: tuple[str, ...] = ()
-    position: tuple[float, float, float] | None = None
-    orientation: tuple[float, ...] | None = None
-    pixel_spacing: tuple[float, float] | None = None
+    position: tuple[float, ...] | None = None  # ImagePositionPatient (x, y, z), mm
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient: row then column direction
+    pixel_spacing: tuple[float, ...] | None = None  # PixelSpacing (row, column), mm
     instance: int | None = None
     error: str | None = None
 
@@ -237,7 +238,6 @@ def read_header(path: str) -> DicomHeader:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
     except Exception as exc:  # pydicom raises many types for malformed files
         return DicomHeader(path, error=f"unreadable DICOM header ({type(exc).__name__}: {exc})")
-    image_type = ds.get("ImageType")
     return DicomHeader(
         path=path,
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
@@ -245,13 +245,19 @@ def read_header(path: str) -> DicomHeader:
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         patient_id=str(ds.get("PatientID", "") or ""),
         modality=str(ds.get("Modality", "") or "").upper(),
-        image_type=tuple(str(v).upper() for v in (image_type or ())) if not isinstance(image_type, str)
-        else (image_type.upper(),),
-        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        image_type=_strings(ds.get("ImageType")),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
         instance=_integer(ds.get("InstanceNumber")),
-    )  # fmt: skip
+    )
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A multi-valued string tag (or a single value) as upper-case strings."""
+    if value is None:
+        return ()
+    return tuple(str(v).upper() for v in ([value] if isinstance(value, str) else value))
 
 
 def _floats(value: Any, count: int) -> tuple[float, ...] | None:
@@ -318,8 +324,9 @@ def _drop_duplicates(series: _Series) -> None:
         (repeated if uid and uid in seen else kept).append(item)
         seen.add(uid)
     if repeated:
+        example = Path(repeated[0].header.path).name
         series.warnings.append(
-            f"{len(repeated)} file(s) repeat a SOPInstanceUID of this series (e.g. {Path(repeated[0].header.path).name}): "
+            f"{len(repeated)} file(s) repeat a SOPInstanceUID of this series (e.g. {example}): "
             "only the first file of each was used"
         )
         series.slices, series.left_out = kept, series.left_out + len(repeated)
@@ -391,7 +398,8 @@ def _split_by_prediction(series: _Series) -> tuple[list[_Slice], int, int]:
         series.warnings.append(f"{len(failed)} slice(s) could not be read, e.g. {name}: {error}")
     if unknown:
         series.warnings.append(
-            f"{len(unknown)} slice(s) rejected as {UNKNOWN_LABEL} by the OOD detector: left out of the aggregation"
+            f"{len(unknown)} slice(s) rejected as {UNKNOWN_LABEL} by the OOD detector: "
+            "left out of the aggregation"
         )
     return usable, len(failed), len(unknown)
 
@@ -401,7 +409,7 @@ def _ordered(series: _Series, usable: list[_Slice]) -> list[_Slice]:
     if all(s.header.position is not None and s.header.orientation is not None for s in usable):
         orientation = np.asarray(usable[0].header.orientation, dtype=np.float64)
         normal = np.cross(orientation[:3], orientation[3:])
-        along = [float(np.dot(s.header.position, normal)) for s in usable]  # type: ignore[arg-type]
+        along = [float(np.dot(np.asarray(s.header.position), normal)) for s in usable]
         order = np.argsort(along, kind="stable")
         ordered = [usable[i] for i in order]
         _check_steps(series, np.asarray(along)[order])
@@ -409,7 +417,8 @@ def _ordered(series: _Series, usable: list[_Slice]) -> list[_Slice]:
     lacking = sum(s.header.position is None or s.header.orientation is None for s in usable)
     if all(s.header.instance is not None for s in usable):
         series.warnings.append(
-            f"ImagePositionPatient/ImageOrientationPatient missing on {lacking} slice(s): ordered by InstanceNumber"
+            f"ImagePositionPatient/ImageOrientationPatient missing on {lacking} slice(s): "
+            "ordered by InstanceNumber"
         )
         return sorted(usable, key=lambda s: (s.header.instance, s.header.path))
     series.warnings.append(
