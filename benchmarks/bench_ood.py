@@ -48,8 +48,8 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def outputs_of(classifier: Any, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Logits and features of the files the pipeline can read, and their indices into ``paths``."""
+def outputs_of(classifier: Any, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Graph outputs by name of the files the pipeline can read, and their indices into ``paths``."""
     from kidney_edge.errors import ImageReadError
     from kidney_edge.imaging import preprocess
 
@@ -60,12 +60,15 @@ def outputs_of(classifier: Any, paths: list[Path]) -> tuple[np.ndarray, np.ndarr
             readable.append(index)
         except ImageReadError as exc:
             log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
-    logits, features = [], []
-    for start in range(0, len(inputs), 32):
-        out = classifier.infer(np.stack(inputs[start : start + 32]), features=True)
-        logits.append(out.logits)
-        features.append(out.features)
-    return np.concatenate(logits), np.concatenate(features), readable
+    batches = [
+        classifier.infer(np.stack(inputs[start : start + 32]), features=True, block_stats=True)
+        for start in range(0, len(inputs), 32)
+    ]
+    outputs = {
+        name: np.concatenate([getattr(batch, name) for batch in batches])
+        for name in ("logits", "features", "block_stats")
+    }
+    return outputs, readable
 
 
 def wilson(k: int, n: int) -> list[float]:
@@ -91,10 +94,11 @@ def compare_methods(
     log(
         f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out"
     )
-    train_logits, train_features, _ = outputs_of(classifier, train.paths)
-    val_logits, val_features, _ = outputs_of(classifier, val.paths)
-    hold_logits, hold_features, _ = outputs_of(classifier, holdout)
-    foreign_logits, foreign_features, readable = outputs_of(classifier, [Path(r["path"]) for r in foreign])
+    train_outputs, _ = outputs_of(classifier, train.paths)
+    val_outputs, _ = outputs_of(classifier, val.paths)
+    hold_outputs, _ = outputs_of(classifier, holdout)
+    foreign_outputs, readable = outputs_of(classifier, [Path(r["path"]) for r in foreign])
+    foreign_logits = foreign_outputs["logits"]
     kinds = np.array([foreign[i]["kind"] for i in readable])
     required = ~np.isin(kinds, REQUIRED_KINDS_EXCLUDED)
     results: dict[str, Any] = {
@@ -106,12 +110,10 @@ def compare_methods(
     y_train = class_indices(train.labels, names)
     for method in OodMethod:
         started = time.perf_counter()
-        detector = fit_detector(
-            method, (train_logits, train_features, y_train), (val_logits, val_features), len(names)
-        )
+        detector = fit_detector(method, (train_outputs, y_train), val_outputs, len(names))
         fit_s = time.perf_counter() - started
-        hold_scores = detector.score(hold_logits, hold_features)
-        foreign_scores = detector.score(foreign_logits, foreign_features)
+        hold_scores = detector.score(hold_outputs)
+        foreign_scores = detector.score(foreign_outputs)
         hold_rejected = int(detector.rejects(hold_scores).sum())
         foreign_rejected = detector.rejects(foreign_scores)
         per_kind = {

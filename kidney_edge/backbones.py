@@ -94,6 +94,30 @@ class KidneyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @property
+    def stat_blocks(self) -> tuple[int, ...]:
+        """Indices of the blocks whose channel statistics :meth:`forward_with_block_stats` returns:
+        one a third of the way in, one two thirds in, and the last (5, 10, 15 of Lite0's 16)."""
+        n = len(self.blocks)
+        return tuple(sorted({n // 3, 2 * n // 3, n - 1}))
+
+    def forward_with_block_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) -> ((N, F, h, w) feature map, (N, T) block statistics).
+
+        The statistics are the channel means and standard deviations of the :attr:`stat_blocks`
+        outputs, concatenated: the multi-layer feature statistics the OOD detector scores
+        (Lee et al. 2018's feature ensemble; channel moments as in Sastry & Oore 2020). Earlier
+        blocks describe texture and intensity, which the fine-tuned head discards.
+        """
+        h = self.stem(x)
+        stats = []
+        for index, block in enumerate(self.blocks):
+            h = block(h)
+            if index in self.stat_blocks:
+                flat = h.flatten(2)  # (N, C, h*w)
+                stats += [flat.mean(dim=2), flat.std(dim=2, unbiased=False)]
+        return self.conv_head(h), torch.cat(stats, dim=1)
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The new task head: the final linear classifier."""
         return self.classifier.parameters()

@@ -20,7 +20,7 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_json
-from kidney_edge.spec import DEFAULT_CLASS_NAMES
+from kidney_edge.spec import DEFAULT_CLASS_NAMES, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class DemoResult:
     headline: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     holdout: dict[str, Any] = field(default_factory=dict)
+    foreign: dict[str, Any] = field(default_factory=dict)  # label counts on the foreign corpus
     benchmark: dict[str, Any] = field(default_factory=dict)
     targets_met: dict[str, bool] = field(default_factory=dict)  # argmax figures
     # The figures of the decision rule the exported model applies (tumor operating point).
@@ -109,7 +110,8 @@ class DemoResult:
                 "headline": self.headline, "targets": TARGETS, "targets_met": self.targets_met,
                 "targets_met_under_rule": self.targets_met_under_rule,
                 "phase_val_macro_f1": self.phase_val_f1, "warnings": self.warnings,
-                "parity": self.parity, "holdout": self.holdout, "benchmark": self.benchmark,
+                "parity": self.parity, "holdout": self.holdout, "foreign": self.foreign,
+                "benchmark": self.benchmark,
                 "artifacts": self.artifacts}  # fmt: skip
 
 
@@ -138,6 +140,8 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
         _export(out, result)
     with stage("predict", f"predicting {size.n_holdout} held-out phantom patients with onnxruntime"):
         _predict(out, result)
+    with stage("foreign", "predicting foreign inputs (photos, MR, frames, text): expecting `unknown`"):
+        _predict_foreign(out, result)
     with stage("benchmark", "benchmarking fp32 and INT8 latency"):
         _benchmark(out, size, result)
     atomic_write_json(out / "demo_summary.json", result.to_dict())
@@ -293,8 +297,26 @@ def _predict(out: Path, result: DemoResult) -> None:
     result.holdout["targets_met"] = {d: _verdicts(result.holdout[d]) for d in ("argmax", "rule")}
 
 
+def _predict_foreign(out: Path, result: DemoResult) -> None:
+    from kidney_edge.foreign import write_foreign_corpus
+    from kidney_edge.runtime import predict_folder
+
+    folder = out / "foreign"
+    write_foreign_corpus(folder)
+    predictions = out / "foreign_predictions.csv"
+    summary = predict_folder(folder, model=_deployed_model(result), out=predictions)
+    result.artifacts["foreign_predictions.csv"] = str(predictions)
+    result.foreign = {"images": summary.total_files, "failed": summary.failed,
+                      "labels": dict(summary.class_counts)}  # fmt: skip
+
+
 def holdout_figures(predictions_csv: Path, spec: Any) -> dict[str, Any]:
-    """argmax and rule figures (with CIs) of predict's rows, the truth being each file's class folder."""
+    """argmax and rule figures (with CIs) of predict's rows, the truth being each file's class folder.
+
+    The rule's figures score the spec's decision on every row; rows the OOD detector labelled
+    unknown are counted apart (``unknown``, ``unknown_rate``): they are in-distribution images
+    predict would not have answered.
+    """
     import numpy as np
 
     from kidney_edge.evaluation import class_indices
@@ -306,9 +328,9 @@ def holdout_figures(predictions_csv: Path, spec: Any) -> dict[str, Any]:
         raise InputError(f"{predictions_csv}: no predicted rows to score")
     y_true = class_indices([Path(row["path"]).parent.name for row in rows], spec.class_names)
     probabilities = np.array([[float(row[f"p_{c}"]) for c in spec.class_names] for row in rows])
-    figures: dict[str, Any] = {"n": len(rows)}
-    for decision, column in (("argmax", "argmax_label"), ("rule", "label")):
-        y_pred = class_indices([row[column] for row in rows], spec.class_names)
+    unknown = sum(row["label"] == UNKNOWN_LABEL for row in rows)
+    figures: dict[str, Any] = {"n": len(rows), "unknown": unknown, "unknown_rate": unknown / len(rows)}
+    for decision, y_pred in (("argmax", probabilities.argmax(axis=1)), ("rule", spec.decide(probabilities))):
         block = classification_metrics(y_true, y_pred, probabilities, spec.class_names)
         figures[decision] = decision_figures(block, spec.positive_class)
     return figures

@@ -28,7 +28,7 @@ from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
 from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
-from kidney_edge.spec import DecisionRule, ModelSpec, softmax
+from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +109,31 @@ class Predictor:
         paths: Sequence[Path],
         batch_size: int = EvaluateConfig.batch_size,
         progress: Progress | None = None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, C) float32 logits and (N, F) float32 pooled features (None from an ONNX file
-        exported without them), read and preprocessed in batches by the one shared preprocess."""
+    ) -> dict[str, np.ndarray]:
+        """Graph outputs by name for image files, read and preprocessed in batches by the one
+        shared preprocess: ``logits`` (N, C), ``features`` (N, F) and ``block_stats`` (N, T), all
+        float32 (an ONNX file exported without the last two gives only logits)."""
         if self.onnx is not None:
-            outputs = self.onnx.infer_files(paths, batch_size, features=True, progress=progress)
-            return outputs.logits, outputs.features
+            outputs = self.onnx.infer_files(
+                paths, batch_size, features=True, block_stats=True, progress=progress
+            )
+            found = {LOGITS: outputs.logits, FEATURES: outputs.features, BLOCK_STATS: outputs.block_stats}
+            return {name: values for name, values in found.items() if values is not None}
         import torch
 
         model = self.torch_model
 
-        def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (B, 3, S, S) float32
+        def run(batch: np.ndarray) -> tuple[np.ndarray, ...]:  # (B, 3, S, S) float32
             with torch.inference_mode():
-                features = model.pool_features(model.forward_features(torch.from_numpy(batch)))  # (B, F)
-                return model.forward_head(features).numpy(), features.numpy()
+                feature_map, block_stats = model.forward_with_block_stats(torch.from_numpy(batch))
+                features = model.pool_features(feature_map)  # (B, F)
+                return model.forward_head(features).numpy(), features.numpy(), block_stats.numpy()
 
         chunks = map_batches(paths, self.spec, batch_size, run, progress)
         if not chunks:
-            return np.zeros((0, self.spec.num_classes), np.float32), np.zeros((0, 0), np.float32)
-        logits, features = (np.concatenate(parts).astype(np.float32) for parts in zip(*chunks, strict=True))
-        return logits, features
+            return {LOGITS: np.zeros((0, self.spec.num_classes), np.float32)}
+        joined = (np.concatenate(parts).astype(np.float32) for parts in zip(*chunks, strict=True))
+        return dict(zip((LOGITS, FEATURES, BLOCK_STATS), joined, strict=True))
 
     def logits(
         self,
@@ -137,7 +142,7 @@ class Predictor:
         progress: Progress | None = None,
     ) -> np.ndarray:
         """(N, C) float32 logits (see :meth:`infer`)."""
-        return self.infer(paths, batch_size, progress)[0]
+        return self.infer(paths, batch_size, progress)[LOGITS]
 
 
 def predict_files(
@@ -310,7 +315,7 @@ def _rule_from_val(predictor: Predictor, config: EvaluateConfig, notes: list[str
     )
     if rule is not None:
         notes.append(
-            f"Operating point \"{rule.describe()}\" chosen at evaluation time on the val split of "
+            f'Operating point "{rule.describe()}" chosen at evaluation time on the val split of '
             f"{config.data} for recall {config.tumor_recall}; the model file keeps its own rule."
         )
         if config.split == "val":
@@ -341,12 +346,13 @@ def evaluate_files(
     from kidney_edge.series_eval import series_evaluation
 
     spec = predictor.spec
-    logits, features = predictor.infer(files.paths, batch_size, progress)  # (N, C), (N, F)
+    outputs = predictor.infer(files.paths, batch_size, progress)
+    logits = outputs[LOGITS]  # (N, C)
     y_true = class_indices(files.labels, spec.class_names)
     probabilities = spec.probabilities(logits)  # (N, C) calibrated with the spec's temperature
     decided = spec.decide(probabilities)
     metrics = build_metrics(logits, y_true, spec)
-    ood_scores = None if predictor.ood is None else predictor.ood.score(logits, features)
+    ood_scores = None if predictor.ood is None else predictor.ood.score(outputs)
     metrics["ood"] = ood_record(predictor.ood, ood_scores)
     metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
     out_dir = Path(out_dir)
@@ -404,7 +410,9 @@ def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> di
     argmax = M.classification_metrics(
         y_true, probabilities.argmax(axis=1), probabilities, names, n_bootstrap=N_BOOTSTRAP
     )
-    rule = M.classification_metrics(y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP)
+    rule = M.classification_metrics(
+        y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP
+    )
     uncalibrated = softmax(logits)
     return {
         "n_samples": argmax["n_samples"],
@@ -454,12 +462,10 @@ def fit_ood_on_splits(
     names = predictor.spec.class_names
     train = load_labelled(splits, "train", class_names=names)
     val = load_labelled(splits, "val", class_names=names)
-    train_logits, train_features = predictor.infer(train.paths, batch_size)
-    val_outputs = predictor.infer(val.paths, batch_size)
     detector = fit_detector(
         method,
-        (train_logits, train_features, class_indices(train.labels, names)),
-        val_outputs,
+        (predictor.infer(train.paths, batch_size), class_indices(train.labels, names)),
+        predictor.infer(val.paths, batch_size),
         len(names),
         max_id_rejection,
     )

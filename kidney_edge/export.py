@@ -3,7 +3,8 @@
 ``export_model(RUN_OR_CHECKPOINT, OUT)`` writes ``OUT/model.onnx`` (input ``input`` float32
 (N, 3, S, S) with a dynamic batch axis; outputs ``logits``, ``probabilities`` =
 softmax(logits / spec.temperature), ``features`` (N, F) pooled penultimate features and
-``cam`` (N, C, h, w) class activation maps), checks PyTorch against onnxruntime on real
+``block_stats`` (N, T) channel statistics of three backbone blocks and ``cam`` (N, C, h, w)
+class activation maps), checks PyTorch against onnxruntime on real
 preprocessed test images at a batch size other than the export's, then (by default) writes
 ``OUT/model.int8.onnx`` and keeps it only when it passes the accuracy gate. The run's OOD
 detector goes into both files' metadata, each with a threshold chosen on its own validation
@@ -31,8 +32,7 @@ from kidney_edge.io_utils import atomic_write_json
 from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
-from kidney_edge.runtime.classifier import CAM, FEATURES, LOGITS, PROBABILITIES
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
+from kidney_edge.spec import GRAPH_OUTPUTS, ONNX_METADATA_KEY, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ EXPORT_BATCH_SIZE = 1  # parity is then checked at another batch size, through t
 MAX_ABS_DIFF_PROBABILITIES = 1e-4
 MIN_ARGMAX_AGREEMENT = 1.0
 MIN_OPSET = 17
-OUTPUT_NAMES = (LOGITS, PROBABILITIES, FEATURES, CAM)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -253,8 +252,9 @@ def load_checked_model(checkpoint: Path) -> tuple[Any, ModelSpec]:
 
 
 def onnx_module(model: Any, temperature: float) -> Any:
-    """Wrap ``model`` so the graph outputs :data:`OUTPUT_NAMES`: logits, softmax(logits /
-    temperature), pooled features (what the OOD detector scores) and class activation maps."""
+    """Wrap ``model`` so the graph outputs :data:`~kidney_edge.spec.GRAPH_OUTPUTS`: logits,
+    softmax(logits / temperature), pooled features, block statistics (what the OOD detector
+    scores) and class activation maps."""
     import torch
 
     class OnnxHead(torch.nn.Module):
@@ -263,7 +263,7 @@ def onnx_module(model: Any, temperature: float) -> Any:
             self.model = model
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # x: (N, 3, S, S)
-            feature_map = self.model.forward_features(x)  # (N, F, h, w)
+            feature_map, block_stats = self.model.forward_with_block_stats(x)  # (N, F, h, w), (N, T)
             features = self.model.pool_features(feature_map)  # (N, F)
             logits = self.model.forward_head(features)  # (N, C)
             scaled = logits if temperature == 1.0 else logits / temperature
@@ -271,7 +271,7 @@ def onnx_module(model: Any, temperature: float) -> Any:
             # feature map; its spatial mean plus the bias is the logit. (N, C, h, w)
             weight = self.model.classifier.weight[:, :, None, None]
             cam = torch.nn.functional.conv2d(feature_map, weight)
-            return logits, torch.softmax(scaled, dim=1), features, cam
+            return logits, torch.softmax(scaled, dim=1), features, block_stats, cam
 
     return OnnxHead().eval()
 
@@ -316,7 +316,7 @@ def export_onnx(
 def _torch_export(
     wrapper: Any, dummy: Any, raw: Path, exporter: Exporter, opset: int
 ) -> tuple[Exporter, int]:
-    names = {"input_names": ["input"], "output_names": list(OUTPUT_NAMES)}
+    names = {"input_names": ["input"], "output_names": list(GRAPH_OUTPUTS)}
     if exporter is Exporter.TORCHSCRIPT:
         try:
             _export_torchscript(wrapper, dummy, raw, opset, names)
@@ -343,7 +343,7 @@ def _export_torchscript(wrapper: Any, dummy: Any, raw: Path, opset: int, names: 
             dynamo=False,
             opset_version=opset,
             do_constant_folding=True,
-            dynamic_axes={name: {0: "batch"} for name in ("input", *OUTPUT_NAMES)},
+            dynamic_axes={name: {0: "batch"} for name in ("input", *GRAPH_OUTPUTS)},
             **names,
         )
 
@@ -396,9 +396,9 @@ def _check_graph(proto: Any, spec: ModelSpec) -> None:
         )
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != ["input"] or outputs != list(OUTPUT_NAMES):
+    if inputs != ["input"] or outputs != list(GRAPH_OUTPUTS):
         raise KidneyEdgeError(
-            f"exported graph has inputs {inputs} and outputs {outputs}; expected input -> {', '.join(OUTPUT_NAMES)}"
+            f"exported graph has inputs {inputs} and outputs {outputs}; expected input -> {', '.join(GRAPH_OUTPUTS)}"
         )
     dims = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
     size = spec.input_size
@@ -417,7 +417,8 @@ def _add_metadata(proto: Any, spec: ModelSpec, exporter: str) -> None:
         "class_names": json.dumps(list(spec.class_names)),  # for tools that do not know kidney-edge
         "kidney_edge.outputs": (
             "logits: raw scores; probabilities: softmax(logits / temperature); features: pooled "
-            "penultimate features; cam: class activation maps (classifier weights on the last feature map)"
+            "penultimate features; block_stats: channel means and stds of three backbone blocks (OOD "
+            "detector input); cam: class activation maps (classifier weights on the last feature map)"
         ),
         "kidney_edge.exporter": exporter,
     }
@@ -452,7 +453,7 @@ def check_parity(
 
     def run_torch(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (n, 3, S, S) float32
         with torch.no_grad():
-            logits, probabilities, _, _ = wrapper(torch.from_numpy(batch))
+            logits, probabilities, *_ = wrapper(torch.from_numpy(batch))
         return logits.numpy(), probabilities.numpy()
 
     on_batch = None if progress is None else (lambda done, total: progress("parity", done, total))
@@ -556,7 +557,7 @@ def _install_ood(
             detector = fit_ood_on_splits(predictor, splits, DEFAULT_OOD_METHOD, DEFAULT_MAX_ID_REJECTION)
         else:
             val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
-            detector = detector.with_threshold(detector.score(*predictor.infer(val.paths)))
+            detector = detector.with_threshold(detector.score(predictor.infer(val.paths)))
     except EmptySplitError as exc:
         result.warnings.append(f"no OOD detector: {exc}")
         return None

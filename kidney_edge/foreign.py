@@ -20,6 +20,7 @@ read (colour DICOM): it gets an error row, not a label.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_csv
+
+log = logging.getLogger(__name__)
 
 FOREIGN_CSV = "foreign.csv"
 KINDS = ("photo", "mr", "ultrasound", "terrain", "frame", "text", "colour", "other_ct")
@@ -86,8 +89,11 @@ def _photos(out: Path, rng: np.random.Generator) -> list[ForeignImage]:
 
 
 def _pydicom_files(out: Path) -> list[ForeignImage]:
-    from pydicom.data import get_testdata_file
-
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError:  # the dicom extra is not installed: no DICOM files in the corpus
+        log.warning("pydicom is not installed: the foreign corpus has no DICOM files")
+        return []
     items = []
     for kind, names in _PYDICOM_FILES.items():
         for name in names:
@@ -98,11 +104,14 @@ def _pydicom_files(out: Path) -> list[ForeignImage]:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, path)
             items.append(ForeignImage(path, kind, f"pydicom test file {name}"))
+    return items
+
+
+def _matplotlib_mr(out: Path) -> list[ForeignImage]:
     raw = np.frombuffer(gzip.open(_sample_data_dir() / "s1045.ima.gz").read(), np.uint16)
     side = int(np.sqrt(raw.size))
     mr = raw[: side * side].reshape(side, side).astype(np.float64)
-    items.append(_save(_to_gray(mr), out, "mr", "s1045_mr.png", "matplotlib sample_data/s1045.ima.gz"))
-    return items
+    return [_save(_to_gray(mr), out, "mr", "s1045_mr.png", "matplotlib sample_data/s1045.ima.gz")]
 
 
 def _to_gray(values: np.ndarray) -> Image.Image:
@@ -194,6 +203,7 @@ def write_foreign_corpus(
     items = [
         *_photos(out, rng),
         *_pydicom_files(out),
+        *_matplotlib_mr(out),
         *_terrain(out),
         *_frames(out, rng, size),
         *_text(out, size),

@@ -1,7 +1,7 @@
 """Out-of-distribution ("unknown") detection: post-hoc detectors on a trained classifier.
 
-A detector scores each image from the classifier's logits and pooled penultimate features
-(higher = more foreign) and rejects scores above a threshold chosen on validation images, so
+A detector scores each image from one of the classifier's graph outputs (higher = more
+foreign) and rejects scores above a threshold chosen on validation images, so
 that at most a stated share of in-distribution images is rejected. It travels inside the ONNX
 file (metadata key :data:`ONNX_OOD_KEY`, an ``.npz`` in base64) and, for a training run, as
 ``ood.npz`` beside the checkpoint.
@@ -12,7 +12,10 @@ Methods (scores after OpenOOD v1.5, Zhang et al. 2023, https://github.com/Jingka
 - ``energy``: -logsumexp(logits) (Liu et al. 2020);
 - ``mahalanobis``: the smallest Mahalanobis distance to a class mean under one shared,
   shrunk covariance (Lee et al. 2018), computed as a squared distance after whitening;
-- ``knn``: 1 - cosine similarity to the k-th nearest training feature (Sun et al. 2022).
+- ``knn``: 1 - cosine similarity to the k-th nearest training feature (Sun et al. 2022);
+- ``block_stats``: ``mahalanobis`` on the channel means and standard deviations of three
+  backbone blocks (early, middle, last) instead of the penultimate features: Lee et al.'s
+  multi-layer feature ensemble, with the channel moments of Sastry & Oore 2020.
 
 Scoring is numpy only (the edge runtime imports this module); fitting uses scikit-learn's
 Ledoit-Wolf covariance and scipy's Wilson interval, imported where they are used.
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError, enum_choice
+from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS
 
 ONNX_OOD_KEY = "kidney_edge.ood"
 OOD_FILE = "ood.npz"  # beside a run's best.pt
@@ -51,10 +55,20 @@ class OodMethod(str, Enum):
     ENERGY = "energy"
     MAHALANOBIS = "mahalanobis"
     KNN = "knn"
+    BLOCK_STATS = "block_stats"
 
 
-# The detector every run fits unless told otherwise: best in benchmarks/results/ood.md.
-DEFAULT_OOD_METHOD = OodMethod.MAHALANOBIS
+# The detector every run fits unless told otherwise: the only one that reached the targets in
+# benchmarks/results/ood.md (penultimate-feature methods leave most foreign inputs in).
+DEFAULT_OOD_METHOD = OodMethod.BLOCK_STATS
+# The graph output each method scores.
+METHOD_INPUT = {
+    OodMethod.MSP: LOGITS,
+    OodMethod.ENERGY: LOGITS,
+    OodMethod.MAHALANOBIS: FEATURES,
+    OodMethod.KNN: FEATURES,
+    OodMethod.BLOCK_STATS: BLOCK_STATS,
+}
 Params = Mapping[str, np.ndarray]
 
 
@@ -63,20 +77,20 @@ def _normalised(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), _EPS)
 
 
-def _score_msp(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+def _score_msp(params: Params, logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     return 1.0 - 1.0 / np.exp(z).sum(axis=1)  # 1 - max softmax = 1 - exp(0) / sum(exp(z - max))
 
 
-def _score_energy(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+def _score_energy(params: Params, logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z_max = z.max(axis=1)
     return -(z_max + np.log(np.exp(z - z_max[:, None]).sum(axis=1)))
 
 
-def _score_mahalanobis(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
-    whitened = _need(features) @ params["whitening"]  # (N, D) @ (D, D): distances become Euclidean
+def _score_mahalanobis(params: Params, features: np.ndarray) -> np.ndarray:
+    whitened = np.asarray(features, dtype=np.float32) @ params["whitening"]  # (N, D): distances now Euclidean
     centres = params["whitened_means"]  # (C, D)
     squared = (
         (whitened**2).sum(axis=1, keepdims=True) - 2.0 * whitened @ centres.T + (centres**2).sum(axis=1)[None]
@@ -84,24 +98,19 @@ def _score_mahalanobis(params: Params, logits: np.ndarray, features: np.ndarray 
     return squared.min(axis=1).astype(np.float64)
 
 
-def _score_knn(params: Params, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
-    similarity = _normalised(_need(features)) @ params["bank"].T  # (N, bank)
+def _score_knn(params: Params, features: np.ndarray) -> np.ndarray:
+    similarity = _normalised(features) @ params["bank"].T  # (N, bank)
     k = min(int(params["k"]), similarity.shape[1])
     kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]  # k-th largest similarity
     return (1.0 - kth).astype(np.float64)
 
 
-def _need(features: np.ndarray | None) -> np.ndarray:
-    if features is None:
-        raise InputError("this OOD detector needs the model's `features` output; re-export the model")
-    return np.asarray(features, dtype=np.float32)
-
-
-_SCORERS: dict[OodMethod, Callable[[Params, np.ndarray, np.ndarray | None], np.ndarray]] = {
+_SCORERS: dict[OodMethod, Callable[[Params, np.ndarray], np.ndarray]] = {
     OodMethod.MSP: _score_msp,
     OodMethod.ENERGY: _score_energy,
     OodMethod.MAHALANOBIS: _score_mahalanobis,
     OodMethod.KNN: _score_knn,
+    OodMethod.BLOCK_STATS: _score_mahalanobis,
 }
 
 
@@ -125,12 +134,20 @@ class OodDetector:
         object.__setattr__(self, "method", enum_choice(OodMethod, self.method, "--ood-method"))
 
     @property
-    def needs_features(self) -> bool:
-        return self.method in (OodMethod.MAHALANOBIS, OodMethod.KNN)
+    def input_name(self) -> str:
+        """The graph output this detector scores (see :data:`~kidney_edge.spec.GRAPH_OUTPUTS`)."""
+        return METHOD_INPUT[self.method]
 
-    def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """(N, C) logits and (N, D) pooled features -> (N,) float64 scores, higher = more foreign."""
-        return _SCORERS[self.method](self.params, logits, features)
+    def score(self, outputs: Mapping[str, np.ndarray | None]) -> np.ndarray:
+        """Graph outputs by name (at least :attr:`input_name`, (N, D)) -> (N,) float64 scores,
+        higher = more foreign."""
+        values = outputs.get(self.input_name)
+        if values is None:
+            raise InputError(
+                f"the {self.method.value} OOD detector scores the model's `{self.input_name}` output, "
+                "which this model lacks; re-export it"
+            )
+        return _SCORERS[self.method](self.params, values)
 
     def rejects(self, scores: np.ndarray) -> np.ndarray:
         """(N,) scores -> (N,) bool: the inputs this detector calls unknown."""
@@ -197,9 +214,10 @@ class OodDetector:
 def fit_params(
     method: OodMethod | str, features: np.ndarray, labels: np.ndarray, n_classes: int
 ) -> dict[str, np.ndarray]:
-    """The arrays ``method`` scores with, from (N, D) training features and (N,) class indices."""
+    """The arrays ``method`` scores with, from (N, D) training values of its input (see
+    :data:`METHOD_INPUT`) and (N,) class indices."""
     method = enum_choice(OodMethod, method, "--ood-method")
-    if method is OodMethod.MAHALANOBIS:
+    if method in (OodMethod.MAHALANOBIS, OodMethod.BLOCK_STATS):
         return _fit_mahalanobis(np.asarray(features, dtype=np.float64), np.asarray(labels), n_classes)
     if method is OodMethod.KNN:
         bank = _normalised(features)
@@ -249,13 +267,15 @@ def choose_threshold(val_scores: np.ndarray, max_id_rejection: float) -> float:
 
 def fit_detector(
     method: OodMethod | str,
-    train: tuple[np.ndarray, np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: tuple[Mapping[str, np.ndarray], np.ndarray],
+    val: Mapping[str, np.ndarray],
     n_classes: int,
     max_id_rejection: float = DEFAULT_MAX_ID_REJECTION,
 ) -> OodDetector:
-    """Fit ``method`` on ``train`` = (logits, features, labels), threshold on ``val`` = (logits, features)."""
-    train_logits, train_features, train_labels = train
-    params = fit_params(method, train_features, train_labels, n_classes)
+    """Fit ``method`` on ``train`` = (graph outputs by name, (N,) class indices), choose its
+    threshold on the ``val`` outputs."""
+    method = enum_choice(OodMethod, method, "--ood-method")
+    train_outputs, train_labels = train
+    params = fit_params(method, train_outputs[METHOD_INPUT[method]], train_labels, n_classes)
     detector = OodDetector(method, float("inf"), params, max_id_rejection, n_fit=len(train_labels))
-    return detector.with_threshold(detector.score(*val), max_id_rejection)
+    return detector.with_threshold(detector.score(val), max_id_rejection)

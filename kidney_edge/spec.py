@@ -29,6 +29,17 @@ DEFAULT_CLASS_NAMES = ("Cyst", "Normal", "Stone", "Tumor")
 DEFAULT_POSITIVE_CLASS = "Tumor"
 # The label of an input the model's OOD detector rejects: not one of its classes.
 UNKNOWN_LABEL = "unknown"
+# Output names of an exported graph, in order (older exports have the first two): raw scores,
+# softmax(logits / temperature), pooled penultimate features, channel statistics of a few
+# backbone blocks (what the OOD detector scores), class activation maps.
+LOGITS, PROBABILITIES, FEATURES, BLOCK_STATS, CAM = (
+    "logits",
+    "probabilities",
+    "features",
+    "block_stats",
+    "cam",
+)
+GRAPH_OUTPUTS = (LOGITS, PROBABILITIES, FEATURES, BLOCK_STATS, CAM)
 # EfficientNet-Lite0's TF-ported ImageNet weights expect (x - 127) / 128 on 0..255 pixels.
 LITE0_MEAN = (127.0, 127.0, 127.0)
 LITE0_STD = (128.0, 128.0, 128.0)
@@ -89,7 +100,9 @@ class DecisionRule:
         try:
             object.__setattr__(self, "kind", RuleKind(self.kind).value)
         except ValueError:
-            raise InputError(f"decision rule kind must be 'argmax' or 'threshold', got {self.kind!r}") from None
+            raise InputError(
+                f"decision rule kind must be 'argmax' or 'threshold', got {self.kind!r}"
+            ) from None
         if self.kind == RuleKind.THRESHOLD:
             if self.positive_class is None or self.threshold is None:
                 raise InputError("a 'threshold' decision rule needs positive_class and threshold")
@@ -197,7 +210,9 @@ class ModelSpec:
         if len(self.class_names) < 2:
             raise InputError(f"a spec needs at least 2 classes, got {list(self.class_names)}")
         if UNKNOWN_LABEL in self.class_names:
-            raise InputError(f"{UNKNOWN_LABEL!r} is reserved for inputs the OOD detector rejects; rename that class")
+            raise InputError(
+                f"{UNKNOWN_LABEL!r} is reserved for inputs the OOD detector rejects; rename that class"
+            )
         if len(set(self.class_names)) != len(self.class_names):
             raise InputError(f"class names must be unique, got {list(self.class_names)}")
         if not 16 <= int(self.input_size) <= 2048:

@@ -105,7 +105,9 @@ def test_finalize_run_stores_calibration_and_rule_fitted_on_val(finished_run: Pa
     assert stored.temperature == metrics["temperature"] == metrics["validation"]["temperature"]
     assert stored.temperature != 1.0
     rule = stored.decision_rule
-    assert rule.kind in ("threshold", "argmax") and rule.positive_class == "Tumor" and rule.target_recall == 0.98
+    assert (
+        rule.kind in ("threshold", "argmax") and rule.positive_class == "Tumor" and rule.target_recall == 0.98
+    )
     assert metrics["decision_rule"]["threshold"] == rule.threshold
     # Recompute on val: the stored rule reaches the target tumor recall there.
     val = [row for row in read_splits(splits_csv) if row.split == "val"]
@@ -144,17 +146,27 @@ def test_finalize_run_metrics_match_predictions_csv(finished_run: Path, splits_c
         assert figures["macro_f1"] == pytest.approx(
             f1_score(true, predicted, labels=present, average="macro", zero_division=0), abs=1e-12
         ), block
-        assert figures["confusion_matrix"] == confusion_matrix(true, predicted, labels=range(len(labels))).tolist()
+        assert (
+            figures["confusion_matrix"]
+            == confusion_matrix(true, predicted, labels=range(len(labels))).tolist()
+        )
         precision, recall, _, support = precision_recall_fscore_support(
             true, predicted, labels=range(len(labels)), zero_division=0
         )
         for k, name in enumerate(labels):
             assert figures["per_class"][name]["recall"] == pytest.approx(recall[k], abs=1e-12), (block, name)
-            assert figures["per_class"][name]["precision"] == pytest.approx(precision[k], abs=1e-12), (block, name)
+            assert figures["per_class"][name]["precision"] == pytest.approx(precision[k], abs=1e-12), (
+                block,
+                name,
+            )
             assert figures["per_class"][name]["support"] == support[k]
-    np.testing.assert_array_equal(probabilities.argmax(axis=1), [labels.index(r["argmax_label"]) for r in rows])
+    np.testing.assert_array_equal(
+        probabilities.argmax(axis=1), [labels.index(r["argmax_label"]) for r in rows]
+    )
     tumor = labels.index("Tumor")
-    assert metrics["rule"]["per_class"]["Tumor"]["recall"] >= metrics["argmax"]["per_class"]["Tumor"]["recall"]
+    assert (
+        metrics["rule"]["per_class"]["Tumor"]["recall"] >= metrics["argmax"]["per_class"]["Tumor"]["recall"]
+    )
     assert all(r["label"] == "Tumor" for r in rows if r["argmax_label"] == "Tumor"), tumor
 
 
@@ -290,10 +302,10 @@ def test_run_fits_an_ood_detector_and_reports_its_rejection_rate(finished_run: P
     """ood.npz beside best.pt; metrics.json's rejection rate and CI recomputed from ood_score."""
     from scipy.stats import binomtest
 
-    from kidney_edge.ood import OOD_FILE, OodDetector
+    from kidney_edge.ood import DEFAULT_OOD_METHOD, OOD_FILE, OodDetector
 
     detector = OodDetector.from_bytes((finished_run / OOD_FILE).read_bytes())
-    assert detector.method.value == "mahalanobis" and detector.n_fit > 0 and detector.n_val > 0
+    assert detector.method is DEFAULT_OOD_METHOD and detector.n_fit > 0 and detector.n_val > 0
     assert detector.val_rejection <= 0.05
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["validation"]["ood"]["threshold"] == detector.threshold

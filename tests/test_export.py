@@ -54,7 +54,9 @@ def lite0_export(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     shutil.copy(splits_csv, run / "splits.csv")
     # A random head has near-tied logits, so INT8 may flip decisions: this fixture tests the
     # mechanics (the gate itself is tested below), hence --allow-int8-drop.
-    config = ExportConfig(calibration_images=8, max_parity_images=6, parity_batch_size=3, allow_int8_drop=True)
+    config = ExportConfig(
+        calibration_images=8, max_parity_images=6, parity_batch_size=3, allow_int8_drop=True
+    )
     result = export_model(run, run / "export", config)
     return result, spec
 
@@ -100,7 +102,13 @@ def test_onnx_graph_contract_and_spec_round_trip(lite0_export) -> None:
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert [i.name for i in model.graph.input] == ["input"] and dims == ["batch", 3, 224, 224]
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities", "features", "cam"]
+    assert [o.name for o in model.graph.output] == [
+        "logits",
+        "probabilities",
+        "features",
+        "block_stats",
+        "cam",
+    ]
     for path in (result.model_path, result.int8_path):
         metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert ModelSpec.from_json(metadata[ONNX_METADATA_KEY]) == spec
@@ -116,12 +124,21 @@ def test_features_and_cam_outputs_match_pytorch(lite0_export, splits_csv: Path) 
     result, spec = lite0_export
     paths = [row.path for row in read_splits(splits_csv) if row.split == "test"][:3]
     batch = preprocess_batch(paths, spec)  # (3, 3, 224, 224)
-    outputs = OnnxClassifier(result.model_path).infer(batch, features=True, cam=True)
+    outputs = OnnxClassifier(result.model_path).infer(batch, features=True, block_stats=True, cam=True)
     model, _ = load_model(result.out_dir.parent / "best.pt")
     with torch.no_grad():
-        feature_map = model.forward_features(torch.from_numpy(batch))  # (3, 1280, 7, 7)
+        x = torch.from_numpy(batch)
+        feature_map = model.forward_features(x)  # (3, 1280, 7, 7)
+        h, stats = model.stem(x), []
+        for index, block in enumerate(model.blocks):
+            h = block(h)
+            if index in (5, 10, 15):  # Lite0's 16 blocks: a third in, two thirds in, the last
+                stats += [h.mean(dim=(2, 3)), h.std(dim=(2, 3), unbiased=False)]
     pooled = feature_map.mean(dim=(2, 3)).numpy()
     np.testing.assert_allclose(outputs.features, pooled, atol=1e-4)
+    expected_stats = torch.cat(stats, dim=1).numpy()  # (3, 2 * (80 + 112 + 320))
+    assert outputs.block_stats.shape == (3, 1024)
+    np.testing.assert_allclose(outputs.block_stats, expected_stats, atol=1e-3, rtol=1e-4)
     assert outputs.cam.shape == (3, 4, 7, 7)
     # CAM's spatial mean plus the classifier bias is the logit (Zhou et al. 2016).
     bias = model.classifier.bias.detach().numpy()
@@ -179,7 +196,13 @@ def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytes
     fp32, int8 = describe_onnx(result.model_path), describe_onnx(result.int8_path)
     assert fp32["opset"] == 17 and fp32["is_int8"] is False and int8["is_int8"] is True
     assert fp32["inputs"] == [{"name": "input", "type": "tensor(float)", "shape": ["batch", 3, 224, 224]}]
-    assert [o["name"] for o in fp32["outputs"]] == ["logits", "probabilities", "features", "cam"]
+    assert [o["name"] for o in fp32["outputs"]] == [
+        "logits",
+        "probabilities",
+        "features",
+        "block_stats",
+        "cam",
+    ]
     assert fp32["size_bytes"] == result.model_path.stat().st_size and fp32["producer"].startswith(
         "kidney-edge"
     )
@@ -336,7 +359,9 @@ def test_gate_decision_on_hand_computed_scores() -> None:
     fp32 = {"argmax": scores, "rule": scores}
     allowed = {"accuracy": 0.9, "macro_f1": 0.845, "positive_recall": 0.97}
     deltas, failures = compare_scores(fp32, {"argmax": allowed, "rule": allowed}, 0.01)
-    assert failures == [] and deltas["rule"]["macro_f1"] == pytest.approx(-0.005)  # 0.5 and 1.0 points: allowed
+    assert failures == [] and deltas["rule"]["macro_f1"] == pytest.approx(
+        -0.005
+    )  # 0.5 and 1.0 points: allowed
     # A drop under either decision fails the gate, and the failure names which.
     dropped = {"accuracy": 0.9, "macro_f1": 0.83, "positive_recall": 0.99}
     _, failures = compare_scores(fp32, {"argmax": scores, "rule": dropped}, 0.01)

@@ -26,10 +26,10 @@ from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
 def test_msp_and_energy_scores_by_hand() -> None:
     logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])
     msp = OodDetector(OodMethod.MSP, 0.4)
-    np.testing.assert_allclose(msp.score(logits), [0.5, 0.25])  # 1 - max softmax: 1/2, 3/4
+    np.testing.assert_allclose(msp.score({"logits": logits}), [0.5, 0.25])  # 1 - max softmax: 1/2, 3/4
     energy = OodDetector(OodMethod.ENERGY, 0.0)
-    np.testing.assert_allclose(energy.score(logits), [-np.log(2.0), -np.log(4.0)])  # -logsumexp
-    assert msp.rejects(msp.score(logits)).tolist() == [True, False]
+    np.testing.assert_allclose(energy.score({"logits": logits}), [-np.log(2.0), -np.log(4.0)])  # -logsumexp
+    assert msp.rejects(msp.score({"logits": logits})).tolist() == [True, False]
 
 
 def test_mahalanobis_is_the_distance_to_the_nearest_class_mean() -> None:
@@ -42,7 +42,11 @@ def test_mahalanobis_is_the_distance_to_the_nearest_class_mean() -> None:
     detector = OodDetector(OodMethod.MAHALANOBIS, 1.0, fit_params("mahalanobis", features, labels, 2))
     probe = np.array([[0.0, 8.0], [2.0, 0.0], [10.0, 0.0]])
     # Under covariance diag(1, 16): (0, 8) is 8/4 = 2 from class 0 -> 4; (2, 0) is 2 -> 4; (10, 0) is on class 1.
-    np.testing.assert_allclose(detector.score(np.zeros((3, 2)), probe), [4.0, 4.0, 0.0], atol=0.25)
+    np.testing.assert_allclose(detector.score({"features": probe}), [4.0, 4.0, 0.0], atol=0.25)
+    block_stats = OodDetector(OodMethod.BLOCK_STATS, 1.0, detector.params)  # the same score, another input
+    np.testing.assert_allclose(block_stats.score({"block_stats": probe}), detector.score({"features": probe}))
+    with pytest.raises(InputError, match="`block_stats` output, which this model lacks"):
+        block_stats.score({"features": probe})
 
 
 def test_knn_score_is_one_minus_the_kth_cosine_similarity() -> None:
@@ -51,7 +55,7 @@ def test_knn_score_is_one_minus_the_kth_cosine_similarity() -> None:
     detector = OodDetector(OodMethod.KNN, 0.5, params)
     # (1, 0): similarities 1, 0, 0.707 -> 2nd highest 0.707
     np.testing.assert_allclose(
-        detector.score(np.zeros((1, 1)), np.array([[3.0, 0.0]])), [1 - np.sqrt(0.5)], atol=1e-6
+        detector.score({"features": np.array([[3.0, 0.0]])}), [1 - np.sqrt(0.5)], atol=1e-6
     )
 
 
@@ -73,13 +77,13 @@ def test_detector_round_trips_through_bytes_and_metadata() -> None:
     features, labels = rng.normal(size=(60, 8)), np.repeat([0, 1, 2], 20)
     detector = fit_detector(
         "mahalanobis",
-        (rng.normal(size=(60, 3)), features, labels),
-        (rng.normal(size=(40, 3)), rng.normal(size=(40, 8))),
+        ({"features": features}, labels),
+        {"features": rng.normal(size=(40, 8))},
         3,
     )
     again = OodDetector.from_metadata(detector.to_metadata())
     assert again == detector and again.record() == detector.record()
-    np.testing.assert_array_equal(again.score(None, features), detector.score(None, features))
+    np.testing.assert_array_equal(again.score({"features": features}), detector.score({"features": features}))
     assert detector.n_fit == 60 and detector.n_val == 40
     with pytest.raises(InputError, match="not a valid kidney-edge OOD detector"):
         OodDetector.from_bytes(b"not an npz")
@@ -108,7 +112,7 @@ def test_predict_writes_unknown_rows_with_scores_and_no_ood_turns_it_off(tmp_pat
         [[float(r[f"p_{c}"]) for c in ("Cyst", "Normal", "Stone", "Tumor")] for r in rows]
     )
     logits = OnnxClassifier(model).predict_files([r["path"] for r in rows])[0]
-    expected = detector.score(logits)
+    expected = detector.score({"logits": logits})
     np.testing.assert_allclose([float(r["ood_score"]) for r in rows], expected, atol=1e-6)
     unknown = [r["label"] == UNKNOWN_LABEL for r in rows]
     assert unknown == list(expected > 0.2) and 0 < sum(unknown) < len(rows)
@@ -129,7 +133,7 @@ def test_feature_detector_on_a_graph_without_features_is_a_clear_error(tmp_path:
 
     params = {"whitening": np.eye(2, dtype=np.float32), "whitened_means": np.zeros((1, 2), np.float32)}
     model = _model_with_detector(tmp_path / "m.onnx", OodDetector(OodMethod.MAHALANOBIS, 1.0, params))
-    with pytest.raises(InputError, match="re-export the model, or pass --no-ood"):
+    with pytest.raises(InputError, match="scores a `features` output the graph lacks"):
         OnnxClassifier(model)
     assert OnnxClassifier(model, ood=False).ood is None
 

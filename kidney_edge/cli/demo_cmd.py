@@ -54,7 +54,10 @@ def _render(result: Any) -> None:
     print_headline(
         result.test_metrics, f"Test split ({result.headline.get('n_test')} slices of held-out patients)"
     )
-    for label, verdicts in (("argmax", result.targets_met), ("the decision rule", result.targets_met_under_rule)):
+    for label, verdicts in (
+        ("argmax", result.targets_met),
+        ("the decision rule", result.targets_met_under_rule),
+    ):
         met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in verdicts.items())
         console.print(f"targets (>= 97%) on the test split under {label}: {met}")
     phases = ", ".join(f"{name} {value:.3f}" for name, value in result.phase_val_f1.items())
@@ -78,6 +81,13 @@ def _render(result: Any) -> None:
     for key, name in (("tumor_recall", "Tumor recall"), ("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
         table.add_row(name, *(_pct_ci(hold[d][key], hold[d].get(f"{key}_ci")) for d in ("argmax", "rule")))
     console.print(table)
+    console.print(
+        f"labelled unknown by the OOD detector: {hold.get('unknown')} of {hold.get('n')} held-out slices"
+    )
+    foreign = result.foreign
+    if foreign:
+        console.print(f"foreign inputs (photos, MR, frames, text, colour): {foreign['images']} files -> {foreign['labels']}"
+                      f"{', ' + str(foreign['failed']) + ' unreadable (error rows)' if foreign['failed'] else ''}")  # fmt: skip
     for decision, verdicts in hold["targets_met"].items():
         met = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in verdicts.items())
         console.print(f"targets (>= 97%) on the held-out patients under {decision}: {met}")

@@ -74,6 +74,14 @@ def predict(
             "faster on this CPU (probe cached beside the models), else fp32; fp32/int8 force one.",
         ),
     ] = PredictConfig.precision,
+    ood: Annotated[
+        bool,
+        typer.Option(
+            "--ood/--no-ood",
+            help="Label images the model's out-of-distribution detector rejects as `unknown` "
+            "(probabilities are still written).",
+        ),
+    ] = PredictConfig.ood,
     engine: Annotated[
         Engine, typer.Option("--engine", help="local: this process; ray: a pool of Ray Data actors.")
     ] = Engine.LOCAL,
@@ -108,7 +116,7 @@ def predict(
             )
         common: dict[str, Any] = {
             "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
-            "resume": resume, "precision": precision,
+            "resume": resume, "precision": precision, "ood": ood,
             "progress": lambda done, total: bar.update(task, completed=done, total=total),
         }  # fmt: skip
         if engine is Engine.RAY:
@@ -169,6 +177,7 @@ def _render(summary: PredictSummary) -> None:
         console.print(f"[yellow]warning[/]: {summary.precision_warning}", highlight=False, soft_wrap=True)
     facts: list[Any] = [
         f"model {summary.model} ({kind}), decision rule: {summary.decision_rule}",
+        f"unknown: {summary.ood_detector}" if summary.ood_detector else "unknown: off (no OOD detector in this model, or --no-ood)",
         f"{summary.processed} images in {summary.wall_s:.2f} s = {summary.images_per_s:.1f} images/s "
         f"(batch {summary.batch_size}, {_engine_in_words(summary)})",
     ]

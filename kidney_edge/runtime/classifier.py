@@ -20,7 +20,7 @@ from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.imaging import map_batches
 from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.hardware import available_cpus
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
+from kidney_edge.spec import BLOCK_STATS, CAM, FEATURES, LOGITS, ONNX_METADATA_KEY, PROBABILITIES, ModelSpec
 
 # What `kidney-edge export` writes: EXPORT_ROOT/<run>/MODEL_FILE, with INT8_FILE beside it.
 EXPORT_ROOT = Path("export")
@@ -37,8 +37,6 @@ INT8_OPS = (
     "ConvInteger",
     "MatMulInteger",
 )
-# Output names of an exported graph (export.py writes them; older exports have the first two).
-LOGITS, PROBABILITIES, FEATURES, CAM = "logits", "probabilities", "features", "cam"
 # Graph nodes are serialised before initializers (GraphProto field 1 before field 5), so
 # their op types sit in the first bytes even of a large model.
 _NODES_HEAD_BYTES = 4 << 20
@@ -83,6 +81,7 @@ class ModelOutputs:
     logits: np.ndarray  # (N, C) float32
     probabilities: np.ndarray  # (N, C) float32, temperature-calibrated
     features: np.ndarray | None = None  # (N, D) pooled penultimate features, when asked for
+    block_stats: np.ndarray | None = None  # (N, T) block channel statistics, when asked for
     ood_scores: np.ndarray | None = None  # (N,) float64, when the model's OOD detector is on
     unknown: np.ndarray | None = None  # (N,) bool: rejected by the OOD detector
     cam: np.ndarray | None = None  # (N, C, h, w) class activation maps, when asked for
@@ -147,10 +146,10 @@ class OnnxClassifier:
         if ONNX_OOD_KEY not in metadata:
             return None
         detector = OodDetector.from_metadata(metadata[ONNX_OOD_KEY], where=str(self.path))
-        if detector.needs_features and FEATURES not in self.output_names:
+        if detector.input_name not in (*self.output_names, PROBABILITIES):
             raise InputError(
-                f"{self.path}: its OOD detector needs a `{FEATURES}` output the graph lacks; re-export "
-                "the model, or pass --no-ood"
+                f"{self.path}: its OOD detector scores a `{detector.input_name}` output the graph lacks; "
+                "re-export the model, or pass --no-ood"
             )
         return detector
 
@@ -166,22 +165,29 @@ class OnnxClassifier:
     def has_cam(self) -> bool:
         return CAM in self.output_names
 
-    def infer(self, batch: np.ndarray, *, features: bool = False, cam: bool = False) -> ModelOutputs:
+    def infer(
+        self, batch: np.ndarray, *, features: bool = False, block_stats: bool = False, cam: bool = False
+    ) -> ModelOutputs:
         """(N, 3, S, S) float32 -> :class:`ModelOutputs`, with OOD scores when the detector is on.
 
-        Only the outputs needed are fetched: ``features`` and ``cam`` on request (``cam`` when the
-        graph has it), features also whenever the detector scores them.
+        Only the outputs needed are fetched: ``features``, ``block_stats`` and ``cam`` on request
+        (when the graph has them), and whatever the detector scores.
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         size = self.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
             raise InputError(f"{self.path}: expected input (N, 3, {size}, {size}), got {batch.shape}")
-        wanted = [name for name in (LOGITS, PROBABILITIES) if name in self.output_names]
-        if features or (self.ood is not None and self.ood.needs_features):
-            wanted.append(FEATURES)
-        if cam and self.has_cam:
-            wanted.append(CAM)
-        wanted = [name for name in wanted if name in self.output_names] or [self.output_names[0]]
+        asked = {
+            LOGITS,
+            PROBABILITIES,
+            *((FEATURES,) if features else ()),
+            *((BLOCK_STATS,) if block_stats else ()),
+        }
+        if cam:
+            asked.add(CAM)
+        if self.ood is not None:
+            asked.add(self.ood.input_name)
+        wanted = [name for name in self.output_names if name in asked] or [self.output_names[0]]
         try:
             values = self._session.run(wanted, {self._input_name: batch})
         except Exception as exc:
@@ -192,12 +198,19 @@ class OnnxClassifier:
             probabilities = np.asarray(fetched[PROBABILITIES], dtype=np.float32)
         else:  # a logits-only graph: calibrate here from the spec, as the export would have
             probabilities = self.spec.probabilities(logits)
-        pooled = fetched.get(FEATURES)
         scores = unknown = None
         if self.ood is not None:
-            scores = self.ood.score(logits, pooled)
+            scores = self.ood.score({**fetched, LOGITS: logits})
             unknown = self.ood.rejects(scores)
-        return ModelOutputs(logits, probabilities, pooled, scores, unknown, fetched.get(CAM))
+        return ModelOutputs(
+            logits,
+            probabilities,
+            fetched.get(FEATURES),
+            fetched.get(BLOCK_STATS),
+            scores,
+            unknown,
+            fetched.get(CAM),
+        )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, S, S) float32 -> ((N, C) logits, (N, C) probabilities with temperature applied)."""
@@ -214,6 +227,7 @@ class OnnxClassifier:
         batch_size: int = 16,
         *,
         features: bool = False,
+        block_stats: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> ModelOutputs:
         """:meth:`infer` over image files, ``batch_size`` per call, joined in file order.
@@ -223,7 +237,11 @@ class OnnxClassifier:
         error rows). ``progress(done, total)`` is called after each batch.
         """
         outputs = map_batches(
-            list(paths), self.spec, batch_size, lambda batch: self.infer(batch, features=features), progress
+            list(paths),
+            self.spec,
+            batch_size,
+            lambda batch: self.infer(batch, features=features, block_stats=block_stats),
+            progress,
         )
         return concat_outputs(outputs, self.spec.num_classes)
 
