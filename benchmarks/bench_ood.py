@@ -161,10 +161,15 @@ def predict_cli(folder: Path, model: Path, out: Path, *extra: str) -> tuple[dict
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     counts: dict[str, int] = {}
-    for row in rows:
-        key = "error" if row["error"] else row["label"]
+    for row in rows:  # by the first folder under FOLDER (mixed: holdout/, foreign/) and label
+        group = (
+            Path(row["path"]).relative_to(folder.resolve()).parts[0]
+            if len(Path(row["path"]).relative_to(folder.resolve()).parts) > 1
+            else ""
+        )
+        key = f"{group}:{'error' if row['error'] else row['label']}"
         counts[key] = counts.get(key, 0) + 1
-    return counts, seconds
+    return dict(sorted(counts.items())), seconds
 
 
 def end_to_end(
@@ -175,11 +180,11 @@ def end_to_end(
     shutil.copytree(foreign_dir, mixed / "foreign", ignore=shutil.ignore_patterns("*.csv"))
     from kidney_edge.runtime import scan_images
 
-    for path in scan_images(holdout_dir)[:100]:
+    for path in scan_images(holdout_dir)[::10]:  # every class of the hold-out
         target = mixed / "holdout" / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    record: dict[str, Any] = {"mixed_folder": {"holdout_images": 100}}
+    record: dict[str, Any] = {"mixed_folder": {"holdout_images": len(scan_images(holdout_dir)[::10])}}
     for precision, model in models.items():
         counts, _ = predict_cli(mixed, model, work / f"mixed_{precision}.csv")
         record["mixed_folder"][precision] = counts
@@ -243,7 +248,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines += [
         "## End to end: `kidney-edge predict` with the exported files",
         "",
-        f"Mixed folder (100 hold-out slices + the foreign corpus), label counts: fp32 {e2e['mixed_folder'].get('fp32')}, "
+        f"Mixed folder ({e2e['mixed_folder']['holdout_images']} hold-out slices, every 10th, + the foreign corpus), label counts: fp32 {e2e['mixed_folder'].get('fp32')}, "
         f"INT8 {e2e['mixed_folder'].get('int8')}.",
         "",
         f"Throughput on {e2e['throughput']['images']} hold-out images (fp32, whole process, best of "

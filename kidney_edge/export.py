@@ -516,7 +516,7 @@ def export_model(
     if config.int8:
         _export_int8(spec, images, config, result, progress)
         if detector is not None and result.int8_path is not None:
-            int8_detector = _install_ood(result.int8_path, detector, splits, result, progress)
+            int8_detector = _install_ood(result.int8_path, detector, splits, result, progress, refit=True)
             result.parity["int8"]["ood"] = None if int8_detector is None else int8_detector.record()
             atomic_write_json(result.parity_path, result.parity)
     return result
@@ -537,9 +537,13 @@ def _install_ood(
     splits: Path | None,
     result: ExportResult,
     progress: Progress | None,
+    *,
+    refit: bool = False,
 ) -> OodDetector | None:
-    """Put ``detector`` into ``onnx_path``'s metadata with a threshold chosen on this file's own
-    val scores; without a detector, fit the default one on this file's train features."""
+    """Put an OOD detector into ``onnx_path``'s metadata, its threshold chosen on this file's own
+    val scores. The fp32 file keeps the run's ``detector`` (it reproduces the features that was
+    fitted on); with ``refit`` (the INT8 file, whose quantized statistics shift) or without a
+    detector (the default method) it is fitted on this file's own train outputs."""
     from kidney_edge.evaluation import Predictor, fit_ood_on_splits, load_labelled
     from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD
 
@@ -553,8 +557,13 @@ def _install_ood(
         progress(f"ood ({onnx_path.name})", 0, 1)
     predictor = Predictor(onnx_path)
     try:
-        if detector is None:
-            detector = fit_ood_on_splits(predictor, splits, DEFAULT_OOD_METHOD, DEFAULT_MAX_ID_REJECTION)
+        if detector is None or refit:
+            method, target = (
+                (DEFAULT_OOD_METHOD, DEFAULT_MAX_ID_REJECTION)
+                if detector is None
+                else (detector.method, detector.max_id_rejection)
+            )
+            detector = fit_ood_on_splits(predictor, splits, method, target)
         else:
             val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
             detector = detector.with_threshold(detector.score(predictor.infer(val.paths)))

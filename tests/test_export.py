@@ -146,7 +146,7 @@ def test_features_and_cam_outputs_match_pytorch(lite0_export, splits_csv: Path) 
 
 
 def test_both_models_carry_an_ood_detector_with_their_own_threshold(lite0_export) -> None:
-    from kidney_edge.runtime import OnnxClassifier
+    from kidney_edge.runtime import OnnxClassifier, describe_onnx
 
     result, _ = lite0_export
     fp32, int8 = OnnxClassifier(result.model_path).ood, OnnxClassifier(result.int8_path).ood
@@ -154,6 +154,7 @@ def test_both_models_carry_an_ood_detector_with_their_own_threshold(lite0_export
     assert result.parity["ood"]["threshold"] == fp32.threshold
     assert result.int8_gate["ood"]["threshold"] == int8.threshold
     assert fp32.n_val == int8.n_val > 0 and fp32.val_rejection <= 0.05
+    assert describe_onnx(result.int8_path)["ood_detector"] == int8.describe()  # what `info` prints
 
 
 def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:

@@ -13,6 +13,7 @@ from test_runtime import SIZE, make_tiny_onnx, read_rows, write_gray_images
 
 from kidney_edge.errors import ImageReadError, InputError
 from kidney_edge.ood import (
+    HALF_PRECISION_SIZE,
     ONNX_OOD_KEY,
     OodDetector,
     OodMethod,
@@ -74,13 +75,14 @@ def test_threshold_keeps_the_upper_bound_of_val_rejection_under_target(n: int) -
 
 def test_detector_round_trips_through_bytes_and_metadata() -> None:
     rng = np.random.default_rng(1)
-    features, labels = rng.normal(size=(60, 8)), np.repeat([0, 1, 2], 20)
+    features, labels = rng.normal(size=(60, 300)), np.repeat([0, 1, 2], 20)
     detector = fit_detector(
         "mahalanobis",
         ({"features": features}, labels),
-        {"features": rng.normal(size=(40, 8))},
+        {"features": rng.normal(size=(40, 300))},
         3,
     )
+    assert detector.params["whitening"].size >= HALF_PRECISION_SIZE  # travels as float16, losslessly
     again = OodDetector.from_metadata(detector.to_metadata())
     assert again == detector and again.record() == detector.record()
     np.testing.assert_array_equal(again.score({"features": features}), detector.score({"features": features}))
