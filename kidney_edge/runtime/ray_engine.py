@@ -15,9 +15,11 @@ dropped by Ray Data, its paths have no row at the end of the pass, and a second 
 of them alone. A file that fails alone too gets an error row (:data:`WORKER_DIED`); the rest of
 its block gets its predictions. No file is lost.
 
-Memory: the driver holds each listed path once (a list of str, ~110 bytes a path) and the
-rows of one batch at a time; the blocks live in Ray's object store. ``ray`` and ``pyarrow`` are
-imported inside the functions that need them: the base install never imports them.
+Memory: the driver holds each listed path once (a list of str) plus Ray Data's bookkeeping of
+the input blocks, about 220 bytes a path in all (benchmarks/results/ray.md), and the rows of one
+output block at a time; the blocks themselves live in Ray's object store. ``ray`` and
+``pyarrow`` are imported inside the functions that need them: the base install never imports
+them.
 """
 
 from __future__ import annotations
@@ -64,9 +66,16 @@ RAY_INSTALL_HINT = 'pip install "kidney-edge[ray]"'
 # it, so single-thread actors keep every core busy without intra-op synchronisation
 # (benchmarks/results/ray.md compares 2 actors x 1 thread with 1 actor x 2 threads).
 DEFAULT_ACTOR_THREADS = 1
-# Rows per input block, in batches: one block is one actor task, and the most files a second
-# pass reruns one by one after a worker death.
-BATCHES_PER_BLOCK = 16
+# Input blocks: one block is one actor task, and the most files a second pass reruns one by
+# one after a worker death. At least BLOCKS_PER_ACTOR per actor keep the pool balanced to the
+# end; at most MAX_BLOCK_ROWS rows. Ray Data's from_arrow costs the driver ~50 KB of heap per
+# block besides the paths (measured: 200,000 paths in 128-row blocks +77 MB, in 2048-row
+# blocks +11 MB; benchmarks/results/ray.md), so large listings get large blocks.
+BLOCKS_PER_ACTOR = 4
+MAX_BLOCK_ROWS = 2048
+# Actors hand rows back in blocks of about this size (about a hundred rows) instead of one
+# block per task: the driver writes, and the progress bar moves, every dozen batches or so.
+OUTPUT_BLOCK_BYTES = 16 << 10
 # Retries of a task whose actor died, before Ray Data drops its block (Ray restarts the actor).
 WORKER_DEATH_RETRIES = 1
 WORKER_DIED = (
@@ -74,7 +83,7 @@ WORKER_DIED = (
     "out-of-memory kill); the worker's log in the Ray session folder has the cause"
 )
 PARQUET_PART_ROWS = 100_000  # rows per Parquet part file (a few MB); each is written atomically
-_PARQUET_PART = "part-{:05d}.parquet"
+_PARQUET_PART, _PARQUET_PARTS = "part-{:05d}.parquet", "part-*.parquet"
 _INDEX = "__kidney_edge_index"  # position of a path in the driver's list; not an output column
 
 
@@ -344,7 +353,7 @@ class _ParquetWriter:
         import pyarrow.parquet as pq
 
         self._folder, self._schema, self._pending = folder, schema, []
-        parts = sorted(folder.glob(_PARQUET_PART.format(0).replace("00000", "*"))) if folder.is_dir() else []
+        parts = sorted(folder.glob(_PARQUET_PARTS)) if folder.is_dir() else []
         self.done: set[str] = set()
         if resume:
             for part in parts:
@@ -426,6 +435,13 @@ def _blocks(todo: Sequence[str], indices: Sequence[int], rows: int) -> list[Any]
     ]
 
 
+def _block_rows(files: int, actors: int, batch_size: int) -> int:
+    """Rows per input block: whole batches, BLOCKS_PER_ACTOR blocks per actor, at most MAX_BLOCK_ROWS."""
+    per_block = -(-files // (actors * BLOCKS_PER_ACTOR))
+    batches = -(-per_block // batch_size)
+    return max(batch_size, min(batches * batch_size, MAX_BLOCK_ROWS // batch_size * batch_size))
+
+
 def _dataset(
     ray: Any,
     blocks: list[Any],
@@ -453,6 +469,7 @@ def _dataset(
             max_task_retries=WORKER_DEATH_RETRIES,
         )
     dataset.context.max_errored_blocks = -1  # a dropped block is found and rerun by the driver
+    dataset.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     dataset.context.enable_progress_bars = False  # the CLI draws its own
     return dataset
 
@@ -474,7 +491,7 @@ def _classify_on_ray(
             written[table.column(_INDEX).to_numpy()] = True
             write(table.drop_columns([_INDEX]).to_pylist())
 
-    block_rows = config.batch_size * BATCHES_PER_BLOCK
+    block_rows = _block_rows(len(todo), actors, config.batch_size)
     common = {"actor_args": actor_args, "threads": config.threads}
     consume(
         _dataset(ray, _blocks(todo, range(len(todo)), block_rows), **common, actors=actors,
