@@ -1,0 +1,488 @@
+"""`kidney-edge predict --engine ray` (Ray Data, local mode) against local `predict`, on one machine.
+
+    python benchmarks/bench_ray.py --model /tmp/demo-record/export/model.onnx
+    python benchmarks/bench_ray.py --render-only          # rewrite ray.md from ray.json
+
+Measured in one run, on one machine:
+
+1. Throughput. Both engines as whole processes (`python -m kidney_edge predict ...`) on the same
+   2,000 phantom 512 px JPEGs at batch 8, in alternating rounds (the machine is shared): wall
+   time with start-up, images/s, and images/s after the first row is on disk (start-up
+   excluded: Ray's start, the actors' start and model load). The Ray engine runs its default
+   pool (one single-thread actor per CPU); one more run uses 1 actor x 2 threads. The rows of
+   the last round's two outputs are compared (labels, errors, probabilities).
+2. Memory on a large listing. Both engines as processes on 200,000 empty files: every row is an
+   error row, so the run exercises the listing, the dataset, the actors and the writer, not the
+   model. Peak RSS of the command's own process (the Ray driver; Ray's raylet, GCS and the
+   actors are other processes), and the same for a 2,000-image run: the difference is what the
+   listing costs the driver.
+3. The driver's ceilings, in-process: rows/s the driver writes (CSV, JSONL, Parquet) and paths/s
+   the listing scans, the two stages every file of a cluster run passes through on one machine.
+
+ray.md adds the cluster reasoning, keeping apart what was measured here and what comes from
+Ray's own published figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from kidney_edge.runtime import machine_info, scan_images  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "ray"
+BATCH_SIZE = 8
+TARGET_RATIO = 0.7  # Ray local mode >= 0.7x local predict's images/s on the same machine
+STARTUP_IMAGES = 16  # the start-up runs classify this many images
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("/tmp/demo-record/export/model.onnx"))
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kidney-edge-bench-ray")
+    parser.add_argument("--n", type=int, default=2000, help="images of the throughput runs")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--listing", type=int, default=200_000, help="empty files of the memory run (0: skip)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render-only", action="store_true")
+    return parser.parse_args()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def phantom_images(cache: Path, n: int) -> Path:
+    """n phantom 512 px JPEGs in the Kaggle layout (made once under ``cache``)."""
+    folder = cache / f"phantom-{n}-512"
+    if folder.is_dir() and len(scan_images(folder)) >= n:
+        return folder
+    from kidney_edge.phantom import synthesize
+
+    synthesize(folder, n=n, size=512, seed=0)
+    return folder
+
+
+def empty_files(cache: Path, n: int) -> Path:
+    """n empty ``.jpg`` files in folders of 1,000: a listing with no decoding behind it."""
+    folder = cache / f"empty-{n}"
+    if folder.is_dir() and sum(len(files) for _, _, files in os.walk(folder)) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for index in range(n):
+        sub = folder / f"d{index // 1000:04d}"
+        if index % 1000 == 0:
+            sub.mkdir(parents=True)
+        (sub / f"slice-{index:07d}.jpg").touch()
+    return folder
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def timed_predict(images: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """`kidney-edge predict` as a process: wall time, first row on disk, peak memory, load."""
+    command = [sys.executable, "-m", "kidney_edge", "predict", str(images), "--model", str(model),
+               "--out", str(out), "--batch-size", str(BATCH_SIZE), "--no-series", *extra]  # fmt: skip
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "COLUMNS": "1000", "RAY_USAGE_STATS_ENABLED": "0"}
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:  # a pipe nobody reads would fill up and block the run
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        peaks, counter, samples = {"RssAnon": 0, "RssShmem": 0}, _LineCounter(out), []
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            samples.append((time.perf_counter() - start, counter.rows()))
+            for key, kib in _status_kib(process.pid).items():
+                peaks[key] = max(peaks[key], kib)
+            time.sleep(0.02)
+        wall_s = time.perf_counter() - start
+        log.seek(0)
+        output = log.read()
+    rows = _rows(out)
+    first_row_s = next((t for t, n in samples if n >= 1), None)
+    return {
+        "command": " ".join(["kidney-edge", *command[3:]]),
+        "exit_code": os.waitstatus_to_exitcode(status),
+        "rows": rows,
+        "wall_s": round(wall_s, 2),
+        "images_per_s": round(rows / wall_s, 1),
+        "first_row_s": None if first_row_s is None else round(first_row_s, 2),
+        "steady_images_per_s": _steady_rate(samples, rows),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes; this process only
+        "peak_private_mb": round(peaks["RssAnon"] / 1024, 1),  # sampled every 20 ms
+        "peak_object_store_mapped_mb": round(peaks["RssShmem"] / 1024, 1),
+        "load_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "summary_line": next((line.strip() for line in output.splitlines() if " images in " in line), ""),
+        "output_tail": output[-600:] if os.waitstatus_to_exitcode(status) not in (0, 3) else "",
+    }
+
+
+class _LineCounter:
+    """Rows on disk so far, reading only what was appended since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.lines = path, 0, 0
+
+    def rows(self) -> int:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return 0
+        self.offset += len(data)
+        self.lines += data.count(b"\n")
+        return max(0, self.lines - 1)  # minus the CSV header
+
+
+def _steady_rate(samples: list[tuple[float, int]], rows: int) -> float | None:
+    """Images/s between the samples where 10% and 90% of the rows were on disk: the rate of the
+    running pipeline, without start-up and shut-down."""
+    low = next(((t, n) for t, n in samples if n >= 0.1 * rows), None)
+    high = next(((t, n) for t, n in samples if n >= 0.9 * rows), None)
+    if low is None or high is None or high[0] <= low[0]:
+        return None
+    return round((high[1] - low[1]) / (high[0] - low[0]), 1)
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            lines = [line.split() for line in handle if line.startswith(("RssAnon:", "RssShmem:"))]
+    except OSError:  # the process has just ended
+        return {}
+    return {fields[0].rstrip(":"): int(fields[1]) for fields in lines}
+
+
+def linked_subset(images: Path, n: int, cache: Path) -> Path:
+    """The first n images of ``images`` as hard links in a folder of their own."""
+    folder = cache / f"first-{n}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for path in scan_images(images)[:n]:
+            os.link(path, folder / path.name)
+    return folder
+
+
+def _rows(out: Path, limit: int | None = None) -> int:
+    with open(out, "rb") as handle:
+        data = handle.read(limit) if limit else handle.read()
+    return max(0, data.count(b"\n") - 1)  # minus the CSV header
+
+
+def compare_rows(local_csv: Path, ray_csv: Path) -> dict[str, Any]:
+    """Same paths, labels and errors; the largest probability difference (CSV: 6 decimals)."""
+    import csv
+
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return {row["path"]: row for row in csv.DictReader(handle)}
+
+    local, ray = rows(local_csv), rows(ray_csv)
+    scores = [c for c in next(iter(local.values())) if c.startswith("p_") or c in ("confidence", "ood_score")]
+    same_paths = set(local) == set(ray)
+    differing = [
+        p
+        for p in local
+        if p in ray and any(local[p][c] != ray[p][c] for c in ("label", "argmax_label", "error"))
+    ]
+    deltas = [
+        abs(float(local[p][c]) - float(ray[p][c]))
+        for p in local
+        if p in ray
+        for c in scores
+        if local[p][c] and ray[p][c]
+    ]
+    return {"rows": len(local), "same_paths": same_paths, "label_or_error_differences": len(differing),
+            "max_abs_score_difference": max(deltas, default=0.0)}  # fmt: skip
+
+
+def writer_ceilings(sample_csv: Path, rows: int, scratch: Path) -> dict[str, float]:
+    """Rows/s of the driver's writers on ``rows`` copies of real predictions rows (in-process)."""
+    import csv
+
+    from kidney_edge.runtime.predict import OutputFormat
+    from kidney_edge.runtime.ray_engine import _ParquetWriter, _TextWriter
+
+    with open(sample_csv, newline="", encoding="utf-8") as handle:
+        sample = list(csv.DictReader(handle))
+    columns = list(sample[0])
+    typed = [{c: (float(v) if v and (c.startswith("p_") or c in ("confidence", "ood_score")) else (v or None))
+              for c, v in row.items()} for row in sample]  # fmt: skip
+    batches = [typed[i : i + BATCH_SIZE] for i in range(0, len(typed), BATCH_SIZE)]
+    import pyarrow as pa
+
+    schema = pa.Table.from_pylist(typed).schema
+    schema = pa.schema(
+        [pa.field(f.name, pa.float64() if pa.types.is_null(f.type) else f.type) for f in schema]
+    )
+    result = {}
+    for name, make in (
+        ("csv", lambda: _TextWriter(scratch / "w.csv", OutputFormat.CSV, columns, False)),
+        ("jsonl", lambda: _TextWriter(scratch / "w.jsonl", OutputFormat.JSONL, columns, False)),
+        ("parquet", lambda: _ParquetWriter(scratch / "w.parquet", schema, False)),
+    ):
+        writer, written = make(), 0
+        start = time.perf_counter()
+        while written < rows:
+            for batch in batches:
+                writer.write(batch)
+                written += len(batch)
+        writer.close()
+        result[f"{name}_rows_per_s"] = round(written / (time.perf_counter() - start))
+    return result
+
+
+def listing_rate(folder: Path) -> dict[str, float]:
+    from kidney_edge.runtime.ray_engine import list_source
+
+    start = time.perf_counter()
+    paths = list_source(str(folder))
+    seconds = time.perf_counter() - start
+    return {"paths": len(paths), "seconds": round(seconds, 2), "paths_per_s": round(len(paths) / seconds)}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    args.cache.mkdir(parents=True, exist_ok=True)
+    images = phantom_images(args.cache, args.n)
+    for path in scan_images(images):  # figures are for a warm disk cache
+        path.read_bytes()
+    few = linked_subset(images, STARTUP_IMAGES, args.cache)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    record: dict[str, Any] = {"machine": machine_info(), "model": str(args.model), "images": args.n,
+                              "batch_size": BATCH_SIZE, "commit": _git_commit(), "rounds": [],
+                              "startup": {"local": [], "ray": []}}  # fmt: skip
+    try:
+        for index in range(args.rounds):
+            for engine, extra in (("local", ()), ("ray", ("--engine", "ray"))):
+                record["startup"][engine].append(timed_predict(few, args.model, scratch / "few.csv", *extra))
+            local = timed_predict(images, args.model, scratch / "local.csv")
+            ray = timed_predict(images, args.model, scratch / "ray.csv", "--engine", "ray")
+            record["rounds"].append({"local": local, "ray": ray})
+            print(
+                f"round {index + 1}: local {local['images_per_s']} img/s, ray {ray['images_per_s']} img/s",
+                flush=True,
+            )
+        record["rows_compared"] = compare_rows(scratch / "local.csv", scratch / "ray.csv")
+        record["ray_1x2"] = timed_predict(images, args.model, scratch / "ray12.csv", "--engine", "ray",
+                                          "--actors", "1", "--threads", "2")  # fmt: skip
+        record["writers"] = writer_ceilings(scratch / "local.csv", 200_000, scratch)
+        if args.listing:
+            empty = empty_files(args.cache, args.listing)
+            record["listing"] = listing_rate(empty)
+            record["memory"] = {
+                "files": args.listing,
+                "local": timed_predict(empty, args.model, scratch / "empty-local.csv"),
+                "ray": timed_predict(empty, args.model, scratch / "empty-ray.csv", "--engine", "ray"),
+            }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return record
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summarize(record: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"target_ratio": TARGET_RATIO}
+    for engine in ("local", "ray"):
+        runs = [r[engine] for r in record["rounds"]]
+        summary[engine] = {
+            "images_per_s": _median([run["images_per_s"] for run in runs]),
+            "steady_images_per_s": _median([run["steady_images_per_s"] for run in runs]),
+            "startup_s": _median([run["wall_s"] for run in record["startup"][engine]]),
+        }
+    for key in ("images_per_s", "steady_images_per_s"):
+        summary[f"ratio_{key}"] = round(summary["ray"][key] / summary["local"][key], 3)
+    return summary
+
+
+def _load(run: dict[str, Any]) -> str:
+    return "/".join(str(value) for value in run["load_1m_before_after"])
+
+
+def render(record: dict[str, Any]) -> str:
+    s, machine = record["summary"], record["machine"]
+    lines = [
+        "# Ray Data engine (`predict --engine ray`) against local `predict`",
+        "",
+        "Written by `benchmarks/bench_ray.py` (the method is in its docstring). Machine: "
+        f"{machine['cpu_model']}, {machine['cores_usable']} usable cores, onnxruntime {machine['onnxruntime']}, "
+        f"Python {machine['python']}; commit {record['commit']}; model `{record['model']}` (fp32, "
+        f"EfficientNet-Lite0 at 160 px); {record['images']} phantom 512 px JPEGs, batch "
+        f"{record['batch_size']}, warm disk cache. The machine is shared with other jobs: the 1-minute "
+        "load average before and after each run is in the tables.",
+        "",
+        "## 1. Throughput on this machine (measured)",
+        "",
+        "| round | engine | images | wall s | images/s end to end | first row s | images/s running (10-90% of rows) | peak private MB | load before/after |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    runs = []
+    for index, round_ in enumerate(record["rounds"]):
+        for engine in ("local", "ray"):
+            runs.append((f"{index + 1}", f"{engine}, start-up only", record["startup"][engine][index]))
+            runs.append((f"{index + 1}", engine, round_[engine]))
+    runs.append(("-", "ray, 1 actor x 2 threads", record["ray_1x2"]))
+    for round_, name, run in runs:
+        lines.append(
+            f"| {round_} | {name} | {run['rows']} | {run['wall_s']} | {run['images_per_s']} | "
+            f"{run['first_row_s']} | {run['steady_images_per_s'] or '-'} | {run['peak_private_mb']} | {_load(run)} |"
+        )
+    local, ray, compared = s["local"], s["ray"], record["rows_compared"]
+    lines += [
+        "",
+        f"Medians over the {len(record['rounds'])} rounds. **Running throughput** (rows on disk between 10% "
+        f"and 90% of the job): local {local['steady_images_per_s']}, Ray {ray['steady_images_per_s']} "
+        f"images/s: **Ray = {s['ratio_steady_images_per_s']}x local** (target >= {s['target_ratio']}x). "
+        f"**End to end**, start-up included: local {local['images_per_s']}, Ray {ray['images_per_s']} "
+        f"images/s: {s['ratio_images_per_s']}x. The difference is start-up, paid once per job: the "
+        f"{STARTUP_IMAGES}-image runs took {local['startup_s']} s locally and {ray['startup_s']} s with "
+        "Ray (starting Ray's own processes: GCS, raylet, dashboard and runtime-env agents, log monitor, "
+        "prestarted workers; then the actors, each importing onnxruntime and loading the model; then "
+        "shutting Ray down). On a 2,000-image job on this loaded box that start-up is the whole gap; on "
+        "a long job, or with `--address` to a running cluster (no Ray start), it is amortised. The "
+        f"1 actor x 2 threads run (one two-thread onnxruntime session, like local predict) ran at "
+        f"{record['ray_1x2']['steady_images_per_s']} images/s: near local's running rate, so Ray's "
+        "higher running rate comes from two single-thread sessions doing better than one two-thread "
+        "session on a box whose cores other jobs keep taking, not from Ray itself.",
+        "",
+        f"Rows of the last round: {compared['rows']} rows, same paths: {compared['same_paths']}, labels or "
+        f"errors differing: {compared['label_or_error_differences']}, largest probability difference in the "
+        f"CSVs: {compared['max_abs_score_difference']}.",
+        "",
+        "Commands (as run, from the repository root):",
+        "",
+        "```",
+        record["rounds"][-1]["local"]["command"],
+        record["rounds"][-1]["ray"]["command"],
+        "```",
+    ]
+    if "memory" in record:
+        memory = record["memory"]
+        base = _median([r["ray"]["peak_private_mb"] for r in record["rounds"]])
+        extra = memory["ray"]["peak_private_mb"] - base
+        lines += [
+            "",
+            f"## 2. Driver memory on a {memory['files']:,}-path listing (measured)",
+            "",
+            f"{memory['files']:,} empty `.jpg` files in folders of 1,000; every row is an error row "
+            "(`file is empty`), so the run measures listing, dataset, actors and writer, not the model "
+            "(its rows/s is the engine's own overhead per batch and block with nothing to hide it, not "
+            "broken down further here). "
+            "Memory of the command's own process (the Ray driver); private = RssAnon, object store = "
+            "its mapped share of Ray's shared-memory object store (RssShmem), both sampled every 20 ms.",
+            "",
+            "| engine | wall s | rows | peak private MB | peak object store MB | peak RSS MB | load before/after |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for name in ("local", "ray"):
+            run = memory[name]
+            lines.append(
+                f"| {name} | {run['wall_s']} | {run['rows']} | {run['peak_private_mb']} | "
+                f"{run['peak_object_store_mapped_mb']} | {run['peak_rss_mb']} | {_load(run)} |"
+            )
+        lines += [
+            "",
+            f"The Ray driver's private memory peaked at {memory['ray']['peak_private_mb']} MB, against "
+            f"{base} MB in the {record['images']}-image runs: the {memory['files']:,}-path listing cost "
+            f"it {extra:.0f} MB, {extra * 2**20 / memory['files']:.0f} bytes a path: each path once (a "
+            "Python str in the to-do list) plus Ray Data's per-block bookkeeping for the input blocks "
+            "(2,048 paths a block here). Rows never accumulate: each output block is written and "
+            "dropped. At this slope 1M paths would cost the driver about "
+            f"{extra * 1e6 / memory['files']:.0f} MB over its base (reasoned from the slope, not measured).",
+        ]
+    listing, writers = record.get("listing"), record["writers"]
+    lines += ["", "## 3. The driver's ceilings (measured, in-process)", ""]
+    if listing:
+        lines.append(
+            f"- Listing a local folder (predict's own scan): {listing['paths']:,} paths in "
+            f"{listing['seconds']} s = {listing['paths_per_s']:,} paths/s."
+        )
+    lines.append(
+        f"- Writing rows (200,000 real rows from this run, batch {record['batch_size']}): CSV "
+        f"{writers['csv_rows_per_s']:,} rows/s, JSONL {writers['jsonl_rows_per_s']:,} rows/s, Parquet "
+        f"{writers['parquet_rows_per_s']:,} rows/s."
+    )
+    per_core = ray["steady_images_per_s"] / machine["cores_usable"]
+    lines += [
+        "",
+        "## 4. A cluster of N nodes (reasoned, not measured here)",
+        "",
+        f"From this run: one single-thread actor classifies about {per_core:.0f} images/s (Ray's running "
+        "rate per core, on this loaded 2-core box; an idle modern core does more). Every "
+        f"row passes through the driver, which writes {writers['csv_rows_per_s']:,} CSV rows/s on one "
+        f"core, so throughput grows with cores until about {writers['csv_rows_per_s'] / per_core:,.0f} "
+        f"busy actor cores (Parquet: {writers['parquet_rows_per_s'] / per_core:,.0f}); past that the "
+        "driver's writer is the limit, and the next step would be actors writing Parquet themselves. "
+        "The listing is the other serial stage: it runs once, before the first task, at the rate above "
+        "for a local folder (a network filesystem answers more slowly per entry).",
+        "",
+        "From Ray's published figures (not measured here):",
+        "",
+        "- Ray's scalability envelope (`release/benchmarks/README.md` in ray-project/ray) reports "
+        "clusters of 3k+ nodes and 20k+ actors with trivial work, and 15k+ simultaneously running tasks "
+        "(64 nodes x 64 cores): one actor per core stays inside it up to a few hundred 64-core nodes.",
+        "- Ray AIR's batch-prediction benchmark (Ray 2.0 docs, XGBoost, m5.4xlarge nodes) went from "
+        "94.5k rows/s on 1 node to 786k rows/s on 10 nodes (8.3x): near-linear while the per-row work "
+        "dominates, and a CNN forward pass of several ms per image is far more work per row than XGBoost.",
+        "- Object-store listings: S3's ListObjectsV2 returns at most 1,000 keys per request, so listing "
+        "1M objects is 1,000 sequential requests before the first task.",
+        "",
+        "So, for N nodes of C cores: about N x C x (per-core rate) images/s, until the driver's writer "
+        "(the figure above) or the storage's read bandwidth stops it; each actor holds one onnxruntime "
+        "session, and the start-up (Ray, actors, listing) is paid once per job.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    if args.render_only:
+        record = json.loads(json_path.read_text())
+    else:
+        record = measure(args)
+        record["summary"] = summarize(record)
+        atomic_write_json(json_path, record)
+    atomic_write_text(md_path, render(record))
+    print(md_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
