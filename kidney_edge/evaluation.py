@@ -28,7 +28,7 @@ from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
 from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
-from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, DecisionRule, ModelSpec, softmax
+from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE, DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,18 @@ class Predictor:
     ) -> dict[str, np.ndarray]:
         """Graph outputs by name for image files, read and preprocessed in batches by the one
         shared preprocess: ``logits`` (N, C), ``features`` (N, F) and ``block_stats`` (N, T), all
-        float32 (an ONNX file exported without the last two gives only logits)."""
+        float32 (an ONNX file exported without the last two gives only logits), and an ONNX
+        file's ``ood_score`` (N,) when it carries a detector."""
         if self.onnx is not None:
             outputs = self.onnx.infer_files(
                 paths, batch_size, features=True, block_stats=True, progress=progress
             )
-            found = {LOGITS: outputs.logits, FEATURES: outputs.features, BLOCK_STATS: outputs.block_stats}
+            found = {
+                LOGITS: outputs.logits,
+                FEATURES: outputs.features,
+                BLOCK_STATS: outputs.block_stats,
+                OOD_SCORE: outputs.ood_scores,  # the file's detector, when on
+            }
             return {name: values for name, values in found.items() if values is not None}
         import torch
 

@@ -32,7 +32,7 @@ from kidney_edge.io_utils import atomic_write_json
 from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
-from kidney_edge.spec import GRAPH_OUTPUTS, ONNX_METADATA_KEY, ModelSpec
+from kidney_edge.spec import GRAPH_OUTPUTS, ONNX_METADATA_KEY, OOD_SCORE, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -510,14 +510,18 @@ def export_model(
     splits = config.splits or run_splits
     detector = None
     if config.ood:
-        detector = _install_ood(result.model_path, _run_detector(checkpoint), splits, result, progress)
-        result.parity["ood"] = None if detector is None else detector.record()
-        atomic_write_json(result.parity_path, result.parity)
-    if config.int8:
-        _export_int8(spec, images, config, result, progress)
-        if detector is not None and result.int8_path is not None:
-            int8_detector = _install_ood(result.int8_path, detector, splits, result, progress, refit=True)
-            result.parity["int8"]["ood"] = None if int8_detector is None else int8_detector.record()
+        detector = _file_detector(result.model_path, _run_detector(checkpoint), splits, result, progress)
+    try:
+        if config.int8:  # quantizes the graph before the detector's nodes join it
+            _export_int8(spec, images, config, result, progress)
+    finally:
+        if detector is not None:
+            result.parity["ood"] = _install_ood(result.model_path, detector, splits).record()
+            atomic_write_json(result.parity_path, result.parity)
+    if detector is not None and result.int8_path is not None:
+        int8_detector = _file_detector(result.int8_path, detector, splits, result, progress, refit=True)
+        if int8_detector is not None:
+            result.parity["int8"]["ood"] = _install_ood(result.int8_path, int8_detector, splits).record()
             atomic_write_json(result.parity_path, result.parity)
     return result
 
@@ -531,7 +535,7 @@ def _run_detector(checkpoint: Path) -> OodDetector | None:
     return OodDetector.from_bytes(sidecar.read_bytes(), where=str(sidecar)) if sidecar.is_file() else None
 
 
-def _install_ood(
+def _file_detector(
     onnx_path: Path,
     detector: OodDetector | None,
     splits: Path | None,
@@ -540,10 +544,10 @@ def _install_ood(
     *,
     refit: bool = False,
 ) -> OodDetector | None:
-    """Put an OOD detector into ``onnx_path``'s metadata, its threshold chosen on this file's own
-    val scores. The fp32 file keeps the run's ``detector`` (it reproduces the features that was
-    fitted on); with ``refit`` (the INT8 file, whose quantized statistics shift) or without a
-    detector (the default method) it is fitted on this file's own train outputs."""
+    """The detector for ``onnx_path``, its threshold chosen on this file's own val scores. The fp32
+    file keeps the run's ``detector`` (it reproduces the features that was fitted on); with
+    ``refit`` (the INT8 file, whose quantized statistics shift) or without a detector (the
+    default method) it is fitted on this file's own train outputs."""
     from kidney_edge.evaluation import Predictor, fit_ood_on_splits, load_labelled
     from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD
 
@@ -563,16 +567,78 @@ def _install_ood(
                 if detector is None
                 else (detector.method, detector.max_id_rejection)
             )
-            detector = fit_ood_on_splits(predictor, splits, method, target)
-        else:
-            val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
-            detector = detector.with_threshold(detector.score(predictor.infer(val.paths)))
+            return fit_ood_on_splits(predictor, splits, method, target)
+        val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
+        return detector.with_threshold(detector.score(predictor.infer(val.paths)))
     except EmptySplitError as exc:
         result.warnings.append(f"no OOD detector: {exc}")
         return None
-    set_metadata(onnx_path, {ONNX_OOD_KEY: detector.to_metadata()})
-    log.info("%s: OOD detector %s", onnx_path.name, detector.describe())
-    return detector
+
+
+def _install_ood(onnx_path: Path, detector: OodDetector, splits: Path) -> OodDetector:
+    """Write ``detector`` into ``onnx_path``: as graph nodes computing ``ood_score`` when its
+    method allows (onnxruntime then scores it with the model's own threads, and other runtimes
+    get the score too), with the threshold re-chosen on the graph's own val scores; else as
+    metadata for the runtime's numpy scorer. Returns the detector as installed."""
+    from kidney_edge.evaluation import Predictor, load_labelled
+
+    if not detector.graph_computable:
+        set_metadata(onnx_path, {ONNX_OOD_KEY: detector.to_metadata()})
+        return detector
+    _append_ood_nodes(onnx_path, detector)
+    carried = detector.moved_into_graph()
+    set_metadata(onnx_path, {ONNX_OOD_KEY: carried.to_metadata()})
+    predictor = Predictor(onnx_path)
+    val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
+    carried = carried.with_threshold(predictor.infer(val.paths)[OOD_SCORE])
+    set_metadata(onnx_path, {ONNX_OOD_KEY: carried.to_metadata()})
+    log.info("%s: OOD detector %s", onnx_path.name, carried.describe())
+    return carried
+
+
+def _append_ood_nodes(onnx_path: Path, detector: OodDetector) -> None:
+    """Append min over classes of ||input @ whitening - whitened_mean||^2 as output ``ood_score``.
+
+    The whitening matrix is stored as float16 (the detector holds float16-rounded values, so no
+    precision is lost) and cast to float32 once, when onnxruntime folds constants.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kidney_edge.io_utils import atomic_write_bytes
+
+    proto = onnx.load(str(onnx_path))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    whitening = detector.params["whitening"].astype(np.float16)  # (D, D)
+    means = detector.params["whitened_means"].astype(np.float32)  # (C, D)
+    graph = proto.graph
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(whitening, "ood_whitening_f16"),
+            numpy_helper.from_array(means[None], "ood_means"),  # (1, C, D)
+            numpy_helper.from_array(np.array([1], np.int64), "ood_axis_1"),
+            numpy_helper.from_array(np.array([2], np.int64), "ood_axis_2"),
+        ]
+    )
+
+    def reduce(op: str, source: str, target: str, axis: int) -> Any:
+        if opset >= 18:  # axes became an input in opset 18
+            return helper.make_node(op, [source, f"ood_axis_{axis}"], [target], keepdims=0, name=target)
+        return helper.make_node(op, [source], [target], axes=[axis], keepdims=0, name=target)
+
+    graph.node.extend(
+        [
+            helper.make_node("Cast", ["ood_whitening_f16"], ["ood_whitening"], to=TensorProto.FLOAT, name="ood_cast"),
+            helper.make_node("MatMul", [detector.input_name, "ood_whitening"], ["ood_whitened"], name="ood_whiten"),
+            helper.make_node("Unsqueeze", ["ood_whitened", "ood_axis_1"], ["ood_whitened_3d"], name="ood_unsqueeze"),
+            helper.make_node("Sub", ["ood_whitened_3d", "ood_means"], ["ood_difference"], name="ood_difference"),
+            reduce("ReduceSumSquare", "ood_difference", "ood_squared", 2),  # (N, C)
+            reduce("ReduceMin", "ood_squared", OOD_SCORE, 1),  # (N,)
+        ]
+    )
+    graph.output.append(helper.make_tensor_value_info(OOD_SCORE, TensorProto.FLOAT, ["batch"]))
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write_bytes(onnx_path, proto.SerializeToString())
 
 
 def set_metadata(onnx_path: Path, entries: dict[str, str]) -> None:

@@ -24,6 +24,7 @@ Ledoit-Wolf covariance and scipy's Wilson interval, imported where they are used
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError, enum_choice
-from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS
+from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE
 
 ONNX_OOD_KEY = "kidney_edge.ood"
 OOD_FILE = "ood.npz"  # beside a run's best.pt
@@ -133,6 +134,7 @@ class OodDetector:
     val_rejection: float | None = None
     n_val: int = 0
     n_fit: int = 0
+    in_graph: bool = False  # the model graph computes the score (output OOD_SCORE); no params here
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", enum_choice(OodMethod, self.method, "--ood-method"))
@@ -148,6 +150,10 @@ class OodDetector:
     def score(self, outputs: Mapping[str, np.ndarray | None]) -> np.ndarray:
         """Graph outputs by name (at least :attr:`input_name`, (N, D)) -> (N,) float64 scores,
         higher = more foreign."""
+        if self.in_graph:
+            if outputs.get(OOD_SCORE) is None:
+                raise InputError(f"this {self.method.value} OOD detector is computed by the model's `{OOD_SCORE}` output")
+            return np.asarray(outputs[OOD_SCORE], dtype=np.float64)
         values = outputs.get(self.input_name)
         if values is None:
             raise InputError(
@@ -178,6 +184,7 @@ class OodDetector:
             "val_rejection": self.val_rejection,
             "n_val": self.n_val,
             "n_fit": self.n_fit,
+            "in_graph": self.in_graph,
             "description": self.describe(),
         }
 
@@ -216,9 +223,18 @@ class OodDetector:
         target = self.max_id_rejection if max_id_rejection is None else max_id_rejection
         threshold = choose_threshold(val_scores, target)
         rejected = float(np.mean(np.asarray(val_scores) > threshold)) if len(val_scores) else None
-        return OodDetector(
-            self.method, threshold, dict(self.params), target, rejected, len(val_scores), self.n_fit
+        return dataclasses.replace(
+            self, threshold=threshold, max_id_rejection=target, val_rejection=rejected, n_val=len(val_scores)
         )
+
+    def moved_into_graph(self) -> OodDetector:
+        """This detector as carried by a graph that computes its score: the record without params."""
+        return dataclasses.replace(self, params={}, in_graph=True)
+
+    @property
+    def graph_computable(self) -> bool:
+        """Whether export can append this detector's score to the model graph (standard ops)."""
+        return self.method in (OodMethod.MAHALANOBIS, OodMethod.BLOCK_STATS)
 
 
 def fit_params(

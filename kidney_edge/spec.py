@@ -40,6 +40,9 @@ LOGITS, PROBABILITIES, FEATURES, BLOCK_STATS, CAM = (
     "cam",
 )
 GRAPH_OUTPUTS = (LOGITS, PROBABILITIES, FEATURES, BLOCK_STATS, CAM)
+# An output export appends when the OOD detector is computed inside the graph (Mahalanobis-type
+# detectors): (N,) float32 scores, higher = more foreign.
+OOD_SCORE = "ood_score"
 # EfficientNet-Lite0's TF-ported ImageNet weights expect (x - 127) / 128 on 0..255 pixels.
 LITE0_MEAN = (127.0, 127.0, 127.0)
 LITE0_STD = (128.0, 128.0, 128.0)

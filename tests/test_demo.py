@@ -26,7 +26,7 @@ def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
                      "holdout_predictions.csv", "benchmark.json", "demo_summary.json"):  # fmt: skip
         assert (out / relative).is_file(), relative
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert list(summary["stages"]) == ["synth", "split", "train", "export", "predict", "benchmark"]
+    assert list(summary["stages"]) == ["synth", "split", "train", "export", "predict", "foreign", "benchmark"]
     assert all(seconds >= 0 for seconds in summary["stages"].values())
     assert summary["parity"]["argmax_agreement"] == 1.0 and summary["parity"]["max_abs_diff"] < 1e-4
     audit = json.loads((out / "splits_audit.json").read_text())
@@ -57,6 +57,16 @@ def test_quick_demo_produces_every_artifact(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == QUICK.n_holdout and not any(row["error"] for row in rows)
     assert summary["holdout"]["images"] == QUICK.n_holdout
+    assert summary["holdout"]["unknown"] == sum(row["label"] == "unknown" for row in rows)
+    # The run's OOD detector travels with the model: every foreign file is scored or an error row.
+    assert (out / "run/ood.npz").is_file() and summary["parity"]["ood"]["method"] == "block_stats"
+    with open(out / "foreign_predictions.csv", newline="") as handle:
+        foreign = list(csv.DictReader(handle))
+    assert all(row["ood_score"] or row["error"] for row in foreign)
+    counted = sum(summary["foreign"]["labels"].values()) + summary["foreign"]["failed"]
+    assert counted == summary["foreign"]["images"] == len(foreign) >= 50
+    assert summary["foreign"]["labels"]["unknown"] == sum(row["label"] == "unknown" for row in foreign)
+    assert "foreign inputs" in result.output
     assert "Recall Tumor" in result.output and "Wall time per stage" in result.output
 
 

@@ -108,6 +108,7 @@ def test_onnx_graph_contract_and_spec_round_trip(lite0_export) -> None:
         "features",
         "block_stats",
         "cam",
+        "ood_score",  # the OOD detector, appended by export
     ]
     for path in (result.model_path, result.int8_path):
         metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -203,6 +204,7 @@ def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytes
         "features",
         "block_stats",
         "cam",
+        "ood_score",
     ]
     assert fp32["size_bytes"] == result.model_path.stat().st_size and fp32["producer"].startswith(
         "kidney-edge"

@@ -161,3 +161,30 @@ def test_foreign_corpus_is_built_offline_and_readable(tmp_path: Path) -> None:
             assert preprocess(item.path, spec).shape == (3, SIZE, SIZE), item.path
     photo = next(i for i in items if i.path.name == "grace_hopper.png")
     assert json.dumps(photo.source).count("matplotlib") == 1
+
+
+def test_detector_appended_to_the_graph_scores_as_numpy_does(tmp_path: Path) -> None:
+    """export._append_ood_nodes computes in ONNX what OodDetector.score computes in numpy."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kidney_edge.export import _append_ood_nodes
+    from kidney_edge.runtime import OnnxClassifier
+
+    path = make_tiny_onnx(tmp_path / "m.onnx", ModelSpec(input_size=SIZE))
+    model = onnx.load(str(path))  # expose the pooled input (N, 3) as the block statistics
+    model.graph.node.append(helper.make_node("Identity", ["flat"], ["block_stats"]))
+    model.graph.output.append(helper.make_tensor_value_info("block_stats", TensorProto.FLOAT, ["N", 3]))
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(300, 3)) * [1.0, 2.0, 0.5]
+    params = fit_params(OodMethod.BLOCK_STATS, train, np.repeat([0, 1, 2], 100), 3)
+    detector = OodDetector(OodMethod.BLOCK_STATS, 5.0, params)
+    _append_ood_nodes(path, detector)
+    batch = rng.normal(size=(6, 3, SIZE, SIZE)).astype(np.float32) * 3
+    outputs = OnnxClassifier(path, ood=False).infer(batch, block_stats=True)
+    import onnxruntime as ort
+
+    graph_scores = ort.InferenceSession(str(path)).run(["ood_score"], {"input": batch})[0]
+    expected = detector.score({"block_stats": outputs.block_stats})  # float32 sums: 1e-4 apart
+    np.testing.assert_allclose(graph_scores, expected, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,16 @@ from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.imaging import map_batches
 from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.hardware import available_cpus
-from kidney_edge.spec import BLOCK_STATS, CAM, FEATURES, LOGITS, ONNX_METADATA_KEY, PROBABILITIES, ModelSpec
+from kidney_edge.spec import (
+    BLOCK_STATS,
+    CAM,
+    FEATURES,
+    LOGITS,
+    ONNX_METADATA_KEY,
+    OOD_SCORE,
+    PROBABILITIES,
+    ModelSpec,
+)
 
 # What `kidney-edge export` writes: EXPORT_ROOT/<run>/MODEL_FILE, with INT8_FILE beside it.
 EXPORT_ROOT = Path("export")
@@ -146,9 +155,10 @@ class OnnxClassifier:
         if ONNX_OOD_KEY not in metadata:
             return None
         detector = OodDetector.from_metadata(metadata[ONNX_OOD_KEY], where=str(self.path))
-        if detector.input_name not in (*self.output_names, PROBABILITIES):
+        needed = OOD_SCORE if detector.in_graph else detector.input_name
+        if needed not in self.output_names:
             raise InputError(
-                f"{self.path}: its OOD detector scores a `{detector.input_name}` output the graph lacks; "
+                f"{self.path}: its OOD detector scores a `{needed}` output the graph lacks; "
                 "re-export the model, or pass --no-ood"
             )
         return detector
@@ -186,7 +196,7 @@ class OnnxClassifier:
         if cam:
             asked.add(CAM)
         if self.ood is not None:
-            asked.add(self.ood.input_name)
+            asked.add(OOD_SCORE if self.ood.in_graph else self.ood.input_name)
         wanted = [name for name in self.output_names if name in asked] or [self.output_names[0]]
         try:
             values = self._session.run(wanted, {self._input_name: batch})
