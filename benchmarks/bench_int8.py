@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -71,15 +72,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
     "fp32-stem": ({"fp32_layers": ("stem",)}, 300, False),
     "fp32-last-conv": ({"fp32_layers": ("last-conv",)}, 300, False),
     "fp32-stem-last-conv": ({"fp32_layers": ("stem", "last-conv")}, 300, False),
-    "percentile-fp32-stem": ({"calibrate_method": "percentile", "fp32_layers": ("stem",)}, 300, False),
-    "percentile-fp32-last-conv": (
-        {"calibrate_method": "percentile", "fp32_layers": ("last-conv",)},
-        300,
-        False,
-    ),
-    "entropy-fp32-last-conv": ({"calibrate_method": "entropy", "fp32_layers": ("last-conv",)}, 300, False),
+    "fp32-early": ({"fp32_layers": ("early",)}, 300, False),
+    "fp32-early-last-conv": ({"fp32_layers": ("early", "last-conv")}, 300, False),
+    "fp32-early-percentile": ({"fp32_layers": ("early",), "calibrate_method": "percentile"}, 300, False),
+    "fp32-early-entropy": ({"fp32_layers": ("early",), "calibrate_method": "entropy"}, 300, False),
+    "fp32-early-calib-all": ({"fp32_layers": ("early",)}, 100_000, False),
+    "fp32-early-calib-balanced": ({"fp32_layers": ("early",)}, 300, True),
+    "fp32-early-no-pre-process": ({"fp32_layers": ("early",), "pre_process": False}, 300, False),
 }
 SENSITIVITY_IMAGES = 16
+BLOCK_CALIBRATION_IMAGES, BLOCK_EVAL_IMAGES = 64, 32
 # Above this SQNR a tensor is exact to float precision: 8-bit pixels normalised by (v - m) / s
 # quantize losslessly (~350 dB).
 EXACT_DB = 100.0
@@ -101,6 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
     parser.add_argument("--iterations", type=int, default=5, help="timed batches per model per round")
     parser.add_argument("--no-sensitivity", action="store_true")
+    parser.add_argument(
+        "--speed-model", type=Path, help="an fp32 model.onnx timed with every variant (no gate)"
+    )
+    parser.add_argument("--speed-images", type=Path, help="calibration images of --speed-model")
     parser.add_argument("--note", default="")
     parser.add_argument("--render-only", action="store_true")
     return parser.parse_args()
@@ -249,6 +255,49 @@ def sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path) -> d
     }
 
 
+def block_of(node: str) -> str | None:
+    """The Lite0 block a node of the exported graph belongs to, by its module path."""
+    match = re.match(r"/(stem|conv_head)/|/blocks/blocks\.(\d+)/", node)
+    if match is None:
+        return None
+    return match.group(1) or f"block {int(match.group(2)):02d}"
+
+
+def block_sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path) -> list[dict[str, Any]]:
+    """Each block quantized alone (every other node fp32): logits SQNR and relative error vs
+    fp32 on calibration images. Noise injected early is amplified by everything after it, so
+    a block's own SQNR does not tell what quantizing it costs at the logits; this does."""
+    import onnx
+
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.quantize import (
+        QuantizationConfig,
+        logit_relative_error,
+        prepare_for_quantization,
+        quantize_model,
+    )
+    from kidney_edge.runtime import OnnxClassifier
+
+    prepared = work / "blocks.prepared.onnx"
+    prepare_for_quantization(fp32, prepared, QuantizationConfig())
+    names = [node.name for node in onnx.load(str(prepared)).graph.node]
+    groups = sorted({block for block in map(block_of, names) if block})
+    held_out = calibration[BLOCK_CALIBRATION_IMAGES : BLOCK_CALIBRATION_IMAGES + BLOCK_EVAL_IMAGES]
+    batch = preprocess_batch(held_out, spec)  # (n, 3, S, S) float32
+    reference = OnnxClassifier(fp32, ood=False).run(batch)[0]
+    rows = []
+    for group in [*groups, "all"]:
+        others = tuple(name for name in names if group != "all" and block_of(name) != group)
+        path = work / "blocks.one.int8.onnx"
+        quantize_model(
+            fp32, path, calibration[:BLOCK_CALIBRATION_IMAGES], spec, QuantizationConfig(fp32_nodes=others)
+        )
+        logits = OnnxClassifier(path, ood=False).run(batch)[0]
+        rows.append({"block": group, "logits_sqnr_db": _sqnr_db(reference, logits),
+                     "logit_relative_error": round(logit_relative_error(reference, logits), 4)})  # fmt: skip
+    return rows
+
+
 def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     noise = float(np.sum((reference.astype(np.float64) - approximation) ** 2))
     signal = float(np.sum(reference.astype(np.float64) ** 2))
@@ -276,7 +325,9 @@ def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, wor
 
 
 def time_models(models: dict[str, Path], batch_size: int, threads: int, rounds: int, iterations: int) -> dict:
-    """Per-image ms of each model at ``batch_size``: interleaved rounds, per-round medians."""
+    """Per-image ms of each model at ``batch_size``: rounds in which every model runs
+    ``iterations`` batches, in a new random order each round; a model's figure is its best
+    round's median (load from other jobs only ever adds time), the median round is kept too."""
     from kidney_edge.runtime import OnnxClassifier
 
     classifiers = {name: OnnxClassifier(path, threads=threads, ood=False) for name, path in models.items()}
@@ -286,20 +337,45 @@ def time_models(models: dict[str, Path], batch_size: int, threads: int, rounds: 
         for _ in range(2):
             classifier.run(batch)
     per_round: dict[str, list[float]] = {name: [] for name in classifiers}
+    order, rng = list(classifiers), random.Random(0)
     for _ in range(rounds):
-        for name, classifier in classifiers.items():
+        rng.shuffle(order)
+        for name in order:
+            classifier = classifiers[name]
             times = []
             for _ in range(iterations):
                 start = time.perf_counter()
                 classifier.run(batch)
                 times.append(time.perf_counter() - start)
             per_round[name].append(statistics.median(times) * 1000 / batch_size)
-    fp32 = statistics.median(per_round["fp32"])
+    fp32 = min(per_round["fp32"])
     return {
-        name: {"ms_per_image": round(statistics.median(values), 3), "min_ms_per_image": round(min(values), 3),
-               "speedup": round(fp32 / statistics.median(values), 3)}
+        name: {"ms_per_image": round(min(values), 3), "median_round_ms_per_image": round(statistics.median(values), 3),
+               "speedup": round(fp32 / min(values), 3)}
         for name, values in per_round.items()
     }  # fmt: skip
+
+
+def bench_speed_model(model: Path, images: Path, variants: list[str], args: argparse.Namespace) -> dict:
+    """Every variant's speed on ``model`` (e.g. Lite0 at 224 px, the deployed size): no gate."""
+    from kidney_edge.quantize import QuantizationConfig, quantize_model
+    from kidney_edge.runtime import OnnxClassifier, scan_images
+
+    spec = OnnxClassifier(model, ood=False).spec
+    calibration = scan_images(images)[:300]
+    work = args.work / "speed-model"
+    work.mkdir(parents=True, exist_ok=True)
+    timed = {"fp32": model}
+    for variant in variants:
+        fields, _, _ = VARIANTS[variant]
+        log(f"speed model: quantize {variant}")
+        timed[variant] = work / f"model.{variant}.int8.onnx"
+        quantize_model(model, timed[variant], calibration, spec, QuantizationConfig(**fields))
+    log("speed model: timing")
+    load = [round(x, 2) for x in os.getloadavg()]
+    latency = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
+    return {"model": str(model), "input_size": spec.input_size, "load_before_timing": load, "latency": latency,
+            "threads": args.threads, "batch_size": args.batch_size}  # fmt: skip
 
 
 def bench_model(
@@ -318,6 +394,8 @@ def bench_model(
     if not args.no_sensitivity:
         log(f"{name}: sensitivity pass")
         record["sensitivity"] = sensitivity(fp32, images.calibration_paths[:300], spec, work)
+        log(f"{name}: per-block sensitivity")
+        record["sensitivity"]["blocks"] = block_sensitivity(fp32, images.calibration_paths, spec, work)
     record["variants"] = {}
     for variant in variants:
         record["variants"][variant] = run_variant(variant, fp32, splits, spec, images, work)
@@ -342,16 +420,19 @@ def cpu_kind(machine: dict[str, Any]) -> str:
 
 
 def select(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Variants measured on every model, those passing everywhere first, then by geometric-mean speed-up."""
+    """Variants measured on every model, by the number of models whose gate they pass, then by
+    geometric-mean speed-up."""
     models = record["models"]
     names = set.intersection(*(set(m["variants"]) for m in models.values())) if models else set()
     rows = []
     for name in names:
-        passed = all(m["variants"][name]["gate"]["passed"] for m in models.values())
+        failed = sorted(model for model, m in models.items() if not m["variants"][name]["gate"]["passed"])
         speedups = [m["latency"][name]["speedup"] for m in models.values()]
-        rows.append({"variant": name, "passes_everywhere": passed,
-                     "geomean_speedup": round(math.exp(statistics.mean(math.log(s) for s in speedups)), 3)})  # fmt: skip
-    return sorted(rows, key=lambda r: (not r["passes_everywhere"], -r["geomean_speedup"]))
+        speed_model = (record.get("speed_model") or {}).get("latency", {}).get(name, {})
+        rows.append({"variant": name, "passes_everywhere": not failed, "failed_on": failed,
+                     "geomean_speedup": round(math.exp(statistics.mean(math.log(s) for s in speedups)), 3),
+                     "speed_model_speedup": speed_model.get("speedup")})  # fmt: skip
+    return sorted(rows, key=lambda r: (len(r["failed_on"]), -r["geomean_speedup"]))
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -393,13 +474,19 @@ def _render_record(record: dict[str, Any]) -> list[str]:
         "",
         "### Selection: variants measured on every model",
         "",
-        "| variant | passes the gate on every model | geometric-mean speed-up vs fp32 (batch 8) |",
-        "| --- | --- | ---: |",
+        "| variant | fails the gate on | geometric-mean speed-up vs fp32 (batch 8) | speed-up on the speed model |",
+        "| --- | --- | ---: | ---: |",
     ]
     for row in select(record):
+        deployed = "n/a" if row.get("speed_model_speedup") is None else f"{row['speed_model_speedup']:.2f}x"
         lines.append(
-            f"| {row['variant']} | {'yes' if row['passes_everywhere'] else 'no'} | {row['geomean_speedup']:.2f}x |"
+            f"| {row['variant']} | {', '.join(row['failed_on']) or '-'} | {row['geomean_speedup']:.2f}x | {deployed} |"
         )
+    speed = record.get("speed_model")
+    if speed:
+        lines += ["", f"Speed model: `{speed['model']}` ({speed['input_size']} px; batch {speed['batch_size']}, "
+                  f"{speed['threads']} threads, load {speed['load_before_timing']} before timing): fp32 "
+                  f"{speed['latency']['fp32']['ms_per_image']:.2f} ms/image."]  # fmt: skip
     for name, model in record["models"].items():
         lines += _render_model(name, model)
     return lines
@@ -461,6 +548,12 @@ def _render_sensitivity(sens: dict[str, Any]) -> list[str]:
     lines += ["", "| lowest local SQNR (its own quantize-dequantize) | op | dB |", "| --- | --- | ---: |"]
     for row in worst("local_sqnr_db", reverse=False):
         lines.append(f"| `{row['node']}`{tag(row['node'])} | {row['op']} | {row['local_sqnr_db']} |")
+    if sens.get("blocks"):
+        lines += ["", f"Each block quantized alone, every other node fp32 ({BLOCK_CALIBRATION_IMAGES} calibration "
+                  f"images, logits on {BLOCK_EVAL_IMAGES} others): what quantizing it costs at the logits.", "",
+                  "| block | logits SQNR dB | logit rel. error |", "| --- | ---: | ---: |"]  # fmt: skip
+        for row in sens["blocks"]:
+            lines.append(f"| {row['block']} | {row['logits_sqnr_db']} | {row['logit_relative_error']} |")
     lines += ["", "| lowest weight SQNR | node | dB |", "| --- | --- | ---: |"]
     for row in sens["weights"][:5]:
         lines.append(f"| `{row['weight']}` | `{row['node']}`{tag(row['node'])} | {row['sqnr_db']} |")
@@ -519,6 +612,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name, (checkpoint, splits) in models.items():
         log(f"{name}: {checkpoint}")
         record["models"][name] = bench_model(name, Path(checkpoint), Path(splits), variants, args)
+    if args.speed_model:
+        record["speed_model"] = bench_speed_model(args.speed_model, args.speed_images, variants, args)
     record["machine_after"] = machine_info()
     record["selection"] = select(record)
     return record

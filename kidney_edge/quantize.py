@@ -52,6 +52,10 @@ class Fp32Layer(str, Enum):
     by name, so any exporter's graph works)."""
 
     STEM = "stem"  # the first Conv: it reads the normalised image
+    # The stem and every block up to the first residual Add (Lite0: the stem and blocks 0-2, all
+    # at the two highest resolutions): quantization noise injected there is amplified by the
+    # whole network (benchmarks/results/int8.md, per-block sensitivity).
+    EARLY = "early"
     LAST_CONV = "last-conv"  # the last Conv before the logits: its output is pooled into the features
 
 
@@ -66,6 +70,7 @@ class QuantizationConfig:
     calibration_batch_size: int = 8  # x ~50 MB of intermediate tensors per image (Lite0, 224 px)
     max_drop: float = DEFAULT_MAX_DROP
     fp32_layers: tuple[Fp32Layer, ...] = ()  # kept in fp32 besides the head
+    fp32_nodes: tuple[str, ...] = ()  # more nodes kept in fp32, by name (model-specific: benchmarks)
     pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference + fusions) first
 
     def __post_init__(self) -> None:
@@ -77,6 +82,7 @@ class QuantizationConfig:
         object.__setattr__(self, "activation_type", activation)
         object.__setattr__(self, "calibrate_method", method)
         object.__setattr__(self, "fp32_layers", layers)
+        object.__setattr__(self, "fp32_nodes", tuple(str(name) for name in self.fp32_nodes))
         if not 1 <= self.calibration_batch_size <= 256:
             raise InputError(f"calibration batch size must be in 1..256, got {self.calibration_batch_size}")
         if not 0.0 <= self.max_drop <= 1.0:
@@ -195,19 +201,26 @@ def _ancestors(model: Any, output: str) -> set[str]:
 def layer_node_names(model: Any, layers: Sequence[Fp32Layer]) -> list[str]:
     """The node of each of ``layers`` in ``model`` (an onnx ModelProto with named nodes).
 
-    The stem is the first Conv of the graph (graphs are topologically sorted), the last conv
-    the last Conv that the ``logits`` output depends on: other Convs, such as the class
-    activation maps' projection, come after it but do not feed the decision.
+    The stem is the first Conv of the graph (graphs are topologically sorted); ``early`` is the
+    first residual Add (an Add of two computed tensors) and every node it depends on, or the
+    stem alone in a graph without one; the last conv is the last Conv that the ``logits``
+    output depends on: other Convs, such as the class activation maps' projection, come after
+    it but do not feed the decision.
     """
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     if not convs:
         return []
+    constants = {init.name for init in model.graph.initializer}
+    residual = next(
+        (n for n in model.graph.node if n.op_type == "Add" and not constants & set(n.input)), None
+    )
     feeding = _ancestors(model, "logits")
     names = {
-        Fp32Layer.STEM: convs[0].name,
-        Fp32Layer.LAST_CONV: next((n.name for n in reversed(convs) if n.name in feeding), convs[-1].name),
+        Fp32Layer.STEM: {convs[0].name},
+        Fp32Layer.EARLY: _ancestors(model, residual.output[0]) if residual else {convs[0].name},
+        Fp32Layer.LAST_CONV: {next((n.name for n in reversed(convs) if n.name in feeding), convs[-1].name)},
     }
-    return sorted({names[layer] for layer in layers})
+    return sorted(set().union(*(names[layer] for layer in layers)))
 
 
 def _name_unnamed_nodes(model: Any) -> None:
@@ -309,7 +322,8 @@ def prepare_for_quantization(
     model = onnx.load(str(prepared if config.pre_process else fp32_path))
     _name_unnamed_nodes(model)
     onnx.save(model, str(prepared))
-    return sorted(set(_head_node_names(model)) | set(layer_node_names(model, config.fp32_layers)))
+    layers = layer_node_names(model, config.fp32_layers)
+    return sorted(set(_head_node_names(model)) | set(layers) | set(config.fp32_nodes))
 
 
 def _finish_int8_file(fp32_path: Path, quantized: Path, int8_path: Path, recipe: dict[str, Any]) -> None:
@@ -430,13 +444,13 @@ def int8_accuracy_gate(
         "max_drop": max_drop,
         "decision_agreement": float(np.mean(fp32_decisions["rule"] == int8_decisions["rule"])),
         "max_abs_diff_probabilities": float(np.abs(fp32_probabilities - int8_probabilities).max()),
-        "logit_relative_error": _relative_error(fp32_logits, int8_logits),
+        "logit_relative_error": logit_relative_error(fp32_logits, int8_logits),
         "passed": not failures,
         "failures": failures,
     }
 
 
-def _relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+def logit_relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     """||approx - ref|| / ||ref - per-image mean||: INT8 noise against the logit spread that decides.
 
     Independent of model quality, unlike accuracy: an untrained head with tiny margins flips

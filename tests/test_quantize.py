@@ -14,23 +14,26 @@ from kidney_edge.quantize import Fp32Layer, QuantizationConfig, layer_node_names
 from kidney_edge.spec import ModelSpec
 
 
-def graph_with_a_conv_after_the_logits_path():
-    """conv1 -> conv2 -> pool -> Gemm -> logits, and conv2's output -> cam_conv -> cam (not to logits)."""
+def graph_with_a_residual_and_a_conv_off_the_logits_path():
+    """conv1 -> conv2 -> add(conv1, conv2) -> conv3 -> pool -> Gemm -> logits; conv3 -> cam_conv -> cam."""
     from onnx import TensorProto, helper, numpy_helper
 
     weights = {
         "w1": np.ones((4, 3, 3, 3), np.float32),
         "w2": np.ones((4, 4, 1, 1), np.float32),
+        "w3": np.ones((4, 4, 1, 1), np.float32),
         "wc": np.ones((2, 4, 1, 1), np.float32),
         "fc": np.ones((4, 2), np.float32),
     }
     nodes = [
         helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["c1", "w2"], ["c2"], name="conv2"),
-        helper.make_node("GlobalAveragePool", ["c2"], ["pooled"], name="pool"),
+        helper.make_node("Add", ["c1", "c2"], ["r"], name="residual"),
+        helper.make_node("Conv", ["r", "w3"], ["c3"], name="conv3"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["pooled"], name="pool"),
         helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="gemm"),
-        helper.make_node("Conv", ["c2", "wc"], ["cam"], name="cam_conv"),
+        helper.make_node("Conv", ["c3", "wc"], ["cam"], name="cam_conv"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -43,17 +46,22 @@ def graph_with_a_conv_after_the_logits_path():
 
 
 def test_layers_are_found_by_graph_position() -> None:
-    model = graph_with_a_conv_after_the_logits_path()
+    model = graph_with_a_residual_and_a_conv_off_the_logits_path()
     assert layer_node_names(model, [Fp32Layer.STEM]) == ["conv1"]
-    assert layer_node_names(model, [Fp32Layer.LAST_CONV]) == ["conv2"]  # not cam_conv: it feeds no logits
-    assert layer_node_names(model, [Fp32Layer.STEM, Fp32Layer.LAST_CONV]) == ["conv1", "conv2"]
+    assert layer_node_names(model, [Fp32Layer.EARLY]) == [
+        "conv1",
+        "conv2",
+        "residual",
+    ]  # up to the first residual
+    assert layer_node_names(model, [Fp32Layer.LAST_CONV]) == ["conv3"]  # not cam_conv: it feeds no logits
+    assert layer_node_names(model, [Fp32Layer.STEM, Fp32Layer.LAST_CONV]) == ["conv1", "conv3"]
     assert layer_node_names(model, []) == []
 
 
 def test_config_validates_fp32_layers() -> None:
     config = QuantizationConfig(fp32_layers=("stem", "last-conv", "stem"))
     assert config.fp32_layers == (Fp32Layer.STEM, Fp32Layer.LAST_CONV)
-    with pytest.raises(InputError, match="--int8-fp32-layers must be one of stem, last-conv"):
+    with pytest.raises(InputError, match="--int8-fp32-layers must be one of stem, early, last-conv"):
         QuantizationConfig(fp32_layers=("head",))
 
 
