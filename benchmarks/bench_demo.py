@@ -21,6 +21,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
+
 def cpu_model() -> str:
     from kidney_edge.runtime import cpu_info
 
@@ -92,6 +93,12 @@ def render(summary: dict, total_s: float | None, load: list[float], notes: list[
         f"{summary['parity'].get('argmax_agreement')}; INT8 gate passed: "
         f"{(summary['parity'].get('int8') or {}).get('passed')}. Hold-out predicted with "
         f"{hold.get('model')} at {hold.get('images_per_s')} images/s end to end.",
+        "",
+        f"Out-of-distribution detector: {(summary['parity'].get('ood') or {}).get('description', 'none')}. "
+        f"Hold-out slices labelled unknown: {hold.get('unknown', '-')} of {hold.get('n')}. Foreign corpus "
+        f"(`kidney_edge.foreign`, {(summary.get('foreign') or {}).get('images', '-')} files): "
+        f"{(summary.get('foreign') or {}).get('labels', '-')}, unreadable "
+        f"{(summary.get('foreign') or {}).get('failed', '-')}.",
         "",
         "Training warnings: " + ("; ".join(summary.get("warnings") or []) or "none"),
     ]
