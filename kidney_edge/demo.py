@@ -271,6 +271,7 @@ def _export(out: Path, result: DemoResult) -> None:
         "argmax_agreement": parity.get("argmax_agreement"),
         "n_images": parity.get("n_images"),
         "int8": parity.get("int8"),
+        "ood": parity.get("ood"),  # the fp32 file's OOD detector (the INT8 one is in "int8")
     }
     result.artifacts["model.onnx"] = str(exported.model_path)
     result.artifacts["parity.json"] = str(exported.parity_path)
