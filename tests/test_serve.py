@@ -112,7 +112,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @contextmanager
 def serving(model: Path, **options: Any) -> Iterator[TestClient]:
-    config = ServeConfig(model=model, threads=1, decode_workers=1, **options)
+    config = ServeConfig(model=model, **{"threads": 1, "decode_workers": 1, **options})
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
         yield client
 
@@ -239,10 +239,15 @@ def test_batch_answers_each_file_in_order(client: TestClient) -> None:
                     "detail": "not an image Pillow can read (unknown format or not an image)"}  # fmt: skip
 
 
-def test_concurrent_requests_share_one_onnx_call(models: dict[str, Path]) -> None:
-    with serving(models["plain"], max_batch=4, max_wait_ms=1000) as client:
-        batcher = client.app.state.service.batcher
-        before = batcher.batches
+def test_concurrent_requests_share_one_onnx_call(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serving(models["plain"], max_batch=4, max_wait_ms=1000, decode_workers=4) as client:
+        service = client.app.state.service
+        together = threading.Barrier(4, timeout=30)  # the four uploads finish decoding at once
+        decode = service._decode
+        monkeypatch.setattr(service, "_decode", lambda upload: (together.wait(), decode(upload))[1])
+        before = service.batcher.batches
         answers: list[Any] = [None] * 4
 
         def send(index: int) -> None:
@@ -255,8 +260,14 @@ def test_concurrent_requests_share_one_onnx_call(models: dict[str, Path]) -> Non
             thread.join(30)
         assert [a.status_code for a in answers] == [200] * 4
         assert [a.json()["batch_size"] for a in answers] == [4] * 4
-        assert batcher.batches - before == 1
+        assert service.batcher.batches - before == 1
         assert 'kidney_edge_batch_size_bucket{le="4"} 1' in client.get("/metrics").text
+
+
+def test_a_lone_request_does_not_wait_for_partners(models: dict[str, Path]) -> None:
+    with serving(models["plain"], max_wait_ms=1000) as client:
+        body = post_png(client, gray_png()).json()
+    assert body["batch_size"] == 1 and body["latency_ms"]["queue"] < 500  # not the 1000 ms wait
 
 
 def test_batcher_splits_at_max_batch_keeps_order_and_shares_failures() -> None:

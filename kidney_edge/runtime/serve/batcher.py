@@ -5,6 +5,8 @@ and awaits a future; one collector task takes the first item, waits at most ``ma
 more (up to ``max_batch``), and runs the whole list as one call of ``run_batch`` in a single
 worker thread, off the event loop. While a batch runs, new requests queue up, so under load the
 next batch is already full when the model is free again and nobody waits the ``max_wait_s``.
+When the caller says no other item is on its way (``arriving``), the collector does not wait at
+all: a lone request is not delayed for partners that cannot come.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ class DynamicBatcher(Generic[Item, Result]):
     """
 
     def __init__(
-        self, run_batch: Callable[[list[Item]], Sequence[Result]], *, max_batch: int, max_wait_s: float
+        self,
+        run_batch: Callable[[list[Item]], Sequence[Result]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
+        """``arriving()``: how many items are on their way to :meth:`submit` (e.g. still being
+        decoded); None: unknown, always wait up to ``max_wait_s`` for a fuller batch."""
         self._run_batch = run_batch
+        self._arriving = arriving
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         # One thread: the model call is the serial resource; onnxruntime parallelises inside it.
@@ -50,6 +60,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[tuple[Item, float, asyncio.Future[Batched[Result]]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # model calls so far
+        self.outstanding = 0  # submitted items without a result yet
 
     @property
     def running(self) -> bool:
@@ -75,7 +86,11 @@ class DynamicBatcher(Generic[Item, Result]):
             raise RuntimeError("the batcher is not running; call start() in the serving event loop")
         future: asyncio.Future[Batched[Result]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, time.perf_counter(), future))
-        return await future
+        self.outstanding += 1
+        try:
+            return await future
+        finally:
+            self.outstanding -= 1
 
     async def _collect(self) -> None:
         assert self._queue is not None
@@ -87,6 +102,8 @@ class DynamicBatcher(Generic[Item, Result]):
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
                     continue
+                if self._arriving is not None and self._arriving() <= 0:
+                    break  # nobody else is coming: do not wait for them
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -63,7 +63,7 @@ class ServeConfig:
     max_bytes: int = 32 * MB
     max_queue: int = 64
     max_files: int = 32
-    max_batch: int = 16
+    max_batch: int = 8
     max_wait_ms: float = 5.0
     threads: int | None = None
     decode_workers: int | None = None

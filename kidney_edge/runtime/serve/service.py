@@ -2,9 +2,11 @@
 
 Every answer comes from :func:`~kidney_edge.runtime.predict.classify_paths`, the chain
 ``predict`` runs (preprocess -> ONNX -> calibrated probabilities -> OOD check -> decision rule),
-so a file gets the same row here as in a predictions CSV. Uploads are decoded in memory by
-:func:`~kidney_edge.imaging.load_image`, the decoder ``preprocess`` itself uses, in a small
-thread pool while the previous batch runs; the decoded images are batched by the
+so a file gets the same row here as in a predictions CSV. Uploads are decoded in memory and
+resized by :func:`~kidney_edge.imaging.load_image` and
+:func:`~kidney_edge.imaging.resized_image`, the two steps ``preprocess`` itself runs, in a small
+thread pool while the previous batch runs (``preprocess`` leaves an image already at the input
+size as it is, so its rows do not change); the images are batched by the
 :class:`~kidney_edge.runtime.serve.batcher.DynamicBatcher`.
 """
 
@@ -55,7 +57,7 @@ _MAGIC_SUFFIXES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b
 
 @dataclass(frozen=True)
 class _Job:
-    image: Image.Image  # decoded, 8-bit, in the spec's colour mode
+    image: Image.Image  # decoded, 8-bit, in the spec's colour mode, resized to the input size
     cam: bool  # the caller wants the activation map
 
 
@@ -126,7 +128,10 @@ class InferenceService:
         }
         self.metrics = ServeMetrics({key: str(value) for key, value in self.identity.items()})
         self.batcher: DynamicBatcher[_Job, _Scored] = DynamicBatcher(
-            self._run_batch, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000
+            self._run_batch,
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000,
+            arriving=lambda: self.in_flight - self.batcher.outstanding,  # admitted, still decoding
         )
         self.decoder = ThreadPoolExecutor(config.workers, thread_name_prefix="kidney-edge-decode")
         self.in_flight = 0  # images admitted and not yet answered (changed on the event loop only)
@@ -186,7 +191,9 @@ class InferenceService:
             atomic_write_bytes(self.config.save_dir / saved, upload.data)
         stream = io.BytesIO(upload.data)
         stream.name = upload.filename or "<upload>"  # what errors call the file
-        return load_image(stream, self.classifier.spec), saved
+        spec = self.classifier.spec
+        # Resizing here keeps it off the serial batch thread; preprocess skips it for this image.
+        return resized_image(load_image(stream, spec), spec), saved
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Scored]:
         """Runs in the batcher's thread: one classify_paths call for the whole batch."""
@@ -205,7 +212,7 @@ class InferenceService:
         return [_Scored(row, heat) for row, heat in zip(rows, heats, strict=True)]
 
     def _activation(self, image: Image.Image, scored: _Scored) -> dict[str, Any]:
-        view = resized_image(image, self.classifier.spec)  # what the model saw
+        view = image  # already the model's input view
         shown = {"view_png": png_data_url(view.convert("RGB"))}
         if scored.heat is None:
             return {**shown, "overlay_png": None, "note": "no activation map in this model"}
