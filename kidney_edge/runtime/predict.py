@@ -136,10 +136,11 @@ def _log_unreadable_folder(error: OSError) -> None:
 
 def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files under ``folder``, recursively, in a deterministic (sorted, depth-first) order."""
-    return [Path(path) for path in _scan_image_paths(folder)]
+    return [Path(path) for path in scan_image_paths(folder)]
 
 
-def _scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
+def scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
+    """:func:`scan_images` as absolute path strings: the row keys every engine writes."""
     # Plain strings, not Path objects: on 100,000 files Path construction alone costs seconds
     # of start-up before the first batch.
     root = os.path.abspath(folder)  # absolute without resolving symlinks: stable row keys
@@ -244,7 +245,7 @@ def _drop_partial_last_line(out: Path) -> None:
         handle.truncate(keep)
 
 
-def _done_paths(out: Path, fmt: OutputFormat, columns: list[str]) -> set[str]:
+def done_paths(out: Path, fmt: OutputFormat, columns: list[str]) -> set[str]:
     """Paths that already have a row in ``out`` (predicted or failed), after repairing its end."""
     if not out.is_file() or out.stat().st_size == 0:
         return set()
@@ -341,7 +342,8 @@ def classify_paths(paths: Sequence[str], classifier: OnnxClassifier) -> list[dic
     return _batch_rows(_load_batch(list(paths), classifier.spec), classifier)
 
 
-def _record(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
+def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
+    """Count written rows into ``summary``: predicted per label, failed, the first failures."""
     for row in rows:
         if row["error"] is None:
             summary.predicted += 1
@@ -446,7 +448,7 @@ def predict_folder(
             resolve_precision, config.model, config.precision, batch_size=config.batch_size,
             threads=config.threads, probe=probe, load=partial(OnnxClassifier, threads=config.threads, ood=config.ood),
         )  # fmt: skip
-        files = _scan_image_paths(config.folder)
+        files = scan_image_paths(config.folder)
         choice, classifier = pending_classifier.result()
     if not files:
         raise InputError(
@@ -454,7 +456,7 @@ def predict_folder(
             "or DICOM files without a suffix)"
         )
     columns = output_columns(classifier.class_names)
-    done = _done_paths(config.out, config.fmt, columns) if config.resume else set()
+    done = done_paths(config.out, config.fmt, columns) if config.resume else set()
     todo = [path for path in files if path not in done]
     summary = _new_summary(config, classifier, choice, total_files=len(files), skipped=len(files) - len(todo))
     log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
@@ -462,7 +464,7 @@ def predict_folder(
     def write(rows: list[dict[str, Any]]) -> None:
         handle.write(format_predictions(rows, columns, config.fmt))
         handle.flush()  # per batch: a crash or Ctrl-C keeps every finished row
-        _record(summary, rows)
+        record_rows(summary, rows)
         if summary.first_batch_s is None:
             summary.first_batch_s = time.perf_counter() - started
         if progress is not None:
@@ -485,6 +487,22 @@ def predict_folder(
     return summary
 
 
+def model_facts(classifier: OnnxClassifier, choice: PrecisionChoice) -> dict[str, Any]:
+    """The :class:`PredictSummary` fields that describe the model and its precision choice,
+    whatever engine ran it."""
+    spec = classifier.spec
+    return {
+        "decision_rule": spec.decision_rule.describe(),
+        "class_names": spec.class_names,
+        "is_int8": classifier.is_int8,
+        "ood_detector": None if classifier.ood is None else classifier.ood.describe(),
+        "precision": choice.precision.value,
+        "precision_reason": choice.reason,
+        "precision_warning": choice.warning,
+        "positive_class": spec.positive_class,
+    }
+
+
 def _new_summary(
     config: PredictConfig,
     classifier: OnnxClassifier,
@@ -498,16 +516,9 @@ def _new_summary(
         out=config.out,
         model=classifier.path,
         fmt=config.fmt.value,
-        decision_rule=spec.decision_rule.describe(),
-        class_names=spec.class_names,
-        is_int8=classifier.is_int8,
-        ood_detector=None if classifier.ood is None else classifier.ood.describe(),
+        **model_facts(classifier, choice),
         threads=classifier.threads,
         workers=config.workers or _default_workers(),
-        precision=choice.precision.value,
-        precision_reason=choice.reason,
-        precision_warning=choice.warning,
-        positive_class=spec.positive_class,
         batch_size=config.batch_size,
         total_files=total_files,
         skipped=skipped,

@@ -51,12 +51,13 @@ from kidney_edge.runtime.predict import (
     OutputFormat,
     PredictConfig,
     PredictSummary,
-    _done_paths,
-    _record,
-    _scan_image_paths,
     classify_paths,
+    done_paths,
     format_predictions,
+    model_facts,
     output_columns,
+    record_rows,
+    scan_image_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def list_source(source: str) -> list[str]:
     every object at listing time); give DICOM objects a ``.dcm`` suffix.
     """
     if not is_uri(source):
-        return _scan_image_paths(source)
+        return scan_image_paths(source)
     import pyarrow
     import pyarrow.fs as pafs
 
@@ -328,7 +329,7 @@ class _TextWriter:
     """CSV/JSONL rows appended to one file, flushed per batch (as local predict writes them)."""
 
     def __init__(self, out: Path, fmt: OutputFormat, columns: list[str], resume: bool) -> None:
-        self.done = _done_paths(out, fmt, columns) if resume else set()
+        self.done = done_paths(out, fmt, columns) if resume else set()
         append = resume and out.is_file() and out.stat().st_size > 0
         out.parent.mkdir(parents=True, exist_ok=True)
         self._fmt, self._columns = fmt, columns
@@ -527,19 +528,12 @@ def _new_summary(
         out=config.out,
         model=choice.path,
         fmt=config.fmt.value,
-        decision_rule=spec.decision_rule.describe(),
-        class_names=spec.class_names,
-        is_int8=classifier.is_int8,
-        ood_detector=None if classifier.ood is None else classifier.ood.describe(),
+        **model_facts(classifier, choice),
         threads=config.threads,
         workers=0,
         batch_size=config.batch_size,
         # Labels outside the classes (the OOD detector's) are counted as they appear.
         class_counts=defaultdict(int, dict.fromkeys(spec.class_names, 0)),
-        precision=choice.precision.value,
-        precision_reason=choice.reason,
-        precision_warning=choice.warning,
-        positive_class=spec.positive_class,
         address=config.address or "local",
         **counts,
     )
@@ -597,7 +591,7 @@ def predict_with_ray(
 
     def write(rows: list[dict[str, Any]]) -> None:
         writer.write(rows)
-        _record(summary, rows)
+        record_rows(summary, rows)
         if summary.first_batch_s is None:
             summary.first_batch_s = time.perf_counter() - started
         if progress is not None:
