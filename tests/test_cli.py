@@ -48,3 +48,12 @@ def test_python_dash_m_entry_point() -> None:
         [sys.executable, "-m", "kidney_edge", "--help"], capture_output=True, text=True
     )
     assert completed.returncode == 0 and "predict" in completed.stdout
+
+
+def test_command_table_names_every_command_and_its_module() -> None:
+    from kidney_edge.cli import COMMAND_MODULES
+
+    registered = {
+        c.callback.__name__: c.callback.__module__.rsplit(".", 1)[1] for c in app.registered_commands
+    }
+    assert registered == COMMAND_MODULES  # main() imports only the module of the command it runs

@@ -1,20 +1,48 @@
-"""Command-line interface: ``kidney-edge COMMAND``. One module per command, all thin."""
+"""Command-line interface: ``kidney-edge COMMAND``. One module per command, all thin.
+
+:func:`main` imports only the module of the command it runs: the command modules' own imports
+cost start-up time (all of them ~0.3 s on a 2-core Xeon, before ``predict``'s first batch;
+benchmarks/results/runtime.md). ``from kidney_edge.cli import app`` gives the app with every
+command registered.
+"""
 
 from __future__ import annotations
 
-from kidney_edge.cli import (  # noqa: F401  (each module registers its command on `app`)
-    benchmark_cmd,
-    data_cmd,
-    demo_cmd,
-    evaluate_cmd,
-    export_cmd,
-    info_cmd,
-    predict_cmd,
-    serve_cmd,
-    train_cmd,
-)
-from kidney_edge.cli._app import app
+import sys
+from importlib import import_module
+from typing import Any
+
+# command -> the module that registers it on `app`. A command missing here still runs (main
+# then imports every module), only slower; tests/test_cli.py checks the table.
+COMMAND_MODULES = {
+    "benchmark": "benchmark_cmd",
+    "demo": "demo_cmd",
+    "evaluate": "evaluate_cmd",
+    "export": "export_cmd",
+    "info": "info_cmd",
+    "predict": "predict_cmd",
+    "serve": "serve_cmd",
+    "split": "data_cmd",
+    "synth": "data_cmd",
+    "train": "train_cmd",
+}
+
+
+def _register(modules: list[str]) -> Any:
+    for module in modules:
+        import_module(f"kidney_edge.cli.{module}")
+    from kidney_edge.cli._app import app
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return _register(sorted(set(COMMAND_MODULES.values())))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    module = COMMAND_MODULES.get(command or "")
+    _register([module] if module else sorted(set(COMMAND_MODULES.values())))()
