@@ -56,10 +56,13 @@ MODELS = {
     "lookalike": ("/tmp/recipe/runs/lookalike-s0-lr1e-3-b9-e12-128/best.pt", "/tmp/recipe/lookalike-s0-n500-512px-splits.csv"),
 }  # fmt: skip
 
-# name -> (QuantizationConfig fields, calibration images, class-balanced calibration). Fields not
-# given keep QuantizationConfig's own defaults of the commit that runs the benchmark, so
-# "baseline" is the committed default and every other variant changes one or two things.
+# The plain recipe: MinMax calibration, only the head fp32 (the sensitivity passes analyse it).
+PLAIN: dict[str, Any] = {"calibrate_method": "minmax", "fp32_layers": ()}
+# name -> (QuantizationConfig fields over PLAIN, calibration images, class-balanced calibration).
+# Every variant changes one or two things of the plain recipe; "default" is whatever
+# QuantizationConfig's defaults are at the commit that runs the benchmark.
 VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
+    "default": ({}, 300, False),
     "baseline": ({}, 300, False),
     "calib-100": ({}, 100, False),
     "calib-all": ({}, 100_000, False),
@@ -117,6 +120,15 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def variant_config(name: str) -> Any:
+    """The QuantizationConfig of a variant: the plain recipe with the variant's changes, or the
+    committed defaults for "default"."""
+    from kidney_edge.quantize import QuantizationConfig
+
+    fields = VARIANTS[name][0]
+    return QuantizationConfig(**fields) if name == "default" else QuantizationConfig(**{**PLAIN, **fields})
 
 
 def calibration_set(splits: Path, spec: Any, n: int, balanced: bool) -> list[Path]:
@@ -187,7 +199,7 @@ def sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path) -> d
         quantize_model,
     )
 
-    config = QuantizationConfig()
+    config = QuantizationConfig(**PLAIN)
     prepared, qdq = work / "sensitivity.prepared.onnx", work / "sensitivity.qdq.onnx"
     work.mkdir(parents=True, exist_ok=True)
     prepare_for_quantization(fp32, prepared, config)
@@ -279,7 +291,7 @@ def block_sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path
     from kidney_edge.runtime import OnnxClassifier
 
     prepared = work / "blocks.prepared.onnx"
-    prepare_for_quantization(fp32, prepared, QuantizationConfig())
+    prepare_for_quantization(fp32, prepared, QuantizationConfig(**PLAIN))
     names = [node.name for node in onnx.load(str(prepared)).graph.node]
     groups = sorted({block for block in map(block_of, names) if block})
     held_out = calibration[BLOCK_CALIBRATION_IMAGES : BLOCK_CALIBRATION_IMAGES + BLOCK_EVAL_IMAGES]
@@ -290,7 +302,11 @@ def block_sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path
         others = tuple(name for name in names if group != "all" and block_of(name) != group)
         path = work / "blocks.one.int8.onnx"
         quantize_model(
-            fp32, path, calibration[:BLOCK_CALIBRATION_IMAGES], spec, QuantizationConfig(fp32_nodes=others)
+            fp32,
+            path,
+            calibration[:BLOCK_CALIBRATION_IMAGES],
+            spec,
+            QuantizationConfig(**PLAIN, fp32_nodes=others),
         )
         logits = OnnxClassifier(path, ood=False).run(batch)[0]
         rows.append({"block": group, "logits_sqnr_db": _sqnr_db(reference, logits),
@@ -308,11 +324,11 @@ def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
 
 
 def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, work: Path) -> dict[str, Any]:
-    from kidney_edge.quantize import QuantizationConfig, int8_accuracy_gate, quantize_model
+    from kidney_edge.quantize import int8_accuracy_gate, quantize_model
 
-    fields, n_calibration, balanced = VARIANTS[name]
+    _, n_calibration, balanced = VARIANTS[name]
     calibration = calibration_set(splits, spec, n_calibration, balanced)
-    config = QuantizationConfig(**fields)
+    config = variant_config(name)
     path = work / f"model.{name}.int8.onnx"
     log(f"  {name}: quantize on {len(calibration)} images")
     started = time.perf_counter()
@@ -358,7 +374,7 @@ def time_models(models: dict[str, Path], batch_size: int, threads: int, rounds: 
 
 def bench_speed_model(model: Path, images: Path, variants: list[str], args: argparse.Namespace) -> dict:
     """Every variant's speed on ``model`` (e.g. Lite0 at 224 px, the deployed size): no gate."""
-    from kidney_edge.quantize import QuantizationConfig, quantize_model
+    from kidney_edge.quantize import quantize_model
     from kidney_edge.runtime import OnnxClassifier, scan_images
 
     spec = OnnxClassifier(model, ood=False).spec
@@ -367,10 +383,9 @@ def bench_speed_model(model: Path, images: Path, variants: list[str], args: argp
     work.mkdir(parents=True, exist_ok=True)
     timed = {"fp32": model}
     for variant in variants:
-        fields, _, _ = VARIANTS[variant]
         log(f"speed model: quantize {variant}")
         timed[variant] = work / f"model.{variant}.int8.onnx"
-        quantize_model(model, timed[variant], calibration, spec, QuantizationConfig(**fields))
+        quantize_model(model, timed[variant], calibration, spec, variant_config(variant))
     log("speed model: timing")
     load = [round(x, 2) for x in os.getloadavg()]
     latency = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
@@ -451,7 +466,11 @@ def render(machines: dict[str, Any], legacy_md: str | None) -> str:
     for kind, record in machines.items():
         lines += ["", f"## {kind}", ""]
         if record.get("legacy"):
-            lines += [legacy_md.strip() if legacy_md else "(recorded by an earlier version of this script)"]
+            # its own headings one level down, under this CPU kind's
+            legacy = (
+                re.sub(r"^## ", "### ", legacy_md.strip(), flags=re.M) if legacy_md else "(earlier script)"
+            )
+            lines += [legacy]
         else:
             lines += _render_record(record)
     return "\n".join(lines) + "\n"
@@ -531,7 +550,7 @@ def _render_sensitivity(sens: dict[str, Any]) -> list[str]:
 
     lines = [
         "",
-        f"Sensitivity of the committed default recipe ({sens['images']} calibration images; SQNR in dB, "
+        f"Sensitivity of the plain recipe (MinMax, only the head fp32; {sens['images']} calibration images; SQNR in dB, "
         f"higher is better): logits {sens['logits_vs_fp32_sqnr_db']} dB vs fp32; the input quantizes "
         f"exactly ({sens['input_vs_fp32_sqnr_db']} dB: 8-bit pixels). Stem = `{sens['layers']['stem']}`, "
         f"last conv = `{sens['layers']['last-conv']}`.",
@@ -575,7 +594,7 @@ def main() -> None:
         machines[cpu_kind(record["machine_before"])] = record
         atomic_write_json(json_path, {"machines": machines})
     atomic_write_text(md_path, render(machines, legacy_md))
-    log(f"wrote {json_path} and {md_path}")
+    log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
 
 
 def _legacy_markdown(md_path: Path) -> str | None:

@@ -165,9 +165,15 @@ def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
     model = onnx.load(str(result.int8_path))
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("QuantizeLinear") > 40 and ops.count("DequantizeLinear") > 40
-    conv_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(conv_weights) >= 49  # every Conv's weight is int8 (per channel)
     gate = result.int8_gate
+    dequantized = {
+        out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output
+    }
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    float_convs = {node.name for node in convs if node.input[1] not in dequantized}
+    assert float_convs == {node.name for node in convs} & set(gate["recipe"]["fp32_nodes"])
+    assert len(convs) - len(float_convs) >= 40  # int8 weights (per channel) except in the early layers
+    assert gate["recipe"]["fp32_layers"] == ["early"] and len(float_convs) == 9  # stem, blocks 0-2
     assert gate["recipe"]["format"] == "QDQ" and gate["recipe"]["per_channel"] is True
     assert gate["recipe"]["calibration_images"] == 8
     assert any("fewer than 300" in w for w in gate["warnings"])
