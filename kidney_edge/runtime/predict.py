@@ -356,7 +356,9 @@ def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
 
 def _default_workers() -> int:
     # Decoding a draft-mode JPEG costs a fraction of the model's time per image, so one or two
-    # decode threads keep the model fed; more would only steal cores from onnxruntime.
+    # decode threads keep the model fed; more would only steal cores from onnxruntime. On 2
+    # cores, 1 and 2 decode workers measured within noise of each other, and 1 onnxruntime
+    # thread instead of 2 was slower (benchmarks/results/runtime.md, thread split).
     return max(1, min(2, available_cpus() // 2))
 
 
