@@ -3,9 +3,9 @@
 An export folder (``kidney-edge export``) holds ``model.onnx``, ``model.int8.onnx`` when the
 INT8 copy passed its accuracy gate (or was kept with ``--allow-int8-drop``), and
 ``parity.json`` whose ``int8`` section is the gate record. Whether INT8 is worth running
-depends on the CPU that runs it, not on the one that exported it: U8S8 kernels run 2.0-2.5x
-faster than fp32 with AVX-512 VNNI and 0.87-0.91x on AVX2 without it
-(benchmarks/results/int8.md). So ``auto`` measures both models on this CPU (a probe of a few
+depends on the CPU that runs it, not on the one that exported it: recorded Lite0 INT8 ran
+1.5-3.0x faster than fp32 at batch 8 on an AVX-512 VNNI Xeon and 0.87-0.91x of fp32 on an AVX2
+EPYC without VNNI (benchmarks/results/int8.md). So ``auto`` measures both models on this CPU (a probe of a few
 batches) instead of trusting an instruction-set table, and picks INT8 only when its gate
 passed **and** it is at least :data:`MIN_INT8_SPEEDUP` times faster. Probe results are cached
 per machine (CPU model, instruction sets, threads, onnxruntime version) and per model pair
@@ -55,9 +55,9 @@ PROBE_CACHE_FILE = "precision_probe.json"
 _PROBE_CACHE_VERSION = 1
 _MAX_CACHE_ENTRIES = 32  # one per machine x thread count x batch: a shared folder stays small
 
-# INT8 costs up to the gate's 1 point of accuracy, so it must win clearly, not by probe noise:
-# a 2-thread probe of 3-8 batches repeats within ~5% on an idle CPU. On the recorded machines
-# INT8 runs 0.87-0.91x (AVX2) or 1.6-2.5x (AVX-512 VNNI) of fp32, far from this line.
+# INT8 costs up to the gate's 1 point of accuracy, so it must win clearly, not by probe noise.
+# On the recorded machines INT8 runs at 0.87-0.91x (AVX2) or 1.5-3.0x (AVX-512 VNNI) of fp32
+# (benchmarks/results/int8.md), far from this line either way.
 MIN_INT8_SPEEDUP = 1.10
 # The probe times at most this batch size: per-image cost is flat from batch 8 up (int8.md),
 # and a larger probe batch would cost seconds on a slow CPU.
