@@ -371,6 +371,7 @@ def render(record: dict[str, Any]) -> str:
             f"{errors} errors in all; ratio to model-only {ratios}, "
             f"median {median:.2f} (target >= {TARGET_RATIO} with zero errors): **{'met' if met else 'missed'}**."
         )
+    lines += cpu_budget(record, target_runs)
     lines += [
         "",
         "Latency is per request, client side, from send to parsed answer. `decode`, `queue` and "
@@ -381,6 +382,34 @@ def render(record: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> list[str]:
+    """Where the CPU goes, from the recorded figures: the server's CPU per image under load
+    against the model's own (all intra-op threads busy for 1 / images_per_s each image)."""
+    single = [r for r in record["runs"] if r["clients"] == 1]
+    if not target_runs:
+        return []
+    served = float(np.median([r["server_cpu_s"] * 1000 / r["requests"] for r in target_runs]))
+    model = float(np.median([record["threads"] * 1000 / r["model_only_images_per_s"] for r in target_runs]))
+    inference = float(np.median([r["mean_inference_ms"] / r["mean_batch_size"] for r in target_runs]))
+    model_wall = float(np.median([1000 / r["model_only_images_per_s"] for r in target_runs]))
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        f"- Under load the server spends {served:.1f} ms of CPU per image (median of the runs above); "
+        f"the model alone needs at most {model:.1f} ms ({record['threads']} threads for "
+        f"{model_wall:.2f} ms of wall time per image at the best model-only batch size).",
+        f"- Inside the server an ONNX batch takes {inference:.2f} ms per image, against {model_wall:.2f} ms "
+        "model-only: on 2 cores the model shares them with decoding, HTTP and the event loop.",
+    ]
+    if single:
+        lines.append(
+            f"- Decoding and resizing one 512 px JPEG takes {single[0]['mean_decode_ms']:.2f} ms when requests come "
+            "one at a time (the 1-client run): the same `load_image` + `resized_image` that `predict` runs."
+        )
+    return lines
 
 
 def main() -> None:

@@ -211,8 +211,8 @@ class InferenceService:
                 heats[i] = heatmap(maps[k, spec.class_names.index(shown)], spec.input_size)
         return [_Scored(row, heat) for row, heat in zip(rows, heats, strict=True)]
 
-    def _activation(self, image: Image.Image, scored: _Scored) -> dict[str, Any]:
-        view = image  # already the model's input view
+    def _activation(self, view: Image.Image, scored: _Scored) -> dict[str, Any]:
+        """The model's view (the decoded, resized upload) and the CAM overlay, as PNG data URLs."""
         shown = {"view_png": png_data_url(view.convert("RGB"))}
         if scored.heat is None:
             return {**shown, "overlay_png": None, "note": "no activation map in this model"}
