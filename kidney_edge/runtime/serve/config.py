@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kidney_edge.errors import InputError, enum_choice
-from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.predict import _default_workers as default_decode_workers  # predict's rule
 
 # Localhost only unless the operator names another address: the service has no user accounts.
 DEFAULT_HOST = "127.0.0.1"
@@ -39,12 +39,6 @@ def exposure_warning(host: str, token: str | None) -> str | None:
         f"serving on {host} with NO authentication: anyone who can reach this address can use the "
         "model. Set --token to require a bearer token, and put a TLS reverse proxy in front"
     )
-
-
-def _default_decode_workers() -> int:
-    # Decoding a CT slice costs a fraction of the model's time per image, so one or two decode
-    # threads keep the batcher fed; more would only steal cores from onnxruntime.
-    return max(1, min(2, available_cpus() // 2))
 
 
 @dataclass(frozen=True)
@@ -103,7 +97,7 @@ class ServeConfig:
     @property
     def workers(self) -> int:
         """Decode threads."""
-        return self.decode_workers or _default_decode_workers()
+        return self.decode_workers or default_decode_workers()
 
     @property
     def warning(self) -> str | None:
