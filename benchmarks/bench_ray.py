@@ -39,6 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_runtime import phantom_images  # noqa: E402  (the same 2,000 images)
+
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from kidney_edge.runtime import machine_info, scan_images  # noqa: E402
 
@@ -65,17 +67,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def phantom_images(cache: Path, n: int) -> Path:
-    """n phantom 512 px JPEGs in the Kaggle layout (made once under ``cache``)."""
-    folder = cache / f"phantom-{n}-512"
-    if folder.is_dir() and len(scan_images(folder)) >= n:
-        return folder
-    from kidney_edge.phantom import synthesize
-
-    synthesize(folder, n=n, size=512, seed=0)
-    return folder
 
 
 def empty_files(cache: Path, n: int) -> Path:
