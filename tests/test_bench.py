@@ -99,22 +99,62 @@ def test_benchmark_json_fields_and_figures_agree_with_plain_onnxruntime(tmp_path
     assert machine["cpu_model"] and {"avx2", "avx512f", "avx512_vnni", "avx_vnni"} <= set(
         machine["isa_flags"]
     )
-    rows = {(r["precision"], r["batch_size"], r["threads"]): r for r in record["model_only"]}
-    assert set(rows) == {(p, b, 1) for p in ("fp32", "int8") for b in (1, 4)}
-    for (_, batch_size, _), row in rows.items():
+    rows = {(r["precision"], r["batch_size"], r["threads"], r["workers"]): r for r in record["model_only"]}
+    layouts = {(1, 1)}  # --threads 1: one batch at a time on one thread (predict's layout is not added)
+    assert set(rows) == {(p, b, *layout) for p in ("fp32", "int8") for b in (1, 4) for layout in layouts}
+    for (_, batch_size, _, workers), row in rows.items():
         latency, per_image = row["latency_ms"], row["per_image_ms"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] and latency["mean"] > 0
         assert per_image["p50"] == pytest.approx(latency["p50"] / batch_size, rel=1e-3)
-        assert row["images_per_s"] == pytest.approx(1000 * batch_size / latency["mean"], rel=0.01)
+        if workers == 1:  # one batch at a time: throughput is the inverse of the mean latency
+            assert row["images_per_s"] == pytest.approx(1000 * batch_size / latency["mean"], rel=0.02)
+        else:  # side by side: more images/s than one call's latency allows, at most `workers` x
+            per_call = 1000 * batch_size / latency["mean"]
+            assert 0.9 * per_call < row["images_per_s"] <= workers * per_call * 1.05
         assert row["iterations"] == 20
     pipeline = record["pipeline"]
     assert pipeline["images"] == 12 and pipeline["failed"] == 0 and pipeline["images_per_s"] > 0
     assert record["pytorch"] is None
-    assert {(s["batch_size"], s["threads"]) for s in record["int8_speedup"]} == {(1, 1), (4, 1)}
+    assert {(s["batch_size"], s["threads"], s["workers"]) for s in record["int8_speedup"]} == {
+        (b, *layout) for b in (1, 4) for layout in layouts
+    }
 
     reference = plain_ort_median_ms(model, batch_size=4, threads=1)
-    measured = rows[("fp32", 4, 1)]["latency_ms"]["p50"]
+    measured = rows[("fp32", 4, 1, 1)]["latency_ms"]["p50"]
     assert 0.5 < measured / reference < 2.0, (measured, reference)  # shared, noisy machines
+
+
+def test_without_threads_predicts_layout_is_measured_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kidney_edge.runtime import benchmark, predict, run_benchmark
+
+    for module in (benchmark, predict):
+        monkeypatch.setattr(module, "available_cpus", lambda: 2)
+    model = make_conv_onnx(tmp_path / "export" / "run" / "model.onnx")
+    images = tmp_path / "images"
+    write_gray_images(images, 6)
+    record = run_benchmark(model, batch_sizes=(2,), warmup=1, iterations=6, images_dir=images)
+    layouts = [(r["threads"], r["workers"]) for r in record["model_only"]]
+    assert layouts == [(2, 1), (1, 2)]  # all cores on one batch, then predict's 2 workers x 1 thread
+    assert record["model_only"][1]["iterations"] == 6  # the calls are shared, not repeated per worker
+    assert (record["pipeline"]["workers"], record["pipeline"]["threads"]) == (2, 1)
+
+
+def test_execution_layout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kidney_edge.runtime import ExecutionLayout, execution_layout, predict
+
+    monkeypatch.setattr(predict, "available_cpus", lambda: 2)
+    assert execution_layout() == ExecutionLayout(workers=2, threads=1)
+    assert execution_layout(threads=2) == ExecutionLayout(workers=1, threads=2)
+    assert execution_layout(workers=1) == ExecutionLayout(workers=1, threads=2)
+    assert execution_layout(threads=3, workers=3) == ExecutionLayout(workers=3, threads=3)
+    monkeypatch.setattr(predict, "available_cpus", lambda: 32)
+    assert execution_layout() == ExecutionLayout(
+        workers=predict.MAX_WORKERS, threads=32 // predict.MAX_WORKERS
+    )
+    monkeypatch.setattr(predict, "available_cpus", lambda: 1)
+    assert execution_layout() == ExecutionLayout(workers=1, threads=1)
 
 
 def test_latency_stats_on_known_times() -> None:
@@ -174,11 +214,17 @@ def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path
 def test_int8_speedup_pairs_rows() -> None:
     from kidney_edge.runtime.benchmark import int8_speedup
 
-    def row(precision: str, batch_size: int, mean: float) -> dict:
-        return {"precision": precision, "batch_size": batch_size, "threads": 2, "latency_ms": {"mean": mean}}
+    def row(precision: str, batch_size: int, images_per_s: float, workers: int = 1) -> dict:
+        return {"precision": precision, "batch_size": batch_size, "threads": 2, "workers": workers,
+                "images_per_s": images_per_s}  # fmt: skip
 
-    rows = [row("fp32", 1, 4.0), row("int8", 1, 2.0), row("fp32", 8, 30.0)]
-    assert int8_speedup(rows) == [{"batch_size": 1, "threads": 2, "speedup": 2.0}]
+    rows = [
+        row("fp32", 1, 250.0),
+        row("int8", 1, 500.0),
+        row("fp32", 8, 30.0),
+        row("int8", 8, 90.0, workers=2),
+    ]
+    assert int8_speedup(rows) == [{"batch_size": 1, "threads": 2, "workers": 1, "speedup": 2.0}]
 
 
 def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:

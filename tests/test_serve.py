@@ -112,7 +112,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @contextmanager
 def serving(model: Path, **options: Any) -> Iterator[TestClient]:
-    config = ServeConfig(model=model, **{"threads": 1, "decode_workers": 1, **options})
+    config = ServeConfig(model=model, **{"threads": 1, "workers": 1, **options})
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
         yield client
 
@@ -242,7 +242,7 @@ def test_batch_answers_each_file_in_order(client: TestClient) -> None:
 def test_concurrent_requests_share_one_onnx_call(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serving(models["plain"], max_batch=4, max_wait_ms=1000, decode_workers=4) as client:
+    with serving(models["plain"], max_batch=4, max_wait_ms=1000, workers=4) as client:
         service = client.app.state.service
         together = threading.Barrier(4, timeout=30)  # the four uploads finish decoding at once
         decode = service._decode
@@ -293,6 +293,36 @@ def test_batcher_splits_at_max_batch_keeps_order_and_shares_failures() -> None:
     assert results == [i * 10 for i in range(10)]
     assert sizes[:3] == [4, 4, 2] and batch_sizes == [4] * 8 + [2] * 2
     assert all(isinstance(f, ValueError) for f in failed)
+
+
+def test_batcher_runs_up_to_workers_batches_side_by_side() -> None:
+    running, most = 0, 0
+    lock = threading.Lock()
+    both_in = threading.Barrier(2, timeout=10)  # returns only once two batches run at the same time
+
+    def run(items: list[int]) -> list[int]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            if items[0] < 2:  # the first two batches meet inside run_batch
+                both_in.wait()
+            return items
+        finally:
+            with lock:
+                running -= 1
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(run, max_batch=1, max_wait_s=0.0, workers=2)
+        batcher.start()
+        try:
+            return [d.result for d in await asyncio.gather(*(batcher.submit(i) for i in range(6)))]
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == list(range(6))
+    assert most == 2  # two at once, never three
 
 
 def test_activation_map_overlay_and_its_absence(models: dict[str, Path]) -> None:

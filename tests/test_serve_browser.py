@@ -44,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
     port = listener.getsockname()[1]
-    app = create_app(ServeConfig(model=model, threads=1, decode_workers=1, port=port))
+    app = create_app(ServeConfig(model=model, threads=1, workers=1, port=port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()

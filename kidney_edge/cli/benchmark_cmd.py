@@ -76,18 +76,34 @@ def _render(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"Model-only latency (ms per batch): {result['model']['path']}")
-    for name in ("runtime", "batch", "threads", "p50", "p90", "p99", "mean", "ms/image", "images/s"):
+    for name in (
+        "runtime",
+        "batch",
+        "threads",
+        "workers",
+        "p50",
+        "p90",
+        "p99",
+        "mean",
+        "ms/image",
+        "images/s",
+    ):
         table.add_column(name, justify="left" if name == "runtime" else "right", no_wrap=True)
     rows = list(result["model_only"]) + list((result.get("pytorch") or {}).get("rows", []))
     for row in rows:
         latency = row["latency_ms"]
         engine = "ORT" if row["engine"] == "onnxruntime" else "torch eager"
         table.add_row(
-            f"{engine} {row['precision']}", str(row["batch_size"]), str(row["threads"]),
+            f"{engine} {row['precision']}", str(row["batch_size"]), str(row["threads"]), str(row.get("workers", 1)),
             *(f"{latency[k]:.2f}" for k in ("p50", "p90", "p99", "mean")),
             f"{row['per_image_ms']['mean']:.2f}", f"{row['images_per_s']:.1f}",
         )  # fmt: skip
     console.print(table)
+    console.print(
+        "workers > 1: that many batches side by side, as predict runs them (images/s: sustained "
+        "throughput; latency: one call among the others)",
+        highlight=False,
+    )
     skipped = (result.get("pytorch") or {}).get("skipped")
     if skipped:
         console.print(f"PyTorch eager skipped: {skipped}")
@@ -95,8 +111,8 @@ def _render(result: dict[str, Any]) -> None:
     if pipeline:
         console.print(
             f"end-to-end predict: {pipeline['images']} images in {pipeline['seconds']:.2f} s = "
-            f"{pipeline['images_per_s']:.1f} images/s (batch {pipeline['batch_size']}, {pipeline['threads']} "
-            f"threads, first batch after {pipeline['first_batch_s']} s, {pipeline['failed']} failed)",
+            f"{pipeline['images_per_s']:.1f} images/s (batch {pipeline['batch_size']}, {pipeline['workers']} "
+            f"workers x {pipeline['threads']} threads, first batch after {pipeline['first_batch_s']} s, {pipeline['failed']} failed)",
             highlight=False,
         )
         console.print(f"end-to-end precision {pipeline['precision_reason']}", highlight=False, soft_wrap=True)

@@ -46,10 +46,18 @@ def predict(
         int, typer.Option("--batch-size", help="Images per onnxruntime call.")
     ] = PredictConfig.batch_size,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="onnxruntime threads; default: usable CPUs.")
+        int | None,
+        typer.Option(
+            "--threads",
+            help="onnxruntime threads per worker (per Ray actor); default: usable CPUs // workers.",
+        ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Decoding threads; default: 1-2 by CPUs.")
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Batches side by side, each decoded and run by its own thread; default: one per usable CPU, up to 8.",
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip files already in --out and append.")] = False,
     series: Annotated[
@@ -140,11 +148,19 @@ def _render_series(summary: SeriesSummary) -> None:
     flagged = [row for row in summary.rows if row["error"] or row["warning"]]
     for row in flagged[:5]:
         kind = "[red]error[/]" if row["error"] else "[yellow]warning[/]"
-        console.print(f"{kind} series {row['series_uid']}: {row['error'] or row['warning']}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{kind} series {row['series_uid']}: {row['error'] or row['warning']}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if len(flagged) > 5:
-        console.print(f"... {len(flagged) - 5} more flagged series: see the warning/error columns of {summary.out}")
+        console.print(
+            f"... {len(flagged) - 5} more flagged series: see the warning/error columns of {summary.out}"
+        )
     if summary.n_non_dicom:
-        console.print(f"{summary.n_non_dicom} inputs are not DICOM: they belong to no series", highlight=False)
+        console.print(
+            f"{summary.n_non_dicom} inputs are not DICOM: they belong to no series", highlight=False
+        )
 
 
 def _images_per_second() -> ProgressColumn:
@@ -177,7 +193,9 @@ def _render(summary: PredictSummary) -> None:
         console.print(f"[yellow]warning[/]: {summary.precision_warning}", highlight=False, soft_wrap=True)
     facts: list[Any] = [
         f"model {summary.model} ({kind}), decision rule: {summary.decision_rule}",
-        f"unknown: {summary.ood_detector}" if summary.ood_detector else "unknown: off (no OOD detector in this model, or --no-ood)",
+        f"unknown: {summary.ood_detector}"
+        if summary.ood_detector
+        else "unknown: off (no OOD detector in this model, or --no-ood)",
         f"{summary.processed} images in {summary.wall_s:.2f} s = {summary.images_per_s:.1f} images/s "
         f"(batch {summary.batch_size}, {_engine_in_words(summary)})",
     ]
@@ -195,4 +213,4 @@ def _engine_in_words(summary: PredictSummary) -> str:
     if isinstance(summary, RayPredictSummary):
         lost = f", {summary.fatal_files} files killed their worker" if summary.fatal_files else ""
         return f"{summary.actors} actors x {summary.threads} threads on Ray ({summary.address}){lost}"
-    return f"{summary.threads} threads, {summary.workers} decode workers"
+    return f"{summary.workers} workers x {summary.threads} onnxruntime threads"

@@ -48,10 +48,15 @@ def serve(
         float, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
     ] = _D.max_wait_ms,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="onnxruntime threads; default: usable CPUs.")
+        int | None,
+        typer.Option("--threads", help="onnxruntime threads per worker; default: usable CPUs // workers."),
     ] = None,
-    decode_workers: Annotated[
-        int | None, typer.Option("--decode-workers", help="Decoding threads; default: 1-2 by CPUs.")
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Model calls side by side (and decode threads); default: one per usable CPU, up to 8.",
+        ),
     ] = None,
     precision: Annotated[
         Precision, typer.Option("--precision", help="fp32 or INT8 model of an export folder.")
@@ -74,7 +79,7 @@ def serve(
         config = ServeConfig(
             model=model, host=host, port=port, token=token, max_bytes=max_bytes, max_queue=max_queue,
             max_files=max_files, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads,
-            decode_workers=decode_workers, precision=precision, save_dir=save_dir, access_log=access_log,
+            workers=workers, precision=precision, save_dir=save_dir, access_log=access_log,
         )  # fmt: skip
         if config.warning:
             err_console.print(f"[bold yellow]warning:[/] {config.warning}", highlight=False, soft_wrap=True)

@@ -2,7 +2,8 @@
 
 Model-only figures time ``OnnxClassifier.run`` on a fixed random batch after a warm-up:
 p50/p90/p99/mean milliseconds per batch and per image, and images/s, for every batch size x
-thread count, for fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit
+thread count (one batch at a time: latency), and in ``predict``'s own execution layout (several
+batches side by side, one per worker: the sustained throughput a folder run can reach), for fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit
 in the same folder (or ``--model`` names the export folder; ``--precision fp32|int8`` keeps one).
 PyTorch eager on the same weights is measured only when a checkpoint is
 given and torch is importable (imported inside that branch: the runtime path stays torch-free).
@@ -16,9 +17,10 @@ import logging
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from kidney_edge.runtime.classifier import (
 )
 from kidney_edge.runtime.hardware import available_cpus, cpu_info
 from kidney_edge.runtime.precision import Precision
-from kidney_edge.runtime.predict import predict_folder
+from kidney_edge.runtime.predict import ExecutionLayout, execution_layout, predict_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,19 @@ class BenchmarkConfig:
 
     model: Path | None = None
     batch_sizes: tuple[int, ...] = (1, 8)
-    threads: tuple[int, ...] | None = None  # None: the CPUs this process may use
+    threads: tuple[int, ...] | None = None  # None: the usable CPUs, and predict's own layout
     warmup: int = 5
     iterations: int = 50
     images_dir: Path | None = None
     checkpoint: Path | None = None
     precision: Precision = Precision.AUTO  # auto: every model of the export, side by side
+    threads_given: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
         set_(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        set_(self, "threads_given", bool(self.threads))
         set_(
             self, "threads", (available_cpus(),) if not self.threads else tuple(int(t) for t in self.threads)
         )
@@ -145,30 +149,79 @@ def time_callable(run: Callable[[], Any], *, warmup: int, iterations: int) -> li
     return seconds
 
 
+def time_side_by_side(
+    run: Callable[[], Any], *, workers: int, warmup: int, iterations: int
+) -> tuple[list[float], float]:
+    """``iterations`` calls of ``run`` shared by ``workers`` threads calling it side by side, after
+    ``warmup`` untimed calls each: (each call's wall seconds, wall seconds of them all)."""
+    seconds: list[float] = []
+
+    def worker(calls: int) -> None:
+        for _ in range(warmup):
+            run()
+        barrier.wait()
+        for _ in range(calls):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)  # list.append is atomic under the GIL
+
+    shares = [iterations // workers + (i < iterations % workers) for i in range(workers)]
+    barrier = threading.Barrier(workers + 1)
+    threads = [threading.Thread(target=worker, args=(calls,)) for calls in shares]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return seconds, time.perf_counter() - start
+
+
 def _random_batch(batch_size: int, input_size: int) -> np.ndarray:
     # Normalised CT-like inputs: values around 0 with unit spread; (N, 3, S, S) float32.
     rng = np.random.default_rng(0)
     return rng.normal(size=(batch_size, 3, input_size, input_size)).astype(np.float32)
 
 
+def benchmark_layouts(config: BenchmarkConfig) -> list[ExecutionLayout]:
+    """One batch at a time on each thread count; without ``--threads``, also ``predict``'s
+    default layout when it differs (several batches side by side)."""
+    layouts = [ExecutionLayout(workers=1, threads=t) for t in config.threads]
+    default = execution_layout()
+    return layouts if config.threads_given or default in layouts else [*layouts, default]
+
+
 def bench_onnx(
     variants: dict[str, Path], config: BenchmarkConfig, report: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Model-only latency rows of each variant at every thread count x batch size."""
+    """Model-only rows of each variant for every layout x batch size (see :func:`benchmark_layouts`).
+
+    ``images_per_s`` is images over the wall time of all timed calls; with several workers the
+    latency figures are those of one call among others running beside it.
+    """
     rows = []
     for precision, path in variants.items():
-        for threads in config.threads:
-            classifier = OnnxClassifier(path, threads=threads)
+        for layout in benchmark_layouts(config):
+            classifier = OnnxClassifier(path, threads=layout.threads)
             for batch_size in config.batch_sizes:
-                report(f"onnxruntime {precision}, batch {batch_size}, {threads} threads")
+                side_by_side = f" x {layout.workers} workers" if layout.workers > 1 else ""
+                report(f"onnxruntime {precision}, batch {batch_size}, {layout.threads} threads{side_by_side}")
                 batch = _random_batch(batch_size, classifier.input_size)
-                seconds = time_callable(
-                    lambda c=classifier, b=batch: c.run(b), warmup=config.warmup, iterations=config.iterations
-                )
+                call = lambda c=classifier, b=batch: c.run(b)  # noqa: E731
+                if layout.workers == 1:
+                    seconds = time_callable(call, warmup=config.warmup, iterations=config.iterations)
+                    stats = latency_stats(seconds, batch_size)
+                else:
+                    iterations = max(config.iterations, layout.workers)
+                    seconds, wall_s = time_side_by_side(
+                        call, workers=layout.workers, warmup=config.warmup, iterations=iterations
+                    )
+                    stats = latency_stats(seconds, batch_size)
+                    stats["images_per_s"] = round(batch_size * len(seconds) / wall_s, 2)
                 rows.append(
                     {"engine": "onnxruntime", "precision": precision, "model": str(path),
-                     "batch_size": batch_size, "threads": threads, "iterations": len(seconds),
-                     **latency_stats(seconds, batch_size)}
+                     "batch_size": batch_size, "threads": layout.threads, "workers": layout.workers,
+                     "iterations": len(seconds), **stats}
                 )  # fmt: skip
     return rows
 
@@ -205,7 +258,12 @@ def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[s
 
 
 def bench_pipeline(
-    model: Path, images_dir: Path, *, batch_size: int, threads: int, precision: Precision = Precision.AUTO
+    model: Path,
+    images_dir: Path,
+    *,
+    batch_size: int,
+    threads: int | None,
+    precision: Precision = Precision.AUTO,
 ) -> dict[str, Any]:
     """End-to-end predict (scan, decode, preprocess, infer, write CSV) on a folder of images."""
     with tempfile.TemporaryDirectory(prefix="kidney-edge-bench-") as scratch:
@@ -233,15 +291,21 @@ def bench_pipeline(
     }
 
 
+def _layout_key(row: dict[str, Any]) -> tuple[int, int, int]:
+    return row["batch_size"], row["threads"], row.get("workers", 1)
+
+
 def int8_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fp32 mean latency / INT8 mean latency for each (batch size, threads) measured in both."""
-    fp32 = {(r["batch_size"], r["threads"]): r for r in rows if r["precision"] == "fp32"}
+    """INT8 images/s over fp32 images/s for each (batch size, threads, workers) measured in both."""
+    fp32 = {_layout_key(r): r for r in rows if r["precision"] == "fp32"}
     speedups = []
     for row in rows:
-        key = (row["batch_size"], row["threads"])
+        key = _layout_key(row)
         if row["precision"] == "int8" and key in fp32:
-            ratio = fp32[key]["latency_ms"]["mean"] / row["latency_ms"]["mean"]
-            speedups.append({"batch_size": key[0], "threads": key[1], "speedup": round(ratio, 3)})
+            ratio = row["images_per_s"] / fp32[key]["images_per_s"]
+            speedups.append(
+                {"batch_size": key[0], "threads": key[1], "workers": key[2], "speedup": round(ratio, 3)}
+            )
     return speedups
 
 
@@ -301,7 +365,7 @@ def run_benchmark(
             variants[config.precision.value] if forced else model_path,
             config.images_dir,
             batch_size=max(config.batch_sizes),
-            threads=max(config.threads),
+            threads=max(config.threads) if config.threads_given else None,  # None: predict's layout
             precision=config.precision,
         )
     if json_out is not None:

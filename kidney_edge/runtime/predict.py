@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import ImageReadError, InputError, enum_choice
-from kidney_edge.imaging import SUPPORTED_SUFFIXES, is_image_file, preprocess
+from kidney_edge.imaging import SUPPORTED_SUFFIXES, ImageSource, is_image_file, preprocess
 from kidney_edge.io_utils import csv_text
 from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.hardware import available_cpus
@@ -285,61 +285,78 @@ def _done_paths_jsonl(out: Path, handle: Any, columns: list[str]) -> set[str]:
 
 @dataclass
 class _LoadedBatch:
-    paths: list[str]
+    sources: list[ImageSource]  # what was asked for: paths (predict, Ray) or decoded images (serve)
     inputs: np.ndarray  # (k, 3, S, S) float32: only the files that could be read (rows of `buffer`)
-    ok: list[int]  # index into `paths` of each row of `inputs`
-    errors: dict[int, str]  # index into `paths` -> why that file could not be read
-    buffer: np.ndarray  # the (>= len(paths), 3, S, S) float32 array `inputs` is a view of
+    ok: list[int]  # index into `sources` of each row of `inputs`
+    errors: dict[int, str]  # index into `sources` -> why that file could not be read
+    buffer: np.ndarray  # the (>= len(sources), 3, S, S) float32 array `inputs` is a view of
 
 
-def _load_batch(paths: list[str], spec: ModelSpec, buffer: np.ndarray | None = None) -> _LoadedBatch:
+def _load_batch(
+    sources: list[ImageSource], spec: ModelSpec, buffer: np.ndarray | None = None
+) -> _LoadedBatch:
     """Decode + preprocess one batch into ``buffer`` (a new array when None), each file straight
-    into its row: no per-image array and no copy into the batch. Runs in a worker thread;
-    Pillow's decoder and numpy's arithmetic release the GIL."""
+    into its row: no per-image array and no copy into the batch. Pillow's decoder and numpy's
+    arithmetic release the GIL, so workers decode side by side."""
     size = spec.input_size
     if buffer is None:
-        buffer = np.empty((len(paths), 3, size, size), dtype=np.float32)
-    assert buffer.shape[0] >= len(paths) and buffer.shape[1:] == (3, size, size), buffer.shape
+        buffer = np.empty((len(sources), 3, size, size), dtype=np.float32)
+    assert buffer.shape[0] >= len(sources) and buffer.shape[1:] == (3, size, size), buffer.shape
     ok: list[int] = []
     errors: dict[int, str] = {}
-    for index, path in enumerate(paths):
+    for index, source in enumerate(sources):
         try:
-            preprocess(path, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
+            preprocess(source, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
             ok.append(index)
         except ImageReadError as exc:
             errors[index] = exc.reason
         except Exception as exc:  # one odd file must never stop a 100,000-file run
             errors[index] = f"unexpected {type(exc).__name__}: {exc}"
-    return _LoadedBatch(paths, buffer[: len(ok)], ok, errors, buffer)
+    return _LoadedBatch(sources, buffer[: len(ok)], ok, errors, buffer)
 
 
-def _batch_rows(loaded: _LoadedBatch, classifier: OnnxClassifier) -> list[dict[str, Any]]:
-    """One output row per file of the batch, in file order; failed files carry `error`."""
+@dataclass(frozen=True)
+class Classified:
+    """Rows of :func:`output_columns` for a batch, in order, and what the graph gave beside them."""
+
+    rows: list[dict[str, Any]]
+    cams: dict[int, np.ndarray]  # row index -> (C, h, w) class activation maps, when asked and read
+
+
+def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
+    """One output row per source of the batch, in order; failed sources carry `error`."""
     spec = classifier.spec
     columns = output_columns(spec.class_names)
-    predicted = {}
+    predicted, cams = {}, {}
     if loaded.ok:
-        outputs = classifier.infer(loaded.inputs)  # (len(ok), C) probabilities, OOD scores
-        ok_paths = [loaded.paths[index] for index in loaded.ok]
+        outputs = classifier.infer(loaded.inputs, cam=cam and classifier.has_cam)  # one ONNX call
+        ok_sources = [loaded.sources[index] for index in loaded.ok]
         rows = prediction_rows(
-            ok_paths, outputs.probabilities, spec, ood_scores=outputs.ood_scores, unknown=outputs.unknown
+            ok_sources, outputs.probabilities, spec, ood_scores=outputs.ood_scores, unknown=outputs.unknown
         )
         predicted = dict(zip(loaded.ok, rows, strict=True))
+        if outputs.cam is not None:
+            cams = dict(zip(loaded.ok, outputs.cam, strict=True))
     rows = []
-    for index, path in enumerate(loaded.paths):
-        row = predicted.get(index) or {**dict.fromkeys(columns), "path": path}
+    for index, source in enumerate(loaded.sources):
+        row = predicted.get(index) or {**dict.fromkeys(columns), "path": source}
         row["error"] = loaded.errors.get(index)
         rows.append(row)
-    return rows
+    return Classified(rows, cams)
+
+
+def classify(sources: Sequence[ImageSource], classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
+    """Decode, preprocess, infer, decide: the one chain every entry point runs (folder predict,
+    serve, a Ray actor). ``sources`` are paths, file bytes or decoded images (each row's ``path``
+    is its source). Unreadable sources get a row with ``error`` set and empty scores instead of
+    raising. ``cam``: also the class activation maps, from the same ONNX call, when the graph has them.
+    """
+    return _classify_loaded(_load_batch(list(sources), classifier.spec), classifier, cam=cam)
 
 
 def classify_paths(paths: Sequence[str], classifier: OnnxClassifier) -> list[dict[str, Any]]:
-    """Rows of :func:`output_columns` for ``paths``, in order: decode, preprocess, infer, decide.
-
-    The one chain every entry point runs (folder predict, serve, a Ray actor). Files that cannot
-    be read get a row with ``error`` set and empty scores instead of raising.
-    """
-    return _batch_rows(_load_batch(list(paths), classifier.spec), classifier)
+    """:func:`classify`'s rows for file paths."""
+    return classify(paths, classifier).rows
 
 
 def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
@@ -354,12 +371,43 @@ def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
                 summary.failures.append((row["path"], row["error"]))
 
 
-def _default_workers() -> int:
-    # Decoding a draft-mode JPEG costs a fraction of the model's time per image, so one or two
-    # decode threads keep the model fed; more would only steal cores from onnxruntime. On 2
-    # cores, 1 and 2 decode workers measured within noise of each other, and 1 onnxruntime
-    # thread instead of 2 was slower (benchmarks/results/runtime.md, thread split).
-    return max(1, min(2, available_cpus() // 2))
+# Batches in flight at most: each holds a batch buffer and onnxruntime's activations (tens of
+# MB at batch 8, 224 px), so more would cost memory for little throughput on an edge box.
+MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class ExecutionLayout:
+    """How predict spends the CPUs: ``workers`` batches in flight, each decoded and run through
+    the one shared onnxruntime session by its own thread, with ``threads`` intra-op threads."""
+
+    workers: int
+    threads: int
+
+
+def execution_layout(threads: int | None = None, workers: int | None = None) -> ExecutionLayout:
+    """The layout for ``--threads``/``--workers`` (either may be None: derived from the usable CPUs).
+
+    Default: one worker per usable CPU (up to :data:`MAX_WORKERS`), each with one onnxruntime
+    thread. Whole batches side by side use the cores better than one batch split across them:
+    no barrier waits inside each operator, and decoding fills the gaps of the other worker's
+    inference. On 2 cores, 2 single-thread workers ran the INT8 model 1.2x faster than one
+    2-thread session, model-only, and predict end to end likewise
+    (``benchmarks/results/runtime.md``, layouts).
+    """
+    cpus = available_cpus()
+    if workers is None:
+        workers = min(MAX_WORKERS, max(1, cpus // threads)) if threads else min(MAX_WORKERS, cpus)
+    if threads is None:
+        threads = max(1, cpus // workers)
+    return ExecutionLayout(workers=workers, threads=threads)
+
+
+def _infer_batch(
+    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """One worker's job: decode ``paths`` into ``buffer``, infer, decide -> (rows, ``buffer``)."""
+    return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier).rows, buffer
 
 
 def _run_batches(
@@ -369,32 +417,33 @@ def _run_batches(
     write: Callable[[list[dict[str, Any]]], None],
     summary: PredictSummary,
 ) -> None:
-    """Decode in a thread pool, at most `workers + 1` batches ahead; infer and write in order.
+    """Batches decoded and inferred by ``summary.workers`` threads side by side, written in order.
 
-    Batches are decoded into ``window + 1`` preallocated buffers that cycle: ``window`` being
-    filled ahead while one is inferred. Memory stays flat however many files there are, and no
-    batch-sized array is allocated (and page-faulted in) per batch.
+    At most ``workers + 1`` batches are in flight, each in one of ``workers + 2`` preallocated
+    buffers that cycle: memory stays flat however many files there are, and no batch-sized
+    array is allocated (and page-faulted in) per batch. onnxruntime's ``run`` is thread-safe
+    and releases the GIL, as do Pillow's decoder and numpy's arithmetic.
     """
     window = summary.workers + 1
     size, spec = config.batch_size, classifier.spec
     free = [np.empty((size, 3, spec.input_size, spec.input_size), np.float32) for _ in range(window + 1)]
 
-    def infer_and_write(done: Future[_LoadedBatch]) -> None:
-        loaded = done.result()
-        write(_batch_rows(loaded, classifier))
-        free.append(loaded.buffer)  # only now: onnxruntime has finished reading it
+    def write_next() -> None:
+        rows, buffer = pending.popleft().result()
+        write(rows)
+        free.append(buffer)
 
-    with ThreadPoolExecutor(summary.workers, thread_name_prefix="kidney-edge-decode") as pool:
-        pending: deque[Future[_LoadedBatch]] = deque()
+    with ThreadPoolExecutor(summary.workers, thread_name_prefix="kidney-edge-predict") as pool:
+        pending: deque[Future[tuple[list[dict[str, Any]], np.ndarray]]] = deque()
         try:
             for start in range(0, len(todo), size):
-                pending.append(pool.submit(_load_batch, todo[start : start + size], spec, free.pop()))
+                pending.append(pool.submit(_infer_batch, todo[start : start + size], classifier, free.pop()))
                 if len(pending) > window:
-                    infer_and_write(pending.popleft())
+                    write_next()
             while pending:
-                infer_and_write(pending.popleft())
+                write_next()
         finally:
-            for future in pending:  # Ctrl-C or an error: do not decode what will not be written
+            for future in pending:  # Ctrl-C or an error: do not start what will not be written
                 future.cancel()
 
 
@@ -443,12 +492,13 @@ def predict_folder(
         precision=precision,
         ood=ood,
     )
+    layout = execution_layout(config.threads, config.workers)
     # Loading and optimising the graph takes a few hundred ms and mostly runs outside the GIL:
     # scan the folder meanwhile, it is part of the start-up to the first batch.
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
         pending_classifier = loader.submit(
             resolve_precision, config.model, config.precision, batch_size=config.batch_size,
-            threads=config.threads, probe=probe, load=partial(OnnxClassifier, threads=config.threads, ood=config.ood),
+            threads=layout.threads, probe=probe, load=partial(OnnxClassifier, threads=layout.threads, ood=config.ood),
         )  # fmt: skip
         files = scan_image_paths(config.folder)
         choice, classifier = pending_classifier.result()
@@ -460,7 +510,14 @@ def predict_folder(
     columns = output_columns(classifier.class_names)
     done = done_paths(config.out, config.fmt, columns) if config.resume else set()
     todo = [path for path in files if path not in done]
-    summary = _new_summary(config, classifier, choice, total_files=len(files), skipped=len(files) - len(todo))
+    summary = _new_summary(
+        config,
+        classifier,
+        choice,
+        workers=layout.workers,
+        total_files=len(files),
+        skipped=len(files) - len(todo),
+    )
     log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
 
     def write(rows: list[dict[str, Any]]) -> None:
@@ -510,6 +567,7 @@ def _new_summary(
     classifier: OnnxClassifier,
     choice: PrecisionChoice,
     *,
+    workers: int,
     total_files: int,
     skipped: int,
 ) -> PredictSummary:
@@ -520,7 +578,7 @@ def _new_summary(
         fmt=config.fmt.value,
         **model_facts(classifier, choice),
         threads=classifier.threads,
-        workers=config.workers or _default_workers(),
+        workers=workers,
         batch_size=config.batch_size,
         total_files=total_files,
         skipped=skipped,

@@ -2,9 +2,11 @@
 
 The pattern of Triton's dynamic batcher and LitServe: each request puts its item on a queue
 and awaits a future; one collector task takes the first item, waits at most ``max_wait_s`` for
-more (up to ``max_batch``), and runs the whole list as one call of ``run_batch`` in a single
-worker thread, off the event loop. While a batch runs, new requests queue up, so under load the
-next batch is already full when the model is free again and nobody waits the ``max_wait_s``.
+more (up to ``max_batch``), and runs the whole list as one call of ``run_batch`` in a worker
+thread, off the event loop; up to ``workers`` batches run side by side, as ``predict`` runs them
+(:func:`~kidney_edge.runtime.predict.execution_layout`). While batches run, new requests queue
+up, so under load the next batch is already full when a worker is free again and nobody waits
+the ``max_wait_s``.
 When the caller says no other item is on its way (``arriving``), the collector does not wait at
 all: a lone request is not delayed for partners that cannot come.
 """
@@ -47,18 +49,22 @@ class DynamicBatcher(Generic[Item, Result]):
         *,
         max_batch: int,
         max_wait_s: float,
+        workers: int = 1,
         arriving: Callable[[], int] | None = None,
     ) -> None:
-        """``arriving()``: how many items are on their way to :meth:`submit` (e.g. still being
-        decoded); None: unknown, always wait up to ``max_wait_s`` for a fuller batch."""
+        """``workers``: batches run side by side, each in its own thread (``run_batch`` must be
+        thread-safe then). ``arriving()``: how many items are on their way to :meth:`submit`
+        (e.g. still being decoded); None: unknown, always wait up to ``max_wait_s`` for a fuller
+        batch."""
         self._run_batch = run_batch
         self._arriving = arriving
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # One thread: the model call is the serial resource; onnxruntime parallelises inside it.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-infer")
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="kidney-edge-infer")
         self._queue: asyncio.Queue[tuple[Item, float, asyncio.Future[Batched[Result]]]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches in the executor now
         self.batches = 0  # model calls so far
         self.outstanding = 0  # submitted items without a result yet
 
@@ -71,9 +77,10 @@ class DynamicBatcher(Generic[Item, Result]):
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="kidney-edge-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [task for task in (self._task, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while self._queue is not None and not self._queue.empty():
             _, _, future = self._queue.get_nowait()
             if not future.done():
@@ -95,7 +102,14 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _collect(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        free_workers = asyncio.Semaphore(self.workers)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            free_workers.release()
+
         while True:
+            await free_workers.acquire()  # collect only when a worker can take the batch at once
             batch = [await self._queue.get()]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -112,8 +126,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 except asyncio.TimeoutError:  # builtins.TimeoutError from Python 3.11
                     break
             live = [entry for entry in batch if not entry[2].done()]  # clients that gave up
-            if live:
-                await self._run(loop, live)
+            if not live:
+                free_workers.release()
+                continue
+            task = loop.create_task(self._run(loop, live))
+            self._running.add(task)
+            task.add_done_callback(finished)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list) -> None:
         started = time.perf_counter()

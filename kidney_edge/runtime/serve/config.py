@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kidney_edge.errors import InputError, enum_choice
 from kidney_edge.runtime.precision import Precision
-from kidney_edge.runtime.predict import _default_workers as default_decode_workers  # predict's rule
+from kidney_edge.runtime.predict import ExecutionLayout, execution_layout
 
 # Localhost only unless the operator names another address: the service has no user accounts.
 DEFAULT_HOST = "127.0.0.1"
@@ -47,7 +47,9 @@ class ServeConfig:
 
     ``model``: an .onnx file or an export folder (``precision`` picks fp32 or INT8 in a folder,
     as for ``predict``); None: the newest ``export/*/``. Batching: requests wait at most
-    ``max_wait_ms`` for others, and at most ``max_batch`` images run as one ONNX call.
+    ``max_wait_ms`` for others, and at most ``max_batch`` images run as one ONNX call; up to
+    ``workers`` calls run side by side with ``threads`` onnxruntime threads each (None: predict's
+    :func:`~kidney_edge.runtime.predict.execution_layout`).
     """
 
     model: Path | None = None
@@ -60,7 +62,7 @@ class ServeConfig:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     threads: int | None = None
-    decode_workers: int | None = None
+    workers: int | None = None
     precision: Precision = Precision.AUTO
     save_dir: Path | None = None
     access_log: bool = False
@@ -89,15 +91,15 @@ class ServeConfig:
             raise InputError(f"--max-wait-ms must be in 0..1000, got {self.max_wait_ms}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
-        if self.decode_workers is not None and not 1 <= self.decode_workers <= 64:
-            raise InputError(f"--decode-workers must be in 1..64, got {self.decode_workers}")
+        if self.workers is not None and not 1 <= self.workers <= 64:
+            raise InputError(f"--workers must be in 1..64, got {self.workers}")
         if self.save_dir is not None and self.save_dir.exists() and not self.save_dir.is_dir():
             raise InputError(f"--save-dir {self.save_dir} is a file; pass a folder")
 
     @property
-    def workers(self) -> int:
-        """Decode threads."""
-        return self.decode_workers or default_decode_workers()
+    def layout(self) -> ExecutionLayout:
+        """Model calls side by side and onnxruntime threads each; as many decode threads."""
+        return execution_layout(self.threads, self.workers)
 
     @property
     def warning(self) -> str | None:

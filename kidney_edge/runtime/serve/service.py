@@ -1,6 +1,6 @@
 """The serving core, free of any web framework: admit, decode, batch, classify, answer.
 
-Every answer comes from :func:`~kidney_edge.runtime.predict.classify_paths`, the chain
+Every answer comes from :func:`~kidney_edge.runtime.predict.classify`, the chain
 ``predict`` runs (preprocess -> ONNX -> calibrated probabilities -> OOD check -> decision rule),
 so a file gets the same row here as in a predictions CSV. Uploads are decoded in memory and
 resized by :func:`~kidney_edge.imaging.load_image` and
@@ -30,11 +30,11 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge.errors import ImageReadError
-from kidney_edge.imaging import load_image, preprocess, resized_image
+from kidney_edge.imaging import load_image, resized_image
 from kidney_edge.io_utils import atomic_write_bytes
 from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.precision import GATE_RECORD_FILE, PrecisionChoice, file_sha256, resolve_precision
-from kidney_edge.runtime.predict import classify_paths
+from kidney_edge.runtime.predict import classify
 from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
 from kidney_edge.runtime.serve.cam import heatmap, overlay, png_data_url
 from kidney_edge.runtime.serve.config import ServeConfig
@@ -111,10 +111,11 @@ class InferenceService:
         choice: PrecisionChoice | None = None,
     ) -> None:
         self.config = config
+        layout = config.layout
         if classifier is None:
             choice, classifier = resolve_precision(
-                config.model, config.precision, batch_size=config.max_batch, threads=config.threads,
-                load=partial(OnnxClassifier, threads=config.threads),
+                config.model, config.precision, batch_size=config.max_batch, threads=layout.threads,
+                load=partial(OnnxClassifier, threads=layout.threads),
             )  # fmt: skip
         self.classifier = classifier
         self.choice = choice
@@ -131,9 +132,10 @@ class InferenceService:
             self._run_batch,
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
+            workers=layout.workers,
             arriving=lambda: self.in_flight - self.batcher.outstanding,  # admitted, still decoding
         )
-        self.decoder = ThreadPoolExecutor(config.workers, thread_name_prefix="kidney-edge-decode")
+        self.decoder = ThreadPoolExecutor(layout.workers, thread_name_prefix="kidney-edge-decode")
         self.in_flight = 0  # images admitted and not yet answered (changed on the event loop only)
 
     # ------------------------------------------------------------------ lifecycle
@@ -196,20 +198,20 @@ class InferenceService:
         return resized_image(load_image(stream, spec), spec), saved
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Scored]:
-        """Runs in the batcher's thread: one classify_paths call for the whole batch."""
+        """Runs in a batcher worker thread: one :func:`classify` call (one ONNX run) per batch."""
         self.metrics.observe_batch(len(jobs))
-        rows = classify_paths([job.image for job in jobs], self.classifier)
-        heats: list[np.ndarray | None] = [None] * len(jobs)
-        wanted = [i for i, job in enumerate(jobs) if job.cam and rows[i]["error"] is None]
-        if wanted and self.classifier.has_cam:
-            spec = self.classifier.spec
-            inputs = np.stack([preprocess(jobs[i].image, spec) for i in wanted])  # (k, 3, S, S)
-            maps = self.classifier.infer(inputs, cam=True).cam  # (k, C, h, w)
-            for k, i in enumerate(wanted):
-                label = rows[i]["label"]
-                shown = label if label in spec.class_names else rows[i]["argmax_label"]  # unknown: its argmax
-                heats[i] = heatmap(maps[k, spec.class_names.index(shown)], spec.input_size)
-        return [_Scored(row, heat) for row, heat in zip(rows, heats, strict=True)]
+        classified = classify([job.image for job in jobs], self.classifier, cam=any(job.cam for job in jobs))
+        spec = self.classifier.spec
+        scored = []
+        for index, (job, row) in enumerate(zip(jobs, classified.rows, strict=True)):
+            maps = classified.cams.get(index) if job.cam else None  # (C, h, w)
+            heat = None
+            if maps is not None:
+                label = row["label"]
+                shown = label if label in spec.class_names else row["argmax_label"]  # unknown: its argmax
+                heat = heatmap(maps[spec.class_names.index(shown)], spec.input_size)
+            scored.append(_Scored(row, heat))
+        return scored
 
     def _activation(self, view: Image.Image, scored: _Scored) -> dict[str, Any]:
         """The model's view (the decoded, resized upload) and the CAM overlay, as PNG data URLs."""
