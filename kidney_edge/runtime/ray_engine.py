@@ -91,7 +91,7 @@ _INDEX = "__kidney_edge_index"  # position of a path in the driver's list; not a
 class Engine(str, Enum):
     """``predict --engine``: where the rows are computed."""
 
-    LOCAL = "local"  # this process: a decode thread pool and one onnxruntime session
+    LOCAL = "local"  # this process: worker threads sharing one onnxruntime session
     RAY = "ray"  # a pool of Ray Data actors, on this machine or an existing cluster
 
 
