@@ -5,16 +5,19 @@
     python benchmarks/bench_serve.py --render-only        # rewrite serve.md from serve.json
 
 One run, one machine, in this order:
-1. ``kidney-edge benchmark --precision fp32`` on the same model file and thread count (random
-   inputs after warm-up): model-only images/s at each batch size; measured again after step 3,
-   and the ratio divides by the best figure of the two (load from other jobs only lowers it);
+1. ``kidney-edge benchmark --precision fp32`` on the same model file (random inputs after
+   warm-up): model-only images/s at each batch size, one batch at a time on every core and in
+   the runtime's own layout (batches side by side, as serve runs them); measured again after
+   step 3, and the ratio divides by the best figure of the two (load from other jobs only
+   lowers it);
 2. ``kidney-edge serve`` started as its own process on 127.0.0.1 (the real CLI and uvicorn);
 3. per client count: a warm-up, then ``--duration`` seconds in which every client (an asyncio
    task with its own keep-alive connection, speaking minimal HTTP/1.1 so that the generator
    takes little CPU from the server) POSTs hold-out JPEGs as raw bodies to /v1/predict back to
    back. Bounded by ``--duration`` and ``--max-requests``; 127.0.0.1 only.
 Reported: errors (any non-200 or exception), p50/p99/max latency, images/s and its ratio to
-the best model-only images/s, mean ONNX batch size (from /metrics), CPU seconds of the server
+the best model-only images/s of any batch size and layout (and, beside it, of one batch at a
+time), mean ONNX batch size (from /metrics), CPU seconds of the server
 and of the load generator, and the labels' accuracy against the hold-out folders (a check that
 answers are right, not only fast). The load generator shares the CPUs with the server: its CPU
 time is recorded beside the ratio.
@@ -62,7 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per client count")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of untimed load first")
     parser.add_argument("--max-requests", type=int, default=200_000, help="hard cap per client count")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (both runs)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime threads (both; default: each one's own layout)"
+    )
     parser.add_argument("--serve-args", default="", help="extra `kidney-edge serve` options")
     parser.add_argument("--render-only", action="store_true")
     return parser.parse_args()
@@ -72,17 +77,20 @@ def uptime_load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def model_only(model: Path, threads: int) -> dict[str, Any]:
+def model_only(model: Path, threads: int | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "benchmark.json"
         command = [sys.executable, "-m", "kidney_edge", "benchmark", "--model", str(model),
                    "--precision", "fp32", "--batch-sizes", ",".join(map(str, MODEL_ONLY_BATCHES)),
-                   "--threads", str(threads), "--warmup", "5", "--iterations", "30", "--json", str(out)]  # fmt: skip
+                   *(["--threads", str(threads)] if threads else []),
+                   "--warmup", "5", "--iterations", "30", "--json", str(out)]  # fmt: skip
         subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
         record = json.loads(out.read_text())
     rows = [
         {
             "batch_size": r["batch_size"],
+            "threads": r["threads"],
+            "workers": r.get("workers", 1),
             "images_per_s": r["images_per_s"],
             "p50_ms": r["latency_ms"].get("p50"),
         }
@@ -232,11 +240,11 @@ def run_clients(
     return result
 
 
-def start_server(model: Path, port: int, threads: int, extra: str, log: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, threads: int | None, extra: str, log: Path) -> subprocess.Popen:
     import httpx
 
     command = [sys.executable, "-m", "kidney_edge", "serve", "--model", str(model), "--port", str(port),
-               "--threads", str(threads), *extra.split()]  # fmt: skip
+               *(["--threads", str(threads)] if threads else []), *extra.split()]  # fmt: skip
     server = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -259,12 +267,20 @@ def read_bodies(folder: Path) -> list[tuple[bytes, str]]:
     return [(path.read_bytes(), path.parent.name) for path in files]
 
 
-def best_images_per_s(measurement: dict[str, Any]) -> float:
-    return max(row["images_per_s"] for row in measurement["rows"])
+def best_images_per_s(measurement: dict[str, Any], *, one_batch_at_a_time: bool = False) -> float:
+    """The best model-only images/s of a measurement: of any row, or of those running one batch
+    at a time (``benchmark``'s latency rows)."""
+    rows = [r for r in measurement["rows"] if r.get("workers", 1) == 1 or not one_batch_at_a_time]
+    return max(row["images_per_s"] for row in rows)
+
+
+def _layout(row: dict[str, Any]) -> str:
+    workers = row.get("workers", 1)
+    return f"batch {row['batch_size']}" + (f", {workers} x {row['threads']} thread" if workers > 1 else "")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    threads = args.threads or available_cpus()
+    threads = args.threads  # None: serve and benchmark each in the runtime's default layout
     bodies = read_bodies(args.images)
     record: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -272,6 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model),
         "images": f"{args.images} ({len(bodies)} files, raw JPEG bodies, cycled)",
         "threads": threads,
+        "cpus": available_cpus(),
         "serve_args": args.serve_args,
         "duration_s": args.duration,
         "uptime_load_start": uptime_load(),
@@ -284,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = start_server(args.model, port, threads, args.serve_args, log)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
-                print(f"model-only benchmark ({threads} threads) ...", flush=True)
+                print("model-only benchmark ...", flush=True)
                 record["model_only"].append(model_only(args.model, threads))  # the server idles
                 print(f"{clients} clients for {args.duration:.0f} s ...", flush=True)
                 record["runs"].append(
@@ -305,8 +322,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         around = record["model_only"][index : index + 2]
         result["model_only_images_per_s"] = max(best_images_per_s(m) for m in around)
         result["ratio_to_model_only"] = round(result["images_per_s"] / result["model_only_images_per_s"], 3)
-    loaded = [r["ratio_to_model_only"] for r in record["runs"] if r["clients"] >= MIN_CLIENTS_FOR_TARGET]
-    record["median_ratio_at_target_clients"] = float(np.median(loaded)) if loaded else None
+        one_batch = max(best_images_per_s(m, one_batch_at_a_time=True) for m in around)
+        result["model_only_one_batch_images_per_s"] = one_batch
+        result["ratio_to_one_batch"] = round(result["images_per_s"] / one_batch, 3)
+    loaded = [r for r in record["runs"] if r["clients"] >= MIN_CLIENTS_FOR_TARGET]
+    record["median_ratio_at_target_clients"] = (
+        float(np.median([r["ratio_to_model_only"] for r in loaded])) if loaded else None
+    )
+    record["median_ratio_to_one_batch_at_target_clients"] = (
+        float(np.median([r["ratio_to_one_batch"] for r in loaded])) if loaded else None
+    )
     record["uptime_load_end"] = uptime_load()
     return record
 
@@ -320,19 +345,19 @@ def render(record: dict[str, Any]) -> str:
         "",
         f"Recorded {record['created']} by `benchmarks/bench_serve.py` (`--duration {record['duration_s']:g}`{serve_args}).",
         f"Machine: {machine['cpu_model']} ({'AVX-512 VNNI' if vnni else 'no VNNI'}), "
-        f"{machine['cores_usable']} usable CPUs, onnxruntime {machine['onnxruntime']} with "
-        f"{record['threads']} intra-op threads. Load average (1, 5, 15 min) at start "
+        f"{machine['cores_usable']} usable CPUs, onnxruntime {machine['onnxruntime']}, "
+        f"{_threads_words(record)}. Load average (1, 5, 15 min) at start "
         f"{record['uptime_load_start']}, at end {record['uptime_load_end']} (a shared machine: other "
         "jobs ran during the measurements).",
         f"Model: `{record['model']}`. Images: {record['images']}.",
         "",
-        "## Model-only (`kidney-edge benchmark`, in the same run, same thread count)",
+        "## Model-only (`kidney-edge benchmark`, in the same run)",
         "",
         f"`{record['model_only'][0]['command']}`, before every load run and after the last one "
         "(the server idles meanwhile).",
         "",
         "| measurement | "
-        + " | ".join(f"batch {r['batch_size']} images/s" for r in record["model_only"][0]["rows"])
+        + " | ".join(f"{_layout(r)} images/s" for r in record["model_only"][0]["rows"])
         + " |",
         "| ---: | " + " | ".join("---:" for _ in record["model_only"][0]["rows"]) + " |",
         *(
@@ -342,20 +367,22 @@ def render(record: dict[str, Any]) -> str:
         "",
         "## Served (`kidney-edge serve` on 127.0.0.1, raw JPEG bodies to `POST /v1/predict`)",
         "",
-        "Each run's ratio divides by the best model-only images/s measured right before or right after it.",
+        "Each run's ratio divides by the best model-only images/s (any batch size and layout) measured "
+        "right before or right after it; the ratio to one batch at a time divides by the best row of "
+        "`benchmark`'s one-batch-at-a-time rows instead.",
         "",
         "| run | clients | seconds | requests | errors | p50 ms | p99 ms | max ms | images/s | model-only images/s "
-        "| ratio | mean ONNX batch | decode ms | queue ms | inference ms (batch) | server CPU s "
+        "| ratio | ratio to one batch at a time | mean ONNX batch | decode ms | queue ms | inference ms (batch) | server CPU s "
         "| load-generator CPU s | label accuracy | load before → after |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | --- |",
+        "| ---: | ---: | ---: | ---: | --- |",
     ]
     for i, r in enumerate(record["runs"]):
         lat = r["latency_ms"]
         lines.append(
             f"| {i + 1} | {r['clients']} | {r['seconds']} | {r['requests']} | {r['errors']} | {lat['p50']} "
             f"| {lat['p99']} | {lat['max']} | {r['images_per_s']:.1f} | {r['model_only_images_per_s']:.1f} "
-            f"| {r['ratio_to_model_only']:.2f} | {r['mean_batch_size']} | {r['mean_decode_ms']} "
+            f"| {r['ratio_to_model_only']:.2f} | {_ratio(r.get('ratio_to_one_batch'))} | {r['mean_batch_size']} | {r['mean_decode_ms']} "
             f"| {r['mean_queue_ms']} | {r['mean_inference_ms']} | {r['server_cpu_s']} "
             f"| {r['load_generator_cpu_s']} | {r['accuracy']} | {r['uptime_load_before']} → {r['uptime_load_after']} |"
         )
@@ -371,6 +398,11 @@ def render(record: dict[str, Any]) -> str:
             f"{errors} errors in all; ratio to model-only {ratios}, "
             f"median {median:.2f} (target >= {TARGET_RATIO} with zero errors): **{'met' if met else 'missed'}**."
         )
+        one_batch = record.get("median_ratio_to_one_batch_at_target_clients")
+        if one_batch is not None:
+            lines.append(
+                f"Against `benchmark`'s best one-batch-at-a-time figure instead: median {one_batch:.2f}."
+            )
     lines += cpu_budget(record, target_runs)
     lines += [
         "",
@@ -384,6 +416,16 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _threads_words(record: dict[str, Any]) -> str:
+    if record["threads"] is None:
+        return "serve in its default layout (one model worker per core, one onnxruntime thread each)"
+    return f"{record['threads']} onnxruntime threads per worker"
+
+
 def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> list[str]:
     """Where the CPU goes, from the recorded figures: the server's CPU per image under load
     against the model's own (all intra-op threads busy for 1 / images_per_s each image)."""
@@ -391,7 +433,8 @@ def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> lis
     if not target_runs:
         return []
     served = float(np.median([r["server_cpu_s"] * 1000 / r["requests"] for r in target_runs]))
-    model = float(np.median([record["threads"] * 1000 / r["model_only_images_per_s"] for r in target_runs]))
+    cores = record.get("cpus") or record["threads"]
+    model = float(np.median([cores * 1000 / r["model_only_images_per_s"] for r in target_runs]))
     inference = float(np.median([r["mean_inference_ms"] / r["mean_batch_size"] for r in target_runs]))
     model_wall = float(np.median([1000 / r["model_only_images_per_s"] for r in target_runs]))
     lines = [
@@ -399,8 +442,8 @@ def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> lis
         "## Where the time goes",
         "",
         f"- Under load the server spends {served:.1f} ms of CPU per image (median of the runs above); "
-        f"the model alone needs at most {model:.1f} ms ({record['threads']} threads for "
-        f"{model_wall:.2f} ms of wall time per image at the best model-only batch size).",
+        f"the model alone needs at most {model:.1f} ms ({cores} cores for "
+        f"{model_wall:.2f} ms of wall time per image at the best model-only batch size and layout).",
         f"- Inside the server an ONNX batch takes {inference:.2f} ms per image, against {model_wall:.2f} ms "
         "model-only: on 2 cores the model shares them with decoding, HTTP and the event loop.",
     ]
