@@ -10,7 +10,9 @@ Measured in one run, on one machine:
    time with start-up, images/s, and images/s after the first row is on disk (start-up
    excluded: Ray's start, the actors' start and model load). The Ray engine runs its default
    pool (one single-thread actor per CPU); one more run uses 1 actor x 2 threads. The rows of
-   the last round's two outputs are compared (labels, errors, probabilities).
+   the last round's two outputs are compared (labels, errors, probabilities). Then the same
+   runs against a Ray cluster already running on this machine (``ray start --head``, then
+   ``--address auto``): what a job pays when Ray itself is up, as on an existing cluster.
 2. Memory on a large listing. Both engines as processes on 200,000 empty files: every row is an
    error row, so the run exercises the listing, the dataset, the actors and the writer, not the
    model. Peak RSS of the command's own process (the Ray driver; Ray's raylet, GCS and the
@@ -60,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--listing", type=int, default=200_000, help="empty files of the memory run (0: skip)"
+    )
+    parser.add_argument(
+        "--attached-rounds", type=int, default=2, help="rounds against a running local cluster (0: skip)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render-only", action="store_true")
@@ -254,6 +259,32 @@ def listing_rate(folder: Path) -> dict[str, float]:
     return {"paths": len(paths), "seconds": round(seconds, 2), "paths_per_s": round(len(paths) / seconds)}
 
 
+def attached_rounds(images: Path, few: Path, model: Path, scratch: Path, rounds: int) -> dict[str, Any]:
+    """Start-up and 2,000-image runs with ``--address auto`` against a head node started here
+    (and stopped after): the per-job cost once Ray itself is running."""
+    from kidney_edge.runtime import available_cpus
+
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = time.perf_counter()
+    subprocess.run([*ray_cli, "start", "--head", f"--num-cpus={available_cpus()}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env)  # fmt: skip
+    record: dict[str, Any] = {
+        "cluster_start_s": round(time.perf_counter() - start, 2),
+        "startup": [],
+        "rounds": [],
+    }
+    try:
+        for _ in range(rounds):
+            extra = ("--engine", "ray", "--address", "auto")
+            record["startup"].append(timed_predict(few, model, scratch / "few-attached.csv", *extra))
+            record["rounds"].append(timed_predict(images, model, scratch / "attached.csv", *extra))
+            print(f"attached: {record['rounds'][-1]['images_per_s']} img/s", flush=True)
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env)
+    return record
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     args.cache.mkdir(parents=True, exist_ok=True)
     images = phantom_images(args.cache, args.n)
@@ -278,6 +309,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         record["rows_compared"] = compare_rows(scratch / "local.csv", scratch / "ray.csv")
         record["ray_1x2"] = timed_predict(images, args.model, scratch / "ray12.csv", "--engine", "ray",
                                           "--actors", "1", "--threads", "2")  # fmt: skip
+        if args.attached_rounds:
+            record["attached"] = attached_rounds(images, few, args.model, scratch, args.attached_rounds)
         record["writers"] = writer_ceilings(scratch / "local.csv", 200_000, scratch)
         if args.listing:
             empty = empty_files(args.cache, args.listing)
@@ -320,11 +353,35 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
         }
     for key in ("images_per_s", "steady_images_per_s"):
         summary[f"ratio_{key}"] = round(summary["ray"][key] / summary["local"][key], 3)
+    attached = record.get("attached")
+    if attached:
+        summary["attached"] = {
+            "images_per_s": _median([run["images_per_s"] for run in attached["rounds"]]),
+            "steady_images_per_s": _median([run["steady_images_per_s"] for run in attached["rounds"]]),
+            "startup_s": _median([run["wall_s"] for run in attached["startup"]]),
+        }
+        summary["ratio_attached_images_per_s"] = round(
+            summary["attached"]["images_per_s"] / summary["local"]["images_per_s"], 3
+        )
     return summary
 
 
 def _load(run: dict[str, Any]) -> str:
     return "/".join(str(value) for value in run["load_1m_before_after"])
+
+
+def _attached_words(record: dict[str, Any]) -> str:
+    s = record["summary"]
+    if "attached" not in s:
+        return "With `--address` to a running cluster there is no Ray start to pay. "
+    attached = s["attached"]
+    return (
+        f"Against a Ray cluster already running on this machine (`ray start --head`, "
+        f"{record['attached']['cluster_start_s']} s once, then `--address auto`) a job pays no Ray start: "
+        f"the {STARTUP_IMAGES}-image runs took {attached['startup_s']} s (connecting, starting the actors "
+        f"and loading the model), and the 2,000-image runs reached {attached['images_per_s']} images/s end "
+        f"to end: **{s['ratio_attached_images_per_s']}x local**. "
+    )
 
 
 def render(record: dict[str, Any]) -> str:
@@ -350,6 +407,10 @@ def render(record: dict[str, Any]) -> str:
             runs.append((f"{index + 1}", f"{engine}, start-up only", record["startup"][engine][index]))
             runs.append((f"{index + 1}", engine, round_[engine]))
     runs.append(("-", "ray, 1 actor x 2 threads", record["ray_1x2"]))
+    attached = record.get("attached")
+    for index, run in enumerate((attached or {}).get("rounds", [])):
+        runs.append((f"{index + 1}", "ray on a running cluster, start-up only", attached["startup"][index]))
+        runs.append((f"{index + 1}", "ray on a running cluster (`--address auto`)", run))
     for round_, name, run in runs:
         lines.append(
             f"| {round_} | {name} | {run['rows']} | {run['wall_s']} | {run['images_per_s']} | "
@@ -366,12 +427,12 @@ def render(record: dict[str, Any]) -> str:
         f"{STARTUP_IMAGES}-image runs took {local['startup_s']} s locally and {ray['startup_s']} s with "
         "Ray (starting Ray's own processes: GCS, raylet, dashboard and runtime-env agents, log monitor, "
         "prestarted workers; then the actors, each importing onnxruntime and loading the model; then "
-        "shutting Ray down). On a 2,000-image job on this loaded box that start-up is the whole gap; on "
-        "a long job, or with `--address` to a running cluster (no Ray start), it is amortised. The "
-        f"1 actor x 2 threads run (one two-thread onnxruntime session, like local predict) ran at "
-        f"{record['ray_1x2']['steady_images_per_s']} images/s: near local's running rate, so Ray's "
-        "higher running rate comes from two single-thread sessions doing better than one two-thread "
-        "session on a box whose cores other jobs keep taking, not from Ray itself.",
+        "shutting Ray down). "
+        + _attached_words(record)
+        + f"The 1 actor x 2 threads run (one two-thread onnxruntime session) ran at "
+        f"{record['ray_1x2']['steady_images_per_s']} images/s once running: local predict and the Ray "
+        "pool both run one single-thread session per core by default, because that layout beats one "
+        "session split across the cores.",
         "",
         f"Rows of the last round: {compared['rows']} rows, same paths: {compared['same_paths']}, labels or "
         f"errors differing: {compared['label_or_error_differences']}, largest probability difference in the "

@@ -391,9 +391,9 @@ def execution_layout(threads: int | None = None, workers: int | None = None) -> 
     Default: one worker per usable CPU (up to :data:`MAX_WORKERS`), each with one onnxruntime
     thread. Whole batches side by side use the cores better than one batch split across them:
     no barrier waits inside each operator, and decoding fills the gaps of the other worker's
-    inference. On 2 cores, 2 single-thread workers ran the INT8 model 1.2x faster than one
-    2-thread session, model-only, and predict end to end likewise
-    (``benchmarks/results/runtime.md``, layouts).
+    inference. On 2 cores, predict end to end ran 1.2x (INT8) and 1.4x (fp32) faster with 2
+    single-thread workers than with one 2-thread worker (``benchmarks/results/runtime.md``,
+    layouts).
     """
     cpus = available_cpus()
     if workers is None:
