@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_runtime import phantom_images  # noqa: E402  (the same 2,000 images)
+from bench_runtime import linked_folder, phantom_images  # noqa: E402  (the same 2,000 images)
 
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from kidney_edge.runtime import machine_info, scan_images  # noqa: E402
@@ -65,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--attached-rounds", type=int, default=2, help="rounds against a running local cluster (0: skip)"
+    )
+    parser.add_argument(
+        "--large", type=int, default=10_000, help="files of one larger job per engine (hard links; 0: skip)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render-only", action="store_true")
@@ -259,9 +262,11 @@ def listing_rate(folder: Path) -> dict[str, float]:
     return {"paths": len(paths), "seconds": round(seconds, 2), "paths_per_s": round(len(paths) / seconds)}
 
 
-def attached_rounds(images: Path, few: Path, model: Path, scratch: Path, rounds: int) -> dict[str, Any]:
+def attached_rounds(
+    images: Path, few: Path, model: Path, scratch: Path, rounds: int, large: Path | None
+) -> dict[str, Any]:
     """Start-up and 2,000-image runs with ``--address auto`` against a head node started here
-    (and stopped after): the per-job cost once Ray itself is running."""
+    (and stopped after): the per-job cost once Ray itself is running; then the ``large`` job."""
     from kidney_edge.runtime import available_cpus
 
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -280,6 +285,8 @@ def attached_rounds(images: Path, few: Path, model: Path, scratch: Path, rounds:
             record["startup"].append(timed_predict(few, model, scratch / "few-attached.csv", *extra))
             record["rounds"].append(timed_predict(images, model, scratch / "attached.csv", *extra))
             print(f"attached: {record['rounds'][-1]['images_per_s']} img/s", flush=True)
+        if large is not None:
+            record["large"] = timed_predict(large, model, scratch / "large-attached.csv", *extra)
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env)
     return record
@@ -309,8 +316,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         record["rows_compared"] = compare_rows(scratch / "local.csv", scratch / "ray.csv")
         record["ray_1x2"] = timed_predict(images, args.model, scratch / "ray12.csv", "--engine", "ray",
                                           "--actors", "1", "--threads", "2")  # fmt: skip
+        large = linked_folder(images, args.large, args.cache) if args.large else None
+        if large is not None:
+            record["large"] = {
+                "local": timed_predict(large, args.model, scratch / "large-local.csv"),
+                "ray": timed_predict(large, args.model, scratch / "large-ray.csv", "--engine", "ray"),
+            }
         if args.attached_rounds:
-            record["attached"] = attached_rounds(images, few, args.model, scratch, args.attached_rounds)
+            record["attached"] = attached_rounds(
+                images, few, args.model, scratch, args.attached_rounds, large
+            )
         record["writers"] = writer_ceilings(scratch / "local.csv", 200_000, scratch)
         if args.listing:
             empty = empty_files(args.cache, args.listing)
@@ -363,6 +378,14 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
         summary["ratio_attached_images_per_s"] = round(
             summary["attached"]["images_per_s"] / summary["local"]["images_per_s"], 3
         )
+    large = record.get("large")
+    if large:
+        local_rate = large["local"]["images_per_s"]
+        summary["large"] = {"files": large["local"]["rows"],
+                            "ratio_ray": round(large["ray"]["images_per_s"] / local_rate, 3)}  # fmt: skip
+        attached_large = (attached or {}).get("large")
+        if attached_large:
+            summary["large"]["ratio_attached"] = round(attached_large["images_per_s"] / local_rate, 3)
     return summary
 
 
@@ -370,17 +393,29 @@ def _load(run: dict[str, Any]) -> str:
     return "/".join(str(value) for value in run["load_1m_before_after"])
 
 
+def _large_words(record: dict[str, Any]) -> str:
+    large = record["summary"].get("large")
+    if not large:
+        return ""
+    attached = f", {large['ratio_attached']}x on the running cluster" if "ratio_attached" in large else ""
+    return (
+        f"The start-up is paid once per job, so the end-to-end ratio grows with the job: on "
+        f"{large['files']:,} files (hard links over the same images) Ray ran at {large['ratio_ray']}x local "
+        f"end to end with its own start{attached}. "
+    )
+
+
 def _attached_words(record: dict[str, Any]) -> str:
     s = record["summary"]
     if "attached" not in s:
-        return "With `--address` to a running cluster there is no Ray start to pay. "
+        return "With `--address` to a running cluster there is no Ray start to pay. " + _large_words(record)
     attached = s["attached"]
     return (
         f"Against a Ray cluster already running on this machine (`ray start --head`, "
         f"{record['attached']['cluster_start_s']} s once, then `--address auto`) a job pays no Ray start: "
         f"the {STARTUP_IMAGES}-image runs took {attached['startup_s']} s (connecting, starting the actors "
         f"and loading the model), and the 2,000-image runs reached {attached['images_per_s']} images/s end "
-        f"to end: **{s['ratio_attached_images_per_s']}x local**. "
+        f"to end: **{s['ratio_attached_images_per_s']}x local**. " + _large_words(record)
     )
 
 
@@ -407,6 +442,10 @@ def render(record: dict[str, Any]) -> str:
             runs.append((f"{index + 1}", f"{engine}, start-up only", record["startup"][engine][index]))
             runs.append((f"{index + 1}", engine, round_[engine]))
     runs.append(("-", "ray, 1 actor x 2 threads", record["ray_1x2"]))
+    for engine, run in (record.get("large") or {}).items():
+        runs.append(("-", f"{engine}, larger job", run))
+    if (record.get("attached") or {}).get("large"):
+        runs.append(("-", "ray on a running cluster, larger job", record["attached"]["large"]))
     attached = record.get("attached")
     for index, run in enumerate((attached or {}).get("rounds", [])):
         runs.append((f"{index + 1}", "ray on a running cluster, start-up only", attached["startup"][index]))
