@@ -354,7 +354,7 @@ def _git_commit() -> str:
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return round(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2, 2)
 
 
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
