@@ -32,12 +32,11 @@ from kidney_edge.io_utils import atomic_write_json
 from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
+from kidney_edge.runtime.classifier import PARITY_FILE, REJECTED_INT8_FILE
 from kidney_edge.spec import GRAPH_OUTPUTS, ONNX_METADATA_KEY, OOD_SCORE, ModelSpec
 
 log = logging.getLogger(__name__)
 
-REJECTED_INT8_FILE = "model.int8.rejected.onnx"  # failed the gate: kept for inspection, never loaded
-PARITY_FILE = "parity.json"
 EXPORT_BATCH_SIZE = 1  # parity is then checked at another batch size, through the dynamic axis
 # Parity thresholds: fp32 ONNX must reproduce PyTorch, not merely come close. It computes the
 # same operations, so only float reassociation separates them: recorded Lite0 exports reach a
@@ -628,10 +627,18 @@ def _append_ood_nodes(onnx_path: Path, detector: OodDetector) -> None:
 
     graph.node.extend(
         [
-            helper.make_node("Cast", ["ood_whitening_f16"], ["ood_whitening"], to=TensorProto.FLOAT, name="ood_cast"),
-            helper.make_node("MatMul", [detector.input_name, "ood_whitening"], ["ood_whitened"], name="ood_whiten"),
-            helper.make_node("Unsqueeze", ["ood_whitened", "ood_axis_1"], ["ood_whitened_3d"], name="ood_unsqueeze"),
-            helper.make_node("Sub", ["ood_whitened_3d", "ood_means"], ["ood_difference"], name="ood_difference"),
+            helper.make_node(
+                "Cast", ["ood_whitening_f16"], ["ood_whitening"], to=TensorProto.FLOAT, name="ood_cast"
+            ),
+            helper.make_node(
+                "MatMul", [detector.input_name, "ood_whitening"], ["ood_whitened"], name="ood_whiten"
+            ),
+            helper.make_node(
+                "Unsqueeze", ["ood_whitened", "ood_axis_1"], ["ood_whitened_3d"], name="ood_unsqueeze"
+            ),
+            helper.make_node(
+                "Sub", ["ood_whitened_3d", "ood_means"], ["ood_difference"], name="ood_difference"
+            ),
             reduce("ReduceSumSquare", "ood_difference", "ood_squared", 2),  # (N, C)
             reduce("ReduceMin", "ood_squared", OOD_SCORE, 1),  # (N,)
         ]

@@ -17,13 +17,17 @@ from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError
 from kidney_edge.runtime import precision as precision_module
-from kidney_edge.runtime.classifier import INT8_FILE, MODEL_FILE, OnnxClassifier
+from kidney_edge.runtime.classifier import (
+    INT8_FILE,
+    MODEL_FILE,
+    PARITY_FILE,
+    REJECTED_INT8_FILE,
+    OnnxClassifier,
+)
 from kidney_edge.runtime.hardware import CpuInfo
 from kidney_edge.runtime.precision import (
-    GATE_RECORD_FILE,
     MIN_INT8_SPEEDUP,
     PROBE_CACHE_FILE,
-    REJECTED_INT8_FILE,
     Precision,
     ProbeResult,
     TimedProbe,
@@ -51,7 +55,7 @@ def write_gate(folder: Path, *, passed: bool, model: str = INT8_FILE) -> None:
     record = {"passed": True, "int8": {"passed": passed, "failures": failures, "model": model,
                                        "positive_class": "Tumor", "n_images": 40,
                                        "delta": {"argmax": delta, "rule": delta}}}  # fmt: skip
-    (folder / GATE_RECORD_FILE).write_text(json.dumps(record))
+    (folder / PARITY_FILE).write_text(json.dumps(record))
 
 
 @pytest.fixture()
@@ -91,7 +95,7 @@ def test_auto_keeps_fp32_without_a_passed_gate_and_does_not_probe(export_dir: Pa
     if gate == "failed":
         write_gate(export_dir, passed=False)
     elif gate == "missing":
-        (export_dir / GATE_RECORD_FILE).unlink()
+        (export_dir / PARITY_FILE).unlink()
     else:
         write_gate(export_dir, passed=True, model=REJECTED_INT8_FILE)
     probe = FakeProbe(3.0)
@@ -194,12 +198,6 @@ def test_timed_probe_measures_both_models(export_dir: Path) -> None:
     result = TimedProbe(min_batches=3, max_batches=5, budget_s=0.0)(fp32, int8, batch_size=2)
     assert result.batches == 3 and result.batch_size == 2 and result.threads == 1
     assert result.fp32_ms_per_image > 0 and result.int8_ms_per_image > 0 and 0 < result.seconds < 10
-
-
-def test_export_names_the_files_the_runtime_reads() -> None:
-    from kidney_edge import export
-
-    assert export.PARITY_FILE == GATE_RECORD_FILE and export.REJECTED_INT8_FILE == REJECTED_INT8_FILE
 
 
 def test_predict_export_folder_end_to_end(export_dir: Path, tmp_path: Path) -> None:

@@ -31,10 +31,15 @@ from kidney_edge.spec import (
     ModelSpec,
 )
 
-# What `kidney-edge export` writes: EXPORT_ROOT/<run>/MODEL_FILE, with INT8_FILE beside it.
+# What `kidney-edge export` writes: EXPORT_ROOT/<run>/MODEL_FILE, with INT8_FILE and
+# PARITY_FILE beside it; the export writes these names and the runtime reads them.
 EXPORT_ROOT = Path("export")
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+REJECTED_INT8_FILE = (
+    "model.int8.rejected.onnx"  # failed the gate at export: kept for inspection, never loaded
+)
+PARITY_FILE = "parity.json"  # parity figures, and in its "int8" section the INT8 accuracy gate record
 
 # Operators only quantized graphs hold: QDQ (QuantizeLinear/DequantizeLinear), QOperator
 # (QLinear*) and dynamic quantization (*Integer). Op types are plain strings in the protobuf.

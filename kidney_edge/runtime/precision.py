@@ -39,6 +39,8 @@ from kidney_edge.io_utils import atomic_write_json
 from kidney_edge.runtime.classifier import (
     INT8_FILE,
     MODEL_FILE,
+    PARITY_FILE,
+    REJECTED_INT8_FILE,
     OnnxClassifier,
     find_default_model,
     is_int8_model,
@@ -47,10 +49,6 @@ from kidney_edge.runtime.hardware import available_cpus, cpu_info
 
 log = logging.getLogger(__name__)
 
-# What `kidney-edge export` writes beside the models (kidney_edge.export names them the same;
-# tests/test_precision.py checks that the two agree).
-GATE_RECORD_FILE = "parity.json"  # its "int8" section is the INT8 accuracy gate record
-REJECTED_INT8_FILE = "model.int8.rejected.onnx"  # failed the gate at export: never loaded
 PROBE_CACHE_FILE = "precision_probe.json"
 _PROBE_CACHE_VERSION = 1
 _MAX_CACHE_ENTRIES = 32  # one per machine x thread count x batch: a shared folder stays small
@@ -180,11 +178,11 @@ def read_int8_gate(folder: Path) -> Int8Gate:
     ``passed`` is True only when the record says it passed *and* names model.int8.onnx as the
     file it kept; a missing or unreadable record is ``None`` (not proven), never a pass.
     """
-    record_path = folder / GATE_RECORD_FILE
+    record_path = folder / PARITY_FILE
     try:
         record = json.loads(record_path.read_text(encoding="utf-8")).get("int8")
     except FileNotFoundError:
-        return Int8Gate(None, f"no {GATE_RECORD_FILE} beside the models")
+        return Int8Gate(None, f"no {PARITY_FILE} beside the models")
     except (OSError, ValueError, AttributeError) as exc:
         return Int8Gate(None, f"{record_path} is unreadable ({type(exc).__name__})")
     if not isinstance(record, dict) or "passed" not in record:

@@ -32,8 +32,8 @@ from PIL import Image
 from kidney_edge.errors import ImageReadError
 from kidney_edge.imaging import load_image, resized_image
 from kidney_edge.io_utils import atomic_write_bytes
-from kidney_edge.runtime.classifier import OnnxClassifier
-from kidney_edge.runtime.precision import GATE_RECORD_FILE, PrecisionChoice, file_sha256, resolve_precision
+from kidney_edge.runtime.classifier import PARITY_FILE, OnnxClassifier
+from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_precision
 from kidney_edge.runtime.predict import classify
 from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
 from kidney_edge.runtime.serve.cam import heatmap, overlay, png_data_url
@@ -81,11 +81,11 @@ def recorded_figures(model_path: Path, precision: str) -> dict[str, Any] | None:
     """The export's held-out figures of this model under its decision rule, from the gate record
     beside it (``parity.json``); None when there is none."""
     try:
-        record = json.loads((model_path.parent / GATE_RECORD_FILE).read_text(encoding="utf-8"))
+        record = json.loads((model_path.parent / PARITY_FILE).read_text(encoding="utf-8"))
         gate = record["int8"]
         figures = gate[precision]["rule"]
         return {
-            "source": f"{GATE_RECORD_FILE} beside the model (measured at export)",
+            "source": f"{PARITY_FILE} beside the model (measured at export)",
             "images": record.get("images"),
             "n_images": gate.get("n_images"),
             "accuracy": figures.get("accuracy"),
