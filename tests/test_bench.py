@@ -155,6 +155,13 @@ def test_execution_layout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(predict, "available_cpus", lambda: 1)
     assert execution_layout() == ExecutionLayout(workers=1, threads=1)
+    for bad, flag in (
+        ({"workers": 0}, "--workers"),
+        ({"workers": 65}, "--workers"),
+        ({"threads": 0}, "--threads"),
+    ):
+        with pytest.raises(InputError, match=flag):
+            execution_layout(**bad)
 
 
 def test_latency_stats_on_known_times() -> None:
@@ -237,4 +244,6 @@ def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:
         BenchmarkConfig(batch_sizes=(0,))
     with pytest.raises(InputError, match="--images"):
         BenchmarkConfig(images_dir=tmp_path / "missing")
-    assert BenchmarkConfig().threads == (available_cpus(),)
+    assert BenchmarkConfig().thread_counts == (available_cpus(),) and BenchmarkConfig(
+        threads=(3,)
+    ).thread_counts == (3,)

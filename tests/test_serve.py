@@ -31,7 +31,7 @@ with warnings.catch_warnings():  # starlette asks for httpx2; httpx is the clien
 from test_runtime import SIZE, bomb_png, make_tiny_onnx  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from kidney_edge.errors import ImageReadError  # noqa: E402
+from kidney_edge.errors import ImageReadError, InputError  # noqa: E402
 from kidney_edge.imaging import load_image, preprocess  # noqa: E402
 from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app, exposure_warning, is_loopback  # noqa: E402
@@ -555,6 +555,8 @@ def test_metrics_are_prometheus_text(models: dict[str, Path]) -> None:
 
 def test_bind_address_defaults_to_localhost_and_warns_elsewhere() -> None:
     assert ServeConfig().host == "127.0.0.1"
+    with pytest.raises(InputError, match="--workers must be in 1..64"):
+        ServeConfig(workers=0)  # the layout's own check, shared with predict
     assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "edge-box.local"))
     assert exposure_warning("127.0.0.1", None) is None

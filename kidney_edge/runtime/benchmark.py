@@ -3,8 +3,8 @@
 Model-only figures time ``OnnxClassifier.run`` on a fixed random batch after a warm-up:
 p50/p90/p99/mean milliseconds per batch and per image, and images/s, for every batch size x
 thread count (one batch at a time: latency), and in ``predict``'s own execution layout (several
-batches side by side, one per worker: the sustained throughput a folder run can reach), for fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit
-in the same folder (or ``--model`` names the export folder; ``--precision fp32|int8`` keeps one).
+batches side by side, one per worker: the sustained throughput a folder run can reach), for
+fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit in the same folder (or ``--model`` names the export folder; ``--precision fp32|int8`` keeps one).
 PyTorch eager on the same weights is measured only when a checkpoint is
 given and torch is importable (imported inside that branch: the runtime path stays torch-free).
 The end-to-end figure runs :func:`kidney_edge.runtime.predict_folder` on a folder of images, on
@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +54,16 @@ class BenchmarkConfig:
     images_dir: Path | None = None
     checkpoint: Path | None = None
     precision: Precision = Precision.AUTO  # auto: every model of the export, side by side
-    threads_given: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
         set_(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
-        set_(self, "threads_given", bool(self.threads))
-        set_(
-            self, "threads", (available_cpus(),) if not self.threads else tuple(int(t) for t in self.threads)
-        )
+        set_(self, "threads", tuple(int(t) for t in self.threads) if self.threads else None)
         if not self.batch_sizes or any(not 1 <= b <= 512 for b in self.batch_sizes):
             raise InputError(f"--batch-sizes must be integers in 1..512, got {list(self.batch_sizes)}")
-        if any(t < 1 for t in self.threads):
-            raise InputError(f"--threads must be integers >= 1, got {list(self.threads)}")
+        if any(t < 1 for t in self.threads or ()):
+            raise InputError(f"--threads must be integers >= 1, got {list(self.threads or ())}")
         if self.warmup < 0 or self.iterations < 1:
             raise InputError(
                 f"--warmup must be >= 0 and --iterations >= 1 (got {self.warmup}, {self.iterations})"
@@ -76,6 +72,11 @@ class BenchmarkConfig:
             raise InputError(f"--images {self.images_dir} is not a directory")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise InputError(f"--checkpoint {self.checkpoint} does not exist")
+
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """The thread counts timed one batch at a time: those asked for, else the usable CPUs."""
+        return self.threads or (available_cpus(),)
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -186,9 +187,9 @@ def _random_batch(batch_size: int, input_size: int) -> np.ndarray:
 def benchmark_layouts(config: BenchmarkConfig) -> list[ExecutionLayout]:
     """One batch at a time on each thread count; without ``--threads``, also ``predict``'s
     default layout when it differs (several batches side by side)."""
-    layouts = [ExecutionLayout(workers=1, threads=t) for t in config.threads]
+    layouts = [ExecutionLayout(workers=1, threads=t) for t in config.thread_counts]
     default = execution_layout()
-    return layouts if config.threads_given or default in layouts else [*layouts, default]
+    return layouts if config.threads or default in layouts else [*layouts, default]
 
 
 def bench_onnx(
@@ -208,15 +209,16 @@ def bench_onnx(
                 report(f"onnxruntime {precision}, batch {batch_size}, {layout.threads} threads{side_by_side}")
                 batch = _random_batch(batch_size, classifier.input_size)
                 call = lambda c=classifier, b=batch: c.run(b)  # noqa: E731
+                wall_s = None  # one batch at a time: images/s follows from the calls' own times
                 if layout.workers == 1:
                     seconds = time_callable(call, warmup=config.warmup, iterations=config.iterations)
-                    stats = latency_stats(seconds, batch_size)
                 else:
                     iterations = max(config.iterations, layout.workers)
                     seconds, wall_s = time_side_by_side(
                         call, workers=layout.workers, warmup=config.warmup, iterations=iterations
                     )
-                    stats = latency_stats(seconds, batch_size)
+                stats = latency_stats(seconds, batch_size)
+                if wall_s is not None:
                     stats["images_per_s"] = round(batch_size * len(seconds) / wall_s, 2)
                 rows.append(
                     {"engine": "onnxruntime", "precision": precision, "model": str(path),
@@ -238,7 +240,7 @@ def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[s
     previous_threads = torch.get_num_threads()
     rows = []
     try:
-        for threads in config.threads:
+        for threads in config.thread_counts:
             torch.set_num_threads(threads)
             for batch_size in config.batch_sizes:
                 report(f"PyTorch eager, batch {batch_size}, {threads} threads")
@@ -347,7 +349,7 @@ def run_benchmark(
         "machine": machine_info(),
         "model": {"path": str(model_path), "variants": {k: str(v) for k, v in variants.items()},
                   "arch": spec.arch, "input_size": spec.input_size, "class_names": list(spec.class_names)},
-        "settings": {"batch_sizes": list(config.batch_sizes), "threads": list(config.threads),
+        "settings": {"batch_sizes": list(config.batch_sizes), "threads": list(config.thread_counts),
                      "warmup": config.warmup, "iterations": config.iterations,
                      "precision": config.precision.value},
         "model_only": bench_onnx(variants, config, report),
@@ -365,7 +367,7 @@ def run_benchmark(
             variants[config.precision.value] if forced else model_path,
             config.images_dir,
             batch_size=max(config.batch_sizes),
-            threads=max(config.threads) if config.threads_given else None,  # None: predict's layout
+            threads=max(config.threads) if config.threads else None,  # None: predict's layout
             precision=config.precision,
         )
     if json_out is not None:

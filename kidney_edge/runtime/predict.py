@@ -79,10 +79,7 @@ class PredictConfig:
             )
         if not 1 <= self.batch_size <= 512:
             raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
-        if self.workers is not None and not 1 <= self.workers <= 64:
-            raise InputError(f"--workers must be in 1..64, got {self.workers}")
+        execution_layout(self.threads, self.workers)  # checks --threads and --workers
         if self.out.is_dir():
             raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
 
@@ -371,9 +368,11 @@ def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
                 summary.failures.append((row["path"], row["error"]))
 
 
-# Batches in flight at most: each holds a batch buffer and onnxruntime's activations (tens of
-# MB at batch 8, 224 px), so more would cost memory for little throughput on an edge box.
+# Workers by default at most: each batch in flight holds a batch buffer and onnxruntime's
+# activations (tens of MB at batch 8, 224 px), so more would cost memory for little throughput
+# on an edge box. --workers may ask for up to WORKERS_LIMIT.
 MAX_WORKERS = 8
+WORKERS_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -386,7 +385,8 @@ class ExecutionLayout:
 
 
 def execution_layout(threads: int | None = None, workers: int | None = None) -> ExecutionLayout:
-    """The layout for ``--threads``/``--workers`` (either may be None: derived from the usable CPUs).
+    """The layout for ``--threads``/``--workers`` (either may be None: derived from the usable
+    CPUs); InputError for values out of range.
 
     Default: one worker per usable CPU (up to :data:`MAX_WORKERS`), each with one onnxruntime
     thread. Whole batches side by side use the cores better than one batch split across them:
@@ -395,6 +395,10 @@ def execution_layout(threads: int | None = None, workers: int | None = None) -> 
     single-thread workers than with one 2-thread worker (``benchmarks/results/runtime.md``,
     layouts).
     """
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    if workers is not None and not 1 <= workers <= WORKERS_LIMIT:
+        raise InputError(f"--workers must be in 1..{WORKERS_LIMIT}, got {workers}")
     cpus = available_cpus()
     if workers is None:
         workers = min(MAX_WORKERS, max(1, cpus // threads)) if threads else min(MAX_WORKERS, cpus)

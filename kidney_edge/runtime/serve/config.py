@@ -89,10 +89,7 @@ class ServeConfig:
                 raise InputError(f"{flag} must be in {low}..{high}, got {value}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise InputError(f"--max-wait-ms must be in 0..1000, got {self.max_wait_ms}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
-        if self.workers is not None and not 1 <= self.workers <= 64:
-            raise InputError(f"--workers must be in 1..64, got {self.workers}")
+        execution_layout(self.threads, self.workers)  # checks --threads and --workers
         if self.save_dir is not None and self.save_dir.exists() and not self.save_dir.is_dir():
             raise InputError(f"--save-dir {self.save_dir} is a file; pass a folder")
 
