@@ -610,7 +610,7 @@ def _legacy_markdown(md_path: Path) -> str | None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import subprocess
+    from bench_runtime import git_commit
 
     from kidney_edge.runtime import machine_info
 
@@ -623,11 +623,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; of: {', '.join(VARIANTS)}")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
     record: dict[str, Any] = {"command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
-                              "commit": commit, "machine_before": machine_info(), "note": args.note, "models": {}}  # fmt: skip
+                              "commit": git_commit(), "machine_before": machine_info(), "note": args.note, "models": {}}  # fmt: skip
     for name, (checkpoint, splits) in models.items():
         log(f"{name}: {checkpoint}")
         record["models"][name] = bench_model(name, Path(checkpoint), Path(splits), variants, args)

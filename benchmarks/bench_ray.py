@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_runtime import linked_folder, phantom_images  # noqa: E402  (the same 2,000 images)
+from bench_runtime import git_commit, linked_folder, phantom_images  # noqa: E402  (the same 2,000 images)
 
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from kidney_edge.runtime import machine_info, scan_images  # noqa: E402
@@ -300,7 +300,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     few = linked_subset(images, STARTUP_IMAGES, args.cache)
     scratch = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     record: dict[str, Any] = {"machine": machine_info(), "model": str(args.model), "images": args.n,
-                              "batch_size": BATCH_SIZE, "commit": _git_commit(), "rounds": [],
+                              "batch_size": BATCH_SIZE, "commit": git_commit(), "rounds": [],
                               "startup": {"local": [], "ray": []}}  # fmt: skip
     try:
         for index in range(args.rounds):
@@ -338,14 +338,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- rendering

@@ -339,7 +339,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     record = {
         "machine": machine_info(),
         "load_average_at_start": load_before,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "model": str(model),
         "images": str(images),
         "note": args.note,
@@ -357,7 +357,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The short hash of HEAD, recorded with every benchmark result ("unknown" outside git)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip

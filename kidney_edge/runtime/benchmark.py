@@ -294,7 +294,7 @@ def bench_pipeline(
 
 
 def _layout_key(row: dict[str, Any]) -> tuple[int, int, int]:
-    return row["batch_size"], row["threads"], row.get("workers", 1)
+    return row["batch_size"], row["threads"], row["workers"]
 
 
 def int8_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
