@@ -1095,7 +1095,7 @@ TRUTH_COLUMNS = (
     "path", "class", "patient", "slice", "finding", "kidney_side", "lesion_x", "lesion_y",
     "lesion_radius_px", "lesion_contrast_hu", "phase", "duplicate_of", "difficulty",
     "habitus", "size_px", "fov_mm", "kernel", "noise_hu", "window", "jpeg_quality",
-    "hyperdense", "confounders",
+    "hyperdense", "confounders", "kidneys_box",
 )  # fmt: skip
 
 
@@ -1218,4 +1218,17 @@ def _truth_row(
         "jpeg_quality": scan.quality,
         "hyperdense": int(finding.kind == "cyst" and finding.hu > 40),
         "confounders": "+".join(patient.confounders),
+        "kidneys_box": _box_text(rendered.kidneys),
     }
+
+
+def _box_text(mask: np.ndarray) -> str:
+    """``"x0 y0 x1 y1"`` (px, end-exclusive) around ``mask``'s true pixels; "" when it has none.
+
+    The kidneys' box lets a learnability check crop the region a reader looks at (an oracle
+    view), which no model input may use.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return ""
+    return f"{cols[0]} {rows[0]} {cols[-1] + 1} {rows[-1] + 1}"
