@@ -14,6 +14,7 @@ from kidney_edge.training.config import (
     ALL_BLOCKS,
     ARCHS,
     DEVICES,
+    Augmentation,
     MODELS_ROOT,
     TrainConfig,
     default_finetune_phase,
@@ -124,6 +125,13 @@ def train(
             help="Phase 2 re-estimates BatchNorm statistics from batches (default: keep ImageNet's).",
         ),
     ] = not _FINETUNE.freeze_bn_stats,
+    augment: Annotated[
+        Augmentation,
+        typer.Option(
+            help="Phase 2 augmentation: geometric (small rotations, shifts, zooms) or scanner (also "
+            "left-right mirror, window, kernel blur/sharpen, noise, JPEG quality).",
+        ),
+    ] = Augmentation(_RUN.augmentation),
 ) -> None:
     """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning).
 
@@ -142,7 +150,7 @@ def train(
             seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             ood_method=None if no_ood else ood_method.value, ood_max_rejection=ood_max_rejection,
-            time_budget_min=time_budget,
+            time_budget_min=time_budget, augmentation=augment.value,
             head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head),
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),

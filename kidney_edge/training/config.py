@@ -9,11 +9,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
+
+class Augmentation(str, Enum):
+    """Train-only augmentation policies (``--augment``); see ``training.data.augmentation``."""
+
+    geometric = "geometric"  # small rotations, shifts and zooms
+    scanner = "scanner"  # geometric + left-right mirror + what differs between scanners
+
 
 ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all)
 
@@ -136,6 +144,7 @@ class TrainConfig:
     ood_method: str | None = DEFAULT_OOD_METHOD.value  # None: no OOD detector (--no-ood)
     ood_max_rejection: float = DEFAULT_MAX_ID_REJECTION
     time_budget_min: float | None = None  # fine-tuning epochs are cut to fit (see training.budget)
+    augmentation: str = Augmentation.geometric.value
     head: PhaseConfig = field(default_factory=default_head_phase)
     finetune: PhaseConfig = field(default_factory=default_finetune_phase)
 
@@ -170,6 +179,10 @@ class TrainConfig:
             )
         if not 0 < self.ood_max_rejection < 1:
             raise InputError(f"--ood-max-rejection must be in (0, 1), got {self.ood_max_rejection}")
+        if self.augmentation not in {a.value for a in Augmentation}:
+            raise InputError(
+                f"--augment must be one of {', '.join(a.value for a in Augmentation)}, got {self.augmentation!r}"
+            )
         if self.head.name != "head" or self.finetune.name != "finetune":
             raise InputError("TrainConfig.head/finetune must be the 'head' and 'finetune' phases")
         if self.time_budget_min is not None and not self.time_budget_min > 0:

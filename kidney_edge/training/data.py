@@ -16,7 +16,8 @@ from kidney_edge import dataset
 from kidney_edge.dataset import SPLITS, audit_path
 from kidney_edge.errors import InputError
 from kidney_edge.imaging import preprocess
-from kidney_edge.spec import ModelSpec
+from kidney_edge.spec import ColorMode, ModelSpec
+from kidney_edge.training.config import Augmentation
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,66 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return compute_class_weight("balanced", classes=classes, y=labels).astype(np.float32)
 
 
-def augmentation(spec: ModelSpec) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Train-only geometric augmentation on normalised (3, S, S) tensors (after the shared preprocessing).
+def augmentation(spec: ModelSpec, policy: Augmentation | str = Augmentation.geometric) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Train-only augmentation on normalised (3, S, S) tensors (after the shared preprocessing).
 
-    Small rotations/shifts/zooms: slices differ in patient position, not in orientation, so no
-    flips. Uncovered corners are filled with the normalised value of black (air in CT).
+    ``geometric``: small rotations/shifts/zooms; uncovered corners are filled with the
+    normalised value of black (air in CT). ``scanner`` adds what varies between scanners and
+    patients but never changes the class: a left-right mirror (a finding lies in either
+    kidney), the display window (contrast, brightness, gamma), the reconstruction kernel (blur
+    or sharpen), quantum noise, JPEG quality, and a wider zoom range for matrix size and field
+    of view. Without it a few hundred slices are learnt by their scanner settings, not their
+    findings (benchmarks/results/recipe.md).
     """
     from torchvision.transforms import v2
 
     fill = [float((0.0 - m) / s) for m, s in zip(spec.mean, spec.std, strict=True)]
-    return v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=fill)
+    if Augmentation(policy) is Augmentation.geometric:
+        return v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=fill)
+    return _ScannerAugment(spec, v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.25), fill=0.0))
+
+
+class _ScannerAugment:
+    """The ``scanner`` policy on [0, 1] pixel values: the affine (air fills the corners), then
+    window, kernel, noise and JPEG. The window moves the level and width but keeps air black,
+    as any abdominal window does."""
+
+    def __init__(self, spec: ModelSpec, affine: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        from torchvision.transforms import v2
+
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1) / 255.0
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1) / 255.0
+        self.affine = affine
+        self.gray = spec.color_mode is ColorMode.GRAY
+        self.blur = v2.GaussianBlur(5, sigma=(0.3, 1.2))
+        self.jpeg = v2.JPEG((50, 95))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, S, S) normalised
+        pixels = image * self.std + self.mean  # (3, S, S) in [0, 1]
+        gray = bool(self.gray and torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2]))
+        if gray:  # one plane does the work of three
+            pixels = pixels[:1]
+        pixels = self.affine(pixels)
+        if torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        low, high = _uniform(-0.03, 0.1), _uniform(0.8, 1.15)
+        pixels = ((pixels - low) / (high - low)).clamp(0, 1) ** _uniform(0.8, 1.25)
+        kernel = torch.rand(())
+        if kernel < 0.3:
+            pixels = self.blur(pixels)
+        elif kernel < 0.5:  # unsharp mask: a sharper reconstruction kernel
+            pixels = (pixels + _uniform(0.3, 1.0) * (pixels - self.blur(pixels))).clamp(0, 1)
+        if torch.rand(()) < 0.5:
+            pixels = (pixels + torch.randn_like(pixels[:1]) * _uniform(0.005, 0.04)).clamp(0, 1)
+        if torch.rand(()) < 0.3:
+            pixels = self.jpeg((pixels * 255).round().to(torch.uint8)).float() / 255
+        if gray:
+            pixels = pixels.expand(3, -1, -1)
+        return (pixels - self.mean) / self.std
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()))
 
 
 class SliceDataset(Dataset):

@@ -253,7 +253,7 @@ def _phase_data(config: TrainConfig, spec: ModelSpec, rows: list) -> PhaseData:
         train_labels=train_labels,
         val_labels=val_labels,
         class_weights=torch.from_numpy(weights),
-        augment=run_data.augmentation(spec),
+        augment=run_data.augmentation(spec, config.augmentation),
     )
 
 
