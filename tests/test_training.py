@@ -105,12 +105,13 @@ def test_early_stopping_counts_from_the_phase_best(
 
     saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
     model, state = torch.nn.Linear(2, 4), RunState(phase="head")
-    _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9}, state, saver, None)
+    _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9, "train_loss": 0.5}, state, saver,
+               None, 4)  # fmt: skip
     state.enter_phase("finetune")
     phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
     stop = None
     for epoch, f1 in enumerate(finetune_f1, start=1):
-        _end_epoch(model, phase, epoch, {"val_macro_f1": f1}, state, saver, None)
+        _end_epoch(model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, None, 4)
         if state.phase_done and stop is None:
             stop = epoch
     assert stop == (stopped_after or 4)
@@ -449,3 +450,35 @@ def test_train_out_defaults_to_a_new_run_folder_under_models(tmp_path: Path, mon
     resumed = CliRunner().invoke(app, ["train", str(data), "--resume"])
     assert resumed.exit_code == 2 and "pass its folder as --out" in resumed.output
     assert len(started) == 1
+
+
+def test_stall_rule_is_loss_at_chance_for_three_epochs() -> None:
+    from kidney_edge.training.loop import stalled_at_chance
+
+    ln4 = float(np.log(4))
+    assert stalled_at_chance([ln4, ln4 * 1.01, float("nan")], 4)  # chance, above it, diverged
+    assert stalled_at_chance([0.5, ln4, ln4, ln4], 4)  # the last three epochs decide
+    assert not stalled_at_chance([ln4, ln4], 4)  # too early to tell
+    assert not stalled_at_chance([ln4, ln4, 0.96 * ln4], 4)  # one epoch below 97% of ln C: learning
+    assert not stalled_at_chance([1.2, 1.0, 0.8], 4)
+
+
+def test_a_planted_collapse_is_retried_at_a_lower_rate_and_reported(phantom_dir: Path, tmp_path: Path) -> None:
+    # An absurd fine-tuning rate (0.9 with AdamW) blows the loss up: the run must notice that
+    # fine-tuning is not learning, retry at a tenth of the rate, and say so in metrics.json.
+    events: list[TrainEvent] = []
+    config = tiny_config(
+        phantom_dir, tmp_path / "run",
+        head=PhaseConfig("head", epochs=1, lr=1e-2),
+        finetune=PhaseConfig("finetune", epochs=6, lr=0.9, unfreeze_blocks=2, augment=False, patience=6),
+    )  # fmt: skip
+    train(config, progress=events.append)
+    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    finetune = [row for row in history if row["phase"] == "finetune"]
+    assert all(float(row["train_loss"]) >= 0.97 * np.log(4) for row in finetune[:3])
+    assert [row["epoch"] for row in finetune][:4] == ["1", "2", "3", "1"]  # the retry starts over
+    assert max(float(row["lr"]) for row in finetune[3:]) <= 0.09 + 1e-9
+    notes = [e.message for e in events if e.kind == "warning" and "did not learn" in e.message]
+    assert notes and "retried from the best model at 0.09 for the 3 epochs left" in notes[0]
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"]
+    assert notes[0] in recorded

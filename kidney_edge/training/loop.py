@@ -50,11 +50,24 @@ class RunState:
     bad_epochs: int = 0  # epochs since phase_best_f1 improved
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A fine-tuning attempt whose training loss stays at chance is stopped and retried from the
+    # best model at a tenth of the rate; the retry gets the epochs the stalled attempts left.
+    stalled: bool = False  # the phase in progress stopped at chance
+    retries: int = 0
+    lr_scale: float = 1.0
+    epochs_lost: int = 0  # epochs spent in stalled attempts of the phase
+    notes: list[str] = field(default_factory=list)  # what the run did about it, in words
 
     def enter_phase(self, name: str) -> None:
         """Start phase ``name`` from its first epoch; the run's best model stays as it is."""
         self.phase, self.phase_epoch, self.phase_done = name, 0, False
-        self.phase_best_f1, self.bad_epochs = -1.0, 0
+        self.phase_best_f1, self.bad_epochs, self.stalled = -1.0, 0, False
+
+    def attempt(self, phase: PhaseConfig) -> PhaseConfig:
+        """``phase`` as this attempt runs it: the rate scaled down and the epochs left after stalls."""
+        if self.lr_scale == 1.0 and not self.epochs_lost:
+            return phase
+        return dataclasses.replace(phase, lr=phase.lr * self.lr_scale, epochs=phase.epochs - self.epochs_lost)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +108,21 @@ class LoaderSettings:
     batch_size: int
     workers: int
     seed: int
+
+
+# Training loss at or above this share of ln(C), the loss of a uniform guess (class-weighted
+# cross-entropy and label smoothing included), for STALL_EPOCHS epochs in a row: the weights
+# are not learning. A healthy fine-tuning epoch ends well below it even on hard data
+# (benchmarks/results/recipe.md: 0.93 ln 4 after the first epoch of the slowest family).
+STALL_LOSS_SHARE = 0.97
+STALL_EPOCHS = 3
+
+
+def stalled_at_chance(train_losses: Sequence[float], num_classes: int) -> bool:
+    """True when the last :data:`STALL_EPOCHS` training losses all sat at chance (or are not finite)."""
+    recent = list(train_losses)[-STALL_EPOCHS:]
+    chance = STALL_LOSS_SHARE * math.log(num_classes)
+    return len(recent) == STALL_EPOCHS and all(not loss < chance for loss in recent)
 
 
 def seed_everything(seed: int) -> None:
@@ -388,14 +416,14 @@ def fit_phase(
         metrics = train_one_epoch(opt, loader, ctx.device, on_step)
         metrics.update(validation_metrics(validate(), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
-        _end_epoch(model, phase, epoch, metrics, state, saver, opt)
+        _end_epoch(model, phase, epoch, metrics, state, saver, opt, len(data.class_weights))
         notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
         if state.phase_done:
             break
 
 
 def _end_epoch(
-    model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt
+    model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt, num_classes: int
 ) -> None:
     """Book-keeping in crash-safe order: decide, then best.pt, then last.pt (the resume point)."""
     f1 = metrics["val_macro_f1"]
@@ -408,7 +436,10 @@ def _end_epoch(
         state.bad_epochs += 1
     state.phase_epoch = epoch
     stop_early = state.bad_epochs >= phase.patience and epoch >= phase.min_epochs
-    state.phase_done = epoch == phase.epochs or stop_early
+    earlier = [row["train_loss"] for row in state.history if row["phase"] == phase.name]
+    this_attempt = [*earlier[len(earlier) - (epoch - 1):], metrics["train_loss"]]  # epochs 1..epoch
+    state.stalled = phase.unfreeze_blocks != 0 and stalled_at_chance(this_attempt, num_classes)
+    state.phase_done = epoch == phase.epochs or stop_early or state.stalled
     if stop_early:
         log.info("early stop in %s after epoch %d: no val macro-F1 gain for %d epochs", phase.name, epoch,
                  phase.patience)  # fmt: skip
@@ -453,6 +484,6 @@ def iter_phases(phases: Sequence[PhaseConfig], state: RunState) -> Iterator[Phas
     for phase in phases:
         if order.index(phase.name) < order.index(state.phase):
             continue
-        if phase.name == state.phase and state.phase_done:
+        if phase.name == state.phase and state.phase_done and not state.stalled:
             continue
         yield phase

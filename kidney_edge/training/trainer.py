@@ -80,9 +80,14 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
     saver = Saver(run_dir, spec, recorded, ctx)
     settings = LoaderSettings(config.batch_size, config.workers, config.seed)
     for phase in iter_phases(config.phases, state):
+        if state.stalled and not _retry_stalled(phase, state, model, run_dir, progress):
+            continue  # resumed just after a stall that is not retried
         mid_phase = resume_from is not None and state.phase == phase.name and state.phase_epoch > 0
-        fit_phase(model, phase, data, state, saver, settings, resume_from if mid_phase else None, progress)
+        fit_phase(model, state.attempt(phase), data, state, saver, settings, resume_from if mid_phase else None,
+                  progress)  # fmt: skip
         resume_from = None
+        while state.stalled and _retry_stalled(phase, state, model, run_dir, progress):
+            fit_phase(model, state.attempt(phase), data, state, saver, settings, None, progress)
     state.finished = True
     saver.save("last.pt", model, training_state(state, None))
     from kidney_edge.training.diagnostics import run_warnings
@@ -95,7 +100,44 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
             progress(TrainEvent("warning", message=warning))
     if progress:
         progress(TrainEvent("finalize"))
-    return _finish(config, state, ctx, warnings)
+    return _finish(config, state, ctx, [*state.notes, *warnings])
+
+
+MAX_STALL_RETRIES = 2  # each at a tenth of the previous rate
+
+
+def _retry_stalled(phase, state: RunState, model, run_dir: Path, progress: Progress | None) -> bool:
+    """After ``phase`` stalled at chance: set up a retry from best.pt at a tenth of the rate
+    (True), or record that the run keeps its best model (False). Either way it says so."""
+    import math
+
+    from kidney_edge.checkpoint import load_checkpoint
+    from kidney_edge.training.loop import STALL_EPOCHS
+
+    attempt = state.attempt(phase)
+    epochs_left = attempt.epochs - state.phase_epoch
+    seen = (
+        f"{phase.name} did not learn: training loss stayed at chance (>= {math.log(model.num_classes):.3f}"
+        f" = ln {model.num_classes}) for {STALL_EPOCHS} epochs at learning rate {attempt.lr:g}"
+    )
+    retry = state.retries < MAX_STALL_RETRIES and epochs_left >= STALL_EPOCHS
+    if retry:
+        note = f"{seen}; retried from the best model at {attempt.lr / 10:g} for the {epochs_left} epochs left"
+        state.epochs_lost += state.phase_epoch
+        state.lr_scale, state.retries = state.lr_scale / 10, state.retries + 1
+        model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model_state"])
+        state.enter_phase(phase.name)
+    else:
+        note = (
+            f"{seen}; the run keeps its best model, from the {state.best_phase} phase (validation "
+            f"macro-F1 {state.best_f1:.3f}): lower --lr-finetune or check the data"
+        )
+        state.stalled = False
+    state.notes.append(note)
+    log.warning(note)
+    if progress:
+        progress(TrainEvent("warning", message=note))
+    return retry
 
 
 def _planned_on_resume(config: TrainConfig) -> TrainConfig:
