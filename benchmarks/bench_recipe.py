@@ -38,6 +38,9 @@ FAMILIES: dict[str, tuple[str, float]] = {
     "classic": ("classic", 1.0),  # the same renderer at its default difficulty
     "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantom2.py)
 }
+# Views of a family for learnability checks, not candidates for defaults: the same slices and
+# splits, cropped with the renderer's truth to the region a reader looks at.
+ORACLE_SUFFIX = "-oracle"  # e.g. "lookalike-oracle": each slice cropped to its kidneys' box
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Recipe:
     layer_decay: float = 1.0
     label_smoothing: float = 0.0
     update_bn_stats: bool = False
+    augment: str = "geometric"
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +65,8 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-all-ld0.8-e12": Recipe(1e-3, "all", 12, 6, layer_decay=0.8, note="whole backbone, layer-wise decay"),
     "lr1e-3-b9-ls0.1-e12": Recipe(1e-3, 9, 12, 6, label_smoothing=0.1, note="label smoothing 0.1"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
+    "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
+    "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
 }
 
 
@@ -77,53 +83,103 @@ def machine_line() -> str:
     )
 
 
-def make_dataset(workdir: Path, family: str, seed: int, n_images: int, slice_size: int) -> tuple[Path, Path]:
-    """(data folder, splits.csv) of one family and seed, made once and reused by every recipe."""
+def make_dataset(
+    workdir: Path, family: str, seed: int, n_images: int, slice_size: int, data_seed: int = 1000
+) -> tuple[Path, Path]:
+    """(data folder, splits.csv) of one family and seed, made once and reused by every recipe.
+
+    The phantom's seed is ``data_seed + seed``; an oracle view shares its family's splits.
+    """
     from kidney_edge.dataset import SplitConfig, split_dataset
     from kidney_edge.phantom2 import synthesizer
 
+    if family.endswith(ORACLE_SUFFIX):
+        return _oracle_view(*make_dataset(workdir, family.removesuffix(ORACLE_SUFFIX), seed, n_images,
+                                          slice_size, data_seed))  # fmt: skip
     style, difficulty = FAMILIES[family]
-    data = workdir / f"{family}-s{seed}-n{n_images}-{slice_size}px"
+    data = workdir / f"{family}-d{data_seed + seed}-n{n_images}-{slice_size}px"
     splits = data.with_name(data.name + "-splits.csv")
     if not splits.is_file():
-        synthesizer(style)(data, n=n_images, seed=1000 + seed, size=slice_size, difficulty=difficulty)
+        synthesizer(style)(data, n=n_images, seed=data_seed + seed, size=slice_size, difficulty=difficulty)
         split_dataset(data, splits, SplitConfig(seed=seed))
     return data, splits
 
 
-def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> dict[str, Any]:
+def _oracle_view(data: Path, splits: Path, pad: float = 0.15) -> tuple[Path, Path]:
+    """Every slice of ``data`` cropped to its kidneys' box (phantom_truth.csv) plus ``pad`` of its
+    size on each side, at native resolution, saved as quality-95 JPEG; the same splits."""
+    import csv
     import dataclasses
-    import shutil
 
-    import torch
+    from PIL import Image
 
-    from kidney_edge.training import TrainConfig, train
+    from kidney_edge.dataset import read_splits, write_splits
+
+    view = data.with_name(data.name + ORACLE_SUFFIX)
+    view_splits = view.with_name(view.name + "-splits.csv")
+    if view_splits.is_file():
+        return view, view_splits
+    with open(data / "phantom_truth.csv", newline="") as handle:
+        boxes = {row["path"]: row["kidneys_box"] for row in csv.DictReader(handle)}
+    for rel, box in boxes.items():
+        x0, y0, x1, y1 = (int(v) for v in box.split())
+        px, py = round((x1 - x0) * pad) + 4, round((y1 - y0) * pad) + 4
+        with Image.open(data / rel) as image:
+            crop = image.crop((max(0, x0 - px), max(0, y0 - py), min(image.width, x1 + px), min(image.height, y1 + py)))
+            (view / rel).parent.mkdir(parents=True, exist_ok=True)
+            crop.save(view / rel, quality=95)
+    rows = read_splits(splits)
+    moved = [dataclasses.replace(row, path=view.resolve() / row.path.relative_to(data.resolve())) for row in rows]
+    write_splits(moved, view_splits)
+    return view, view_splits
+
+
+def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> Any:
+    """The TrainConfig of ``recipe``: library defaults but for the recipe's fine-tuning options."""
+    import dataclasses
+
+    from kidney_edge.training import TrainConfig
     from kidney_edge.training.config import ALL_BLOCKS
 
-    if out.exists():
-        shutil.rmtree(out)  # an unfinished run from a stopped benchmark
-    base = TrainConfig(data_dir=data, out_dir=out, splits=splits, image_size=image_size, seed=seed, device="cpu")
+    base = TrainConfig(data_dir=data, out_dir=out, splits=splits, image_size=image_size, seed=seed, device="cpu",
+                       augmentation=recipe.augment)  # fmt: skip
     blocks = ALL_BLOCKS if recipe.unfreeze_blocks == "all" else int(recipe.unfreeze_blocks)
     finetune = dataclasses.replace(
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
         freeze_bn_stats=not recipe.update_bn_stats,
     )  # fmt: skip
-    config = dataclasses.replace(base, finetune=finetune)
+    return dataclasses.replace(base, finetune=finetune)
+
+
+def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> dict[str, Any]:
+    import shutil
+
+    from kidney_edge.training import train
+
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished run from a stopped benchmark
+    config = recipe_config(data, splits, out, recipe, image_size, seed)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    result = train(config)
-    wall = time.perf_counter() - started
-    history = [json.loads(json.dumps(row, default=float)) for row in _history(out)]
-    finetune_rows = [row for row in history if row["phase"] == "finetune"]
-    from kidney_edge.dataset import read_splits
+    metrics = train(config).metrics
+    return describe_run(out, config, metrics, time.perf_counter() - started, load_before, os.getloadavg())
 
-    n_train = sum(1 for row in read_splits(splits) if row.split == "train")
-    share = _unfrozen_share(config)
+
+def describe_run(out: Path, config: Any, metrics: dict[str, Any], wall: float | None, load_before, load_after) -> dict[str, Any]:
+    """The recorded figures of a finished run folder (``metrics`` as ``train`` returned them)."""
+    import torch
+
+    from kidney_edge.dataset import read_splits
     from kidney_edge.demo import decision_figures
 
-    test = result.metrics["test"]
+    history = [json.loads(json.dumps(row, default=float)) for row in _history(out)]
+    finetune_rows = [row for row in history if row["phase"] == "finetune"]
+    n_train = sum(1 for row in read_splits(config.splits) if row.split == "train")
+    share = _unfrozen_share(config)
+    test = metrics["test"]
     figures = {block: decision_figures(test[block], test["positive_class"]) for block in ("argmax", "rule")}
+    finetune_s = sum(row["seconds"] for row in finetune_rows)
     return {
         "test": figures,
         "best_val_macro_f1": {
@@ -131,17 +187,31 @@ def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int
             for phase in ("head", "finetune")
         },
         "finetune_epochs_run": len(finetune_rows),
-        "finetune_s": sum(row["seconds"] for row in finetune_rows),
-        "finetune_images_per_s": n_train * len(finetune_rows) / max(sum(r["seconds"] for r in finetune_rows), 1e-9),
+        "finetune_s": finetune_s,
+        "finetune_images_per_s": n_train * len(finetune_rows) / max(finetune_s, 1e-9),
         "image_steps": n_train * len(finetune_rows) * share,
         "unfrozen_share": share,
         "n_train": n_train,
-        "wall_s": wall,
-        "warnings": result.metrics.get("warnings", []),
+        "wall_s": wall if wall is not None else sum(row["seconds"] for row in history),
+        "warnings": metrics.get("warnings", []),
         "load_before": load_before,
-        "load_after": os.getloadavg(),
+        "load_after": load_after,
         "threads": torch.get_num_threads(),
+        "train_loss_last": finetune_rows[-1]["train_loss"] if finetune_rows else None,
     }
+
+
+def adopt(out: Path, recipe: Recipe, data: Path, splits: Path, image_size: int, seed: int) -> dict[str, Any]:
+    """Record a run the same recipe already trained with ``kidney-edge train`` (same data, splits,
+    seed and options) instead of training it again; its wall time is the sum of its epochs."""
+    config = recipe_config(data, splits, out, recipe, image_size, seed)
+    saved = json.loads((out / "config.json").read_text())["train_config"]
+    expected = config.to_dict()
+    differing = [k for k in ("image_size", "seed", "augmentation", "finetune", "head") if saved.get(k) != expected[k]]
+    if differing:
+        raise SystemExit(f"{out} was not trained with recipe {recipe}: {differing} differ")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return describe_run(out, config, {"test": metrics, "warnings": metrics.get("warnings", [])}, None, None, None)
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -284,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=RESULTS / "recipe.md")
     parser.add_argument("--note", action="append", default=[], help="a paragraph added to the markdown")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--data-seed", type=int, default=1000, help="phantom seed of --seeds 0 (seed s: this + s)")
+    parser.add_argument("--adopt", type=Path, help="record this finished `kidney-edge train` run folder "
+                        "(one --families/--seeds/--recipes each) instead of training it again")
     args = parser.parse_args(argv)
 
     record = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
@@ -291,17 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         record["machine"] = machine_line()
         settings = {"n_images": args.n_images, "slice_size": args.slice_size, "image_size": args.image_size}
-        record.setdefault("settings", settings)
+        record["settings"] = settings
         for seed in args.seeds:
             for family in args.families:
-                data, splits = make_dataset(args.workdir, family, seed, args.n_images, args.slice_size)
+                data, splits = make_dataset(args.workdir, family, seed, args.n_images, args.slice_size, args.data_seed)
                 for name in args.recipes:
-                    key = dict(family=family, seed=seed, recipe=name, **settings)
-                    if any({k: r[k] for k in key} == key for r in record["runs"]):
+                    key = dict(family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed, **settings)
+                    if any({k: r.get(k, 1000 + r["seed"]) if k == "data_seed" else r[k] for k in key} == key
+                           for r in record["runs"]):  # fmt: skip
                         continue
                     print(f"run {key}", file=sys.stderr, flush=True)
-                    out = args.workdir / "runs" / f"{family}-s{seed}-{name}-{args.image_size}"
-                    result = run_one(data, splits, out, RECIPES[name], args.image_size, seed)
+                    out = args.workdir / "runs" / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{args.image_size}"
+                    if args.adopt:
+                        result = adopt(args.adopt, RECIPES[name], data, splits, args.image_size, seed)
+                    else:
+                        result = run_one(data, splits, out, RECIPES[name], args.image_size, seed)
                     record["runs"].append({**key, "result": result})
                     _save(args, record)
     _save(args, record)
