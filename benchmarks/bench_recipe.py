@@ -55,6 +55,7 @@ class Recipe:
     label_smoothing: float = 0.0
     update_bn_stats: bool = False
     augment: str = "geometric"
+    mixup_alpha: float = 0.0
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +68,8 @@ RECIPES: dict[str, Recipe] = {
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
     "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
     "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
+    "lr3e-4-b9-e12-scanner-mix": Recipe(3e-4, 9, 12, 6, augment="scanner", mixup_alpha=0.4,
+                                        note="scanner augmentation and mixup 0.4, a third of the rate"),
 }
 
 
@@ -147,7 +150,7 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
     finetune = dataclasses.replace(
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
-        freeze_bn_stats=not recipe.update_bn_stats,
+        freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
     )  # fmt: skip
     return dataclasses.replace(base, finetune=finetune)
 
@@ -343,7 +346,8 @@ def _f(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    views = [family + ORACLE_SUFFIX for family in FAMILIES]
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=[*FAMILIES, *views])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--n-images", type=int, default=800)

@@ -482,3 +482,15 @@ def test_a_planted_collapse_is_retried_at_a_lower_rate_and_reported(phantom_dir:
     assert notes and "retried from the best model at 0.09 for the 3 epochs left" in notes[0]
     recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"]
     assert notes[0] in recorded
+
+
+def test_mixup_blends_pairs_and_keeps_both_labels() -> None:
+    from kidney_edge.training.loop import mixup
+
+    images, labels = torch.arange(8.0).view(4, 2), torch.arange(4)
+    assert mixup(images, labels, 0.0)[2] == 1.0  # off: unchanged
+    torch.manual_seed(0)
+    np.random.seed(0)
+    mixed, partners, share = mixup(images, labels, 0.4)
+    assert 0.0 < share < 1.0 and sorted(partners.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, share * images + (1 - share) * images[partners])

@@ -132,6 +132,10 @@ def train(
             "left-right mirror, window, kernel blur/sharpen, noise, JPEG quality).",
         ),
     ] = Augmentation(_RUN.augmentation),
+    mixup: Annotated[
+        float,
+        typer.Option(help="Phase 2 mixup: blend image pairs at Beta(A, A) shares (0: off).", metavar="A"),
+    ] = _FINETUNE.mixup_alpha,
 ) -> None:
     """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning).
 
@@ -155,7 +159,7 @@ def train(
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
-                freeze_bn_stats=not update_bn_stats),
+                freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup),
         )  # fmt: skip
         main_process = is_main_process()  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:

@@ -74,6 +74,7 @@ class PhaseConfig:
     patience: int = 4
     layer_decay: float = 1.0
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) shares (training.loop.mixup)
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
     # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
@@ -98,6 +99,8 @@ class PhaseConfig:
             raise InputError(f"--patience must be >= 1, got {self.patience}")
         if not 0 < self.layer_decay <= 1:
             raise InputError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.mixup_alpha <= 10:
+            raise InputError(f"--mixup must be in [0, 10], got {self.mixup_alpha}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -292,16 +292,20 @@ class Optimization:
 
 
 def train_one_epoch(
-    opt: Optimization, loader: DataLoader, device: torch.device, on_step: Callable[[int], None]
-) -> dict[str, float]:
-    """One pass over ``loader``; returns mean train loss and accuracy."""
+    opt: Optimization, loader: DataLoader, device: torch.device, on_step: Callable[[int], None],
+    mixup_alpha: float = 0.0,
+) -> dict[str, float]:  # fmt: skip
+    """One pass over ``loader``; returns mean train loss and accuracy (against the unmixed labels)."""
     total_loss, correct, seen = 0.0, 0, 0
     for step, (inputs, targets) in enumerate(loader, start=1):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        inputs, partners, share = mixup(inputs, targets, mixup_alpha)
         with autocast(device):
             logits = opt.net(inputs)  # (B, C)
-            loss = opt.loss_fn(logits.float(), targets)
+            loss = share * opt.loss_fn(logits.float(), targets)
+            if share < 1.0:
+                loss = loss + (1.0 - share) * opt.loss_fn(logits.float(), partners)
         opt.optimizer.zero_grad(set_to_none=True)
         opt.scaler.scale(loss).backward()
         opt.scaler.step(opt.optimizer)
@@ -312,6 +316,18 @@ def train_one_epoch(
         seen += len(targets)
         on_step(step)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def mixup(
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """mixup (Zhang et al. 2018): each image blended with a shuffled partner at a Beta(alpha, alpha)
+    share; returns (mixed inputs, partner labels, share of the original). alpha 0: unchanged."""
+    if alpha <= 0 or len(inputs) < 2:
+        return inputs, targets, 1.0
+    share = float(np.random.beta(alpha, alpha))
+    order = torch.randperm(len(inputs), device=inputs.device)
+    return share * inputs + (1.0 - share) * inputs[order], targets[order], share
 
 
 def build_optimization(
@@ -413,7 +429,7 @@ def fit_phase(
         def on_step(step: int, epoch: int = epoch) -> None:
             notify(TrainEvent("step", phase.name, epoch, phase.epochs, step, steps))
 
-        metrics = train_one_epoch(opt, loader, ctx.device, on_step)
+        metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha)
         metrics.update(validation_metrics(validate(), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
         _end_epoch(model, phase, epoch, metrics, state, saver, opt, len(data.class_weights))
