@@ -41,6 +41,9 @@ FAMILIES: dict[str, tuple[str, float]] = {
 # Views of a family for learnability checks, not candidates for defaults: the same slices and
 # splits, cropped with the renderer's truth to the region a reader looks at.
 ORACLE_SUFFIX = "-oracle"  # e.g. "lookalike-oracle": each slice cropped to its kidneys' box
+# Learning curves: "lookalike@0.5" trains on half the training patients (groups) of "lookalike",
+# with the same validation and test splits.
+FRACTION_MARK = "@"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ def make_dataset(
     from kidney_edge.dataset import SplitConfig, split_dataset
     from kidney_edge.phantom2 import synthesizer
 
+    if FRACTION_MARK in family:
+        base, fraction = family.split(FRACTION_MARK)
+        return _train_fraction(*make_dataset(workdir, base, seed, n_images, slice_size, data_seed), float(fraction), seed)
     if family.endswith(ORACLE_SUFFIX):
         return _oracle_view(*make_dataset(workdir, family.removesuffix(ORACLE_SUFFIX), seed, n_images,
                                           slice_size, data_seed))  # fmt: skip
@@ -106,6 +112,21 @@ def make_dataset(
         synthesizer(style)(data, n=n_images, seed=data_seed + seed, size=slice_size, difficulty=difficulty)
         split_dataset(data, splits, SplitConfig(seed=seed))
     return data, splits
+
+
+def _train_fraction(data: Path, splits: Path, fraction: float, seed: int) -> tuple[Path, Path]:
+    """``splits`` with only ``fraction`` of the training groups kept (drawn with ``seed``)."""
+    import random
+
+    from kidney_edge.dataset import read_splits, write_splits
+
+    subset = splits.with_name(splits.name.replace("-splits.csv", f"-train{fraction:g}-splits.csv"))
+    if not subset.is_file():
+        rows = read_splits(splits)
+        groups = sorted({row.group for row in rows if row.split == "train"})
+        kept = set(random.Random(seed).sample(groups, max(1, round(fraction * len(groups)))))
+        write_splits([row for row in rows if row.split != "train" or row.group in kept], subset)
+    return data, subset
 
 
 def _oracle_view(data: Path, splits: Path, pad: float = 0.15) -> tuple[Path, Path]:
@@ -344,10 +365,18 @@ def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _family(name: str) -> str:
+    base = name.split(FRACTION_MARK)[0].removesuffix(ORACLE_SUFFIX)
+    if base not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown family {name!r}: the base must be one of {', '.join(FAMILIES)}")
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    views = [family + ORACLE_SUFFIX for family in FAMILIES]
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=[*FAMILIES, *views])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), type=_family,
+                        help=f"{', '.join(FAMILIES)}; +{ORACLE_SUFFIX} for the oracle view, {FRACTION_MARK}F to "
+                        "train on a share F of the training patients")  # fmt: skip
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--n-images", type=int, default=800)
