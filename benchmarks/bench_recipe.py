@@ -225,13 +225,21 @@ def describe_run(out: Path, config: Any, metrics: dict[str, Any], wall: float | 
     }
 
 
+def _agrees(saved: Any, expected: Any) -> bool:
+    """Equal, where a field the saved config predates counts as its default (the expected value)."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return all(_agrees(value, expected.get(key)) for key, value in saved.items())
+    return saved == expected
+
+
 def adopt(out: Path, recipe: Recipe, data: Path, splits: Path, image_size: int, seed: int) -> dict[str, Any]:
     """Record a run the same recipe already trained with ``kidney-edge train`` (same data, splits,
     seed and options) instead of training it again; its wall time is the sum of its epochs."""
     config = recipe_config(data, splits, out, recipe, image_size, seed)
     saved = json.loads((out / "config.json").read_text())["train_config"]
     expected = config.to_dict()
-    differing = [k for k in ("image_size", "seed", "augmentation", "finetune", "head") if saved.get(k) != expected[k]]
+    differing = [k for k in ("image_size", "seed", "augmentation", "finetune", "head")
+                 if not _agrees(saved.get(k, expected[k]), expected[k])]  # fmt: skip
     if differing:
         raise SystemExit(f"{out} was not trained with recipe {recipe}: {differing} differ")
     metrics = json.loads((out / "metrics.json").read_text())
