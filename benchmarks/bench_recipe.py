@@ -329,7 +329,7 @@ def render(record: dict[str, Any]) -> str:
             f"| {t['tumor_recall']:.3f} {_ci(t['tumor_recall_ci'])} | {t['accuracy']:.3f} "
             f"| {_f(val.get('head'))} / {_f(val.get('finetune'))} | {res['finetune_epochs_run']} "
             f"| {res['image_steps']:.0f} | {res['finetune_images_per_s']:.1f} | {res['wall_s'] / 60:.1f} "
-            f"| {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f} |"
+            f"| {_load(res['load_before'])} -> {_load(res['load_after'])} |"
         )
     lines += render_hard_findings(runs, record.get("hard_notes", []))
     lines += ["", f"## Selection on the screening runs ({settings}; mean test macro-F1 over seeds)", ""]
@@ -403,6 +403,10 @@ def _target_check(summary: dict[str, Any]) -> list[str]:
         verdict = ("met" if mine >= 0.95 else "MISSED") if best >= 0.97 else "n/a (no recipe reaches 0.97)"
         lines.append(f"| {family} | {best:.3f} | {mine:.3f} | {verdict} |")
     return lines
+
+
+def _load(load: list[float] | None) -> str:
+    return "-" if load is None else f"{load[0]:.1f}"  # None: adopted from a CLI run, not timed here
 
 
 def _ci(ci: list[float] | None) -> str:
