@@ -112,7 +112,7 @@ def default_finetune_phase() -> PhaseConfig:
     # The head's rate, the last 9 blocks, 12 epochs on a warm-up + cosine schedule, augmentation
     # on: the recipe with the smallest worst-case shortfall across dataset families
     # (benchmarks/results/recipe.md). lr 1e-4 over 6 blocks stalled below the head's score on
-    # look-alike data (DESIGN.md: test macro-F1 0.51 vs 0.994 on an outside set).
+    # look-alike data (docs/architecture.md: test macro-F1 0.51 vs 0.994 on an outside set).
     return PhaseConfig(name="finetune", epochs=12, lr=1e-3, unfreeze_blocks=9, augment=True, patience=6)
 
 
