@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
-import tomllib
 import platform
 import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +45,10 @@ def _project_requires() -> list[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     lines = list(project["dependencies"])
     for extra, requirements in project["optional-dependencies"].items():
-        lines += [f"{line}; extra == '{extra}'" if ";" not in line else f"{line} and extra == '{extra}'"
-                  for line in requirements]
+        lines += [
+            f"{line}; extra == '{extra}'" if ";" not in line else f"{line} and extra == '{extra}'"
+            for line in requirements
+        ]
     return lines
 
 
