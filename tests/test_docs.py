@@ -277,6 +277,34 @@ def test_the_manual_has_its_pages() -> None:
         assert page in names
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lstrip("#").strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_relative_links_resolve() -> None:
+    """Every relative link of the manual (and of the project files it links) names a file that
+    exists, and every #anchor a heading of that file."""
+    problems = []
+    for path in [*doc_files(), *(REPO / name for name in ("CHANGELOG.md", "CONTRIBUTING.md", "SECURITY.md"))]:
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+        for link in LINK.findall(text):
+            if re.match(r"[a-z]+:", link):
+                continue  # https:, mailto:
+            target_name, _, anchor = link.partition("#")
+            target = (path.parent / target_name).resolve() if target_name else path
+            if not target.exists():
+                problems.append(f"{path.name}: {link} does not exist")
+            elif anchor and target.suffix == ".md":
+                headings = [
+                    line for line in target.read_text(encoding="utf-8").splitlines() if line.startswith("#")
+                ]
+                if anchor not in {_slug(heading) for heading in headings}:
+                    problems.append(f"{path.name}: {link} names no heading of {target.name}")
+    assert problems == []
+
+
 def test_readme_first_screen_and_length() -> None:
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 220
