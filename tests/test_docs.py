@@ -256,8 +256,11 @@ def check_figures(paths: list[Path]) -> list[str]:
 # ----------------------------------------------------------------------------- the figure rule
 
 
+PROJECT_FILES = ("CHANGELOG.md", "CONTRIBUTING.md", "SECURITY.md", "models/README.md", "export/README.md")
+
+
 def test_every_figure_is_in_its_linked_record() -> None:
-    assert check_figures(doc_files()) == []
+    assert check_figures([*doc_files(), *(REPO / name for name in PROJECT_FILES)]) == []
 
 
 def test_the_manual_has_its_pages() -> None:
@@ -287,7 +290,7 @@ def test_relative_links_resolve() -> None:
     """Every relative link of the manual (and of the project files it links) names a file that
     exists, and every #anchor a heading of that file."""
     problems = []
-    for path in [*doc_files(), *(REPO / name for name in ("CHANGELOG.md", "CONTRIBUTING.md", "SECURITY.md"))]:
+    for path in [*doc_files(), *(REPO / name for name in PROJECT_FILES)]:
         text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
         for link in LINK.findall(text):
             if re.match(r"[a-z]+:", link):
