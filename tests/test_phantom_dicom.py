@@ -12,9 +12,8 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from kidney_edge import phantom  # noqa: E402
 from kidney_edge.errors import InputError  # noqa: E402
-from kidney_edge.phantom_dicom import (  # noqa: E402
+from kidney_edge.phantoms.dicom_series import (  # noqa: E402
     AXIAL,
     CORONAL,
     CT_IMAGE_STORAGE,
@@ -26,6 +25,7 @@ from kidney_edge.phantom_dicom import (  # noqa: E402
     parse_instance_ranges,
     synthesize_series,
 )
+from kidney_edge.phantoms.kaggle_layout import FINDINGS, NORMAL  # noqa: E402
 from kidney_edge.spec import CTWindow  # noqa: E402
 
 SMALL = SeriesPhantomConfig(n_series=8, seed=5, size=64, slices_per_series=(5, 7))
@@ -96,14 +96,12 @@ def test_truth_names_each_finding_and_exactly_the_slices_that_show_it(series_dir
     for truth in _rows(series_dir / SERIES_TRUTH_CSV):
         shown = parse_instance_ranges(truth["finding_instances"])
         per_slice = labels[truth["series_uid"]]
-        assert {n for n, label in per_slice.items() if label != phantom.NORMAL} == set(shown)
+        assert {n for n, label in per_slice.items() if label != NORMAL} == set(shown)
         assert all(per_slice[n] == truth["label"] for n in shown)
-        if truth["label"] == phantom.NORMAL:
+        if truth["label"] == NORMAL:
             assert truth["finding"] == "none" and shown == []
         else:
-            assert (
-                truth["finding"] == phantom.FINDINGS[truth["label"]] and shown
-            )  # at least one slice cuts it
+            assert truth["finding"] == FINDINGS[truth["label"]] and shown  # at least one slice cuts it
         assert truth["split"] in ("val", "test")
 
 
