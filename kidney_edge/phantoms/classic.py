@@ -664,7 +664,7 @@ class _ClassicRenderer:
 
     patient_prefix = "P"
     own_truth_columns: tuple[str, ...] = ()
-    # Patients of a uniform number of slices; a slice's lowest file number counts as the original.
+    # Slices per patient drawn uniformly; the lowest file number of a slice counts as its original.
     planning = Planning(uniform_runs, CopyNumbering.LOWEST)
 
     def __init__(self, config: PhantomConfig) -> None:

@@ -1,10 +1,10 @@
 """Phantom CT studies as real DICOM series, for series-level predict, evaluate and benchmarks.
 
 :func:`synthesize_series` draws each phantom patient with the classic renderer
-(:mod:`kidney_edge.phantoms.classic`, the one the demo's model is trained on) as one study holding one
-axial CT series of consecutive slices. The patient's finding is a lesion with a depth along z
-equal to its in-plane diameter, so only the slices whose plane cuts it show it; stones, a few
-millimetres across, appear on one to three slices.
+(:mod:`kidney_edge.phantoms.classic`, the one the demo's model is trained on) as one study
+holding one axial CT series of consecutive slices. The patient's finding is a lesion with a
+depth along z equal to its in-plane diameter, so only the slices whose plane cuts it show it;
+stones, a few millimetres across, appear on one to three slices.
 
 Each slice is a CT Image Storage file written with pydicom: 16-bit pixel data with
 RescaleSlope 1 / RescaleIntercept -1024 (Hounsfield units), Study/Series/SOP Instance UIDs,

@@ -225,8 +225,8 @@ class _Tables:
     def add(self, rel: str, class_index: int, truth: dict[str, object]) -> None:
         name = DEFAULT_CLASS_NAMES[class_index]
         # kidneyData.csv as in the Kaggle dataset: target is the index in sorted class order.
-        self.labels.append({"image_id": Path(rel).stem, "path": rel, "diag": name, "target": class_index,
-                            "Class": name})  # fmt: skip
+        values = (Path(rel).stem, rel, name, class_index, name)  # image_id, path, diag, target, Class
+        self.labels.append(dict(zip(LABEL_COLUMNS, values, strict=True)))
         self.truth.append(truth)
 
 
