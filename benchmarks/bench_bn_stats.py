@@ -107,7 +107,7 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], load: list[floa
 def main() -> None:
     args = parse_args()
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     data, splits = args.work / "data", args.work / "splits.csv"
     synthesize(data, n=args.n, seed=0, size=512, difficulty=0.25, slices_per_patient=(1, 3))

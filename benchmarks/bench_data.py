@@ -35,7 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from kidney_edge import dataset  # noqa: E402
-from kidney_edge.phantom2 import PhantomStyle, synthesizer  # noqa: E402
+from kidney_edge.phantoms.styles import PhantomStyle, synthesizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # make_splits options that leave plain single linkage: no group is ever cut.

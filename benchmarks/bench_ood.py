@@ -329,7 +329,7 @@ def _near_lines(near: dict[str, Any] | None) -> list[str]:
 def main() -> None:
     args = parse_args()
     from kidney_edge.export import export_model
-    from kidney_edge.foreign import FOREIGN_CSV, write_foreign_corpus
+    from kidney_edge.phantoms.foreign import FOREIGN_CSV, write_foreign_corpus
     from kidney_edge.runtime import machine_info, scan_images
 
     load_before = [round(x, 2) for x in os.getloadavg()]

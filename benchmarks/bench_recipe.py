@@ -80,7 +80,7 @@ def machine_line() -> str:
 def make_dataset(workdir: Path, family: str, seed: int, n_images: int, slice_size: int) -> tuple[Path, Path]:
     """(data folder, splits.csv) of one family and seed, made once and reused by every recipe."""
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom2 import synthesizer
+    from kidney_edge.phantoms.styles import synthesizer
 
     style, difficulty = FAMILIES[family]
     data = workdir / f"{family}-s{seed}-n{n_images}-{slice_size}px"

@@ -96,7 +96,7 @@ def phantom_images(cache: Path, n: int) -> Path:
     folder = cache / f"phantom-{n}-512"
     if folder.is_dir() and len(scan_images(folder)) >= n:
         return folder
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     synthesize(folder, n=n, size=512, seed=0)
     return folder

@@ -38,11 +38,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kidney_edge.phantom_dicom import (  # noqa: E402
-    SERIES_TRUTH_CSV,
+from kidney_edge.phantoms.dicom_series import (  # noqa: E402
     SPLITS_CSV,
     HuScale,
     SeriesPhantomConfig,
+    read_series_truth,
     synthesize_series,
 )
 from kidney_edge.runtime import predict_folder  # noqa: E402
@@ -120,7 +120,7 @@ def predict_series(data: Path, model: str, out: Path) -> tuple[list[SeriesResult
 
 
 def _split_of(results: list[SeriesResult], data: Path) -> dict[str, str]:
-    return {row["series_uid"]: row["split"] for row in _rows(data / SERIES_TRUTH_CSV)}
+    return {row["series_uid"]: row["split"] for row in read_series_truth(data)}
 
 
 def _figures(truths: list[str], labels: list[str | None]) -> dict[str, Any]:
@@ -164,7 +164,7 @@ def issue_check(model: str, work: Path) -> dict[str, Any]:
     synthesize_series(data, SeriesPhantomConfig(n_series=40, seed=0))
     summary = predict_folder(data, model=model, out=work / "issue-n40-out" / "predictions.csv", threads=2)
     series = write_series(summary.out, class_names=summary.class_names, positive_class="Tumor")
-    truth = {row["series_uid"]: row["label"] for row in _rows(data / SERIES_TRUTH_CSV)}
+    truth = {row["series_uid"]: row["label"] for row in read_series_truth(data)}
     wrong = [
         (truth[row["series_uid"]], row["label"])
         for row in series.rows
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         synth_s = time.perf_counter() - started
         log("predicting")
         results, facts = predict_series(data, args.model, work / f"out-{scale.value}")
-        truth_file = {row["series_uid"]: row["label"] for row in _rows(data / SERIES_TRUTH_CSV)}
+        truth_file = {row["series_uid"]: row["label"] for row in read_series_truth(data)}
         facts["truth_disagreements"] = sum(truth_file[r.row["series_uid"]] != r.truth for r in results)
         facts["synth_s"] = round(synth_s, 1)
         facts["series"] = len(results)

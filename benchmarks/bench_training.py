@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 def phantom(args: argparse.Namespace) -> tuple[Path, Path]:
     """Phantom images + their splits.csv, made once under --cache."""
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     data = args.cache / f"phantom-{args.n}-{args.phantom_size}"
     if not (data / "kidneyData.csv").is_file():

@@ -48,12 +48,12 @@ from PIL import Image
 
 from kidney_edge.errors import ImageReadError, InputError
 from kidney_edge.io_utils import atomic_write_csv, atomic_write_json
+from kidney_edge.phantoms.kaggle_layout import LABELS_CSV, TRUTH_CSV
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-LABELS_CSV = "kidneyData.csv"  # the Kaggle dataset's label file
-IGNORED_FILES = frozenset({LABELS_CSV, "phantom_truth.csv"})
+IGNORED_FILES = frozenset({LABELS_CSV, TRUTH_CSV})
 HASH_SIZE = 16  # 16x16 = 256-bit DCT hash: 64-bit hashes cannot tell CT slices of different patients apart
 # Hamming distance (of 256 bits) below which two images are near duplicates. Chosen on phantom
 # patients: adjacent slices of one patient stay within it, different patients rarely come close

@@ -20,6 +20,7 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_json
+from kidney_edge.phantoms.classic import DEMO_DIFFICULTY
 from kidney_edge.spec import DEFAULT_CLASS_NAMES, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class DemoSize:
     n_holdout: int
     image_size: int  # model input size
     slice_size: int  # phantom JPEG size
-    difficulty: float  # phantom difficulty (see kidney_edge.phantom)
+    difficulty: float  # phantom difficulty (see kidney_edge.phantoms.classic)
     slices_per_patient: tuple[int, int]  # fewer near-identical slices: more distinct patients
     class_mix: dict[str, float]
     train_budget_min: float  # --time-budget of the training stage
@@ -53,10 +54,10 @@ DEMO_MIX = dict(zip(DEFAULT_CLASS_NAMES, (0.25, 0.35, 0.2, 0.2), strict=True))  
 # recipe's fine-tuning epochs (the findings of a difficulty-0.25 phantom stay visible at 160),
 # and the time budget cuts epochs on a slower machine instead of overrunning. The hold-out
 # folder of new patients is large enough that one image is 0.1 points.
-FULL = DemoSize(n_images=1200, n_holdout=1000, image_size=160, slice_size=512, difficulty=0.25,
+FULL = DemoSize(n_images=1200, n_holdout=1000, image_size=160, slice_size=512, difficulty=DEMO_DIFFICULTY,
                 slices_per_patient=(1, 3), class_mix=DEMO_MIX, train_budget_min=7.0,
                 bench_iterations=30)  # fmt: skip
-QUICK = DemoSize(n_images=300, n_holdout=16, image_size=64, slice_size=128, difficulty=0.25,
+QUICK = DemoSize(n_images=300, n_holdout=16, image_size=64, slice_size=128, difficulty=DEMO_DIFFICULTY,
                  slices_per_patient=(1, 3), class_mix=DEMO_MIX, train_budget_min=1.5,
                  bench_iterations=3)  # fmt: skip
 
@@ -150,7 +151,7 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
 
 
 def _synthesize(out: Path, size: DemoSize, seed: int) -> None:
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     common = {
         "size": size.slice_size,
@@ -299,7 +300,7 @@ def _predict(out: Path, result: DemoResult) -> None:
 
 
 def _predict_foreign(out: Path, result: DemoResult) -> None:
-    from kidney_edge.foreign import write_foreign_corpus
+    from kidney_edge.phantoms.foreign import write_foreign_corpus
     from kidney_edge.runtime import predict_folder
 
     folder = out / "foreign"

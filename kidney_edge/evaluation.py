@@ -27,6 +27,7 @@ from kidney_edge.errors import EmptySplitError, InputError
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
+from kidney_edge.phantoms.kaggle_layout import TRUTH_CSV
 from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE, DecisionRule, ModelSpec, softmax
 
@@ -196,7 +197,7 @@ def _from_folder(root: Path) -> LabelledFiles:
         paths=[item.path for item in scan.items],
         labels=[item.label for item in scan.items],
         description=f"all images in folder {root}",
-        phantom=(root / "phantom_truth.csv").is_file(),
+        phantom=(root / TRUTH_CSV).is_file(),
     )
 
 
@@ -230,7 +231,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _looks_like_phantom(paths: Sequence[Path]) -> bool:
     """The phantom generator leaves phantom_truth.csv beside its class folders."""
     roots = {p.parent.parent for p in paths[:50]}
-    return any((root / "phantom_truth.csv").is_file() for root in roots)
+    return any((root / TRUTH_CSV).is_file() for root in roots)
 
 
 def _check_classes(labels: Sequence[str], class_names: Sequence[str], data: Path) -> None:

@@ -22,7 +22,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """120 phantom slices at 128 px in the Kaggle layout (read-only for tests: copy before changing)."""
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     out = tmp_path_factory.mktemp("phantom") / "data"
     synthesize(out, n=120, size=128, seed=0)

@@ -129,7 +129,7 @@ def test_predict_writes_series_rows_without_the_training_stack(
     pytest.importorskip("pydicom")
     import numpy as np
 
-    from kidney_edge.phantom_dicom import SliceHeader, write_slice
+    from kidney_edge.phantoms.dicom_series import SliceHeader, write_slice
 
     for i in range(3):
         header = SliceHeader("P1", "1.2.3", "1.2.3.4", f"1.2.3.4.{i + 1}", i + 1, (0.0, 0.0, -5.0 * i))

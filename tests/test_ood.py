@@ -146,8 +146,8 @@ def test_unknown_is_not_a_class_name() -> None:
 
 
 def test_foreign_corpus_is_built_offline_and_readable(tmp_path: Path) -> None:
-    from kidney_edge.foreign import FOREIGN_CSV, KINDS, write_foreign_corpus
     from kidney_edge.imaging import preprocess
+    from kidney_edge.phantoms.foreign import FOREIGN_CSV, KINDS, write_foreign_corpus
 
     items = write_foreign_corpus(tmp_path / "foreign")
     assert {item.kind for item in items} == set(KINDS) and len(items) >= 50

@@ -22,7 +22,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from kidney_edge.cli import app  # noqa: E402
 from kidney_edge.errors import InputError  # noqa: E402
-from kidney_edge.phantom_dicom import AXIAL, CORONAL, SliceHeader, slice_dataset  # noqa: E402
+from kidney_edge.phantoms.dicom_series import AXIAL, CORONAL, SliceHeader, slice_dataset  # noqa: E402
 from kidney_edge.runtime.predict import scan_images  # noqa: E402
 from kidney_edge.runtime.series import (  # noqa: E402
     AGGREGATIONS,

@@ -12,10 +12,11 @@ from rich.table import Table
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
 from kidney_edge.dataset import SplitConfig
-from kidney_edge.phantom import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
-from kidney_edge.phantom2 import SIZE_FACTORS, STYLE_SLICES_PER_PATIENT, PhantomStyle
-from kidney_edge.phantom_dicom import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
-from kidney_edge.phantom_dicom import SLICES_PER_SERIES, PhantomFormat, SeriesPhantomConfig
+from kidney_edge.phantoms.dicom_series import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
+from kidney_edge.phantoms.dicom_series import SLICES_PER_SERIES, SeriesPhantomConfig
+from kidney_edge.phantoms.kaggle_layout import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
+from kidney_edge.phantoms.lookalike import SIZE_FACTORS
+from kidney_edge.phantoms.styles import STYLE_SLICES_PER_PATIENT, PhantomFormat, PhantomStyle
 
 
 class SplitMode(str, Enum):
@@ -81,7 +82,7 @@ def synth(
     ] = PhantomFormat.KAGGLE,
 ) -> None:
     """Generate a phantom kidney CT dataset: JPEG slices in the Kaggle layout, or DICOM series."""
-    from kidney_edge.phantom2 import synthesizer
+    from kidney_edge.phantoms.styles import synthesizer
 
     if fmt is PhantomFormat.DICOM:
         _synth_series(out, n, seed, size, difficulty, slices_per_patient, style)
@@ -117,7 +118,7 @@ def _synth_series(
     style: PhantomStyle,
 ) -> None:
     from kidney_edge.errors import InputError
-    from kidney_edge.phantom_dicom import synthesize_series
+    from kidney_edge.phantoms.dicom_series import synthesize_series
 
     with library_errors():
         if style is not PhantomStyle.classic:
