@@ -11,6 +11,7 @@ calls :func:`run_predict`; it gets resume, summaries, output formats and interru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -248,24 +249,24 @@ def run_predict(
     """
     started = time.perf_counter()
     choice, classifier, files = _load_while_listing(job, list_files)
-    writer = open_writer(job.out, job.fmt, output_columns(classifier.class_names), job.resume)
-    todo = [path for path in files if path not in writer.done]
-    summary = _new_summary(
-        new_summary, job, choice, classifier, total_files=len(files), skipped=len(files) - len(todo)
-    )
-    log.info("%d images listed, %d already in %s", len(files), len(writer.done), job.out)
-    del files
-    writer.done = set()  # resume is decided: keep only the paths still to do
-    write = _row_sink(writer, summary, len(todo), started, progress)
-    try:
-        if progress is not None:
-            progress(0, len(todo))
-        if todo:
-            start(classifier, summary).classify(todo, write)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        log.info("interrupted: %d rows written to %s", summary.processed, job.out)
-    finally:
-        writer.close()
+    columns = output_columns(classifier.class_names)
+    with contextlib.closing(open_writer(job.out, job.fmt, columns, job.resume)) as writer:
+        todo = [path for path in files if path not in writer.done]
+        summary = _new_summary(
+            new_summary, job, choice, classifier, total_files=len(files), skipped=len(files) - len(todo)
+        )
+        log.info("%d images listed, %d already in %s", len(files), len(writer.done), job.out)
+        # A listing may hold millions of paths: from here on only those still to do are kept.
+        del files
+        writer.done = set()
+        write = _row_sink(writer, summary, len(todo), started, progress)
+        try:
+            if progress is not None:
+                progress(0, len(todo))
+            if todo:
+                start(classifier, summary).classify(todo, write)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            log.info("interrupted: %d rows written to %s", summary.processed, job.out)
     summary.wall_s = time.perf_counter() - started
     return summary
