@@ -221,8 +221,9 @@ def writer_ceilings(sample_csv: Path, rows: int, scratch: Path) -> dict[str, flo
     """Rows/s of the driver's writers on ``rows`` copies of real predictions rows (in-process)."""
     import csv
 
-    from kidney_edge.runtime.predict import OutputFormat
-    from kidney_edge.runtime.ray_engine import _ParquetWriter, _TextWriter
+    from kidney_edge.runtime.driver import TextWriter
+    from kidney_edge.runtime.ray_engine import _ParquetWriter
+    from kidney_edge.runtime.rows import OutputFormat
 
     with open(sample_csv, newline="", encoding="utf-8") as handle:
         sample = list(csv.DictReader(handle))
@@ -238,8 +239,8 @@ def writer_ceilings(sample_csv: Path, rows: int, scratch: Path) -> dict[str, flo
     )
     result = {}
     for name, make in (
-        ("csv", lambda: _TextWriter(scratch / "w.csv", OutputFormat.CSV, columns, False)),
-        ("jsonl", lambda: _TextWriter(scratch / "w.jsonl", OutputFormat.JSONL, columns, False)),
+        ("csv", lambda: TextWriter(scratch / "w.csv", OutputFormat.CSV, columns, False)),
+        ("jsonl", lambda: TextWriter(scratch / "w.jsonl", OutputFormat.JSONL, columns, False)),
         ("parquet", lambda: _ParquetWriter(scratch / "w.parquet", schema, False)),
     ):
         writer, written = make(), 0

@@ -28,7 +28,8 @@ from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
 from kidney_edge.phantoms.kaggle_layout import TRUTH_CSV
-from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
+from kidney_edge.runtime import OnnxClassifier
+from kidney_edge.runtime.rows import format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE, DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)

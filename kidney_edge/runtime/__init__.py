@@ -41,22 +41,24 @@ from kidney_edge.runtime.describe import describe_file, describe_onnx
 from kidney_edge.runtime.hardware import CpuInfo, available_cpus, cpu_info, cpu_isa
 from kidney_edge.runtime.precision import Precision, PrecisionChoice, resolve_precision
 from kidney_edge.runtime.predict import (
-    EXIT_NOTHING_READ,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
     Classified,
     ExecutionLayout,
-    OutputFormat,
     PredictConfig,
-    PredictSummary,
     classify,
     classify_paths,
     execution_layout,
+    predict_folder,
+    scan_images,
+)
+from kidney_edge.runtime.rows import (
+    EXIT_NOTHING_READ,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    OutputFormat,
+    PredictSummary,
     format_predictions,
     output_columns,
-    predict_folder,
     prediction_rows,
-    scan_images,
 )
 
 __all__ = [
