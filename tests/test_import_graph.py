@@ -30,9 +30,6 @@ from test_runtime import REPO, write_gray_images
 
 from kidney_edge.spec import ModelSpec
 
-# The `ray` extra (pyarrow comes with it): only `predict --engine ray` may import it.
-RAY_EXTRA = ("ray", "pyarrow")
-HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", *RAY_EXTRA)
 RUNTIME_PACKAGE = "kidney_edge.runtime"
 # What the runtime may import of kidney_edge besides its own package, by exact module name:
 # the package's __init__ (a name, not a prefix: every module starts with "kidney_edge") and the
@@ -44,6 +41,10 @@ RUNTIME_MAY_IMPORT = frozenset(
 # Third-party packages no runtime module imports, not even inside a function: the training
 # stack. scipy comes only with scikit-learn, so the base install lacks it.
 NEVER_IN_RUNTIME = ("torch", "torchvision", "sklearn", "scipy", "matplotlib")
+# The `ray` extra (pyarrow comes with it): only `predict --engine ray` may import it, lazily.
+RAY_EXTRA = ("ray", "pyarrow")
+# What the run-time checks refuse to import and report when attempted.
+HEAVY = (*NEVER_IN_RUNTIME, *RAY_EXTRA)
 # The runtime's OOD scorer is numpy only (fitting, with scikit-learn and scipy, is kidney_edge.ood).
 NUMPY_ONLY = {"kidney_edge/runtime/ood.py": ("numpy",)}
 
