@@ -29,7 +29,7 @@ import numpy as np
 from kidney_edge.errors import EmptySplitError, InputError, KidneyEdgeError, enum_choice
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json
-from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
+from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector, with_threshold
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
 from kidney_edge.runtime.classifier import PARITY_FILE, REJECTED_INT8_FILE
@@ -568,7 +568,7 @@ def _file_detector(
             )
             return fit_ood_on_splits(predictor, splits, method, target)
         val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
-        return detector.with_threshold(detector.score(predictor.infer(val.paths)))
+        return with_threshold(detector, detector.score(predictor.infer(val.paths)))
     except EmptySplitError as exc:
         result.warnings.append(f"no OOD detector: {exc}")
         return None
@@ -589,7 +589,7 @@ def _install_ood(onnx_path: Path, detector: OodDetector, splits: Path) -> OodDet
     set_metadata(onnx_path, {ONNX_OOD_KEY: carried.to_metadata()})
     predictor = Predictor(onnx_path)
     val = load_labelled(splits, "val", class_names=predictor.spec.class_names)
-    carried = carried.with_threshold(predictor.infer(val.paths)[OOD_SCORE])
+    carried = with_threshold(carried, predictor.infer(val.paths)[OOD_SCORE])
     set_metadata(onnx_path, {ONNX_OOD_KEY: carried.to_metadata()})
     log.info("%s: OOD detector %s", onnx_path.name, carried.describe())
     return carried

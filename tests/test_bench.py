@@ -9,57 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _factories import CONV_SIZE, make_conv_onnx
 from test_runtime import run_cli_without_torch, write_gray_images
 
 from kidney_edge.errors import InputError
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
-
-SIZE = 64
-
-
-def make_conv_onnx(path: Path, *, int8_sibling: bool = False) -> Path:
-    """A small conv net (~10 M MACs at 64 px: about a millisecond, well above timer noise)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = ModelSpec(input_size=SIZE)
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": rng.normal(scale=0.2, size=(16, 3, 3, 3)),
-        "w2": rng.normal(scale=0.05, size=(16, 16, 3, 3)),
-        "fc": rng.normal(scale=0.1, size=(16, spec.num_classes)),
-        "fc_b": np.zeros(spec.num_classes),
-    }
-    nodes = [
-        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4]),
-        ],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if int8_sibling:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(path), str(path.with_name("model.int8.onnx")), weight_type=QuantType.QInt8)
-    return path
+from kidney_edge.spec import ModelSpec
 
 
 def plain_ort_median_ms(model: Path, batch_size: int, threads: int, iterations: int = 30) -> float:
@@ -69,7 +23,7 @@ def plain_ort_median_ms(model: Path, batch_size: int, threads: int, iterations: 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    batch = np.random.default_rng(1).normal(size=(batch_size, 3, SIZE, SIZE)).astype(np.float32)
+    batch = np.random.default_rng(1).normal(size=(batch_size, 3, CONV_SIZE, CONV_SIZE)).astype(np.float32)
     for _ in range(5):
         session.run(None, {"input": batch})
     times = []
@@ -192,7 +146,8 @@ def test_model_variants_pairs_fp32_and_int8(tmp_path: Path) -> None:
 
 
 def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
+    from kidney_edge.runtime.benchmark import BenchmarkConfig
+    from kidney_edge.torch_bench import bench_pytorch
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     checkpoint = tmp_path / "best.pt"
@@ -205,7 +160,8 @@ def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path
     torch = pytest.importorskip("torch")
     from kidney_edge.backbones import create_model
     from kidney_edge.checkpoint import save_checkpoint
-    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
+    from kidney_edge.runtime.benchmark import BenchmarkConfig
+    from kidney_edge.torch_bench import bench_pytorch
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", num_classes=4, pretrained=False)

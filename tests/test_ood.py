@@ -8,19 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _factories import SIZE, make_tiny_onnx
 from scipy.stats import binomtest
-from test_runtime import SIZE, make_tiny_onnx, read_rows, write_gray_images
+from test_runtime import read_rows, write_gray_images
 
 from kidney_edge.errors import ImageReadError, InputError
-from kidney_edge.ood import (
-    HALF_PRECISION_SIZE,
-    ONNX_OOD_KEY,
-    OodDetector,
-    OodMethod,
-    choose_threshold,
-    fit_detector,
-    fit_params,
-)
+from kidney_edge.ood import choose_threshold, fit_detector, fit_params
+from kidney_edge.runtime.ood import HALF_PRECISION_SIZE, ONNX_OOD_KEY, OodDetector, OodMethod
 from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_runtime import make_bad_files, make_tiny_onnx, read_rows, write_gray_images
+from _factories import make_tiny_onnx
+from test_runtime import make_bad_files, read_rows, write_gray_images
 from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError

@@ -22,59 +22,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _factories import SIZE, make_tiny_onnx
 from PIL import Image
 
 from kidney_edge.errors import InputError
 from kidney_edge.spec import ONNX_METADATA_KEY, DecisionRule, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
-
-
-def make_tiny_onnx(
-    path: Path, spec: ModelSpec | None = None, *, seed: int = 0, metadata: bool = True
-) -> Path:
-    """input (N,3,S,S) -> GlobalAveragePool -> Flatten -> Gemm -> logits; softmax(logits/T) -> probabilities."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = spec or ModelSpec(input_size=SIZE)
-    rng = np.random.default_rng(seed)
-    # Gray inputs have equal channel means, so the logits move with one number: the image's
-    # mean brightness. Slopes of both signs make different images land in different classes.
-    weight = np.zeros((3, spec.num_classes), np.float32)
-    weight[0] = np.linspace(-6.0, 6.0, spec.num_classes)
-    bias = rng.normal(scale=0.5, size=spec.num_classes).astype(np.float32)
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
-        helper.make_node("Div", ["logits", "T"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
-    ]
-    size, classes = spec.input_size, spec.num_classes
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-        ],
-        [
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(bias, "b"),
-            numpy_helper.from_array(np.array(spec.temperature, np.float32), "T"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    if metadata:
-        helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def write_gray_images(folder: Path, count: int, *, size: int = 48, seed: int = 0) -> list[Path]:

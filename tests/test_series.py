@@ -17,7 +17,7 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from test_runtime import make_tiny_onnx  # noqa: E402
+from _factories import make_tiny_onnx  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from kidney_edge.cli import app  # noqa: E402

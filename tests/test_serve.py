@@ -28,7 +28,8 @@ pytest.importorskip("fastapi")
 with warnings.catch_warnings():  # starlette asks for httpx2; httpx is the client of the serve extra
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
-from test_runtime import SIZE, bomb_png, make_tiny_onnx  # noqa: E402
+from _factories import SIZE, make_cam_onnx, make_tiny_onnx  # noqa: E402
+from test_runtime import bomb_png  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from kidney_edge.errors import ImageReadError, InputError  # noqa: E402
@@ -37,58 +38,7 @@ from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app, exposure_warning, is_loopback  # noqa: E402
 from kidney_edge.runtime.serve.batcher import DynamicBatcher  # noqa: E402
 from kidney_edge.runtime.serve.limits import PayloadTooLarge, read_body  # noqa: E402
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec  # noqa: E402
-
-CAM_POOL = 8  # the CAM model's feature map is (SIZE / CAM_POOL) squared
-
-
-def make_cam_onnx(path: Path, spec: ModelSpec | None = None) -> Path:
-    """A CAM-shaped tiny model: input -> AveragePool(8) -> 1x1 Conv = cam (N, C, h, w) ->
-    GlobalAveragePool -> + bias = logits -> softmax(logits / T) = probabilities.
-
-    Its logits are the spatial mean of its cam, as for a CNN with a linear head; class weights
-    slope from -6 (class 0) to +6 (last class), so dark images are class 0 and bright ones the last.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = spec or ModelSpec(input_size=SIZE)
-    classes, size = spec.num_classes, spec.input_size
-    weight = np.zeros((classes, 3, 1, 1), np.float32)
-    weight[:, 0, 0, 0] = np.linspace(-6.0, 6.0, classes)
-    nodes = [
-        helper.make_node(
-            "AveragePool", ["input"], ["features"], kernel_shape=[CAM_POOL] * 2, strides=[CAM_POOL] * 2
-        ),
-        helper.make_node("Conv", ["features", "W"], ["cam"]),
-        helper.make_node("GlobalAveragePool", ["cam"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Add", ["flat", "b"], ["logits"]),
-        helper.make_node("Div", ["logits", "T"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
-    ]
-    h = size // CAM_POOL
-    graph = helper.make_graph(
-        nodes,
-        "tiny-cam",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", classes, h, h]),
-        ],
-        [
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(np.zeros(classes, np.float32), "b"),
-            numpy_helper.from_array(np.array(spec.temperature, np.float32), "T"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+from kidney_edge.spec import ModelSpec  # noqa: E402
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -595,7 +545,7 @@ def test_cli_serves_the_model_on_localhost_by_default(
 
 
 def test_serving_imports_nothing_from_the_training_stack(models: dict[str, Path], tmp_path: Path) -> None:
-    from test_import_graph import RUNTIME_LAYER, run_refusing_heavy
+    from test_import_graph import in_runtime_layer, run_refusing_heavy
 
     script = """
 from fastapi.testclient import TestClient
@@ -611,5 +561,5 @@ report(status=status)
     graph = run_refusing_heavy(script, str(models["cam"]), str(image), cwd=tmp_path)
     assert graph["status"] == 200, graph["output"]
     assert graph["attempts"] == [] and graph["loaded"] == []
-    outside = [name for name in graph["ours"] if not name.startswith(RUNTIME_LAYER)]
+    outside = [name for name in graph["ours"] if not in_runtime_layer(name)]
     assert outside == [] and "kidney_edge.runtime.serve.app" in graph["ours"]

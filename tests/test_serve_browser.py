@@ -23,7 +23,7 @@ if CHROMIUM is None:  # CI installs it (.ci/run) and stops if it cannot
     pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
-from test_serve import make_cam_onnx  # noqa: E402
+from _factories import make_cam_onnx  # noqa: E402
 
 from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app  # noqa: E402

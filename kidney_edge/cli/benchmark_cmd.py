@@ -54,6 +54,10 @@ def benchmark(
     """Measure model latency and throughput with onnxruntime on this CPU (fp32 and INT8 side by side)."""
     from kidney_edge.runtime import parse_int_list, run_benchmark
 
+    pytorch_bench = None
+    if checkpoint is not None:  # the PyTorch comparison lives outside the torch-free runtime
+        from kidney_edge.torch_bench import bench_pytorch as pytorch_bench
+
     with library_errors(), console.status("benchmarking...") as status:
         result = run_benchmark(
             model,
@@ -66,6 +70,7 @@ def benchmark(
             precision=precision,
             json_out=json_out,
             progress=lambda message: status.update(f"benchmarking: {message}"),
+            pytorch_bench=pytorch_bench,
         )
     _render(result)
     if json_out is not None:

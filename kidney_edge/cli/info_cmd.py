@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,27 @@ def info(
     from kidney_edge.runtime import describe_file
 
     with library_errors():
-        description = describe_file(file)
+        description = describe_file(file, describe_checkpoint=_checkpoint_reader(file))
     if as_json:
         console.print_json(json.dumps(description, default=str))
         return
     console.print(_as_table(description))
+
+
+def _checkpoint_reader(file: Path) -> Callable[[Path], dict[str, Any]] | None:
+    """The checkpoint layer's reader for a checkpoint file when PyTorch is installed, else None.
+
+    Imported only for checkpoints: ``info`` on ONNX files and images runs without torch.
+    """
+    from kidney_edge.runtime.describe import CHECKPOINT_SUFFIXES
+
+    if file.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return None
+    try:
+        from kidney_edge.checkpoint import describe_checkpoint
+    except ImportError:
+        return None
+    return describe_checkpoint
 
 
 def _as_table(description: dict[str, Any]) -> Table:

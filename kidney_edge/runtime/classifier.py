@@ -18,8 +18,8 @@ import numpy as np
 
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.imaging import map_batches
-from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.hardware import available_cpus
+from kidney_edge.runtime.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.spec import (
     BLOCK_STATS,
     CAM,
@@ -119,7 +119,7 @@ class OnnxClassifier:
 
     The file must carry its :class:`ModelSpec` in ``metadata_props`` under
     :data:`~kidney_edge.spec.ONNX_METADATA_KEY` (``kidney-edge export`` writes it), and may carry
-    an OOD detector under :data:`~kidney_edge.ood.ONNX_OOD_KEY`; ``ood=False`` ignores it.
+    an OOD detector under :data:`~kidney_edge.runtime.ood.ONNX_OOD_KEY`; ``ood=False`` ignores it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ood: bool = True) -> None:
