@@ -287,6 +287,7 @@ def run_cli(args: Sequence[str], *, out: Path | None = None, env: Mapping[str, s
                 next_status = now + STATUS_EVERY_S
             time.sleep(POLL_S)
         wall_s = time.perf_counter() - start
+        # os.wait4 reaped it: tell Popen, which would otherwise wait for it again
         process.returncode = os.waitstatus_to_exitcode(done[1])
         log.seek(0)
         output = log.read()

@@ -70,7 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=120, help="series per HU scale")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--work", default="/tmp/bench-series")
-    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="OUT.json and OUT.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument(
         "--issue-only", action="store_true", help="redo only the issue's check in series.json"
     )
@@ -354,15 +355,15 @@ def render(record: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     if args.render_only:
-        harness.write_markdown(RESULTS, render(harness.read_results(RESULTS)))
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
         return
     if args.issue_only:
-        record = harness.read_results(RESULTS)
+        record = harness.read_results(args.out)
         record["issue_check"] = issue_check(args.model, Path(args.work))
     else:
         record = run(args)
-    harness.write_results(RESULTS, record, render(record))
-    log(f"wrote {RESULTS.with_suffix('.md')}")
+    harness.write_results(args.out, record, render(record))
+    log(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

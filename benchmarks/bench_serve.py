@@ -5,8 +5,8 @@
     python benchmarks/bench_serve.py --render-only        # rewrite serve.md from serve.json
 
 One run, one machine, in this order:
-1. ``kidney-edge benchmark --precision fp32`` on the same model file (random inputs after
-   warm-up): model-only images/s at each batch size, one batch at a time on every core and in
+1. ``kidney-edge benchmark --precision fp32`` on the same model file (``harness.model_only``:
+   its own process, random inputs after warm-up): model-only images/s at each batch size, one batch at a time on every core and in
    the runtime's own layout (batches side by side, as serve runs them); measured again after
    step 3, and the ratio divides by the best figure of the two (load from other jobs only
    lowers it);
@@ -66,7 +66,8 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="onnxruntime threads (both; default: each one's own layout)"
     )
     parser.add_argument("--serve-args", default="", help="extra `kidney-edge serve` options")
-    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="OUT.json and OUT.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     return parser.parse_args()
 
 
@@ -424,11 +425,11 @@ def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> lis
 def main() -> None:
     args = parse_args()
     if args.render_only:
-        harness.write_markdown(RESULTS, render(harness.read_results(RESULTS)))
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
         return
     record = run(args)
-    harness.write_results(RESULTS, record, render(record))
-    print(f"wrote {RESULTS.with_suffix('.md')}")
+    harness.write_results(args.out, record, render(record))
+    print(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
