@@ -112,10 +112,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -155,7 +151,7 @@ def export_fp32(name: str, checkpoint: Path, splits: Path, work: Path) -> tuple[
 
     out = work / name
     if not (out / "model.onnx").is_file():
-        log(f"{name}: export fp32")
+        harness.log(f"{name}: export fp32")
         export_model(checkpoint, out, ExportConfig(int8=False, splits=splits))
     parity = json.loads((out / "parity.json").read_text())
     return out / "model.onnx", {
@@ -327,12 +323,12 @@ def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, wor
     calibration = calibration_set(splits, spec, n_calibration, balanced)
     config = variant_config(name)
     path = work / f"model.{name}.int8.onnx"
-    log(f"  {name}: quantize on {len(calibration)} images")
+    harness.log(f"  {name}: quantize on {len(calibration)} images")
     started = time.perf_counter()
     recipe = quantize_model(fp32, path, calibration, spec, config)
     seconds = time.perf_counter() - started
     gate = int8_accuracy_gate(fp32, path, images.test_paths, images.test_labels, max_drop=config.max_drop)
-    log(f"  {name}: gate {'pass' if gate['passed'] else 'FAIL'} ({seconds:.0f} s to quantize)")
+    harness.log(f"  {name}: gate {'pass' if gate['passed'] else 'FAIL'} ({seconds:.0f} s to quantize)")
     return {"path": str(path), "balanced_calibration": balanced, "quantize_seconds": round(seconds, 1),
             "size_bytes": path.stat().st_size, "recipe": recipe, "gate": gate}  # fmt: skip
 
@@ -380,10 +376,10 @@ def bench_speed_model(model: Path, images: Path, variants: list[str], args: argp
     work.mkdir(parents=True, exist_ok=True)
     timed = {"fp32": model}
     for variant in variants:
-        log(f"speed model: quantize {variant}")
+        harness.log(f"speed model: quantize {variant}")
         timed[variant] = work / f"model.{variant}.int8.onnx"
         quantize_model(model, timed[variant], calibration, spec, variant_config(variant))
-    log("speed model: timing")
+    harness.log("speed model: timing")
     load = harness.load_average()
     latency = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
     return {"model": str(model), "input_size": spec.input_size, "load_average_before": load, "latency": latency,
@@ -404,14 +400,14 @@ def bench_model(
                               "test_images": len(images.test_paths), "train_images": len(images.calibration_paths),
                               "parity": parity}  # fmt: skip
     if not args.no_sensitivity:
-        log(f"{name}: sensitivity pass")
+        harness.log(f"{name}: sensitivity pass")
         record["sensitivity"] = sensitivity(fp32, images.calibration_paths[:300], spec, work)
-        log(f"{name}: per-block sensitivity")
+        harness.log(f"{name}: per-block sensitivity")
         record["sensitivity"]["blocks"] = block_sensitivity(fp32, images.calibration_paths, spec, work)
     record["variants"] = {}
     for variant in variants:
         record["variants"][variant] = run_variant(variant, fp32, splits, spec, images, work)
-    log(f"{name}: timing")
+    harness.log(f"{name}: timing")
     record["load_average_before"] = harness.load_average()
     timed = {"fp32": fp32, **{v: Path(r["path"]) for v, r in record["variants"].items()}}
     record["latency"] = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
@@ -581,7 +577,7 @@ def main() -> None:
         record = measure(args)
         machines[harness.cpu_kind(record["machine"])] = record
         harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
-    log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
+    harness.log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
 
 
 def _legacy_markdown(md_path: Path) -> str | None:
@@ -608,7 +604,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         sys.exit(f"unknown variants {unknown}; of: {', '.join(VARIANTS)}")
     record = harness.start_record(note=args.note, models={})
     for name, (checkpoint, splits) in models.items():
-        log(f"{name}: {checkpoint}")
+        harness.log(f"{name}: {checkpoint}")
         record["models"][name] = bench_model(name, Path(checkpoint), Path(splits), variants, args)
     if args.speed_model:
         record["speed_model"] = bench_speed_model(args.speed_model, args.speed_images, variants, args)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def outputs_of(classifier: Any, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[int]]:
     """Graph outputs by name of the files the pipeline can read, and their indices into ``paths``."""
     from kidney_edge.errors import ImageReadError
@@ -65,7 +60,7 @@ def outputs_of(classifier: Any, paths: list[Path]) -> tuple[dict[str, np.ndarray
             inputs.append(preprocess(path, classifier.spec))
             readable.append(index)
         except ImageReadError as exc:
-            log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
+            harness.log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
     batches = [
         classifier.infer(np.stack(inputs[start : start + 32]), features=True, block_stats=True)
         for start in range(0, len(inputs), 32)
@@ -97,7 +92,7 @@ def compare_methods(
     names = classifier.spec.class_names
     train = load_labelled(run / "splits.csv", "train", class_names=names)
     val = load_labelled(run / "splits.csv", "val", class_names=names)
-    log(
+    harness.log(
         f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out"
     )
     train_outputs, _ = outputs_of(classifier, train.paths)
@@ -139,7 +134,7 @@ def compare_methods(
             "per_kind": per_kind,
             "auroc_holdout_vs_foreign": float(roc_auc_score(is_foreign, scores)),
         }
-        log(
+        harness.log(
             f"  {method.value}: hold-out {hold_rejected / len(hold_scores):.1%}, foreign {foreign_rejected[required].mean():.1%}"
         )
     return results
@@ -182,7 +177,7 @@ def near_distribution(models: dict[str, Path], near_dir: Path, work: Path) -> di
             "accepted": len(accepted),
             "all_argmax_right": all_right,
         }
-        log(f"near distribution, {precision}: {record[precision]}")
+        harness.log(f"near distribution, {precision}: {record[precision]}")
     return record
 
 
@@ -202,7 +197,7 @@ def end_to_end(
     for precision, model in models.items():
         counts, _ = predict_cli(mixed, model, work / f"mixed_{precision}.csv")
         record["mixed_folder"][precision] = counts
-        log(f"mixed folder, {precision}: {counts}")
+        harness.log(f"mixed folder, {precision}: {counts}")
     timing: dict[str, list[float]] = {"ood": [], "no_ood": []}
     for _ in range(repeats):  # alternate so that load from other jobs hits both alike
         for key, extra in (("ood", ()), ("no_ood", ("--no-ood",))):
@@ -322,7 +317,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     write_foreign_corpus(foreign_dir)
     with open(foreign_dir / FOREIGN_CSV, newline="") as handle:
         foreign = [{**row, "path": str(foreign_dir / row["path"])} for row in csv.DictReader(handle)]
-    log("exporting (fp32 + INT8, with the export's own detector)")
+    harness.log("exporting (fp32 + INT8, with the export's own detector)")
     exported = export_model(args.run, args.work / "export")
     models = {"fp32": exported.model_path}
     if exported.int8_path is not None:
@@ -348,7 +343,7 @@ def main() -> None:
     else:
         result = measure(args)
         harness.write_results(args.out, result, render(result))
-    log(f"wrote {args.out.with_suffix('.md')}")
+    harness.log(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -78,10 +78,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -182,13 +178,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record = harness.start_record(model=args.model, scales={})
     for scale in (HuScale.DISPLAY, HuScale.PHYSICAL):
         data = work / f"series-{scale.value}"
-        log(f"synthesizing {args.n} series ({scale.value} HU) in {data}")
+        harness.log(f"synthesizing {args.n} series ({scale.value} HU) in {data}")
         started = time.perf_counter()
         config = SeriesPhantomConfig(n_series=args.n, seed=args.seed, hu_scale=scale,
                                      class_mix=dict.fromkeys(DEFAULT_CLASS_NAMES, 1.0))  # fmt: skip
         synthesize_series(data, config)
         synth_s = time.perf_counter() - started
-        log("predicting")
+        harness.log("predicting")
         results, facts = predict_series(data, args.model, work / f"out-{scale.value}")
         truth_file = {row["series_uid"]: row["label"] for row in _rows(data / SERIES_TRUTH_CSV)}
         facts["truth_disagreements"] = sum(truth_file[r.row["series_uid"]] != r.truth for r in results)
@@ -197,10 +193,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         comparison = compare(results, _split_of(results, data))
         record["scales"][scale.value] = {"facts": facts, "comparison": comparison,
                                          "load_average_after": harness.load_average()}  # fmt: skip
-        log(f"{scale.value}: {facts}")
+        harness.log(f"{scale.value}: {facts}")
     record["default"] = choose_default(record["scales"][HuScale.DISPLAY.value]["comparison"])
     record["committed_default"] = SeriesRule(DEFAULT_AGGREGATION, DEFAULT_TOP_K).aggregate_label
-    log("the issue's check: synth --n 40, predict")
+    harness.log("the issue's check: synth --n 40, predict")
     record["issue_check"] = issue_check(args.model, work)
     return harness.finish_record(record)
 
@@ -363,7 +359,7 @@ def main() -> None:
     else:
         record = run(args)
     harness.write_results(args.out, record, render(record))
-    log(f"wrote {args.out.with_suffix('.md')}")
+    harness.log(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
