@@ -411,3 +411,40 @@ def test_the_guard_sees_a_script_that_keeps_its_own_copy() -> None:
         "another script as a library",
         "a non-atomic result file",
     ]
+
+
+# Results whose Markdown is rendered from their JSON alone (the others add hand-written notes).
+_RENDERED_FROM_JSON = ("runtime", "int8", "ray", "serve", "series", "ood")
+
+
+@pytest.mark.parametrize("name", _RENDERED_FROM_JSON)
+def test_recorded_results_re_render_unchanged(name: str, tmp_path: Path) -> None:
+    """A renderer change must not change a recorded figure: each script's --render-only path
+    on its recorded JSON writes the committed Markdown again."""
+    import shutil
+    import subprocess
+
+    results = BENCHMARKS / "results"
+    for suffix in (".json", ".md"):  # int8.md: its legacy section is kept from the Markdown
+        shutil.copy(results / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"bench_{name}.py"), "--render-only", "--out", str(tmp_path / name)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / f"{name}.md").read_text() == (results / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.json").read_bytes() == (results / f"{name}.json").read_bytes()
+
+
+def test_data_results_re_render_unchanged(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    results = BENCHMARKS / "results"
+    shutil.copy(results / "data.json", tmp_path / "data.json")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_data.py"), "--render-only", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "data.md").read_text() == (results / "data.md").read_text()
