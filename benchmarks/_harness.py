@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Scripts run this tree's package, not an installed copy (the one they are committed with).
+# Scripts run the package of the tree they sit in, not an installed copy: the commit a record
+# names is then the code that ran.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -44,7 +45,7 @@ from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E
 
 RESULTS = REPO / "benchmarks" / "results"
 # Whole-process runs get a bytecode cache, as an installed package has one (pip compiles on
-# install): without it every start compiles ~50 modules, ~0.2 s on a Zen 3 core.
+# install): without it (PYTHONDONTWRITEBYTECODE=1) every start compiles ~50 modules, ~0.2 s.
 PYCACHE = Path(tempfile.gettempdir()) / "kidney-edge-bench" / "pycache"
 # /proc/PID/status is read this often during a run: VmHWM only grows, so the last read misses
 # at most this much of the end; RssAnon/RssShmem peaks are sampled at this rate.
@@ -186,7 +187,8 @@ class CliRun:
     """One ``python -m kidney_edge ...`` process, timed from outside.
 
     ``peak_rss_mb`` is the process's own VmHWM (not ``ru_maxrss``, which for a forked child also
-    counts the parent's memory at the fork); ``first_row_s`` is when the first output row was on
+    counts the parent's memory at the fork; Popen returns only after the exec, so every read is
+    of the new program); ``first_row_s`` is when the first output row was on
     disk; ``samples`` are (seconds, rows on disk) at each change of the row count."""
 
     command: str
