@@ -36,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 FAMILIES: dict[str, tuple[str, float]] = {
     "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
     "classic": ("classic", 1.0),  # the same renderer at its default difficulty
-    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantom2.py)
+    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
 }
 
 
