@@ -118,6 +118,22 @@ class GuardMiddleware:
             self.service.metrics.observe_request(endpoint, outcome(status), time.perf_counter() - started)
 
 
+def _document_bearer(app: Any) -> None:
+    """With --token, /openapi.json says every operation needs ``Authorization: Bearer <token>``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()  # cached by FastAPI as app.openapi_schema
+            document.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the server's --token"}
+            }
+            document["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(config: ServeConfig, service: InferenceService | None = None) -> Any:  # -> fastapi.FastAPI
     """The FastAPI app serving ``config``'s model (loaded now, so a bad model fails before binding)."""
     try:
@@ -181,7 +197,7 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
         bool, Query(description="add the model's view and its class activation map (PNG data URLs)")
     ]
 
-    @app.post("/v1/predict", response_model=None, openapi_extra=schema.predict_body(),
+    @app.post("/v1/predict", response_model=None, openapi_extra=schema.predict_body(config.max_bytes),
               responses={200: {"model": schema.PredictionOut, "description": "the answer"},
                          **upload_errors})  # fmt: skip
     async def predict(request: Request, cam: CamQuery = False) -> JSONResponse:
@@ -195,7 +211,8 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
                 )
             return JSONResponse(await service.classify(uploads[0], cam=cam))
 
-    @app.post("/v1/predict/batch", response_model=None, openapi_extra=schema.batch_body(),
+    @app.post("/v1/predict/batch", response_model=None,
+              openapi_extra=schema.batch_body(config.max_bytes, config.max_files),
               responses={200: {"model": schema.BatchOut, "description": "one entry per file part"},
                          **upload_errors})  # fmt: skip
     async def predict_batch(request: Request, cam: CamQuery = False) -> JSONResponse:
@@ -233,7 +250,8 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **read_errors})  # fmt: skip
+        200: {"description": "Prometheus text exposition format"},
+        **schema.error_responses(schema.READ_ERRORS, by_reference=True)})  # fmt: skip
     async def metrics() -> PlainTextResponse:
         """Prometheus text format: requests by outcome, latency histograms, batch sizes, model id."""
         return PlainTextResponse(service.metrics.render(service.in_flight), media_type=METRICS_CONTENT_TYPE)
@@ -242,6 +260,8 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    if config.token is not None:
+        _document_bearer(app)
     app.add_middleware(GuardMiddleware, service=service, token=config.token)
     app.add_middleware(DrainUnreadBody, max_bytes=config.max_bytes)  # outermost: sees 401s too
     return app

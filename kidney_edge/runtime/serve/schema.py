@@ -128,7 +128,7 @@ def _raw_image_body() -> dict[str, Any]:
     return {kind: {"schema": _BINARY} for kind in sorted(IMAGE_MEDIA_TYPES)}
 
 
-def predict_body() -> dict[str, Any]:
+def predict_body(max_bytes: int) -> dict[str, Any]:
     """``openapi_extra`` of ``POST /v1/predict``: one image, raw or as one multipart file part."""
     form = {
         "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]},
@@ -139,15 +139,15 @@ def predict_body() -> dict[str, Any]:
             "required": True,
             "description": "one JPEG, PNG, BMP, TIFF or DICOM image: the raw body with its "
             f"Content-Type, or one file part of a {MULTIPART} form (any field name; the part's "
-            "file name is echoed as `filename`)",
+            f"file name is echoed as `filename`); at most {max_bytes:,} bytes in all (--max-bytes)",
             "content": {**_raw_image_body(), MULTIPART: form},
         }
     }
 
 
-def batch_body() -> dict[str, Any]:
+def batch_body(max_bytes: int, max_files: int) -> dict[str, Any]:
     """``openapi_extra`` of ``POST /v1/predict/batch``: several multipart file parts."""
-    files = {"type": "array", "items": _BINARY, "minItems": 1}
+    files = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": max_files}
     form = {
         "schema": {"type": "object", "properties": {"files": files}, "required": ["files"]},
         "encoding": {"files": {"contentType": _IMAGE_TYPES}},
@@ -155,8 +155,9 @@ def batch_body() -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "description": f"a {MULTIPART} form of file parts (any field name; up to --max-files), "
-            "each a JPEG, PNG, BMP, TIFF or DICOM image",
+            "description": f"a {MULTIPART} form of up to {max_files} file parts (--max-files; "
+            "any field name), each a JPEG, PNG, BMP, TIFF or DICOM image; at most "
+            f"{max_bytes:,} bytes in all (--max-bytes)",
             "content": {MULTIPART: form},
         }
     }
@@ -184,10 +185,21 @@ UPLOAD_ERRORS = (400, 401, 413, 415, 422, 500, 503)
 READ_ERRORS = (401, 500)
 
 
-def error_responses(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses`` entries: each status answered with :class:`ErrorOut`, and why."""
+def error_responses(
+    statuses: tuple[int, ...], *, by_reference: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses`` entries: each status answered with :class:`ErrorOut` as JSON, and why.
+
+    ``by_reference`` for a route whose own answer is not JSON (``/metrics``): FastAPI files a
+    ``model`` under the route's media type, so these name ErrorOut's component instead (the
+    upload routes, which name the model, put it in the document).
+    """
+    if by_reference:
+        body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    else:
+        body = {"model": ErrorOut}
     return {
-        status: {"model": ErrorOut, "description": _ERROR_CAUSES[status],
+        status: {**body, "description": _ERROR_CAUSES[status],
                  **({"headers": _ERROR_HEADERS[status]} if status in _ERROR_HEADERS else {})}
         for status in statuses
     }  # fmt: skip
