@@ -122,7 +122,8 @@ def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
         where, *name = [str(part) for part in error.get("loc", ())] or ["request"]
         subject = f"{where} parameter {'.'.join(name)}" if name else where
         if "input" in error and error["input"] is not None and name:
-            subject += f"={error['input']!r}"
+            given = repr(error["input"])
+            subject += "=" + (given if len(given) <= 80 else given[:77] + "...")  # echo, bounded
         problems.append(f"{subject}: {error.get('msg', 'invalid')}")
     return "; ".join(problems) + "; the parameters are described at /openapi.json"
 
