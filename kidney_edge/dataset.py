@@ -48,6 +48,7 @@ from PIL import Image
 
 from kidney_edge.errors import ImageReadError, InputError
 from kidney_edge.io_utils import atomic_write_csv, atomic_write_json
+from kidney_edge.layout import AUDIT_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -1300,7 +1301,7 @@ def read_splits(csv_path: str | Path) -> list[SplitRow]:
 def audit_path(csv_path: str | Path) -> Path:
     """Where the audit of a splits.csv lives: ``splits.csv`` -> ``splits_audit.json``."""
     csv_path = Path(csv_path)
-    return csv_path.with_name(f"{csv_path.stem}_audit.json")
+    return csv_path.with_name(csv_path.stem + AUDIT_SUFFIX)
 
 
 def split_dataset(

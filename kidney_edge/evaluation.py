@@ -26,6 +26,7 @@ from kidney_edge.dataset import SPLITS, audit_path, read_splits, scan_dataset
 from kidney_edge.errors import EmptySplitError, InputError
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
 from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE, DecisionRule, ModelSpec, softmax
@@ -291,7 +292,7 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
     if config.tumor_recall is not None:
         rule = _rule_from_val(predictor, config, notes)
         predictor.spec = predictor.spec.replace(decision_rule=rule or DecisionRule())
-    history = config.model_path.parent / "history.csv"
+    history = config.model_path.parent / HISTORY_FILE
     return evaluate_files(
         predictor,
         files,
@@ -364,7 +365,7 @@ def evaluate_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(series_evaluation(files.paths, files.labels, probabilities, spec, out_dir))  # DICOM only
-    write_predictions(out_dir / "predictions.csv", files, probabilities, spec, ood_scores)
+    write_predictions(out_dir / PREDICTIONS_FILE, files, probabilities, spec, ood_scores)
     gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
     report = write_report(
         out_dir,
@@ -384,7 +385,7 @@ def evaluate_files(
             notes=tuple(notes),
         ),
     )
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
     log.info(
         "evaluated %d images: macro-F1 %.4f, accuracy %.4f (under the rule)",
         len(y_true),
@@ -392,8 +393,8 @@ def evaluate_files(
         metrics[HEADLINE_BLOCK]["accuracy"],
     )
     paths = {
-        "metrics": out_dir / "metrics.json",
-        "predictions": out_dir / "predictions.csv",
+        "metrics": out_dir / METRICS_FILE,
+        "predictions": out_dir / PREDICTIONS_FILE,
         "report_html": report.html,
         "report_md": report.markdown,
         "model_card": report.model_card,
@@ -537,7 +538,7 @@ def _error_gallery(
         "with Grad-CAM for the predicted class."
     )
     if heatmaps is None:
-        note += " Grad-CAM needs the PyTorch checkpoint: evaluate best.pt to see heatmaps."
+        note += f" Grad-CAM needs the PyTorch checkpoint: evaluate {BEST_CHECKPOINT} to see heatmaps."
     items = []
     for position, index in enumerate(chosen):
         image = resized_image(files.paths[index], spec)

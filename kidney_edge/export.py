@@ -29,10 +29,20 @@ import numpy as np
 from kidney_edge.errors import EmptySplitError, InputError, KidneyEdgeError, enum_choice
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json
+from kidney_edge.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, SPLITS_FILE
 from kidney_edge.ood import ONNX_OOD_KEY, OOD_FILE, OodDetector
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
-from kidney_edge.runtime import EXPORT_ROOT, INT8_FILE, MODEL_FILE, OnnxClassifier, cpu_isa, scan_images
-from kidney_edge.runtime.classifier import PARITY_FILE, REJECTED_INT8_FILE
+from kidney_edge.runtime import OnnxClassifier, cpu_isa, scan_images
+from kidney_edge.runtime.layout import (
+    EXPORT_ROOT,
+    INT8_FILE,
+    MODEL_FILE,
+    PARITY_FAILED_MODEL_FILE,
+    PARITY_FILE,
+    REJECTED_INT8_FILE,
+    UNVERIFIED_INT8_FILE,
+    UNVERIFIED_MODEL_FILE,
+)
 from kidney_edge.spec import GRAPH_OUTPUTS, ONNX_METADATA_KEY, OOD_SCORE, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -128,12 +138,12 @@ def resolve_source(source: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """RUN folder -> (RUN/best.pt, RUN/splits.csv or None); checkpoint file -> (file, None)."""
     source = Path(source)
     if source.is_dir():
-        checkpoint = source / "best.pt"
+        checkpoint = source / BEST_CHECKPOINT
         if not checkpoint.is_file():
             raise InputError(
-                f"{source} has no best.pt; pass a run folder written by `kidney-edge train` or a checkpoint file"
+                f"{source} has no {BEST_CHECKPOINT}; pass a run folder written by `kidney-edge train` or a checkpoint file"
             )
-        splits = source / "splits.csv"
+        splits = source / SPLITS_FILE
         return checkpoint, splits if splits.is_file() else None
     if source.suffix.lower() == ".onnx":
         raise InputError(f"{source} is already ONNX; export takes a run folder or a .pt checkpoint")
@@ -149,7 +159,7 @@ def default_out_dir(
     source = Path(source).resolve()
     if source.is_dir():
         return Path(export_root) / source.name
-    return Path(export_root) / (source.parent.name if source.stem in ("best", "last") else source.stem)
+    return Path(export_root) / (source.parent.name if source.stem in (Path(BEST_CHECKPOINT).stem, Path(LAST_CHECKPOINT).stem) else source.stem)
 
 
 @dataclass
@@ -673,7 +683,7 @@ def _export_verified(
     """Export under a staging name, prove parity, then install as model.onnx (old INT8 files go)."""
     from kidney_edge.io_utils import atomic_write_json
 
-    staging = result.out_dir / "model.unverified.onnx"
+    staging = result.out_dir / UNVERIFIED_MODEL_FILE
     if progress is not None:
         progress("export", 0, 1)
     record = result.parity
@@ -692,7 +702,7 @@ def _export_verified(
         staging.unlink(missing_ok=True)  # an unverified graph must not linger beside the real ones
         raise
     if not record["passed"]:
-        failed = result.out_dir / "model.parity_failed.onnx"
+        failed = result.out_dir / PARITY_FAILED_MODEL_FILE
         os.replace(staging, failed)
         record["model"] = failed.name
         atomic_write_json(result.parity_path, record)
@@ -734,7 +744,7 @@ def _export_int8(
         )
         log.info(message)  # returned in result.warnings and parity.json: the caller shows it
         result.warnings.append(message)
-    staging = result.out_dir / "model.int8.unverified.onnx"
+    staging = result.out_dir / UNVERIFIED_INT8_FILE
     calibration_progress = None if progress is None else (lambda d, t: progress("calibration", d, t))
     try:
         recipe = quantize_model(

@@ -25,6 +25,14 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.io_utils import atomic_write_bytes, atomic_write_text
+from kidney_edge.layout import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    MODEL_CARD_FILE,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    SPLITS_AUDIT_FILE,
+)
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -80,7 +88,7 @@ def write_report(out_dir: Path, inputs: ReportInputs) -> ReportFiles:
     for name, png in images.items():
         atomic_write_bytes(out_dir / name, png)
     card = model_card_blocks(inputs)
-    html_path, md_path, card_path = out_dir / "report.html", out_dir / "report.md", out_dir / "model_card.md"
+    html_path, md_path, card_path = out_dir / REPORT_HTML_FILE, out_dir / REPORT_MD_FILE, out_dir / MODEL_CARD_FILE
     atomic_write_text(html_path, render_html(inputs, images, card))
     atomic_write_text(md_path, render_markdown(inputs))
     atomic_write_text(card_path, blocks_to_markdown(card))
@@ -309,7 +317,7 @@ def plot_history(history: dict[str, list]) -> bytes:
                     markersize=12,
                     color="black",
                     linestyle="",
-                    label="best.pt",
+                    label=BEST_CHECKPOINT,
                 )
             # A schedule that decays to 0 cannot go on a log axis.
             if title == "learning rate" and np.nanmin(y) > 0:
@@ -735,10 +743,11 @@ def _confusion_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
 def _training_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     if "training_curves.png" in images:
         return (
-            "<p>From history.csv; a dashed line marks the phase change, a star the epoch saved as best.pt.</p>"
+            f"<p>From {HISTORY_FILE}; a dashed line marks the phase change, a star the epoch saved as "
+            f"{BEST_CHECKPOINT}.</p>"
             + _img(images, "training_curves.png", "training curves")
         )
-    return "<p>No history.csv: this evaluation is not part of a training run.</p>"
+    return f"<p>No {HISTORY_FILE}: this evaluation is not part of a training run.</p>"
 
 
 def _roc_pr_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
@@ -763,7 +772,7 @@ def _calibration_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
 def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     audit = inputs.audit
     if not audit:
-        return "<p>No split audit (splits_audit.json) available for this data.</p>"
+        return f"<p>No split audit ({SPLITS_AUDIT_FILE}) available for this data.</p>"
     parts = [_table(["check", "result"], audit_summary(audit), css_class="text")]
     counts = audit.get("counts")
     if isinstance(counts, dict) and all(isinstance(v, dict) for v in counts.values()):
@@ -777,7 +786,7 @@ def _audit_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
         header = ["split", *(c.replace("_", " ") for c in columns)]
         parts.append("<h3>Leakage into val/test</h3>" + _table(header, rows))
     parts.append(
-        "<details><summary>full audit (splits_audit.json)</summary><pre>"
+        f"<details><summary>full audit ({SPLITS_AUDIT_FILE})</summary><pre>"
         + html.escape(_short(json.dumps(audit, indent=2, default=str), 8000))
         + "</pre></details>"
     )
@@ -852,7 +861,7 @@ def render_markdown(inputs: ReportInputs) -> str:
         f"temperature {m.get('temperature', 1.0):.4f}; ECE {_fmt(calibration.get('ece_before'))} "
         f"(T = 1) -> {_fmt(calibration.get('ece_after'))}",
         "",
-        "Plots, error gallery and model card: `report.html`.",
+        f"Plots, error gallery and model card: `{REPORT_HTML_FILE}`.",
         "",
     ]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
+from kidney_edge.layout import MODELS_ROOT
 from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
 
 ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all)
@@ -21,7 +22,6 @@ DEVICES = ("auto", "cpu", "cuda")
 # The backbones kidney_edge.backbones registers, named here without importing torch so that the
 # CLI can offer them as choices; tests/test_backbones.py checks that the registry agrees.
 ARCHS = ("efficientnet_lite0", "efficientnet_b0")
-MODELS_ROOT = Path("models")  # `kidney-edge train` writes MODELS_ROOT/<run name>/ without --out
 
 
 def default_run_dir(data_dir: str | Path, models_root: str | Path = MODELS_ROOT) -> Path:
