@@ -36,6 +36,7 @@ import _harness as harness  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kidney_edge import dataset  # noqa: E402
+from kidney_edge.dataset import grouping  # noqa: E402
 from kidney_edge.phantoms.styles import PhantomStyle, synthesizer  # noqa: E402
 
 RESULTS = harness.RESULTS
@@ -147,7 +148,7 @@ def distance_profile(scan: dataset.DatasetScan, patients: list[str], sample: int
 def series_profile(scan: dataset.DatasetScan, patients: list[str]) -> dict[str, object]:
     """Series links (neighbouring file numbers that look alike) within and between phantom
     patients, as distance over the series threshold: the evidence for which ones the split may cut."""
-    links = dataset._series_pairs(scan, dataset.DEFAULT_SERIES_DISTANCE)
+    links = grouping.series_pairs(scan, dataset.DEFAULT_SERIES_DISTANCE)
     patient = np.array(patients)
     same = patient[links.pairs[:, 0]] == patient[links.pairs[:, 1]]
 
@@ -221,7 +222,7 @@ def _over_merge_lines(records: dict[str, dict]) -> list[str]:
         "",
         "Patients come from each renderer's `phantom_truth.csv`, used only here. *Uncut*: plain",
         "single linkage over duplicate, near-duplicate and series links; *default*: the split as",
-        "shipped (groups cut at their weakest links, see `dataset._cut_groups`).",
+        "shipped (groups cut at their weakest links, see `dataset.grouping._cut_groups`).",
         "",
         "| run | patients | largest group, uncut (share, patients) | largest group, default (share, patients) | "
         "most patients in a group | patients crossing splits | largest class-share error | "
@@ -241,7 +242,7 @@ def _over_merge_lines(records: dict[str, dict]) -> list[str]:
     lines += [
         "",
         "Series links, as distance over `--series-distance` (the split may cut one of at least "
-        f"{dataset._WEAK_SERIES_LINK}",
+        f"{grouping.WEAK_SERIES_LINK}",
         "to deal a class's groups finer; stronger ones only to respect `--max-group-share`):",
         "",
         "| run | same-patient links | p50 / p99 / max | between-patient links | min / p1 / p50 |",

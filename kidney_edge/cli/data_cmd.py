@@ -12,6 +12,7 @@ from rich.table import Table
 
 from kidney_edge.cli._app import app, console, err_console, library_errors
 from kidney_edge.dataset import SplitConfig
+from kidney_edge.layout import SPLITS_FILE
 from kidney_edge.phantoms.dicom_series import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
 from kidney_edge.phantoms.dicom_series import SLICES_PER_SERIES, SeriesPhantomConfig
 from kidney_edge.phantoms.kaggle_layout import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
@@ -147,9 +148,7 @@ def _synth_series(
 @app.command()
 def split(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class (Kaggle layout).")],
-    out: Annotated[Path, typer.Option("--out", help="Manifest to write; the audit goes beside it.")] = Path(
-        "splits.csv"
-    ),
+    out: Annotated[Path, typer.Option("--out", help="Manifest to write; the audit goes beside it.")] = Path(SPLITS_FILE),
     seed: Annotated[
         int, typer.Option("--seed", help="Random seed of the group assignment.")
     ] = SplitConfig.seed,

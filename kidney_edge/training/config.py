@@ -14,10 +14,10 @@ from typing import Any
 
 from kidney_edge.archs import ALL_BLOCKS, ARCHS
 from kidney_edge.errors import InputError
+from kidney_edge.layout import MODELS_ROOT
 from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
 
 DEVICES = ("auto", "cpu", "cuda")
-MODELS_ROOT = Path("models")  # `kidney-edge train` writes MODELS_ROOT/<run name>/ without --out
 
 
 def default_run_dir(data_dir: str | Path, models_root: str | Path = MODELS_ROOT) -> Path:
