@@ -12,7 +12,19 @@ from typer.testing import CliRunner
 
 from kidney_edge.cli import app
 
-COMMANDS = ["synth", "split", "train", "evaluate", "export", "predict", "benchmark", "info", "demo"]
+COMMANDS = [
+    "synth",
+    "split",
+    "train",
+    "evaluate",
+    "export",
+    "predict",
+    "benchmark",
+    "serve",
+    "info",
+    "doctor",
+    "demo",
+]
 runner = CliRunner()
 
 
