@@ -234,7 +234,7 @@ class App(typer.Typer):
     def command(  # type: ignore[override]
         self, *args: Any, old_spellings: Sequence[OldSpelling] = (), **kwargs: Any
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        cls = type("Command", (Command,), {"old_spellings": tuple(old_spellings)})
+        cls = type("Command", (Command,), {"old_spellings": tuple(old_spellings), "__module__": __name__})
         return super().command(*args, cls=cls, **kwargs)
 
 
