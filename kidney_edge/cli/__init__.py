@@ -47,4 +47,5 @@ def __getattr__(name: str) -> Any:
 def main() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     module = COMMAND_MODULES.get(command or "")
-    _register([module] if module else list(dict.fromkeys(COMMAND_MODULES.values())))()
+    # prog_name: usage lines read `kidney-edge ...` under `python -m kidney_edge` too
+    _register([module] if module else list(dict.fromkeys(COMMAND_MODULES.values())))(prog_name="kidney-edge")

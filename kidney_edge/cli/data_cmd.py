@@ -59,6 +59,7 @@ def synth(
         tuple[int, int] | None,
         typer.Option(
             "--slices-per-patient",
+            metavar="MIN MAX",
             help="MIN MAX adjacent slices drawn of each patient (near-identical images that a split "
             "must keep together). Default: the style's ("
             + ", ".join(

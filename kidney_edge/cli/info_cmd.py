@@ -10,12 +10,15 @@ import typer
 from rich.table import Table
 
 from kidney_edge.cli._app import PANEL_EDGE, app, console, human_bytes, library_errors, warn_old_spelling
+from kidney_edge.imaging import SUPPORTED_SUFFIXES
 
 
 @app.command(rich_help_panel=PANEL_EDGE)
 def info(
     file: Path | None = typer.Argument(
-        None, help="An image (JPEG, PNG, BMP, TIFF, DICOM) to describe.", show_default=False
+        None,
+        help=f"An image to describe ({' '.join(sorted(SUPPORTED_SUFFIXES))}, or DICOM without a suffix).",
+        show_default=False,
     ),
     model: Path | None = typer.Option(
         None,

@@ -67,7 +67,10 @@ def serve(
         ),
     ] = None,
     precision: Annotated[
-        Precision, typer.Option("--precision", help="fp32 or INT8 model of an export folder.")
+        Precision,
+        typer.Option(
+            "--precision", help="Model of an export folder: auto as in predict, or force fp32/int8."
+        ),
     ] = _D.precision,
     save_dir: Annotated[
         Path | None,

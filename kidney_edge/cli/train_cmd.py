@@ -72,7 +72,7 @@ def train(
         int, typer.Option("--batch-size", help="Training images per step.")
     ] = _RUN.batch_size,
     image_size: Annotated[
-        int, typer.Option("--image-size", help="Input size, a multiple of 32.")
+        int, typer.Option("--image-size", help="Input side in pixels, a multiple of 32.")
     ] = _RUN.image_size,
     seed: Annotated[
         int, typer.Option("--seed", help="Random seed of the split, initialisation and batches.")
@@ -95,6 +95,7 @@ def train(
         str,
         typer.Option(
             "--unfreeze-blocks",
+            metavar="N|all",
             help="Phase 2 trains the last N of 16 MBConv blocks + conv head, or 'all' (the whole backbone).",
         ),
     ] = str(_FINETUNE.unfreeze_blocks),
