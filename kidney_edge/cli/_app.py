@@ -73,8 +73,10 @@ OldSpelling = Renamed | NowArgument | NowOption
 
 def warn_old_spelling(command: str, old: str, new: str) -> None:
     """The one deprecation line: what was written, what to write instead."""
+    from rich.markup import escape
+
     err_console.print(
-        f"[yellow]deprecated:[/] kidney-edge {command}: {old} is now {new}; the old spelling "
+        f"[yellow]deprecated:[/] kidney-edge {command}: {escape(old)} is now {escape(new)}; the old spelling "
         f"will be removed in {OLD_SPELLINGS_REMOVED_IN}",
         highlight=False,
         soft_wrap=True,
