@@ -12,18 +12,15 @@ written after installation are not in RECORD and not counted). Nothing is downlo
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import json
-import platform
 import re
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import _harness as harness
 import tomllib
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+REPO = harness.REPO
 ROLES = {  # role -> extras of kidney-edge it installs
     "edge runtime only (base)": (),
     "train (training, evaluation, export)": ("train",),
@@ -87,7 +84,8 @@ def installed_bytes(name: str) -> int:
     return total
 
 
-def main() -> None:
+def measure() -> list[dict[str, Any]]:
+    """One row per role: packages in its closure, installed MB, MB over the base, largest additions."""
     rows = []
     base = closure("kidney-edge", ())
     base_mb = sum(installed_bytes(name) for name in base) / 1e6
@@ -107,20 +105,17 @@ def main() -> None:
                 "largest": [(name, round(size / 1e6, 1)) for name, size in largest],
             }
         )
-    machine = (
-        f"{platform.machine()}, Python {platform.python_version()}, {platform.system()}; "
-        f"torch {metadata.version('torch')}, ray {metadata.version('ray')}"
-    )
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "install_size.json").write_text(
-        json.dumps({"machine": machine, "recorded": when, "roles": rows}, indent=2) + "\n"
-    )
+    return rows
+
+
+def render(record: dict[str, Any]) -> str:
+    machine = record["machine"]
     lines = [
         "# Installed size per role",
         "",
-        f"Recorded by `benchmarks/bench_install_size.py` ({when}). Machine: {machine}; "
-        f"the packages installed in `{Path(metadata.distribution('numpy').locate_file(''))}`.",
+        f"Recorded by `benchmarks/bench_install_size.py` ({record['started_utc']}, commit {record['commit']}). "
+        f"Machine: {machine['platform']}, Python {machine['python']}; torch {record['versions']['torch']}, "
+        f"ray {record['versions']['ray']}; the packages installed in `{record['site_packages']}`.",
         "",
         "Method: the requirement closure of `kidney-edge[EXTRA]` from the installed packages' "
         "metadata (markers evaluated for this interpreter), sizes summed over the files each "
@@ -131,16 +126,27 @@ def main() -> None:
         "| role | extras | packages | installed MB | MB over the base | largest packages it adds (base: its own largest), MB |",
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
-    for row in rows:
+    for row in record["roles"]:
         largest = ", ".join(f"{name} {size}" for name, size in row["largest"])
         extras = ",".join(row["extras"]) or "-"
         lines.append(
             f"| {row['role']} | {extras} | {row['distributions']} | {row['total_mb']} | "
             f"{row['over_base_mb']} | {largest} |"
         )
-    (RESULTS / "install_size.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    record = harness.start_record(
+        versions={"torch": metadata.version("torch"), "ray": metadata.version("ray")},
+        site_packages=str(Path(metadata.distribution("numpy").locate_file(""))),
+    )
+    record["roles"] = measure()
+    harness.finish_record(record)
+    markdown = render(record)
+    harness.write_results(harness.RESULTS / "install_size", record, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
