@@ -1,6 +1,7 @@
 """Fine-tuning with BatchNorm statistics frozen (the default) vs re-estimated from batches.
 
     python benchmarks/bench_bn_stats.py [--n 800] [--image-size 160] [--epochs-finetune 4]
+    python benchmarks/bench_bn_stats.py --render-only      # rewrite bn_stats.md from bn_stats.json
 
 Trains the same two-phase recipe twice with ``kidney_edge.training.train`` on one phantom
 split (the demo's phantom settings: difficulty 0.25, 1-3 slices per patient), once with
@@ -14,16 +15,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+import _harness as harness
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--unfreeze-blocks", type=int, default=9)
     parser.add_argument("--lr-finetune", type=float, default=3e-4)
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="kidney-edge-bn-")))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bn_stats")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "bn_stats")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     return parser.parse_args()
 
 
@@ -74,14 +71,17 @@ def run(args: argparse.Namespace, data: Path, splits: Path, freeze: bool) -> dic
     }
 
 
-def render(args: argparse.Namespace, runs: list[dict[str, Any]], load: list[float]) -> str:
+def render(record: dict[str, Any]) -> str:
+    args, runs = argparse.Namespace(**record["args"]), record["runs"]
+    # Older records kept no machine facts; the CPU count then is unrecorded.
+    cpus = record["machine"]["cores_host"] if "machine" in record else "unrecorded"
     lines = [
         "# Fine-tuning: BatchNorm statistics frozen vs re-estimated",
         "",
         f"`benchmarks/bench_bn_stats.py`: {args.n} phantom images (difficulty 0.25, 1-3 slices per "
         f"patient), {args.image_size} px, head {args.epochs_head} epochs, then {args.epochs_finetune} "
-        f"epochs of the last {args.unfreeze_blocks} blocks at lr {args.lr_finetune}; {os.cpu_count()} CPUs, "
-        f"load average at the end {load}. The best checkpoint (of either phase) is what the test "
+        f"epochs of the last {args.unfreeze_blocks} blocks at lr {args.lr_finetune}; {cpus} CPUs, "
+        f"load average at the end {harness.recorded_load(record, 'after')}. The best checkpoint (of either phase) is what the test "
         "figures use.",
         "",
         "| BN statistics | fine-tuning epoch | train loss | val macro-F1 |",
@@ -106,18 +106,20 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], load: list[floa
 
 def main() -> None:
     args = parse_args()
+    if args.render_only:
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
+        return
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
+    record = harness.start_record(args={k: str(v) for k, v in vars(args).items()})
     data, splits = args.work / "data", args.work / "splits.csv"
     synthesize(data, n=args.n, seed=0, size=512, difficulty=0.25, slices_per_patient=(1, 3))
     split_dataset(data, splits, SplitConfig(seed=0))
-    runs = [run(args, data, splits, freeze) for freeze in (True, False)]
-    load = [round(x, 2) for x in os.getloadavg()]
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average_end": load, "runs": runs}
-    atomic_write_json(args.out.with_suffix(".json"), record)
-    atomic_write_text(args.out.with_suffix(".md"), render(args, runs, load))
-    print(json.dumps(runs, indent=2))
+    record["runs"] = [run(args, data, splits, freeze) for freeze in (True, False)]
+    harness.finish_record(record)
+    harness.write_results(args.out, record, render(record))
+    print(json.dumps(record["runs"], indent=2))
 
 
 if __name__ == "__main__":

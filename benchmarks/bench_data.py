@@ -22,49 +22,38 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+# Single-threaded figures: set before numpy (imported by the harness's kidney_edge) starts BLAS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import _harness as harness  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kidney_edge import dataset  # noqa: E402
-from kidney_edge.phantom2 import PhantomStyle, synthesizer  # noqa: E402
+from kidney_edge.dataset import grouping  # noqa: E402
+from kidney_edge.phantoms.styles import PhantomStyle, synthesizer  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = harness.RESULTS
 # make_splits options that leave plain single linkage: no group is ever cut.
 UNCUT = {"max_group_share": None, "proportion_tolerance": 1.0, "min_eval_images": 0}
 
 
-def machine() -> dict[str, object]:
-    from kidney_edge.runtime import cpu_info
-
-    return {
-        "cpu": cpu_info().model,
-        "cpus_visible": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "niceness": os.nice(0),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
 class Timer:
     def __enter__(self) -> Timer:
-        self.load_before = os.getloadavg()
+        self.load_before = harness.load_average()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.wall
         self.cpu = time.process_time() - self.cpu
-        self.load_after = os.getloadavg()
+        self.load_after = harness.load_average()
 
     def record(self, n: int) -> dict[str, object]:
         return {
@@ -72,8 +61,8 @@ class Timer:
             "cpu_s": round(self.cpu, 2),
             "images_per_s_wall": round(n / self.wall, 1),
             "images_per_s_cpu": round(n / self.cpu, 1),
-            "loadavg_1_5_15_before": [round(v, 2) for v in self.load_before],
-            "loadavg_1_5_15_after": [round(v, 2) for v in self.load_after],
+            "load_average_before": self.load_before,
+            "load_average_after": self.load_after,
         }
 
 
@@ -159,7 +148,7 @@ def distance_profile(scan: dataset.DatasetScan, patients: list[str], sample: int
 def series_profile(scan: dataset.DatasetScan, patients: list[str]) -> dict[str, object]:
     """Series links (neighbouring file numbers that look alike) within and between phantom
     patients, as distance over the series threshold: the evidence for which ones the split may cut."""
-    links = dataset._series_pairs(scan, dataset.DEFAULT_SERIES_DISTANCE)
+    links = grouping.series_pairs(scan, dataset.DEFAULT_SERIES_DISTANCE)
     patient = np.array(patients)
     same = patient[links.pairs[:, 0]] == patient[links.pairs[:, 1]]
 
@@ -221,8 +210,8 @@ def _generator_lines(records: dict[str, dict]) -> list[str]:
     for renderer, gen in records.items():
         lines.append(
             f"| {renderer} | {gen['n']} | {gen['size']} | {gen['wall_s']} | {gen['cpu_s']} | "
-            f"{gen['images_per_s_wall']} | {gen['images_per_s_cpu']} | {gen['loadavg_1_5_15_before']} -> "
-            f"{gen['loadavg_1_5_15_after']} | `{gen['command']}` |"
+            f"{gen['images_per_s_wall']} | {gen['images_per_s_cpu']} | {harness.recorded_load(gen, 'before')} -> "
+            f"{harness.recorded_load(gen, 'after')} | `{gen['command']}` |"
         )
     return lines + [""]
 
@@ -233,7 +222,7 @@ def _over_merge_lines(records: dict[str, dict]) -> list[str]:
         "",
         "Patients come from each renderer's `phantom_truth.csv`, used only here. *Uncut*: plain",
         "single linkage over duplicate, near-duplicate and series links; *default*: the split as",
-        "shipped (groups cut at their weakest links, see `dataset._cut_groups`).",
+        "shipped (groups cut at their weakest links, see `dataset.grouping._cut_groups`).",
         "",
         "| run | patients | largest group, uncut (share, patients) | largest group, default (share, patients) | "
         "most patients in a group | patients crossing splits | largest class-share error | "
@@ -253,7 +242,7 @@ def _over_merge_lines(records: dict[str, dict]) -> list[str]:
     lines += [
         "",
         "Series links, as distance over `--series-distance` (the split may cut one of at least "
-        f"{dataset._WEAK_SERIES_LINK}",
+        f"{grouping.WEAK_SERIES_LINK}",
         "to deal a class's groups finer; stronger ones only to respect `--max-group-share`):",
         "",
         "| run | same-patient links | p50 / p99 / max | between-patient links | min / p1 / p50 |",
@@ -277,23 +266,36 @@ def _split_lines(run: str, split: dict) -> list[str]:
             continue
         lines.append(
             f"| {step} ({split['n']} images, {split['size']} px) | {r['wall_s']} | {r['cpu_s']} | "
-            f"{r['images_per_s_wall']} | {r['loadavg_1_5_15_before']} -> {r['loadavg_1_5_15_after']} |"
+            f"{r['images_per_s_wall']} | {harness.recorded_load(r, 'before')} -> {harness.recorded_load(r, 'after')} |"
         )
     return lines + ["", "Grouped split audit: `" + json.dumps(split["grouped_audit"]) + "`", "",
                     "Random mode on the same scan (the leak it makes): `" + json.dumps(split["random_mode_leak"]) + "`", "",
                     "Perceptual-hash distances (256 bits) on a sample: `" + json.dumps(split["hash_distances"]) + "`", ""]  # fmt: skip
 
 
-def write_markdown(results: dict[str, object], path: Path) -> None:
+def _machine_line(results: dict[str, object]) -> str:
+    m = results.get("machine", {})
+    if "cpu" in m:  # a record from before the harness: its own machine fields
+        cpu, cpus, niceness, date = m.get("cpu"), m.get("cpus_visible"), m.get("niceness"), m.get("date")
+    else:
+        cpu, cpus, niceness, date = (
+            m["cpu_model"],
+            m["cores_host"],
+            results["niceness"],
+            results["started_utc"],
+        )
+    return (f"Machine: {cpu}, {cpus} CPUs visible (shared with other jobs), Python {m.get('python')}, "
+            f"numpy {m.get('numpy')}, niceness {niceness}, {date}.")  # fmt: skip
+
+
+def render(results: dict[str, object]) -> str:
     lines = [
         "# Data benchmarks",
         "",
         "Recorded by `benchmarks/bench_data.py`; raw numbers in `data.json`.",
         "",
     ]
-    m = results.get("machine", {})
-    lines += [f"Machine: {m.get('cpu')}, {m.get('cpus_visible')} CPUs visible (shared with other jobs), "
-              f"Python {m.get('python')}, numpy {m.get('numpy')}, niceness {m.get('niceness')}, {m.get('date')}.", ""]  # fmt: skip
+    lines += [_machine_line(results), ""]
     if results.get("generator"):
         lines += _generator_lines(results["generator"])
     splits = results.get("split", {})
@@ -302,7 +304,7 @@ def write_markdown(results: dict[str, object], path: Path) -> None:
         lines += ["## Scan + split", ""]
         for run, split in splits.items():
             lines += _split_lines(run, split)
-    path.write_text("\n".join(lines + NOTES) + "\n")
+    return "\n".join(lines + NOTES) + "\n"
 
 
 NOTES = [
@@ -337,30 +339,34 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, help="Keep (and reuse) the generated images here.")
+    parser.add_argument("--render-only", action="store_true", help="rewrite data.md from data.json")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "data.json"
-    results = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    results["machine"] = machine()
-    command = "python " + " ".join(sys.argv)
+    out = args.out / "data"
+    results = harness.read_results(out) or {}
+    if args.render_only:
+        harness.write_markdown(out, render(results))
+        return
+    results.update(harness.start_record(niceness=os.nice(0)))
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        tmp = args.workdir or tmp
-        if args.only in ("generator", "all"):
-            record = {
-                **bench_generator(args.renderer, args.generator_n, args.size, Path(tmp)),
-                "command": command,
-            }
-            results.setdefault("generator", {})[args.renderer] = record
-            print(json.dumps(record, indent=2))
-        if args.only in ("split", "all"):
-            run = f"{args.renderer} {args.split_n}"
-            split = {**bench_split(args.renderer, args.split_n, args.size, Path(tmp)), "command": command}
-            if split["generate"] is None:
-                split["generate"] = results.get("split", {}).get(run, {}).get("generate")
-            results.setdefault("split", {})[run] = split
-            print(json.dumps(split, indent=2))
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, args.out / "data.md")
+        measure(args, results, Path(args.workdir or tmp))
+    harness.finish_record(results)
+    harness.write_results(out, results, render(results))
+
+
+def measure(args: argparse.Namespace, results: dict, workdir: Path) -> None:
+    """Run the steps ``--only`` asks for, filing each record into ``results``."""
+    command = harness.command_line()
+    if args.only in ("generator", "all"):
+        record = {**bench_generator(args.renderer, args.generator_n, args.size, workdir), "command": command}
+        results.setdefault("generator", {})[args.renderer] = record
+        print(json.dumps(record, indent=2))
+    if args.only in ("split", "all"):
+        run = f"{args.renderer} {args.split_n}"
+        split = {**bench_split(args.renderer, args.split_n, args.size, workdir), "command": command}
+        if split["generate"] is None:  # the phantom was reused: keep the generation time recorded with it
+            split["generate"] = results.get("split", {}).get(run, {}).get("generate")
+        results.setdefault("split", {})[run] = split
+        print(json.dumps(split, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,37 +3,38 @@
     python benchmarks/bench_demo.py                         # runs `kidney-edge demo` (about 10 min)
     python benchmarks/bench_demo.py --summary runs/demo/demo_summary.json --total-s 512
                                                             # records an existing run
+    python benchmarks/bench_demo.py --render-only           # rewrite demo.md from demo.json
 
-Writes benchmarks/results/demo.md and demo.json.
+Writes benchmarks/results/demo.md and demo.json (the ``--note`` paragraphs are kept in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+import _harness as harness
 
-
-def cpu_model() -> str:
-    from kidney_edge.runtime import cpu_info
-
-    return cpu_info().model
+RESULTS = harness.RESULTS / "demo"
 
 
 def run_demo(out: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "kidney_edge", "demo", "--out", str(out), "--overwrite"], check=True
-    )
-    return time.perf_counter() - started
+    """`kidney-edge demo` as a whole process (:func:`harness.run_cli`); its wall seconds."""
+    run = harness.run_cli(["demo", "--out", out, "--overwrite"])
+    if run.exit_code != 0:
+        raise SystemExit(f"kidney-edge demo failed ({run.exit_code}):\n{run.output[-4000:]}")
+    return run.wall_s
+
+
+def _machine_words(record: dict[str, Any]) -> str:
+    """CPU, CPUs and Python of the record (older records kept ``cpu`` and ``cpus`` only)."""
+    machine = record.get("machine")
+    if machine is None:
+        return f"{record['cpu']}, {record['cpus']} CPUs, Python unrecorded"
+    return f"{machine['cpu_model']}, {machine['cores_host']} CPUs, Python {machine['python']}"
 
 
 def pct(value: float | None) -> str:
@@ -44,15 +45,15 @@ def pct_ci(ci: list[float] | None) -> str:
     return "-" if not ci else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
 
 
-def render(summary: dict, total_s: float | None, load: list[float], notes: list[str]) -> str:
+def render(record: dict[str, Any]) -> str:
+    summary, total_s = record["summary"], record["whole_process_s"]
     stages = summary["stages"]
     head, hold = summary["headline"], summary["holdout"]
     lines = [
         "# Demo: wall time per stage and headline figures",
         "",
         "Recorded by `benchmarks/bench_demo.py` on "
-        f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"load average at the end {load}.",
+        f"{_machine_words(record)}; load average at the end {harness.recorded_load(record, 'after')}.",
         "",
         "| " + " | ".join([*stages, "sum of stages", "whole process"]) + " |",
         "| " + " | ".join(["---:"] * (len(stages) + 2)) + " |",
@@ -96,13 +97,13 @@ def render(summary: dict, total_s: float | None, load: list[float], notes: list[
         "",
         f"Out-of-distribution detector: {(summary['parity'].get('ood') or {}).get('description', 'none')}. "
         f"Hold-out slices labelled unknown: {hold.get('unknown', '-')} of {hold.get('n')}. Foreign corpus "
-        f"(`kidney_edge.foreign`, {(summary.get('foreign') or {}).get('images', '-')} files): "
+        f"(`kidney_edge.phantoms.foreign`, {(summary.get('foreign') or {}).get('images', '-')} files): "
         f"{(summary.get('foreign') or {}).get('labels', '-')}, unreadable "
         f"{(summary.get('foreign') or {}).get('failed', '-')}.",
         "",
         "Training warnings: " + ("; ".join(summary.get("warnings") or []) or "none"),
     ]
-    for note in notes:
+    for note in record.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
 
@@ -114,20 +115,20 @@ def main() -> None:
     )
     parser.add_argument("--total-s", type=float, help="whole-process wall time of that run, if measured")
     parser.add_argument("--note", action="append", default=[], help="a paragraph added under the tables")
+    parser.add_argument("--render-only", action="store_true", help="rewrite demo.md from demo.json")
     args = parser.parse_args()
-    total_s = args.total_s
+    if args.render_only:
+        harness.write_markdown(RESULTS, render(harness.read_results(RESULTS)))
+        return
+    record = harness.start_record(notes=args.note, whole_process_s=args.total_s)
     if args.summary is None:
         out = Path(tempfile.mkdtemp(prefix="kidney-edge-demo-"))
-        total_s = run_demo(out)
+        record["whole_process_s"] = run_demo(out)
         args.summary = out / "demo_summary.json"
-    summary = json.loads(args.summary.read_text())
-    load = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(exist_ok=True)
-    record = {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_average_end": load, "whole_process_s": total_s,
-              "summary": summary}  # fmt: skip
-    (RESULTS / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "demo.md").write_text(render(summary, total_s, load, args.note))
-    print((RESULTS / "demo.md").read_text())
+    record["summary"] = json.loads(args.summary.read_text())
+    harness.finish_record(record)
+    harness.write_results(RESULTS, record, render(record))
+    print(render(record))
 
 
 if __name__ == "__main__":

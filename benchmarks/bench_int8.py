@@ -36,16 +36,13 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "benchmarks" / "results" / "int8"
+RESULTS = harness.RESULTS / "int8"
 
 # name -> (checkpoint, splits.csv): the demo and the recipe benchmark's default-recipe runs of
 # three families (benchmarks/bench_recipe.py writes them under its --workdir).
@@ -115,10 +112,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -158,7 +151,7 @@ def export_fp32(name: str, checkpoint: Path, splits: Path, work: Path) -> tuple[
 
     out = work / name
     if not (out / "model.onnx").is_file():
-        log(f"{name}: export fp32")
+        harness.log(f"{name}: export fp32")
         export_model(checkpoint, out, ExportConfig(int8=False, splits=splits))
     parity = json.loads((out / "parity.json").read_text())
     return out / "model.onnx", {
@@ -330,12 +323,12 @@ def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, wor
     calibration = calibration_set(splits, spec, n_calibration, balanced)
     config = variant_config(name)
     path = work / f"model.{name}.int8.onnx"
-    log(f"  {name}: quantize on {len(calibration)} images")
+    harness.log(f"  {name}: quantize on {len(calibration)} images")
     started = time.perf_counter()
     recipe = quantize_model(fp32, path, calibration, spec, config)
     seconds = time.perf_counter() - started
     gate = int8_accuracy_gate(fp32, path, images.test_paths, images.test_labels, max_drop=config.max_drop)
-    log(f"  {name}: gate {'pass' if gate['passed'] else 'FAIL'} ({seconds:.0f} s to quantize)")
+    harness.log(f"  {name}: gate {'pass' if gate['passed'] else 'FAIL'} ({seconds:.0f} s to quantize)")
     return {"path": str(path), "balanced_calibration": balanced, "quantize_seconds": round(seconds, 1),
             "size_bytes": path.stat().st_size, "recipe": recipe, "gate": gate}  # fmt: skip
 
@@ -383,13 +376,13 @@ def bench_speed_model(model: Path, images: Path, variants: list[str], args: argp
     work.mkdir(parents=True, exist_ok=True)
     timed = {"fp32": model}
     for variant in variants:
-        log(f"speed model: quantize {variant}")
+        harness.log(f"speed model: quantize {variant}")
         timed[variant] = work / f"model.{variant}.int8.onnx"
         quantize_model(model, timed[variant], calibration, spec, variant_config(variant))
-    log("speed model: timing")
-    load = [round(x, 2) for x in os.getloadavg()]
+    harness.log("speed model: timing")
+    load = harness.load_average()
     latency = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
-    return {"model": str(model), "input_size": spec.input_size, "load_before_timing": load, "latency": latency,
+    return {"model": str(model), "input_size": spec.input_size, "load_average_before": load, "latency": latency,
             "threads": args.threads, "batch_size": args.batch_size}  # fmt: skip
 
 
@@ -407,15 +400,15 @@ def bench_model(
                               "test_images": len(images.test_paths), "train_images": len(images.calibration_paths),
                               "parity": parity}  # fmt: skip
     if not args.no_sensitivity:
-        log(f"{name}: sensitivity pass")
+        harness.log(f"{name}: sensitivity pass")
         record["sensitivity"] = sensitivity(fp32, images.calibration_paths[:300], spec, work)
-        log(f"{name}: per-block sensitivity")
+        harness.log(f"{name}: per-block sensitivity")
         record["sensitivity"]["blocks"] = block_sensitivity(fp32, images.calibration_paths, spec, work)
     record["variants"] = {}
     for variant in variants:
         record["variants"][variant] = run_variant(variant, fp32, splits, spec, images, work)
-    log(f"{name}: timing")
-    record["load_before_timing"] = [round(x, 2) for x in os.getloadavg()]
+    harness.log(f"{name}: timing")
+    record["load_average_before"] = harness.load_average()
     timed = {"fp32": fp32, **{v: Path(r["path"]) for v, r in record["variants"].items()}}
     record["latency"] = time_models(timed, args.batch_size, args.threads, args.rounds, args.iterations)
     record["threads"], record["batch_size"] = args.threads, args.batch_size
@@ -423,15 +416,6 @@ def bench_model(
 
 
 # --------------------------------------------------------------------------- selection and rendering
-
-
-def cpu_kind(machine: dict[str, Any]) -> str:
-    isa = machine["isa_flags"]
-    vnni = isa.get("avx512_vnni") or isa.get("avx_vnni")
-    simd = "AVX-512" if isa.get("avx512f") else "AVX2" if isa.get("avx2") else "no AVX2"
-    return (
-        f"{machine['cpu_model']} ({simd}, {'VNNI' if vnni else 'no VNNI'}, {machine['cores_usable']} cores)"
-    )
 
 
 def select(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -451,12 +435,12 @@ def select(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    data = harness.read_results(path)
+    if data is None:
         return {}
-    data = json.loads(path.read_text())
     if "machines" in data:
         return data["machines"]
-    return {cpu_kind(data["machine_before"]): {"legacy": True, **data}}
+    return {harness.cpu_kind(harness.recorded(data, "machine")): {"legacy": True, **data}}
 
 
 def render(machines: dict[str, Any], legacy_md: str | None) -> str:
@@ -481,13 +465,13 @@ def _pt(value: float | None) -> str:
 
 
 def _render_record(record: dict[str, Any]) -> list[str]:
-    machine = record["machine_before"]
+    machine = harness.recorded(record, "machine")
     isa = ", ".join(f for f, present in machine["isa_flags"].items() if present)
     lines = [
-        f"Command: `{record['command']}` ({record['started'][:19]} UTC, commit {record.get('commit', '?')}).",
+        f"Command: `{record['command']}` ({harness.recorded(record, 'started_utc')[:19]} UTC, commit {record.get('commit', '?')}).",
         f"Machine: {machine['cpu_model']}, {machine['cores_usable']} usable cores, ISA {isa}; onnxruntime "
-        f"{machine['onnxruntime']}. Load average {machine['load_average_1m_5m_15m']} at start, "
-        f"{record['machine_after']['load_average_1m_5m_15m']} at the end (shared machine).",
+        f"{machine['onnxruntime']}. Load average {harness.recorded_load(record, 'before')} at start, "
+        f"{harness.recorded_load(record, 'after')} at the end (shared machine).",
         "",
         f"Notes: {record.get('note') or '-'}",
         "",
@@ -504,7 +488,7 @@ def _render_record(record: dict[str, Any]) -> list[str]:
     speed = record.get("speed_model")
     if speed:
         lines += ["", f"Speed model: `{speed['model']}` ({speed['input_size']} px; batch {speed['batch_size']}, "
-                  f"{speed['threads']} threads, load {speed['load_before_timing']} before timing): fp32 "
+                  f"{speed['threads']} threads, load {harness.recorded_load(speed, 'before')} before timing): fp32 "
                   f"{speed['latency']['fp32']['ms_per_image']:.2f} ms/image."]  # fmt: skip
     for name, model in record["models"].items():
         lines += _render_model(name, model)
@@ -516,7 +500,7 @@ def _render_model(name: str, model: dict[str, Any]) -> list[str]:
              f"Splits `{model['splits']}`: {model['test_images']} test images (the gate), "
              f"{model['train_images']} train images (calibration). fp32 parity max |dp| "
              f"{model['parity']['max_abs_diff']:.1e}. Timing: batch {model['batch_size']}, {model['threads']} threads, "
-             f"load {model['load_before_timing']} before it.", "",
+             f"load {harness.recorded_load(model, 'before')} before it.", "",
              "| variant | gate | macro-F1 fp32 -> INT8 (pt, rule) | Tumor recall (pt, rule) | macro-F1 (pt, argmax) "
              "| agreement with fp32 | logit rel. error | fp32 nodes | ms/image | speed-up |",
              "| --- | --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
@@ -584,17 +568,16 @@ def _render_sensitivity(sens: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    from kidney_edge.io_utils import atomic_write_json, atomic_write_text
-
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     machines = load_results(json_path)
     legacy_md = _legacy_markdown(md_path)
-    if not args.render_only:
+    if args.render_only:
+        harness.write_markdown(args.out, render(machines, legacy_md))
+    else:
         record = measure(args)
-        machines[cpu_kind(record["machine_before"])] = record
-        atomic_write_json(json_path, {"machines": machines})
-    atomic_write_text(md_path, render(machines, legacy_md))
-    log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
+        machines[harness.cpu_kind(record["machine"])] = record
+        harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
+    harness.log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
 
 
 def _legacy_markdown(md_path: Path) -> str | None:
@@ -610,10 +593,6 @@ def _legacy_markdown(md_path: Path) -> str | None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_runtime import git_commit
-
-    from kidney_edge.runtime import machine_info
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # PyTorch only runs the export's parity check here
     models = {name: MODELS[name] for name in args.models.split(",") if name}
     for item in args.model:
@@ -623,14 +602,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; of: {', '.join(VARIANTS)}")
-    record: dict[str, Any] = {"command": " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
-                              "commit": git_commit(), "machine_before": machine_info(), "note": args.note, "models": {}}  # fmt: skip
+    record = harness.start_record(note=args.note, models={})
     for name, (checkpoint, splits) in models.items():
-        log(f"{name}: {checkpoint}")
+        harness.log(f"{name}: {checkpoint}")
         record["models"][name] = bench_model(name, Path(checkpoint), Path(splits), variants, args)
     if args.speed_model:
         record["speed_model"] = bench_speed_model(args.speed_model, args.speed_images, variants, args)
-    record["machine_after"] = machine_info()
+    harness.finish_record(record)
     record["selection"] = select(record)
     return record
 

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import shutil
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
 import numpy as np
 
 REQUIRED_KINDS_EXCLUDED = ("other_ct",)  # real CT of other anatomy: reported apart (see foreign.py)
@@ -34,10 +30,10 @@ REQUIRED_KINDS_EXCLUDED = ("other_ct",)  # real CT of other anatomy: reported ap
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="trained run folder (best.pt + splits.csv)")
-    parser.add_argument("--holdout", type=Path, required=True, help="in-distribution images never trained on")
+    parser.add_argument("--run", type=Path, help="trained run folder (best.pt + splits.csv)")
+    parser.add_argument("--holdout", type=Path, help="in-distribution images never trained on")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ood-bench"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ood")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "ood")
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating predict runs with and without OOD"
     )
@@ -46,11 +42,11 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         help="near-distribution kidney CT slices in class folders (e.g. another renderer)",
     )
-    return parser.parse_args()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
+    args = parser.parse_args()
+    if not args.render_only and (args.run is None or args.holdout is None):
+        parser.error("--run and --holdout are required (unless --render-only)")
+    return args
 
 
 def outputs_of(classifier: Any, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -64,7 +60,7 @@ def outputs_of(classifier: Any, paths: list[Path]) -> tuple[dict[str, np.ndarray
             inputs.append(preprocess(path, classifier.spec))
             readable.append(index)
         except ImageReadError as exc:
-            log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
+            harness.log(f"unreadable (an error row in predict, not a prediction): {path}: {exc.reason}")
     batches = [
         classifier.infer(np.stack(inputs[start : start + 32]), features=True, block_stats=True)
         for start in range(0, len(inputs), 32)
@@ -96,7 +92,7 @@ def compare_methods(
     names = classifier.spec.class_names
     train = load_labelled(run / "splits.csv", "train", class_names=names)
     val = load_labelled(run / "splits.csv", "val", class_names=names)
-    log(
+    harness.log(
         f"{model_path.name}: features of {len(train.paths)} train, {len(val.paths)} val, {len(holdout)} hold-out"
     )
     train_outputs, _ = outputs_of(classifier, train.paths)
@@ -111,7 +107,7 @@ def compare_methods(
         "n_foreign": len(foreign), "n_foreign_readable": len(readable), "methods": {},
         "foreign_argmax_labels": dict(zip(*np.unique(np.array(names)[foreign_logits.argmax(1)], return_counts=True), strict=True)),
     }  # fmt: skip
-    results["foreign_argmax_labels"] = {k: int(v) for k, v in results["foreign_argmax_labels"].items()}
+    results["foreign_argmax_labels"] = {str(k): int(v) for k, v in results["foreign_argmax_labels"].items()}
     y_train = class_indices(train.labels, names)
     for method in OodMethod:
         started = time.perf_counter()
@@ -138,43 +134,26 @@ def compare_methods(
             "per_kind": per_kind,
             "auroc_holdout_vs_foreign": float(roc_auc_score(is_foreign, scores)),
         }
-        log(
+        harness.log(
             f"  {method.value}: hold-out {hold_rejected / len(hold_scores):.1%}, foreign {foreign_rejected[required].mean():.1%}"
         )
     return results
 
 
 def predict_cli(folder: Path, model: Path, out: Path, *extra: str) -> tuple[dict[str, int], float]:
-    """Run `kidney-edge predict` in a subprocess; label counts and whole-process seconds."""
-    command = [
-        sys.executable,
-        "-m",
-        "kidney_edge",
-        "predict",
-        str(folder),
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        *extra,
-    ]
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    seconds = time.perf_counter() - started
-    if completed.returncode not in (0, 3):
-        raise SystemExit(f"predict failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    """`kidney-edge predict` as a whole process (:func:`harness.run_cli`): label counts by the
+    first folder under FOLDER (mixed: holdout/, foreign/) and label, and wall seconds."""
+    run = harness.run_cli(["predict", folder, "--model", model, "--out", out, *extra], out=out)
+    if run.exit_code not in (0, 3):
+        raise SystemExit(f"predict failed ({run.exit_code}): {run.output[-2000:]}")
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     counts: dict[str, int] = {}
-    for row in rows:  # by the first folder under FOLDER (mixed: holdout/, foreign/) and label
-        group = (
-            Path(row["path"]).relative_to(folder.resolve()).parts[0]
-            if len(Path(row["path"]).relative_to(folder.resolve()).parts) > 1
-            else ""
-        )
-        key = f"{group}:{'error' if row['error'] else row['label']}"
+    for row in rows:
+        parts = Path(row["path"]).relative_to(folder.resolve()).parts
+        key = f"{parts[0] if len(parts) > 1 else ''}:{'error' if row['error'] else row['label']}"
         counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items())), seconds
+    return dict(sorted(counts.items())), run.wall_s
 
 
 def near_distribution(models: dict[str, Path], near_dir: Path, work: Path) -> dict[str, Any]:
@@ -198,7 +177,7 @@ def near_distribution(models: dict[str, Path], near_dir: Path, work: Path) -> di
             "accepted": len(accepted),
             "all_argmax_right": all_right,
         }
-        log(f"near distribution, {precision}: {record[precision]}")
+        harness.log(f"near distribution, {precision}: {record[precision]}")
     return record
 
 
@@ -218,7 +197,7 @@ def end_to_end(
     for precision, model in models.items():
         counts, _ = predict_cli(mixed, model, work / f"mixed_{precision}.csv")
         record["mixed_folder"][precision] = counts
-        log(f"mixed folder, {precision}: {counts}")
+        harness.log(f"mixed folder, {precision}: {counts}")
     timing: dict[str, list[float]] = {"ood": [], "no_ood": []}
     for _ in range(repeats):  # alternate so that load from other jobs hits both alike
         for key, extra in (("ood", ()), ("no_ood", ("--no-ood",))):
@@ -242,13 +221,13 @@ def throughput_summary(seconds: dict[str, list[float]], images: int) -> dict[str
     }
 
 
-def write_markdown(path: Path, result: dict[str, Any]) -> None:
+def render(result: dict[str, Any]) -> str:
     lines = [
         '# Out-of-distribution ("unknown") detectors',
         "",
-        f"Measured {result['date']} with `{result['command']}`.",
+        f"Measured {harness.recorded(result, 'started_utc')} with `{result['command']}`.",
         f"Machine: {result['machine']['cpu_model']}, {result['machine']['cores_usable']} usable cores, "
-        f"load average before {result['load_before']}, after {result['load_after']}.",
+        f"load average before {harness.recorded_load(result, 'before')}, after {harness.recorded_load(result, 'after')}.",
         "",
         "Each detector is fitted on the run's train split features of that model file, its threshold "
         "set on the val split so that the 95% upper bound of val rejection is at most 5%. "
@@ -297,7 +276,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         "",
     ]
     lines += _near_lines(result.get("near_distribution"))
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _near_lines(near: dict[str, Any] | None) -> list[str]:
@@ -326,46 +305,45 @@ def _near_lines(near: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     from kidney_edge.export import export_model
-    from kidney_edge.foreign import FOREIGN_CSV, write_foreign_corpus
-    from kidney_edge.runtime import machine_info, scan_images
+    from kidney_edge.phantoms.foreign import FOREIGN_CSV, write_foreign_corpus
+    from kidney_edge.runtime import scan_images
 
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    result = harness.start_record()
     args.work.mkdir(parents=True, exist_ok=True)
     foreign_dir = args.work / "foreign"
     shutil.rmtree(foreign_dir, ignore_errors=True)
     write_foreign_corpus(foreign_dir)
     with open(foreign_dir / FOREIGN_CSV, newline="") as handle:
         foreign = [{**row, "path": str(foreign_dir / row["path"])} for row in csv.DictReader(handle)]
-    log("exporting (fp32 + INT8, with the export's own detector)")
+    harness.log("exporting (fp32 + INT8, with the export's own detector)")
     exported = export_model(args.run, args.work / "export")
     models = {"fp32": exported.model_path}
     if exported.int8_path is not None:
         models["int8"] = exported.int8_path
     holdout = scan_images(args.holdout)
-    result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
-        "machine": machine_info(),
-        "load_before": load_before,
-        "export_detector": {
-            "fp32": exported.parity.get("ood"),
-            "int8": (exported.int8_gate or {}).get("ood"),
-        },
-        "models": {
-            precision: compare_methods(path, args.run, holdout, foreign) for precision, path in models.items()
-        },
+    result["export_detector"] = {
+        "fp32": exported.parity.get("ood"),
+        "int8": (exported.int8_gate or {}).get("ood"),
+    }
+    result["models"] = {
+        precision: compare_methods(path, args.run, holdout, foreign) for precision, path in models.items()
     }
     result["end_to_end"] = end_to_end(models, args.holdout, foreign_dir, args.work, args.repeats)
     if args.near is not None:
         result["near_distribution"] = near_distribution(models, args.near, args.work)
-    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    write_markdown(args.out.with_suffix(".md"), result)
-    log(f"wrote {args.out.with_suffix('.md')}")
+    return harness.finish_record(result)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.render_only:
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
+    else:
+        result = measure(args)
+        harness.write_results(args.out, result, render(result))
+    harness.log(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

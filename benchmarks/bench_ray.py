@@ -28,7 +28,6 @@ Ray's own published figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -38,15 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _harness as harness
 
-from bench_runtime import git_commit, linked_folder, phantom_images  # noqa: E402  (the same 2,000 images)
+from kidney_edge.runtime import scan_images
 
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from kidney_edge.runtime import machine_info, scan_images  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results" / "ray"
+RESULTS = harness.RESULTS / "ray"
 BATCH_SIZE = 8
 TARGET_RATIO = 0.7  # Ray local mode >= 0.7x local predict's images/s on the same machine
 STARTUP_IMAGES = 16  # the start-up runs classify this many images
@@ -95,83 +90,15 @@ def empty_files(cache: Path, n: int) -> Path:
 
 
 def timed_predict(images: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
-    """`kidney-edge predict` as a process: wall time, first row on disk, peak memory, load."""
-    command = [sys.executable, "-m", "kidney_edge", "predict", str(images), "--model", str(model),
-               "--out", str(out), "--batch-size", str(BATCH_SIZE), "--no-series", *extra]  # fmt: skip
-    out.unlink(missing_ok=True)
-    env = {**os.environ, "COLUMNS": "1000", "RAY_USAGE_STATS_ENABLED": "0"}
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:  # a pipe nobody reads would fill up and block the run
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-        )
-        peaks, counter, samples = {"RssAnon": 0, "RssShmem": 0}, _LineCounter(out), []
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            samples.append((time.perf_counter() - start, counter.rows()))
-            for key, kib in _status_kib(process.pid).items():
-                peaks[key] = max(peaks[key], kib)
-            time.sleep(0.02)
-        wall_s = time.perf_counter() - start
-        log.seek(0)
-        output = log.read()
-    rows = _rows(out)
-    first_row_s = next((t for t, n in samples if n >= 1), None)
-    return {
-        "command": " ".join(["kidney-edge", *command[3:]]),
-        "exit_code": os.waitstatus_to_exitcode(status),
-        "rows": rows,
-        "wall_s": round(wall_s, 2),
-        "images_per_s": round(rows / wall_s, 1),
-        "first_row_s": None if first_row_s is None else round(first_row_s, 2),
-        "steady_images_per_s": _steady_rate(samples, rows),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes; this process only
-        "peak_private_mb": round(peaks["RssAnon"] / 1024, 1),  # sampled every 20 ms
-        "peak_object_store_mapped_mb": round(peaks["RssShmem"] / 1024, 1),
-        "load_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "summary_line": next((line.strip() for line in output.splitlines() if " images in " in line), ""),
-        "output_tail": output[-600:] if os.waitstatus_to_exitcode(status) not in (0, 3) else "",
-    }
-
-
-class _LineCounter:
-    """Rows on disk so far, reading only what was appended since the last call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.lines = path, 0, 0
-
-    def rows(self) -> int:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return 0
-        self.offset += len(data)
-        self.lines += data.count(b"\n")
-        return max(0, self.lines - 1)  # minus the CSV header
-
-
-def _steady_rate(samples: list[tuple[float, int]], rows: int) -> float | None:
-    """Images/s between the samples where 10% and 90% of the rows were on disk: the rate of the
-    running pipeline, without start-up and shut-down."""
-    low = next(((t, n) for t, n in samples if n >= 0.1 * rows), None)
-    high = next(((t, n) for t, n in samples if n >= 0.9 * rows), None)
-    if low is None or high is None or high[0] <= low[0]:
-        return None
-    return round((high[1] - low[1]) / (high[0] - low[0]), 1)
-
-
-def _status_kib(pid: int) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            lines = [line.split() for line in handle if line.startswith(("RssAnon:", "RssShmem:"))]
-    except OSError:  # the process has just ended
-        return {}
-    return {fields[0].rstrip(":"): int(fields[1]) for fields in lines}
+    """`kidney-edge predict` as a whole process (:func:`harness.run_cli`): wall time, first row
+    on disk, rows/s while running, peak memory of the command's own process, load."""
+    run = harness.run_cli(
+        ["predict", images, "--model", model, "--out", out, "--batch-size", BATCH_SIZE, "--no-series", *extra],
+        out=out, env=harness.cli_env(RAY_USAGE_STATS_ENABLED="0"),
+    )  # fmt: skip
+    summary_line = next((line.strip() for line in run.output.splitlines() if " images in " in line), "")
+    return {**run.to_dict(output_tail=600), "steady_images_per_s": run.steady_images_per_s(),
+            "summary_line": summary_line}  # fmt: skip
 
 
 def linked_subset(images: Path, n: int, cache: Path) -> Path:
@@ -182,12 +109,6 @@ def linked_subset(images: Path, n: int, cache: Path) -> Path:
         for path in scan_images(images)[:n]:
             os.link(path, folder / path.name)
     return folder
-
-
-def _rows(out: Path, limit: int | None = None) -> int:
-    with open(out, "rb") as handle:
-        data = handle.read(limit) if limit else handle.read()
-    return max(0, data.count(b"\n") - 1)  # minus the CSV header
 
 
 def compare_rows(local_csv: Path, ray_csv: Path) -> dict[str, Any]:
@@ -221,8 +142,9 @@ def writer_ceilings(sample_csv: Path, rows: int, scratch: Path) -> dict[str, flo
     """Rows/s of the driver's writers on ``rows`` copies of real predictions rows (in-process)."""
     import csv
 
-    from kidney_edge.runtime.predict import OutputFormat
-    from kidney_edge.runtime.ray_engine import _ParquetWriter, _TextWriter
+    from kidney_edge.runtime.driver import TextWriter
+    from kidney_edge.runtime.ray_engine import _ParquetWriter
+    from kidney_edge.runtime.rows import OutputFormat
 
     with open(sample_csv, newline="", encoding="utf-8") as handle:
         sample = list(csv.DictReader(handle))
@@ -238,8 +160,8 @@ def writer_ceilings(sample_csv: Path, rows: int, scratch: Path) -> dict[str, flo
     )
     result = {}
     for name, make in (
-        ("csv", lambda: _TextWriter(scratch / "w.csv", OutputFormat.CSV, columns, False)),
-        ("jsonl", lambda: _TextWriter(scratch / "w.jsonl", OutputFormat.JSONL, columns, False)),
+        ("csv", lambda: TextWriter(scratch / "w.csv", OutputFormat.CSV, columns, False)),
+        ("jsonl", lambda: TextWriter(scratch / "w.jsonl", OutputFormat.JSONL, columns, False)),
         ("parquet", lambda: _ParquetWriter(scratch / "w.parquet", schema, False)),
     ):
         writer, written = make(), 0
@@ -294,14 +216,12 @@ def attached_rounds(
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     args.cache.mkdir(parents=True, exist_ok=True)
-    images = phantom_images(args.cache, args.n)
-    for path in scan_images(images):  # figures are for a warm disk cache
-        path.read_bytes()
+    images = harness.phantom_images(args.cache, args.n)
+    harness.warm_disk_cache(images)
     few = linked_subset(images, STARTUP_IMAGES, args.cache)
     scratch = Path(tempfile.mkdtemp(prefix="bench-ray-"))
-    record: dict[str, Any] = {"machine": machine_info(), "model": str(args.model), "images": args.n,
-                              "batch_size": BATCH_SIZE, "commit": git_commit(), "rounds": [],
-                              "startup": {"local": [], "ray": []}}  # fmt: skip
+    record = harness.start_record(model=str(args.model), images=args.n, batch_size=BATCH_SIZE, rounds=[],
+                                  startup={"local": [], "ray": []})  # fmt: skip
     try:
         for index in range(args.rounds):
             for engine, extra in (("local", ()), ("ray", ("--engine", "ray"))):
@@ -316,7 +236,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         record["rows_compared"] = compare_rows(scratch / "local.csv", scratch / "ray.csv")
         record["ray_1x2"] = timed_predict(images, args.model, scratch / "ray12.csv", "--engine", "ray",
                                           "--actors", "1", "--threads", "2")  # fmt: skip
-        large = linked_folder(images, args.large, args.cache) if args.large else None
+        large = harness.linked_folder(images, args.large, args.cache) if args.large else None
         if large is not None:
             record["large"] = {
                 "local": timed_predict(large, args.model, scratch / "large-local.csv"),
@@ -337,7 +257,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return record
+    return harness.finish_record(record)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -382,7 +302,10 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(run: dict[str, Any]) -> str:
-    return "/".join(str(value) for value in run["load_1m_before_after"])
+    """1-minute load before/after a run (older records: load_1m_before_after)."""
+    if "load_1m_before_after" in run:
+        return "/".join(str(value) for value in run["load_1m_before_after"])
+    return f"{run['load_average_before'][0]}/{run['load_average_after'][0]}"
 
 
 def _large_words(record: dict[str, Any]) -> str:
@@ -498,7 +421,7 @@ def render(record: dict[str, Any]) -> str:
             run = memory[name]
             lines.append(
                 f"| {name} | {run['wall_s']} | {run['rows']} | {run['peak_private_mb']} | "
-                f"{run['peak_object_store_mapped_mb']} | {run['peak_rss_mb']} | {_load(run)} |"
+                f"{harness.recorded(run, 'peak_shared_mb')} | {run['peak_rss_mb']} | {_load(run)} |"
             )
         lines += [
             "",
@@ -556,15 +479,14 @@ def render(record: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     if args.render_only:
-        record = json.loads(json_path.read_text())
+        record = harness.read_results(args.out)
+        harness.write_markdown(args.out, render(record))
     else:
         record = measure(args)
         record["summary"] = summarize(record)
-        atomic_write_json(json_path, record)
-    atomic_write_text(md_path, render(record))
-    print(md_path.read_text())
+        harness.write_results(args.out, record, render(record))
+    print(render(record))
 
 
 if __name__ == "__main__":

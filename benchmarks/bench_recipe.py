@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,13 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+import _harness as harness
+
+from kidney_edge.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
+
+RESULTS = harness.RESULTS
 
 # name -> (renderer style, phantom difficulty): families that differ the way scans differ.
 FAMILIES: dict[str, tuple[str, float]] = {
     "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
     "classic": ("classic", 1.0),  # the same renderer at its default difficulty
-    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantom2.py)
+    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
 }
 # Views of a family for learnability checks, not candidates for defaults: the same slices and
 # splits, cropped with the renderer's truth to the region a reader looks at.
@@ -77,16 +79,12 @@ RECIPES: dict[str, Recipe] = {
 
 
 def machine_line() -> str:
+    """The harness's CPU kind plus what training speed also depends on: torch and its threads."""
     import torch
 
-    from kidney_edge.runtime import available_cpus, cpu_info
-
-    info = cpu_info()
-    vnni = "VNNI" if info.vnni else "no VNNI"
-    return (
-        f"{info.model} ({vnni}), {available_cpus()} CPUs visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}"
-    )
+    facts = harness.machine()
+    return (f"{harness.cpu_kind(facts)}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {facts['python']}")  # fmt: skip
 
 
 def make_dataset(
@@ -97,7 +95,7 @@ def make_dataset(
     The phantom's seed is ``data_seed + seed``; an oracle view shares its family's splits.
     """
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom2 import synthesizer
+    from kidney_edge.phantoms.styles import synthesizer
 
     if FRACTION_MARK in family:
         base, fraction = family.split(FRACTION_MARK)
@@ -184,10 +182,10 @@ def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int
     if out.exists():
         shutil.rmtree(out)  # an unfinished run from a stopped benchmark
     config = recipe_config(data, splits, out, recipe, image_size, seed)
-    load_before = os.getloadavg()
+    load_before = harness.load_average()
     started = time.perf_counter()
     metrics = train(config).metrics
-    return describe_run(out, config, metrics, time.perf_counter() - started, load_before, os.getloadavg())
+    return describe_run(out, config, metrics, time.perf_counter() - started, load_before, harness.load_average())
 
 
 def describe_run(out: Path, config: Any, metrics: dict[str, Any], wall: float | None, load_before, load_after) -> dict[str, Any]:
@@ -236,20 +234,20 @@ def adopt(out: Path, recipe: Recipe, data: Path, splits: Path, image_size: int, 
     """Record a run the same recipe already trained with ``kidney-edge train`` (same data, splits,
     seed and options) instead of training it again; its wall time is the sum of its epochs."""
     config = recipe_config(data, splits, out, recipe, image_size, seed)
-    saved = json.loads((out / "config.json").read_text())["train_config"]
+    saved = json.loads((out / CONFIG_FILE).read_text())["train_config"]
     expected = config.to_dict()
     differing = [k for k in ("image_size", "seed", "augmentation", "finetune", "head")
                  if not _agrees(saved.get(k, expected[k]), expected[k])]  # fmt: skip
     if differing:
         raise SystemExit(f"{out} was not trained with recipe {recipe}: {differing} differ")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS_FILE).read_text())
     return describe_run(out, config, {"test": metrics, "warnings": metrics.get("warnings", [])}, None, None, None)
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     import csv
 
-    with open(run_dir / "history.csv", newline="") as handle:
+    with open(run_dir / HISTORY_FILE, newline="") as handle:
         return [
             {k: (float(v) if k not in ("phase", "best") else v) for k, v in row.items()}
             for row in csv.DictReader(handle)
@@ -450,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     record["hard_notes"] = [*record.get("hard_notes", []), *args.hard_note]
     if not args.render_only:
         record["machine"] = machine_line()
+        record["commit"] = harness.git_commit()
         settings = {"n_images": args.n_images, "slice_size": args.slice_size, "image_size": args.image_size}
         record["settings"] = settings
         for seed in args.seeds:

@@ -6,12 +6,13 @@
 
 First, the cost of preprocessing one image on one thread (decode, resize, normalise). Then
 per round, on one machine and with the same thread count, for fp32 and then INT8:
-- model-only throughput at batch 8 (``kidney_edge.runtime.run_benchmark``: random inputs, after
-  warm-up), both one batch at a time on every core (``benchmark``'s latency figure) and in
-  predict's own layout, several batches side by side (its best sustained throughput);
+- model-only throughput at batch 8 (``harness.model_only``: ``kidney-edge benchmark`` as its own
+  process, random inputs after warm-up), both one batch at a time on every core (``benchmark``'s
+  latency figure) and the best layout, predict's own with several batches side by side where
+  that is faster (its best sustained throughput);
 - right after it, ``kidney-edge predict --precision P`` on 2,000 phantom 512 px JPEGs as a
-  whole process (start-up included) at batch 8 -> images/s, its ratio to each model-only
-  figure, time to the first row on disk, and peak RSS.
+  whole process (``harness.run_cli``; start-up included) at batch 8 -> images/s, its ratio to
+  each model-only figure, time to the first row on disk, and peak RSS (the process's VmHWM).
 Rounds repeat (``--rounds``) because the machine is shared; the median round is the figure.
 Then, once: what ``--precision auto`` chose here and why; optionally the decode/inference
 layout: workers x onnxruntime threads (``--split-table``); peak RSS on a 10,000-file folder (hard links).
@@ -23,39 +24,24 @@ record, and ``runtime.md`` has one section per kind. Figures from two kinds neve
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _harness as harness
 
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from kidney_edge.runtime import (  # noqa: E402
-    INT8_FILE,
-    MODEL_FILE,
-    available_cpus,
-    machine_info,
-    run_benchmark,
-    scan_images,
-)
+from kidney_edge.runtime import INT8_FILE, MODEL_FILE, available_cpus, scan_images
 
-RESULTS = REPO / "benchmarks" / "results" / "runtime"
+RESULTS = harness.RESULTS / "runtime"
 PRECISIONS = ("fp32", "int8")
 BATCH_SIZE = 8
 # Targets of the issue, per CPU kind: INT8 end to end >= 0.8x of INT8 model-only where VNNI
 # makes INT8 fast; fp32 >= 0.85x where the model dominates (AVX2 without VNNI).
 TARGET_RATIO = {"vnni": ("int8", 0.80), "no-vnni": ("fp32", 0.85)}
 TARGET_RSS_MB = 400.0
-# predict runs with a bytecode cache, as an installed package has one (pip compiles on install):
-# without it (PYTHONDONTWRITEBYTECODE=1) every start compiles ~50 modules, ~0.2 s here.
-PYCACHE = Path(tempfile.gettempdir()) / "kidney-edge-bench" / "pycache"
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,17 +77,6 @@ def parse_args() -> argparse.Namespace:
 # --------------------------------------------------------------------------- inputs
 
 
-def phantom_images(cache: Path, n: int) -> Path:
-    """n phantom 512 px JPEGs in the Kaggle layout (made once under ``cache``)."""
-    folder = cache / f"phantom-{n}-512"
-    if folder.is_dir() and len(scan_images(folder)) >= n:
-        return folder
-    from kidney_edge.phantom import synthesize
-
-    synthesize(folder, n=n, size=512, seed=0)
-    return folder
-
-
 def make_speed_model(out: Path, images: Path, size: int) -> Path:
     """EfficientNet-Lite0 with ImageNet weights and an untrained 4-class head, exported at ``size``
     px by the project's export (parity checked) with its INT8 made by the project's quantize path
@@ -131,26 +106,6 @@ def make_speed_model(out: Path, images: Path, size: int) -> Path:
     return out
 
 
-def linked_folder(source: Path, count: int, cache: Path) -> Path:
-    """`count` hard links cycling over the source images: a big folder without more disk."""
-    folder = cache / f"linked-{count}"
-    if folder.is_dir() and len(scan_images(folder)) == count:
-        return folder
-    images = scan_images(source)
-    for index in range(count):
-        target = folder / f"{index // 1000:03d}" / f"slice-{index:06d}{images[index % len(images)].suffix}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            os.link(images[index % len(images)], target)
-    return folder
-
-
-def warm_disk_cache(images: Path) -> None:
-    """Read every file once: figures are stated for a warm disk cache."""
-    for path in scan_images(images):
-        path.read_bytes()
-
-
 # --------------------------------------------------------------------------- measurements
 
 
@@ -163,74 +118,24 @@ def timed_predict(
     threads: int | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """`kidney-edge predict` as a process: wall time, first row on disk, peak RSS, the choice.
-    ``threads``/``workers`` None: predict's own layout."""
-    command = [sys.executable, "-m", "kidney_edge", "predict", str(images), "--model", str(model),
-               "--out", str(out), "--batch-size", str(BATCH_SIZE), "--precision", precision,
-               *(["--threads", str(threads)] if threads else []),
-               *(["--workers", str(workers)] if workers else [])]  # fmt: skip
-    out.unlink(missing_ok=True)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
-    env.update(COLUMNS="1000", PYTHONPYCACHEPREFIX=str(PYCACHE))  # COLUMNS: one line per printed fact
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    first_batch_s, peak_kb, polls = None, 0, 0
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if first_batch_s is None and out.exists() and out.read_bytes()[: 1 << 16].count(b"\n") >= 2:
-            first_batch_s = time.perf_counter() - start  # header + the first batch's rows
-        if polls % 25 == 0:  # every ~50 ms; VmHWM only grows, so the last read misses at most that
-            peak_kb = max(peak_kb, _peak_rss_kb(process.pid))
-        polls += 1
-        time.sleep(0.002)
-    wall_s = time.perf_counter() - start
-    output = process.stdout.read() if process.stdout else ""
-    rows = out.read_bytes().count(b"\n") - 1 if out.exists() else 0
-    chose = next((line.strip() for line in output.splitlines() if line.startswith("precision ")), "")
-    return {
-        "precision_asked": precision,
-        "precision_reason": chose.removeprefix("precision "),
-        "threads": threads,
-        "workers": workers,
-        "exit_code": os.waitstatus_to_exitcode(status),
-        "rows": rows,
-        "wall_s": round(wall_s, 3),
-        "images_per_s": round(rows / wall_s, 2),
-        "first_batch_s": None if first_batch_s is None else round(first_batch_s, 3),
-        "peak_rss_mb": round((peak_kb or usage.ru_maxrss) / 1024, 1),  # kilobytes
-        "output_tail": output[-400:] if os.waitstatus_to_exitcode(status) else "",
-    }
-
-
-def _peak_rss_kb(pid: int) -> int:
-    """The process's own peak RSS (VmHWM, kB) since it exec'd. Not ``ru_maxrss``: for a child
-    forked from this script, that also counts this script's memory at the fork (its sessions
-    and arenas from the model-only runs)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    """`kidney-edge predict` as a whole process (:func:`harness.run_cli`), with the precision it
+    chose and why. ``threads``/``workers`` None: predict's own layout."""
+    run = harness.run_cli(
+        ["predict", images, "--model", model, "--out", out, "--batch-size", BATCH_SIZE, "--precision", precision,
+         *(["--threads", threads] if threads else []), *(["--workers", workers] if workers else [])],
+        out=out,
+    )  # fmt: skip
+    chose = next((line.strip() for line in run.output.splitlines() if line.startswith("precision ")), "")
+    return {"precision_asked": precision, "precision_reason": chose.removeprefix("precision "),
+            "threads": threads, "workers": workers, **run.to_dict()}  # fmt: skip
 
 
 def model_only(model: Path, precision: str, threads: int | None, iterations: int) -> dict[str, Any]:
-    """`kidney-edge benchmark`'s model-only rows of one precision at batch 8: ``one_batch`` (one
-    batch at a time on every core) and ``side_by_side`` (predict's layout; the same row when
-    predict runs one worker)."""
-    record = run_benchmark(
-        model, batch_sizes=(BATCH_SIZE,), threads=None if threads is None else (threads,),
-        iterations=iterations, precision=precision,
-    )  # fmt: skip
-    rows = record["model_only"]
-    one_batch = next(row for row in rows if row["workers"] == 1)
-    return {"one_batch": one_batch, "side_by_side": rows[-1]}
+    """`kidney-edge benchmark`'s model-only rows of one precision at batch 8
+    (:func:`harness.model_only`): one batch at a time on every core, and predict's layout."""
+    return harness.model_only(
+        model, precision=precision, batch_sizes=(BATCH_SIZE,), threads=threads, iterations=iterations
+    )
 
 
 def decode_cost(model: Path, images: Path, count: int = 300) -> dict[str, float]:
@@ -278,23 +183,23 @@ def startup(
 
 
 def one_round(model: Path, images: Path, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Per precision: model-only, then the whole-process predict right after it (same load)."""
+    """Per precision: model-only, then the whole-process predict right after it (same load).
+    Ratios divide by the harness's two model-only figures at batch 8: one batch at a time, and
+    the best layout (predict's, batches side by side, where that is the faster one)."""
     references, runs = {}, {}
     for precision in PRECISIONS:
         references[precision] = reference = model_only(model, precision, args.threads, args.iterations)
         run = timed_predict(
             model, images, scratch / f"{precision}.csv", threads=args.threads, precision=precision
         )
-        one_batch, side_by_side = (
-            reference["one_batch"]["images_per_s"],
-            reference["side_by_side"]["images_per_s"],
-        )
+        one_batch = harness.one_batch_images_per_s(reference, BATCH_SIZE)
+        side_by_side = harness.best_images_per_s(reference, BATCH_SIZE)
         run["model_only_images_per_s"] = one_batch
         run["ratio"] = round(run["images_per_s"] / one_batch, 3)
         run["model_only_side_by_side_images_per_s"] = side_by_side
         run["ratio_side_by_side"] = round(run["images_per_s"] / side_by_side, 3)
         runs[precision] = run
-    return {"load_1m": round(os.getloadavg()[0], 2), "model_only": references, "predict": runs}
+    return {"load_average_after": harness.load_average(), "model_only": references, "predict": runs}
 
 
 def split_table(model: Path, images: Path, scratch: Path) -> list[dict[str, Any]]:
@@ -307,76 +212,44 @@ def split_table(model: Path, images: Path, scratch: Path) -> list[dict[str, Any]
                 model, images, scratch / "split.csv", threads=intra, precision=precision, workers=workers
             )
             rows.append({"precision": precision, "threads": intra, "workers": workers,
-                         "images_per_s": run["images_per_s"], "load_1m": round(os.getloadavg()[0], 2)})  # fmt: skip
+                         "images_per_s": run["images_per_s"], "load_average_after": run["load_average_after"]})  # fmt: skip
     return rows
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    images = args.images or phantom_images(args.cache, args.n)
+    images = args.images or harness.phantom_images(args.cache, args.n)
     model = make_speed_model(args.make_model, images, args.size) if args.make_model else args.model
     if model is None or not (model / MODEL_FILE).is_file() or not (model / INT8_FILE).is_file():
         sys.exit(f"--model must be an export folder with {MODEL_FILE} and {INT8_FILE} (or pass --make-model)")
+    record = harness.start_record(model=str(model), images=str(images), note=args.note, threads=args.threads,
+                                  cpus=available_cpus(), batch_size=BATCH_SIZE)  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
-    load_before = [round(x, 2) for x in os.getloadavg()]
     try:
-        warm_disk_cache(images)
+        harness.warm_disk_cache(images)
         timed_predict(
             model, images, scratch / "warm-up.csv", threads=args.threads, precision="int8"
         )  # + bytecode
-        decode = decode_cost(model, images)
-        start_up = startup(model, images, scratch, args.threads)
-        rounds = [one_round(model, images, scratch, args) for _ in range(args.rounds)]
+        record["decode_one_thread"] = decode_cost(model, images)
+        record["startup"] = startup(model, images, scratch, args.threads)
+        record["rounds"] = [one_round(model, images, scratch, args) for _ in range(args.rounds)]
         auto_model = args.auto_model or model
         auto = timed_predict(auto_model, images, scratch / "auto.csv", threads=args.threads, precision="auto")
-        auto["model"] = str(auto_model)
-        splits = split_table(model, images, scratch) if args.split_table else None
-        rss_big = None
+        record["auto"] = {**auto, "model": str(auto_model)}
+        record["split_table"] = split_table(model, images, scratch) if args.split_table else None
+        record["peak_rss_large_folder"] = None
         if args.rss_files:
-            big = linked_folder(images, args.rss_files, args.cache)
-            rss_big = timed_predict(model, big, scratch / "rss.csv", threads=args.threads, precision="int8")
+            big = harness.linked_folder(images, args.rss_files, args.cache)
+            record["peak_rss_large_folder"] = timed_predict(
+                model, big, scratch / "rss.csv", threads=args.threads, precision="int8"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    record = {
-        "machine": machine_info(),
-        "load_average_at_start": load_before,
-        "commit": git_commit(),
-        "model": str(model),
-        "images": str(images),
-        "note": args.note,
-        "threads": args.threads,
-        "cpus": available_cpus(),
-        "batch_size": BATCH_SIZE,
-        "decode_one_thread": decode,
-        "startup": start_up,
-        "rounds": rounds,
-        "auto": auto,
-        "split_table": splits,
-        "peak_rss_large_folder": rss_big,
-    }
+    harness.finish_record(record)
     record["summary"] = summarize(record)
     return record
 
 
-def git_commit() -> str:
-    """The short hash of HEAD, recorded with every benchmark result ("unknown" outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # --------------------------------------------------------------------------- summary and rendering
-
-
-def cpu_kind(machine: dict[str, Any]) -> str:
-    """A label for the CPU kind: model name and whether INT8 has VNNI kernels there."""
-    isa = machine["isa_flags"]
-    vnni = isa.get("avx512_vnni") or isa.get("avx_vnni")
-    simd = "AVX-512" if isa.get("avx512f") else "AVX2" if isa.get("avx2") else "no AVX2"
-    return (
-        f"{machine['cpu_model']} ({simd}, {'VNNI' if vnni else 'no VNNI'}, {machine['cores_usable']} cores)"
-    )
 
 
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
@@ -387,7 +260,7 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
         ordered = sorted(record["rounds"], key=lambda r: r["predict"][precision]["ratio"])
         median = ordered[len(ordered) // 2]["predict"][precision]
         keys = ("images_per_s", "model_only_images_per_s", "ratio", "model_only_side_by_side_images_per_s",
-                "ratio_side_by_side", "first_batch_s", "peak_rss_mb")  # fmt: skip
+                "ratio_side_by_side", "first_row_s", "peak_rss_mb")  # fmt: skip
         summary[precision] = {key: median.get(key) for key in keys}
         # Perfect overlap on every core: the model's core time per image (in predict's layout,
         # its fastest) over model + preprocessing, relative to that model-only figure.
@@ -422,10 +295,10 @@ def load_results(path: Path) -> dict[str, Any]:
     """{CPU kind: record}; a record of the earlier single-machine layout is filed under its kind."""
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    data = harness.read_results(path)
     if "machines" in data:
         return data["machines"]
-    return {cpu_kind(data["machine"]): {"legacy": True, **data}}
+    return {harness.cpu_kind(data["machine"]): {"legacy": True, **data}}
 
 
 def render(machines: dict[str, Any]) -> str:
@@ -446,8 +319,18 @@ def _machine_line(record: dict[str, Any]) -> str:
     return (
         f"Machine: {machine['cpu_model']}, {machine['cores_usable']} usable cores, ISA {isa}; onnxruntime "
         f"{machine['onnxruntime']}, Python {machine['python']}. Load average at start "
-        f"{record['load_average_at_start']}, at the end {machine['load_average_1m_5m_15m']} (shared machine)."
+        f"{harness.recorded_load(record, 'before')}, at the end {_load_at_end(record)} (shared machine)."
     )
+
+
+def _load_at_end(record: dict[str, Any]) -> list[float]:
+    # Records before the harness took the machine snapshot, load included, after measuring.
+    return harness.recorded_load(record, "after") or record["machine"]["load_average_1m_5m_15m"]
+
+
+def _load_1m(item: dict[str, Any]) -> float:
+    """The 1-minute load average at the end of a round or layout run (older records: load_1m)."""
+    return item["load_1m"] if "load_1m" in item else item["load_average_after"][0]
 
 
 def _render_record(record: dict[str, Any]) -> list[str]:
@@ -467,7 +350,7 @@ def _render_record(record: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {precision} | {row['model_only_images_per_s']:.1f} | {_num(row.get('model_only_side_by_side_images_per_s'), 1)} "
             f"| {row['images_per_s']:.1f} | {row['ratio']:.2f} | {_num(row.get('ratio_side_by_side'), 2)} "
-            f"| {row['overlap_bound']:.2f} | {row['first_batch_s']} | {row['peak_rss_mb']:.0f} |"
+            f"| {row['overlap_bound']:.2f} | {harness.recorded(row, 'first_row_s')} | {row['peak_rss_mb']:.0f} |"
         )
     decode = record["decode_one_thread"]
     if record.get("startup"):
@@ -485,7 +368,7 @@ def _render_record(record: dict[str, Any]) -> list[str]:
         for precision in PRECISIONS:
             run = item["predict"][precision]
             lines.append(
-                f"| {index} | {item['load_1m']} | {precision} | {run['model_only_images_per_s']:.1f} "
+                f"| {index} | {_load_1m(item)} | {precision} | {run['model_only_images_per_s']:.1f} "
                 f"| {_num(run.get('model_only_side_by_side_images_per_s'), 1)} | {run['images_per_s']:.1f} "
                 f"| {run['ratio']:.2f} / {_num(run.get('ratio_side_by_side'), 2)} |"
             )
@@ -501,7 +384,7 @@ def _render_record(record: dict[str, Any]) -> list[str]:
                   "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for row in record["split_table"]:
             lines.append(
-                f"| {row['precision']} | {row['threads']} | {row['workers']} | {row['images_per_s']:.1f} | {row['load_1m']} |"
+                f"| {row['precision']} | {row['threads']} | {row['workers']} | {row['images_per_s']:.1f} | {_load_1m(row)} |"
             )
     big = record.get("peak_rss_large_folder")
     if big:
@@ -542,19 +425,19 @@ def _render_legacy(record: dict[str, Any]) -> list[str]:
         "| precision | model-only images/s | `predict` end to end images/s (whole process) | ratio | first batch s | peak RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         f"| fp32 | {fp32['images_per_s']:.1f} | {e2e['images_per_s']:.1f} | "
-        f"{e2e['images_per_s'] / fp32['images_per_s']:.2f} | {e2e['first_batch_s']} | {e2e['peak_rss_mb']:.0f} |",
+        f"{e2e['images_per_s'] / fp32['images_per_s']:.2f} | {harness.recorded(e2e, 'first_row_s')} | {e2e['peak_rss_mb']:.0f} |",
     ]
 
 
 def main() -> None:
     args = parse_args()
-    json_path = args.out.with_suffix(".json")
-    machines = load_results(json_path)
-    if not args.render_only:
+    machines = load_results(args.out.with_suffix(".json"))
+    if args.render_only:
+        harness.write_markdown(args.out, render(machines))
+    else:
         record = measure(args)
-        machines[cpu_kind(record["machine"])] = record
-        atomic_write_json(json_path, {"machines": machines})
-    atomic_write_text(args.out.with_suffix(".md"), render(machines))
+        machines[harness.cpu_kind(record["machine"])] = record
+        harness.write_results(args.out, {"machines": machines}, render(machines))
     print(render(machines))
 
 

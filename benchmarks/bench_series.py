@@ -27,27 +27,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _harness as harness
 
-from kidney_edge.phantom_dicom import (  # noqa: E402
-    SERIES_TRUTH_CSV,
+from kidney_edge.phantoms.dicom_series import (
     SPLITS_CSV,
     HuScale,
     SeriesPhantomConfig,
+    read_series_truth,
     synthesize_series,
 )
-from kidney_edge.runtime import predict_folder  # noqa: E402
-from kidney_edge.runtime.benchmark import machine_info  # noqa: E402
-from kidney_edge.runtime.series import (  # noqa: E402
+from kidney_edge.runtime import predict_folder
+from kidney_edge.runtime.series import (
     DEFAULT_AGGREGATION,
     DEFAULT_TOP_K,
     SeriesRule,
@@ -55,16 +49,16 @@ from kidney_edge.runtime.series import (  # noqa: E402
     read_prediction_rows,
     write_series,
 )
-from kidney_edge.series_eval import (  # noqa: E402
+from kidney_edge.series_eval import (
     SeriesResult,
     assess_labelled,
     choose_series_rule,
     relabel,
     series_metrics,
 )
-from kidney_edge.spec import DEFAULT_CLASS_NAMES  # noqa: E402
+from kidney_edge.spec import DEFAULT_CLASS_NAMES
 
-RESULTS = REPO / "benchmarks" / "results" / "series"
+RESULTS = harness.RESULTS / "series"
 FINDINGS = ("Tumor", "Stone", "Cyst")
 CANDIDATES = (("max", 1), ("mean", 1), ("topk", 2), ("topk", 3), ("topk", 5), ("noisy-or", 1))
 TARGET_RECALL = 0.98
@@ -76,15 +70,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=120, help="series per HU scale")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--work", default="/tmp/bench-series")
-    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="OUT.json and OUT.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument(
         "--issue-only", action="store_true", help="redo only the issue's check in series.json"
     )
     return parser.parse_args()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -120,7 +111,7 @@ def predict_series(data: Path, model: str, out: Path) -> tuple[list[SeriesResult
 
 
 def _split_of(results: list[SeriesResult], data: Path) -> dict[str, str]:
-    return {row["series_uid"]: row["split"] for row in _rows(data / SERIES_TRUTH_CSV)}
+    return {row["series_uid"]: row["split"] for row in read_series_truth(data)}
 
 
 def _figures(truths: list[str], labels: list[str | None]) -> dict[str, Any]:
@@ -164,7 +155,7 @@ def issue_check(model: str, work: Path) -> dict[str, Any]:
     synthesize_series(data, SeriesPhantomConfig(n_series=40, seed=0))
     summary = predict_folder(data, model=model, out=work / "issue-n40-out" / "predictions.csv", threads=2)
     series = write_series(summary.out, class_names=summary.class_names, positive_class="Tumor")
-    truth = {row["series_uid"]: row["label"] for row in _rows(data / SERIES_TRUTH_CSV)}
+    truth = {row["series_uid"]: row["label"] for row in read_series_truth(data)}
     wrong = [
         (truth[row["series_uid"]], row["label"])
         for row in series.rows
@@ -184,36 +175,30 @@ def issue_check(model: str, work: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
-    record: dict[str, Any] = {
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S UTC"),
-        "command": " ".join(["benchmarks/bench_series.py", *sys.argv[1:]]),
-        "model": args.model,
-        "machine_before": machine_info(),
-        "scales": {},
-    }
+    record = harness.start_record(model=args.model, scales={})
     for scale in (HuScale.DISPLAY, HuScale.PHYSICAL):
         data = work / f"series-{scale.value}"
-        log(f"synthesizing {args.n} series ({scale.value} HU) in {data}")
+        harness.log(f"synthesizing {args.n} series ({scale.value} HU) in {data}")
         started = time.perf_counter()
         config = SeriesPhantomConfig(n_series=args.n, seed=args.seed, hu_scale=scale,
                                      class_mix=dict.fromkeys(DEFAULT_CLASS_NAMES, 1.0))  # fmt: skip
         synthesize_series(data, config)
         synth_s = time.perf_counter() - started
-        log("predicting")
+        harness.log("predicting")
         results, facts = predict_series(data, args.model, work / f"out-{scale.value}")
-        truth_file = {row["series_uid"]: row["label"] for row in _rows(data / SERIES_TRUTH_CSV)}
+        truth_file = {row["series_uid"]: row["label"] for row in read_series_truth(data)}
         facts["truth_disagreements"] = sum(truth_file[r.row["series_uid"]] != r.truth for r in results)
         facts["synth_s"] = round(synth_s, 1)
         facts["series"] = len(results)
         comparison = compare(results, _split_of(results, data))
-        record["scales"][scale.value] = {"facts": facts, "comparison": comparison, "load": os.getloadavg()}
-        log(f"{scale.value}: {facts}")
+        record["scales"][scale.value] = {"facts": facts, "comparison": comparison,
+                                         "load_average_after": harness.load_average()}  # fmt: skip
+        harness.log(f"{scale.value}: {facts}")
     record["default"] = choose_default(record["scales"][HuScale.DISPLAY.value]["comparison"])
     record["committed_default"] = SeriesRule(DEFAULT_AGGREGATION, DEFAULT_TOP_K).aggregate_label
-    log("the issue's check: synth --n 40, predict")
+    harness.log("the issue's check: synth --n 40, predict")
     record["issue_check"] = issue_check(args.model, work)
-    record["machine_after"] = machine_info()
-    return record
+    return harness.finish_record(record)
 
 
 def _pct(value: float | None) -> str:
@@ -277,17 +262,22 @@ def _reading(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _scale_load(block: dict[str, Any]) -> list[float]:
+    """The load average after a scale's predict (older records: ``load``, unrounded)."""
+    return [round(x, 2) for x in block["load"]] if "load" in block else block["load_average_after"]
+
+
 def render(record: dict[str, Any]) -> str:
-    machine = record["machine_before"]
+    machine = harness.recorded(record, "machine")
     lines = [
         "# Series aggregation: which slice-to-series rule",
         "",
-        f"Recorded by `benchmarks/bench_series.py` ({record['created']}): `{record['command']}`.",
+        f"Recorded by `benchmarks/bench_series.py` ({harness.recorded(record, 'started_utc')}): `{record['command']}`.",
         "",
         f"Model: `{record['model']}` (the demo's EfficientNet-Lite0, 160 px, trained on classic-phantom JPEG "
         "slices at difficulty 0.25). Machine: "
         f"{machine['cpu_model']}, {machine['cores_usable']} usable cores; load average "
-        f"{machine['load_average_1m_5m_15m']} at start, {record['machine_after']['load_average_1m_5m_15m']} at "
+        f"{harness.recorded_load(record, 'before')} at start, {harness.recorded_load(record, 'after')} at "
         "the end (shared machine: the speeds are pessimistic; the accuracy figures do not depend on load).",
         "",
         "Data: phantom CT series from `kidney_edge.phantom_dicom` (classic renderer, difficulty 0.25, 512 px, "
@@ -317,7 +307,7 @@ def render(record: dict[str, Any]) -> str:
             "",
             f"{facts['series']} series, {facts['slices']} slices ({facts['failed']} unreadable); slice accuracy "
             f"{_pct(facts['slice_accuracy'])} under the spec's rule; predict {facts['images_per_s']} images/s "
-            f"end to end (512 px DICOM decode + 160 px model, 2 threads, load {[round(x, 2) for x in block['load']]} "
+            f"end to end (512 px DICOM decode + 160 px model, 2 threads, load {_scale_load(block)} "
             f"after). Series truth from the slices' labels disagrees with series_truth.csv on "
             f"{facts['truth_disagreements']} series.",
             "",
@@ -360,18 +350,16 @@ def render(record: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS.with_suffix(".json"), RESULTS.with_suffix(".md")
-    if args.render_only or args.issue_only:
-        record = json.loads(json_path.read_text())
-        if args.issue_only:
-            record["issue_check"] = issue_check(args.model, Path(args.work))
+    if args.render_only:
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
+        return
+    if args.issue_only:
+        record = harness.read_results(args.out)
+        record["issue_check"] = issue_check(args.model, Path(args.work))
     else:
         record = run(args)
-    if not args.render_only:
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
-    md_path.write_text(render(record))
-    log(f"wrote {md_path}")
+    harness.write_results(args.out, record, render(record))
+    harness.log(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
     python benchmarks/bench_serve.py --render-only        # rewrite serve.md from serve.json
 
 One run, one machine, in this order:
-1. ``kidney-edge benchmark --precision fp32`` on the same model file (random inputs after
-   warm-up): model-only images/s at each batch size, one batch at a time on every core and in
+1. ``kidney-edge benchmark --precision fp32`` on the same model file (``harness.model_only``:
+   its own process, random inputs after warm-up): model-only images/s at each batch size, one batch at a time on every core and in
    the runtime's own layout (batches side by side, as serve runs them); measured again after
    step 3, and the ratio divides by the best figure of the two (load from other jobs only
    lowers it);
@@ -39,15 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from kidney_edge.runtime import available_cpus, scan_images
 
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from kidney_edge.runtime import available_cpus, machine_info, scan_images  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results" / "serve"
+RESULTS = harness.RESULTS / "serve"
 TARGET_RATIO = 0.7  # served images/s over model-only images/s at 32 clients
 MIN_CLIENTS_FOR_TARGET = 32
 MODEL_ONLY_BATCHES = (1, 8, 16)
@@ -69,34 +66,16 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="onnxruntime threads (both; default: each one's own layout)"
     )
     parser.add_argument("--serve-args", default="", help="extra `kidney-edge serve` options")
-    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="OUT.json and OUT.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     return parser.parse_args()
 
 
-def uptime_load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def model_only(model: Path, threads: int | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "benchmark.json"
-        command = [sys.executable, "-m", "kidney_edge", "benchmark", "--model", str(model),
-                   "--precision", "fp32", "--batch-sizes", ",".join(map(str, MODEL_ONLY_BATCHES)),
-                   *(["--threads", str(threads)] if threads else []),
-                   "--warmup", "5", "--iterations", "30", "--json", str(out)]  # fmt: skip
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-        record = json.loads(out.read_text())
-    rows = [
-        {
-            "batch_size": r["batch_size"],
-            "threads": r["threads"],
-            "workers": r.get("workers", 1),
-            "images_per_s": r["images_per_s"],
-            "p50_ms": r["latency_ms"].get("p50"),
-        }
-        for r in record["model_only"]
-    ]
-    return {"command": " ".join(command[1:]).replace(str(out), "OUT.json"), "rows": rows}
+    """fp32 model-only rows at every batch size of :data:`MODEL_ONLY_BATCHES` (:func:`harness.model_only`)."""
+    return harness.model_only(
+        model, precision="fp32", batch_sizes=MODEL_ONLY_BATCHES, threads=threads, iterations=30, warmup=5
+    )
 
 
 def free_port() -> int:
@@ -218,7 +197,7 @@ def run_clients(
     asyncio.run(load(port, bodies, clients, args.warmup, args.max_requests))  # untimed
     before_metrics = parse_metrics(httpx.get(url + "/metrics").text)
     server_cpu, own_cpu = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
-    load_before = uptime_load()
+    load_before = harness.load_average()
     result = asyncio.run(load(port, bodies, clients, args.duration, args.max_requests))
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     result["server_cpu_s"] = round(cpu_seconds(pid) - server_cpu, 1)
@@ -235,8 +214,8 @@ def run_clients(
         total = delta.get(f'kidney_edge_stage_duration_seconds_sum{{stage="{stage}"}}', 0.0)
         count = delta.get(f'kidney_edge_stage_duration_seconds_count{{stage="{stage}"}}', 0.0)
         result[f"mean_{stage}_ms"] = round(total / count * 1000, 2) if count else None
-    result["uptime_load_before"] = load_before
-    result["uptime_load_after"] = uptime_load()
+    result["load_average_before"] = load_before
+    result["load_average_after"] = harness.load_average()
     return result
 
 
@@ -245,7 +224,7 @@ def start_server(model: Path, port: int, threads: int | None, extra: str, log: P
 
     command = [sys.executable, "-m", "kidney_edge", "serve", "--model", str(model), "--port", str(port),
                *(["--threads", str(threads)] if threads else []), *extra.split()]  # fmt: skip
-    server = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, cwd=harness.REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -267,13 +246,6 @@ def read_bodies(folder: Path) -> list[tuple[bytes, str]]:
     return [(path.read_bytes(), path.parent.name) for path in files]
 
 
-def best_images_per_s(measurement: dict[str, Any], *, one_batch_at_a_time: bool = False) -> float:
-    """The best model-only images/s of a measurement: of any row, or of those running one batch
-    at a time (``benchmark``'s latency rows)."""
-    rows = [r for r in measurement["rows"] if r.get("workers", 1) == 1 or not one_batch_at_a_time]
-    return max(row["images_per_s"] for row in rows)
-
-
 def _layout(row: dict[str, Any]) -> str:
     workers = row.get("workers", 1)
     return f"batch {row['batch_size']}" + (f", {workers} x {row['threads']} thread" if workers > 1 else "")
@@ -282,19 +254,11 @@ def _layout(row: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads  # None: serve and benchmark each in the runtime's default layout
     bodies = read_bodies(args.images)
-    record: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "model": str(args.model),
-        "images": f"{args.images} ({len(bodies)} files, raw JPEG bodies, cycled)",
-        "threads": threads,
-        "cpus": available_cpus(),
-        "serve_args": args.serve_args,
-        "duration_s": args.duration,
-        "uptime_load_start": uptime_load(),
-        "model_only": [],
-        "runs": [],
-    }
+    record = harness.start_record(
+        model=str(args.model), images=f"{args.images} ({len(bodies)} files, raw JPEG bodies, cycled)",
+        threads=threads, cpus=available_cpus(), serve_args=args.serve_args, duration_s=args.duration,
+        model_only=[], runs=[],
+    )  # fmt: skip
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
@@ -320,9 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # right after it: load from other jobs comes and goes, and can only lower a measurement.
     for index, result in enumerate(record["runs"]):
         around = record["model_only"][index : index + 2]
-        result["model_only_images_per_s"] = max(best_images_per_s(m) for m in around)
+        result["model_only_images_per_s"] = max(harness.best_images_per_s(m) for m in around)
         result["ratio_to_model_only"] = round(result["images_per_s"] / result["model_only_images_per_s"], 3)
-        one_batch = max(best_images_per_s(m, one_batch_at_a_time=True) for m in around)
+        one_batch = max(harness.one_batch_images_per_s(m) for m in around)
         result["model_only_one_batch_images_per_s"] = one_batch
         result["ratio_to_one_batch"] = round(result["images_per_s"] / one_batch, 3)
     loaded = [r for r in record["runs"] if r["clients"] >= MIN_CLIENTS_FOR_TARGET]
@@ -332,8 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record["median_ratio_to_one_batch_at_target_clients"] = (
         float(np.median([r["ratio_to_one_batch"] for r in loaded])) if loaded else None
     )
-    record["uptime_load_end"] = uptime_load()
-    return record
+    return harness.finish_record(record)
 
 
 def render(record: dict[str, Any]) -> str:
@@ -343,11 +306,11 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         "# `kidney-edge serve` under load",
         "",
-        f"Recorded {record['created']} by `benchmarks/bench_serve.py` (`--duration {record['duration_s']:g}`{serve_args}).",
+        f"Recorded {harness.recorded(record, 'started_utc')} by `benchmarks/bench_serve.py` (`--duration {record['duration_s']:g}`{serve_args}).",
         f"Machine: {machine['cpu_model']} ({'AVX-512 VNNI' if vnni else 'no VNNI'}), "
         f"{machine['cores_usable']} usable CPUs, onnxruntime {machine['onnxruntime']}, "
         f"{_threads_words(record)}. Load average (1, 5, 15 min) at start "
-        f"{record['uptime_load_start']}, at end {record['uptime_load_end']} (a shared machine: other "
+        f"{harness.recorded_load(record, 'before')}, at end {harness.recorded_load(record, 'after')} (a shared machine: other "
         "jobs ran during the measurements).",
         f"Model: `{record['model']}`. Images: {record['images']}.",
         "",
@@ -385,7 +348,7 @@ def render(record: dict[str, Any]) -> str:
             f"| {lat['p99']} | {lat['max']} | {r['images_per_s']:.1f} | {r['model_only_images_per_s']:.1f} "
             f"| {_ratio(r.get('ratio_to_one_batch'))} | {r['ratio_to_model_only']:.2f} | {r['mean_batch_size']} | {r['mean_decode_ms']} "
             f"| {r['mean_queue_ms']} | {r['mean_inference_ms']} | {r['server_cpu_s']} "
-            f"| {r['load_generator_cpu_s']} | {r['accuracy']} | {r['uptime_load_before']} → {r['uptime_load_after']} |"
+            f"| {r['load_generator_cpu_s']} | {r['accuracy']} | {harness.recorded_load(r, 'before')} → {harness.recorded_load(r, 'after')} |"
         )
     target_runs = [r for r in record["runs"] if r["clients"] >= MIN_CLIENTS_FOR_TARGET]
     lines += ["", "## Verdict", ""]
@@ -461,15 +424,12 @@ def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> lis
 
 def main() -> None:
     args = parse_args()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS.with_suffix(".json"), RESULTS.with_suffix(".md")
     if args.render_only:
-        atomic_write_text(md_path, render(json.loads(json_path.read_text())))
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
         return
     record = run(args)
-    atomic_write_json(json_path, record)
-    atomic_write_text(md_path, render(record))
-    print(f"wrote {md_path}")
+    harness.write_results(args.out, record, render(record))
+    print(f"wrote {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Reproduce the trainer figures of issue 4 on this machine and record them.
+"""The trainer's speed per phase, and a linear probe against two-phase training, on this machine.
 
     python benchmarks/bench_training.py [--n 2000] [--image-size 224] [--timing-batches 0]
+    python benchmarks/bench_training.py --render-only      # rewrite training.md from training.json
 
 1. Seconds per epoch for each phase at --image-size on --n phantom images (train split):
    - phase 1 (head only) on cached features: one-off feature extraction + per-epoch time;
@@ -21,19 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from kidney_edge.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+import _harness as harness
+import torch
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,14 +46,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--unfreeze-blocks", type=int, default=6)
     parser.add_argument("--skip-metrics", action="store_true")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kidney-edge-bench-train")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "training")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS / "training")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     return parser.parse_args()
 
 
 def phantom(args: argparse.Namespace) -> tuple[Path, Path]:
     """Phantom images + their splits.csv, made once under --cache."""
     from kidney_edge.dataset import SplitConfig, split_dataset
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     data = args.cache / f"phantom-{args.n}-{args.phantom_size}"
     if not (data / "kidneyData.csv").is_file():
@@ -174,6 +170,14 @@ def probe_vs_finetune(args: argparse.Namespace, data: Path, splits: Path) -> dic
     return results
 
 
+def _machine_words(record: dict[str, Any]) -> str:
+    """CPU, CPUs and torch (older records kept ``processor``, ``cpus`` and ``torch`` in ``machine``)."""
+    machine = record["machine"]
+    if "processor" in machine:
+        return f"{machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}"
+    return f"{machine['cpu_model']}, {machine['cores_host']} CPUs, torch {record['torch']}"
+
+
 def render(record: dict[str, Any]) -> str:
     t, cfg = record["timings"], record["config"]
     lines = [
@@ -181,9 +185,9 @@ def render(record: dict[str, Any]) -> str:
         "",
         f"`{record['command']}`",
         "",
-        f"- machine: {record['machine']['processor']}, {record['machine']['cpus']} CPUs, torch "
-        f"{record['machine']['torch']} with {cfg['threads']} threads",
-        f"- load average before / after: {record['load_before']} / {record['load_after']} "
+        f"- machine: {_machine_words(record)} with {cfg['threads']} threads",
+        f"- load average before / after: {harness.recorded_load(record, 'before')} / "
+        f"{harness.recorded_load(record, 'after')} "
         "(the machine is shared: other jobs inflate these numbers)",
         f"- data: {cfg['n']} phantom images ({cfg['phantom_size']} px JPEG), {t['train_images']} train / "
         f"{t['val_images']} val, input {cfg['image_size']} px, batch {cfg['batch_size']}",
@@ -231,25 +235,19 @@ def render(record: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.render_only:
+        harness.write_markdown(args.out, render(harness.read_results(args.out)))
+        return
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {
-        "command": "python benchmarks/bench_training.py " + " ".join(sys.argv[1:]),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": str(torch.__version__),
-        },  # fmt: skip
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = harness.start_record(config=config, torch=str(torch.__version__))
     data, splits = phantom(args)
     record["timings"] = epoch_timings(args, splits)
     if not args.skip_metrics:
         record["metrics"] = probe_vs_finetune(args, data, splits)
-    record["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    atomic_write_json(args.out.with_suffix(".json"), record)
-    atomic_write_text(args.out.with_suffix(".md"), render(record))
+    harness.finish_record(record)
+    harness.write_results(args.out, record, render(record))
     print(render(record))
     print(json.dumps(record["timings"], indent=1))
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kidney_edge.archs import ALL_BLOCKS, EFFICIENTNET_B0, EFFICIENTNET_LITE0
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.spec import LITE0_MEAN, LITE0_STD
-from kidney_edge.training.config import ALL_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _build_lite0(num_classes: int) -> KidneyNet:
             cin = cout
     # Lite keeps stem (32) and head (1280) fixed; dropout 0.2 as in the TF Lite0 recipe.
     model = KidneyNet(
-        "efficientnet_lite0",
+        EFFICIENTNET_LITE0,
         _ConvBNAct(3, 32, 3, 2),
         blocks,
         _ConvBNAct(cin, 1280, 1),
@@ -271,7 +271,7 @@ def _build_b0(num_classes: int) -> KidneyNet:
     tv = efficientnet_b0(weights=None)
     features = list(tv.features)  # [stem, 7 stages of MBConv, 1x1 conv head]
     blocks = [block for stage in features[1:-1] for block in stage]
-    return KidneyNet("efficientnet_b0", features[0], blocks, features[-1], 1280, num_classes, 0.2)
+    return KidneyNet(EFFICIENTNET_B0, features[0], blocks, features[-1], 1280, num_classes, 0.2)
 
 
 def _b0_key(key: str) -> str:
@@ -320,8 +320,8 @@ _REGISTRY: dict[str, _Backbone] = {}
 def register_backbone(name: str, backbone: _Backbone) -> None:
     """Make ``name`` buildable by :func:`create_model`; KidneyEdgeError if it is taken.
 
-    The built-in names are also listed, torch-free, in ``training.config.ARCHS`` (the CLI's
-    ``--arch`` choices); tests/test_backbones.py checks that the two agree.
+    The built-in names come from :data:`kidney_edge.archs.ARCHS`, which the CLI reads for its
+    ``--arch`` choices without importing torch.
     """
     if name in _REGISTRY:
         raise KidneyEdgeError(f"backbone {name!r} is already registered")
@@ -329,15 +329,15 @@ def register_backbone(name: str, backbone: _Backbone) -> None:
 
 
 register_backbone(
-    "efficientnet_lite0", _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
+    EFFICIENTNET_LITE0, _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
 )
 register_backbone(
-    "efficientnet_b0", _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)
+    EFFICIENTNET_B0, _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)
 )
 
 
 def available_archs() -> tuple[str, ...]:
-    """Registered backbone names, built-ins (:data:`~kidney_edge.training.config.ARCHS`) first."""
+    """Registered backbone names, built-ins (:data:`~kidney_edge.archs.ARCHS`) first."""
     return tuple(_REGISTRY)
 
 
@@ -387,7 +387,7 @@ def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path, keep_cla
 
 
 def create_model(
-    arch: str = "efficientnet_lite0",
+    arch: str = EFFICIENTNET_LITE0,
     *,
     num_classes: int = 4,
     pretrained: bool = True,

@@ -20,6 +20,16 @@ from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_json
+from kidney_edge.layout import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    SPLITS_FILE,
+)
+from kidney_edge.phantoms.classic import DEMO_DIFFICULTY
 from kidney_edge.spec import DEFAULT_CLASS_NAMES, UNKNOWN_LABEL
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,7 @@ class DemoSize:
     n_holdout: int
     image_size: int  # model input size
     slice_size: int  # phantom JPEG size
-    difficulty: float  # phantom difficulty (see kidney_edge.phantom)
+    difficulty: float  # phantom difficulty (see kidney_edge.phantoms.classic)
     slices_per_patient: tuple[int, int]  # fewer near-identical slices: more distinct patients
     class_mix: dict[str, float]
     train_budget_min: float  # --time-budget of the training stage
@@ -53,10 +63,10 @@ DEMO_MIX = dict(zip(DEFAULT_CLASS_NAMES, (0.25, 0.35, 0.2, 0.2), strict=True))  
 # recipe's fine-tuning epochs (the findings of a difficulty-0.25 phantom stay visible at 160),
 # and the time budget cuts epochs on a slower machine instead of overrunning. The hold-out
 # folder of new patients is large enough that one image is 0.1 points.
-FULL = DemoSize(n_images=1200, n_holdout=1000, image_size=160, slice_size=512, difficulty=0.25,
+FULL = DemoSize(n_images=1200, n_holdout=1000, image_size=160, slice_size=512, difficulty=DEMO_DIFFICULTY,
                 slices_per_patient=(1, 3), class_mix=DEMO_MIX, train_budget_min=7.0,
                 bench_iterations=30)  # fmt: skip
-QUICK = DemoSize(n_images=300, n_holdout=16, image_size=64, slice_size=128, difficulty=0.25,
+QUICK = DemoSize(n_images=300, n_holdout=16, image_size=64, slice_size=128, difficulty=DEMO_DIFFICULTY,
                  slices_per_patient=(1, 3), class_mix=DEMO_MIX, train_budget_min=1.5,
                  bench_iterations=3)  # fmt: skip
 
@@ -150,7 +160,7 @@ def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult
 
 
 def _synthesize(out: Path, size: DemoSize, seed: int) -> None:
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     common = {
         "size": size.slice_size,
@@ -166,14 +176,14 @@ def _synthesize(out: Path, size: DemoSize, seed: int) -> None:
 def _split(out: Path, seed: int) -> None:
     from kidney_edge.dataset import SplitConfig, split_dataset
 
-    split_dataset(out / "data", out / "splits.csv", SplitConfig(seed=seed))
+    split_dataset(out / "data", out / SPLITS_FILE, SplitConfig(seed=seed))
 
 
 def _train(out: Path, size: DemoSize, seed: int, say: Progress, result: DemoResult) -> None:
     from kidney_edge.training import TrainConfig, train
 
     # The default recipe (TrainConfig's phases), at the demo's input size and time budget.
-    config = TrainConfig(data_dir=out / "data", out_dir=out / "run", splits=out / "splits.csv",
+    config = TrainConfig(data_dir=out / "data", out_dir=out / "run", splits=out / SPLITS_FILE,
                          image_size=size.image_size, seed=seed, device="cpu",
                          time_budget_min=size.train_budget_min)  # fmt: skip
     trained = train(config, progress=_epoch_reporter(say))
@@ -183,8 +193,15 @@ def _train(out: Path, size: DemoSize, seed: int, say: Progress, result: DemoResu
     result.targets_met = targets_met(result.headline)
     result.targets_met_under_rule = targets_met_under_rule(result.headline)
     run = trained.run_dir
-    result.phase_val_f1 = best_val_f1_per_phase(run / "history.csv")
-    for name in ("best.pt", "metrics.json", "report.html", "report.md", "model_card.md", "history.csv"):
+    result.phase_val_f1 = best_val_f1_per_phase(run / HISTORY_FILE)
+    for name in (
+        BEST_CHECKPOINT,
+        METRICS_FILE,
+        REPORT_HTML_FILE,
+        REPORT_MD_FILE,
+        MODEL_CARD_FILE,
+        HISTORY_FILE,
+    ):
         if (run / name).exists():
             result.artifacts[name] = str(run / name)
 
@@ -262,6 +279,7 @@ def decision_figures(block: dict[str, Any], positive_class: str | None) -> dict[
 
 def _export(out: Path, result: DemoResult) -> None:
     from kidney_edge.export import ExportConfig, export_model
+    from kidney_edge.runtime.layout import INT8_FILE, MODEL_FILE, PARITY_FILE
 
     # The gate is recorded, not fatal, here: the demo then deploys fp32 and says why.
     exported = export_model(out / "run", out / "export", ExportConfig(int8=True, allow_int8_drop=True))
@@ -273,16 +291,18 @@ def _export(out: Path, result: DemoResult) -> None:
         "int8": parity.get("int8"),
         "ood": parity.get("ood"),  # the fp32 file's OOD detector (the INT8 one is in "int8")
     }
-    result.artifacts["model.onnx"] = str(exported.model_path)
-    result.artifacts["parity.json"] = str(exported.parity_path)
+    result.artifacts[MODEL_FILE] = str(exported.model_path)
+    result.artifacts[PARITY_FILE] = str(exported.parity_path)
     gate = parity.get("int8") or {}
     if exported.int8_path is not None and gate.get("passed"):
-        result.artifacts["model.int8.onnx"] = str(exported.int8_path)
+        result.artifacts[INT8_FILE] = str(exported.int8_path)
 
 
 def _deployed_model(result: DemoResult) -> Path:
     """The INT8 model when it passed the accuracy gate, else fp32: what an edge box would run."""
-    return Path(result.artifacts.get("model.int8.onnx") or result.artifacts["model.onnx"])
+    from kidney_edge.runtime.layout import INT8_FILE, MODEL_FILE
+
+    return Path(result.artifacts.get(INT8_FILE) or result.artifacts[MODEL_FILE])
 
 
 def _predict(out: Path, result: DemoResult) -> None:
@@ -299,7 +319,7 @@ def _predict(out: Path, result: DemoResult) -> None:
 
 
 def _predict_foreign(out: Path, result: DemoResult) -> None:
-    from kidney_edge.foreign import write_foreign_corpus
+    from kidney_edge.phantoms.foreign import write_foreign_corpus
     from kidney_edge.runtime import predict_folder
 
     folder = out / "foreign"
@@ -339,8 +359,9 @@ def holdout_figures(predictions_csv: Path, spec: Any) -> dict[str, Any]:
 
 def _benchmark(out: Path, size: DemoSize, result: DemoResult) -> None:
     from kidney_edge.runtime import run_benchmark
+    from kidney_edge.runtime.layout import MODEL_FILE
 
-    record = run_benchmark(Path(result.artifacts["model.onnx"]), batch_sizes=(1, 8),
+    record = run_benchmark(Path(result.artifacts[MODEL_FILE]), batch_sizes=(1, 8),
                            iterations=size.bench_iterations, json_out=out / "benchmark.json")  # fmt: skip
     result.artifacts["benchmark.json"] = str(out / "benchmark.json")
     result.benchmark = {"machine": record.get("machine", {}).get("cpu_model"),

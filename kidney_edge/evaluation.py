@@ -12,7 +12,6 @@ model_card.md.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +21,23 @@ from typing import Any
 import numpy as np
 
 from kidney_edge import metrics as M
-from kidney_edge.dataset import SPLITS, audit_path, read_splits, scan_dataset
-from kidney_edge.errors import EmptySplitError, InputError
+from kidney_edge.dataset import SPLITS
+from kidney_edge.errors import InputError
 from kidney_edge.imaging import map_batches
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
-from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod, fit_detector
-from kidney_edge.runtime import OnnxClassifier, format_predictions, output_columns, prediction_rows
+from kidney_edge.labelled import LabelledFiles, LabelledSplits, class_indices, load_labelled
+from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE
+from kidney_edge.ood import (
+    DEFAULT_MAX_ID_REJECTION,
+    DEFAULT_OOD_METHOD,
+    OOD_FILE,
+    OodDetector,
+    OodMethod,
+    fit_detector,
+    with_threshold,
+)
+from kidney_edge.runtime import OnnxClassifier
+from kidney_edge.runtime.rows import format_predictions, output_columns, prediction_rows
 from kidney_edge.spec import BLOCK_STATS, FEATURES, LOGITS, OOD_SCORE, DecisionRule, ModelSpec, softmax
 
 log = logging.getLogger(__name__)
@@ -67,6 +77,8 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class EvaluationResult:
+    """What an evaluation wrote, and its metrics."""
+
     out_dir: Path
     split: str
     n_images: int
@@ -159,93 +171,6 @@ def predict_files(
     return predictor.logits([Path(p) for p in paths], batch_size), predictor.spec
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class LabelledFiles:
-    paths: list[Path]
-    labels: list[str]
-    description: str
-    audit: dict[str, Any] | None = None
-    phantom: bool = False
-
-
-def load_labelled(data: Path, split: str, *, class_names: Sequence[str]) -> LabelledFiles:
-    """Images and labels from a class-per-folder tree (all files) or one split of a splits.csv."""
-    data = Path(data)
-    if data.is_dir():
-        files = _from_folder(data)
-    elif data.suffix.lower() == ".csv":
-        files = _from_splits(data, split)
-    else:
-        raise InputError(f"data {data} is neither a folder of class sub-folders nor a splits.csv")
-    _check_classes(files.labels, class_names, data)
-    return files
-
-
-def _from_folder(root: Path) -> LabelledFiles:
-    scan = scan_dataset(root)
-    for problem in scan.problems[:20]:
-        log.warning("skipping %s: %s", problem.path, problem.reason)
-    if not scan.items:
-        raise InputError(
-            f"no labelled images in {root}: expected one sub-folder per class with images inside"
-        )
-    return LabelledFiles(
-        paths=[item.path for item in scan.items],
-        labels=[item.label for item in scan.items],
-        description=f"all images in folder {root}",
-        phantom=(root / "phantom_truth.csv").is_file(),
-    )
-
-
-def _from_splits(csv_path: Path, split: str) -> LabelledFiles:
-    rows = read_splits(csv_path)  # InputError naming any missing files
-    chosen = [row for row in rows if row.split == split]
-    if not chosen:
-        counts = {name: sum(row.split == name for row in rows) for name in SPLITS}
-        raise EmptySplitError(
-            f"split {split!r} of {csv_path} is empty (rows per split: {counts}); choose another --split"
-        )
-    return LabelledFiles(
-        paths=[Path(row.path) for row in chosen],
-        labels=[row.label for row in chosen],
-        description=f"{csv_path}",
-        audit=_read_json(audit_path(csv_path)),
-        phantom=_looks_like_phantom([Path(row.path) for row in chosen]),
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return None
-
-
-def _looks_like_phantom(paths: Sequence[Path]) -> bool:
-    """The phantom generator leaves phantom_truth.csv beside its class folders."""
-    roots = {p.parent.parent for p in paths[:50]}
-    return any((root / "phantom_truth.csv").is_file() for root in roots)
-
-
-def _check_classes(labels: Sequence[str], class_names: Sequence[str], data: Path) -> None:
-    unknown = sorted(set(labels) - set(class_names))
-    if unknown:
-        raise InputError(
-            f"the data's classes do not match the model's: {data} has {sorted(set(labels))}, "
-            f"the model knows {list(class_names)} (unknown to the model: {unknown}); "
-            "evaluate with data labelled in the model's classes"
-        )
-    missing = [c for c in class_names if c not in set(labels)]
-    if missing:
-        log.warning("classes %s have no images in %s; their recall and AUC are undefined", missing, data)
-
-
 # --------------------------------------------------------------------------- core
 
 
@@ -291,7 +216,7 @@ def run_evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Ev
     if config.tumor_recall is not None:
         rule = _rule_from_val(predictor, config, notes)
         predictor.spec = predictor.spec.replace(decision_rule=rule or DecisionRule())
-    history = config.model_path.parent / "history.csv"
+    history = config.model_path.parent / HISTORY_FILE
     return evaluate_files(
         predictor,
         files,
@@ -329,12 +254,6 @@ def _rule_from_val(predictor: Predictor, config: EvaluateConfig, notes: list[str
     return rule
 
 
-def class_indices(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
-    """Class names -> (N,) int64 indices into ``class_names`` (the spec's order)."""
-    lookup = {name: index for index, name in enumerate(class_names)}
-    return np.array([lookup[label] for label in labels], dtype=np.int64)
-
-
 def evaluate_files(
     predictor: Predictor,
     files: LabelledFiles,
@@ -364,7 +283,7 @@ def evaluate_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(series_evaluation(files.paths, files.labels, probabilities, spec, out_dir))  # DICOM only
-    write_predictions(out_dir / "predictions.csv", files, probabilities, spec, ood_scores)
+    write_predictions(out_dir / PREDICTIONS_FILE, files, probabilities, spec, ood_scores)
     gallery, gallery_note = _error_gallery(predictor, files, probabilities, decided)
     report = write_report(
         out_dir,
@@ -384,7 +303,7 @@ def evaluate_files(
             notes=tuple(notes),
         ),
     )
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
     log.info(
         "evaluated %d images: macro-F1 %.4f, accuracy %.4f (under the rule)",
         len(y_true),
@@ -392,8 +311,8 @@ def evaluate_files(
         metrics[HEADLINE_BLOCK]["accuracy"],
     )
     paths = {
-        "metrics": out_dir / "metrics.json",
-        "predictions": out_dir / "predictions.csv",
+        "metrics": out_dir / METRICS_FILE,
+        "predictions": out_dir / PREDICTIONS_FILE,
         "report_html": report.html,
         "report_md": report.markdown,
         "model_card": report.model_card,
@@ -465,9 +384,46 @@ def fit_ood_on_splits(
     batch_size: int = EvaluateConfig.batch_size,
 ) -> OodDetector:
     """Fit ``method`` on the train split's features, its threshold on the val split's scores."""
+    return _fit_ood(predictor, LabelledSplits.read(splits), method, max_id_rejection, batch_size)
+
+
+def model_ood_detector(
+    model_path: Path,
+    splits: LabelledSplits,
+    detector: OodDetector | None = None,
+    *,
+    refit: bool = False,
+    batch_size: int = EvaluateConfig.batch_size,
+) -> OodDetector:
+    """The OOD detector for one model file, its threshold chosen on that file's own val scores.
+
+    ``detector`` is kept as it is (its features must be what this file computes); with
+    ``refit`` it is fitted anew, same method and target, on this file's train outputs (a
+    quantized file's statistics shift); without one, the default method is fitted.
+    EmptySplitError when the train (when fitting) or val split is empty.
+    """
+    predictor = Predictor(model_path)
+    if detector is None or refit:
+        method, target = (
+            (DEFAULT_OOD_METHOD, DEFAULT_MAX_ID_REJECTION)
+            if detector is None
+            else (detector.method, detector.max_id_rejection)
+        )
+        return _fit_ood(predictor, splits, method, target, batch_size)
+    val = splits.files("val", predictor.spec.class_names)
+    return with_threshold(detector, detector.score(predictor.infer(val.paths, batch_size)))
+
+
+def _fit_ood(
+    predictor: Predictor,
+    splits: LabelledSplits,
+    method: OodMethod | str,
+    max_id_rejection: float,
+    batch_size: int,
+) -> OodDetector:
     names = predictor.spec.class_names
-    train = load_labelled(splits, "train", class_names=names)
-    val = load_labelled(splits, "val", class_names=names)
+    train = splits.files("train", names)
+    val = splits.files("val", names)
     detector = fit_detector(
         method,
         (predictor.infer(train.paths, batch_size), class_indices(train.labels, names)),
@@ -537,7 +493,7 @@ def _error_gallery(
         "with Grad-CAM for the predicted class."
     )
     if heatmaps is None:
-        note += " Grad-CAM needs the PyTorch checkpoint: evaluate best.pt to see heatmaps."
+        note += f" Grad-CAM needs the PyTorch checkpoint: evaluate {BEST_CHECKPOINT} to see heatmaps."
     items = []
     for position, index in enumerate(chosen):
         image = resized_image(files.paths[index], spec)

@@ -121,7 +121,7 @@ def resolve_activation_type(activation_type: ActivationType, machine: str | None
     unsigned activations by signed weights. Checked on Lite0 with onnxruntime 1.32 here: the
     U8S8 graph fuses completely (49 QLinearConv, 9 QLinearAdd, one Q and one DQ), while the
     S8S8 one keeps 14 Convs in fp32 behind DequantizeLinear plus 30 Transposes. On AVX-512 VNNI
-    S8S8 runs 1.0-1.3x faster than fp32 and U8S8 2.0-2.5x (DESIGN.md, "Measured for planning").
+    S8S8 runs 1.0-1.3x faster than fp32 and U8S8 2.0-2.5x (docs/architecture.md, "Planning figures").
     ARM's dot products are S8S8.
     """
     if activation_type is not ActivationType.AUTO:

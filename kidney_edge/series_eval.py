@@ -23,9 +23,8 @@ import numpy as np
 from kidney_edge import metrics as M
 from kidney_edge.imaging import SUPPORTED_SUFFIXES, is_dicom_file
 from kidney_edge.io_utils import atomic_write_text, csv_text
-from kidney_edge.runtime.predict import prediction_rows
+from kidney_edge.runtime.rows import FLOAT_DIGITS, prediction_rows, row_probabilities
 from kidney_edge.runtime.series import (
-    FLOAT_DIGITS,
     DicomHeader,
     SeriesRule,
     assess_series,
@@ -84,7 +83,7 @@ def assess_labelled(
         truth = series_truth([str(row["true_label"]) for _, row in group.members], class_names,
                              rule.normal_class, positive_class)  # fmt: skip
         ordered = assessed.ordered
-        probabilities = np.array([[float(row[f"p_{c}"]) for c in class_names] for _, row in ordered])
+        probabilities = row_probabilities((row for _, row in ordered), class_names)
         results.append(
             SeriesResult(
                 row=assessed.row,

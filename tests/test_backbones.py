@@ -79,7 +79,7 @@ def test_registry_rejects_unknown_and_duplicate_names() -> None:
 
 
 def test_torch_free_arch_names_are_the_registered_backbones() -> None:
-    from kidney_edge.training.config import ARCHS
+    from kidney_edge.archs import ARCHS
 
     assert bb.available_archs() == ARCHS  # the CLI's --arch choices build without importing torch
 

@@ -9,57 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _factories import CONV_SIZE, make_conv_onnx
 from test_runtime import run_cli_without_torch, write_gray_images
 
 from kidney_edge.errors import InputError
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
-
-SIZE = 64
-
-
-def make_conv_onnx(path: Path, *, int8_sibling: bool = False) -> Path:
-    """A small conv net (~10 M MACs at 64 px: about a millisecond, well above timer noise)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = ModelSpec(input_size=SIZE)
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": rng.normal(scale=0.2, size=(16, 3, 3, 3)),
-        "w2": rng.normal(scale=0.05, size=(16, 16, 3, 3)),
-        "fc": rng.normal(scale=0.1, size=(16, spec.num_classes)),
-        "fc_b": np.zeros(spec.num_classes),
-    }
-    nodes = [
-        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4]),
-        ],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if int8_sibling:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(path), str(path.with_name("model.int8.onnx")), weight_type=QuantType.QInt8)
-    return path
+from kidney_edge.spec import ModelSpec
 
 
 def plain_ort_median_ms(model: Path, batch_size: int, threads: int, iterations: int = 30) -> float:
@@ -69,7 +23,7 @@ def plain_ort_median_ms(model: Path, batch_size: int, threads: int, iterations: 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    batch = np.random.default_rng(1).normal(size=(batch_size, 3, SIZE, SIZE)).astype(np.float32)
+    batch = np.random.default_rng(1).normal(size=(batch_size, 3, CONV_SIZE, CONV_SIZE)).astype(np.float32)
     for _ in range(5):
         session.run(None, {"input": batch})
     times = []
@@ -192,7 +146,8 @@ def test_model_variants_pairs_fp32_and_int8(tmp_path: Path) -> None:
 
 
 def test_pytorch_branch_is_skipped_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
+    from kidney_edge.runtime.benchmark import BenchmarkConfig
+    from kidney_edge.torch_bench import bench_pytorch
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     checkpoint = tmp_path / "best.pt"
@@ -205,7 +160,8 @@ def test_pytorch_eager_rows_when_torch_and_a_checkpoint_are_there(tmp_path: Path
     torch = pytest.importorskip("torch")
     from kidney_edge.backbones import create_model
     from kidney_edge.checkpoint import save_checkpoint
-    from kidney_edge.runtime.benchmark import BenchmarkConfig, bench_pytorch
+    from kidney_edge.runtime.benchmark import BenchmarkConfig
+    from kidney_edge.torch_bench import bench_pytorch
 
     torch.manual_seed(0)
     model = create_model("efficientnet_lite0", num_classes=4, pretrained=False)
@@ -247,3 +203,204 @@ def test_options_are_validated_with_flag_names(tmp_path: Path) -> None:
     assert BenchmarkConfig().thread_counts == (available_cpus(),) and BenchmarkConfig(
         threads=(3,)
     ).thread_counts == (3,)
+
+
+# --------------------------------------------------------------------------- benchmarks/_harness.py
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def harness(monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/_harness.py, imported the way the scripts import it (benchmarks/ on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import _harness
+
+    return _harness
+
+
+def test_record_has_command_commit_utc_time_machine_and_load(harness) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    record = harness.start_record(model="m.onnx")
+    assert record["model"] == "m.onnx" and record["command"].startswith("python ")
+    assert record["commit"] == "unknown" or len(record["commit"]) >= 7
+    started = datetime.fromisoformat(record["started_utc"])
+    assert started.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - started) < timedelta(minutes=1)
+    machine = record["machine"]
+    assert machine["cpu_model"] and machine["cores_usable"] >= 1 and "avx2" in machine["isa_flags"]
+    assert "load_average_1m_5m_15m" not in machine  # load has one key naming: before / after
+    assert len(record["load_average_before"]) == 3
+    harness.finish_record(record)
+    assert len(record["load_average_after"]) == 3 and record["finished_utc"] >= record["started_utc"]
+    json.dumps(record)  # plain JSON
+
+
+def test_older_records_are_read_under_their_own_key_names(harness) -> None:
+    new = {"load_average_before": [1.0, 2.0, 3.0], "started_utc": "2026-12-01T00:00:00+00:00"}
+    assert harness.recorded_load(new, "before") == [1.0, 2.0, 3.0]
+    assert harness.recorded({"uptime_load_start": [4.0, 4.0, 4.0]}, "load_average_before") == [4.0, 4.0, 4.0]
+    assert harness.recorded_load({"load_after": [5.0, 5.0, 5.0]}, "after") == [5.0, 5.0, 5.0]
+    snapshots = {"machine_before": {"load_average_1m_5m_15m": [6.0, 6.0, 6.0]},
+                 "machine_after": {"load_average_1m_5m_15m": [7.0, 7.0, 7.0]}}  # fmt: skip
+    assert harness.recorded_load(snapshots, "before") == [6.0, 6.0, 6.0]
+    assert harness.recorded_load(snapshots, "after") == [7.0, 7.0, 7.0]
+    assert harness.recorded({"first_batch_s": 0.5}, "first_row_s") == 0.5
+    assert harness.recorded({}, "first_row_s", "-") == "-"
+
+
+def test_results_are_written_atomically(harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kidney_edge.io_utils
+
+    out = tmp_path / "results" / "thing"
+    harness.write_results(out, {"figure": 1.5}, "# thing\n")
+    assert harness.read_results(out) == {"figure": 1.5}
+    assert out.with_suffix(".md").read_text() == "# thing\n"
+
+    def interrupted(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kidney_edge.io_utils.os, "fsync", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        harness.write_results(out, {"figure": 2.5}, "# changed\n")
+    assert harness.read_results(out) == {"figure": 1.5}  # the old file, whole
+    assert out.with_suffix(".md").read_text() == "# thing\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["thing.json", "thing.md"]  # no temp file left
+    assert harness.read_results(tmp_path / "missing") is None
+
+
+def test_proc_status_parsing_reads_vmhwm_in_kilobytes(harness) -> None:
+    status = "Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\nRssAnon:\t   80000 kB\n"
+    assert harness.parse_status_kb(status) == {"VmHWM": 123456, "RssAnon": 80000}
+    assert harness.parse_status_kb(status, keys=("VmRSS",)) == {"VmRSS": 100000}
+    assert harness.parse_status_kb("VmHWM:\n") == {}
+
+
+def test_run_cli_times_predict_with_its_own_peak_rss_and_first_row(harness, tmp_path: Path) -> None:
+    model = make_conv_onnx(tmp_path / "export" / "model.onnx")
+    images = tmp_path / "images"
+    write_gray_images(images, 10)
+    out = tmp_path / "p.csv"
+    ballast = b"x" * (300 << 20)  # resident in this process: it must not count as the child's
+    run = harness.run_cli(["predict", images, "--model", model, "--out", out, "--batch-size", "2"], out=out)
+    del ballast
+    assert run.exit_code == 0, run.output
+    assert run.rows == 10 and run.images_per_s == pytest.approx(10 / run.wall_s, rel=0.01)
+    assert run.first_row_s is not None and 0 < run.first_row_s <= run.wall_s
+    assert run.samples[-1][1] == 10
+    assert 20 < run.peak_rss_mb < 300, run.peak_rss_mb  # VmHWM of predict's process alone
+    record = run.to_dict()
+    assert record["command"].startswith("kidney-edge predict") and record["output_tail"] == ""
+    assert len(record["load_average_before"]) == 3 and "samples" not in record
+
+
+def test_model_only_is_benchmarks_rows_and_the_two_denominators(harness, tmp_path: Path) -> None:
+    model = make_conv_onnx(tmp_path / "model.onnx")
+    measured = harness.model_only(
+        model, precision="fp32", batch_sizes=(2,), threads=1, iterations=4, warmup=1
+    )
+    (row,) = measured["rows"]
+    assert (row["batch_size"], row["threads"], row["workers"], row["iterations"]) == (2, 1, 1, 4)
+    assert "--precision fp32" in measured["command"] and "OUT.json" in measured["command"]
+
+    def row_of(batch_size: int, workers: int, images_per_s: float) -> dict:
+        return {
+            "batch_size": batch_size,
+            "workers": workers,
+            "threads": 2 // workers,
+            "images_per_s": images_per_s,
+        }
+
+    rows = {"rows": [row_of(1, 1, 100.0), row_of(8, 1, 150.0), row_of(8, 2, 180.0), row_of(16, 1, 160.0)]}
+    assert harness.one_batch_images_per_s(rows, batch_size=8) == 150.0
+    assert harness.best_images_per_s(rows, batch_size=8) == 180.0  # predict's side-by-side layout
+    assert harness.one_batch_images_per_s(rows) == 160.0  # the best batch size
+    assert harness.best_images_per_s(rows) == 180.0
+    with pytest.raises(ValueError, match="batch size 4"):
+        harness.one_batch_images_per_s(rows, batch_size=4)
+
+
+# Patterns of the facts the harness owns, in a script that should import them instead.
+_OWNED_BY_HARNESS = {
+    "load average": r"os\.getloadavg\(",
+    "git commit": r"rev-parse|def git_commit",
+    "machine info": r"machine_info\(|cpu_info\(|platform\.(processor|python_version|machine)\(|def machine\(",
+    "the CPU-kind label": r"def cpu_kind\(",
+    "another script as a library": r"^\s*(from|import) bench_",
+    "a non-atomic result file": r"\.write_text\(|json\.dump\(",
+}
+# Another engineer ports bench_recipe.py to the harness.
+_NOT_YET_ON_THE_HARNESS: set[str] = set()
+
+
+def harness_violations(source: str) -> list[str]:
+    """The harness-owned facts a benchmark script computes itself."""
+    import re
+
+    return [fact for fact, pattern in _OWNED_BY_HARNESS.items() if re.search(pattern, source, re.M)]
+
+
+def test_scripts_take_machine_load_commit_and_files_from_the_harness() -> None:
+    scripts = sorted(BENCHMARKS.glob("bench_*.py"))
+    assert len(scripts) >= 10
+    found = {
+        script.name: harness_violations(script.read_text())
+        for script in scripts
+        if script.name not in _NOT_YET_ON_THE_HARNESS
+    }
+    assert {name: facts for name, facts in found.items() if facts} == {}
+    for script in scripts:
+        if script.name not in _NOT_YET_ON_THE_HARNESS:
+            assert "import _harness as harness" in script.read_text(), script.name
+
+
+def test_the_guard_sees_a_script_that_keeps_its_own_copy() -> None:
+    planted = (BENCHMARKS / "bench_runtime.py").read_text() + (
+        "\nfrom bench_serve import free_port\n"
+        "def git_commit():\n    return subprocess.run(['git', 'rev-parse', 'HEAD'])\n"
+        "LOAD = os.getloadavg()\nPath('x.md').write_text('half')\n"
+    )
+    assert harness_violations(planted) == [
+        "load average",
+        "git commit",
+        "another script as a library",
+        "a non-atomic result file",
+    ]
+
+
+# Results whose Markdown is rendered from their JSON alone (the others add hand-written notes).
+_RENDERED_FROM_JSON = ("runtime", "int8", "ray", "serve", "series", "ood")
+
+
+@pytest.mark.parametrize("name", _RENDERED_FROM_JSON)
+def test_recorded_results_re_render_unchanged(name: str, tmp_path: Path) -> None:
+    """A renderer change must not change a recorded figure: each script's --render-only path
+    on its recorded JSON writes the committed Markdown again."""
+    import shutil
+    import subprocess
+
+    results = BENCHMARKS / "results"
+    for suffix in (".json", ".md"):  # int8.md: its legacy section is kept from the Markdown
+        shutil.copy(results / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"bench_{name}.py"), "--render-only", "--out", str(tmp_path / name)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / f"{name}.md").read_text() == (results / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.json").read_bytes() == (results / f"{name}.json").read_bytes()
+
+
+def test_data_results_re_render_unchanged(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    results = BENCHMARKS / "results"
+    shutil.copy(results / "data.json", tmp_path / "data.json")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_data.py"), "--render-only", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "data.md").read_text() == (results / "data.md").read_text()

@@ -30,7 +30,7 @@ from kidney_edge.dataset import (
     write_splits,
 )
 from kidney_edge.errors import InputError
-from kidney_edge.phantom import synthesize
+from kidney_edge.phantoms.classic import synthesize
 
 KAGGLE_ROOT = (
     "/kaggle/input/ct-kidney-dataset-normal-cyst-tumor-and-stone/CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"

@@ -158,6 +158,25 @@ def test_both_models_carry_an_ood_detector_with_their_own_threshold(lite0_export
     assert describe_onnx(result.int8_path)["ood_detector"] == int8.describe()  # what `info` prints
 
 
+def test_the_ood_fit_works_from_the_splits_export_read_once(
+    lite0_export, splits_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """select_images reads splits.csv once; every OOD fit after it works from those rows."""
+    from kidney_edge import labelled
+    from kidney_edge.export import select_images
+    from kidney_edge.export.ood_graph import file_detector
+
+    result, spec = lite0_export
+    reads: list[Path] = []
+    read = labelled.read_splits
+    monkeypatch.setattr(labelled, "read_splits", lambda path: reads.append(Path(path)) or read(path))
+    images = select_images(splits_csv, (), spec)
+    detector = file_detector(result.model_path, None, images.splits, result, None)
+    assert reads == [splits_csv]
+    val = sum(row.split == "val" for row in images.splits.rows)
+    assert detector is not None and detector.n_val == val > 0 and detector.n_fit > 0
+
+
 def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
     from kidney_edge.runtime import OnnxClassifier, describe_onnx
 

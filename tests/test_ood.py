@@ -8,19 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _factories import SIZE, make_tiny_onnx
 from scipy.stats import binomtest
-from test_runtime import SIZE, make_tiny_onnx, read_rows, write_gray_images
+from test_runtime import read_rows, write_gray_images
 
 from kidney_edge.errors import ImageReadError, InputError
-from kidney_edge.ood import (
-    HALF_PRECISION_SIZE,
-    ONNX_OOD_KEY,
-    OodDetector,
-    OodMethod,
-    choose_threshold,
-    fit_detector,
-    fit_params,
-)
+from kidney_edge.ood import choose_threshold, fit_detector, fit_params
+from kidney_edge.runtime.ood import HALF_PRECISION_SIZE, ONNX_OOD_KEY, OodDetector, OodMethod
 from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
 
 
@@ -146,8 +140,8 @@ def test_unknown_is_not_a_class_name() -> None:
 
 
 def test_foreign_corpus_is_built_offline_and_readable(tmp_path: Path) -> None:
-    from kidney_edge.foreign import FOREIGN_CSV, KINDS, write_foreign_corpus
     from kidney_edge.imaging import preprocess
+    from kidney_edge.phantoms.foreign import FOREIGN_CSV, KINDS, write_foreign_corpus
 
     items = write_foreign_corpus(tmp_path / "foreign")
     assert {item.kind for item in items} == set(KINDS) and len(items) >= 50

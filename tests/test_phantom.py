@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from kidney_edge.errors import InputError
-from kidney_edge.phantom import KAGGLE_CLASS_COUNTS, class_counts, synthesize
+from kidney_edge.phantoms.classic import synthesize
+from kidney_edge.phantoms.kaggle_layout import KAGGLE_CLASS_COUNTS, class_counts
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -13,16 +13,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError
-from kidney_edge.phantom import class_counts
-from kidney_edge.phantom2 import (
+from kidney_edge.phantoms.kaggle_layout import TRUTH_COLUMNS, class_counts
+from kidney_edge.phantoms.lookalike import (
     CALCIUM_HU,
+    OWN_TRUTH_COLUMNS,
     SIZE_FACTORS,
-    TRUTH_COLUMNS,
-    PhantomStyle,
     render_patient,
     synthesize,
-    synthesizer,
 )
+from kidney_edge.phantoms.styles import PhantomStyle, synthesizer
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -61,7 +60,7 @@ def test_kaggle_layout_and_label_files(small: Path) -> None:
         files = sorted((small / name).glob("*.jpg"), key=lambda p: _number(p.name))
         assert [p.name for p in files] == [f"{name}- ({k}).jpg" for k in range(1, count + 1)]
     truth = _rows(small / "phantom_truth.csv")
-    assert tuple(truth[0]) == TRUTH_COLUMNS
+    assert tuple(truth[0]) == (*TRUTH_COLUMNS, *OWN_TRUTH_COLUMNS)
     assert sorted(r["path"] for r in truth) == sorted(r["path"] for r in labels)
     assert {r["class"]: r["finding"] for r in truth} == {
         "Normal": "none", "Cyst": "cyst", "Stone": "stone", "Tumor": "tumor"
@@ -178,9 +177,9 @@ def test_bad_options_name_the_flag(tmp_path: Path, options: dict, flag: str) -> 
 
 
 def test_styles_choose_the_renderer() -> None:
-    from kidney_edge import phantom
+    from kidney_edge.phantoms import classic
 
-    assert synthesizer("classic") is phantom.synthesize
+    assert synthesizer("classic") is classic.synthesize
     assert synthesizer(PhantomStyle.lookalike) is synthesize
     with pytest.raises(InputError, match="--style"):
         synthesizer("photoreal")

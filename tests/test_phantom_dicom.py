@@ -12,20 +12,20 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from kidney_edge import phantom  # noqa: E402
 from kidney_edge.errors import InputError  # noqa: E402
-from kidney_edge.phantom_dicom import (  # noqa: E402
+from kidney_edge.phantoms.dicom_series import (  # noqa: E402
     AXIAL,
     CORONAL,
     CT_IMAGE_STORAGE,
-    SERIES_TRUTH_CSV,
     SPLITS_CSV,
     SeriesPhantomConfig,
     display_matched_hu,
     instance_ranges,
     parse_instance_ranges,
+    read_series_truth,
     synthesize_series,
 )
+from kidney_edge.phantoms.kaggle_layout import FINDINGS, NORMAL  # noqa: E402
 from kidney_edge.spec import CTWindow  # noqa: E402
 
 SMALL = SeriesPhantomConfig(n_series=8, seed=5, size=64, slices_per_series=(5, 7))
@@ -44,7 +44,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_every_file_is_a_ct_slice_pydicom_reads_with_consistent_uids(series_dir: Path) -> None:
-    slices, truth = _rows(series_dir / SPLITS_CSV), _rows(series_dir / SERIES_TRUTH_CSV)
+    slices, truth = _rows(series_dir / SPLITS_CSV), read_series_truth(series_dir)
     files = sorted(p for p in series_dir.rglob("*") if p.is_file() and p.suffix not in (".csv",))
     assert len(files) == len(slices) and len(truth) == SMALL.n_series
     by_series: dict[str, list] = defaultdict(list)
@@ -67,7 +67,7 @@ def test_every_file_is_a_ct_slice_pydicom_reads_with_consistent_uids(series_dir:
 
 
 def test_positions_step_one_thickness_down_as_instance_numbers_rise(series_dir: Path) -> None:
-    truth = {t["series_uid"]: t for t in _rows(series_dir / SERIES_TRUTH_CSV)}
+    truth = {t["series_uid"]: t for t in read_series_truth(series_dir)}
     by_series: dict[str, list] = defaultdict(list)
     for row in _rows(series_dir / SPLITS_CSV):
         ds = pydicom.dcmread(series_dir / row["path"], stop_before_pixels=True)
@@ -93,17 +93,15 @@ def test_truth_names_each_finding_and_exactly_the_slices_that_show_it(series_dir
     labels: dict[str, dict[int, str]] = defaultdict(dict)
     for row in _rows(series_dir / SPLITS_CSV):
         labels[row["group"]][int(row["instance"])] = row["label"]
-    for truth in _rows(series_dir / SERIES_TRUTH_CSV):
+    for truth in read_series_truth(series_dir):
         shown = parse_instance_ranges(truth["finding_instances"])
         per_slice = labels[truth["series_uid"]]
-        assert {n for n, label in per_slice.items() if label != phantom.NORMAL} == set(shown)
+        assert {n for n, label in per_slice.items() if label != NORMAL} == set(shown)
         assert all(per_slice[n] == truth["label"] for n in shown)
-        if truth["label"] == phantom.NORMAL:
+        if truth["label"] == NORMAL:
             assert truth["finding"] == "none" and shown == []
         else:
-            assert (
-                truth["finding"] == phantom.FINDINGS[truth["label"]] and shown
-            )  # at least one slice cuts it
+            assert truth["finding"] == FINDINGS[truth["label"]] and shown  # at least one slice cuts it
         assert truth["split"] in ("val", "test")
 
 
@@ -151,7 +149,7 @@ def test_same_seed_same_bytes_and_a_rerun_replaces_the_previous_series(tmp_path:
     synthesize_series(
         tmp_path / "a", SeriesPhantomConfig(n_series=1, seed=4, size=32, slices_per_series=(3, 3))
     )
-    assert len(_rows(tmp_path / "a" / SERIES_TRUTH_CSV)) == 1
+    assert len(read_series_truth(tmp_path / "a")) == 1
     left = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and p.suffix != ".csv"]
     assert len(left) == len(_rows(tmp_path / "a" / SPLITS_CSV))  # nothing of the old series is left
 
@@ -164,6 +162,8 @@ def test_refuses_a_foreign_folder_and_bad_options(tmp_path: Path) -> None:
         SeriesPhantomConfig(slices_per_series=(2, 1))
     with pytest.raises(InputError, match="--difficulty"):
         SeriesPhantomConfig(difficulty=9.0)
+    with pytest.raises(InputError, match="--format dicom"):
+        read_series_truth(tmp_path)  # a folder without series_truth.csv
 
 
 def test_instance_ranges_round_trip() -> None:
@@ -181,7 +181,7 @@ def test_synth_cli_writes_dicom_series(tmp_path: Path) -> None:
                                       "--size", "32", "--slices-per-patient", "3", "4"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "wrote 3 DICOM series" in result.output
-    assert len(_rows(tmp_path / "d" / SERIES_TRUTH_CSV)) == 3
+    assert len(read_series_truth(tmp_path / "d")) == 3
     refused = CliRunner().invoke(
         app, ["synth", str(tmp_path / "e"), "--format", "dicom", "--style", "lookalike"]
     )

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bench import make_conv_onnx
+from _factories import make_conv_onnx
 from test_runtime import write_gray_images
 from typer.testing import CliRunner
 

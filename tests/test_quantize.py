@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bench import make_conv_onnx
+from _factories import make_conv_onnx
 from test_runtime import write_gray_images
 
 from kidney_edge.errors import InputError

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_runtime import make_bad_files, make_tiny_onnx, read_rows, write_gray_images
+from _factories import make_tiny_onnx
+from test_runtime import make_bad_files, read_rows, write_gray_images
 from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError
@@ -101,11 +102,13 @@ def assert_same_rows(ray_rows: list[dict], local: dict[str, dict]) -> None:
 
 def as_typed(row: dict[str, str]) -> dict[str, Any]:
     """A CSV row's cells as the JSONL types: empty -> None, numbers -> float."""
+    from kidney_edge.runtime.rows import is_number_column
+
     typed: dict[str, Any] = {}
     for column, cell in row.items():
         if cell == "":
             typed[column] = None
-        elif column.startswith("p_") or column in ("confidence", "ood_score"):
+        elif is_number_column(column):
             typed[column] = float(cell)
         else:
             typed[column] = cell
@@ -123,6 +126,21 @@ def test_ray_rows_equal_local_rows_bad_files_included(
     assert failed == {"zero.jpg", "truncated.jpg", "text.png", "bomb.png", "broken.dcm"}
     assert (summary.predicted, summary.failed, summary.actors, summary.fatal_files) == (20, 5, 2, 0)
     assert summary.exit_code == 3 and sum(summary.class_counts.values()) == 20
+
+
+def test_ray_summary_counts_labels_under_local_rule(ray_local: Any, images: Path, tmp_path: Path) -> None:
+    """With an OOD detector that rejects nothing, both engines list ``unknown 0``: one summary rule."""
+    from test_ood import _model_with_detector
+
+    from kidney_edge.ood import OodDetector, OodMethod
+    from kidney_edge.spec import UNKNOWN_LABEL
+
+    model = _model_with_detector(tmp_path / "ood.onnx", OodDetector(OodMethod.MSP, 1.0))
+    local = predict_folder(images / "left", model=model, out=tmp_path / "local.csv")
+    on_ray = predict_with_ray(images / "left", model=model, out=tmp_path / "ray.csv", actors=1)
+    assert on_ray.class_counts == local.class_counts and on_ray.class_counts[UNKNOWN_LABEL] == 0
+    assert list(on_ray.class_counts) == [*local.class_names, UNKNOWN_LABEL]
+    assert (on_ray.model, on_ray.threads, on_ray.precision) == (local.model, 1, local.precision)
 
 
 def test_resume_after_a_partial_line_completes_each_file_once(

@@ -18,62 +18,18 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from _factories import SIZE, make_tiny_onnx
 from PIL import Image
 
 from kidney_edge.errors import InputError
 from kidney_edge.spec import ONNX_METADATA_KEY, DecisionRule, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
-
-
-def make_tiny_onnx(
-    path: Path, spec: ModelSpec | None = None, *, seed: int = 0, metadata: bool = True
-) -> Path:
-    """input (N,3,S,S) -> GlobalAveragePool -> Flatten -> Gemm -> logits; softmax(logits/T) -> probabilities."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = spec or ModelSpec(input_size=SIZE)
-    rng = np.random.default_rng(seed)
-    # Gray inputs have equal channel means, so the logits move with one number: the image's
-    # mean brightness. Slopes of both signs make different images land in different classes.
-    weight = np.zeros((3, spec.num_classes), np.float32)
-    weight[0] = np.linspace(-6.0, 6.0, spec.num_classes)
-    bias = rng.normal(scale=0.5, size=spec.num_classes).astype(np.float32)
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
-        helper.make_node("Div", ["logits", "T"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
-    ]
-    size, classes = spec.input_size, spec.num_classes
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-        ],
-        [
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(bias, "b"),
-            numpy_helper.from_array(np.array(spec.temperature, np.float32), "T"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    if metadata:
-        helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def write_gray_images(folder: Path, count: int, *, size: int = 48, seed: int = 0) -> list[Path]:
@@ -397,6 +353,138 @@ def test_resume_refuses_output_of_another_model(model_path: Path, image_dir: Pat
     out.write_text("path,label,p_A,p_B,error\n")
     with pytest.raises(InputError, match="--resume"):
         predict_folder(image_dir, model=model_path, out=out, resume=True)
+
+
+# --------------------------------------------------------------------------- the driver and the rows schema
+
+
+class ScriptedEngine:
+    """A PredictEngine without a model: files named ``bad*`` get an error row, the others a fixed
+    prediction; two rows per batch, and Ctrl-C after ``interrupt_after`` batches when given."""
+
+    def __init__(self, spec: ModelSpec, interrupt_after: int | None = None) -> None:
+        self.spec, self.interrupt_after, self.given = spec, interrupt_after, []
+
+    def classify(self, paths: list[str], write: Any) -> None:
+        from kidney_edge.runtime.rows import error_row, prediction_rows
+
+        self.given.extend(paths)
+        for batch, start in enumerate(range(0, len(paths), 2)):
+            if batch == self.interrupt_after:
+                raise KeyboardInterrupt
+            chunk = paths[start : start + 2]
+            probabilities = np.tile(np.float32([0.1, 0.2, 0.3, 0.4]), (len(chunk), 1))  # (k, 4): Tumor
+            rows = prediction_rows(chunk, probabilities, self.spec)
+            write(
+                [
+                    error_row(p, "unreadable", CLASSES) if "bad" in p else r
+                    for p, r in zip(chunk, rows, strict=True)
+                ]
+            )
+
+
+def _run_scripted(model: Path, out: Path, files: list[str], engine: ScriptedEngine, **job: Any) -> Any:
+    from functools import partial
+
+    from kidney_edge.runtime import OutputFormat, Precision, PredictSummary
+    from kidney_edge.runtime.driver import PredictJob, run_predict
+
+    options = {"out": out, "fmt": OutputFormat.CSV, "batch_size": 2, "resume": False, "model": model,
+               "precision": Precision.AUTO, "threads": 1, "ood": True, **job}  # fmt: skip
+    progress: list[tuple[int, int]] = []
+    summary = run_predict(
+        PredictJob(**options),
+        list_files=lambda: files,
+        start=lambda classifier, summary: engine,
+        new_summary=partial(PredictSummary, workers=7),
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    return summary, progress
+
+
+def test_driver_writes_counts_and_resumes_whatever_engine_classifies(
+    model_path: Path, tmp_path: Path
+) -> None:
+    from kidney_edge.runtime import EXIT_SOME_FAILED, output_columns
+
+    spec, out = ModelSpec(input_size=SIZE), tmp_path / "p.csv"
+    files = ["/x/a.png", "/x/bad.png", "/x/c.png"]
+    summary, progress = _run_scripted(model_path, out, files, ScriptedEngine(spec))
+    rows = read_rows(out)
+    assert list(rows[0]) == output_columns(CLASSES) and [r["path"] for r in rows] == files
+    assert rows[1]["error"] == "unreadable" and rows[0]["p_Tumor"] == "0.400000"  # FLOAT_DIGITS decimals
+    assert (summary.predicted, summary.failed, summary.total_files, summary.workers) == (2, 1, 3, 7)
+    assert summary.class_counts == {"Cyst": 0, "Normal": 0, "Stone": 0, "Tumor": 2}
+    assert summary.failures == [("/x/bad.png", "unreadable")] and summary.exit_code == EXIT_SOME_FAILED
+    assert progress == [(0, 3), (2, 3), (3, 3)] and summary.model == model_path
+
+    engine = ScriptedEngine(spec)
+    resumed, _ = _run_scripted(model_path, out, [*files, "/x/d.png"], engine, resume=True)
+    assert engine.given == ["/x/d.png"] and (resumed.skipped, resumed.processed) == (3, 1)
+    assert [r["path"] for r in read_rows(out)] == [*files, "/x/d.png"]
+
+
+def test_driver_turns_ctrl_c_into_a_summary_and_keeps_finished_rows(model_path: Path, tmp_path: Path) -> None:
+    from kidney_edge.runtime import OutputFormat
+
+    spec, out = ModelSpec(input_size=SIZE), tmp_path / "p.jsonl"
+    files = [f"/x/{name}.png" for name in "abcde"]
+    summary, _ = _run_scripted(
+        model_path, out, files, ScriptedEngine(spec, interrupt_after=1), fmt=OutputFormat.JSONL
+    )
+    assert summary.interrupted and summary.processed == 2 and summary.wall_s > 0
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == files[:2]
+
+
+def test_one_summary_rule_lists_every_label_up_front_and_refuses_others() -> None:
+    from kidney_edge.runtime import PredictSummary
+    from kidney_edge.runtime.rows import error_row, label_counts
+    from kidney_edge.spec import UNKNOWN_LABEL
+
+    assert label_counts(CLASSES, ood=False) == dict.fromkeys(CLASSES, 0)
+    with_detector = label_counts(CLASSES, ood=True)
+    assert list(with_detector) == [*CLASSES, UNKNOWN_LABEL] and set(with_detector.values()) == {0}
+    summary = PredictSummary(out=Path("p.csv"), model=Path("m.onnx"), fmt="csv", decision_rule="argmax",
+                             class_names=CLASSES, is_int8=False, ood_detector=None, threads=1, workers=1,
+                             batch_size=2, class_counts=label_counts(CLASSES, ood=False))  # fmt: skip
+    summary.record([{"path": "a", "label": "Cyst", "error": None}, error_row("b", "empty file", CLASSES)])
+    assert (summary.predicted, summary.failed, summary.class_counts["Cyst"]) == (1, 1, 1)
+    with pytest.raises(KeyError):  # unknown without a detector: a bug, not a new summary row
+        summary.record([{"path": "c", "label": UNKNOWN_LABEL, "error": None}])
+
+
+def test_number_columns_are_the_ones_rows_fill_with_floats() -> None:
+    from kidney_edge.runtime.rows import error_row, is_number_column, output_columns, prediction_rows
+
+    spec = ModelSpec(input_size=SIZE)
+    probabilities = np.float32([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    rows = prediction_rows(["a", "b"], probabilities, spec, ood_scores=np.float32([0.5, 0.9]),
+                           unknown=np.array([False, True]))  # fmt: skip
+    rows.append(error_row("c", "empty file", CLASSES))
+    for column in output_columns(CLASSES):
+        kinds = {type(row[column]) for row in rows} - {type(None)}
+        assert kinds == ({float} if is_number_column(column) else {str}), column
+
+
+# Files that take the predictions schema from kidney_edge.runtime.rows: none may define its own
+# float digits or spell a probability column.
+_SCHEMA_USERS = ("runtime/predict.py", "runtime/ray_engine.py", "runtime/series.py", "runtime/driver.py",
+                 "runtime/serve/service.py", "evaluation.py", "series_eval.py")  # fmt: skip
+
+
+def schema_copies(source: str) -> list[str]:
+    """Lines of ``source`` that define FLOAT_DIGITS or spell the ``p_`` column prefix themselves."""
+    import re
+
+    copy = re.compile(r"^\s*FLOAT_DIGITS\s*=|[\"']p_")
+    return [line.strip() for line in source.splitlines() if copy.search(line)]
+
+
+def test_the_predictions_schema_has_one_owner() -> None:
+    planted = 'FLOAT_DIGITS = 6\nrow[f"p_{name}"]\nfrom kidney_edge.runtime.rows import FLOAT_DIGITS\n'
+    assert schema_copies(planted) == ["FLOAT_DIGITS = 6", 'row[f"p_{name}"]']
+    for name in _SCHEMA_USERS:
+        assert schema_copies((REPO / "kidney_edge" / name).read_text()) == [], name
 
 
 # --------------------------------------------------------------------------- CLI, in a process without torch

@@ -17,12 +17,12 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from test_runtime import make_tiny_onnx  # noqa: E402
+from _factories import make_tiny_onnx  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from kidney_edge.cli import app  # noqa: E402
 from kidney_edge.errors import InputError  # noqa: E402
-from kidney_edge.phantom_dicom import AXIAL, CORONAL, SliceHeader, slice_dataset  # noqa: E402
+from kidney_edge.phantoms.dicom_series import AXIAL, CORONAL, SliceHeader, slice_dataset  # noqa: E402
 from kidney_edge.runtime.predict import scan_images  # noqa: E402
 from kidney_edge.runtime.series import (  # noqa: E402
     AGGREGATIONS,
@@ -182,6 +182,29 @@ def test_unknown_slices_are_counted_and_left_out_of_the_aggregation() -> None:
     row = _one_row(headers, [0.99, 0.0, 0.0, 0.1], **rows)
     assert (row["n_unknown"], row["n_slices"], row["label"]) == (1, 3, "Normal")
     assert f"rejected as {UNKNOWN_LABEL}" in row["warning"]
+
+
+def test_series_counts_slices_under_the_predict_summary_rule() -> None:
+    """A series' n_<Class>, n_unknown and n_failed are what predict's summary counts for its slices."""
+    from kidney_edge.runtime import PredictSummary
+    from kidney_edge.runtime.rows import label_counts
+
+    headers = [_header(str(i), 5.0 * i, i) for i in range(6)]
+    special = {"/s/0": _prediction("/s/0", 0.99, label=UNKNOWN_LABEL),
+               "/s/1": _prediction("/s/1", 0.9, error="empty file")}  # fmt: skip
+    predictions = [
+        special.get(h.path) or _prediction(h.path, t)
+        for h, t in zip(headers, [0, 0, 0.9, 0.8, 0.1, 0], strict=True)
+    ]
+    (row,) = series_rows(predictions, {h.path: h for h in headers}, CLASSES, SeriesRule(), "Tumor")
+    summary = PredictSummary(out=Path("p.csv"), model=Path("m.onnx"), fmt="csv", decision_rule="argmax",
+                             class_names=CLASSES, is_int8=False, ood_detector="msp", threads=1, workers=1,
+                             batch_size=2, class_counts=label_counts(CLASSES, ood=True))  # fmt: skip
+    summary.record(predictions)
+    counts = summary.class_counts
+    assert (row["n_failed"], row["n_unknown"]) == (summary.failed, counts[UNKNOWN_LABEL]) == (1, 1)
+    assert {name: row[f"n_{name}"] for name in CLASSES} == {name: counts[name] for name in CLASSES}
+    assert row["n_slices"] == summary.predicted - counts[UNKNOWN_LABEL] == 4
 
 
 def test_files_without_series_uids_get_one_error_row() -> None:

@@ -11,9 +11,9 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from test_runtime import make_tiny_onnx  # noqa: E402
+from _factories import make_tiny_onnx  # noqa: E402
 
-from kidney_edge.phantom_dicom import SeriesPhantomConfig, synthesize_series  # noqa: E402
+from kidney_edge.phantoms.dicom_series import SeriesPhantomConfig, synthesize_series  # noqa: E402
 from kidney_edge.runtime.series import SeriesRule  # noqa: E402
 from kidney_edge.series_eval import (  # noqa: E402
     SeriesResult,

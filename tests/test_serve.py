@@ -1,7 +1,8 @@
 """`kidney-edge serve`: answers equal predict's rows, every limit and bad input, the token, the bind address.
 
 Tiny ONNX models (test_runtime.make_tiny_onnx, and one here with a `cam` output) keep every
-request to milliseconds; the app runs in-process under Starlette's TestClient.
+request to milliseconds; the app runs in-process under Starlette's TestClient, or in a real
+uvicorn server on a loopback port (:func:`live_server`) where the socket's behaviour matters.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import re
+import socket
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +33,8 @@ pytest.importorskip("fastapi")
 with warnings.catch_warnings():  # starlette asks for httpx2; httpx is the client of the serve extra
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: E402
-from test_runtime import SIZE, bomb_png, make_tiny_onnx  # noqa: E402
+from _factories import SIZE, make_cam_onnx, make_tiny_onnx  # noqa: E402
+from test_runtime import bomb_png  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from kidney_edge.errors import ImageReadError, InputError  # noqa: E402
@@ -36,59 +42,13 @@ from kidney_edge.imaging import load_image, preprocess  # noqa: E402
 from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app, exposure_warning, is_loopback  # noqa: E402
 from kidney_edge.runtime.serve.batcher import DynamicBatcher  # noqa: E402
-from kidney_edge.runtime.serve.limits import PayloadTooLarge, read_body  # noqa: E402
-from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec  # noqa: E402
-
-CAM_POOL = 8  # the CAM model's feature map is (SIZE / CAM_POOL) squared
-
-
-def make_cam_onnx(path: Path, spec: ModelSpec | None = None) -> Path:
-    """A CAM-shaped tiny model: input -> AveragePool(8) -> 1x1 Conv = cam (N, C, h, w) ->
-    GlobalAveragePool -> + bias = logits -> softmax(logits / T) = probabilities.
-
-    Its logits are the spatial mean of its cam, as for a CNN with a linear head; class weights
-    slope from -6 (class 0) to +6 (last class), so dark images are class 0 and bright ones the last.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    spec = spec or ModelSpec(input_size=SIZE)
-    classes, size = spec.num_classes, spec.input_size
-    weight = np.zeros((classes, 3, 1, 1), np.float32)
-    weight[:, 0, 0, 0] = np.linspace(-6.0, 6.0, classes)
-    nodes = [
-        helper.make_node(
-            "AveragePool", ["input"], ["features"], kernel_shape=[CAM_POOL] * 2, strides=[CAM_POOL] * 2
-        ),
-        helper.make_node("Conv", ["features", "W"], ["cam"]),
-        helper.make_node("GlobalAveragePool", ["cam"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("Add", ["flat", "b"], ["logits"]),
-        helper.make_node("Div", ["logits", "T"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
-    ]
-    h = size // CAM_POOL
-    graph = helper.make_graph(
-        nodes,
-        "tiny-cam",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", classes, h, h]),
-        ],
-        [
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(np.zeros(classes, np.float32), "b"),
-            numpy_helper.from_array(np.array(spec.temperature, np.float32), "T"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {ONNX_METADATA_KEY: spec.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+from kidney_edge.runtime.serve.limits import (  # noqa: E402
+    DRAIN_FACTOR,
+    DrainUnreadBody,
+    PayloadTooLarge,
+    read_body,
+)
+from kidney_edge.spec import ModelSpec  # noqa: E402
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -115,6 +75,46 @@ def serving(model: Path, **options: Any) -> Iterator[TestClient]:
     config = ServeConfig(model=model, **{"threads": 1, "workers": 1, **options})
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
         yield client
+
+
+_CONNECT, _CREATE_CONNECTION = socket.socket.connect, socket.create_connection  # before conftest's refusal
+
+
+@pytest.fixture
+def loopback(no_network: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections to 127.0.0.1 only (a :func:`live_server`); any other address still fails loudly."""
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if not (isinstance(address, tuple) and address[0] == "127.0.0.1"):
+            raise RuntimeError(f"network access attempted in a test: {address!r}")
+        _CONNECT(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", _CREATE_CONNECTION)  # it calls connect above
+
+
+@contextmanager
+def live_server(model: Path, **options: Any) -> Iterator[str]:
+    """A real uvicorn server in a thread on a free 127.0.0.1 port; yields its base URL."""
+    import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
+    port = listener.getsockname()[1]
+    config = ServeConfig(model=model, **{"threads": 1, "workers": 1, "port": port, **options})
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 30 s"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +377,70 @@ def test_declared_size_over_the_limit_is_413(models: dict[str, Path]) -> None:
         assert answer.status_code == 413 and "limit is 2 (--max-files)" in answer.json()["detail"]
 
 
+def urllib_post(url: str, data: Any, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """POST with the standard library's client, which writes the whole body before it reads."""
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_a_client_that_sends_the_whole_body_first_reads_the_413(
+    models: dict[str, Path], loopback: None
+) -> None:
+    # Default --max-bytes (32 MiB): 40 MB is refused on its Content-Length before it is read.
+    # Closing with the body unread would reset the connection under urllib's feet.
+    with live_server(models["plain"]) as url:
+        status, body = urllib_post(f"{url}/v1/predict", b"\0" * 40_000_000, {"content-type": "image/png"})
+        assert status == 413
+        assert body == {
+            "detail": "upload too large: the limit is 33,554,432 bytes (--max-bytes); send a smaller image"
+        }
+        chunks = (b"\0" * (1 << 20) for _ in range(40))  # no Content-Length: chunked, refused mid-stream
+        status, body = urllib_post(f"{url}/v1/predict", chunks, {"content-type": "image/png"})
+        assert status == 413 and "--max-bytes" in body["detail"]
+        status, body = urllib_post(f"{url}/v1/predict", gray_png(), {"content-type": "image/png"})
+        assert status == 200 and set(body["probabilities"]) == set(ModelSpec().class_names)
+    with live_server(models["plain"], token="s3cret") as url:  # refused before the body is read
+        status, body = urllib_post(f"{url}/v1/predict", b"\0" * 8_000_000, {"content-type": "image/png"})
+        assert status == 401 and "bearer token" in body["detail"]
+
+
+def test_unread_body_is_drained_within_its_bound() -> None:
+    """The drain reads at most DRAIN_FACTOR x --max-bytes, then answers with Connection: close;
+    a declared length over the bound is not read at all."""
+
+    async def refuse_unread(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def run(declared: int | None, chunks: int) -> tuple[int, list[Any]]:
+        pulled = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal pulled
+            pulled += 1
+            return {"type": "http.request", "body": b"x" * 100, "more_body": pulled < chunks}
+
+        sent: list[Any] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [] if declared is None else [(b"content-length", str(declared).encode())]
+        drain = DrainUnreadBody(refuse_unread, max_bytes=250)
+        asyncio.run(drain({"type": "http", "headers": headers}, receive, send))
+        return pulled, sent[0]["headers"]
+
+    limit = DRAIN_FACTOR * 250
+    assert run(declared=900, chunks=9) == (9, [])  # read to its end: the connection stays usable
+    pulled, headers = run(declared=None, chunks=10**6)  # an endless chunked body
+    assert pulled == limit // 100 + 1 and headers == [(b"connection", b"close")]
+    assert run(declared=limit + 1, chunks=10**6) == (0, [(b"connection", b"close")])
+
+
 def test_streamed_body_stops_reading_at_the_limit() -> None:
     pulled = 0
 
@@ -439,6 +503,38 @@ def test_unreadable_images_are_422_naming_the_problem(
 def test_wrong_content_type_is_415(client: TestClient, kwargs: dict[str, Any], says: str) -> None:
     answer = client.post("/v1/predict", **kwargs)
     assert answer.status_code == 415 and says in answer.json()["detail"]
+
+
+def test_batch_takes_multipart_only(client: TestClient) -> None:
+    answer = post_png(client, gray_png(), path="/v1/predict/batch")
+    assert answer.status_code == 415
+    assert answer.json()["detail"] == (
+        "Content-Type image/png is not accepted here: send the images as multipart/form-data file "
+        "parts (one raw image goes to /v1/predict)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "detail"),
+    [
+        ("post", "/v1/predict?cam=null", 422,
+         "query parameter cam='null': Input should be a valid boolean, unable to interpret input; "
+         "the parameters are described at /openapi.json"),
+        ("post", "/v1/predict/batch?cam=maybe", 422,
+         "query parameter cam='maybe': Input should be a valid boolean, unable to interpret input; "
+         "the parameters are described at /openapi.json"),
+        ("get", "/v2/predict", 404, "Not Found"),
+        ("delete", "/v1/predict", 405, "Method Not Allowed"),
+    ],
+    ids=["cam-null", "cam-maybe", "unknown-path", "wrong-method"],
+)  # fmt: skip
+def test_framework_errors_answer_the_one_error_shape(
+    client: TestClient, method: str, path: str, status: int, detail: str
+) -> None:
+    answer = getattr(client, method)(path)
+    assert answer.status_code == status and answer.json() == {"detail": detail}
+    if status == 405:
+        assert answer.headers["allow"] == "POST"
 
 
 def test_malformed_forms_are_400(client: TestClient) -> None:
@@ -595,7 +691,7 @@ def test_cli_serves_the_model_on_localhost_by_default(
 
 
 def test_serving_imports_nothing_from_the_training_stack(models: dict[str, Path], tmp_path: Path) -> None:
-    from test_import_graph import RUNTIME_LAYER, run_refusing_heavy
+    from test_import_graph import in_runtime_layer, run_refusing_heavy
 
     script = """
 from fastapi.testclient import TestClient
@@ -611,5 +707,5 @@ report(status=status)
     graph = run_refusing_heavy(script, str(models["cam"]), str(image), cwd=tmp_path)
     assert graph["status"] == 200, graph["output"]
     assert graph["attempts"] == [] and graph["loaded"] == []
-    outside = [name for name in graph["ours"] if not name.startswith(RUNTIME_LAYER)]
+    outside = [name for name in graph["ours"] if not in_runtime_layer(name)]
     assert outside == [] and "kidney_edge.runtime.serve.app" in graph["ours"]

@@ -23,7 +23,7 @@ if CHROMIUM is None:  # CI installs it (.ci/run) and stops if it cannot
     pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
-from test_serve import make_cam_onnx  # noqa: E402
+from _factories import make_cam_onnx  # noqa: E402
 
 from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app  # noqa: E402
@@ -31,7 +31,7 @@ from kidney_edge.runtime.serve import ServeConfig, create_app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def phantom_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kidney_edge.phantom import synthesize
+    from kidney_edge.phantoms.classic import synthesize
 
     out = tmp_path_factory.mktemp("browser") / "phantom"
     synthesize(out, n=4, size=128, seed=3, class_mix={"Tumor": 1.0})

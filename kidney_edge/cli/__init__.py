@@ -12,19 +12,21 @@ import sys
 from importlib import import_module
 from typing import Any
 
-# command -> the module that registers it on `app`. A command missing here still runs (main
-# then imports every module), only slower; tests/test_cli.py checks the table.
+# command -> the module that registers it on `app`, in pipeline order: `kidney-edge --help`
+# lists the commands in this order. A command missing here still runs (main then imports
+# every module), only slower; tests/test_cli.py checks the table.
 COMMAND_MODULES = {
-    "benchmark": "benchmark_cmd",
-    "demo": "demo_cmd",
+    "synth": "data_cmd",
+    "split": "data_cmd",
+    "train": "train_cmd",
     "evaluate": "evaluate_cmd",
     "export": "export_cmd",
-    "info": "info_cmd",
     "predict": "predict_cmd",
+    "benchmark": "benchmark_cmd",
     "serve": "serve_cmd",
-    "split": "data_cmd",
-    "synth": "data_cmd",
-    "train": "train_cmd",
+    "info": "info_cmd",
+    "doctor": "doctor_cmd",
+    "demo": "demo_cmd",
 }
 
 
@@ -38,11 +40,12 @@ def _register(modules: list[str]) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        return _register(sorted(set(COMMAND_MODULES.values())))
+        return _register(list(dict.fromkeys(COMMAND_MODULES.values())))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     module = COMMAND_MODULES.get(command or "")
-    _register([module] if module else sorted(set(COMMAND_MODULES.values())))()
+    # prog_name: usage lines read `kidney-edge ...` under `python -m kidney_edge` too
+    _register([module] if module else list(dict.fromkeys(COMMAND_MODULES.values())))(prog_name="kidney-edge")

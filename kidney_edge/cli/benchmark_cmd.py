@@ -7,30 +7,62 @@ from typing import Annotated, Any
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors
-from kidney_edge.runtime import BenchmarkConfig
+from kidney_edge.cli._app import PANEL_EDGE, NowArgument, Renamed, app, console, library_errors
+from kidney_edge.runtime import INT8_FILE, MODEL_FILE, BenchmarkConfig
 from kidney_edge.runtime.precision import Precision
 
 
-@app.command()
+@app.command(
+    rich_help_panel=PANEL_EDGE,
+    old_spellings=(
+        NowArgument("--images", "FOLDER"),
+        Renamed("--batch-sizes", "--batch-size"),
+        Renamed("--json", "--out"),
+    ),
+)
 def benchmark(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder of images: also time predict end to end on it (decode, preprocess, model, "
+            "write), as `kidney-edge predict` would run.",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         Path | None,
-        typer.Option("--model", help="Export folder or .onnx file; default: newest export/*/model.onnx."),
+        typer.Option(
+            "--model",
+            metavar="PATH",
+            help=f"Export folder or .onnx file; default: the newest export/*/. With --precision auto, a "
+            f"folder, {MODEL_FILE} or {INT8_FILE} times both files of the export side by side; any other "
+            ".onnx file is timed alone.",
+        ),
     ] = None,
     batch_sizes: Annotated[
-        str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")
-    ] = ",".join(map(str, BenchmarkConfig.batch_sizes)),
+        list[int],
+        typer.Option(
+            "--batch-size",
+            metavar="N",
+            help="Batch size to time; repeat for several (--batch-size 1 --batch-size 8).",
+        ),
+    ] = BenchmarkConfig.batch_sizes,  # type: ignore[assignment]
     threads: Annotated[
-        str | None, typer.Option("--threads", help="Comma-separated thread counts; default: usable CPUs.")
-    ] = None,
-    images: Annotated[
-        Path | None, typer.Option("--images", help="Folder for an end-to-end predict measurement.")
+        list[int] | None,
+        typer.Option(
+            "--threads",
+            metavar="N",
+            help="onnxruntime threads to time, one batch at a time; repeat for several (--threads 1 "
+            "--threads 2); default: the usable CPUs, plus predict's default layout (batches side by side).",
+            show_default=False,
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(
-            "--checkpoint", help="Checkpoint of the same weights: adds PyTorch eager (needs torch)."
+            "--checkpoint",
+            metavar="FILE",
+            help="Checkpoint of the same weights: adds PyTorch eager (needs torch).",
         ),
     ] = None,
     warmup: Annotated[
@@ -43,33 +75,43 @@ def benchmark(
         Precision,
         typer.Option(
             "--precision",
-            help="auto: time every model of the export, and predict --images on the one predict would "
+            help="auto: time every model of the export, and predict FOLDER on the one predict would "
             "choose here; fp32/int8: only that one.",
         ),
     ] = BenchmarkConfig.precision,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the full record as JSON (atomically).")
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="File to write the full record to, as JSON (atomically)."),
     ] = None,
 ) -> None:
-    """Measure model latency and throughput with onnxruntime on this CPU (fp32 and INT8 side by side)."""
-    from kidney_edge.runtime import parse_int_list, run_benchmark
+    """Measure model latency and throughput with onnxruntime on this CPU (fp32 and INT8 side by side).
+
+    Model-only rows time the ONNX session on random input of the model's size, per batch size and
+    thread count; with FOLDER, one more row times predict end to end.
+    """
+    from kidney_edge.runtime import run_benchmark
+
+    pytorch_bench = None
+    if checkpoint is not None:  # the PyTorch comparison lives outside the torch-free runtime
+        from kidney_edge.torch_bench import bench_pytorch as pytorch_bench
 
     with library_errors(), console.status("benchmarking...") as status:
         result = run_benchmark(
             model,
-            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
-            threads=None if threads is None else parse_int_list(threads, "--threads"),
+            batch_sizes=tuple(batch_sizes),
+            threads=tuple(threads) if threads else None,
             warmup=warmup,
             iterations=iterations,
-            images_dir=images,
+            images_dir=folder,
             checkpoint=checkpoint,
             precision=precision,
-            json_out=json_out,
+            json_out=out,
             progress=lambda message: status.update(f"benchmarking: {message}"),
+            pytorch_bench=pytorch_bench,
         )
     _render(result)
-    if json_out is not None:
-        console.print(f"wrote {json_out}")
+    if out is not None:
+        console.print(f"wrote {out}")
 
 
 def _render(result: dict[str, Any]) -> None:

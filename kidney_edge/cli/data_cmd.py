@@ -10,12 +10,14 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.cli._app import PANEL_DATA, app, console, err_console, library_errors
 from kidney_edge.dataset import SplitConfig
-from kidney_edge.phantom import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
-from kidney_edge.phantom2 import SIZE_FACTORS, STYLE_SLICES_PER_PATIENT, PhantomStyle
-from kidney_edge.phantom_dicom import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
-from kidney_edge.phantom_dicom import SLICES_PER_SERIES, PhantomFormat, SeriesPhantomConfig
+from kidney_edge.layout import SPLITS_FILE
+from kidney_edge.phantoms.dicom_series import DEFAULT_DIFFICULTY as SERIES_DIFFICULTY
+from kidney_edge.phantoms.dicom_series import SLICES_PER_SERIES, SeriesPhantomConfig
+from kidney_edge.phantoms.kaggle_layout import DEFAULT_DIFFICULTY, KAGGLE_CLASS_COUNTS
+from kidney_edge.phantoms.lookalike import SIZE_FACTORS
+from kidney_edge.phantoms.styles import STYLE_SLICES_PER_PATIENT, PhantomFormat, PhantomStyle
 
 
 class SplitMode(str, Enum):
@@ -23,9 +25,14 @@ class SplitMode(str, Enum):
     random = "random"
 
 
-@app.command()
+@app.command(rich_help_panel=PANEL_DATA)
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset into.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DATA", help="Folder to write the phantom dataset into (the DATA of split and train)."
+        ),
+    ],
     n: Annotated[
         int | None,
         typer.Option(
@@ -54,6 +61,7 @@ def synth(
         tuple[int, int] | None,
         typer.Option(
             "--slices-per-patient",
+            metavar="MIN MAX",
             help="MIN MAX adjacent slices drawn of each patient (near-identical images that a split "
             "must keep together). Default: the style's ("
             + ", ".join(
@@ -81,7 +89,7 @@ def synth(
     ] = PhantomFormat.KAGGLE,
 ) -> None:
     """Generate a phantom kidney CT dataset: JPEG slices in the Kaggle layout, or DICOM series."""
-    from kidney_edge.phantom2 import synthesizer
+    from kidney_edge.phantoms.styles import synthesizer
 
     if fmt is PhantomFormat.DICOM:
         _synth_series(out, n, seed, size, difficulty, slices_per_patient, style)
@@ -117,7 +125,7 @@ def _synth_series(
     style: PhantomStyle,
 ) -> None:
     from kidney_edge.errors import InputError
-    from kidney_edge.phantom_dicom import synthesize_series
+    from kidney_edge.phantoms.dicom_series import synthesize_series
 
     with library_errors():
         if style is not PhantomStyle.classic:
@@ -143,18 +151,24 @@ def _synth_series(
     )
 
 
-@app.command()
+@app.command(rich_help_panel=PANEL_DATA)
 def split(
     data: Annotated[Path, typer.Argument(help="Dataset folder: one sub-folder per class (Kaggle layout).")],
-    out: Annotated[Path, typer.Option("--out", help="Manifest to write; the audit goes beside it.")] = Path(
-        "splits.csv"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            help="File to write the splits.csv manifest to; the audit JSON goes beside it.",
+        ),
+    ] = Path(SPLITS_FILE),
     seed: Annotated[
         int, typer.Option("--seed", help="Random seed of the group assignment.")
     ] = SplitConfig.seed,
-    ratios: Annotated[str, typer.Option("--ratios", help="train,val,test shares summing to 1.")] = ",".join(
-        f"{share:g}" for share in SplitConfig.ratios
-    ),
+    ratios: Annotated[
+        tuple[float, float, float],
+        typer.Option("--ratios", metavar="TRAIN VAL TEST", help="Shares of the three splits, summing to 1."),
+    ] = SplitConfig.ratios,  # type: ignore[assignment]
     split_mode: Annotated[
         SplitMode,
         typer.Option("--split-mode", help="grouped, or random (leaks; exists only to show the leak)."),
@@ -209,11 +223,10 @@ def split(
     from kidney_edge.dataset import audit_path, split_dataset
 
     with library_errors():
-        shares = _parse_ratios(ratios)
         with Progress(console=err_console, transient=True) as bar:
             task = bar.add_task("scanning images", total=None)
             config = SplitConfig(
-                ratios=shares,
+                ratios=tuple(ratios),
                 seed=seed,
                 mode=split_mode.value,
                 group_pattern=group_pattern,
@@ -228,15 +241,6 @@ def split(
             )
     _print_audit(result.audit)
     console.print(f"wrote {out} and {audit_path(out)}")
-
-
-def _parse_ratios(text: str) -> tuple[float, ...]:
-    from kidney_edge.errors import InputError
-
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(f"--ratios must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
 
 
 def _print_audit(audit: dict[str, Any]) -> None:

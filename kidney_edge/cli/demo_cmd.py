@@ -8,32 +8,38 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kidney_edge.cli._app import app, console, library_errors, print_headline
-from kidney_edge.demo import DemoConfig
+from kidney_edge.cli._app import PANEL_TOOLS, app, console, library_errors, print_headline
+from kidney_edge.demo import FULL, QUICK, DemoConfig
+
+_DEMO_HELP = f"""Run the whole pipeline on built-in phantom data, offline, on the CPU.
+
+Generates phantom kidney CT slices, splits them without leakage, trains EfficientNet-Lite0 in two \
+phases, evaluates on the test split (report with CIs, calibration, Grad-CAM), exports ONNX fp32 + \
+INT8 with parity, predicts {FULL.n_holdout:,} slices of new phantom patients and benchmarks latency. \
+Training runs the default recipe of `train` at {FULL.image_size} px within a \
+{FULL.train_budget_min:g}-minute budget; the whole demo took 448 s (7.5 minutes) on a 2-core Xeon \
+(benchmarks/results/demo.md). --quick takes 1-2 minutes.
+"""
 
 
-@app.command()
+@app.command(rich_help_panel=PANEL_TOOLS, help=_DEMO_HELP)
 def demo(
     out: Path = typer.Option(
         DemoConfig.out,
         "--out",
+        metavar="DIR",
         help="Folder for every artifact of the demo: its phantom data, run, export and predictions "
         "stay together there, apart from your own models/ and export/.",
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="A 1-2 minute smoke run: tiny data, small images, 2 epochs."
+        False,
+        "--quick",
+        help=f"A 1-2 minute smoke run: {QUICK.n_images} images at {QUICK.image_size} px, training cut to "
+        f"a {QUICK.train_budget_min:g}-minute budget.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for data, split and training."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what an earlier demo left in --out."),
 ) -> None:
-    """Run the whole pipeline on built-in phantom data, offline, on the CPU.
-
-    Generates phantom kidney CT slices, splits them without leakage, trains EfficientNet-Lite0
-    in two phases, evaluates on the test split (report with CIs, calibration, Grad-CAM),
-    exports ONNX fp32 + INT8 with parity, predicts 1,000 slices of new phantom patients and
-    benchmarks latency. Training runs the default recipe of `train` at 160 px within a 7-minute
-    budget; about 11 minutes in all on a 2-core CPU. --quick takes 1-2 minutes.
-    """
     from kidney_edge.demo import run_demo
 
     with library_errors():

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors, print_headline, progress_bar
+from kidney_edge.cli._app import (
+    PANEL_MODEL,
+    NowOption,
+    app,
+    console,
+    library_errors,
+    print_headline,
+    progress_bar,
+)
 from kidney_edge.dataset import SPLITS
 from kidney_edge.evaluation import EvaluateConfig
 
@@ -18,17 +26,26 @@ if TYPE_CHECKING:  # pragma: no cover
 Split = Enum("Split", {name: name for name in SPLITS}, type=str)  # choices from the library
 
 
-@app.command()
+@app.command(rich_help_panel=PANEL_MODEL, old_spellings=(NowOption("MODEL", "--model", positionals=2),))
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Checkpoint (best.pt) or exported model.onnx to evaluate.")],
     data: Annotated[
         Path, typer.Argument(help="Folder with one sub-folder per class, or a splits.csv (see --split).")
     ],
-    split: Annotated[Split, typer.Option("--split", help="Which split of a splits.csv.")] = Split(
-        EvaluateConfig.split
-    ),
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", metavar="FILE", help="Checkpoint (best.pt) or exported .onnx file to evaluate."
+        ),
+    ],
+    split: Annotated[
+        Split,
+        typer.Option(
+            "--split", help="Which split of a splits.csv DATA to evaluate (a folder DATA: all of it)."
+        ),
+    ] = Split(EvaluateConfig.split),
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for metrics.json, predictions.csv and the report.")
+        Path,
+        typer.Option("--out", metavar="DIR", help="Folder for metrics.json, predictions.csv and the report."),
     ] = Path("evaluation"),
     tumor_recall: Annotated[
         float | None,

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.cli._app import (
+    PANEL_MODEL,
+    NowArgument,
+    NowOption,
+    Renamed,
+    app,
+    console,
+    err_console,
+    library_errors,
+)
 from kidney_edge.export import MIN_OPSET, ExportConfig, Exporter
 from kidney_edge.quantize import ActivationType, CalibrationMethod, QuantizationConfig
 
@@ -15,23 +24,54 @@ if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.export import ExportResult
 
 
-@app.command()
+@app.command(
+    rich_help_panel=PANEL_MODEL,
+    old_spellings=(
+        NowOption("RUN", "--model", positionals=1),
+        NowArgument("--images", "DATA"),
+        Renamed("--splits", "--splits-csv"),
+    ),
+)
 def export(
-    source: Annotated[Path, typer.Argument(help="Run folder (best.pt + splits.csv) or a .pt checkpoint.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", metavar="PATH", help="Run folder (best.pt + splits.csv) or a .pt checkpoint."
+        ),
+    ],
+    data: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Images or folders to check parity on and calibrate INT8 with, when the run has no "
+            "splits.csv and no --splits-csv is given.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Output folder; default: export/<RUN name>.")
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Folder to write the models and parity.json to; default: export/<run name>.",
+        ),
     ] = None,
     int8: Annotated[
-        bool, typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (gated).")
+        bool,
+        typer.Option(
+            "--int8/--no-int8",
+            help="Also write model.int8.onnx, kept only if it passes the accuracy gate against fp32.",
+        ),
     ] = ExportConfig.int8,
     allow_int8_drop: Annotated[
         bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it loses > 1 point.")
     ] = ExportConfig.allow_int8_drop,
-    splits: Annotated[
-        Path | None, typer.Option("--splits", help="splits.csv for parity/calibration/gate; default: RUN's.")
-    ] = None,
-    images: Annotated[
-        list[Path] | None, typer.Option("--images", help="Images/folders when there is no splits.csv.")
+    splits_csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--splits-csv",
+            metavar="FILE",
+            help="splits.csv for parity, calibration and the gate; default: the run's.",
+        ),
     ] = None,
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="Training images that calibrate INT8.")
@@ -69,10 +109,10 @@ def export(
     """Export to ONNX with the spec inside, prove parity with PyTorch, add a gated INT8 model."""
     from kidney_edge.export import default_out_dir, export_model
 
-    out_dir = out if out is not None else default_out_dir(source)
+    out_dir = out if out is not None else default_out_dir(model)
     with library_errors():
         config = ExportConfig(
-            int8=int8, allow_int8_drop=allow_int8_drop, splits=splits, images=tuple(images or ()),
+            int8=int8, allow_int8_drop=allow_int8_drop, splits=splits_csv, images=tuple(data or ()),
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
             max_parity_images=parity_images, exporter=exporter, ood=ood,
             quantization=QuantizationConfig(
@@ -85,7 +125,7 @@ def export(
             def progress(stage: str, done: int, total: int) -> None:
                 status.update(f"{stage} {done}/{total}" if total > 1 else stage)
 
-            result = export_model(source, out_dir, config=config, progress=progress)
+            result = export_model(model, out_dir, config=config, progress=progress)
     _render(result)
 
 
@@ -120,7 +160,7 @@ def _render(result: ExportResult) -> None:
         f"figures: {result.parity_path}\n\nNext:\n"
         f"  kidney-edge benchmark --model {result.model_path}{both}\n"
         f"  kidney-edge predict FOLDER --model {model}\n"
-        f"  kidney-edge info {model}"
+        f"  kidney-edge info --model {model}"
     )
 
 

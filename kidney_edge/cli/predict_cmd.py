@@ -1,8 +1,8 @@
 """`kidney-edge predict`: classify a folder of images with an ONNX model (no PyTorch).
 
-Exit codes: 0 every file was predicted; 3 some files could not be read (their rows carry an
-``error``); 2 nothing could be read, or bad arguments; 1 other failures; 130 interrupted
-(every finished row is kept; rerun with ``--resume``).
+Exit codes (the command's help states them too): 0 every file was predicted; 3 some files could
+not be read (their rows carry an ``error``); 2 nothing could be read, or bad arguments; 1 other
+failures; 130 interrupted (every finished row is kept; rerun with ``--resume``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors, progress_bar
-from kidney_edge.runtime import OutputFormat, PredictConfig
+from kidney_edge.cli._app import PANEL_EDGE, app, console, library_errors, progress_bar
+from kidney_edge.imaging import SUPPORTED_SUFFIXES
+from kidney_edge.runtime import (
+    EXIT_NOTHING_READ,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    OutputFormat,
+    PredictConfig,
+    output_columns,
+)
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
@@ -25,23 +33,48 @@ if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.runtime.series import SeriesSummary
 
 
-@app.command()
+# The file kinds predict reads: the scan's own list.
+_IMAGE_KINDS = " ".join(sorted(SUPPORTED_SUFFIXES))
+_PREDICT_HELP = f"""Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
+
+One row per image, columns {", ".join(output_columns(["<Class>"]))} (one p_ column per class).
+
+Exit codes: {EXIT_OK} every file predicted; {EXIT_SOME_FAILED} some files failed (their rows carry `error`); \
+{EXIT_NOTHING_READ} nothing readable, or bad arguments; 1 other failures; 130 interrupted (finished rows are \
+kept: rerun with --resume).
+"""
+
+
+@app.command(rich_help_panel=PANEL_EDGE, help=_PREDICT_HELP)
 def predict(
     folder: Annotated[
         str,
         typer.Argument(
-            help="Folder of images, scanned recursively (JPEG, PNG, TIFF, DICOM); with --engine ray also "
-            "a folder every node mounts, or a URI such as s3://bucket/slices.",
+            help=f"Folder of images, scanned recursively ({_IMAGE_KINDS}, and DICOM files without a "
+            "suffix); with --engine ray also a "
+            "folder every node mounts, or a URI such as s3://bucket/slices.",
         ),
     ],
     model: Annotated[
         Path | None,
         typer.Option(
-            "--model", help="Export folder (fp32 + INT8) or one .onnx file; default: newest export/*/."
+            "--model",
+            metavar="PATH",
+            help="Export folder (fp32 + INT8) or one .onnx file; default: the newest export/*/.",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output file, streamed as it goes.")] = PredictConfig.out,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = PredictConfig.fmt,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="FILE",
+            help="File to write the predictions to, row by row as they come (--format parquet: a folder of parts).",
+        ),
+    ] = PredictConfig.out,
+    fmt: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="Format of --out; parquet needs --engine ray."),
+    ] = PredictConfig.fmt,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Images per onnxruntime call.")
     ] = PredictConfig.batch_size,
@@ -101,10 +134,6 @@ def predict(
         int | None, typer.Option("--actors", help="Ray actors, one model each; default: CPUs // --threads.")
     ] = None,
 ) -> None:
-    """Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
-
-    Exit code 0: all predicted; 3: some files failed (rows with `error`); 2: nothing readable or bad arguments.
-    """
     from rich.progress import TimeRemainingColumn
 
     from kidney_edge.errors import InputError

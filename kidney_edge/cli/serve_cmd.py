@@ -11,23 +11,25 @@ from typing import Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, err_console, library_errors
+from kidney_edge.cli._app import PANEL_EDGE, app, console, err_console, human_bytes, library_errors
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.serve.config import ServeConfig
 
 _D = ServeConfig  # defaults come from the library's config
 
 
-@app.command()
+@app.command(rich_help_panel=PANEL_EDGE)
 def serve(
     model: Annotated[
         Path | None,
-        typer.Option("--model", help="ONNX model or export folder; default: newest export/*/."),
+        typer.Option(
+            "--model", metavar="PATH", help="Export folder or one .onnx file; default: the newest export/*/."
+        ),
     ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; anything but loopback prints a warning.")
     ] = _D.host,
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = _D.port,
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on.")] = _D.port,
     token: Annotated[
         str | None,
         typer.Option(
@@ -37,7 +39,12 @@ def serve(
         ),
     ] = None,
     max_bytes: Annotated[
-        int, typer.Option("--max-bytes", help="Largest request body (413 above).")
+        int,
+        typer.Option(
+            "--max-bytes",
+            help=f"Largest request body in bytes (default {human_bytes(_D.max_bytes)}); larger ones get 413.",
+            show_default=False,
+        ),
     ] = _D.max_bytes,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Images in flight before 503 + Retry-After.")
@@ -45,7 +52,8 @@ def serve(
     max_files: Annotated[int, typer.Option("--max-files", help="Files per batch request.")] = _D.max_files,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Images per ONNX call.")] = _D.max_batch,
     max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", help="How long a request waits for others to batch with.")
+        float,
+        typer.Option("--max-wait-ms", help="Milliseconds a request waits for others to batch with."),
     ] = _D.max_wait_ms,
     threads: Annotated[
         int | None,
@@ -59,12 +67,17 @@ def serve(
         ),
     ] = None,
     precision: Annotated[
-        Precision, typer.Option("--precision", help="fp32 or INT8 model of an export folder.")
+        Precision,
+        typer.Option(
+            "--precision", help="Model of an export folder: auto as in predict, or force fp32/int8."
+        ),
     ] = _D.precision,
     save_dir: Annotated[
         Path | None,
         typer.Option(
-            "--save-dir", help="Keep every upload here under a server-chosen name (default: keep nothing)."
+            "--save-dir",
+            metavar="DIR",
+            help="Keep every upload here under a server-chosen name (default: keep nothing).",
         ),
     ] = None,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
@@ -72,6 +85,9 @@ def serve(
     """Serve a model over HTTP: POST /v1/predict, /v1/predict/batch, GET /healthz, /metrics, and a web page at /.
 
     Binds 127.0.0.1 by default. No TLS: put a reverse proxy in front to serve other machines.
+
+    Exit codes: 0 stopped normally (Ctrl-C); 2 bad arguments, a missing model or the serve extra not
+    installed; 1 other failures.
     """
     from kidney_edge.runtime.serve import serve as run_server
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.cli._app import app, console, library_errors, print_headline
+from kidney_edge.cli._app import PANEL_MODEL, Renamed, app, console, library_errors, print_headline
 from kidney_edge.ood import OodMethod
 from kidney_edge.training.config import (
     ALL_BLOCKS,
     ARCHS,
     DEVICES,
-    Augmentation,
     MODELS_ROOT,
+    Augmentation,
     TrainConfig,
     default_finetune_phase,
     default_head_phase,
@@ -42,7 +42,14 @@ def _blocks(text: str) -> int:
         raise typer.BadParameter(f"expected a number of blocks or 'all', got {text!r}") from None
 
 
-@app.command()
+@app.command(
+    rich_help_panel=PANEL_MODEL,
+    old_spellings=(
+        Renamed("--workers", "--loader-workers"),
+        Renamed("--time-budget", "--time-budget-min"),
+        Renamed("--splits", "--splits-csv"),
+    ),
+)
 def train(
     data: Annotated[
         Path, typer.Argument(help="Image folder laid out as DATA/<Class>/<image> (e.g. Kaggle).")
@@ -51,20 +58,36 @@ def train(
         Path | None,
         typer.Option(
             "--out",
-            help=f"Run folder to create (or continue with --resume); default: {MODELS_ROOT}/<DATA name>-<time>.",
+            metavar="DIR",
+            help=f"Folder of the run to create (or continue with --resume); default: {MODELS_ROOT}/<DATA name>-<time>.",
         ),
     ] = None,
     arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch(_RUN.arch),
     epochs_head: Annotated[
         int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone, cached features).")
     ] = _HEAD.epochs,
-    epochs_finetune: Annotated[int, typer.Option("--epochs-finetune", help="Phase 2 epochs.")] = _FINETUNE.epochs,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = _RUN.batch_size,
-    image_size: Annotated[int, typer.Option("--image-size", help="Input size, a multiple of 32.")] = _RUN.image_size,
-    seed: Annotated[int, typer.Option("--seed")] = _RUN.seed,
-    device: Annotated[Device, typer.Option("--device", help="auto: CUDA when available.")] = Device(_RUN.device),
-    splits: Annotated[
-        Path | None, typer.Option("--splits", help="Existing splits.csv; default: split DATA 70/15/15.")
+    epochs_finetune: Annotated[
+        int, typer.Option("--epochs-finetune", help="Phase 2 epochs.")
+    ] = _FINETUNE.epochs,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Training images per step.")
+    ] = _RUN.batch_size,
+    image_size: Annotated[
+        int, typer.Option("--image-size", help="Input side in pixels, a multiple of 32.")
+    ] = _RUN.image_size,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed of the split, initialisation and batches.")
+    ] = _RUN.seed,
+    device: Annotated[Device, typer.Option("--device", help="auto: CUDA when available.")] = Device(
+        _RUN.device
+    ),
+    splits_csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--splits-csv",
+            metavar="FILE",
+            help="An existing splits.csv (kidney-edge split); default: split DATA 70/15/15.",
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")
@@ -73,11 +96,16 @@ def train(
         str,
         typer.Option(
             "--unfreeze-blocks",
+            metavar="N|all",
             help="Phase 2 trains the last N of 16 MBConv blocks + conv head, or 'all' (the whole backbone).",
         ),
     ] = str(_FINETUNE.unfreeze_blocks),
-    lr_head: Annotated[float, typer.Option("--lr-head")] = _HEAD.lr,
-    lr_finetune: Annotated[float, typer.Option("--lr-finetune")] = _FINETUNE.lr,
+    lr_head: Annotated[
+        float, typer.Option("--lr-head", help="Phase 1 learning rate (head only).")
+    ] = _HEAD.lr,
+    lr_finetune: Annotated[
+        float, typer.Option("--lr-finetune", help="Phase 2 learning rate at the head (see --layer-decay).")
+    ] = _FINETUNE.lr,
     layer_decay: Annotated[
         float,
         typer.Option("--layer-decay", help="Phase 2 LR multiplier per block away from the head (1: one LR)."),
@@ -91,17 +119,30 @@ def train(
             "--patience", help="Phase 2 stops after N epochs without gain (never in its first half)."
         ),
     ] = _FINETUNE.patience,
-    time_budget: Annotated[
+    time_budget_min: Annotated[
         float | None,
         typer.Option(
-            "--time-budget",
-            help="Minutes: measure this machine on the first batches and cut fine-tuning epochs to fit.",
+            "--time-budget-min",
+            metavar="MINUTES",
+            help="Time budget in minutes: measure this machine on the first batches and cut fine-tuning "
+            "epochs to fit; default: no budget.",
         ),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = _RUN.workers,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            "--loader-workers",
+            help="DataLoader worker processes that decode training images (0: in the training process).",
+        ),
+    ] = _RUN.workers,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random init, no ImageNet.")] = False,
     weights: Annotated[
-        Path | None, typer.Option("--weights", help="ImageNet weights file (original key names).")
+        Path | None,
+        typer.Option(
+            "--weights",
+            metavar="FILE",
+            help="ImageNet weights file (original key names), instead of the installed package's.",
+        ),
     ] = None,
     tumor_recall: Annotated[
         float, typer.Option("--tumor-recall", help="Tumor recall the decision rule targets on val.")
@@ -110,7 +151,9 @@ def train(
         OodMethod,
         typer.Option("--ood-method", help="Out-of-distribution detector fitted on train, threshold on val."),
     ] = OodMethod(_RUN.ood_method),
-    no_ood: Annotated[bool, typer.Option("--no-ood", help="Fit no OOD detector (nothing is labelled unknown).")] = False,
+    no_ood: Annotated[
+        bool, typer.Option("--no-ood", help="Fit no OOD detector (nothing is labelled unknown).")
+    ] = False,
     ood_max_rejection: Annotated[
         float,
         typer.Option(
@@ -151,10 +194,10 @@ def train(
     with library_errors():
         config = TrainConfig(
             data_dir=data, out_dir=resolve_run_dir(data, out, resume=resume), arch=arch.value, image_size=image_size, batch_size=batch_size,
-            seed=seed, device=device.value, splits=splits, resume=resume, workers=workers,
+            seed=seed, device=device.value, splits=splits_csv, resume=resume, workers=loader_workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             ood_method=None if no_ood else ood_method.value, ood_max_rejection=ood_max_rejection,
-            time_budget_min=time_budget, augmentation=augment.value,
+            time_budget_min=time_budget_min, augmentation=augment.value,
             head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head),
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),

@@ -2,16 +2,17 @@
 
 Modules import numpy, Pillow, onnxruntime (inside the functions that run a model) and the
 spec / imaging / errors / io_utils layer only; the training, evaluation and export layers
-import the runtime, never the reverse (tests/test_import_graph.py checks it). Two inputs that
-only the ``train`` extra can read import it inside their own branch: ``benchmark
---checkpoint`` (PyTorch eager figures; skipped, with the reason, without torch) and ``info``
-on a ``.pt`` checkpoint (an InputError saying what to install).
+import the runtime, never the reverse, not even inside a function (tests/test_import_graph.py
+checks it). The two inputs only the ``train`` extra can read come in as functions from the
+caller: ``benchmark --checkpoint`` (PyTorch eager figures, :mod:`kidney_edge.torch_bench`) and
+``info`` on a ``.pt`` checkpoint (:func:`kidney_edge.checkpoint.describe_checkpoint`).
 
 - :mod:`~kidney_edge.runtime.classifier`: :class:`OnnxClassifier` (spec from the file's
   metadata, batches of files through one session), the INT8 check, the default model.
 - :mod:`~kidney_edge.runtime.predict`: ``predict`` on a folder and the predictions schema.
 - :mod:`~kidney_edge.runtime.benchmark`: ``benchmark``, model-only and end to end.
 - :mod:`~kidney_edge.runtime.describe`: ``info`` on ONNX files, checkpoints and images.
+- :mod:`~kidney_edge.runtime.ood`: the OOD detector an ONNX file carries, scored with numpy.
 - :mod:`~kidney_edge.runtime.hardware`: usable CPUs and the CPU's instruction sets.
 - :mod:`~kidney_edge.runtime.precision`: fp32 or INT8 from an export folder, chosen on this CPU.
 """
@@ -41,22 +42,24 @@ from kidney_edge.runtime.describe import describe_file, describe_onnx
 from kidney_edge.runtime.hardware import CpuInfo, available_cpus, cpu_info, cpu_isa
 from kidney_edge.runtime.precision import Precision, PrecisionChoice, resolve_precision
 from kidney_edge.runtime.predict import (
-    EXIT_NOTHING_READ,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
     Classified,
     ExecutionLayout,
-    OutputFormat,
     PredictConfig,
-    PredictSummary,
     classify,
     classify_paths,
     execution_layout,
+    predict_folder,
+    scan_images,
+)
+from kidney_edge.runtime.rows import (
+    EXIT_NOTHING_READ,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    OutputFormat,
+    PredictSummary,
     format_predictions,
     output_columns,
-    predict_folder,
     prediction_rows,
-    scan_images,
 )
 
 __all__ = [

@@ -5,8 +5,9 @@ p50/p90/p99/mean milliseconds per batch and per image, and images/s, for every b
 thread count (one batch at a time: latency), and in ``predict``'s own execution layout (several
 batches side by side, one per worker: the sustained throughput a folder run can reach), for
 fp32 and INT8 side by side when ``model.onnx`` and ``model.int8.onnx`` sit in the same folder (or ``--model`` names the export folder; ``--precision fp32|int8`` keeps one).
-PyTorch eager on the same weights is measured only when a checkpoint is
-given and torch is importable (imported inside that branch: the runtime path stays torch-free).
+PyTorch eager on the same weights is measured when a checkpoint is given, by the function the
+caller passes as ``pytorch_bench`` (the CLI passes :func:`kidney_edge.torch_bench.bench_pytorch`):
+this module never imports torch or the checkpoint layer.
 The end-to-end figure runs :func:`kidney_edge.runtime.predict_folder` on a folder of images, on
 the model ``--precision`` picks (see :mod:`kidney_edge.runtime.precision`).
 """
@@ -77,6 +78,11 @@ class BenchmarkConfig:
     def thread_counts(self) -> tuple[int, ...]:
         """The thread counts timed one batch at a time: those asked for, else the usable CPUs."""
         return self.threads or (available_cpus(),)
+
+
+# Times a checkpoint's weights on the config's batch sizes and thread counts -> the record's
+# "pytorch" section: {"skipped": reason or None, "input_size": ..., "rows": [...]}.
+PytorchBench = Callable[[Path, BenchmarkConfig, Callable[[str], None]], dict[str, Any]]
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -178,8 +184,8 @@ def time_side_by_side(
     return seconds, time.perf_counter() - start
 
 
-def _random_batch(batch_size: int, input_size: int) -> np.ndarray:
-    # Normalised CT-like inputs: values around 0 with unit spread; (N, 3, S, S) float32.
+def random_batch(batch_size: int, input_size: int) -> np.ndarray:
+    """The timed input: normalised CT-like values around 0 with unit spread; (N, 3, S, S) float32."""
     rng = np.random.default_rng(0)
     return rng.normal(size=(batch_size, 3, input_size, input_size)).astype(np.float32)
 
@@ -207,7 +213,7 @@ def bench_onnx(
             for batch_size in config.batch_sizes:
                 side_by_side = f" x {layout.workers} workers" if layout.workers > 1 else ""
                 report(f"onnxruntime {precision}, batch {batch_size}, {layout.threads} threads{side_by_side}")
-                batch = _random_batch(batch_size, classifier.input_size)
+                batch = random_batch(batch_size, classifier.input_size)
                 call = lambda c=classifier, b=batch: c.run(b)  # noqa: E731
                 wall_s = None  # one batch at a time: images/s follows from the calls' own times
                 if layout.workers == 1:
@@ -226,37 +232,6 @@ def bench_onnx(
                      "iterations": len(seconds), **stats}
                 )  # fmt: skip
     return rows
-
-
-def bench_pytorch(checkpoint: Path, config: BenchmarkConfig, report: Callable[[str], None]) -> dict[str, Any]:
-    """PyTorch eager on the checkpoint's weights; {'skipped': reason} when torch is missing."""
-    try:
-        import torch
-    except ImportError:
-        return {"skipped": "PyTorch is not installed (pip install 'kidney-edge[train]')", "rows": []}
-    from kidney_edge.checkpoint import load_model
-
-    model, spec = load_model(checkpoint, device="cpu")
-    previous_threads = torch.get_num_threads()
-    rows = []
-    try:
-        for threads in config.thread_counts:
-            torch.set_num_threads(threads)
-            for batch_size in config.batch_sizes:
-                report(f"PyTorch eager, batch {batch_size}, {threads} threads")
-                batch = torch.from_numpy(_random_batch(batch_size, spec.input_size))
-                with torch.inference_mode():
-                    seconds = time_callable(
-                        lambda b=batch: model(b), warmup=config.warmup, iterations=config.iterations
-                    )
-                rows.append(
-                    {"engine": "pytorch-eager", "precision": "fp32", "model": str(checkpoint),
-                     "batch_size": batch_size, "threads": threads, "iterations": len(seconds),
-                     "torch": torch.__version__, **latency_stats(seconds, batch_size)}
-                )  # fmt: skip
-    finally:
-        torch.set_num_threads(previous_threads)
-    return {"skipped": None, "input_size": spec.input_size, "rows": rows}
 
 
 def bench_pipeline(
@@ -323,8 +298,13 @@ def run_benchmark(
     precision: Precision | str = BenchmarkConfig.precision,
     json_out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    pytorch_bench: PytorchBench | None = None,
 ) -> dict[str, Any]:
-    """Benchmark ``model`` (default: newest export) and return (and optionally write) the record."""
+    """Benchmark ``model`` (default: newest export) and return (and optionally write) the record.
+
+    ``checkpoint`` needs ``pytorch_bench``, which times it on the same settings (the record's
+    ``pytorch`` section).
+    """
     config = BenchmarkConfig(
         model=None if model is None else Path(model),
         batch_sizes=tuple(batch_sizes),
@@ -335,6 +315,8 @@ def run_benchmark(
         checkpoint=None if checkpoint is None else Path(checkpoint),
         precision=precision,
     )
+    if config.checkpoint is not None and pytorch_bench is None:
+        raise TypeError("checkpoint= needs pytorch_bench= (kidney_edge.torch_bench.bench_pytorch) to time it")
     report = progress or (lambda message: log.info("benchmark: %s", message))
     model_path = config.model or find_default_model()
     if not model_path.exists():
@@ -353,7 +335,7 @@ def run_benchmark(
                      "warmup": config.warmup, "iterations": config.iterations,
                      "precision": config.precision.value},
         "model_only": bench_onnx(variants, config, report),
-        "pytorch": None if config.checkpoint is None else bench_pytorch(config.checkpoint, config, report),
+        "pytorch": None if config.checkpoint is None else pytorch_bench(config.checkpoint, config, report),
         "pipeline": None,
     }  # fmt: skip
     result["int8_speedup"] = int8_speedup(result["model_only"])

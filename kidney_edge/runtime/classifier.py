@@ -18,8 +18,15 @@ import numpy as np
 
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.imaging import map_batches
-from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.hardware import available_cpus
+from kidney_edge.runtime.layout import (  # noqa: F401  (re-exported: the runtime's public names)
+    EXPORT_ROOT,
+    INT8_FILE,
+    MODEL_FILE,
+    PARITY_FILE,
+    REJECTED_INT8_FILE,
+)
+from kidney_edge.runtime.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.spec import (
     BLOCK_STATS,
     CAM,
@@ -30,16 +37,6 @@ from kidney_edge.spec import (
     PROBABILITIES,
     ModelSpec,
 )
-
-# What `kidney-edge export` writes: EXPORT_ROOT/<run>/MODEL_FILE, with INT8_FILE and
-# PARITY_FILE beside it; the export writes these names and the runtime reads them.
-EXPORT_ROOT = Path("export")
-MODEL_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-REJECTED_INT8_FILE = (
-    "model.int8.rejected.onnx"  # failed the gate at export: kept for inspection, never loaded
-)
-PARITY_FILE = "parity.json"  # parity figures, and in its "int8" section the INT8 accuracy gate record
 
 # Operators only quantized graphs hold: QDQ (QuantizeLinear/DequantizeLinear), QOperator
 # (QLinear*) and dynamic quantization (*Integer). Op types are plain strings in the protobuf.
@@ -119,7 +116,7 @@ class OnnxClassifier:
 
     The file must carry its :class:`ModelSpec` in ``metadata_props`` under
     :data:`~kidney_edge.spec.ONNX_METADATA_KEY` (``kidney-edge export`` writes it), and may carry
-    an OOD detector under :data:`~kidney_edge.ood.ONNX_OOD_KEY`; ``ood=False`` ignores it.
+    an OOD detector under :data:`~kidney_edge.runtime.ood.ONNX_OOD_KEY`; ``ood=False`` ignores it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, ood: bool = True) -> None:

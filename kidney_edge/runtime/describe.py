@@ -4,22 +4,23 @@ ONNX files are described without torch, and ``onnx`` (train extra) is optional. 
 and metadata come from onnxruntime; the opset comes from a minimal read of the ModelProto's
 top-level protobuf fields (no graph parsing), so it is exact without ``onnx``. INT8-ness is
 :func:`~kidney_edge.runtime.classifier.int8_operators` on the file's bytes; with ``onnx``
-importable the graph's ops and integer initializers are counted too. Checkpoints need the
-``train`` extra: :func:`kidney_edge.checkpoint.describe_checkpoint` is imported only for them.
+importable the graph's ops and integer initializers are counted too. Checkpoints need torch, so
+the caller passes their reader (the CLI passes :func:`kidney_edge.checkpoint.describe_checkpoint`
+when PyTorch is installed): this module never imports the checkpoint layer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError
 from kidney_edge.imaging import describe_image, is_image_file
-from kidney_edge.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.runtime.classifier import INT8_OPS, int8_operators
+from kidney_edge.runtime.ood import ONNX_OOD_KEY, OodDetector
 from kidney_edge.spec import ONNX_METADATA_KEY, ModelSpec
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -28,8 +29,14 @@ _MODEL_OPSET_IMPORT = 8
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 
 
-def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A plain dict describing ``path``; ``kind`` is ``onnx``, ``checkpoint`` or ``image``."""
+def describe_file(
+    path: str | os.PathLike[str], describe_checkpoint: Callable[[Path], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A plain dict describing ``path``; ``kind`` is ``onnx``, ``checkpoint`` or ``image``.
+
+    Checkpoints (:data:`CHECKPOINT_SUFFIXES`) are described by ``describe_checkpoint``; without
+    one, an InputError says what to install.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -39,22 +46,16 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if suffix == ".onnx":
         return {"kind": "onnx", **describe_onnx(path)}
     if suffix in CHECKPOINT_SUFFIXES:
-        return {"kind": "checkpoint", **_describe_checkpoint(path)}
+        if describe_checkpoint is None:
+            raise InputError(
+                f"{path}: describing a checkpoint needs PyTorch: pip install 'kidney-edge[train]'"
+            )
+        return {"kind": "checkpoint", **describe_checkpoint(path)}
     if not is_image_file(path):
         raise InputError(
             f"{path}: not a model or image file kidney-edge knows (.onnx, .pt, .jpg, .png, .bmp, .tif, .dcm)"
         )
     return {"kind": "image", **describe_image(path)}
-
-
-def _describe_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        from kidney_edge.checkpoint import describe_checkpoint
-    except ImportError:
-        raise InputError(
-            f"{path}: describing a checkpoint needs PyTorch: pip install 'kidney-edge[train]'"
-        ) from None
-    return describe_checkpoint(path)
 
 
 def describe_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:

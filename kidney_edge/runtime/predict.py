@@ -1,23 +1,20 @@
 """``kidney-edge predict``: classify a folder of images into a streamed predictions file.
 
-The predictions schema lives here once: :func:`output_columns` names the columns of predict's
-CSV/JSONL rows (and, ``labelled``, of evaluate's predictions.csv), :func:`prediction_rows`
-fills them from probabilities under the spec's decision rule, :func:`format_predictions`
-writes them.
+Here live the one chain every entry point runs on a batch (:func:`classify`: decode,
+preprocess, infer, decide), the folder scan, and the local engine (:class:`LocalEngine`:
+worker threads sharing one onnxruntime session). :func:`predict_folder` hands that engine to
+the driver (:func:`~kidney_edge.runtime.driver.run_predict`), which owns the rest of a run;
+the predictions schema is :mod:`~kidney_edge.runtime.rows`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,26 +23,14 @@ import numpy as np
 
 from kidney_edge.errors import ImageReadError, InputError, enum_choice
 from kidney_edge.imaging import SUPPORTED_SUFFIXES, ImageSource, is_image_file, preprocess
-from kidney_edge.io_utils import csv_text
 from kidney_edge.runtime.classifier import OnnxClassifier
+from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.hardware import available_cpus
-from kidney_edge.runtime.precision import Precision, PrecisionChoice, Probe, resolve_precision
-from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
+from kidney_edge.runtime.precision import Precision, Probe
+from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, prediction_rows
+from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_NOTHING_READ = 2  # same code as bad arguments: nothing useful came out of the run
-EXIT_SOME_FAILED = 3  # predictions were written, but some files have an `error` row instead
-_MAX_LISTED_FAILURES = 20
-
-
-class OutputFormat(str, Enum):
-    """Format of a predictions file (``--format``)."""
-
-    CSV = "csv"
-    JSONL = "jsonl"
-    PARQUET = "parquet"  # a folder of Parquet parts: written by `--engine ray` only
 
 
 @dataclass(frozen=True)
@@ -84,49 +69,6 @@ class PredictConfig:
             raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
 
 
-@dataclass
-class PredictSummary:
-    """What a predict run did. ``exit_code`` is what the CLI exits with."""
-
-    out: Path
-    model: Path
-    fmt: str
-    decision_rule: str
-    class_names: tuple[str, ...]
-    is_int8: bool
-    ood_detector: str | None  # the detector in words; None without one (or with --no-ood)
-    threads: int
-    workers: int
-    batch_size: int
-    total_files: int = 0  # images found in the folder
-    skipped: int = 0  # already in the output (--resume)
-    predicted: int = 0
-    failed: int = 0
-    class_counts: dict[str, int] = field(default_factory=dict)
-    failures: list[tuple[str, str]] = field(default_factory=list)  # the first few (path, error)
-    wall_s: float = 0.0
-    first_batch_s: float | None = None  # from the call to the first batch on disk
-    interrupted: bool = False
-    precision: str = ""  # fp32 or int8: the model that ran (runtime.precision)
-    precision_reason: str = ""  # why that one: forced, gate record, measured speed on this CPU
-    precision_warning: str | None = None  # a forced INT8 without a passed accuracy gate
-    positive_class: str | None = None  # the spec's positive class (series rows name its peak slice)
-
-    @property
-    def processed(self) -> int:
-        return self.predicted + self.failed
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.failed == 0:
-            return EXIT_OK
-        return EXIT_NOTHING_READ if self.predicted == 0 else EXIT_SOME_FAILED
-
-
 def _log_unreadable_folder(error: OSError) -> None:
     log.warning("skipping an unreadable folder: %s", error)
 
@@ -154,130 +96,6 @@ def scan_image_paths(folder: str | os.PathLike[str]) -> list[str]:
             if suffix or is_image_file(path):  # no suffix: is_image_file looks for DICOM magic
                 found.append(path)
     return found
-
-
-FLOAT_DIGITS = 6  # decimals of probabilities and confidence in a predictions CSV
-
-
-def output_columns(class_names: Sequence[str], *, labelled: bool = False) -> list[str]:
-    """The predictions schema: ``path``, ``label``, ``argmax_label``, ``confidence``,
-    ``p_<Class>`` per class, ``ood_score``, ``error``.
-
-    ``labelled`` (evaluate's predictions.csv): ``true_label`` after ``path`` and no ``error``,
-    since every evaluated file was read or the evaluation stopped naming it.
-    """
-    scores = ["label", "argmax_label", "confidence", *(f"p_{name}" for name in class_names), "ood_score"]
-    return ["path", "true_label", *scores] if labelled else ["path", *scores, "error"]
-
-
-def prediction_rows(
-    paths: Sequence[Any],
-    probabilities: np.ndarray,
-    spec: ModelSpec,
-    *,
-    true_labels: Sequence[str] | None = None,
-    ood_scores: np.ndarray | None = None,
-    unknown: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """One row per file of :func:`output_columns`: ``label`` under the spec's decision rule, or
-    :data:`~kidney_edge.spec.UNKNOWN_LABEL` where ``unknown`` (the OOD detector rejected it);
-    ``argmax_label`` the most probable class; ``confidence`` the label's probability (empty for
-    unknown); ``ood_score`` the detector's score (empty without a detector).
-
-    With ``true_labels`` the rows are ``labelled``: they carry ``true_label`` and no ``error``.
-    """
-    n = len(paths)
-    labels, argmax = spec.decide(probabilities), probabilities.argmax(axis=1)
-    truths = [None] * n if true_labels is None else true_labels
-    scores = [None] * n if ood_scores is None else [float(score) for score in ood_scores]
-    rejected = np.zeros(n, dtype=bool) if unknown is None else np.asarray(unknown, dtype=bool)
-    rows = []
-    for i, (path, truth, label, top, probs) in enumerate(
-        zip(paths, truths, labels, argmax, probabilities, strict=True)
-    ):
-        row: dict[str, Any] = {"path": path}
-        if true_labels is not None:
-            row["true_label"] = truth
-        row.update(
-            label=UNKNOWN_LABEL if rejected[i] else spec.class_names[label],
-            argmax_label=spec.class_names[top],
-            confidence=None if rejected[i] else float(probs[label]),
-        )
-        row.update({f"p_{name}": float(p) for name, p in zip(spec.class_names, probs, strict=True)})
-        row["ood_score"] = scores[i]
-        if true_labels is None:
-            row["error"] = None
-        rows.append(row)
-    return rows
-
-
-def format_predictions(
-    rows: Sequence[dict[str, Any]],
-    columns: Sequence[str],
-    fmt: OutputFormat = OutputFormat.CSV,
-    *,
-    header: bool = False,
-) -> str:
-    """Rows as CSV lines (``header`` first when asked; floats with :data:`FLOAT_DIGITS` decimals,
-    None as an empty cell) or as JSON lines."""
-    if fmt is OutputFormat.JSONL:
-        return "".join(json.dumps(row) + "\n" for row in rows)
-    return csv_text(rows, columns, header=header, float_digits=FLOAT_DIGITS)
-
-
-def _drop_partial_last_line(out: Path) -> None:
-    """A kill -9 can leave half a row at the end: cut the file back to its last newline."""
-    size = out.stat().st_size
-    if size == 0:
-        return
-    with open(out, "rb+") as handle:
-        tail_start = max(0, size - (1 << 20))
-        handle.seek(tail_start)
-        tail = handle.read()
-        if tail.endswith(b"\n"):
-            return
-        cut = tail.rfind(b"\n")
-        keep = tail_start + cut + 1 if cut >= 0 else 0  # rows are far shorter than 1 MiB
-        log.warning("%s: dropping a partially written last line (%d bytes)", out, size - keep)
-        handle.truncate(keep)
-
-
-def done_paths(out: Path, fmt: OutputFormat, columns: list[str]) -> set[str]:
-    """Paths that already have a row in ``out`` (predicted or failed), after repairing its end."""
-    if not out.is_file() or out.stat().st_size == 0:
-        return set()
-    _drop_partial_last_line(out)
-    with open(out, encoding="utf-8", newline="") as handle:
-        if fmt is OutputFormat.JSONL:
-            return _done_paths_jsonl(out, handle, columns)
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return set()
-        if header != columns:
-            raise InputError(
-                f"--resume: {out} has columns {header}, but this model writes {columns}; "
-                "pass another --out or drop --resume to start over"
-            )
-        return {row[0] for row in reader if row}
-
-
-def _done_paths_jsonl(out: Path, handle: Any, columns: list[str]) -> set[str]:
-    done = set()
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"--resume: {out} line {number} is not JSON; pass another --out") from None
-        if sorted(row) != sorted(columns):
-            raise InputError(
-                f"--resume: {out} line {number} has keys {sorted(row)}, but this model writes "
-                f"{columns}; pass another --out or drop --resume to start over"
-            )
-        done.add(row["path"])
-    return done
 
 
 @dataclass
@@ -323,7 +141,6 @@ class Classified:
 def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
     """One output row per source of the batch, in order; failed sources carry `error`."""
     spec = classifier.spec
-    columns = output_columns(spec.class_names)
     predicted, cams = {}, {}
     if loaded.ok:
         outputs = classifier.infer(loaded.inputs, cam=cam and classifier.has_cam)  # one ONNX call
@@ -334,11 +151,10 @@ def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: b
         predicted = dict(zip(loaded.ok, rows, strict=True))
         if outputs.cam is not None:
             cams = dict(zip(loaded.ok, outputs.cam, strict=True))
-    rows = []
-    for index, source in enumerate(loaded.sources):
-        row = predicted.get(index) or {**dict.fromkeys(columns), "path": source}
-        row["error"] = loaded.errors.get(index)
-        rows.append(row)
+    rows = [
+        predicted.get(index) or error_row(source, loaded.errors[index], spec.class_names)
+        for index, source in enumerate(loaded.sources)
+    ]
     return Classified(rows, cams)
 
 
@@ -354,18 +170,6 @@ def classify(sources: Sequence[ImageSource], classifier: OnnxClassifier, *, cam:
 def classify_paths(paths: Sequence[str], classifier: OnnxClassifier) -> list[dict[str, Any]]:
     """:func:`classify`'s rows for file paths."""
     return classify(paths, classifier).rows
-
-
-def record_rows(summary: PredictSummary, rows: list[dict[str, Any]]) -> None:
-    """Count written rows into ``summary``: predicted per label, failed, the first failures."""
-    for row in rows:
-        if row["error"] is None:
-            summary.predicted += 1
-            summary.class_counts[row["label"]] += 1
-        else:
-            summary.failed += 1
-            if len(summary.failures) < _MAX_LISTED_FAILURES:
-                summary.failures.append((row["path"], row["error"]))
 
 
 # Workers by default at most: each batch in flight holds a batch buffer and onnxruntime's
@@ -414,41 +218,55 @@ def _infer_batch(
     return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier).rows, buffer
 
 
-def _run_batches(
-    todo: list[str],
-    classifier: OnnxClassifier,
-    config: PredictConfig,
-    write: Callable[[list[dict[str, Any]]], None],
-    summary: PredictSummary,
-) -> None:
-    """Batches decoded and inferred by ``summary.workers`` threads side by side, written in order.
+@dataclass(frozen=True)
+class LocalEngine:
+    """The local :class:`~kidney_edge.runtime.driver.PredictEngine`: ``workers`` threads, each
+    decoding and inferring whole batches through the one shared onnxruntime session."""
 
-    At most ``workers + 1`` batches are in flight, each in one of ``workers + 2`` preallocated
-    buffers that cycle: memory stays flat however many files there are, and no batch-sized
-    array is allocated (and page-faulted in) per batch. onnxruntime's ``run`` is thread-safe
-    and releases the GIL, as do Pillow's decoder and numpy's arithmetic.
-    """
-    window = summary.workers + 1
-    size, spec = config.batch_size, classifier.spec
-    free = [np.empty((size, 3, spec.input_size, spec.input_size), np.float32) for _ in range(window + 1)]
+    classifier: OnnxClassifier
+    batch_size: int
+    workers: int
 
-    def write_next() -> None:
-        rows, buffer = pending.popleft().result()
-        write(rows)
-        free.append(buffer)
+    def classify(self, paths: list[str], write: RowSink) -> None:
+        """Batches decoded and inferred side by side, written in order.
 
-    with ThreadPoolExecutor(summary.workers, thread_name_prefix="kidney-edge-predict") as pool:
-        pending: deque[Future[tuple[list[dict[str, Any]], np.ndarray]]] = deque()
-        try:
-            for start in range(0, len(todo), size):
-                pending.append(pool.submit(_infer_batch, todo[start : start + size], classifier, free.pop()))
-                if len(pending) > window:
+        At most ``workers + 1`` batches are in flight, each in one of ``workers + 2``
+        preallocated buffers that cycle: memory stays flat however many files there are, and no
+        batch-sized array is allocated (and page-faulted in) per batch. onnxruntime's ``run`` is
+        thread-safe and releases the GIL, as do Pillow's decoder and numpy's arithmetic.
+        """
+        window, size, spec = self.workers + 1, self.batch_size, self.classifier.spec
+        free = [np.empty((size, 3, spec.input_size, spec.input_size), np.float32) for _ in range(window + 1)]
+
+        def write_next() -> None:
+            rows, buffer = pending.popleft().result()
+            write(rows)
+            free.append(buffer)
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="kidney-edge-predict") as pool:
+            pending: deque[Future[tuple[list[dict[str, Any]], np.ndarray]]] = deque()
+            try:
+                for start in range(0, len(paths), size):
+                    batch = paths[start : start + size]
+                    pending.append(pool.submit(_infer_batch, batch, self.classifier, free.pop()))
+                    if len(pending) > window:
+                        write_next()
+                while pending:
                     write_next()
-            while pending:
-                write_next()
-        finally:
-            for future in pending:  # Ctrl-C or an error: do not start what will not be written
-                future.cancel()
+            finally:
+                for future in pending:  # Ctrl-C or an error: do not start what will not be written
+                    future.cancel()
+
+
+def _images_under(folder: Path) -> list[str]:
+    """:func:`scan_image_paths`, or an InputError when the folder holds no image."""
+    files = scan_image_paths(folder)
+    if not files:
+        raise InputError(
+            f"no images found under {folder} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
+            "or DICOM files without a suffix)"
+        )
+    return files
 
 
 def predict_folder(
@@ -483,110 +301,19 @@ def predict_folder(
     picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`; ``probe`` replaces
     its speed probe).
     """
-    started = time.perf_counter()
     config = PredictConfig(
-        folder=Path(folder),
-        model=None if model is None else Path(model),
-        out=Path(out),
-        fmt=fmt,
-        batch_size=batch_size,
-        threads=threads,
-        workers=workers,
-        resume=resume,
-        precision=precision,
-        ood=ood,
-    )
+        folder=Path(folder), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
+        batch_size=batch_size, threads=threads, workers=workers, resume=resume, precision=precision, ood=ood,
+    )  # fmt: skip
     layout = execution_layout(config.threads, config.workers)
-    # Loading and optimising the graph takes a few hundred ms and mostly runs outside the GIL:
-    # scan the folder meanwhile, it is part of the start-up to the first batch.
-    with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
-        pending_classifier = loader.submit(
-            resolve_precision, config.model, config.precision, batch_size=config.batch_size,
-            threads=layout.threads, probe=probe, load=partial(OnnxClassifier, threads=layout.threads, ood=config.ood),
-        )  # fmt: skip
-        files = scan_image_paths(config.folder)
-        choice, classifier = pending_classifier.result()
-    if not files:
-        raise InputError(
-            f"no images found under {config.folder} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))}, "
-            "or DICOM files without a suffix)"
-        )
-    columns = output_columns(classifier.class_names)
-    done = done_paths(config.out, config.fmt, columns) if config.resume else set()
-    todo = [path for path in files if path not in done]
-    summary = _new_summary(
-        config,
-        classifier,
-        choice,
-        workers=layout.workers,
-        total_files=len(files),
-        skipped=len(files) - len(todo),
-    )
-    log.info("%d images under %s, %d already in %s", len(files), config.folder, len(done), config.out)
-
-    def write(rows: list[dict[str, Any]]) -> None:
-        handle.write(format_predictions(rows, columns, config.fmt))
-        handle.flush()  # per batch: a crash or Ctrl-C keeps every finished row
-        record_rows(summary, rows)
-        if summary.first_batch_s is None:
-            summary.first_batch_s = time.perf_counter() - started
-        if progress is not None:
-            progress(summary.processed, len(todo))
-
-    append = config.resume and config.out.is_file() and config.out.stat().st_size > 0
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    # Streamed, not atomic: the point is that rows already written survive an interruption.
-    with open(config.out, "a" if append else "w", encoding="utf-8", newline="") as handle:
-        if not append and config.fmt is OutputFormat.CSV:
-            handle.write(format_predictions([], columns, header=True))
-        if progress is not None:
-            progress(0, len(todo))
-        try:
-            _run_batches(todo, classifier, config, write, summary)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            log.info("interrupted: %d rows written to %s", summary.processed, config.out)
-    summary.wall_s = time.perf_counter() - started
-    return summary
-
-
-def model_facts(classifier: OnnxClassifier, choice: PrecisionChoice) -> dict[str, Any]:
-    """The :class:`PredictSummary` fields that describe the model and its precision choice,
-    whatever engine ran it."""
-    spec = classifier.spec
-    return {
-        "decision_rule": spec.decision_rule.describe(),
-        "class_names": spec.class_names,
-        "is_int8": classifier.is_int8,
-        "ood_detector": None if classifier.ood is None else classifier.ood.describe(),
-        "precision": choice.precision.value,
-        "precision_reason": choice.reason,
-        "precision_warning": choice.warning,
-        "positive_class": spec.positive_class,
-    }
-
-
-def _new_summary(
-    config: PredictConfig,
-    classifier: OnnxClassifier,
-    choice: PrecisionChoice,
-    *,
-    workers: int,
-    total_files: int,
-    skipped: int,
-) -> PredictSummary:
-    spec = classifier.spec
-    return PredictSummary(
-        out=config.out,
-        model=classifier.path,
-        fmt=config.fmt.value,
-        **model_facts(classifier, choice),
-        threads=classifier.threads,
-        workers=workers,
-        batch_size=config.batch_size,
-        total_files=total_files,
-        skipped=skipped,
-        class_counts=dict.fromkeys(
-            (*spec.class_names, *([UNKNOWN_LABEL] if classifier.ood is not None else [])), 0
-        ),
+    job = PredictJob(
+        out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
+        precision=config.precision, threads=layout.threads, ood=config.ood, probe=probe,
+    )  # fmt: skip
+    return run_predict(
+        job,
+        list_files=partial(_images_under, config.folder),
+        start=lambda classifier, summary: LocalEngine(classifier, config.batch_size, layout.workers),
+        new_summary=partial(PredictSummary, workers=layout.workers),
+        progress=progress,
     )

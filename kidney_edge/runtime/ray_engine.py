@@ -1,13 +1,15 @@
 """``kidney-edge predict --engine ray``: local predict's rows, computed by a pool of Ray Data actors.
 
-The driver lists SOURCE (a local or shared folder with predict's own scan; an object-store URI
-such as ``s3://bucket/slices`` with ``pyarrow.fs``), drops the paths already in ``--out``
-(``--resume``), puts (index, path) blocks into a Ray Dataset and maps them through a fixed
-pool of :class:`RayClassifier` actors. Each actor loads one :class:`OnnxClassifier` in
-``__init__`` (an onnxruntime session cannot be pickled) and runs every batch through
-:func:`~kidney_edge.runtime.predict.classify_paths`, the chain local predict runs, so the rows
-are the same: same preprocessing, spec, decision rule and OOD detector. The driver streams the
-rows to CSV/JSONL as they arrive, or to a folder of Parquet parts (``--format parquet``).
+The run is predict's own (:func:`~kidney_edge.runtime.driver.run_predict`, in this process):
+it lists SOURCE (a local or shared folder with predict's own scan; an object-store URI such as
+``s3://bucket/slices`` with ``pyarrow.fs``), drops the paths already in ``--out``
+(``--resume``) and streams the rows to CSV/JSONL as they arrive, or to a folder of Parquet
+parts (``--format parquet``). :class:`RayEngine` computes the rows: it puts (index, path)
+blocks into a Ray Dataset and maps them through a fixed pool of :class:`RayClassifier` actors.
+Each actor loads one :class:`OnnxClassifier` in ``__init__`` (an onnxruntime session cannot be
+pickled) and runs every batch through :func:`~kidney_edge.runtime.predict.classify_paths`, the
+chain local predict runs, so the rows are the same: same preprocessing, spec, decision rule and
+OOD detector.
 
 A file that kills its worker process (a decoder crash, an out-of-memory kill): Ray restarts
 the actor and retries the task :data:`WORKER_DEATH_RETRIES` times; a block that still fails is
@@ -30,9 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -46,19 +46,10 @@ from kidney_edge.errors import InputError, KidneyEdgeError, enum_choice
 from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.io_utils import atomic_path, atomic_write_bytes
 from kidney_edge.runtime.classifier import OnnxClassifier
-from kidney_edge.runtime.precision import Precision, resolve_precision
-from kidney_edge.runtime.predict import (
-    OutputFormat,
-    PredictConfig,
-    PredictSummary,
-    classify_paths,
-    done_paths,
-    format_predictions,
-    model_facts,
-    output_columns,
-    record_rows,
-    scan_image_paths,
-)
+from kidney_edge.runtime.driver import PredictJob, RowSink, RowWriter, TextWriter, run_predict
+from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.predict import PredictConfig, classify_paths, scan_image_paths
+from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, is_number_column, output_columns
 
 log = logging.getLogger(__name__)
 
@@ -308,42 +299,12 @@ class RayClassifier:
 # --------------------------------------------------------------------------- writers
 
 
-def _row_schema(classifier: OnnxClassifier, columns: list[str]) -> Any:  # -> pyarrow.Schema
-    """Arrow types of the predictions columns, read off rows the chain itself produces (a blank
-    image and a missing file), so every block and Parquet part has one schema even when it holds
-    only failures. A column empty in both rows (``ood_score`` without a detector) is a score."""
+def arrow_schema(columns: list[str]) -> Any:  # -> pyarrow.Schema
+    """Arrow types of the predictions columns (numbers float64, the rest strings), so every block
+    and Parquet part has one schema even when it holds only failures."""
     import pyarrow as pa
-    from PIL import Image
 
-    with tempfile.TemporaryDirectory(prefix="kidney-edge-schema-") as scratch:
-        blank = os.path.join(scratch, "blank.png")
-        Image.new("L", (classifier.input_size, classifier.input_size)).save(blank)
-        rows = classify_paths([blank, os.path.join(scratch, "missing.png")], classifier)
-    inferred = pa.Table.from_pylist([{name: row[name] for name in columns} for row in rows]).schema
-    return pa.schema(
-        [pa.field(f.name, pa.float64() if pa.types.is_null(f.type) else f.type) for f in inferred]
-    )
-
-
-class _TextWriter:
-    """CSV/JSONL rows appended to one file, flushed per batch (as local predict writes them)."""
-
-    def __init__(self, out: Path, fmt: OutputFormat, columns: list[str], resume: bool) -> None:
-        self.done = done_paths(out, fmt, columns) if resume else set()
-        append = resume and out.is_file() and out.stat().st_size > 0
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self._fmt, self._columns = fmt, columns
-        # Streamed, not atomic: rows already written survive an interruption (--resume).
-        self._handle = open(out, "a" if append else "w", encoding="utf-8", newline="")
-        if not append and fmt is OutputFormat.CSV:
-            self._handle.write(format_predictions([], columns, header=True))
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        self._handle.write(format_predictions(rows, self._columns, self._fmt))
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
+    return pa.schema([(name, pa.float64() if is_number_column(name) else pa.string()) for name in columns])
 
 
 class _ParquetWriter:
@@ -392,13 +353,14 @@ class _ParquetWriter:
         self._flush()
 
 
-def _open_writer(config: RayPredictConfig, columns: list[str], schema: Any) -> _TextWriter | _ParquetWriter:
-    if config.fmt is OutputFormat.PARQUET:
-        return _ParquetWriter(config.out, schema, config.resume)
-    return _TextWriter(config.out, config.fmt, columns, config.resume)
+def open_writer(out: Path, fmt: OutputFormat, columns: list[str], resume: bool) -> RowWriter:
+    """The driver's writer for ``fmt``: a folder of Parquet parts, or predict's CSV/JSONL file."""
+    if fmt is OutputFormat.PARQUET:
+        return _ParquetWriter(out, arrow_schema(columns), resume)
+    return TextWriter(out, fmt, columns, resume)
 
 
-# --------------------------------------------------------------------------- the driver
+# --------------------------------------------------------------------------- the engine
 
 
 @contextlib.contextmanager
@@ -480,8 +442,7 @@ def _classify_on_ray(
     todo: list[str],
     actor_args: dict[str, Any],
     config: RayPredictConfig,
-    actors: int,
-    write: Callable[[list[dict[str, Any]]], None],
+    write: RowSink,
     summary: RayPredictSummary,
 ) -> None:
     """Every path of ``todo`` gets exactly one row through ``write``, in completion order."""
@@ -492,6 +453,7 @@ def _classify_on_ray(
             written[table.column(_INDEX).to_numpy()] = True
             write(table.drop_columns([_INDEX]).to_pylist())
 
+    actors = summary.actors
     block_rows = _block_rows(len(todo), actors, config.batch_size)
     common = {"actor_args": actor_args, "threads": config.threads}
     consume(
@@ -515,28 +477,39 @@ def _classify_on_ray(
     )  # fmt: skip
     lost = np.flatnonzero(~written)
     summary.fatal_files = int(lost.size)
-    columns = output_columns(summary.class_names)
     for index in lost.tolist():
-        write([{**dict.fromkeys(columns), "path": todo[index], "error": WORKER_DIED}])
+        write([error_row(todo[index], WORKER_DIED, summary.class_names)])
 
 
-def _new_summary(
-    config: RayPredictConfig, classifier: OnnxClassifier, choice: Any, **counts: int
-) -> RayPredictSummary:
-    spec = classifier.spec
-    return RayPredictSummary(
-        out=config.out,
-        model=choice.path,
-        fmt=config.fmt.value,
-        **model_facts(classifier, choice),
-        threads=config.threads,
-        workers=0,
-        batch_size=config.batch_size,
-        # Labels outside the classes (the OOD detector's) are counted as they appear.
-        class_counts=defaultdict(int, dict.fromkeys(spec.class_names, 0)),
-        address=config.address or "local",
-        **counts,
-    )
+@dataclass(frozen=True)
+class RayEngine:
+    """The Ray :class:`~kidney_edge.runtime.driver.PredictEngine`: a pool of :class:`RayClassifier`
+    actors in this process's Ray, a new local one, or the cluster at ``config.address``. It
+    records its pool and the files lost to it in ``summary``."""
+
+    ray: Any
+    config: RayPredictConfig
+    classifier: OnnxClassifier  # the driver's copy: its file is sent to the actors as bytes
+    summary: RayPredictSummary
+
+    def classify(self, paths: list[str], write: RowSink) -> None:
+        config, summary = self.config, self.summary
+        with _ray_session(self.ray, config.address):
+            cpus = int(self.ray.cluster_resources().get("CPU", 1))
+            summary.actors = config.actors or max(1, cpus // config.threads)
+            actor_args = {
+                "model_bytes": self.classifier.path.read_bytes(), "threads": config.threads, "ood": config.ood,
+                "schema": arrow_schema(output_columns(self.classifier.class_names)), "source": config.source,
+            }  # fmt: skip
+            _classify_on_ray(self.ray, paths, actor_args, config, write, summary)
+
+
+def _images_in(source: str) -> list[str]:
+    """:func:`list_source`, or an InputError when SOURCE holds no image."""
+    files = list_source(source)
+    if not files:
+        raise InputError(f"no images found under {source} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+    return files
 
 
 def predict_with_ray(
@@ -557,7 +530,7 @@ def predict_with_ray(
     """Classify every image under ``source`` on Ray Data and stream one row per file to ``out``.
 
     The rows are those :func:`~kidney_edge.runtime.predict.predict_folder` writes for the same
-    files (columns :func:`~kidney_edge.runtime.predict.output_columns`), in completion order.
+    files (columns :func:`~kidney_edge.runtime.rows.output_columns`), in completion order.
     ``threads`` are onnxruntime threads per actor (default :data:`DEFAULT_ACTOR_THREADS`), each
     actor reserving as many CPUs; ``actors`` defaults to the cluster's CPUs // threads.
     ``address`` None starts Ray on this machine (or uses the process's running Ray); "auto"
@@ -565,53 +538,21 @@ def predict_with_ray(
     installed and SOURCE readable. ``--precision auto`` is decided by a probe on the driver.
     Ctrl-C ends the run early with ``summary.interrupted`` set; rerun with ``resume``.
     """
-    started = time.perf_counter()
     config = RayPredictConfig(
         source=str(source), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
         batch_size=batch_size, threads=threads or DEFAULT_ACTOR_THREADS, actors=actors, address=address,
         resume=resume, precision=precision, ood=ood,
     )  # fmt: skip
     ray = import_ray()
-    choice, classifier = resolve_precision(
-        config.model, config.precision, batch_size=config.batch_size, threads=config.threads,
-        load=partial(OnnxClassifier, threads=config.threads, ood=config.ood),
+    job = PredictJob(
+        out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
+        precision=config.precision, threads=config.threads, ood=config.ood,
     )  # fmt: skip
-    files = list_source(config.source)
-    if not files:
-        raise InputError(
-            f"no images found under {config.source} (suffixes {', '.join(sorted(SUPPORTED_SUFFIXES))})"
-        )
-    columns = output_columns(classifier.class_names)
-    schema = _row_schema(classifier, columns)
-    writer = _open_writer(config, columns, schema)
-    todo = [path for path in files if path not in writer.done]
-    summary = _new_summary(config, classifier, choice, total_files=len(files), skipped=len(files) - len(todo))
-    del files
-    writer.done = set()  # resume is decided: the driver keeps only the paths still to do
-
-    def write(rows: list[dict[str, Any]]) -> None:
-        writer.write(rows)
-        record_rows(summary, rows)
-        if summary.first_batch_s is None:
-            summary.first_batch_s = time.perf_counter() - started
-        if progress is not None:
-            progress(summary.processed, len(todo))
-
-    try:
-        if progress is not None:
-            progress(0, len(todo))
-        if todo:
-            with _ray_session(ray, config.address):
-                summary.actors = config.actors or max(
-                    1, int(ray.cluster_resources().get("CPU", 1)) // config.threads
-                )
-                actor_args = {"model_bytes": Path(choice.path).read_bytes(), "threads": config.threads, "ood": config.ood,
-                              "schema": schema, "source": config.source}  # fmt: skip
-                _classify_on_ray(ray, todo, actor_args, config, summary.actors, write, summary)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        log.info("interrupted: %d rows written to %s", summary.processed, config.out)
-    finally:
-        writer.close()
-    summary.wall_s = time.perf_counter() - started
-    return summary
+    return run_predict(
+        job,
+        list_files=partial(_images_in, config.source),
+        start=lambda classifier, summary: RayEngine(ray, config, classifier, summary),
+        new_summary=partial(RayPredictSummary, workers=0, address=config.address or "local"),
+        open_writer=open_writer,
+        progress=progress,
+    )

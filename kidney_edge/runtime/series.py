@@ -44,6 +44,13 @@ import numpy as np
 from kidney_edge.errors import InputError, enum_choice
 from kidney_edge.imaging import is_dicom_file
 from kidney_edge.io_utils import atomic_write_text, csv_text
+from kidney_edge.runtime.rows import (
+    FLOAT_DIGITS,
+    is_failed,
+    is_unknown,
+    probability_column,
+    row_probabilities,
+)
 from kidney_edge.spec import DEFAULT_CLASS_NAMES, DEFAULT_POSITIVE_CLASS, UNKNOWN_LABEL, DecisionRule
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,6 @@ log = logging.getLogger(__name__)
 NORMAL_CLASS = DEFAULT_CLASS_NAMES[1]
 CT_MODALITY = "CT"
 LOCALIZER = "LOCALIZER"  # ImageType value of scout / topogram images
-FLOAT_DIGITS = 6
 SERIES_STEM = "series"
 # Two directions or spacings within these are the same (header values are rounded decimals).
 _ORIENTATION_TOLERANCE = 1e-3
@@ -282,7 +288,7 @@ def series_columns(class_names: Sequence[str]) -> list[str]:
     """The series schema: identity, counts, label, scores, the peak slice, slice calls, issues."""
     return [
         "study_uid", "series_uid", "patient_id", "modality", "n_files", "n_slices", "label", "aggregate",
-        *(f"p_{name}" for name in class_names),
+        *(probability_column(name) for name in class_names),
         "peak_class", "peak_slice", "peak_instance", "peak_path", "peak_p",
         *(f"n_{name}" for name in class_names),
         "n_unknown", "n_failed", "n_left_out", "warning", "error",
@@ -390,9 +396,9 @@ def _check_spacing(series: _Series) -> None:
 
 def _split_by_prediction(series: _Series) -> tuple[list[_Slice], int, int]:
     """(slices with probabilities to aggregate, failed count, unknown count); warns for the rest."""
-    failed = [s for s in series.slices if s.row.get("error")]
-    unknown = [s for s in series.slices if not s.row.get("error") and s.row.get("label") == UNKNOWN_LABEL]
-    usable = [s for s in series.slices if not s.row.get("error") and s.row.get("label") != UNKNOWN_LABEL]
+    failed = [s for s in series.slices if is_failed(s.row)]
+    unknown = [s for s in series.slices if is_unknown(s.row)]
+    usable = [s for s in series.slices if not is_failed(s.row) and not is_unknown(s.row)]
     if failed:
         name, error = Path(failed[0].header.path).name, failed[0].row["error"]
         series.warnings.append(f"{len(failed)} slice(s) could not be read, e.g. {name}: {error}")
@@ -449,11 +455,6 @@ def _check_steps(series: _Series, along: np.ndarray) -> None:
             f"{len(gaps)} gap(s) along z: {steps[first]:.1f} mm between slices {first} and {first + 1} "
             f"(typical step {typical:.1f} mm); slices may be missing"
         )
-
-
-def _probabilities(slices: Sequence[_Slice], class_names: Sequence[str]) -> np.ndarray:
-    """(S, C) float64 slice probabilities from prediction rows (CSV text or numbers)."""
-    return np.array([[float(s.row[f"p_{name}"]) for name in class_names] for s in slices], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -517,10 +518,12 @@ def _label(
 ) -> None:
     if len(ordered) == 1:
         series.warnings.append("a series of one slice: its label is that slice's, not a study's")
-    probabilities = _probabilities(ordered, class_names)  # (S, C) in z order
+    probabilities = row_probabilities((s.row for s in ordered), class_names)  # (S, C) in z order
     scores = rule.scores(probabilities, class_names)
     row["label"] = class_names[int(rule.decide(scores[None], class_names)[0])]
-    row.update({f"p_{name}": float(score) for name, score in zip(class_names, scores, strict=True)})
+    row.update(
+        {probability_column(name): float(score) for name, score in zip(class_names, scores, strict=True)}
+    )
     if positive_class in class_names:
         column = probabilities[:, list(class_names).index(positive_class)]
         peak = int(column.argmax())

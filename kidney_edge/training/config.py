@@ -13,8 +13,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from kidney_edge.archs import ALL_BLOCKS, ARCHS
 from kidney_edge.errors import InputError
+from kidney_edge.layout import MODELS_ROOT
 from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
+
 
 class Augmentation(str, Enum):
     """Train-only augmentation policies (``--augment``); see ``training.data.augmentation``."""
@@ -22,14 +25,7 @@ class Augmentation(str, Enum):
     geometric = "geometric"  # small rotations, shifts and zooms
     scanner = "scanner"  # geometric + left-right mirror + what differs between scanners
 
-
-ALL_BLOCKS = -1  # unfreeze the whole backbone (CLI: --unfreeze-blocks all)
-
 DEVICES = ("auto", "cpu", "cuda")
-# The backbones kidney_edge.backbones registers, named here without importing torch so that the
-# CLI can offer them as choices; tests/test_backbones.py checks that the registry agrees.
-ARCHS = ("efficientnet_lite0", "efficientnet_b0")
-MODELS_ROOT = Path("models")  # `kidney-edge train` writes MODELS_ROOT/<run name>/ without --out
 
 
 def default_run_dir(data_dir: str | Path, models_root: str | Path = MODELS_ROOT) -> Path:
@@ -123,7 +119,7 @@ def default_finetune_phase() -> PhaseConfig:
     # The head's rate, the last 9 blocks, 12 epochs on a warm-up + cosine schedule, augmentation
     # on: the recipe with the smallest worst-case shortfall across dataset families
     # (benchmarks/results/recipe.md). lr 1e-4 over 6 blocks stalled below the head's score on
-    # look-alike data (DESIGN.md: test macro-F1 0.51 vs 0.994 on an outside set).
+    # look-alike data (docs/architecture.md: test macro-F1 0.51 vs 0.994 on an outside set).
     return PhaseConfig(name="finetune", epochs=12, lr=1e-3, unfreeze_blocks=9, augment=True, patience=6)
 
 

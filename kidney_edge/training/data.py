@@ -16,6 +16,7 @@ from kidney_edge import dataset
 from kidney_edge.dataset import SPLITS, audit_path
 from kidney_edge.errors import InputError
 from kidney_edge.imaging import preprocess
+from kidney_edge.layout import SPLITS_FILE
 from kidney_edge.spec import ColorMode, ModelSpec
 from kidney_edge.training.config import Augmentation
 
@@ -28,7 +29,7 @@ def prepare_splits(data_dir: Path, splits: Path | None, run_dir: Path, *, seed: 
     Without ``splits`` the data folder is scanned and split 70/15/15 (grouped); with it, that
     file's rows are re-written into the run folder (paths re-based, so the copy stays valid).
     """
-    out_csv = run_dir / "splits.csv"
+    out_csv = run_dir / SPLITS_FILE
     if splits is None:
         if not data_dir.is_dir():
             raise InputError(f"data folder {data_dir} does not exist or is not a folder (DATA argument)")

@@ -13,7 +13,7 @@ import numpy as np
 
 MIN_VAL_PER_CLASS = 10  # below this, one image moves a class's validation recall by > 10 points
 # Head-phase validation macro-F1 below CHANCE_FACTOR / n_classes counts as "near chance": a
-# linear probe that cannot separate the classes on ImageNet features (DESIGN.md measured 0.34
+# linear probe that cannot separate the classes on ImageNet features (docs/architecture.md measured 0.34
 # on a look-alike set of 4 classes, where fine-tuning then had to do all the work).
 CHANCE_FACTOR = 1.5
 

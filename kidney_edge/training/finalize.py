@@ -27,6 +27,7 @@ from kidney_edge.evaluation import (
     rule_record,
 )
 from kidney_edge.io_utils import atomic_write_bytes, atomic_write_text
+from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, SPEC_FILE, SPLITS_FILE
 from kidney_edge.ood import OOD_FILE, OodDetector, OodMethod
 from kidney_edge.spec import DecisionRule, ModelSpec
 from kidney_edge.training.config import TrainConfig
@@ -52,14 +53,14 @@ def finalize_run(
     report.
     """
     run_dir = Path(run_dir)
-    checkpoint, splits = run_dir / "best.pt", run_dir / "splits.csv"
+    checkpoint, splits = run_dir / BEST_CHECKPOINT, run_dir / SPLITS_FILE
     for required in (checkpoint, splits):
         if not required.is_file():
             raise KidneyEdgeError(f"cannot finish run {run_dir}: {required.name} is missing")
     predictor = Predictor(checkpoint)
     spec, validation = _calibrate_on_val(predictor, splits, tumor_recall, batch_size)
     update_spec(checkpoint, spec)
-    atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
+    atomic_write_text(run_dir / SPEC_FILE, spec.to_json() + "\n")
     predictor.spec = spec
     if ood_method is not None:
         predictor.ood = _fit_ood(predictor, splits, ood_method, ood_max_rejection, batch_size, run_dir)
@@ -68,9 +69,9 @@ def finalize_run(
         test = load_labelled(splits, "test", class_names=spec.class_names)
     except InputError as exc:
         raise KidneyEdgeError(
-            f"run {run_dir}: no test metrics ({exc}); best.pt and spec.json hold the calibration"
+            f"run {run_dir}: no test metrics ({exc}); {BEST_CHECKPOINT} and {SPEC_FILE} hold the calibration"
         ) from None
-    history = run_dir / "history.csv"
+    history = run_dir / HISTORY_FILE
     return evaluate_files(
         predictor,
         test,

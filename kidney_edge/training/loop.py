@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorD
 
 from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
 from kidney_edge.io_utils import atomic_write_csv
+from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
 from kidney_edge.metrics import macro_f1
 from kidney_edge.training.config import PhaseConfig, TrainEvent
 from kidney_edge.training.distributed import DistContext, sharded_map
@@ -404,9 +405,9 @@ def fit_phase(
     """Train ``phase`` from ``state.phase_epoch`` to its end or early stop, checkpointing each epoch."""
     ctx, notify = saver.context, progress or (lambda event: None)
     if state.phase != phase.name:  # entering this phase: start from the best model so far
-        if (saver.run_dir / "best.pt").is_file():
+        if (saver.run_dir / BEST_CHECKPOINT).is_file():
             saver.context.barrier()
-            model.load_state_dict(load_checkpoint(saver.run_dir / "best.pt")["model_state"])
+            model.load_state_dict(load_checkpoint(saver.run_dir / BEST_CHECKPOINT)["model_state"])
         state.enter_phase(phase.name)
     if phase.epochs == 0 or state.phase_epoch >= phase.epochs:
         state.phase_done = True
@@ -461,10 +462,12 @@ def _end_epoch(
                  phase.patience)  # fmt: skip
     state.history.append({"phase": phase.name, "epoch": epoch, **metrics, "best": improved})
     if improved:
-        saver.save("best.pt", model, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1})
-    saver.save("last.pt", model, training_state(state, opt))
+        saver.save(
+            BEST_CHECKPOINT, model, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1}
+        )
+    saver.save(LAST_CHECKPOINT, model, training_state(state, opt))
     if saver.context.is_main:
-        write_history(saver.run_dir / "history.csv", state.history)
+        write_history(saver.run_dir / HISTORY_FILE, state.history)
     saver.context.barrier()
 
 

@@ -13,6 +13,7 @@ import torch
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
+from kidney_edge.layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, SPEC_FILE, SPLITS_FILE
 from kidney_edge.spec import ModelSpec
 from kidney_edge.training import data as run_data
 from kidney_edge.training import distributed
@@ -60,10 +61,10 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
     data = _phase_data(config, spec, rows)
     recorded = _recorded_config(config, class_names, data, ctx)
     if ctx.is_main:
-        atomic_write_text(run_dir / "spec.json", spec.to_json() + "\n")
-        atomic_write_json(run_dir / "config.json", recorded)
+        atomic_write_text(run_dir / SPEC_FILE, spec.to_json() + "\n")
+        atomic_write_json(run_dir / CONFIG_FILE, recorded)
     ctx.barrier()
-    if resume_from is None and config.resume and (run_dir / "last.pt").is_file():
+    if resume_from is None and config.resume and (run_dir / LAST_CHECKPOINT).is_file():
         resume_from = _load_last(run_dir)  # ranks > 0 read what rank 0 checked
     seed_everything(config.seed)
     from kidney_edge.backbones import create_model
@@ -89,7 +90,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
         while state.stalled and _retry_stalled(phase, state, model, run_dir, progress):
             fit_phase(model, state.attempt(phase), data, state, saver, settings, None, progress)
     state.finished = True
-    saver.save("last.pt", model, training_state(state, None))
+    saver.save(LAST_CHECKPOINT, model, training_state(state, None))
     from kidney_edge.training.diagnostics import run_warnings
 
     phase_epochs = {phase.name: phase.epochs for phase in config.phases}
@@ -125,7 +126,7 @@ def _retry_stalled(phase, state: RunState, model, run_dir: Path, progress: Progr
         note = f"{seen}; retried from the best model at {attempt.lr / 10:g} for the {epochs_left} epochs left"
         state.epochs_lost += state.phase_epoch
         state.lr_scale, state.retries = state.lr_scale / 10, state.retries + 1
-        model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model_state"])
+        model.load_state_dict(load_checkpoint(run_dir / BEST_CHECKPOINT)["model_state"])
         state.enter_phase(phase.name)
     else:
         note = (
@@ -144,7 +145,7 @@ def _planned_on_resume(config: TrainConfig) -> TrainConfig:
     """On ``--resume --time-budget``, the epochs planned when the run started (config.json)."""
     import json
 
-    saved = config.out_dir / "config.json"
+    saved = config.out_dir / CONFIG_FILE
     if not (config.resume and config.time_budget_min is not None and saved.is_file()):
         return config
     try:
@@ -170,10 +171,10 @@ def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, pr
         progress(TrainEvent("plan", message=plan.describe()))
     planned = budget.apply_plan(config, plan)
     if ctx.is_main:
-        record = json.loads((config.out_dir / "config.json").read_text())
+        record = json.loads((config.out_dir / CONFIG_FILE).read_text())
         record["train_config"] = planned.to_dict()
         record["time_budget_plan"] = {"description": plan.describe(), **dataclasses.asdict(plan)}
-        atomic_write_json(config.out_dir / "config.json", record)
+        atomic_write_json(config.out_dir / CONFIG_FILE, record)
     return planned
 
 
@@ -216,9 +217,9 @@ def _measure_speed(config: TrainConfig, model, data: PhaseData, ctx):
 
 def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
     """Refuse to overwrite a run; with --resume, check the folder and return its last.pt (or None)."""
-    run_dir, saved_config = config.out_dir, config.out_dir / "config.json"
+    run_dir, saved_config = config.out_dir, config.out_dir / CONFIG_FILE
     if not config.resume:
-        if saved_config.exists() or (run_dir / "last.pt").exists():
+        if saved_config.exists() or (run_dir / LAST_CHECKPOINT).exists():
             raise InputError(
                 f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
             )
@@ -226,10 +227,10 @@ def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
         return None
     if not saved_config.is_file():
         raise InputError(
-            f"--resume: {run_dir} holds no training run (no config.json); drop --resume to start one"
+            f"--resume: {run_dir} holds no training run (no {CONFIG_FILE}); drop --resume to start one"
         )
     _check_compatible(config, saved_config)
-    return _load_last(run_dir) if (run_dir / "last.pt").is_file() else None
+    return _load_last(run_dir) if (run_dir / LAST_CHECKPOINT).is_file() else None
 
 
 def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
@@ -255,9 +256,9 @@ def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
 def _load_last(run_dir: Path) -> dict[str, Any]:
     from kidney_edge.checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(run_dir / "last.pt")
+    checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
     if "run_state" not in checkpoint:
-        raise InputError(f"--resume: {run_dir / 'last.pt'} holds no training state")
+        raise InputError(f"--resume: {run_dir / LAST_CHECKPOINT} holds no training state")
     return checkpoint
 
 
@@ -265,7 +266,7 @@ def _splits(config: TrainConfig, ctx: distributed.DistContext) -> list:
     """Rank 0 makes (or, on resume, reuses) RUN/splits.csv; the other ranks read it."""
     from kidney_edge import dataset
 
-    run_csv = config.out_dir / "splits.csv"
+    run_csv = config.out_dir / SPLITS_FILE
     if ctx.is_main and not (config.resume and run_csv.is_file()):
         run_data.prepare_splits(config.data_dir, config.splits, config.out_dir, seed=config.seed)
     ctx.barrier()
@@ -321,7 +322,7 @@ def _recorded_config(config: TrainConfig, class_names, data: PhaseData, ctx) -> 
 
 def _finish(config: TrainConfig, state: RunState, ctx, warnings: list[str]) -> TrainResult:
     """Rank 0 evaluates the best model on the test split (metrics.json, report); all ranks return."""
-    best = config.out_dir / "best.pt"
+    best = config.out_dir / BEST_CHECKPOINT
     metrics: dict[str, Any] = {
         "best_val_macro_f1": state.best_f1,
         "best_phase": state.best_phase,

@@ -3,8 +3,11 @@
 Endpoints: ``POST /v1/predict`` (one image: raw body or a multipart file part),
 ``POST /v1/predict/batch`` (several file parts), ``GET /v1/model`` (the model card),
 ``GET /healthz``, ``GET /metrics`` (Prometheus text) and ``GET /``, one self-contained page
-(no CDN: edge boxes are offline). Every refusal is JSON ``{"detail": ...}`` with its status;
-an unexpected failure is a 500 with the exception's type only, its traceback goes to the log.
+(no CDN: edge boxes are offline). Every error is JSON ``{"detail": "<sentence>"}`` with its
+status (:class:`~kidney_edge.runtime.serve.schema.ErrorOut`): the service's refusals, the
+framework's own (request validation, 404, 405) and an unexpected failure, a 500 with the
+exception's type only (its traceback goes to the log). /openapi.json documents each route's
+request body and error statuses (:mod:`~kidney_edge.runtime.serve.schema`).
 FastAPI and uvicorn (the ``serve`` extra) are imported inside the functions that need them.
 """
 
@@ -17,20 +20,24 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Annotated, Any
 
 from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
 from kidney_edge.runtime.serve.config import ServeConfig
 from kidney_edge.runtime.serve.limits import (
-    IMAGE_MEDIA_TYPES,
-    MULTIPART,
+    DrainUnreadBody,
+    Message,
+    Receive,
     RequestError,
+    Scope,
+    Send,
     Unauthorized,
     http_status,
     parse_uploads,
     read_body,
+    validation_detail,
 )
 from kidney_edge.runtime.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kidney_edge.runtime.serve.service import InferenceService
@@ -44,11 +51,6 @@ ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/model", "/v1/predict", "/v1/predi
 PUBLIC_PATHS = frozenset({"/"})
 _OUTCOMES = {200: "ok", 401: "unauthorized", 413: "too_large", 415: "unsupported_type",
              422: "bad_input", 503: "busy"}  # fmt: skip
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 def _missing_extra() -> InputError:
@@ -116,24 +118,29 @@ class GuardMiddleware:
             self.service.metrics.observe_request(endpoint, outcome(status), time.perf_counter() - started)
 
 
-def _upload_body_doc() -> dict[str, Any]:
-    binary = {"schema": {"type": "string", "format": "binary"}}
-    form = {
-        "schema": {
-            "type": "object",
-            "properties": {"file": {"type": "string", "format": "binary"}},
-            "required": ["file"],
-        }
-    }
-    content = {MULTIPART: form, **{kind: binary for kind in sorted(IMAGE_MEDIA_TYPES)}}
-    return {"requestBody": {"required": True, "content": content}}
+def _document_bearer(app: Any) -> None:
+    """With --token, /openapi.json says every operation needs ``Authorization: Bearer <token>``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()  # cached by FastAPI as app.openapi_schema
+            document.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the server's --token"}
+            }
+            document["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def create_app(config: ServeConfig, service: InferenceService | None = None) -> Any:  # -> fastapi.FastAPI
     """The FastAPI app serving ``config``'s model (loaded now, so a bad model fails before binding)."""
     try:
         from fastapi import FastAPI, Query, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+        from starlette.exceptions import HTTPException
     except ImportError:
         raise _missing_extra() from None
     from kidney_edge import __version__
@@ -158,12 +165,21 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
         lifespan=lifespan,
     )
     app.state.service = service
-    errors = {status: {"model": schema.ErrorOut} for status in (400, 401, 413, 415, 422, 503)}
+    upload_errors = schema.error_responses(schema.UPLOAD_ERRORS)
+    read_errors = schema.error_responses(schema.READ_ERRORS)
 
     @app.exception_handler(KidneyEdgeError)
     async def library_error(_request: Request, exc: KidneyEdgeError) -> JSONResponse:
         headers = dict(exc.headers) if isinstance(exc, RequestError) else None
         return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def framework_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -171,34 +187,39 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
         detail = f"internal error ({type(exc).__name__}); the server log has the details"
         return JSONResponse({"detail": detail}, status_code=500)
 
-    async def uploads_of(request: Request) -> list[Any]:
+    async def uploads_of(request: Request, *, raw_body: bool) -> list[Any]:
         body = await read_body(request.headers, request.stream(), config.max_bytes)
-        return parse_uploads(request.headers.get("content-type"), body, max_files=config.max_files)
+        return parse_uploads(
+            request.headers.get("content-type"), body, max_files=config.max_files, raw_body=raw_body
+        )
 
     CamQuery = Annotated[
         bool, Query(description="add the model's view and its class activation map (PNG data URLs)")
     ]
 
-    @app.post("/v1/predict", response_model=None, responses={200: {"model": schema.PredictionOut}, **errors},
-              openapi_extra=_upload_body_doc())  # fmt: skip
+    @app.post("/v1/predict", response_model=None, openapi_extra=schema.predict_body(config.max_bytes),
+              responses={200: {"model": schema.PredictionOut, "description": "the answer"},
+                         **upload_errors})  # fmt: skip
     async def predict(request: Request, cam: CamQuery = False) -> JSONResponse:
         """Classify one image: the raw body (Content-Type image/png, image/jpeg, ..., application/dicom)
         or one file part of a multipart form."""
         with service.admit(1):
-            uploads = await uploads_of(request)
+            uploads = await uploads_of(request, raw_body=True)
             if len(uploads) > 1:
                 raise RequestError(
                     f"{len(uploads)} files sent to /v1/predict; send several to /v1/predict/batch"
                 )
             return JSONResponse(await service.classify(uploads[0], cam=cam))
 
-    @app.post("/v1/predict/batch", response_model=None, responses={200: {"model": schema.BatchOut}, **errors},
-              openapi_extra=_upload_body_doc())  # fmt: skip
+    @app.post("/v1/predict/batch", response_model=None,
+              openapi_extra=schema.batch_body(config.max_bytes, config.max_files),
+              responses={200: {"model": schema.BatchOut, "description": "one entry per file part"},
+                         **upload_errors})  # fmt: skip
     async def predict_batch(request: Request, cam: CamQuery = False) -> JSONResponse:
         """Classify several images (multipart file parts). An unreadable file gets its own
         ``{filename, status, detail}`` entry; the others are still answered."""
         with service.admit(1):
-            uploads = await uploads_of(request)
+            uploads = await uploads_of(request, raw_body=False)
             with service.admit(len(uploads) - 1):
                 answers = await asyncio.gather(
                     *(service.classify(upload, cam=cam) for upload in uploads), return_exceptions=True
@@ -213,19 +234,24 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
                 results.append(answer)
         return JSONResponse({"results": results})
 
-    @app.get("/v1/model", responses={200: {"description": "the model card"}, 401: errors[401]})
+    @app.get("/v1/model", response_model=None, responses={200: {"model": schema.ModelCardOut}, **read_errors})
     async def model_card() -> dict[str, Any]:
         """Classes, input size, decision rule, OOD detector, recorded figures, intended use."""
         return service.model_card()
 
-    @app.get("/healthz", response_model=schema.HealthOut, responses={503: {"model": schema.HealthOut}})
+    @app.get("/healthz", response_model=None, responses={
+        200: {"model": schema.HealthOut, "description": "ready"},
+        503: {"model": schema.HealthOut, "description": "starting: the batcher is not running yet"},
+        **read_errors})  # fmt: skip
     async def healthz() -> JSONResponse:
         """Readiness: 200 once the model is loaded and the batcher runs."""
         body = {"status": "ready" if service.ready else "starting", "in_flight": service.in_flight,
                 "model": service.identity}  # fmt: skip
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format"},
+        **schema.error_responses(schema.READ_ERRORS, by_reference=True)})  # fmt: skip
     async def metrics() -> PlainTextResponse:
         """Prometheus text format: requests by outcome, latency histograms, batch sizes, model id."""
         return PlainTextResponse(service.metrics.render(service.in_flight), media_type=METRICS_CONTENT_TYPE)
@@ -234,7 +260,10 @@ def create_app(config: ServeConfig, service: InferenceService | None = None) -> 
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    if config.token is not None:
+        _document_bearer(app)
     app.add_middleware(GuardMiddleware, service=service, token=config.token)
+    app.add_middleware(DrainUnreadBody, max_bytes=config.max_bytes)  # outermost: sees 401s too
     return app
 
 

@@ -3,13 +3,17 @@
 Every refusal is a :class:`RequestError` (an :class:`~kidney_edge.errors.InputError`) carrying
 its HTTP status; an unreadable image is the library's own
 :class:`~kidney_edge.errors.ImageReadError` (422). Bodies are read into memory with a byte
-limit and multipart forms are parsed there: nothing uploaded touches the disk.
+limit and multipart forms are parsed there: nothing uploaded touches the disk. A refusal sent
+before the body is read waits for the rest of the body, read and discarded up to a bound
+(:class:`DrainUnreadBody`), so that a client that writes its whole body first reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
 
@@ -21,6 +25,20 @@ IMAGE_MEDIA_TYPES = frozenset({
 })  # fmt: skip
 MULTIPART = "multipart/form-data"
 RETRY_AFTER_S = 1  # a queue of a few batches drains in about a second on a 2-core machine
+# An early refusal (413 on the declared size, 401, 503) is held back while the rest of the body
+# is read and discarded, up to DRAIN_FACTOR x --max-bytes and DRAIN_TIMEOUT_S: an HTTP/1.1 server
+# that closes with unread bytes in its socket makes the kernel send a reset, and a client that
+# writes its whole body before reading (Python's urllib, most generated clients) then sees
+# "connection reset" instead of the answer. Past the bound the answer goes out with
+# `Connection: close`: bandwidth spent on a refused body stays bounded, memory is never spent.
+DRAIN_FACTOR = 4
+DRAIN_TIMEOUT_S = 30.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RequestError(InputError):
@@ -96,21 +114,107 @@ async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes], ma
     return bytes(body)
 
 
+def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
+    """The framework's request-validation errors (pydantic's ``loc``/``msg``/``input`` records)
+    as one sentence, e.g. ``query parameter cam='null': Input should be a valid boolean``."""
+    problems = []
+    for error in errors:
+        where, *name = [str(part) for part in error.get("loc", ())] or ["request"]
+        subject = f"{where} parameter {'.'.join(name)}" if name else where
+        if "input" in error and error["input"] is not None and name:
+            given = repr(error["input"])
+            subject += "=" + (given if len(given) <= 80 else given[:77] + "...")  # echo, bounded
+        problems.append(f"{subject}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems) + "; the parameters are described at /openapi.json"
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class DrainUnreadBody:
+    """Pure ASGI: a response that starts before the request body has been read to its end waits
+    until the rest is read and discarded (at most ``limit`` bytes in ``timeout_s``); past the
+    bound it goes out with ``Connection: close``. Bodies the app reads pass through untouched."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        self.app, self.limit, self.timeout_s = app, DRAIN_FACTOR * max_bytes, timeout_s
+
+    async def _drain(self, receive: Receive) -> bool:
+        """Read and discard up to ``limit`` bytes; whether the body (or the client) ended."""
+        drained = 0
+        while drained <= self.limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return True
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+        return False
+
+    async def _drained(self, scope: Scope, receive: Receive) -> bool:
+        declared = _declared_length(scope)
+        if declared is not None and declared > self.limit:
+            return False  # not worth reading: answer now and close
+        try:
+            return await asyncio.wait_for(self._drain(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_ended = False
+
+        async def receive_and_note() -> Message:
+            nonlocal body_ended
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_ended = True
+            return message
+
+        async def drain_then_send(message: Message) -> None:
+            nonlocal body_ended
+            if message["type"] == "http.response.start" and not body_ended:
+                body_ended = True  # drained now, or never: the answer goes out either way
+                if not await self._drained(scope, receive):
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_and_note, drain_then_send)
+
+
 def _accepted_types() -> str:
     return ", ".join(sorted(IMAGE_MEDIA_TYPES))
 
 
-def parse_uploads(content_type: str | None, body: bytes, *, max_files: int) -> list[Upload]:
-    """The files of a request: the raw body as one image, or each file part of a multipart form.
+def parse_uploads(
+    content_type: str | None, body: bytes, *, max_files: int, raw_body: bool = True
+) -> list[Upload]:
+    """The files of a request: the raw body as one image (when ``raw_body``), or each file part
+    of a multipart form.
 
-    Raises UnsupportedMediaType (415) for a declared type that is not an image type, and
-    RequestError for a form without files or with more than ``max_files``.
+    Raises UnsupportedMediaType (415) for a declared type that is not an image type (or not
+    multipart when ``raw_body`` is False), and RequestError for a form without files or
+    PayloadTooLarge (413) for one with more than ``max_files``.
     """
     kind = media_type(content_type)
     if kind == MULTIPART:
         uploads = _parse_multipart(content_type or "", body)
-    elif kind in IMAGE_MEDIA_TYPES:
+    elif kind in IMAGE_MEDIA_TYPES and raw_body:
         uploads = [Upload(body, None, kind)]
+    elif not raw_body:
+        raise UnsupportedMediaType(
+            f"Content-Type {kind or '(none)'} is not accepted here: send the images as {MULTIPART} "
+            "file parts (one raw image goes to /v1/predict)"
+        )
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind or '(none)'} is not accepted: send the image as the raw body with "

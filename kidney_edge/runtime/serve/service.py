@@ -35,6 +35,7 @@ from kidney_edge.io_utils import atomic_write_bytes
 from kidney_edge.runtime.classifier import PARITY_FILE, OnnxClassifier
 from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_precision
 from kidney_edge.runtime.predict import classify
+from kidney_edge.runtime.rows import PROBABILITY_PREFIX, probability_column
 from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
 from kidney_edge.runtime.serve.cam import heatmap, overlay, png_data_url
 from kidney_edge.runtime.serve.config import ServeConfig
@@ -233,11 +234,11 @@ class InferenceService:
         the model's identity, the latency split, and extra row columns (``ood_score``)."""
         spec = self.classifier.spec
         rule = spec.decision_rule
-        probabilities = {name: row[f"p_{name}"] for name in spec.class_names}
+        probabilities = {name: row[probability_column(name)] for name in spec.class_names}
         fired = None
         if rule.threshold is not None and rule.positive_class is not None:  # a threshold rule
             fired = probabilities[rule.positive_class] >= rule.threshold
-        extra = {k: v for k, v in row.items() if k not in _RESHAPED and not k.startswith("p_")}
+        extra = {k: v for k, v in row.items() if k not in _RESHAPED and not k.startswith(PROBABILITY_PREFIX)}
         return {
             "filename": upload.filename,
             "label": row["label"],

@@ -1,9 +1,9 @@
 """Look-alike kidney CT slices from a second renderer, to check that training defaults hold on
 data they were not tuned on.
 
-:func:`synthesize` writes the same Kaggle layout as :mod:`kidney_edge.phantom` (class folders,
-``Cyst- (12).jpg`` names, ``kidneyData.csv``, ``phantom_truth.csv``) but draws every slice with
-its own anatomy model, built from signed-distance shapes placed in millimetres:
+:func:`synthesize` writes the same Kaggle layout as :mod:`kidney_edge.phantoms.classic`, through
+the same writer (:func:`kidney_edge.phantoms.kaggle_layout.write_phantom`), but draws every slice
+with its own anatomy model, built from signed-distance shapes placed in millimetres:
 
 - a superellipse body (flatter at the back) with skin, subcutaneous fat of varying thickness and
   a muscle wall split by a fat plane; a vertebra with pedicles, laminae and processes; psoas,
@@ -33,36 +33,28 @@ the share of non-contrast studies. numpy + Pillow only; deterministic for a seed
 from __future__ import annotations
 
 import io
-import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from kidney_edge import phantom
-from kidney_edge.dataset import LABELS_CSV
 from kidney_edge.errors import InputError
-from kidney_edge.io_utils import atomic_write_csv
-from kidney_edge.phantom import (
+from kidney_edge.phantoms.kaggle_layout import (
     DEFAULT_DIFFICULTY,
     FINDINGS,
     KAGGLE_CLASS_COUNTS,
+    CopyNumbering,
+    DrawnSlice,
     PhantomConfig,
     PhantomSummary,
+    Planning,
     ProgressFn,
-    _ClassPlan,
-    _clear_previous_phantom,
-    _label_row,
-    class_counts,
-    file_name,
+    balanced_runs,
+    write_phantom,
 )
-from kidney_edge.spec import DEFAULT_CLASS_NAMES
-
-log = logging.getLogger(__name__)
 
 SLICES_PER_PATIENT = (3, 6)  # inclusive range of consecutive slices per patient
 # Image side per patient as a multiple of the nominal size: 384, 448, 512 or 640 px at 512.
@@ -71,31 +63,6 @@ JPEG_QUALITY = (60, 95)  # inclusive range, drawn per patient
 PATIENTS_PER_HABITUS = 4  # patients sharing one body-habitus archetype, on average
 AIR, FAT, WATER, MUSCLE = -1000.0, -100.0, 8.0, 50.0
 CALCIUM_HU = 400.0  # stones and calcifications are drawn above this; soft tissue stays below 300
-
-
-class PhantomStyle(str, Enum):
-    """Which renderer ``kidney-edge synth --style`` uses."""
-
-    classic = "classic"  # kidney_edge.phantom: the tuned demo and test data
-    lookalike = "lookalike"  # this module: independent anatomy, for checking defaults
-
-
-Synthesizer = Callable[..., PhantomSummary]
-# What each style draws when --slices-per-patient is not given.
-STYLE_SLICES_PER_PATIENT = {
-    PhantomStyle.classic: phantom.SLICES_PER_PATIENT,
-    PhantomStyle.lookalike: SLICES_PER_PATIENT,
-}
-
-
-def synthesizer(style: PhantomStyle | str) -> Synthesizer:
-    """The ``synthesize`` function of a style; both take the same keyword arguments."""
-    try:
-        chosen = PhantomStyle(style)
-    except ValueError:
-        valid = ", ".join(s.value for s in PhantomStyle)
-        raise InputError(f"--style must be one of {valid} (got {style!r})") from None
-    return {PhantomStyle.classic: phantom.synthesize, PhantomStyle.lookalike: synthesize}[chosen]
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -1062,41 +1029,44 @@ def _field_side(size: int) -> int:
 
 # ----------------------------------------------------------------------------- dataset
 
-
-def _partition(total: int, low: int, high: int, rng: np.random.Generator) -> list[int]:
-    """Split ``total`` slices into patients of ``low``-``high`` slices each (fewer only if total < low)."""
-    if total <= high:
-        return [total]
-    fewest, most = math.ceil(total / high), max(1, total // low)
-    count = min(max(int(round(total / rng.uniform(low, high))), fewest), max(most, fewest))
-    sizes = [min(low, total // count)] * count
-    for _ in range(total - sum(sizes)):
-        open_ = [i for i, s in enumerate(sizes) if s < high] or list(range(count))
-        sizes[int(rng.choice(open_))] += 1
-    return sizes
-
-
-def _plan(name: str, count: int, config: PhantomConfig, rng: np.random.Generator) -> _ClassPlan:
-    """Patients of consecutive file numbers; byte copies filed under numbers in between."""
-    n_copies = min(int(round(count * config.duplicate_fraction)), count - 1)
-    slices = _partition(count - n_copies, *config.slices_per_patient, rng)
-    order = [(p, s) for p, n_s in enumerate(slices) for s in range(n_s)]
-    sequence = [(key, False) for key in order]
-    for index in rng.choice(len(order), size=n_copies, replace=n_copies > len(order)):
-        sequence.insert(int(rng.integers(0, len(sequence) + 1)), (order[int(index)], True))
-    # The original keeps its place in its patient's run and is listed first; copies follow it.
-    numbers: dict[tuple[int, int], list[int]] = {key: [] for key in order}
-    for number, (key, is_copy) in enumerate(sequence, start=1):
-        numbers[key].insert(len(numbers[key]) if is_copy else 0, number)
-    return _ClassPlan(name, slices, numbers)
-
-
-TRUTH_COLUMNS = (
-    "path", "class", "patient", "slice", "finding", "kidney_side", "lesion_x", "lesion_y",
-    "lesion_radius_px", "lesion_contrast_hu", "phase", "duplicate_of", "difficulty",
-    "habitus", "size_px", "fov_mm", "kernel", "noise_hu", "window", "jpeg_quality",
-    "hyperdense", "confounders", "kidneys_box",
+# phantom_truth.csv columns of this renderer, after the layout's own (kaggle_layout.TRUTH_COLUMNS).
+OWN_TRUTH_COLUMNS = (
+    "habitus", "size_px", "fov_mm", "kernel", "noise_hu", "window", "jpeg_quality", "hyperdense",
+    "confounders", "kidneys_box",
 )  # fmt: skip
+
+
+class _LookalikeRenderer:
+    """The look-alike phantom as a :class:`~kidney_edge.phantoms.kaggle_layout.SliceRenderer`."""
+
+    patient_prefix = "L"
+    own_truth_columns = OWN_TRUTH_COLUMNS
+    # Patients of balanced run lengths; the original keeps its place in its patient's run.
+    planning = Planning(balanced_runs, CopyNumbering.IN_RUN)
+
+    def __init__(self, config: PhantomConfig) -> None:
+        self.config = config
+        self.plan_rng = np.random.default_rng([config.seed, 17])
+        self.fields = _make_fields(np.random.default_rng([config.seed, 5]), _field_side(config.size))
+        expected_patients = config.n / (sum(config.slices_per_patient) / 2)
+        habitus_rng = np.random.default_rng([config.seed, 11])
+        self.archetypes = [
+            _draw_habitus(habitus_rng)
+            for _ in range(max(2, math.ceil(expected_patients / PATIENTS_PER_HABITUS)))
+        ]
+
+    def draw_slices(self, class_index: int, name: str, patient: int, n_slices: int) -> Iterator[DrawnSlice]:
+        config = self.config
+        rng = np.random.default_rng([config.seed, 31, class_index, patient])
+        habitus = int(rng.integers(0, len(self.archetypes)))
+        anatomy = _build_patient(rng, self.archetypes[habitus], self.fields, config.size, config.difficulty)
+        finding = _make_finding(
+            rng, anatomy, FINDINGS[name], config.difficulty, _half_span(anatomy, n_slices)
+        )
+        for s in range(n_slices):
+            rendered = _render(anatomy, finding, s, rng, self.fields)
+            data = _encode(rendered.pixels, anatomy.scan.quality)
+            yield DrawnSlice(data, _truth(habitus, anatomy, finding, rendered))
 
 
 def synthesize(
@@ -1112,7 +1082,7 @@ def synthesize(
 ) -> PhantomSummary:
     """Write ``n`` look-alike slices to ``out_dir`` in the Kaggle layout; see the module docstring.
 
-    Takes the same arguments as :func:`kidney_edge.phantom.synthesize`. ``size`` is the
+    Takes the same arguments as :func:`kidney_edge.phantoms.classic.synthesize`. ``size`` is the
     nominal image side: each patient is stored at one of :data:`SIZE_FACTORS` times it. Deterministic
     for its arguments but ``progress``. A previous phantom in ``out_dir`` is replaced; any other
     non-empty folder is refused.
@@ -1121,85 +1091,14 @@ def synthesize(
     config = PhantomConfig(
         n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix, slices_per_patient=(low, high)
     )
-    out = Path(out_dir)
-    _clear_previous_phantom(out)
-    counts = class_counts(config.n, config.class_mix)
-    plan_rng = np.random.default_rng([config.seed, 17])
-    fields = _make_fields(np.random.default_rng([config.seed, 5]), _field_side(config.size))
-    expected_patients = config.n / (sum(config.slices_per_patient) / 2)
-    habitus_rng = np.random.default_rng([config.seed, 11])
-    archetypes = [
-        _draw_habitus(habitus_rng) for _ in range(max(2, math.ceil(expected_patients / PATIENTS_PER_HABITUS)))
-    ]
-    label_rows: list[dict[str, object]] = []
-    truth_rows: list[dict[str, object]] = []
-    n_patients = done = 0
-    for class_index, name in enumerate(DEFAULT_CLASS_NAMES):
-        if name not in counts:
-            continue
-        plan = _plan(name, counts[name], config, plan_rng)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for p, n_slices in enumerate(plan.slices_per_patient):
-            rng = np.random.default_rng([config.seed, 31, class_index, p])
-            n_patients += 1
-            habitus = int(rng.integers(0, len(archetypes)))
-            patient = _build_patient(rng, archetypes[habitus], fields, config.size, config.difficulty)
-            finding = _make_finding(
-                rng, patient, FINDINGS[name], config.difficulty, _half_span(patient, n_slices)
-            )
-            for s in range(n_slices):
-                rendered = _render(patient, finding, s, rng, fields)
-                data = _encode(rendered.pixels, patient.scan.quality)
-                numbers = plan.numbers[(p, s)]
-                first = f"{name}/{file_name(name, numbers[0])}"
-                for number in numbers:
-                    rel = f"{name}/{file_name(name, number)}"
-                    (out / rel).write_bytes(data)
-                    label_rows.append(_label_row(name, class_index, rel))
-                    truth_rows.append(
-                        _truth_row(
-                            rel,
-                            name,
-                            f"L{n_patients:05d}",
-                            s,
-                            habitus,
-                            patient,
-                            finding,
-                            rendered,
-                            first,
-                            config.difficulty,
-                        )
-                    )
-                    done += 1
-                    if progress is not None:
-                        progress(done, config.n)
-    n_duplicates = sum(1 for row in truth_rows if row["duplicate_of"])
-    labels_csv, truth_csv = out / LABELS_CSV, out / "phantom_truth.csv"
-    atomic_write_csv(truth_csv, truth_rows, TRUTH_COLUMNS)
-    atomic_write_csv(labels_csv, label_rows, ("image_id", "path", "diag", "target", "Class"))
-    log.info("wrote %d look-alike slices of %d patients to %s", done, n_patients, out)
-    return PhantomSummary(out, counts, done, n_patients, n_duplicates, labels_csv, truth_csv)
+    return write_phantom(out_dir, config, _LookalikeRenderer, progress)
 
 
-def _truth_row(
-    rel: str,
-    name: str,
-    patient_id: str,
-    slice_index: int,
-    habitus: int,
-    patient: _Patient,
-    finding: _Finding,
-    rendered: RenderedSlice,
-    first: str,
-    difficulty: float,
-) -> dict[str, object]:
+def _truth(habitus: int, patient: _Patient, finding: _Finding, rendered: RenderedSlice) -> dict[str, object]:
+    """The finding columns and this renderer's own columns of phantom_truth.csv for one slice."""
     scan, found = patient.scan, finding.kind != "none"
     parenchyma = patient.phase.cortex
     return {
-        "path": rel,
-        "class": name,
-        "patient": patient_id,
-        "slice": slice_index,
         "finding": finding.kind,
         "kidney_side": patient.kidneys[finding.kidney].side if found else "",
         "lesion_x": round(rendered.finding_xy[0], 1) if found else "",
@@ -1207,8 +1106,6 @@ def _truth_row(
         "lesion_radius_px": round(rendered.finding_radius_px, 2) if found else "",
         "lesion_contrast_hu": round(finding.hu - parenchyma, 1) if found else "",
         "phase": patient.phase.name,
-        "duplicate_of": "" if rel == first else first,
-        "difficulty": difficulty,
         "habitus": f"H{habitus:03d}",
         "size_px": scan.side,
         "fov_mm": round(scan.side * scan.mm_per_px, 1),

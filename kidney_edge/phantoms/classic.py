@@ -1,9 +1,11 @@
-"""Phantom kidney CT slices in the Kaggle "CT KIDNEY DATASET" layout, for tests and the demo.
+"""The classic phantom: kidney CT slices in the Kaggle "CT KIDNEY DATASET" layout, for tests and
+the demo.
 
 The real dataset cannot be downloaded here, so :func:`synthesize` writes a stand-in that the
-same code reads: ``OUT/<Class>/<Class>- (k).jpg`` (512x512 RGB JPEGs with identical channels),
-``OUT/kidneyData.csv`` with the real columns (image_id, path, diag, target, Class) and a
-ground-truth ``OUT/phantom_truth.csv`` the real data lacks (patient, slice, finding, lesion).
+same code reads, through :func:`kidney_edge.phantoms.kaggle_layout.write_phantom`: 512x512 RGB
+JPEGs with identical channels in class folders, the labels file and a ground-truth
+``phantom_truth.csv`` (patient, slice, finding, lesion). This module only draws: it fills the
+finding columns of that file and adds none of its own.
 
 Each slice is an axial abdominal CT drawn in Hounsfield units (body outline, fat, muscle,
 spine and ribs, liver, spleen, aorta/IVC, bowel with gas, two kidneys with cortex, medulla and
@@ -16,7 +18,8 @@ so "a bright dot" or "a dark blob" is not a shortcut.
 ``difficulty`` (0.25-4, default 1) is one dial: above 1 findings shrink and fade into more
 noise; below 1 they grow, stones multiply and move into the parenchyma, slices cut findings
 near their widest section, and confounders and non-contrast studies (where cysts and
-tumours are faint) become rare. The demo uses 0.25 so a CPU can learn the task in minutes.
+tumours are faint) become rare. The demo uses :data:`DEMO_DIFFICULTY` (0.25) so a CPU can
+learn the task in minutes.
 
 Like the real data, a *patient* is one anatomy seen in several adjacent slices numbered
 consecutively, and a few percent of files are byte-identical copies under another number, so
@@ -25,84 +28,37 @@ a random split leaks. numpy + Pillow only; deterministic for a seed.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
-import logging
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from kidney_edge.errors import InputError
-from kidney_edge.io_utils import atomic_write_csv
-from kidney_edge.spec import DEFAULT_CLASS_NAMES
+from kidney_edge.phantoms.kaggle_layout import (
+    DEFAULT_DIFFICULTY,
+    FINDINGS,
+    KAGGLE_CLASS_COUNTS,
+    SLICES_PER_PATIENT,
+    CopyNumbering,
+    DrawnSlice,
+    PhantomConfig,
+    PhantomSummary,
+    Planning,
+    ProgressFn,
+    uniform_runs,
+    write_phantom,
+)
 
-log = logging.getLogger(__name__)
-
-# Class sizes of the public Kaggle dataset (12,446 images).
-CYST, NORMAL, STONE, TUMOR = DEFAULT_CLASS_NAMES  # the Kaggle dataset's class folders
-KAGGLE_CLASS_COUNTS = {NORMAL: 5077, CYST: 3709, TUMOR: 2283, STONE: 1377}
-FINDINGS = {NORMAL: "none", CYST: "cyst", STONE: "stone", TUMOR: "tumor"}
-# Default difficulty; higher means smaller, fainter lesions and more noise (see _Lesions).
-DEFAULT_DIFFICULTY = 1.0
-DUPLICATE_FRACTION = 0.03  # share of files that are byte copies of another file of the class
-SLICES_PER_PATIENT = (2, 8)  # inclusive range of adjacent slices drawn per patient
+# The demo trains on this difficulty: a 2-core CPU learns the classic phantom in minutes at it
+# (benchmarks/results/demo.md). The DICOM series phantom draws at it so the demo's model reads it.
+DEMO_DIFFICULTY = 0.25
 REF = 512.0  # anatomy is described in pixels of a 512 px slice and scaled to `size`
 AIR, FAT, WATER = -1000.0, -100.0, 5.0
 SHIFT = 3.0  # px at 512: slices of a patient shift by up to this much (posed once, then cropped)
-
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class PhantomSummary:
-    """What :func:`synthesize` wrote."""
-
-    out_dir: Path
-    class_counts: dict[str, int]
-    n_images: int
-    n_patients: int
-    n_duplicates: int
-    labels_csv: Path
-    truth_csv: Path
-
-
-@dataclass(frozen=True)
-class PhantomConfig:
-    """Options of ``kidney-edge synth``; validated so messages name the CLI flag."""
-
-    n: int = sum(KAGGLE_CLASS_COUNTS.values())
-    seed: int = 0
-    size: int = 512
-    difficulty: float = DEFAULT_DIFFICULTY
-    class_mix: dict[str, float] | None = None
-    duplicate_fraction: float = DUPLICATE_FRACTION
-    slices_per_patient: tuple[int, int] = SLICES_PER_PATIENT
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise InputError(f"--n must be at least 1 (got {self.n})")
-        if not 32 <= self.size <= 2048:
-            raise InputError(f"--size must be between 32 and 2048 pixels (got {self.size})")
-        if not 0.25 <= self.difficulty <= 4.0:
-            raise InputError(f"--difficulty must be between 0.25 and 4 (got {self.difficulty})")
-        if not 0.0 <= self.duplicate_fraction < 0.5:
-            raise InputError(f"duplicate fraction must be in [0, 0.5) (got {self.duplicate_fraction})")
-        low, high = self.slices_per_patient
-        if not 1 <= low <= high <= 64:
-            raise InputError(
-                f"--slices-per-patient must be MIN MAX with 1 <= MIN <= MAX <= 64 (got {low} {high})"
-            )
-        mix = self.class_mix or {}
-        unknown = set(mix) - set(DEFAULT_CLASS_NAMES)
-        if unknown or any(v < 0 for v in mix.values()) or (mix and sum(mix.values()) <= 0):
-            raise InputError(
-                f"class mix must give non-negative weights for {list(DEFAULT_CLASS_NAMES)} (got {mix})"
-            )
 
 
 # ----------------------------------------------------------------------------- painting
@@ -218,7 +174,7 @@ class _Kidney:
 
 
 @dataclass
-class _Patient:
+class Patient:
     """One anatomy: drawn once, then seen in several adjacent slices."""
 
     base: np.ndarray  # (size + 2*margin,) * 2 float32 HU, posed and blurred, no finding
@@ -365,7 +321,7 @@ def _phase_mix(difficulty: float) -> list[float]:
     return [plain, (1.0 - plain) * 0.46, (1.0 - plain) * 0.54]
 
 
-def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _Patient:
+def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> Patient:
     """Draw one patient's anatomy in HU; everything slice-specific comes later.
 
     ``difficulty`` also sets how often look-alikes appear (``confound``): bright bowel
@@ -407,7 +363,7 @@ def _build_patient(rng: np.random.Generator, size: int, difficulty: float) -> _P
     posed = Image.fromarray(cv.hu, mode="F").transform(
         (size + 2 * margin,) * 2, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=AIR
     )
-    return _Patient(
+    return Patient(
         base=_gaussian_blur(np.asarray(posed), blur * size / REF),
         margin=margin,
         forward=forward,
@@ -475,7 +431,7 @@ def _draw_calcifications(
 
 
 @dataclass(frozen=True)
-class _Lesion:
+class Lesion:
     """One finding in one kidney, in 512 px anatomy coordinates (before the pose)."""
 
     finding: str  # "none" | "cyst" | "stone" | "tumor"
@@ -502,7 +458,7 @@ def _point_in_kidney(
     return kid.cx + d * math.cos(t), kid.cy + d * math.sin(t)
 
 
-def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, difficulty: float) -> _Lesion:
+def _make_lesion(rng: np.random.Generator, patient: Patient, finding: str, difficulty: float) -> Lesion:
     """One finding, drawn in physical HU; ``difficulty`` sets how conspicuous it is.
 
     Sizes scale as difficulty**-0.8. Above 1, contrast to the kidney also fades (as
@@ -511,7 +467,7 @@ def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, diff
     unphysical densities.
     """
     if finding == "none":
-        return _Lesion("none")
+        return Lesion("none")
     size_f, fade, ease = difficulty**-0.8, min(1.0, difficulty**-0.5), max(1.0, 1.0 / difficulty) ** 0.5
     k = int(rng.integers(2))
     kid, side = patient.kidneys[k], ("right", "left")[k]
@@ -520,7 +476,7 @@ def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, diff
         cx, cy = _point_in_kidney(rng, kid, 0.1, 0.9)
         radius = max(2.5, min(rng.uniform(7 + 2 * (ease - 1), 20) * size_f, 1.3 * kid.b))
         hu = cortex + fade * (WATER + rng.normal(0, 4) - cortex)
-        return _Lesion("cyst", side, cx, cy, radius, hu, hu - cortex, (rng.uniform(0.85, 1.0),))
+        return Lesion("cyst", side, cx, cy, radius, hu, hu - cortex, (rng.uniform(0.85, 1.0),))
     if finding == "stone":
         return _make_stones(rng, kid, side, cortex, size_f, fade, ease)
     cx, cy = _point_in_kidney(rng, kid, 0.55, 0.95)  # tumour: peripheral, so it bulges the outline
@@ -533,12 +489,12 @@ def _make_lesion(rng: np.random.Generator, patient: _Patient, finding: str, diff
     wobble = (rng.normal(0, 0.07 * ease, 5), rng.uniform(0, 2 * np.pi, 5))
     hetero = rng.uniform(12, 30) * fade * ease
     necrosis = rng.uniform(15, 35) * ease if rng.random() < min(0.9, 0.4 * ease) else 0.0
-    return _Lesion("tumor", side, cx, cy, radius, hu, hu - cortex, (wobble, hetero, necrosis))
+    return Lesion("tumor", side, cx, cy, radius, hu, hu - cortex, (wobble, hetero, necrosis))
 
 
 def _make_stones(
     rng: np.random.Generator, kid: _Kidney, side: str, cortex: float, size_f: float, fade: float, ease: float
-) -> _Lesion:
+) -> Lesion:
     """1-3 calculi, 1.5-6 px across at 512 at difficulty 1, in the renal sinus or a calyx.
 
     A stone in the renal pelvis sits among the bright hilar vessels, which look much like it.
@@ -558,10 +514,10 @@ def _make_stones(
         stones.append((float(off[0]), float(off[1]), r, hu))
     big = max(stones, key=lambda s: s[2])
     extra = ((sx, sy), tuple(stones))
-    return _Lesion("stone", side, sx + big[0], sy + big[1], big[2], big[3], big[3] - cortex, extra)
+    return Lesion("stone", side, sx + big[0], sy + big[1], big[2], big[3], big[3] - cortex, extra)
 
 
-def _draw_lesion(cv: _Canvas, lesion: _Lesion, depth: float, blur: float) -> float:
+def _draw_lesion(cv: _Canvas, lesion: Lesion, depth: float, blur: float) -> float:
     """Paint the lesion's cross-section at ``depth`` (-1..1 through it); returns the radius drawn."""
     if lesion.finding == "none":
         return 0.0
@@ -613,7 +569,7 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return sum(w * rows[i : i + image.shape[0], :] for i, w in enumerate(kernel)).astype(np.float32)
 
 
-def _posed_lesion(lesion: _Lesion, patient: _Patient, size: int) -> _Lesion:
+def _posed_lesion(lesion: Lesion, patient: Patient, size: int) -> Lesion:
     """The lesion in posed coordinates (at 512 px scale), so slices can draw it after the pose."""
     if lesion.finding == "none":
         return lesion
@@ -631,8 +587,8 @@ def _posed_lesion(lesion: _Lesion, patient: _Patient, size: int) -> _Lesion:
 
 
 def slice_hu(
-    patient: _Patient,
-    lesion: _Lesion,
+    patient: Patient,
+    lesion: Lesion,
     rng: np.random.Generator,
     noise_bank: np.ndarray,
     depth: float,
@@ -658,15 +614,15 @@ def slice_hu(
     return hu, truth
 
 
-def display_window(patient: _Patient, rng: np.random.Generator) -> tuple[float, float]:
+def display_window(patient: Patient, rng: np.random.Generator) -> tuple[float, float]:
     """(level, width) in HU that one slice of ``patient`` is shown in: the patient's window with
     a little per-slice jitter of the level."""
     return patient.level + rng.normal(0, 2), patient.width
 
 
 def _render_slice(
-    patient: _Patient,
-    lesion: _Lesion,
+    patient: Patient,
+    lesion: Lesion,
     rng: np.random.Generator,
     noise_bank: np.ndarray,
     depth: float,
@@ -682,58 +638,65 @@ def _render_slice(
     return buffer.getvalue(), truth
 
 
-# ----------------------------------------------------------------------------- dataset layout
+# ----------------------------------------------------------------------------- patients and the dataset
 
 
-def class_counts(n: int, class_mix: dict[str, float] | None = None) -> dict[str, int]:
-    """Split ``n`` images over the classes in proportion to ``class_mix`` (default: Kaggle's)."""
-    mix = class_mix or KAGGLE_CLASS_COUNTS
-    names = [c for c in DEFAULT_CLASS_NAMES if mix.get(c, 0) > 0]
-    total = sum(mix[c] for c in names)
-    exact = {c: n * mix[c] / total for c in names}
-    counts = {c: int(exact[c]) for c in names}
-    # Largest remainder, so the counts add up to n exactly.
-    for c in sorted(names, key=lambda c: counts[c] - exact[c])[: n - sum(counts.values())]:
-        counts[c] += 1
-    return {c: counts[c] for c in names if counts[c] > 0}
+NO_LESION = Lesion("none")
 
 
-@dataclass(frozen=True)
-class _ClassPlan:
-    """Which patient slice each file number of one class shows (duplicates point at an original)."""
-
-    name: str
-    slices_per_patient: list[int]
-    numbers: dict[tuple[int, int], list[int]]  # (patient, slice) -> file numbers (1-based)
+def noise_bank(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(2 size, 2 size) float32 white noise that :func:`slice_hu` reads a random window of for
+    each slice (cheaper than fresh noise per slice)."""
+    return rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
 
 
-def _plan_class(name: str, count: int, config: PhantomConfig, rng: np.random.Generator) -> _ClassPlan:
-    n_dup = min(int(round(count * config.duplicate_fraction)), count - 1)
-    low, high = config.slices_per_patient
-    originals = count - n_dup
-    slices: list[int] = []
-    while sum(slices) < originals:
-        slices.append(int(min(rng.integers(low, high + 1), originals - sum(slices))))
-    order: list[tuple[int, int]] = [(p, s) for p, n_s in enumerate(slices) for s in range(n_s)]
-    copied = rng.choice(len(order), size=n_dup, replace=n_dup > len(order))
-    sequence = list(order)
-    for index in copied:  # filed under another number, like the real dataset's byte copies
-        sequence.insert(int(rng.integers(0, len(sequence) + 1)), order[int(index)])
-    numbers: dict[tuple[int, int], list[int]] = {key: [] for key in order}
-    for number, key in enumerate(sequence, start=1):
-        numbers[key].append(number)
-    return _ClassPlan(name, slices, numbers)
+def draw_patient(
+    rng: np.random.Generator, size: int, difficulty: float, finding: str
+) -> tuple[Patient, Lesion]:
+    """One patient's anatomy and its ``finding`` (one of :data:`FINDINGS`' values), posed and
+    ready for :func:`slice_hu`; both drawn from ``rng``."""
+    patient = _build_patient(rng, size, difficulty)
+    return patient, _posed_lesion(_make_lesion(rng, patient, finding, difficulty), patient, size)
 
 
-def file_name(class_name: str, number: int) -> str:
-    """The Kaggle dataset's file naming: ``Cyst- (12).jpg``."""
-    return f"{class_name}- ({number}).jpg"
+class _ClassicRenderer:
+    """The classic phantom as a :class:`~kidney_edge.phantoms.kaggle_layout.SliceRenderer`."""
+
+    patient_prefix = "P"
+    own_truth_columns: tuple[str, ...] = ()
+    # Slices per patient drawn uniformly; the lowest file number of a slice counts as its original.
+    planning = Planning(uniform_runs, CopyNumbering.LOWEST)
+
+    def __init__(self, config: PhantomConfig) -> None:
+        self.config = config
+        self.plan_rng = np.random.default_rng([config.seed, 7])
+        # The plan stream's first draw: a seed fixes the noise and the plan together.
+        self.noise_bank = noise_bank(self.plan_rng, config.size)
+
+    def draw_slices(self, class_index: int, name: str, patient: int, n_slices: int) -> Iterator[DrawnSlice]:
+        config = self.config
+        rng = np.random.default_rng([config.seed, class_index, patient])
+        anatomy, lesion = draw_patient(rng, config.size, config.difficulty, FINDINGS[name])
+        # Slices cut the lesion off-centre; on easy phantoms never far from its widest section.
+        span = 0.7 * min(1.0, config.difficulty) ** 0.5
+        depths = np.linspace(-span, span, n_slices) if n_slices > 1 else np.zeros(1)
+        for s in range(n_slices):
+            data, geometry = _render_slice(anatomy, lesion, rng, self.noise_bank, float(depths[s]))
+            yield DrawnSlice(data, _finding_truth(anatomy, lesion, geometry))
 
 
-_TRUTH_COLUMNS = (
-    "path", "class", "patient", "slice", "finding", "kidney_side", "lesion_x", "lesion_y",
-    "lesion_radius_px", "lesion_contrast_hu", "phase", "duplicate_of", "difficulty",
-)  # fmt: skip
+def _finding_truth(patient: Patient, lesion: Lesion, geometry: dict[str, float]) -> dict[str, object]:
+    """The finding columns of phantom_truth.csv for one slice (empty lesion cells on Normal)."""
+    has_lesion = lesion.finding != "none"
+    return {
+        "finding": lesion.finding,
+        "kidney_side": lesion.side,
+        "lesion_x": round(geometry["lesion_x"], 1) if has_lesion else "",
+        "lesion_y": round(geometry["lesion_y"], 1) if has_lesion else "",
+        "lesion_radius_px": round(geometry["lesion_radius_px"], 2) if has_lesion else "",
+        "lesion_contrast_hu": round(lesion.contrast_hu, 1) if has_lesion else "",
+        "phase": patient.phase,
+    }
 
 
 def synthesize(
@@ -761,101 +724,4 @@ def synthesize(
         class_mix=class_mix,
         slices_per_patient=tuple(slices_per_patient),  # type: ignore[arg-type]
     )
-    out = Path(out_dir)
-    _clear_previous_phantom(out)
-    counts = class_counts(config.n, config.class_mix)
-    plan_rng = np.random.default_rng([config.seed, 7])
-    # Shared white-noise bank; each slice reads a random window of it (cheaper than fresh noise).
-    noise_bank = plan_rng.standard_normal((2 * size, 2 * size), dtype=np.float32)
-    label_rows: list[dict[str, object]] = []
-    truth_rows: list[dict[str, object]] = []
-    n_patients = done = 0
-    for class_index, name in enumerate(DEFAULT_CLASS_NAMES):
-        if name not in counts:
-            continue
-        plan = _plan_class(name, counts[name], config, plan_rng)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for p, n_slices in enumerate(plan.slices_per_patient):
-            rng = np.random.default_rng([config.seed, class_index, p])
-            n_patients += 1
-            patient_id = f"P{n_patients:05d}"
-            patient = _build_patient(rng, size, config.difficulty)
-            lesion = _posed_lesion(
-                _make_lesion(rng, patient, FINDINGS[name], config.difficulty), patient, size
-            )
-            # Slices cut the lesion off-centre; on easy phantoms never far from its widest section.
-            span = 0.7 * min(1.0, config.difficulty) ** 0.5
-            depths = np.linspace(-span, span, n_slices) if n_slices > 1 else np.zeros(1)
-            for s in range(n_slices):
-                data, geometry = _render_slice(patient, lesion, rng, noise_bank, float(depths[s]))
-                numbers = plan.numbers[(p, s)]
-                first = f"{name}/{file_name(name, numbers[0])}"
-                for number in numbers:
-                    rel = f"{name}/{file_name(name, number)}"
-                    (out / rel).write_bytes(data)
-                    label_rows.append(_label_row(name, class_index, rel))
-                    truth_rows.append(
-                        _truth_row(
-                            rel, name, patient_id, s, patient, lesion, geometry, first, config.difficulty
-                        )
-                    )
-                    done += 1
-                    if progress is not None:
-                        progress(done, config.n)
-    n_duplicates = sum(1 for row in truth_rows if row["duplicate_of"])
-    labels_csv, truth_csv = out / "kidneyData.csv", out / "phantom_truth.csv"
-    _write_csv(truth_csv, _TRUTH_COLUMNS, truth_rows)
-    _write_csv(labels_csv, ("image_id", "path", "diag", "target", "Class"), label_rows)
-    log.info("wrote %d phantom slices of %d patients to %s", done, n_patients, out)
-    return PhantomSummary(out, counts, done, n_patients, n_duplicates, labels_csv, truth_csv)
-
-
-def _clear_previous_phantom(out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    truth = out / "phantom_truth.csv"
-    if not truth.is_file():
-        raise InputError(f"{out} is not empty and holds no phantom dataset; pass a new or empty folder")
-    with open(truth, newline="") as handle:
-        for row in csv.DictReader(handle):
-            (out / row["path"]).unlink(missing_ok=True)
-    for name in ("kidneyData.csv", "phantom_truth.csv"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _label_row(name: str, class_index: int, rel: str) -> dict[str, object]:
-    # kidneyData.csv as in the Kaggle dataset: target is the index in sorted class order.
-    return {"image_id": Path(rel).stem, "path": rel, "diag": name, "target": class_index, "Class": name}
-
-
-def _truth_row(
-    rel: str,
-    name: str,
-    patient_id: str,
-    slice_index: int,
-    patient: _Patient,
-    lesion: _Lesion,
-    geometry: dict[str, float],
-    first: str,
-    difficulty: float,
-) -> dict[str, object]:
-    has_lesion = lesion.finding != "none"
-    return {
-        "path": rel,
-        "class": name,
-        "patient": patient_id,
-        "slice": slice_index,
-        "finding": lesion.finding,
-        "kidney_side": lesion.side,
-        "lesion_x": round(geometry["lesion_x"], 1) if has_lesion else "",
-        "lesion_y": round(geometry["lesion_y"], 1) if has_lesion else "",
-        "lesion_radius_px": round(geometry["lesion_radius_px"], 2) if has_lesion else "",
-        "lesion_contrast_hu": round(lesion.contrast_hu, 1) if has_lesion else "",
-        "phase": patient.phase,
-        "duplicate_of": "" if rel == first else first,
-        "difficulty": difficulty,
-    }
-
-
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, object]]) -> None:
-    atomic_write_csv(path, rows, columns)
+    return write_phantom(out_dir, config, _ClassicRenderer, progress)

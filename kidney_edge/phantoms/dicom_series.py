@@ -1,10 +1,10 @@
 """Phantom CT studies as real DICOM series, for series-level predict, evaluate and benchmarks.
 
 :func:`synthesize_series` draws each phantom patient with the classic renderer
-(:mod:`kidney_edge.phantom`, the one the demo's model is trained on) as one study holding one
-axial CT series of consecutive slices. The patient's finding is a lesion with a depth along z
-equal to its in-plane diameter, so only the slices whose plane cuts it show it; stones, a few
-millimetres across, appear on one to three slices.
+(:mod:`kidney_edge.phantoms.classic`, the one the demo's model is trained on) as one study
+holding one axial CT series of consecutive slices. The patient's finding is a lesion with a
+depth along z equal to its in-plane diameter, so only the slices whose plane cuts it show it;
+stones, a few millimetres across, appear on one to three slices.
 
 Each slice is a CT Image Storage file written with pydicom: 16-bit pixel data with
 RescaleSlope 1 / RescaleIntercept -1024 (Hounsfield units), Study/Series/SOP Instance UIDs,
@@ -41,11 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from kidney_edge import phantom
-from kidney_edge.demo import FULL as DEMO_SIZE
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_csv
-from kidney_edge.phantom import FINDINGS, NORMAL, ProgressFn, class_counts
+from kidney_edge.phantoms import classic
+from kidney_edge.phantoms.kaggle_layout import FINDINGS, NORMAL, PhantomConfig, ProgressFn, class_counts
 from kidney_edge.spec import DEFAULT_CLASS_NAMES, CTWindow
 
 log = logging.getLogger(__name__)
@@ -59,17 +58,10 @@ STORED_MAX = 4095  # 12 bits stored: -1024..3071 HU
 SERIES_TRUTH_CSV = "series_truth.csv"
 SPLITS_CSV = "splits.csv"
 # Easy enough for the demo's model: the series phantom is drawn at the demo phantom's difficulty.
-DEFAULT_DIFFICULTY = DEMO_SIZE.difficulty
+DEFAULT_DIFFICULTY = classic.DEMO_DIFFICULTY
 SLICES_PER_SERIES = (24, 40)  # 12-20 cm at 5 mm: both kidneys, findings on some slices only
 SLICE_THICKNESS_MM = 5.0  # a routine abdominal reconstruction
 FIELD_OF_VIEW_MM = 360.0  # 0.70 mm pixels at 512 px
-
-
-class PhantomFormat(str, Enum):
-    """What ``kidney-edge synth`` writes (``--format``)."""
-
-    KAGGLE = "kaggle"  # class folders of JPEG slices, the Kaggle dataset's layout
-    DICOM = "dicom"  # PACS-style DICOM series, one study per patient
 
 
 class HuScale(str, Enum):
@@ -113,8 +105,8 @@ class SeriesPhantomConfig:
             raise InputError(
                 f"--slices-per-patient must be MIN MAX with 3 <= MIN <= MAX <= 512 (got {low} {high})"
             )
-        # The rest (size, difficulty, class mix) is checked by the classic phantom's own config.
-        phantom.PhantomConfig(n=1, size=self.size, difficulty=self.difficulty, class_mix=self.class_mix)
+        # The rest (size, difficulty, class mix) is checked as the Kaggle-layout phantoms check it.
+        PhantomConfig(n=1, size=self.size, difficulty=self.difficulty, class_mix=self.class_mix)
 
     @property
     def pixel_spacing_mm(self) -> float:
@@ -215,11 +207,11 @@ def _uid(seed: int, *parts: object) -> str:
     return generate_uid(entropy_srcs=["kidney-edge-phantom", str(seed), *map(str, parts)])
 
 
-def _lesion_span(lesion: phantom._Lesion, n_slices: int, config: SeriesPhantomConfig,
+def _lesion_span(lesion: classic.Lesion, n_slices: int, config: SeriesPhantomConfig,
                  rng: np.random.Generator) -> tuple[float, float]:  # fmt: skip
     """(centre, half-depth) of the lesion in slice units: as deep as it is wide, centred on a
     slice in the middle third, so at least the nearest slice cuts it."""
-    radius_mm = lesion.radius * config.field_of_view_mm / phantom.REF  # posed radius, px at 512
+    radius_mm = lesion.radius * config.field_of_view_mm / classic.REF  # posed radius, px at 512
     half = max(0.5, radius_mm / config.slice_thickness_mm)
     centre = round(rng.uniform(0.35, 0.65) * (n_slices - 1)) + rng.uniform(-0.4, 0.4) * min(1.0, half)
     return float(centre), float(half)
@@ -229,11 +221,8 @@ def _render_series(
     plan: _SeriesPlan, config: SeriesPhantomConfig, noise_bank: np.ndarray, out: Path
 ) -> _SeriesResult:
     rng = np.random.default_rng([config.seed, 11, plan.index])
-    patient = phantom._build_patient(rng, config.size, config.difficulty)
     finding = FINDINGS[plan.class_name]
-    lesion = phantom._posed_lesion(
-        phantom._make_lesion(rng, patient, finding, config.difficulty), patient, config.size
-    )
+    patient, lesion = classic.draw_patient(rng, config.size, config.difficulty, finding)
     low, high = config.slices_per_series
     n_slices = int(rng.integers(low, high + 1))
     centre, half = _lesion_span(lesion, n_slices, config, rng) if finding != "none" else (0.0, 1.0)
@@ -250,8 +239,8 @@ def _render_series(
     for i in range(n_slices):  # i = 0 is the top slice: InstanceNumber 1, highest z
         depth = (i - centre) / half if finding != "none" else 2.0
         cuts = abs(depth) < 1.0
-        hu, _ = phantom.slice_hu(patient, lesion if cuts else phantom._Lesion("none"), rng, noise_bank, depth)
-        shown = phantom.display_window(patient, rng)
+        hu, _ = classic.slice_hu(patient, lesion if cuts else classic.NO_LESION, rng, noise_bank, depth)
+        shown = classic.display_window(patient, rng)
         if i in skipped:
             continue
         if config.hu_scale is HuScale.DISPLAY:
@@ -294,7 +283,7 @@ def _render_series(
         "quirk_instances": instance_ranges(sorted({i + 1 for i in (*skipped, *coronal)}))
         or (str(n_slices // 2 + 1) if plan.quirk is Quirk.DUPLICATE else ""),
         "kidney_side": lesion.side,
-        "lesion_radius_mm": round(lesion.radius * config.field_of_view_mm / phantom.REF, 1)
+        "lesion_radius_mm": round(lesion.radius * config.field_of_view_mm / classic.REF, 1)
         if lesion.radius
         else "",
         "phase": patient.phase,
@@ -403,8 +392,7 @@ def synthesize_series(
     out = Path(out_dir)
     _clear_previous(out)
     plans = _plan(config)
-    noise_rng = np.random.default_rng([config.seed, 7])
-    noise_bank = noise_rng.standard_normal((2 * config.size, 2 * config.size), dtype=np.float32)
+    noise_bank = classic.noise_bank(np.random.default_rng([config.seed, 7]), config.size)
     truths, slices = [], []
     for done, plan in enumerate(plans, start=1):
         result = _render_series(plan, config, noise_bank, out)
@@ -462,7 +450,6 @@ __all__ = [
     "AXIAL",
     "CORONAL",
     "HuScale",
-    "PhantomFormat",
     "Quirk",
     "SeriesPhantomConfig",
     "SeriesPhantomSummary",

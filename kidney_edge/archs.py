@@ -1,0 +1,15 @@
+"""Backbone facts the configs and the CLI need without torch: the built-in architecture names
+and the "whole backbone" block count.
+
+:mod:`kidney_edge.backbones` registers its models under these names (it imports torch);
+``kidney-edge train --arch`` offers them as choices and :class:`~kidney_edge.training.TrainConfig`
+defaults to the first, so neither has to import torch to know them.
+"""
+
+from __future__ import annotations
+
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+EFFICIENTNET_B0 = "efficientnet_b0"
+# The built-in backbones, the default first; tests/test_backbones.py checks the registry agrees.
+ARCHS = (EFFICIENTNET_LITE0, EFFICIENTNET_B0)
+ALL_BLOCKS = -1  # unfreeze the whole backbone, stem included (CLI: --unfreeze-blocks all)
