@@ -305,7 +305,7 @@ def render(record: dict[str, Any]) -> str:
         "",
         "Recorded by `benchmarks/bench_recipe.py`; raw numbers in `recipe.json`.",
         "",
-        f"Machine: {record.get('machine', '?')}.",
+        *_machine_lines(record),
         "",
         "Test figures are under argmax (the decision rule only adds Tumor calls on top), on the",
         "test split of each dataset (grouped split, no patient across splits), 95% stratified",
@@ -353,6 +353,12 @@ def render(record: dict[str, Any]) -> str:
     for note in record.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _machine_lines(record: dict[str, Any]) -> list[str]:
+    """One machine line per group of rows: timings of two machines are never compared."""
+    machines = record.get("machines") or {"every row": record.get("machine", "?")}
+    return [f"Machine of the {rows}: {line}." for rows, line in machines.items()]
 
 
 def _data_seed(run: dict[str, Any]) -> int:
@@ -449,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         record["machine"] = machine_line()
         record["commit"] = harness.git_commit()
+        if "machines" in record:  # rows of several machines: this run's get their own line
+            record["machines"][f"rows recorded at commit {record['commit'][:7]}"] = record["machine"]
         settings = {"n_images": args.n_images, "slice_size": args.slice_size, "image_size": args.image_size}
         record["settings"] = settings
         for seed in args.seeds:
