@@ -43,6 +43,7 @@ import numpy as np
 
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_csv
+from kidney_edge.layout import SPLITS_FILE
 from kidney_edge.phantoms import classic
 from kidney_edge.phantoms.kaggle_layout import FINDINGS, NORMAL, PhantomConfig, ProgressFn, class_counts
 from kidney_edge.spec import DEFAULT_CLASS_NAMES, CTWindow
@@ -56,7 +57,7 @@ CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 RESCALE_INTERCEPT = -1024.0  # stored 0 = -1024 HU, the usual CT convention
 STORED_MAX = 4095  # 12 bits stored: -1024..3071 HU
 SERIES_TRUTH_CSV = "series_truth.csv"
-SPLITS_CSV = "splits.csv"
+SPLITS_CSV = SPLITS_FILE  # the series phantom writes the manifest `split` and `train` read
 # Easy enough for the demo's model: the series phantom is drawn at the demo phantom's difficulty.
 DEFAULT_DIFFICULTY = classic.DEMO_DIFFICULTY
 SLICES_PER_SERIES = (24, 40)  # 12-20 cm at 5 mm: both kidneys, findings on some slices only
