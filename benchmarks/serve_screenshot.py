@@ -1,4 +1,4 @@
-"""The README's screenshot of the `kidney-edge serve` page, taken the way the browser test drives it.
+"""The screenshot in docs/serve.md of the `kidney-edge serve` page, taken the way the browser test drives it.
 
     python benchmarks/serve_screenshot.py --model EXPORT_DIR_OR_ONNX --image SLICE \\
         --out benchmarks/results/serve_page.png
