@@ -392,6 +392,14 @@ class _Augmented(Dataset):
         return self.transform(image), label
 
 
+def start_from_best(model: nn.Module, phase_name: str, state: RunState, saver: Saver) -> None:
+    """Load the run's best.pt (when there is one) and start ``phase_name`` from its first epoch."""
+    if (saver.run_dir / BEST_CHECKPOINT).is_file():
+        saver.context.barrier()
+        model.load_state_dict(load_checkpoint(saver.run_dir / BEST_CHECKPOINT)["model_state"])
+    state.enter_phase(phase_name)
+
+
 def fit_phase(
     model: nn.Module,
     phase: PhaseConfig,
@@ -405,10 +413,7 @@ def fit_phase(
     """Train ``phase`` from ``state.phase_epoch`` to its end or early stop, checkpointing each epoch."""
     ctx, notify = saver.context, progress or (lambda event: None)
     if state.phase != phase.name:  # entering this phase: start from the best model so far
-        if (saver.run_dir / BEST_CHECKPOINT).is_file():
-            saver.context.barrier()
-            model.load_state_dict(load_checkpoint(saver.run_dir / BEST_CHECKPOINT)["model_state"])
-        state.enter_phase(phase.name)
+        start_from_best(model, phase.name, state, saver)
     if phase.epochs == 0 or state.phase_epoch >= phase.epochs:
         state.phase_done = True
         return

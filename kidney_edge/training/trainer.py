@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from kidney_edge.training import data as run_data
 from kidney_edge.training import distributed
 from kidney_edge.training.config import TrainConfig, TrainEvent, TrainResult
 from kidney_edge.training.loop import (
+    STALL_EPOCHS,
+    STALL_LOSS_SHARE,
     LoaderSettings,
     PhaseData,
     Progress,
@@ -27,6 +30,7 @@ from kidney_edge.training.loop import (
     fit_phase,
     iter_phases,
     seed_everything,
+    start_from_best,
     training_state,
 )
 
@@ -81,13 +85,13 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
     saver = Saver(run_dir, spec, recorded, ctx)
     settings = LoaderSettings(config.batch_size, config.workers, config.seed)
     for phase in iter_phases(config.phases, state):
-        if state.stalled and not _retry_stalled(phase, state, model, run_dir, progress):
+        if state.stalled and not _retry_stalled(phase, state, model, saver, progress):
             continue  # resumed just after a stall that is not retried
         mid_phase = resume_from is not None and state.phase == phase.name and state.phase_epoch > 0
         fit_phase(model, state.attempt(phase), data, state, saver, settings, resume_from if mid_phase else None,
                   progress)  # fmt: skip
         resume_from = None
-        while state.stalled and _retry_stalled(phase, state, model, run_dir, progress):
+        while state.stalled and _retry_stalled(phase, state, model, saver, progress):
             fit_phase(model, state.attempt(phase), data, state, saver, settings, None, progress)
     state.finished = True
     saver.save(LAST_CHECKPOINT, model, training_state(state, None))
@@ -107,27 +111,22 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
 MAX_STALL_RETRIES = 2  # each at a tenth of the previous rate
 
 
-def _retry_stalled(phase, state: RunState, model, run_dir: Path, progress: Progress | None) -> bool:
+def _retry_stalled(phase, state: RunState, model, saver: Saver, progress: Progress | None) -> bool:
     """After ``phase`` stalled at chance: set up a retry from best.pt at a tenth of the rate
     (True), or record that the run keeps its best model (False). Either way it says so."""
-    import math
-
-    from kidney_edge.checkpoint import load_checkpoint
-    from kidney_edge.training.loop import STALL_EPOCHS
-
     attempt = state.attempt(phase)
     epochs_left = attempt.epochs - state.phase_epoch
+    classes = model.num_classes
     seen = (
-        f"{phase.name} did not learn: training loss stayed at chance (>= {math.log(model.num_classes):.3f}"
-        f" = ln {model.num_classes}) for {STALL_EPOCHS} epochs at learning rate {attempt.lr:g}"
+        f"{phase.name} did not learn: training loss stayed at chance (>= {STALL_LOSS_SHARE:g} x ln {classes}"
+        f" = {STALL_LOSS_SHARE * math.log(classes):.3f}) for {STALL_EPOCHS} epochs at learning rate {attempt.lr:g}"
     )
     retry = state.retries < MAX_STALL_RETRIES and epochs_left >= STALL_EPOCHS
     if retry:
         note = f"{seen}; retried from the best model at {attempt.lr / 10:g} for the {epochs_left} epochs left"
         state.epochs_lost += state.phase_epoch
         state.lr_scale, state.retries = state.lr_scale / 10, state.retries + 1
-        model.load_state_dict(load_checkpoint(run_dir / BEST_CHECKPOINT)["model_state"])
-        state.enter_phase(phase.name)
+        start_from_best(model, phase.name, state, saver)
     else:
         note = (
             f"{seen}; the run keeps its best model, from the {state.best_phase} phase (validation "
