@@ -32,6 +32,8 @@ from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
+Reader = Callable[[str], ImageSource]  # a row key -> the bytes or file to decode for it
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -108,11 +110,13 @@ class _LoadedBatch:
 
 
 def _load_batch(
-    sources: list[ImageSource], spec: ModelSpec, buffer: np.ndarray | None = None
+    sources: list[ImageSource], spec: ModelSpec, buffer: np.ndarray | None = None, read: Reader | None = None
 ) -> _LoadedBatch:
     """Decode + preprocess one batch into ``buffer`` (a new array when None), each file straight
     into its row: no per-image array and no copy into the batch. Pillow's decoder and numpy's
-    arithmetic release the GIL, so workers decode side by side."""
+    arithmetic release the GIL, so workers decode side by side. ``read`` turns each source (a
+    row key) into what is decoded, e.g. an instance's bytes fetched from a DICOMweb server; it
+    raises ImageReadError for a source it cannot fetch."""
     size = spec.input_size
     if buffer is None:
         buffer = np.empty((len(sources), 3, size, size), dtype=np.float32)
@@ -121,7 +125,8 @@ def _load_batch(
     errors: dict[int, str] = {}
     for index, source in enumerate(sources):
         try:
-            preprocess(source, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
+            data = source if read is None else read(source)
+            preprocess(data, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
             ok.append(index)
         except ImageReadError as exc:
             errors[index] = exc.reason
@@ -212,10 +217,10 @@ def execution_layout(threads: int | None = None, workers: int | None = None) -> 
 
 
 def _infer_batch(
-    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray
+    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray, read: Reader | None = None
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """One worker's job: decode ``paths`` into ``buffer``, infer, decide -> (rows, ``buffer``)."""
-    return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier).rows, buffer
+    return _classify_loaded(_load_batch(paths, classifier.spec, buffer, read), classifier).rows, buffer
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ class LocalEngine:
     classifier: OnnxClassifier
     batch_size: int
     workers: int
+    read: Reader | None = None  # row key -> what to decode (default: the key is a file path)
 
     def classify(self, paths: list[str], write: RowSink) -> None:
         """Batches decoded and inferred side by side, written in order.
@@ -248,7 +254,7 @@ class LocalEngine:
             try:
                 for start in range(0, len(paths), size):
                     batch = paths[start : start + size]
-                    pending.append(pool.submit(_infer_batch, batch, self.classifier, free.pop()))
+                    pending.append(pool.submit(_infer_batch, batch, self.classifier, free.pop(), self.read))
                     if len(pending) > window:
                         write_next()
                 while pending:

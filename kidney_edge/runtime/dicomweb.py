@@ -1,0 +1,279 @@
+"""A DICOMweb server as predict's source and sink: QIDO-RS to search, WADO-RS to retrieve, STOW-RS to store.
+
+:class:`DicomwebSource` wraps ``dicomweb-client`` (the ``pacs`` extra) and turns every transport
+fault into the toolkit's own errors: a server that cannot be reached or that refuses the
+credentials is a :class:`ServerError` (exit code :data:`~kidney_edge.runtime.rows.EXIT_SERVER`);
+a study the server does not hold, or an instance whose retrieve fails (a response cut
+mid-stream included), is an error row keyed by its URL, as an unreadable file is in a folder run.
+
+Credentials come from ``--token`` or :data:`TOKEN_ENV`, are sent in the ``Authorization`` header
+only, and never appear in a message: a token ``user:password`` is HTTP Basic (Orthanc's
+``RegisteredUsers``), any other a bearer token.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
+from kidney_edge.runtime.rows import EXIT_SERVER
+
+log = logging.getLogger(__name__)
+
+SCHEME = "dicomweb+"  # predict's source spelling: dicomweb+http://host:port/dicom-web
+TOKEN_ENV = "KIDNEY_EDGE_DICOMWEB_TOKEN"
+TIMEOUT_S = 30.0  # one request; a WADO-RS retrieve of one CT slice takes milliseconds on a LAN
+_DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+T = TypeVar("T")
+
+
+class ServerError(KidneyEdgeError):
+    """The DICOMweb server could not be reached, or it refused the request as a whole."""
+
+    exit_code = EXIT_SERVER
+
+
+def is_dicomweb(source: str) -> bool:
+    """Whether predict's FOLDER argument names a DICOMweb server rather than a folder."""
+    return str(source).startswith(SCHEME)
+
+
+def server_url(source: str) -> str:
+    """``dicomweb+http://host:port/dicom-web`` -> ``http://host:port/dicom-web``; InputError otherwise."""
+    url = str(source).removeprefix(SCHEME).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        raise InputError(
+            f"{source!r} is not a DICOMweb address; write dicomweb+http://HOST:PORT/ROOT, "
+            "e.g. dicomweb+http://127.0.0.1:8042/dicom-web"
+        )
+    if "@" in url.split("/")[2]:
+        raise InputError(f"put no credentials in the DICOMweb address; pass --token or set {TOKEN_ENV}")
+    return url
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which studies to read (``--study``, ``--since``) and which series of them (``--modality``)."""
+
+    studies: tuple[str, ...] = ()
+    since: str | None = None  # StudyDate on or after, YYYYMMDD
+    modality: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "studies", tuple(dict.fromkeys(str(uid).strip() for uid in self.studies)))
+        for uid in self.studies:
+            if not _UID.match(uid) or len(uid) > 64:
+                raise InputError(
+                    f"--study {uid!r} is not a DICOM UID (digits and dots, at most 64 characters)"
+                )
+        if self.since is not None:
+            match = _DATE.match(str(self.since).strip())
+            if match is None:
+                raise InputError(f"--since must be a date such as 2026-01-31 or 20260131, got {self.since!r}")
+            object.__setattr__(self, "since", "".join(match.groups()))
+        if self.modality is not None:
+            object.__setattr__(self, "modality", str(self.modality).strip().upper())
+        if not self.studies and self.since is None:
+            raise InputError(
+                "a DICOMweb source needs --study UID (one or more) or --since DATE to pick studies"
+            )
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance to classify: its row key (WADO-RS URL), UIDs and header (metadata, no pixels)."""
+
+    key: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    header: Any  # pydicom.Dataset from WADO-RS metadata
+
+
+@dataclass
+class Listing:
+    """What a selection found: instances in server order, and studies the server does not hold."""
+
+    instances: dict[str, Instance] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # study key -> why it has no instance
+    not_images: int = 0  # instances without pixels (SRs such as our own results): not listed
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.missing, *self.instances]
+
+
+def _authorization(token: str) -> str:
+    if ":" in token:
+        return "Basic " + base64.b64encode(token.encode("utf-8")).decode("ascii")
+    return f"Bearer {token}"
+
+
+def _value(element: dict[str, Any] | None) -> Any:
+    values = (element or {}).get("Value") or [None]
+    return values[0]
+
+
+class DicomwebSource:
+    """One DICOMweb server: search, retrieve and store, with faults as the toolkit's errors."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
+        try:
+            import requests
+            from dicomweb_client.api import DICOMwebClient
+        except ImportError:
+            raise InputError(
+                "reading from a DICOMweb server needs: pip install 'kidney-edge[pacs]'"
+            ) from None
+        self.url = server_url(url)
+        session = requests.Session()
+        if token:
+            session.headers["Authorization"] = _authorization(token)
+        self._client = DICOMwebClient(self.url, session=session, timeout=timeout_s)
+        # A retry of a refused or failed request only delays the message: faults are reported, not hidden.
+        self._client.set_http_retry_params(retry=False)
+
+    # ------------------------------------------------------------------ faults
+
+    @contextmanager
+    def _faults(self, what: str) -> Iterator[None]:
+        """Transport faults and refusals of the whole server as :class:`ServerError`, one line each."""
+        import requests
+
+        try:
+            yield
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status in (401, 403):
+                raise ServerError(
+                    f"the DICOMweb server {self.url} refused {what} (HTTP {status}): the credentials are "
+                    f"missing or wrong; pass --token or set {TOKEN_ENV}"
+                ) from None
+            raise ServerError(f"the DICOMweb server {self.url} answered HTTP {status} to {what}") from None
+        except requests.Timeout:
+            raise ServerError(f"the DICOMweb server {self.url} did not answer {what} in time") from None
+        except requests.ConnectionError:
+            raise ServerError(
+                f"cannot reach the DICOMweb server {self.url} ({what}): is it running, and is the address right?"
+            ) from None
+
+    def _call(self, what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self._faults(what):
+            return function(*args, **kwargs)
+
+    # ------------------------------------------------------------------ search
+
+    def study_key(self, study_uid: str) -> str:
+        return f"{self.url}/studies/{study_uid}"
+
+    def list(self, selection: Selection) -> Listing:
+        """The instances of the selected studies (QIDO-RS), each with its WADO-RS metadata."""
+        listing = Listing()
+        for study_uid in self._study_uids(selection, listing):
+            filters = {"Modality": selection.modality} if selection.modality else None
+            series = self._call(f"the series search of study {study_uid}", self._client.search_for_series,
+                                study_uid, search_filters=filters)  # fmt: skip
+            for found in series:
+                series_uid = _value(found.get("0020000E"))
+                if series_uid:
+                    self._add_series(listing, study_uid, series_uid)
+        studies = len({instance.study_uid for instance in listing.instances.values()})
+        log.info("%d images in %d studies (%d non-image instances left out), %d studies missing",
+                 len(listing.instances), studies, listing.not_images, len(listing.missing))  # fmt: skip
+        return listing
+
+    def _study_uids(self, selection: Selection, listing: Listing) -> list[str]:
+        base: dict[str, Any] = {"StudyDate": f"{selection.since}-"} if selection.since else {}
+        if not selection.studies:
+            found = self._call("the study search", self._client.search_for_studies, search_filters=base)
+            return [uid for uid in (_value(study.get("0020000D")) for study in found) if uid]
+        uids = []
+        for uid in selection.studies:
+            found = self._call(f"the search for study {uid}", self._client.search_for_studies,
+                               search_filters={**base, "StudyInstanceUID": uid})  # fmt: skip
+            if found:
+                uids.append(uid)
+            else:
+                since = f" with a StudyDate on or after {selection.since}" if selection.since else ""
+                listing.missing[self.study_key(uid)] = (
+                    f"study {uid} not found on {self.url}{since} (QIDO-RS: no match)"
+                )
+        return uids
+
+    def _add_series(self, listing: Listing, study_uid: str, series_uid: str) -> None:
+        import pydicom
+
+        metadata = self._call(f"the metadata of series {series_uid}", self._client.retrieve_series_metadata,
+                              study_uid, series_uid)  # fmt: skip
+        headers = []
+        for item in metadata:
+            # Bulk data (pixels) is not in the metadata, only a URI to it: the header is what is read.
+            inline = {tag: element for tag, element in item.items() if "BulkDataURI" not in element}
+            headers.append(pydicom.Dataset.from_json(inline))
+        headers.sort(key=lambda ds: (int(ds.get("InstanceNumber") or 0), str(ds.get("SOPInstanceUID", ""))))
+        for header in headers:
+            if "Rows" not in header:  # an SR, key object or presentation state: no image to classify
+                listing.not_images += 1
+                continue
+            sop_uid = str(header.get("SOPInstanceUID", ""))
+            key = f"{self.url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+            listing.instances[key] = Instance(key, study_uid, series_uid, sop_uid, header)
+
+    # ------------------------------------------------------------------ retrieve
+
+    def reader(self, listing: Listing) -> Callable[[str], bytes]:
+        """The :data:`~kidney_edge.runtime.predict.Reader` of a listing: a key -> the instance's
+        Part 10 bytes (WADO-RS), in memory only; ImageReadError when it cannot be had."""
+
+        def read(key: str) -> bytes:
+            if key in listing.missing:
+                raise ImageReadError(key, listing.missing[key])
+            instance = listing.instances[key]
+            return self.retrieve(instance)
+
+        return read
+
+    def retrieve(self, instance: Instance) -> bytes:
+        import pydicom
+
+        try:
+            with self._faults(f"the retrieve of instance {instance.sop_uid}"):
+                dataset = self._client.retrieve_instance(
+                    instance.study_uid, instance.series_uid, instance.sop_uid
+                )
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, dataset, enforce_file_format=False)
+        except ServerError as exc:
+            raise ImageReadError(instance.key, str(exc)) from None
+        # A response cut mid-stream fails in requests, urllib3 or the multipart parser, by many types.
+        except Exception as exc:
+            raise ImageReadError(instance.key, f"retrieve failed ({type(exc).__name__}: {exc})") from None
+        return buffer.getvalue()
+
+    # ------------------------------------------------------------------ store
+
+    def instance_uids(self, study_uid: str, modality: str) -> set[str]:
+        """SOPInstanceUIDs of the study's instances of ``modality`` (QIDO-RS)."""
+        found = self._call(f"the {modality} search of study {study_uid}", self._client.search_for_instances,
+                           study_uid, search_filters={"Modality": modality})  # fmt: skip
+        return {uid for uid in (_value(item.get("00080018")) for item in found) if uid}
+
+    def store(self, study_uid: str, datasets: Sequence[Any]) -> None:
+        """STOW-RS ``datasets`` into their study; ServerError when the server rejects any of them."""
+        response = self._call(f"the store into study {study_uid}", self._client.store_instances,
+                              list(datasets), study_uid)  # fmt: skip
+        failed = getattr(response, "FailedSOPSequence", None) or []
+        if failed:
+            reasons = ", ".join(f"{item.get('ReferencedSOPInstanceUID', '?')}: failure reason "
+                                f"{item.get('FailureReason', '?')}" for item in failed)  # fmt: skip
+            raise ServerError(
+                f"the DICOMweb server {self.url} rejected the store into study {study_uid} ({reasons})"
+            )
