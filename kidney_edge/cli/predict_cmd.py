@@ -23,9 +23,9 @@ from kidney_edge.runtime import (
     output_columns,
 )
 from kidney_edge.runtime.dicomweb import TOKEN_ENV
-from kidney_edge.runtime.rows import EXIT_SERVER
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
+from kidney_edge.runtime.rows import EXIT_SERVER
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -374,8 +374,9 @@ def _keep_main_orientation(series: _Series) -> None:
     if len(oriented) <= 1:
         return
     main_key = max(oriented, key=lambda key: len(oriented[key]))
-    described = ", ".join(
-        f"{_plane_name(members[0].header.orientation)} {len(members)}" for members in oriented.values()
+    described = ", ".join(  # largest group first: the same words whatever order the files were listed in
+        f"{_plane_name(members[0].header.orientation)} {len(members)}"
+        for members in sorted(oriented.values(), key=len, reverse=True)
     )
     others = sum(len(members) for key, members in oriented.items() if key != main_key)
     series.warnings.append(

@@ -25,6 +25,7 @@ class Augmentation(str, Enum):
     geometric = "geometric"  # small rotations, shifts and zooms
     scanner = "scanner"  # geometric + left-right mirror + what differs between scanners
 
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
