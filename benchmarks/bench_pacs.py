@@ -100,6 +100,7 @@ def _run(name: str, args: list[str], out: Path, studies: int) -> dict[str, Any]:
     facts.update(name=name, studies=studies, studies_per_min=round(studies / run.wall_s * 60, 1))
     stored = [line for line in run.output.splitlines() if line.startswith("SRs stored")]
     facts["store_line"] = stored[-1] if stored else ""
+    facts["printed"] = run.output  # what the command printed: docs/pacs.md quotes it
     harness.log(f"{name}: exit {run.exit_code}, {run.wall_s:.1f} s, {facts['studies_per_min']} studies/min")
     return facts
 
