@@ -15,6 +15,7 @@ import base64
 import contextlib
 import http.client
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ ORTHANC = "Orthanc"  # Debian package `orthanc`
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian package `orthanc-dicomweb`
 DICOMWEB_ROOT = "/dicom-web"
 START_TIMEOUT_S = 30.0
+_RETRIEVE = re.compile(r"/studies/[^/]+/series/[^/]+(/instances/[^/]+)?$")  # WADO-RS, not QIDO or metadata
 
 
 def missing() -> str | None:
@@ -141,7 +143,8 @@ class _QuietServer(ThreadingHTTPServer):
 class FaultProxy:
     """An HTTP proxy to ``target`` on a free loopback port that breaks what it is told to.
 
-    ``truncate``: a WADO-RS instance retrieve sends its headers and half its body, then closes.
+    ``truncate``: a WADO-RS retrieve (of a series or an instance) sends its headers and half its
+    body, then closes.
     ``reject_store``: a STOW-RS POST gets 409 Conflict without reaching the server.
     ``delay_s``: each request waits this long first.
     """
@@ -204,7 +207,7 @@ class FaultProxy:
         response = upstream.getresponse()
         payload = response.read()
         upstream.close()
-        cut = self.truncate and "/instances/" in handler.path and not handler.path.endswith("/metadata")
+        cut = self.truncate and _RETRIEVE.search(handler.path.partition("?")[0]) is not None
         handler.send_response(response.status, response.reason)
         for key, value in response.getheaders():
             if key.lower() not in ("content-length", "transfer-encoding", "connection"):

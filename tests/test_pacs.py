@@ -402,6 +402,11 @@ def test_a_truncated_retrieve_is_an_error_row_and_stores_no_partial_result(
         code, output = _predict(cut.source, "--study", study, "--model", str(pacs["model"]),
                                 "--out", str(tmp_path / "p.csv"), "--store", "--force")  # fmt: skip
     assert code == EXIT_NOTHING_READ, output
+    series_path = "/series/1.2.826.0.1.3680043.8.498.7002.1"
+    retrieves = [path for _, path in cut.requests if series_path in path and not path.endswith("/metadata")]
+    # the series in one request, cut; then each instance alone, cut too
+    assert sum(path.endswith(series_path) for path in retrieves) == 1
+    assert sum("/instances/" in path for path in retrieves) == 4
     rows = _rows(tmp_path / "p.csv")
     assert len(rows) == 4 and all(
         row["error"].startswith("retrieve failed") and not row["label"] for row in rows

@@ -32,8 +32,8 @@ from kidney_edge.runtime.dicom_sr import (
     report_uids,
     series_report,
 )
-from kidney_edge.runtime.dicomweb import DicomwebSource, Listing, Selection, ServerError
-from kidney_edge.runtime.driver import PredictJob, run_predict
+from kidney_edge.runtime.dicomweb import DicomwebSource, Listing, Selection, SeriesReader, ServerError
+from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.precision import Precision, Probe
 from kidney_edge.runtime.predict import LocalEngine, PredictConfig, execution_layout
 from kidney_edge.runtime.rows import EXIT_SERVER, OutputFormat, PredictSummary
@@ -74,6 +74,19 @@ class PacsPredictSummary(PredictSummary):
     def exit_code(self) -> int:
         code = super().exit_code
         return EXIT_SERVER if code == 0 and self.store is not None and self.store.failures else code
+
+
+@dataclass(frozen=True)
+class DicomwebEngine:
+    """The local engine reading instances from a DICOMweb server: it tells the reader which
+    instances this run will ask for, then classifies them as a folder run does."""
+
+    engine: LocalEngine
+    reader: SeriesReader
+
+    def classify(self, paths: list[str], write: RowSink) -> None:
+        self.reader.expect(paths)
+        self.engine.classify(paths, write)
 
 
 def predict_dicomweb(
@@ -117,8 +130,9 @@ def predict_dicomweb(
             raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
         return listing.keys
 
-    def start(classifier: Any, summary: PacsPredictSummary) -> LocalEngine:
-        return LocalEngine(classifier, config.batch_size, layout.workers, read=pacs.reader(found["listing"]))
+    def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
+        reader = SeriesReader(pacs, found["listing"])
+        return DicomwebEngine(LocalEngine(classifier, config.batch_size, layout.workers, read=reader), reader)
 
     summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
                           new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
