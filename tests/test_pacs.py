@@ -444,6 +444,10 @@ def test_bad_selections_say_which_option(pacs: dict, tmp_path: Path) -> None:
             "--force redoes stored results: it needs --store",
         ),
         (["dicomweb+ftp://x/dicom-web", "--since", "2000-01-01"], "is not a DICOMweb address"),
+        (
+            ["dicomweb+http://edge:pw@127.0.0.1:1/dicom-web", "--since", "2000-01-01"],
+            "put no credentials in the DICOMweb address",
+        ),
         ([str(pacs["folder"]), "--store"], "pass dicomweb+http://HOST:PORT/ROOT instead of a folder"),
     ]:
         code, output = _predict(*args, *base)

@@ -19,8 +19,10 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from kidney_edge.errors import ImageReadError, InputError, KidneyEdgeError
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 SCHEME = "dicomweb+"  # predict's source spelling: dicomweb+http://host:port/dicom-web
 TOKEN_ENV = "KIDNEY_EDGE_DICOMWEB_TOKEN"
 TIMEOUT_S = 30.0  # one request; a WADO-RS retrieve of one CT slice takes milliseconds on a LAN
+LISTING_REQUESTS = 8  # studies searched side by side (the server answers each from its index)
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 T = TypeVar("T")
@@ -50,13 +53,13 @@ def is_dicomweb(source: str) -> bool:
 def server_url(source: str) -> str:
     """``dicomweb+http://host:port/dicom-web`` -> ``http://host:port/dicom-web``; InputError otherwise."""
     url = str(source).removeprefix(SCHEME).rstrip("/")
+    if re.match(r"^[a-z]+://[^/]*@", url):  # checked first: a message must not repeat a password
+        raise InputError(f"put no credentials in the DICOMweb address; pass --token or set {TOKEN_ENV}")
     if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
         raise InputError(
             f"{source!r} is not a DICOMweb address; write dicomweb+http://HOST:PORT/ROOT, "
             "e.g. dicomweb+http://127.0.0.1:8042/dicom-web"
         )
-    if "@" in url.split("/")[2]:
-        raise InputError(f"put no credentials in the DICOMweb address; pass --token or set {TOKEN_ENV}")
     return url
 
 
@@ -176,20 +179,28 @@ class DicomwebSource:
         return f"{self.url}/studies/{study_uid}"
 
     def list(self, selection: Selection) -> Listing:
-        """The instances of the selected studies (QIDO-RS), each with its WADO-RS metadata."""
+        """The instances of the selected studies (QIDO-RS), each with its WADO-RS metadata, in
+        study, series, InstanceNumber order. Studies are searched :data:`LISTING_REQUESTS` at a
+        time: the listing is a few small requests per study, each mostly waiting on the server."""
         listing = Listing()
-        for study_uid in self._study_uids(selection, listing):
-            filters = {"Modality": selection.modality} if selection.modality else None
-            series = self._call(f"the series search of study {study_uid}", self._client.search_for_series,
-                                study_uid, search_filters=filters)  # fmt: skip
-            for found in series:
-                series_uid = _value(found.get("0020000E"))
-                if series_uid:
-                    self._add_series(listing, study_uid, series_uid)
-        studies = len({instance.study_uid for instance in listing.instances.values()})
+        studies = self._study_uids(selection, listing)
+        with ThreadPoolExecutor(LISTING_REQUESTS, thread_name_prefix="kidney-edge-qido") as pool:
+            found_series = pool.map(partial(self._study_headers, selection), studies)
+            for study_uid, series in zip(studies, found_series, strict=True):
+                for series_uid, headers in series:
+                    self._add_series(listing, study_uid, series_uid, headers)
+        found = len({instance.study_uid for instance in listing.instances.values()})
         log.info("%d images in %d studies (%d non-image instances left out), %d studies missing",
-                 len(listing.instances), studies, listing.not_images, len(listing.missing))  # fmt: skip
+                 len(listing.instances), found, listing.not_images, len(listing.missing))  # fmt: skip
         return listing
+
+    def _study_headers(self, selection: Selection, study_uid: str) -> list[tuple[str, list[Any]]]:
+        """(SeriesInstanceUID, instance headers) of each series of a study (QIDO-RS, WADO-RS metadata)."""
+        filters = {"Modality": selection.modality} if selection.modality else None
+        series = self._call(f"the series search of study {study_uid}", self._client.search_for_series,
+                            study_uid, search_filters=filters)  # fmt: skip
+        uids = [uid for uid in (_value(found.get("0020000E")) for found in series) if uid]
+        return [(uid, self._series_headers(study_uid, uid)) for uid in uids]
 
     def _study_uids(self, selection: Selection, listing: Listing) -> list[str]:
         base: dict[str, Any] = {"StudyDate": f"{selection.since}-"} if selection.since else {}
@@ -209,7 +220,7 @@ class DicomwebSource:
                 )
         return uids
 
-    def _add_series(self, listing: Listing, study_uid: str, series_uid: str) -> None:
+    def _series_headers(self, study_uid: str, series_uid: str) -> list[Any]:
         import pydicom
 
         metadata = self._call(f"the metadata of series {series_uid}", self._client.retrieve_series_metadata,
@@ -220,6 +231,9 @@ class DicomwebSource:
             inline = {tag: element for tag, element in item.items() if "BulkDataURI" not in element}
             headers.append(pydicom.Dataset.from_json(inline))
         headers.sort(key=lambda ds: (int(ds.get("InstanceNumber") or 0), str(ds.get("SOPInstanceUID", ""))))
+        return headers
+
+    def _add_series(self, listing: Listing, study_uid: str, series_uid: str, headers: list[Any]) -> None:
         for header in headers:
             if "Rows" not in header:  # an SR, key object or presentation state: no image to classify
                 listing.not_images += 1

@@ -115,6 +115,7 @@ def predict_dicomweb(
     if force and not store:
         raise InputError("--force redoes stored results: it needs --store")
     pacs = DicomwebSource(source, token)
+    # The server is the source: PredictConfig checks every other option, with a folder that exists.
     config = PredictConfig(folder=Path("."), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
                            batch_size=batch_size, threads=threads, workers=workers, resume=resume,
                            precision=precision, ood=ood)  # fmt: skip
