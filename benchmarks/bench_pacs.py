@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # --no-ood: the look-alike model's detector rejects every classic-phantom slice as unknown (they
     # are outside what it learned), which leaves no series label and nothing to store.
     model = ["--model", args.model, "--no-ood"]
+    shutil.rmtree(work / "orthanc", ignore_errors=True)  # an empty PACS: no SR of an earlier run
     with _orthanc.running_orthanc(work / "orthanc") as server:
         harness.log(f"uploading {summary.n_files} files to Orthanc at {server.http_url}")
         _orthanc.upload(server, scan_image_paths(data))
