@@ -115,6 +115,17 @@ class Listing:
         return [*self.missing, *self.instances]
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's type under requests' and urllib3's wrappers, e.g. ConnectionRefusedError."""
+    cause: object = exc
+    for _ in range(5):
+        inner = getattr(cause, "reason", None) or (cause.args[0] if getattr(cause, "args", None) else None)
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    return type(cause).__name__
+
+
 def _authorization(token: str) -> str:
     if ":" in token:
         return "Basic " + base64.b64encode(token.encode("utf-8")).decode("ascii")
@@ -133,12 +144,23 @@ class DicomwebSource:
         try:
             import requests
             from dicomweb_client.api import DICOMwebClient
+            from requests.adapters import HTTPAdapter
+            from urllib3.util.retry import Retry
         except ImportError:
             raise InputError(
                 "reading from a DICOMweb server needs: pip install 'kidney-edge[pacs]'"
             ) from None
         self.url = server_url(url)
         session = requests.Session()
+        # A pooled keep-alive connection the server has just closed fails a request that never
+        # reached it: searches and retrieves (GET, idempotent) are tried again, twice at most.
+        # A store (POST) is never repeated by the transport.
+        retry = Retry(
+            total=2, connect=2, read=2, status=0, allowed_methods=frozenset({"GET"}), backoff_factor=0.1
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=LISTING_REQUESTS + 2)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         if token:
             session.headers["Authorization"] = _authorization(token)
         self._client = DICOMwebClient(self.url, session=session, timeout=timeout_s)
@@ -164,9 +186,10 @@ class DicomwebSource:
             raise ServerError(f"the DICOMweb server {self.url} answered HTTP {status} to {what}") from None
         except requests.Timeout:
             raise ServerError(f"the DICOMweb server {self.url} did not answer {what} in time") from None
-        except requests.ConnectionError:
+        except requests.ConnectionError as exc:
             raise ServerError(
-                f"cannot reach the DICOMweb server {self.url} ({what}): is it running, and is the address right?"
+                f"cannot reach the DICOMweb server {self.url} ({what}; {_root_cause(exc)}): is it running, "
+                "and is the address right?"
             ) from None
 
     def _call(self, what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
