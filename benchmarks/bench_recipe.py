@@ -67,27 +67,14 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "lr1e-4-b6-e8": Recipe(1e-4, 6, 8, 4, note="the defaults before this benchmark"),
-    "lr1e-3-b9-e12": Recipe(
-        1e-3, 9, 12, 6, note="the recipe that scored 0.994 on the outside look-alike set"
-    ),
-    "lr1e-3-all-ld0.8-e12": Recipe(
-        1e-3, "all", 12, 6, layer_decay=0.8, note="whole backbone, layer-wise decay"
-    ),
+    "lr1e-3-b9-e12": Recipe(1e-3, 9, 12, 6, note="the recipe that scored 0.994 on the outside look-alike set"),
+    "lr1e-3-all-ld0.8-e12": Recipe(1e-3, "all", 12, 6, layer_decay=0.8, note="whole backbone, layer-wise decay"),
     "lr1e-3-b9-ls0.1-e12": Recipe(1e-3, 9, 12, 6, label_smoothing=0.1, note="label smoothing 0.1"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
     "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
-    "lr3e-4-b9-e12-scanner": Recipe(
-        3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"
-    ),
-    "lr3e-4-b9-e12-scanner-mix": Recipe(
-        3e-4,
-        9,
-        12,
-        6,
-        augment="scanner",
-        mixup_alpha=0.4,
-        note="scanner augmentation and mixup 0.4, a third of the rate",
-    ),
+    "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
+    "lr3e-4-b9-e12-scanner-mix": Recipe(3e-4, 9, 12, 6, augment="scanner", mixup_alpha=0.4,
+                                        note="scanner augmentation and mixup 0.4, a third of the rate"),
 }
 
 
@@ -112,9 +99,7 @@ def make_dataset(
 
     if FRACTION_MARK in family:
         base, fraction = family.split(FRACTION_MARK)
-        return _train_fraction(
-            *make_dataset(workdir, base, seed, n_images, slice_size, data_seed), float(fraction), seed
-        )
+        return _train_fraction(*make_dataset(workdir, base, seed, n_images, slice_size, data_seed), float(fraction), seed)
     if family.endswith(ORACLE_SUFFIX):
         return _oracle_view(*make_dataset(workdir, family.removesuffix(ORACLE_SUFFIX), seed, n_images,
                                           slice_size, data_seed))  # fmt: skip
@@ -162,15 +147,11 @@ def _oracle_view(data: Path, splits: Path, pad: float = 0.15) -> tuple[Path, Pat
         x0, y0, x1, y1 = (int(v) for v in box.split())
         px, py = round((x1 - x0) * pad) + 4, round((y1 - y0) * pad) + 4
         with Image.open(data / rel) as image:
-            crop = image.crop(
-                (max(0, x0 - px), max(0, y0 - py), min(image.width, x1 + px), min(image.height, y1 + py))
-            )
+            crop = image.crop((max(0, x0 - px), max(0, y0 - py), min(image.width, x1 + px), min(image.height, y1 + py)))
             (view / rel).parent.mkdir(parents=True, exist_ok=True)
             crop.save(view / rel, quality=95)
     rows = read_splits(splits)
-    moved = [
-        dataclasses.replace(row, path=view.resolve() / row.path.relative_to(data.resolve())) for row in rows
-    ]
+    moved = [dataclasses.replace(row, path=view.resolve() / row.path.relative_to(data.resolve())) for row in rows]
     write_splits(moved, view_splits)
     return view, view_splits
 
@@ -193,9 +174,7 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
     return dataclasses.replace(base, finetune=finetune)
 
 
-def run_one(
-    data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int
-) -> dict[str, Any]:
+def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> dict[str, Any]:
     import shutil
 
     from kidney_edge.training import train
@@ -206,14 +185,10 @@ def run_one(
     load_before = harness.load_average()
     started = time.perf_counter()
     metrics = train(config).metrics
-    return describe_run(
-        out, config, metrics, time.perf_counter() - started, load_before, harness.load_average()
-    )
+    return describe_run(out, config, metrics, time.perf_counter() - started, load_before, harness.load_average())
 
 
-def describe_run(
-    out: Path, config: Any, metrics: dict[str, Any], wall: float | None, load_before, load_after
-) -> dict[str, Any]:
+def describe_run(out: Path, config: Any, metrics: dict[str, Any], wall: float | None, load_before, load_after) -> dict[str, Any]:
     """The recorded figures of a finished run folder (``metrics`` as ``train`` returned them)."""
     import torch
 
@@ -266,9 +241,7 @@ def adopt(out: Path, recipe: Recipe, data: Path, splits: Path, image_size: int, 
     if differing:
         raise SystemExit(f"{out} was not trained with recipe {recipe}: {differing} differ")
     metrics = json.loads((out / METRICS_FILE).read_text())
-    return describe_run(
-        out, config, {"test": metrics, "warnings": metrics.get("warnings", [])}, None, None, None
-    )
+    return describe_run(out, config, {"test": metrics, "warnings": metrics.get("warnings", [])}, None, None, None)
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -364,8 +337,7 @@ def render(record: dict[str, Any]) -> str:
     for recipe, per_family in sorted(summary["mean_macro_f1"].items()):
         cells = [_f(per_family.get(f)) for f in families]
         lines.append(
-            f"| {recipe}{' **(default)**' if recipe == summary['winner'] else ''} | "
-            + " | ".join(cells)
+            f"| {recipe}{' **(default)**' if recipe == summary['winner'] else ''} | " + " | ".join(cells)
             + f" | {_f(summary['worst_macro_f1'].get(recipe))} | {_f(summary['worst_shortfall'].get(recipe))} |"
         )
     lines += ["", f"Winner by worst-case shortfall: **{summary['winner']}**.", ""]
@@ -377,12 +349,7 @@ def render(record: dict[str, Any]) -> str:
             lines.append(f"- `{name}`: {recipe.note}; {recipe}")
     skipped = [name for name in RECIPES if name not in ran]
     if skipped:
-        lines += [
-            "",
-            "Defined in the script but not run for this record: "
-            + ", ".join(f"`{n}`" for n in skipped)
-            + ".",
-        ]
+        lines += ["", "Defined in the script but not run for this record: " + ", ".join(f"`{n}`" for n in skipped) + "."]
     for note in record.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -416,9 +383,7 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
     ]  # fmt: skip
     for run in sorted(hard, key=lambda r: (_data_seed(r), r["n_images"], r["family"], r["recipe"])):
         res, t = run["result"], run["result"]["test"]["argmax"]
-        recall = " / ".join(
-            f"{t['recall'].get(c, float('nan')):.2f}" for c in ("Tumor", "Stone", "Cyst", "Normal")
-        )
+        recall = " / ".join(f"{t['recall'].get(c, float('nan')):.2f}" for c in ("Tumor", "Stone", "Cyst", "Normal"))
         retries = sum("retried from the best model" in w for w in res.get("warnings", []))
         val = res["best_val_macro_f1"]
         lines.append(
@@ -436,10 +401,7 @@ def _target_check(summary: dict[str, Any]) -> list[str]:
     winner = summary["winner"]
     if winner is None:
         return []
-    lines = [
-        "| family | best recipe's F1 | default's F1 | bar (>= 0.95 where best >= 0.97) |",
-        "|---|---|---|---|",
-    ]
+    lines = ["| family | best recipe's F1 | default's F1 | bar (>= 0.95 where best >= 0.97) |", "|---|---|---|---|"]
     for family in summary["families"]:
         best, mine = summary["best_per_family"][family], summary["mean_macro_f1"][winner][family]
         verdict = ("met" if mine >= 0.95 else "MISSED") if best >= 0.97 else "n/a (no recipe reaches 0.97)"
@@ -462,16 +424,12 @@ def _f(value: float | None) -> str:
 def _family(name: str) -> str:
     base = name.split(FRACTION_MARK)[0].removesuffix(ORACLE_SUFFIX)
     if base not in FAMILIES:
-        raise argparse.ArgumentTypeError(
-            f"unknown family {name!r}: the base must be one of {', '.join(FAMILIES)}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown family {name!r}: the base must be one of {', '.join(FAMILIES)}")
     return name
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), type=_family,
                         help=f"{', '.join(FAMILIES)}; +{ORACLE_SUFFIX} for the oracle view, {FRACTION_MARK}F to "
                         "train on a share F of the training patients")  # fmt: skip
@@ -484,19 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS / "recipe.json")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "recipe.md")
     parser.add_argument("--note", action="append", default=[], help="a paragraph added to the markdown")
-    parser.add_argument(
-        "--hard-note", action="append", default=[], help="a paragraph under the hard-findings table"
-    )
+    parser.add_argument("--hard-note", action="append", default=[], help="a paragraph under the hard-findings table")
     parser.add_argument("--render-only", action="store_true")
-    parser.add_argument(
-        "--data-seed", type=int, default=1000, help="phantom seed of --seeds 0 (seed s: this + s)"
-    )
-    parser.add_argument(
-        "--adopt",
-        type=Path,
-        help="record this finished `kidney-edge train` run folder "
-        "(one --families/--seeds/--recipes each) instead of training it again",
-    )
+    parser.add_argument("--data-seed", type=int, default=1000, help="phantom seed of --seeds 0 (seed s: this + s)")
+    parser.add_argument("--adopt", type=Path, help="record this finished `kidney-edge train` run folder "
+                        "(one --families/--seeds/--recipes each) instead of training it again")
     args = parser.parse_args(argv)
 
     record = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
@@ -511,22 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         record["settings"] = settings
         for seed in args.seeds:
             for family in args.families:
-                data, splits = make_dataset(
-                    args.workdir, family, seed, args.n_images, args.slice_size, args.data_seed
-                )
+                data, splits = make_dataset(args.workdir, family, seed, args.n_images, args.slice_size, args.data_seed)
                 for name in args.recipes:
-                    key = dict(
-                        family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed, **settings
-                    )
+                    key = dict(family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed, **settings)
                     if any({k: r.get(k, 1000 + r["seed"]) if k == "data_seed" else r[k] for k in key} == key
                            for r in record["runs"]):  # fmt: skip
                         continue
                     print(f"run {key}", file=sys.stderr, flush=True)
-                    out = (
-                        args.workdir
-                        / "runs"
-                        / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{args.image_size}"
-                    )
+                    out = args.workdir / "runs" / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{args.image_size}"
                     if args.adopt:
                         result = adopt(args.adopt, RECIPES[name], data, splits, args.image_size, seed)
                     else:

@@ -219,9 +219,7 @@ def test_rule_only_adds_positive_calls() -> None:
     target=st.floats(0.05, 1.0),
     sharpness=st.floats(0.1, 8.0),
 )
-def test_rule_never_removes_an_argmax_tumor(
-    seed: int, n: int, threshold: float, target: float, sharpness: float
-) -> None:
+def test_rule_never_removes_an_argmax_tumor(seed: int, n: int, threshold: float, target: float, sharpness: float) -> None:
     rng = np.random.default_rng(seed)
     probs = softmax(rng.normal(scale=sharpness, size=(n, 4))).astype(np.float32)
     y_true = rng.integers(0, 4, n)
@@ -233,9 +231,7 @@ def test_rule_never_removes_an_argmax_tumor(
         decided = rule.decide(probs, CLASSES)
         assert (decided[argmax_tumor] == 3).all()
         # Only Tumor calls are added: every other row keeps its argmax label.
-        assert (
-            decided[~argmax_tumor & (decided != 3)] == probs.argmax(axis=1)[~argmax_tumor & (decided != 3)]
-        ).all()
+        assert (decided[~argmax_tumor & (decided != 3)] == probs.argmax(axis=1)[~argmax_tumor & (decided != 3)]).all()
         tumor = y_true == 3
         if tumor.any():
             assert np.mean(decided[tumor] == 3) >= np.mean(argmax_tumor[tumor])
@@ -275,10 +271,7 @@ def test_tumor_rule_skipped_without_a_positive_class(caplog: pytest.LogCaptureFi
     spec = ModelSpec(class_names=("a", "b", "c", "d"))
     assert spec.positive_class is None  # the default "Tumor" is not among these classes
     with caplog.at_level("INFO", logger="kidney_edge.metrics"):
-        assert (
-            metrics.tumor_decision_rule(probs, y_true, spec.class_names, positive_class=spec.positive_class)
-            is None
-        )
+        assert metrics.tumor_decision_rule(probs, y_true, spec.class_names, positive_class=spec.positive_class) is None
     assert "no positive class" in caplog.text
 
 
@@ -286,12 +279,7 @@ def test_old_threshold_specs_are_read_under_the_adding_rule() -> None:
     old = ModelSpec().to_dict()
     old.pop("positive_class")
     old["schema_version"] = 1
-    old["decision_rule"] = {
-        "kind": "threshold",
-        "positive_class": "Tumor",
-        "threshold": 0.9,
-        "target_recall": 0.98,
-    }
+    old["decision_rule"] = {"kind": "threshold", "positive_class": "Tumor", "threshold": 0.9, "target_recall": 0.98}
     spec = ModelSpec.from_dict(old)
     assert spec.positive_class == "Tumor"
     assert spec.decide(np.array([[0.1, 0.1, 0.1, 0.7]])).tolist() == [3]  # argmax Tumor below t: kept

@@ -133,10 +133,7 @@ def test_markdown_report_and_model_card(full_report: tuple[ReportInputs, ReportF
         markdown.index("| Recall Tumor |") < markdown.index("| Macro-F1 |") < markdown.index("| Accuracy |")
     )
     assert "| figure | argmax | rule | change |" in markdown
-    assert (
-        "Labels under the decision rule: Tumor if argmax is Tumor or p(Tumor) >= 0.2500, else argmax."
-        in markdown
-    )
+    assert "Labels under the decision rule: Tumor if argmax is Tumor or p(Tumor) >= 0.2500, else argmax." in markdown
     card = files.model_card.read_text(encoding="utf-8")
     for heading in (
         "## Intended use",

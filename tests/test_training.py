@@ -463,9 +463,7 @@ def test_stall_rule_is_loss_at_chance_for_three_epochs() -> None:
     assert not stalled_at_chance([1.2, 1.0, 0.8], 4)
 
 
-def test_a_planted_collapse_is_retried_at_a_lower_rate_and_reported(
-    phantom_dir: Path, tmp_path: Path
-) -> None:
+def test_a_planted_collapse_is_retried_at_a_lower_rate_and_reported(phantom_dir: Path, tmp_path: Path) -> None:
     # An absurd fine-tuning rate (0.9 with AdamW) blows the loss up: the run must notice that
     # fine-tuning is not learning, retry at a tenth of the rate, and say so in metrics.json.
     events: list[TrainEvent] = []

@@ -25,7 +25,6 @@ class Augmentation(str, Enum):
     geometric = "geometric"  # small rotations, shifts and zooms
     scanner = "scanner"  # geometric + left-right mirror + what differs between scanners
 
-
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -82,9 +82,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return compute_class_weight("balanced", classes=classes, y=labels).astype(np.float32)
 
 
-def augmentation(
-    spec: ModelSpec, policy: Augmentation | str = Augmentation.geometric
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def augmentation(spec: ModelSpec, policy: Augmentation | str = Augmentation.geometric) -> Callable[[torch.Tensor], torch.Tensor]:
     """Train-only augmentation on normalised (3, S, S) tensors (after the shared preprocessing).
 
     ``geometric``: small rotations/shifts/zooms; uncovered corners are filled with the
@@ -100,9 +98,7 @@ def augmentation(
     fill = [float((0.0 - m) / s) for m, s in zip(spec.mean, spec.std, strict=True)]
     if Augmentation(policy) is Augmentation.geometric:
         return v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1), fill=fill)
-    return _ScannerAugment(
-        spec, v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.25), fill=0.0)
-    )
+    return _ScannerAugment(spec, v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.25), fill=0.0))
 
 
 class _ScannerAugment:

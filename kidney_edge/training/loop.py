@@ -340,9 +340,7 @@ def build_optimization(
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=ids)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, phase), lr=phase.lr, weight_decay=phase.weight_decay
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, phase), lr=phase.lr, weight_decay=phase.weight_decay)
     schedule = lr_schedule(phase.epochs * steps_per_epoch, phase.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.device.type == "cuda")
@@ -461,7 +459,7 @@ def _end_epoch(
     state.phase_epoch = epoch
     stop_early = state.bad_epochs >= phase.patience and epoch >= phase.min_epochs
     earlier = [row["train_loss"] for row in state.history if row["phase"] == phase.name]
-    this_attempt = [*earlier[len(earlier) - (epoch - 1) :], metrics["train_loss"]]  # epochs 1..epoch
+    this_attempt = [*earlier[len(earlier) - (epoch - 1):], metrics["train_loss"]]  # epochs 1..epoch
     state.stalled = phase.unfreeze_blocks != 0 and stalled_at_chance(this_attempt, num_classes)
     state.phase_done = epoch == phase.epochs or stop_early or state.stalled
     if stop_early:
