@@ -39,6 +39,9 @@ FAMILIES: dict[str, tuple[str, float]] = {
     "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
     "classic": ("classic", 1.0),  # the same renderer at its default difficulty
     "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
+    # Its patients and findings, every one imaged alike: "cannot see" vs "cannot generalise across
+    # scanners". Its file names match "lookalike", so the same splits.csv can be reused.
+    "lookalike-one-scanner": ("lookalike-one-scanner", 1.0),
 }
 # Views of a family for learnability checks, not candidates for defaults: the same slices and
 # splits, cropped with the renderer's truth to the region a reader looks at.
