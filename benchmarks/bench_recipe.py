@@ -379,7 +379,9 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
         "224 px input, grouped 70/15/15 split of the data's own seed, train seed = run seed. `-oracle`: the same "
         "slices and splits cropped to the kidneys' box from `phantom_truth.csv` (15% margin, native pixels): what "
         "the model learns when it is shown where to look. `@F`: the same splits with a share F of the training "
-        "patients. Test figures under argmax with 95% bootstrap CIs; recall per class.",
+        "patients. `lookalike-one-scanner`: the same patients, findings and splits, every patient imaged alike "
+        "(one matrix size, kernel, noise level, window and JPEG quality; `synth --style lookalike-one-scanner`). "
+        "Test figures under argmax with 95% bootstrap CIs; recall per class.",
         "",
         "| view | data seed | recipe | train images | test macro-F1 [CI] | recall Tumor / Stone / Cyst / Normal | best val F1 head / fine-tune | last train loss | fine-tune retries | wall min |",
         "|---|---|---|---|---|---|---|---|---|---|",
