@@ -37,7 +37,7 @@ from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_
 from kidney_edge.runtime.predict import classify
 from kidney_edge.runtime.rows import PROBABILITY_PREFIX, probability_column
 from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
-from kidney_edge.runtime.serve.cam import heatmap, overlay, png_data_url
+from kidney_edge.runtime.cam import heatmap, overlay, png_data_url
 from kidney_edge.runtime.serve.config import ServeConfig
 from kidney_edge.runtime.serve.limits import ServerBusy, Upload
 from kidney_edge.runtime.serve.metrics import ServeMetrics
