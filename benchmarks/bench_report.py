@@ -33,9 +33,13 @@ TARGET_PAGE_MB = 15.0
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, help="export folder (or .onnx) with a cam output")
-    parser.add_argument("--images", type=Path, help=f"default: {N_IMAGES} lookalike phantoms made under --work")
+    parser.add_argument(
+        "--images", type=Path, help=f"default: {N_IMAGES} lookalike phantoms made under --work"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-report"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     parser.add_argument("--rounds", type=int, default=3)
@@ -47,7 +51,9 @@ def phantom_slices(work: Path) -> Path:
     """``N_IMAGES`` look-alike phantom slices at 512 px, made once with ``kidney-edge synth``."""
     folder = work / f"lookalike-{N_IMAGES}-512"
     if not folder.is_dir():
-        run = harness.run_cli(["synth", folder, "--n", N_IMAGES, "--style", "lookalike", "--size", 512, "--seed", 0])
+        run = harness.run_cli(
+            ["synth", folder, "--n", N_IMAGES, "--style", "lookalike", "--size", 512, "--seed", 0]
+        )
         if run.exit_code != 0:
             raise SystemExit(f"synth failed: {run.output[-2000:]}")
     return folder
@@ -69,7 +75,9 @@ def predict(args: argparse.Namespace, images: Path, report: bool) -> tuple[harne
 def page_facts(page: Path) -> dict[str, Any]:
     """Size, counts and cards of a written page, read back from its HTML."""
     text = page.read_text(encoding="utf-8")
-    counts = re.findall(r'<tr data-count-label="([^"]+)"><th scope=row>[^<]*</th><td class="count">(\d+)</td>', text)
+    counts = re.findall(
+        r'<tr data-count-label="([^"]+)"><th scope=row>[^<]*</th><td class="count">(\d+)</td>', text
+    )
     return {"bytes": page.stat().st_size, "mb": round(page.stat().st_size / 1e6, 2),
             "counts": {label: int(n) for label, n in counts}, "cards": text.count('<article class="card"'),
             "thumbnails": text.count("data:image/jpeg;base64,")}  # fmt: skip

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--page", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "report_page.png")
     parser.add_argument("--label", default="", help="filter the page to this label first")
@@ -38,7 +40,8 @@ def main() -> None:
         if args.label:
             page.select_option("#label-filter", args.label)
         counts = page.eval_on_selector_all(
-            "tr[data-count-label]", "rows => rows.map(r => r.dataset.countLabel + ' ' + r.querySelector('.count').textContent)"
+            "tr[data-count-label]",
+            "rows => rows.map(r => r.dataset.countLabel + ' ' + r.querySelector('.count').textContent)",
         )
         print("counts:", ", ".join(counts), "|", page.inner_text("#shown"))
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ def test_the_page_opens_from_disk_counts_the_rows_and_filters_to_tumor(
             page.on("request", lambda request: requests.append(request.url))
             page.goto(page_file.resolve().as_uri())
             shown = page.eval_on_selector_all(
-                "tr[data-count-label]", "rows => rows.map(r => [r.dataset.countLabel, +r.querySelector('.count').textContent])"
+                "tr[data-count-label]",
+                "rows => rows.map(r => [r.dataset.countLabel, +r.querySelector('.count').textContent])",
             )
             assert {label: count for label, count in shown if count} == dict(expected)
             assert int(page.inner_text("#total")) == len(rows)

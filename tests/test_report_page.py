@@ -46,7 +46,9 @@ def gray_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (root / "images" / "broken.jpg").write_bytes(b"not a jpeg")
     model = threshold_model(root, images)
     out = root / "p.csv"
-    summary = predict_folder(root / "images", model=model, out=out, workers=1, threads=1, report=ReportOptions())
+    summary = predict_folder(
+        root / "images", model=model, out=out, workers=1, threads=1, report=ReportOptions()
+    )
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     return {"root": root, "model": model, "out": out, "summary": summary, "rows": rows,
@@ -54,7 +56,9 @@ def gray_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def page_counts(page: str) -> dict[str, int]:
-    found = re.findall(r'<tr data-count-label="([^"]+)"><th scope=row>[^<]*</th><td class="count">(\d+)</td>', page)
+    found = re.findall(
+        r'<tr data-count-label="([^"]+)"><th scope=row>[^<]*</th><td class="count">(\d+)</td>', page
+    )
     return {label: int(count) for label, count in found}
 
 
@@ -95,14 +99,18 @@ def test_flagged_cards_come_first_positive_by_p_then_uncertain(gray_run: dict[st
     assert uncertain and all(triage(rows[path], spec)[0] is Group.UNCERTAIN for path in uncertain)
     ranks = [triage(rows[path], spec)[1] for path in uncertain]
     assert ranks == sorted(ranks, reverse=True)
-    assert page.index('data-group="positive"') < page.index('data-group="uncertain"') < page.index('id="others"')
+    assert (
+        page.index('data-group="positive"') < page.index('data-group="uncertain"') < page.index('id="others"')
+    )
     assert page.count("data:image/jpeg;base64,") == len(tumor) + len(uncertain)  # one thumbnail per card
     carded = set(tumor) | set(uncertain)  # every other readable row is a table row
     table = re.findall(r'<tr data-label="[^"]*" data-path="([^"]*)"><td class="path">', page)
     assert sorted(table) == sorted(path for path in rows if path not in carded)
 
 
-def test_report_max_cuts_each_group_and_the_rest_go_to_the_table(gray_run: dict[str, Any], tmp_path: Path) -> None:
+def test_report_max_cuts_each_group_and_the_rest_go_to_the_table(
+    gray_run: dict[str, Any], tmp_path: Path
+) -> None:
     out = tmp_path / "p.csv"
     page_file = tmp_path / "triage.html"
     predict_folder(gray_run["root"] / "images", model=gray_run["model"], out=out, workers=1, threads=1,
@@ -129,13 +137,18 @@ def test_unknowns_and_errors_are_listed_with_their_reasons(tmp_path: Path) -> No
     spec = ModelSpec(input_size=32)
     rows = unknown_and_error_rows(spec)
     view = np.zeros((128, 128, 3), np.uint8)
-    overlays = {path: Overlay(view, np.ones((4, 4, 4), np.float32)) for path in ("/x/cat.jpg", "/x/chest.jpg")}
+    overlays = {
+        path: Overlay(view, np.ones((4, 4, 4), np.float32)) for path in ("/x/cat.jpg", "/x/chest.jpg")
+    }
     facts = RunFacts("m.onnx", "fp32", "argmax", "energy score > 8 is unknown", processed=4, wall_s=1.0)
     page_file = tmp_path / "page.html"
     written = write_report(page_file, rows, spec, facts, overlays)
     page = page_file.read_text(encoding="utf-8")
     assert written.counts == {"Cyst": 1, "Normal": 0, "Stone": 0, "Tumor": 0, "unknown": 2, "error": 1}
-    assert cards_by_group(page)["unknown"] == [("unknown", "/x/chest.jpg"), ("unknown", "/x/cat.jpg")]  # by score
+    assert cards_by_group(page)["unknown"] == [
+        ("unknown", "/x/chest.jpg"),
+        ("unknown", "/x/cat.jpg"),
+    ]  # by score
     assert "out-of-distribution score 12.2500 above the detector&#x27;s threshold" in page
     assert "energy score &gt; 8 is unknown" in page
     errors = page[page.index('id="errors"') : page.index('id="others"')]
@@ -149,7 +162,9 @@ def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> Non
 
     for series, count in (("1", 6), ("2", 3)):
         for i in range(count):
-            header = SliceHeader("P1", "1.2.3", f"1.2.3.{series}", f"1.2.3.{series}.{i + 1}", i + 1, (0.0, 0.0, 5.0 * i))
+            header = SliceHeader(
+                "P1", "1.2.3", f"1.2.3.{series}", f"1.2.3.{series}.{i + 1}", i + 1, (0.0, 0.0, 5.0 * i)
+            )
             hu = np.full((16, 16), -150.0 + 60.0 * i)  # brighter along z: p(Tumor) rises slice by slice
             write_slice(tmp_path / "study" / f"s{series}" / header.sop_uid, hu, header)
     model = make_cam_onnx(tmp_path / "model.onnx")
@@ -223,7 +238,9 @@ def test_the_collector_keeps_only_the_top_rows_of_each_group(tmp_path: Path) -> 
     assert len(kept) <= 3 + 3 * 5  # three cards, three folders of five strip slices: bounded
     assert {path for _, path in sorted(seen, reverse=True)[:3]} <= set(kept)
     best_folders = {os.path.dirname(path) for _, path in sorted(seen, reverse=True)}
-    folders = sorted(best_folders, key=lambda d: -max(p for p, path in seen if os.path.dirname(path) == d))[:3]
+    folders = sorted(best_folders, key=lambda d: -max(p for p, path in seen if os.path.dirname(path) == d))[
+        :3
+    ]
     assert {os.path.dirname(path) for path in kept} == set(folders)
     assert all(item.view.shape == (128, 128, 3) and item.view.dtype == np.uint8 for item in kept.values())
 

@@ -23,11 +23,11 @@ from kidney_edge.runtime import (
     output_columns,
 )
 from kidney_edge.runtime.precision import Precision
+from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import REPORT_SUFFIX
-from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
-from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
+from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
@@ -153,7 +153,10 @@ def predict(
         ),
     ] = None,
     report_max: Annotated[
-        int, typer.Option("--report-max", help="Cards per flagged group, and series strips, on the --report page.")
+        int,
+        typer.Option(
+            "--report-max", help="Cards per flagged group, and series strips, on the --report page."
+        ),
     ] = DEFAULT_REPORT_MAX,
 ) -> None:
     from rich.progress import TimeRemainingColumn

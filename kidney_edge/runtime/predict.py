@@ -255,7 +255,9 @@ class LocalEngine:
             try:
                 for start in range(0, len(paths), size):
                     batch = paths[start : start + size]
-                    pending.append(pool.submit(_infer_batch, batch, self.classifier, free.pop(), self.evidence))
+                    pending.append(
+                        pool.submit(_infer_batch, batch, self.classifier, free.pop(), self.evidence)
+                    )
                     if len(pending) > window:
                         write_next()
                 while pending:

@@ -156,7 +156,7 @@ def _shown_class(row: Mapping[str, Any]) -> str:
 
 def _probabilities(row: Mapping[str, Any], spec: ModelSpec) -> str:
     items = "".join(
-        f'<li><span>{_e(name)}</span> <b>{_fmt(row.get(probability_column(name)))}</b></li>'
+        f"<li><span>{_e(name)}</span> <b>{_fmt(row.get(probability_column(name)))}</b></li>"
         for name in spec.class_names
     )
     return f'<ul class="probs">{items}</ul>'
@@ -257,8 +257,12 @@ def _errors_section(rows: Sequence[Mapping[str, Any]]) -> str:
     )
     return (
         f'<section id="errors"><h2>Unreadable files ({len(failed)})</h2>'
-        + (f'<table class="rows"><thead><tr><th scope=col>path</th><th scope=col>reason</th></tr></thead>'
-           f"<tbody>{body}</tbody></table>" if failed else "<p>none</p>")  # fmt: skip
+        + (
+            f'<table class="rows"><thead><tr><th scope=col>path</th><th scope=col>reason</th></tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+            if failed
+            else "<p>none</p>"
+        )  # fmt: skip
         + "</section>"
     )
 
@@ -284,10 +288,14 @@ def series_assessments(
     headers = {str(row["path"]): read_header(str(row["path"])) for row in dicom}
     groups, _ = group_series(dicom, headers)
     rule = rule or SeriesRule()
-    return [assess_series(group.members, spec.class_names, rule, spec.positive_class) for group in groups], None
+    return [
+        assess_series(group.members, spec.class_names, rule, spec.positive_class) for group in groups
+    ], None
 
 
-def z_curve(p: Sequence[float], key: Sequence[int], spec: ModelSpec, width: int = 320, height: int = 72) -> str:
+def z_curve(
+    p: Sequence[float], key: Sequence[int], spec: ModelSpec, width: int = 320, height: int = 72
+) -> str:
     """Inline SVG of p(positive) along z (slice order), the threshold dashed, key slices dotted."""
     pad, n = 4.0, len(p)
 
@@ -304,7 +312,11 @@ def z_curve(p: Sequence[float], key: Sequence[int], spec: ModelSpec, width: int 
         line = (f'<line class="threshold" x1="{pad}" x2="{width - pad}" y1="{y(rule.threshold):.1f}" '
                 f'y2="{y(rule.threshold):.1f}"/>')  # fmt: skip
     dots = "".join(f'<circle cx="{x(i):.1f}" cy="{y(p[i]):.1f}" r="3"/>' for i in key)
-    words = f"p({spec.positive_class}) along z over {n} slices, peak {p[peak]:.3f} at slice {peak + 1}" if n else ""
+    words = (
+        f"p({spec.positive_class}) along z over {n} slices, peak {p[peak]:.3f} at slice {peak + 1}"
+        if n
+        else ""
+    )
     return (
         f'<svg class="zcurve" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
         f'aria-label="{_e(words)}"><title>{_e(words)}</title><rect x="0" y="0" width="{width}" height="{height}"/>'
@@ -323,7 +335,9 @@ def _strip(assessment: Any, spec: ModelSpec, overlays: Mapping[str, Overlay]) ->
         item = overlays.get(path)
         image = (f'<img src="{_picture(item, str(spec.positive_class), spec)}" width="96" height="96" alt="slice {i + 1}">'
                  if item is not None else '<div class="noimg">no overlay kept</div>')  # fmt: skip
-        figures.append(f'<figure title="{_e(path)}">{image}<figcaption>z {i + 1}: p {p[i]:.3f}</figcaption></figure>')
+        figures.append(
+            f'<figure title="{_e(path)}">{image}<figcaption>z {i + 1}: p {p[i]:.3f}</figcaption></figure>'
+        )
     scores = " ".join(f"{_e(name)} {_fmt(row.get(probability_column(name)))}" for name in spec.class_names)
     folder = os.path.dirname(str(ordered[0][0].path)) if ordered else ""
     problems = "".join(
@@ -333,7 +347,7 @@ def _strip(assessment: Any, spec: ModelSpec, overlays: Mapping[str, Overlay]) ->
         f'<article class="series" tabindex="0" data-label="{_e(label)}" data-path="{_e(folder)}">'
         f'<h3>series {_e(row.get("series_uid"))}: <span class="label">{_e(label)}</span></h3>'
         f'<p class="facts">study {_e(row.get("study_uid"))}, patient {_e(row.get("patient_id"))}, '
-        f'{row.get("n_slices")} slices ({_e(row.get("aggregate"))}): {scores}</p>{problems}'
+        f"{row.get('n_slices')} slices ({_e(row.get('aggregate'))}): {scores}</p>{problems}"
         f'<div class="strip">{"".join(figures)}</div>{z_curve(p, key, spec) if p else ""}</article>'
     )
 
@@ -343,20 +357,24 @@ def _series_section(assessments: Sequence[Any], spec: ModelSpec, overlays: Mappi
     if not assessments and note is None:
         return ""
     positive = probability_column(str(spec.positive_class))
-    ranked = sorted(assessments, key=lambda a: (a.row.get("error") is not None, -float(a.row.get(positive) or 0.0)))
+    ranked = sorted(
+        assessments, key=lambda a: (a.row.get("error") is not None, -float(a.row.get(positive) or 0.0))
+    )
     strips = "".join(_strip(a, spec, overlays) for a in ranked[:max_series])
     more = len(ranked) - max_series
     tail = f"<p>{more} more series: see the series rows beside the predictions.</p>" if more > 0 else ""
     return (
         f'<section id="series"><h2>DICOM series ({len(assessments)}), most positive first</h2>'
-        f'{f"<p class=note>{_e(note)}</p>" if note else ""}{strips}{tail}</section>'
+        f"{f'<p class=note>{_e(note)}</p>' if note else ''}{strips}{tail}</section>"
     )
 
 
 # --------------------------------------------------------------------------- summary and page
 
 
-def _summary_section(counts: Mapping[str, int], spec: ModelSpec, facts: RunFacts, notes: Sequence[str]) -> str:
+def _summary_section(
+    counts: Mapping[str, int], spec: ModelSpec, facts: RunFacts, notes: Sequence[str]
+) -> str:
     rows = "".join(
         f'<tr data-count-label="{_e(name)}"><th scope=row>{_e(name)}</th><td class="count">{count}</td></tr>'
         for name, count in counts.items()
@@ -382,7 +400,9 @@ def _summary_section(counts: Mapping[str, int], spec: ModelSpec, facts: RunFacts
 
 
 def _controls(counts: Mapping[str, int]) -> str:
-    options = "".join(f'<option value="{_e(name)}">{_e(name)} ({count})</option>' for name, count in counts.items())
+    options = "".join(
+        f'<option value="{_e(name)}">{_e(name)} ({count})</option>' for name, count in counts.items()
+    )
     return (
         '<form id="controls" role="search" onsubmit="return false">'
         f'<label for="label-filter">Label</label> <select id="label-filter"><option value="">all</option>{options}</select> '
@@ -444,7 +464,9 @@ def write_report(
     page = _TEMPLATE.read_text(encoding="utf-8").replace(_BODY_MARK, body)
     atomic_write_text(path, page)
     shown = sum(len(group) for group in cards.values())
-    log.info("wrote the triage page %s (%d rows, %d cards, %d series)", path, len(rows), shown, len(assessments))
+    log.info(
+        "wrote the triage page %s (%d rows, %d cards, %d series)", path, len(rows), shown, len(assessments)
+    )
     return ReportPage(Path(path), len(page.encode("utf-8")), len(rows), counts, shown, len(assessments))
 
 

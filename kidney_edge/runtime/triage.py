@@ -141,7 +141,6 @@ class TriageCollector:
         self._order = itertools.count()
         self.received_evidence = False  # whether the engine handed over any model input
 
-
     def add(self, rows: Sequence[Mapping[str, Any]], evidence: RowEvidence | None) -> None:
         """A batch of rows as written; ``evidence`` None (an engine that returns rows only) keeps nothing."""
         if evidence is None:
@@ -149,27 +148,18 @@ class TriageCollector:
         self.received_evidence = True
         for index, row in enumerate(rows):
             model_input = evidence.inputs.get(index)
-            if model_input is None:
-                continue
-            made: list[Overlay] = []  # built at most once per row, and only when it is kept
+            if model_input is not None:
+                overlay = _Pending(model_input, evidence.cams.get(index), self.spec)
+                self._offer_group(row, overlay)
+                self._offer_folder(row, overlay)
 
-            def overlay(index: int = index, model_input: np.ndarray = model_input) -> Overlay:
-                if not made:
-                    cams = evidence.cams.get(index)
-                    made.append(Overlay(model_view(model_input, self.spec),
-                                        None if cams is None else np.array(cams, np.float32)))  # fmt: skip
-                return made[0]
-
-            self._offer_group(row, overlay)
-            self._offer_folder(row, overlay)
-
-    def _offer_group(self, row: Mapping[str, Any], overlay: Any) -> None:
+    def _offer_group(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         group, rank = triage(row, self.spec)
         heap = self._groups.get(group)
         if heap is not None:
             _push_bounded(heap, rank, next(self._order), str(row["path"]), overlay, self.max_per_group)
 
-    def _offer_folder(self, row: Mapping[str, Any], overlay: Any) -> None:
+    def _offer_folder(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         p_positive = positive_probability(row, self.spec)
         if p_positive is None:
             return
@@ -190,7 +180,24 @@ class TriageCollector:
         return {kept.path: kept.overlay for heap in heaps for kept in heap}
 
 
-def _push_bounded(heap: list[_Kept], rank: float, order: int, path: str, overlay: Any, limit: int) -> None:
+class _Pending:
+    """A row's :class:`Overlay`, built on the first call only: most rows are never kept. Called
+    while the batch's buffer still holds the row's input."""
+
+    def __init__(self, model_input: np.ndarray, cams: np.ndarray | None, spec: ModelSpec) -> None:
+        self._input, self._cams, self._spec = model_input, cams, spec
+        self._made: Overlay | None = None
+
+    def __call__(self) -> Overlay:
+        if self._made is None:
+            cams = None if self._cams is None else np.array(self._cams, np.float32)
+            self._made = Overlay(model_view(self._input, self._spec), cams)
+        return self._made
+
+
+def _push_bounded(
+    heap: list[_Kept], rank: float, order: int, path: str, overlay: _Pending, limit: int
+) -> None:
     """Keep the ``limit`` highest ranks in the min-heap ``heap``; ``overlay()`` only for a row kept."""
     if len(heap) < limit:
         heapq.heappush(heap, _Kept(rank, -order, path, overlay()))
