@@ -270,3 +270,26 @@ def test_bad_report_options_name_the_flag(tmp_path: Path) -> None:
         ReportOptions(max_per_group=0)
     with pytest.raises(InputError, match="--report-path .*ending in .html"):
         ReportOptions(tmp_path)
+
+
+def test_cli_report_path_implies_report_and_bad_values_exit_2(
+    gray_run: dict[str, Any], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kidney_edge.cli import app
+
+    args = ["predict", str(gray_run["root"] / "images"), "--model", str(gray_run["model"]), "--workers", "1"]
+    runner = CliRunner()
+    result = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "p.csv"), "--report-path", str(tmp_path / "t.html")]
+    )
+    assert result.exit_code == 3, result.output  # the broken file: some rows failed
+    assert "triage page -> " in result.output and (tmp_path / "t.html").is_file()
+    assert not report_path(tmp_path / "p.csv").exists()
+    for extra, message in (
+        (["--report-path", str(tmp_path / "t.txt")], "ending in .html"),
+        (["--report", "--report-max", "0"], "--report-max must be in 1..1000"),
+    ):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "q.csv"), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
