@@ -222,27 +222,36 @@ class _Evidence:
         self.inputs, self.cams = inputs, cams
 
 
-def test_the_collector_keeps_only_the_top_rows_of_each_group(tmp_path: Path) -> None:
-    spec = ModelSpec(input_size=32)
-    collector = TriageCollector(spec, max_per_group=3)
+def collect(suffix: str, batches: int = 40) -> tuple[dict[str, Overlay], list[tuple[float, str]]]:
+    """Tumor calls in random order of p, 8 per folder, through a collector keeping 3 per group."""
+    collector = TriageCollector(ModelSpec(input_size=32), max_per_group=3)
     rng = np.random.default_rng(0)
     seen: list[tuple[float, str]] = []
-    for batch in range(40):  # 320 Tumor calls over 40 folders, in random order of p
+    for batch in range(batches):
         p = rng.uniform(0.5, 1.0, size=8)
-        rows = [{"path": f"/d{batch}/{i}.jpg", "label": "Tumor", "confidence": v, "p_Tumor": v, "error": None}
+        rows = [{"path": f"/d{batch}/{i}{suffix}", "label": "Tumor", "confidence": v, "p_Tumor": v, "error": None}
                 for i, v in enumerate(p)]  # fmt: skip
         seen += [(row["p_Tumor"], row["path"]) for row in rows]
         inputs = {i: rng.normal(size=(3, 32, 32)).astype(np.float32) for i in range(8)}
         collector.add(rows, _Evidence(inputs, {i: np.ones((4, 4, 4)) for i in range(8)}))
-    kept = collector.overlays()
+    return collector.overlays(), seen
+
+
+def test_the_collector_keeps_only_the_top_rows_of_each_group() -> None:
+    kept, seen = collect(".dcm")  # 320 DICOM slices in 40 folders
     assert len(kept) <= 3 + 3 * 5  # three cards, three folders of five strip slices: bounded
-    assert {path for _, path in sorted(seen, reverse=True)[:3]} <= set(kept)
-    best_folders = {os.path.dirname(path) for _, path in sorted(seen, reverse=True)}
-    folders = sorted(best_folders, key=lambda d: -max(p for p, path in seen if os.path.dirname(path) == d))[
-        :3
-    ]
-    assert {os.path.dirname(path) for path in kept} == set(folders)
-    assert all(item.view.shape == (128, 128, 3) and item.view.dtype == np.uint8 for item in kept.values())
+    ranked = sorted(seen, reverse=True)
+    assert {path for _, path in ranked[:3]} <= set(kept)
+    folders: list[str] = []
+    for _, path in ranked:  # the three folders with the most positive slices
+        if os.path.dirname(path) not in folders:
+            folders.append(os.path.dirname(path))
+    assert {os.path.dirname(path) for path in kept} == set(folders[:3])
+    assert all(
+        item.view.shape == (32, 32) and item.view.dtype == np.uint8 for item in kept.values()
+    )  # gray spec
+    jpegs, seen = collect(".jpg")  # raster files are never series: the three cards only
+    assert set(jpegs) == {path for _, path in sorted(seen, reverse=True)[:3]}
 
 
 def test_report_off_asks_for_no_maps_and_writes_no_page(gray_run: dict[str, Any], tmp_path: Path,
@@ -293,3 +302,19 @@ def test_cli_report_path_implies_report_and_bad_values_exit_2(
     ):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "q.csv"), *extra])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [ModelSpec(input_size=32), ModelSpec(input_size=32, color_mode="rgb", channel_order="BGR",
+                                         mean=(10.0, 120.0, 200.0), std=(50.0, 60.0, 70.0))],
+    ids=["gray", "rgb-bgr"],
+)  # fmt: skip
+def test_model_view_undoes_preprocessing(spec: ModelSpec) -> None:
+    from kidney_edge.imaging import preprocess, resized_image
+    from kidney_edge.runtime.triage import model_view
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    expected = np.asarray(resized_image(pixels, spec))  # what preprocess normalises
+    assert np.array_equal(model_view(preprocess(pixels, spec), spec), expected)

@@ -44,9 +44,11 @@ from kidney_edge.runtime.triage import (
     FLAGGED,
     REPORT_MAX_LIMIT,
     STRIP_SLICES,
+    THUMBNAIL_PX,
     Group,
     Overlay,
     TriageCollector,
+    may_be_dicom,
     near_threshold,
     positive_probability,
     triage,
@@ -141,7 +143,7 @@ def label_counts(rows: Sequence[Mapping[str, Any]], spec: ModelSpec) -> dict[str
 
 def _picture(item: Overlay, class_name: str, spec: ModelSpec) -> str:
     """The JPEG data URL of a view with the activation map of ``class_name`` over it."""
-    view = Image.fromarray(item.view, "RGB")
+    view = Image.fromarray(item.view).convert("RGB").resize((THUMBNAIL_PX,) * 2, Image.Resampling.BILINEAR)
     if item.cams is None or class_name not in spec.class_names:
         return jpeg_data_url(view)
     heat = heatmap(item.cams[spec.class_names.index(class_name)], view.width)
@@ -189,7 +191,7 @@ def _card(row: Mapping[str, Any], item: Overlay, spec: ModelSpec) -> str:
     note = "" if item.cams is not None else '<p class="note">no activation map in this model</p>'
     return (
         f'<article class="card" tabindex="0" data-label="{_e(label)}" data-path="{_e(path)}">'
-        f'<img src="{_picture(item, shown, spec)}" width="{item.view.shape[1]}" height="{item.view.shape[0]}" '
+        f'<img src="{_picture(item, shown, spec)}" width="{THUMBNAIL_PX}" height="{THUMBNAIL_PX}" '
         f'alt="{_e(os.path.basename(path))}: the model\'s view with the activation map of {_e(shown)}">'
         f'<h3 class="label">{_e(label)}</h3><p class="why">{_e(reason(row, spec))}</p>'
         f"{_probabilities(row, spec)}{note}"
@@ -278,7 +280,7 @@ def series_assessments(
     when there are DICOM rows but no pydicom to read their headers."""
     from kidney_edge.runtime.series import SeriesRule, assess_series, group_series, read_header
 
-    dicom = [row for row in rows if is_dicom_file(str(row["path"]))]
+    dicom = [row for row in rows if may_be_dicom(str(row["path"])) and is_dicom_file(str(row["path"]))]
     if not dicom:
         return [], None
     try:

@@ -10,7 +10,7 @@ the same function.
 same ONNX call gave beside them (the model inputs and, when the graph has them, the class
 activation maps) and keeps an :class:`Overlay` only for the rows that will be shown: the top
 ``max_per_group`` of each flagged group, and the ``STRIP_SLICES`` most positive slices of up to
-``max_per_group`` folders (a DICOM series is one folder) for the series strips. Memory stays
+``max_per_group`` folders of DICOM files (a series is one folder) for the series strips. Memory stays
 bounded by those counts, whatever the run's size; no row is inferred twice.
 """
 
@@ -25,14 +25,14 @@ from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 
+from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.runtime.rows import is_failed, is_unknown, probability_column
-from kidney_edge.spec import ModelSpec, RuleKind
+from kidney_edge.spec import ColorMode, ModelSpec, RuleKind
 
 DEFAULT_REPORT_MAX = 50  # cards per flagged group (--report-max), strips of series
 REPORT_MAX_LIMIT = 1000
-THUMBNAIL_PX = 128  # side of a kept view: cards show it as is, strips at 96 px
+THUMBNAIL_PX = 128  # side of a shown view: cards show it as is, strips at 96 px
 STRIP_SLICES = 5  # key slices of a series strip: its most positive ones, shown in z order
 # Uncertain: the label's probability under this (4 classes: no clear winner), or the positive
 # class at or above this fraction of a threshold rule's threshold without reaching it.
@@ -100,7 +100,7 @@ def positive_probability(row: Mapping[str, Any], spec: ModelSpec) -> float | Non
 class Overlay:
     """A row's picture: the model's view of the file and the class activation maps of the same call."""
 
-    view: np.ndarray  # (THUMBNAIL_PX, THUMBNAIL_PX, 3) uint8 RGB: the model input, de-normalised
+    view: np.ndarray  # (S, S) or (S, S, 3) uint8: the model input, de-normalised (model_view)
     cams: np.ndarray | None  # (C, h, w) float32 class activation maps; None without a cam output
 
 
@@ -111,16 +111,26 @@ class RowEvidence(Protocol):
     cams: Mapping[int, np.ndarray]  # (C, h, w) class activation maps, when the graph has them
 
 
-def model_view(model_input: np.ndarray, spec: ModelSpec, size: int = THUMBNAIL_PX) -> np.ndarray:
-    """(3, S, S) float32 model input -> (size, size, 3) uint8 RGB: what the model saw, undoing
-    ``preprocess``'s ``(pixel - mean) / std`` and its channel order."""
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
-    pixels = np.clip(np.rint(model_input * std + mean), 0, 255).astype(np.uint8)  # (3, S, S)
-    if spec.channel_order == "BGR":
-        pixels = pixels[::-1]
-    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+def model_view(model_input: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """(3, S, S) float32 model input -> what the model saw, as uint8: (S, S) for a gray spec (its
+    three channels are one plane), else (S, S, 3) RGB; ``preprocess``'s ``(pixel - mean) / std``
+    and channel order undone. Kept at the input size: resizing waits for the few shown."""
+    channels = (
+        (0,) if spec.color_mode == ColorMode.GRAY else (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)
+    )
+    planes = [
+        np.clip(np.rint(model_input[c] * np.float32(spec.std[c]) + np.float32(spec.mean[c])), 0, 255).astype(
+            np.uint8
+        )
+        for c in channels
+    ]
+    return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+
+
+def may_be_dicom(path: str) -> bool:
+    """Whether a row's file may be DICOM by its name: not one of the raster image suffixes
+    (DICOM files have ``.dcm``, no suffix, or a UID-style name; a DICOMweb path has none)."""
+    return os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES - {".dcm"}
 
 
 @dataclass(order=True)
@@ -161,7 +171,7 @@ class TriageCollector:
 
     def _offer_folder(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         p_positive = positive_probability(row, self.spec)
-        if p_positive is None:
+        if p_positive is None or not may_be_dicom(str(row["path"])):
             return
         folder = os.path.dirname(str(row["path"]))
         heap = self._folders.get(folder)
