@@ -5,7 +5,8 @@
 
 Opens ``--page`` from disk (file://, nothing else is fetched) in Debian's chromium (Playwright,
 headless), optionally filters it to ``--label``, and saves a screenshot of the top of the page
-(``--height`` px; the summary and the first flagged cards). Prints the counts the page shows.
+(``--height`` px; the summary and the first flagged cards), or of one element (``--section
+series``: the DICOM series strips). Prints the counts the page shows.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="filter the page to this label first")
     parser.add_argument("--width", type=int, default=1200)
     parser.add_argument("--height", type=int, default=1400)
+    parser.add_argument("--section", default="", help="shoot only this element id (e.g. series)")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -45,7 +47,8 @@ def main() -> None:
         )
         print("counts:", ", ".join(counts), "|", page.inner_text("#shown"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(args.out))
+        shot = page.locator(f"#{args.section}") if args.section else page
+        shot.screenshot(path=str(args.out))
         browser.close()
     print(f"wrote {args.out}")
 

@@ -4,8 +4,9 @@
 files are listed), derive the columns, drop the files already in ``--out`` (``--resume``), build
 the summary, stream rows to the writer as they come, turn Ctrl-C into ``summary.interrupted``,
 and with ``--report`` keep the triage page's pictures while rows stream and write the page of
-every row at the end (:mod:`~kidney_edge.runtime.report_page`). An engine (:class:`PredictEngine`) supplies only the rows: the local
-thread pool (:class:`~kidney_edge.runtime.predict.LocalEngine`) or a pool of Ray actors
+every row at the end (:mod:`~kidney_edge.runtime.report_page`). An engine
+(:class:`PredictEngine`) supplies only the rows: the local thread pool
+(:class:`~kidney_edge.runtime.predict.LocalEngine`) or a pool of Ray actors
 (:class:`~kidney_edge.runtime.ray_engine.RayEngine`). A new engine implements one method and
 calls :func:`run_predict`; it gets resume, summaries, output formats and interrupts as they are.
 """

@@ -298,11 +298,12 @@ def series_assessments(
 def z_curve(
     p: Sequence[float], key: Sequence[int], spec: ModelSpec, width: int = 320, height: int = 72
 ) -> str:
-    """Inline SVG of p(positive) along z (slice order), the threshold dashed, key slices dotted."""
-    pad, n = 4.0, len(p)
+    """Inline SVG of p(positive) along z (slice order) on a 0..1 axis, the threshold dashed, key
+    slices dotted."""
+    left, pad, n = 16.0, 4.0, len(p)
 
     def x(i: int) -> float:
-        return pad + (width - 2 * pad) * (i / (n - 1) if n > 1 else 0.5)
+        return left + (width - left - pad) * (i / (n - 1) if n > 1 else 0.5)
 
     def y(value: float) -> float:
         return pad + (height - 2 * pad) * (1.0 - value)
@@ -311,8 +312,9 @@ def z_curve(
     rule, peak = spec.decision_rule, int(np.argmax(p)) if n else 0
     line = ""
     if rule.kind == "threshold" and rule.threshold is not None:
-        line = (f'<line class="threshold" x1="{pad}" x2="{width - pad}" y1="{y(rule.threshold):.1f}" '
+        line = (f'<line class="threshold" x1="{left}" x2="{width - pad}" y1="{y(rule.threshold):.1f}" '
                 f'y2="{y(rule.threshold):.1f}"/>')  # fmt: skip
+    axis = f'<text x="2" y="{y(1.0) + 8:.1f}">1</text><text x="2" y="{y(0.0):.1f}">0</text>'
     dots = "".join(f'<circle cx="{x(i):.1f}" cy="{y(p[i]):.1f}" r="3"/>' for i in key)
     words = (
         f"p({spec.positive_class}) along z over {n} slices, peak {p[peak]:.3f} at slice {peak + 1}"
@@ -321,7 +323,8 @@ def z_curve(
     )
     return (
         f'<svg class="zcurve" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="{_e(words)}"><title>{_e(words)}</title><rect x="0" y="0" width="{width}" height="{height}"/>'
+        f'aria-label="{_e(words)}"><title>{_e(words)}</title>'
+        f'<rect x="{left}" y="0" width="{width - left}" height="{height}"/>{axis}'
         f'{line}<polyline points="{points}"/>{dots}</svg>'
     )
 
