@@ -38,7 +38,15 @@ from kidney_edge.errors import InputError
 from kidney_edge.imaging import is_dicom_file
 from kidney_edge.io_utils import atomic_write_text
 from kidney_edge.runtime.cam import heatmap, jpeg_data_url, overlay
-from kidney_edge.runtime.rows import is_failed, probability_column, report_path
+from kidney_edge.runtime.rows import PredictSummary, is_failed, probability_column, report_path
+from kidney_edge.runtime.series import (
+    SeriesAssessment,
+    SeriesRule,
+    assess_series,
+    group_series,
+    read_header,
+    read_prediction_rows,
+)
 from kidney_edge.runtime.triage import (
     DEFAULT_REPORT_MAX,
     FLAGGED,
@@ -90,7 +98,7 @@ class RunFacts:
     evidence_note: str | None = None  # why this run's rows have no thumbnails, when they have none
 
     @classmethod
-    def from_summary(cls, summary: Any, evidence_note: str | None = None) -> RunFacts:
+    def from_summary(cls, summary: PredictSummary, evidence_note: str | None = None) -> RunFacts:
         return cls(
             model=str(summary.model), precision=summary.precision_reason or summary.precision,
             decision_rule=summary.decision_rule, ood_detector=summary.ood_detector,
@@ -273,13 +281,11 @@ def _errors_section(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def series_assessments(
-    rows: Sequence[Mapping[str, Any]], spec: ModelSpec, rule: Any = None
-) -> tuple[list[Any], str | None]:
+    rows: Sequence[Mapping[str, Any]], spec: ModelSpec, rule: SeriesRule | None = None
+) -> tuple[list[SeriesAssessment], str | None]:
     """The series among the DICOM rows (:func:`~kidney_edge.runtime.series.assess_series` under
     ``rule``, a :class:`~kidney_edge.runtime.series.SeriesRule`; default its defaults), and a note
     when there are DICOM rows but no pydicom to read their headers."""
-    from kidney_edge.runtime.series import SeriesRule, assess_series, group_series, read_header
-
     dicom = [row for row in rows if may_be_dicom(str(row["path"])) and is_dicom_file(str(row["path"]))]
     if not dicom:
         return [], None
@@ -329,7 +335,7 @@ def z_curve(
     )
 
 
-def _strip(assessment: Any, spec: ModelSpec, overlays: Mapping[str, Overlay]) -> str:
+def _strip(assessment: SeriesAssessment, spec: ModelSpec, overlays: Mapping[str, Overlay]) -> str:
     row, ordered = assessment.row, assessment.ordered
     label = ERROR_LABEL if row.get("error") else str(row.get("label"))
     p = [positive_probability(slice_row, spec) or 0.0 for _, slice_row in ordered]
@@ -357,7 +363,7 @@ def _strip(assessment: Any, spec: ModelSpec, overlays: Mapping[str, Overlay]) ->
     )
 
 
-def _series_section(assessments: Sequence[Any], spec: ModelSpec, overlays: Mapping[str, Overlay],
+def _series_section(assessments: Sequence[SeriesAssessment], spec: ModelSpec, overlays: Mapping[str, Overlay],
                     max_series: int, note: str | None) -> str:  # fmt: skip
     if not assessments and note is None:
         return ""
@@ -440,7 +446,7 @@ def write_report(
     overlays: Mapping[str, Overlay] | None = None,
     *,
     max_per_group: int = DEFAULT_REPORT_MAX,
-    series_rule: Any = None,
+    series_rule: SeriesRule | None = None,
 ) -> ReportPage:
     """The triage page of ``rows`` (every row of the run, old and new), written atomically to ``path``.
 
@@ -485,7 +491,7 @@ class ReportOptions:
 
     path: Path | None = None  # None: rows.report_path(--out)
     max_per_group: int = DEFAULT_REPORT_MAX
-    series_rule: Any = None  # the SeriesRule of the run's series rows (None: its defaults)
+    series_rule: SeriesRule | None = None  # the rule of the run's series rows (None: its defaults)
 
     def __post_init__(self) -> None:
         check_report_max(self.max_per_group)
@@ -508,12 +514,15 @@ def check_report_format(fmt: Any) -> None:
 
 
 def write_run_report(
-    options: ReportOptions, out: Path, fmt: Any, spec: ModelSpec, summary: Any, collector: TriageCollector
+    options: ReportOptions,
+    out: Path,
+    fmt: Any,
+    spec: ModelSpec,
+    summary: PredictSummary,
+    collector: TriageCollector,
 ) -> ReportPage:
     """The page of a finished predict run: every row of ``out`` (old ones too, with --resume) and
     the overlays ``collector`` kept."""
-    from kidney_edge.runtime.series import read_prediction_rows
-
     rows = read_prediction_rows(out, str(getattr(fmt, "value", fmt)))
     note = None
     if summary.processed and not collector.received_evidence:
