@@ -274,6 +274,7 @@ def test_the_manual_has_its_pages() -> None:
         "unknown-inputs.md",
         "dicom.md",
         "pacs.md",
+        "report-page.md",
         "serve.md",
         "ray.md",
         "architecture.md",

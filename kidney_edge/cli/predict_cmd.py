@@ -25,8 +25,10 @@ from kidney_edge.runtime import (
 from kidney_edge.runtime.dicomweb import TOKEN_ENV
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
-from kidney_edge.runtime.rows import EXIT_SERVER
+from kidney_edge.runtime.report_page import ReportOptions
+from kidney_edge.runtime.rows import EXIT_SERVER, REPORT_SUFFIX
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
+from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
@@ -137,6 +139,28 @@ def predict(
     actors: Annotated[
         int | None, typer.Option("--actors", help="Ray actors, one model each; default: CPUs // --threads.")
     ] = None,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Also write an offline HTML triage page of every row (flagged first, with activation maps) "
+            "when the run ends.",
+        ),
+    ] = False,
+    report_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--report-path",
+            metavar="FILE",
+            help=f"File of the --report page (implies --report); default: <--out stem>{REPORT_SUFFIX} beside --out.",
+        ),
+    ] = None,
+    report_max: Annotated[
+        int,
+        typer.Option(
+            "--report-max", help="Cards per flagged group, and series strips, on the --report page."
+        ),
+    ] = DEFAULT_REPORT_MAX,
     study: Annotated[
         list[str] | None,
         typer.Option(
@@ -203,10 +227,12 @@ def predict(
 
     with library_errors():
         rule = SeriesRule(aggregate=aggregate, top_k=top_k)
+        wanted = report or report_path is not None
+        page = ReportOptions(report_path, report_max, series_rule=rule) if wanted else None
     if is_dicomweb(folder):
         _predict_dicomweb(folder, rule, study=study, since=since, modality=modality, store=store, force=force,
-                          token=token, engine=engine, series=series, model=model, out=out, fmt=fmt,
-                          batch_size=batch_size, threads=threads, workers=workers, resume=resume,
+                          token=token, engine=engine, series=series, report=wanted, model=model, out=out,
+                          fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
                           precision=precision, ood=ood)  # fmt: skip
     with library_errors():
         if study or since or modality or store or force:
@@ -224,7 +250,7 @@ def predict(
             )
         common: dict[str, Any] = {
             "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
-            "resume": resume, "precision": precision, "ood": ood,
+            "resume": resume, "precision": precision, "ood": ood, "report": page,
             "progress": lambda done, total: bar.update(task, completed=done, total=total),
         }  # fmt: skip
         if engine is Engine.RAY:
@@ -232,6 +258,9 @@ def predict(
         else:
             summary = predict_folder(folder, workers=workers, **common)
     _render(summary)
+    if summary.report is not None:
+        size_mb = summary.report.stat().st_size / 1e6
+        console.print(f"triage page -> {summary.report} ({size_mb:.1f} MB)", highlight=False, soft_wrap=True)
     # series rows need every slice row: a --resume run writes them
     if not summary.interrupted and series_readable(folder, fmt):
         with library_errors():
@@ -244,7 +273,7 @@ def predict(
 
 def _predict_dicomweb(
     source: str, rule: Any, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
-    force: bool, token: str | None, engine: Engine, series: bool | None, **common: Any,
+    force: bool, token: str | None, engine: Engine, series: bool | None, report: bool, **common: Any,
 ) -> None:  # fmt: skip
     """``predict dicomweb+http://…``: rows, series rows and (``--store``) SRs; exits with the run's code."""
     from rich.progress import TimeRemainingColumn
@@ -254,8 +283,11 @@ def _predict_dicomweb(
     from kidney_edge.runtime.pacs import predict_dicomweb
 
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
-        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET:
-            raise InputError("a DICOMweb source runs on the local engine, writes csv/jsonl and series rows")
+        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET or report:
+            raise InputError(
+                "a DICOMweb source runs on the local engine and writes csv/jsonl and series rows "
+                "(no --engine ray, --format parquet, --no-series or --report)"
+            )
         task = bar.add_task("predict", total=None)
         selection = Selection(studies=tuple(study or ()), since=since, modality=modality)
         summary = predict_dicomweb(
