@@ -273,6 +273,7 @@ def test_the_manual_has_its_pages() -> None:
         "edge-runtime.md",
         "unknown-inputs.md",
         "dicom.md",
+        "pacs.md",
         "report-page.md",
         "serve.md",
         "ray.md",

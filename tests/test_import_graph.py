@@ -43,8 +43,16 @@ RUNTIME_MAY_IMPORT = frozenset(
 NEVER_IN_RUNTIME = ("torch", "torchvision", "sklearn", "scipy", "matplotlib")
 # The `ray` extra (pyarrow comes with it): only `predict --engine ray` may import it, lazily.
 RAY_EXTRA = ("ray", "pyarrow")
+# The `pacs` extra (a DICOMweb client and highdicom): only the DICOMweb modules may import it,
+# and only inside functions, so that a base install imports them and runs a folder predict
+# without it. Their own dependencies are not listed: pydicom is the `dicom` extra (series rows
+# read it), and pydicom itself probes for requests when it is imported.
+PACS_EXTRA = ("dicomweb_client", "highdicom")
+PACS_MODULES = frozenset(
+    {"kidney_edge/runtime/dicomweb.py", "kidney_edge/runtime/dicom_sr.py", "kidney_edge/runtime/pacs.py"}
+)
 # What the run-time checks refuse to import and report when attempted.
-HEAVY = (*NEVER_IN_RUNTIME, *RAY_EXTRA)
+HEAVY = (*NEVER_IN_RUNTIME, *RAY_EXTRA, *PACS_EXTRA)
 # The runtime's OOD scorer is numpy only (fitting, with scikit-learn and scipy, is kidney_edge.ood).
 NUMPY_ONLY = {"kidney_edge/runtime/ood.py": ("numpy",)}
 
@@ -99,6 +107,8 @@ def layer_violations(root: Path) -> list[str]:
             allowed_here = NUMPY_ONLY.get(where)
             if top == "kidney_edge":
                 ok = in_runtime_layer(module)
+            elif top in PACS_EXTRA:
+                ok = where in PACS_MODULES
             elif allowed_here is not None:
                 ok = top in allowed_here or top in sys.stdlib_module_names
             else:
@@ -191,6 +201,8 @@ PLANTED = {
                 "kidney_edge.dataset"),
     "lookalike-of-allowed": ("kidney_edge/runtime/predict.py", "import kidney_edge.spec_tables  # noqa\n",
                              "kidney_edge.spec_tables"),
+    "pacs-extra-outside-dicomweb": ("kidney_edge/runtime/series.py",
+                                    "def _planted() -> None:\n    import highdicom  # noqa\n", "highdicom"),
     "report-page-plots": ("kidney_edge/runtime/report_page.py", "def _planted() -> None:\n    import matplotlib  # noqa\n",
                           "matplotlib"),
     "triage-gradcam": ("kidney_edge/runtime/triage.py", "from kidney_edge.gradcam import overlay  # noqa\n",

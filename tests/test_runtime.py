@@ -329,8 +329,8 @@ def test_decoding_stays_a_bounded_window_ahead_of_inference(
 
     buffers: set[int] = set()
 
-    def counting_load(paths: list[Path], spec: ModelSpec, buffer: np.ndarray) -> object:
-        loaded = original(paths, spec, buffer)
+    def counting_load(paths: list[Path], spec: ModelSpec, buffer: np.ndarray, read: object = None) -> object:
+        loaded = original(paths, spec, buffer, read)
         decoded.append(len(paths))
         buffers.add(id(buffer))
         return loaded

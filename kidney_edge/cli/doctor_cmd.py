@@ -19,9 +19,10 @@ from kidney_edge.cli._app import PANEL_TOOLS, app, console
 
 # Distributions whose versions the figures and the commands depend on, in the order printed.
 PACKAGES = ("numpy", "pillow", "onnxruntime", "torch", "torchvision", "onnx", "pydicom", "ray",
-            "fastapi", "uvicorn", "typer", "rich")  # fmt: skip
-# Programs on PATH that commands use: the serve page's browser test drives the system chromium.
-PROGRAMS = ("chromium",)
+            "fastapi", "uvicorn", "dicomweb-client", "highdicom", "typer", "rich")  # fmt: skip
+# Programs on PATH that the tests use: the serve page's browser test drives the system chromium;
+# the DICOMweb tests start Orthanc and validate stored SRs with dciodvfy.
+PROGRAMS = ("chromium", "Orthanc", "dciodvfy")
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kidney_edge.cli._app import PANEL_EDGE, app, console, library_errors, progress_bar
+from kidney_edge.cli._app import PANEL_EDGE, app, console, err_console, library_errors, progress_bar
 from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.runtime import (
     EXIT_NOTHING_READ,
@@ -22,10 +22,11 @@ from kidney_edge.runtime import (
     PredictConfig,
     output_columns,
 )
+from kidney_edge.runtime.dicomweb import TOKEN_ENV
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import REPORT_SUFFIX
+from kidney_edge.runtime.rows import EXIT_SERVER, REPORT_SUFFIX
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
 from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.runtime.series import SeriesSummary
 
 
+_PACS_PANEL = "DICOMweb source (dicomweb+http://HOST:PORT/ROOT; needs the pacs extra)"
 # The file kinds predict reads: the scan's own list.
 _IMAGE_KINDS = " ".join(sorted(SUPPORTED_SUFFIXES))
 _PREDICT_HELP = f"""Classify every image in a folder with an ONNX model (onnxruntime, no PyTorch).
@@ -43,7 +45,8 @@ _PREDICT_HELP = f"""Classify every image in a folder with an ONNX model (onnxrun
 One row per image, columns {", ".join(output_columns(["<Class>"]))} (one p_ column per class).
 
 Exit codes: {EXIT_OK} every file predicted; {EXIT_SOME_FAILED} some files failed (their rows carry `error`); \
-{EXIT_NOTHING_READ} nothing readable, or bad arguments; 1 other failures; 130 interrupted (finished rows are \
+{EXIT_NOTHING_READ} nothing readable, or bad arguments; {EXIT_SERVER} a DICOMweb server could not be reached, \
+refused the credentials or rejected a stored SR; 1 other failures; 130 interrupted (finished rows are \
 kept: rerun with --resume).
 """
 
@@ -54,7 +57,7 @@ def predict(
         str,
         typer.Argument(
             help=f"Folder of images, scanned recursively ({_IMAGE_KINDS}, and DICOM files without a "
-            "suffix); with --engine ray also a "
+            "suffix); or a DICOMweb server, dicomweb+http://HOST:PORT/ROOT; with --engine ray also a "
             "folder every node mounts, or a URI such as s3://bucket/slices.",
         ),
     ],
@@ -158,11 +161,67 @@ def predict(
             "--report-max", help="Cards per flagged group, and series strips, on the --report page."
         ),
     ] = DEFAULT_REPORT_MAX,
+    study: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--study",
+            metavar="UID",
+            help="DICOMweb: a StudyInstanceUID to read (repeatable).",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            metavar="DATE",
+            help="DICOMweb: studies with a StudyDate on or after DATE.",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = None,
+    modality: Annotated[
+        str | None,
+        typer.Option(
+            "--modality",
+            help="DICOMweb: read only series of this modality (e.g. CT).",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = None,
+    store: Annotated[
+        bool,
+        typer.Option(
+            "--store",
+            help="DICOMweb: store one DICOM SR per classified series into its study "
+            "(STOW-RS); a series that already carries this model's SR is skipped.",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="DICOMweb: with --store, store new SRs even where this model's are there.",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar=TOKEN_ENV,
+            show_default=False,
+            show_envvar=True,
+            help="DICOMweb: bearer token, or USER:PASSWORD for HTTP Basic; prefer the environment "
+            "variable, which stays out of shell history and process lists.",
+            rich_help_panel=_PACS_PANEL,
+        ),
+    ] = None,
 ) -> None:
     from rich.progress import TimeRemainingColumn
 
     from kidney_edge.errors import InputError
     from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime.dicomweb import is_dicomweb
     from kidney_edge.runtime.ray_engine import check_engine_options, predict_with_ray, series_readable
     from kidney_edge.runtime.series import SeriesMode, SeriesRule, write_series
 
@@ -170,6 +229,17 @@ def predict(
         rule = SeriesRule(aggregate=aggregate, top_k=top_k)
         wanted = report or report_path is not None
         page = ReportOptions(report_path, report_max, series_rule=rule) if wanted else None
+    if is_dicomweb(folder):
+        _predict_dicomweb(folder, rule, study=study, since=since, modality=modality, store=store, force=force,
+                          token=token, engine=engine, series=series, report=wanted, model=model, out=out,
+                          fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
+                          precision=precision, ood=ood)  # fmt: skip
+    with library_errors():
+        if study or since or modality or store or force:
+            raise InputError(
+                "--study, --since, --modality, --store and --force read from a DICOMweb server: "
+                "pass dicomweb+http://HOST:PORT/ROOT instead of a folder"
+            )
     mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
@@ -198,6 +268,44 @@ def predict(
                                           positive_class=summary.positive_class, fmt=summary.fmt, mode=mode)  # fmt: skip
         if series_summary is not None:
             _render_series(series_summary)
+    raise typer.Exit(130 if summary.interrupted else summary.exit_code)
+
+
+def _predict_dicomweb(
+    source: str, rule: Any, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
+    force: bool, token: str | None, engine: Engine, series: bool | None, report: bool, **common: Any,
+) -> None:  # fmt: skip
+    """``predict dicomweb+http://…``: rows, series rows and (``--store``) SRs; exits with the run's code."""
+    from rich.progress import TimeRemainingColumn
+
+    from kidney_edge.errors import InputError
+    from kidney_edge.runtime.dicomweb import Selection
+    from kidney_edge.runtime.pacs import predict_dicomweb
+
+    with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
+        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET or report:
+            raise InputError(
+                "a DICOMweb source runs on the local engine and writes csv/jsonl and series rows "
+                "(no --engine ray, --format parquet, --no-series or --report)"
+            )
+        task = bar.add_task("predict", total=None)
+        selection = Selection(studies=tuple(study or ()), since=since, modality=modality)
+        summary = predict_dicomweb(
+            source, selection, rule=rule, store=store, force=force, token=token,
+            progress=lambda done, total: bar.update(task, completed=done, total=total), **common,
+        )  # fmt: skip
+    _render(summary)
+    console.print(f"{summary.studies} studies from {summary.server}", highlight=False)
+    if summary.series is not None:
+        _render_series(summary.series)
+    if summary.store is not None:
+        done = summary.store
+        console.print(f"SRs stored: {done.stored}, already there: {done.skipped}, failed: {len(done.failures)}",
+                      highlight=False)  # fmt: skip
+        for series_uid, why in done.failures[:5]:
+            err_console.print(
+                f"[red]not stored[/] series {series_uid}: {why}", highlight=False, soft_wrap=True
+            )
     raise typer.Exit(130 if summary.interrupted else summary.exit_code)
 
 

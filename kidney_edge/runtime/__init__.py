@@ -54,6 +54,7 @@ from kidney_edge.runtime.predict import (
 from kidney_edge.runtime.rows import (
     EXIT_NOTHING_READ,
     EXIT_OK,
+    EXIT_SERVER,
     EXIT_SOME_FAILED,
     OutputFormat,
     PredictSummary,
@@ -65,6 +66,7 @@ from kidney_edge.runtime.rows import (
 __all__ = [
     "EXIT_NOTHING_READ",
     "EXIT_OK",
+    "EXIT_SERVER",
     "EXIT_SOME_FAILED",
     "EXPORT_ROOT",
     "INT8_FILE",

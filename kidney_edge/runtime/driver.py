@@ -218,6 +218,8 @@ def _new_summary(
         precision_reason=choice.reason,
         precision_warning=choice.warning,
         positive_class=spec.positive_class,
+        spec_schema_version=spec.schema_version,
+        toolkit_version=spec.toolkit_version,
         threads=classifier.threads,
         batch_size=job.batch_size,
         class_counts=label_counts(spec.class_names, ood=classifier.ood is not None),

@@ -33,6 +33,8 @@ from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
+Reader = Callable[[str], ImageSource]  # a row key -> the bytes or file to decode for it
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -109,11 +111,13 @@ class _LoadedBatch:
 
 
 def _load_batch(
-    sources: list[ImageSource], spec: ModelSpec, buffer: np.ndarray | None = None
+    sources: list[ImageSource], spec: ModelSpec, buffer: np.ndarray | None = None, read: Reader | None = None
 ) -> _LoadedBatch:
     """Decode + preprocess one batch into ``buffer`` (a new array when None), each file straight
     into its row: no per-image array and no copy into the batch. Pillow's decoder and numpy's
-    arithmetic release the GIL, so workers decode side by side."""
+    arithmetic release the GIL, so workers decode side by side. ``read`` turns each source (a
+    row key) into what is decoded, e.g. an instance's bytes fetched from a DICOMweb server; it
+    raises ImageReadError for a source it cannot fetch."""
     size = spec.input_size
     if buffer is None:
         buffer = np.empty((len(sources), 3, size, size), dtype=np.float32)
@@ -122,7 +126,8 @@ def _load_batch(
     errors: dict[int, str] = {}
     for index, source in enumerate(sources):
         try:
-            preprocess(source, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
+            data = source if read is None else read(source)
+            preprocess(data, spec, out=buffer[len(ok)])  # a failed file's row is overwritten by the next
             ok.append(index)
         except ImageReadError as exc:
             errors[index] = exc.reason
@@ -218,10 +223,10 @@ def execution_layout(threads: int | None = None, workers: int | None = None) -> 
 
 
 def _infer_batch(
-    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray, cam: bool
+    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray, cam: bool, read: Reader | None = None
 ) -> tuple[Classified, np.ndarray]:
     """One worker's job: decode ``paths`` into ``buffer``, infer, decide -> (rows and maps, ``buffer``)."""
-    return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier, cam=cam), buffer
+    return _classify_loaded(_load_batch(paths, classifier.spec, buffer, read), classifier, cam=cam), buffer
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ class LocalEngine:
     batch_size: int
     workers: int
     evidence: bool = False  # hand the sink each batch's inputs and activation maps (--report)
+    read: Reader | None = None  # row key -> what to decode (default: the key is a file path)
 
     def classify(self, paths: list[str], write: RowSink) -> None:
         """Batches decoded and inferred side by side, written in order.
@@ -256,7 +262,9 @@ class LocalEngine:
                 for start in range(0, len(paths), size):
                     batch = paths[start : start + size]
                     pending.append(
-                        pool.submit(_infer_batch, batch, self.classifier, free.pop(), self.evidence)
+                        pool.submit(
+                            _infer_batch, batch, self.classifier, free.pop(), self.evidence, self.read
+                        )
                     )
                     if len(pending) > window:
                         write_next()

@@ -30,6 +30,9 @@ _NUMBER_COLUMNS = ("confidence", "ood_score")
 EXIT_OK = 0
 EXIT_NOTHING_READ = 2  # same code as bad arguments: nothing useful came out of the run
 EXIT_SOME_FAILED = 3  # predictions were written, but some files have an `error` row instead
+# A DICOMweb server could not be reached, refused the credentials, or rejected a stored result:
+# unlike 2 the arguments may be right (retry when the server is back, or fix the token).
+EXIT_SERVER = 4
 _MAX_LISTED_FAILURES = 20
 
 
@@ -189,6 +192,8 @@ class PredictSummary:
     precision_reason: str = ""  # why that one: forced, gate record, measured speed on this CPU
     precision_warning: str | None = None  # a forced INT8 without a passed accuracy gate
     positive_class: str | None = None  # the spec's positive class (series rows name its peak slice)
+    spec_schema_version: int = 0  # the model's identity beside its file (DICOM SR results name it)
+    toolkit_version: str = ""  # the kidney-edge version that exported the model
     report: Path | None = None  # the triage page written at the end (--report)
 
     @property

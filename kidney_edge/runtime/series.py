@@ -244,6 +244,11 @@ def read_header(path: str) -> DicomHeader:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
     except Exception as exc:  # pydicom raises many types for malformed files
         return DicomHeader(path, error=f"unreadable DICOM header ({type(exc).__name__}: {exc})")
+    return header_of(path, ds)
+
+
+def header_of(path: str, ds: Any) -> DicomHeader:
+    """The header fields of a pydicom Dataset (a file's, or a DICOMweb server's metadata), keyed ``path``."""
     return DicomHeader(
         path=path,
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
@@ -369,8 +374,9 @@ def _keep_main_orientation(series: _Series) -> None:
     if len(oriented) <= 1:
         return
     main_key = max(oriented, key=lambda key: len(oriented[key]))
-    described = ", ".join(
-        f"{_plane_name(members[0].header.orientation)} {len(members)}" for members in oriented.values()
+    described = ", ".join(  # largest group first: the same words whatever order the files were listed in
+        f"{_plane_name(members[0].header.orientation)} {len(members)}"
+        for members in sorted(oriented.values(), key=len, reverse=True)
     )
     others = sum(len(members) for key, members in oriented.items() if key != main_key)
     series.warnings.append(
@@ -579,11 +585,22 @@ def series_rows(
 ) -> list[dict[str, Any]]:
     """One row per series among prediction ``rows`` whose path has a header; plus one error
     row for DICOM files that name no series."""
+    assessments, orphan = assess_all(rows, headers, class_names, rule, positive_class)
+    return [assessment.row for assessment in assessments] + ([orphan] if orphan else [])
+
+
+def assess_all(
+    rows: Sequence[Mapping[str, Any]],
+    headers: Mapping[str, DicomHeader],
+    class_names: Sequence[str],
+    rule: SeriesRule,
+    positive_class: str | None,
+) -> tuple[list[SeriesAssessment], dict[str, Any] | None]:
+    """:func:`assess_series` of every series among ``rows``, and the error row of the DICOM files
+    that name no series (None when there are none)."""
     groups, orphans = group_series(rows, headers)
-    result = [series_row(group.members, class_names, rule, positive_class) for group in groups]
-    if orphans:
-        result.append(_orphan_row(orphans, class_names))
-    return result
+    assessments = [assess_series(group.members, class_names, rule, positive_class) for group in groups]
+    return assessments, (_orphan_row(orphans, class_names) if orphans else None)
 
 
 class SeriesMode(str, Enum):
@@ -660,6 +677,20 @@ def write_series(
     headers = {str(row["path"]): read_header(str(row["path"])) for row in dicom}
     result = series_rows(dicom, headers, class_names, rule, positive_class)
     target = Path(out) if out is not None else series_path(predictions)
+    return save_series_rows(result, target, class_names=class_names, rule=rule, fmt=fmt,
+                            n_non_dicom=len(rows) - len(dicom))  # fmt: skip
+
+
+def save_series_rows(
+    result: Sequence[dict[str, Any]],
+    target: Path,
+    *,
+    class_names: Sequence[str],
+    rule: SeriesRule,
+    fmt: str = "csv",
+    n_non_dicom: int = 0,
+) -> SeriesSummary:
+    """Write series rows atomically to ``target`` (CSV or JSONL) and count them."""
     columns = series_columns(class_names)
     if str(getattr(fmt, "value", fmt)) == "jsonl":
         atomic_write_text(target, "".join(json.dumps({k: r[k] for k in columns}) + "\n" for r in result))
@@ -674,8 +705,8 @@ def write_series(
         label_counts={name: labels.get(name, 0) for name in class_names},
         n_warning=sum(row["warning"] is not None for row in result),
         n_error=sum(row["error"] is not None for row in result),
-        n_non_dicom=len(rows) - len(dicom),
-        rows=result,
+        n_non_dicom=n_non_dicom,
+        rows=list(result),
     )
 
 
