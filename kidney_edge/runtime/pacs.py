@@ -143,7 +143,9 @@ def predict_dicomweb(
 
     def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
         reader = SeriesReader(pacs, found["listing"])
-        local = LocalEngine(classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader)
+        local = LocalEngine(
+            classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader
+        )
         return DicomwebEngine(local, reader)
 
     summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
