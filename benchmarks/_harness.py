@@ -189,7 +189,9 @@ class CliRun:
     ``peak_rss_mb`` is the process's own VmHWM (not ``ru_maxrss``, which for a forked child also
     counts the parent's memory at the fork; Popen returns only after the exec, so every read is
     of the new program); ``first_row_s`` is when the first output row was on
-    disk; ``samples`` are (seconds, rows on disk) at each change of the row count."""
+    disk; ``samples`` are (seconds, rows on disk) at each change of the row count; ``cpu_s`` is
+    the process's user + system CPU time (from ``wait4``): on a shared machine it moves far
+    less with other people's load than ``wall_s`` does."""
 
     command: str
     exit_code: int
@@ -203,10 +205,15 @@ class CliRun:
     load_average_after: list[float] | None
     output: str = ""
     samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    cpu_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
         return round(self.rows / self.wall_s, 2) if self.wall_s > 0 else 0.0
+
+    @property
+    def images_per_cpu_s(self) -> float:
+        return round(self.rows / self.cpu_s, 2) if self.cpu_s > 0 else 0.0
 
     def steady_images_per_s(self, low: float = 0.1, high: float = 0.9) -> float | None:
         """Images/s between the samples where ``low`` and ``high`` of the rows were on disk: the
@@ -221,6 +228,7 @@ class CliRun:
         """The JSON form: every field but the samples, the output's tail only on failure."""
         data = {k: v for k, v in asdict(self).items() if k not in ("samples", "output")}
         data["images_per_s"] = self.images_per_s
+        data["images_per_cpu_s"] = self.images_per_cpu_s
         data["output_tail"] = self.output[-output_tail:] if self.exit_code not in (0, 3) else ""
         return data
 
@@ -305,6 +313,7 @@ def run_cli(args: Sequence[str], *, out: Path | None = None, env: Mapping[str, s
         peak_rss_mb=round(peaks.get("VmHWM", 0) / 1024, 1), peak_private_mb=round(peaks.get("RssAnon", 0) / 1024, 1),
         peak_shared_mb=round(peaks.get("RssShmem", 0) / 1024, 1), load_average_before=load_before,
         load_average_after=load_average(), output=output, samples=samples,
+        cpu_s=round(done[2].ru_utime + done[2].ru_stime, 3),
     )  # fmt: skip
 
 

@@ -39,6 +39,9 @@ FAMILIES: dict[str, tuple[str, float]] = {
     "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
     "classic": ("classic", 1.0),  # the same renderer at its default difficulty
     "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
+    # Its patients and findings, every one imaged alike: "cannot see" vs "cannot generalise across
+    # scanners". Its file names match "lookalike", so the same splits.csv can be reused.
+    "lookalike-one-scanner": ("lookalike-one-scanner", 1.0),
 }
 # Views of a family for learnability checks, not candidates for defaults: the same slices and
 # splits, cropped with the renderer's truth to the region a reader looks at.
@@ -376,7 +379,9 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
         "224 px input, grouped 70/15/15 split of the data's own seed, train seed = run seed. `-oracle`: the same "
         "slices and splits cropped to the kidneys' box from `phantom_truth.csv` (15% margin, native pixels): what "
         "the model learns when it is shown where to look. `@F`: the same splits with a share F of the training "
-        "patients. Test figures under argmax with 95% bootstrap CIs; recall per class.",
+        "patients. `lookalike-one-scanner`: the same patients, findings and splits, every patient imaged alike "
+        "(one matrix size, kernel, noise level, window and JPEG quality; `synth --style lookalike-one-scanner`). "
+        "Test figures under argmax with 95% bootstrap CIs; recall per class.",
         "",
         "| view | data seed | recipe | train images | test macro-F1 [CI] | recall Tumor / Stone / Cyst / Normal | best val F1 head / fine-tune | last train loss | fine-tune retries | wall min |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -290,6 +291,9 @@ def test_run_cli_times_predict_with_its_own_peak_rss_and_first_row(harness, tmp_
     assert run.first_row_s is not None and 0 < run.first_row_s <= run.wall_s
     assert run.samples[-1][1] == 10
     assert 20 < run.peak_rss_mb < 300, run.peak_rss_mb  # VmHWM of predict's process alone
+    # the child's own CPU time: start-up alone takes some, and N cores give at most N x wall
+    assert 0.05 < run.cpu_s <= (os.cpu_count() or 1) * run.wall_s
+    assert run.images_per_cpu_s == pytest.approx(10 / run.cpu_s, rel=0.01)
     record = run.to_dict()
     assert record["command"].startswith("kidney-edge predict") and record["output_tail"] == ""
     assert len(record["load_average_before"]) == 3 and "samples" not in record

@@ -264,6 +264,7 @@ def test_the_manual_has_its_pages() -> None:
         "edge-runtime.md",
         "unknown-inputs.md",
         "dicom.md",
+        "report-page.md",
         "serve.md",
         "ray.md",
         "architecture.md",

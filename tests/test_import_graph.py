@@ -191,6 +191,10 @@ PLANTED = {
                 "kidney_edge.dataset"),
     "lookalike-of-allowed": ("kidney_edge/runtime/predict.py", "import kidney_edge.spec_tables  # noqa\n",
                              "kidney_edge.spec_tables"),
+    "report-page-plots": ("kidney_edge/runtime/report_page.py", "def _planted() -> None:\n    import matplotlib  # noqa\n",
+                          "matplotlib"),
+    "triage-gradcam": ("kidney_edge/runtime/triage.py", "from kidney_edge.gradcam import overlay  # noqa\n",
+                       "kidney_edge.gradcam"),
     "ood-scorer-beyond-numpy": ("kidney_edge/runtime/ood.py", "def _planted() -> None:\n    from PIL import Image  # noqa\n",
                                 "PIL"),
 }  # fmt: skip
@@ -232,12 +236,13 @@ def edge_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     "command",
     [
         ["predict", "{images}", "--model", "{model}", "--out", "{root}/p.csv"],
+        ["predict", "{images}", "--model", "{model}", "--out", "{root}/r.csv", "--report"],
         ["info", "{model}", "--json"],
         ["info", "{images}/left/slice-001.jpg"],
         ["benchmark", "--model", "{model}", "--batch-sizes", "1,2", "--threads", "1", "--warmup", "0",
          "--iterations", "2", "--images", "{images}"],
     ],
-    ids=["predict", "info-onnx", "info-image", "benchmark"],
+    ids=["predict", "predict-report", "info-onnx", "info-image", "benchmark"],
 )  # fmt: skip
 def test_edge_commands_run_without_the_training_stack(
     command: list[str], edge_files: dict[str, Path]

@@ -86,6 +86,20 @@ def test_scans_vary_per_patient(small: Path) -> None:
     assert all(60 <= int(q) <= 95 for q, _, _ in per_patient.values())
 
 
+def test_one_scanner_images_the_same_patients_alike(small: Path, tmp_path: Path) -> None:
+    alike = tmp_path / "alike"
+    synthesizer(PhantomStyle.lookalike_one_scanner)(alike, n=24, size=128, seed=0)
+    varied, same = _rows(small / "phantom_truth.csv"), _rows(alike / "phantom_truth.csv")
+    anatomy = ("path", "class", "patient", "finding", "kidney_side", "phase", "habitus", "confounders")
+    assert [[r[c] for c in anatomy] for r in same] == [[r[c] for c in anatomy] for r in varied]
+    acquisition = {(r["size_px"], r["kernel"], r["noise_hu"], r["window"][-4:], r["jpeg_quality"]) for r in same}
+    assert acquisition == {("128", "standard", "20.0", "/400", "90")}
+    levels = [int(r["window"].split("/")[0]) for r in same]  # raised only to keep a bright cortex grey
+    assert min(levels) == 50 and levels.count(50) > len(levels) / 2
+    assert all(Image.open(alike / r["path"]).size == (128, 128) for r in same)
+    assert len({(r["kernel"], r["noise_hu"], r["window"]) for r in varied}) > 1
+
+
 def test_patients_are_3_to_6_consecutive_slices_and_duplicates_are_byte_copies(larger: Path) -> None:
     truth = _rows(larger / "phantom_truth.csv")
     originals = [r for r in truth if not r["duplicate_of"]]

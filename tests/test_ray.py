@@ -196,9 +196,16 @@ def test_cli_engine_ray_and_its_option_errors(
     runner = CliRunner()
     out = tmp_path / "p.csv"
     args = ["predict", str(images / "left"), "--model", str(model), "--out", str(out)]
-    result = runner.invoke(app, [*args, "--engine", "ray", "--actors", "1"])
+    result = runner.invoke(app, [*args, "--engine", "ray", "--actors", "1", "--report"])
     assert result.exit_code == 0, result.output
     assert len(read_rows(out)) == 10 and "1 actors" in result.output
+    page = (tmp_path / "p.report.html").read_text(encoding="utf-8")  # the same driver writes it
+    assert '<td id="total">10</td>' in page and "This engine returns rows only" in page
+    refused = runner.invoke(
+        app,
+        [*args, "--engine", "ray", "--format", "parquet", "--out", str(tmp_path / "p.parquet"), "--report"],
+    )
+    assert refused.exit_code == 2 and "--report reads the rows back" in refused.output, refused.output
     for extra, fragment in (
         (["--actors", "2"], "--engine ray"),
         (["--format", "parquet"], "--engine ray"),

@@ -76,7 +76,8 @@ def synth(
             "--style",
             help="classic: the tuned phantom of the demo and tests. lookalike: an independent renderer "
             "(other anatomy, noise, image sizes, fields of view and JPEG quality) to check training "
-            "defaults on data they were not tuned on.",
+            "defaults on data they were not tuned on. lookalike-one-scanner: the same patients imaged alike "
+            "(one matrix size, kernel, noise, window, JPEG quality), to tell scanner effects from findings.",
         ),
     ] = PhantomStyle.classic,
     fmt: Annotated[

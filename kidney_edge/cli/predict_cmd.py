@@ -24,7 +24,10 @@ from kidney_edge.runtime import (
 )
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
+from kidney_edge.runtime.report_page import ReportOptions
+from kidney_edge.runtime.rows import REPORT_SUFFIX
 from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
+from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
@@ -133,6 +136,28 @@ def predict(
     actors: Annotated[
         int | None, typer.Option("--actors", help="Ray actors, one model each; default: CPUs // --threads.")
     ] = None,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Also write an offline HTML triage page of every row (flagged first, with activation maps) "
+            "when the run ends.",
+        ),
+    ] = False,
+    report_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--report-path",
+            metavar="FILE",
+            help=f"File of the --report page (implies --report); default: <--out stem>{REPORT_SUFFIX} beside --out.",
+        ),
+    ] = None,
+    report_max: Annotated[
+        int,
+        typer.Option(
+            "--report-max", help="Cards per flagged group, and series strips, on the --report page."
+        ),
+    ] = DEFAULT_REPORT_MAX,
 ) -> None:
     from rich.progress import TimeRemainingColumn
 
@@ -143,6 +168,8 @@ def predict(
 
     with library_errors():
         rule = SeriesRule(aggregate=aggregate, top_k=top_k)
+        wanted = report or report_path is not None
+        page = ReportOptions(report_path, report_max, series_rule=rule) if wanted else None
     mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
@@ -153,7 +180,7 @@ def predict(
             )
         common: dict[str, Any] = {
             "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
-            "resume": resume, "precision": precision, "ood": ood,
+            "resume": resume, "precision": precision, "ood": ood, "report": page,
             "progress": lambda done, total: bar.update(task, completed=done, total=total),
         }  # fmt: skip
         if engine is Engine.RAY:
@@ -161,6 +188,9 @@ def predict(
         else:
             summary = predict_folder(folder, workers=workers, **common)
     _render(summary)
+    if summary.report is not None:
+        size_mb = summary.report.stat().st_size / 1e6
+        console.print(f"triage page -> {summary.report} ({size_mb:.1f} MB)", highlight=False, soft_wrap=True)
     # series rows need every slice row: a --resume run writes them
     if not summary.interrupted and series_readable(folder, fmt):
         with library_errors():

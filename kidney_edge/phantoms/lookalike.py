@@ -32,6 +32,7 @@ the share of non-contrast studies. numpy + Pillow only; deterministic for a seed
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator
@@ -61,6 +62,11 @@ SLICES_PER_PATIENT = (3, 6)  # inclusive range of consecutive slices per patient
 SIZE_FACTORS = (0.75, 0.875, 1.0, 1.25)
 JPEG_QUALITY = (60, 95)  # inclusive range, drawn per patient
 PATIENTS_PER_HABITUS = 4  # patients sharing one body-habitus archetype, on average
+# The acquisition of every patient with ``one_scanner``: the nominal image side, a standard
+# kernel at 20 HU noise, an abdominal window, JPEG quality 90 and the body filling 87.5 % of the
+# field of view; contrast phase and anatomy still vary. It separates "cannot see the finding"
+# from "cannot generalise across scanners" in a learnability check.
+ONE_SCANNER = {"noise_hu": 20.0, "level": 50.0, "width": 400.0, "quality": 90, "fill": 0.875}
 AIR, FAT, WATER, MUSCLE = -1000.0, -100.0, 8.0, 50.0
 CALCIUM_HU = 400.0  # stones and calcifications are drawn above this; soft tissue stays below 300
 
@@ -423,7 +429,7 @@ class _Scan:
 
 
 def _draw_scan(
-    rng: np.random.Generator, habitus: _Habitus, phase: _Phase, size: int, difficulty: float
+    rng: np.random.Generator, habitus: _Habitus, phase: _Phase, size: int, difficulty: float, one_scanner: bool
 ) -> _Scan:
     side = max(16, int(round(size * float(rng.choice(SIZE_FACTORS)) / 8)) * 8)
     mm_per_px = 2 * habitus.half_width / habitus.fill / side
@@ -434,6 +440,16 @@ def _draw_scan(
     width = rng.uniform(360, 500)
     level = max(rng.uniform(35, 65), phase.cortex + 70 - width / 2)  # cortex stays below white
     offset = rng.normal(0, 0.03, size=2) * side
+    edge_mm = rng.uniform(0.7, 1.2)
+    quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+    spacing_mm = rng.uniform(1.5, 5.0)
+    drift = (rng.normal(0, 0.6), rng.normal(0, 0.6))
+    if one_scanner:  # every draw above is still made, so patients and findings stay the same
+        side, kernel, width, quality = size, "standard", ONE_SCANNER["width"], ONE_SCANNER["quality"]
+        mm_per_px = 2 * habitus.half_width / ONE_SCANNER["fill"] / side
+        noise = ONE_SCANNER["noise_hu"] * difficulty**0.5
+        level = max(ONE_SCANNER["level"], phase.cortex + 70 - width / 2)
+        offset = np.zeros(2)
     return _Scan(
         side=side,
         mm_per_px=mm_per_px,
@@ -441,12 +457,12 @@ def _draw_scan(
         margin=int(math.ceil(6.0 / mm_per_px)) + 2,
         kernel=kernel,
         noise_hu=min(noise, 80.0),
-        edge_mm=max(mm_per_px, rng.uniform(0.7, 1.2)),
+        edge_mm=max(mm_per_px, edge_mm),
         level=level,
         width=width,
-        quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)),
-        spacing_mm=rng.uniform(1.5, 5.0),
-        drift=(rng.normal(0, 0.6), rng.normal(0, 0.6)),
+        quality=quality,
+        spacing_mm=spacing_mm,
+        drift=drift,
     )
 
 
@@ -693,12 +709,17 @@ def _paint_gallstones(cv: _Canvas, centre: tuple[float, float], rng: np.random.G
 
 
 def _build_patient(
-    rng: np.random.Generator, habitus: _Habitus, fields: _Fields, size: int, difficulty: float
+    rng: np.random.Generator,
+    habitus: _Habitus,
+    fields: _Fields,
+    size: int,
+    difficulty: float,
+    one_scanner: bool = False,
 ) -> _Patient:
     """Draw one patient: habitus jittered, scan protocol, everything but the kidneys painted once."""
     h = _jitter(habitus, rng)
     phase = _draw_phase(rng, difficulty)
-    scan = _draw_scan(rng, h, phase, size, difficulty)
+    scan = _draw_scan(rng, h, phase, size, difficulty, one_scanner)
     full = scan.side + 2 * scan.margin
     texture, grain = _window_of(fields.texture, rng, full), _window_of(fields.grain, rng, full)
     cv = _Canvas(
@@ -1044,8 +1065,9 @@ class _LookalikeRenderer:
     # Patients of balanced run lengths; the original keeps its place in its patient's run.
     planning = Planning(balanced_runs, CopyNumbering.IN_RUN)
 
-    def __init__(self, config: PhantomConfig) -> None:
+    def __init__(self, config: PhantomConfig, one_scanner: bool = False) -> None:
         self.config = config
+        self.one_scanner = one_scanner
         self.plan_rng = np.random.default_rng([config.seed, 17])
         self.fields = _make_fields(np.random.default_rng([config.seed, 5]), _field_side(config.size))
         expected_patients = config.n / (sum(config.slices_per_patient) / 2)
@@ -1059,7 +1081,9 @@ class _LookalikeRenderer:
         config = self.config
         rng = np.random.default_rng([config.seed, 31, class_index, patient])
         habitus = int(rng.integers(0, len(self.archetypes)))
-        anatomy = _build_patient(rng, self.archetypes[habitus], self.fields, config.size, config.difficulty)
+        anatomy = _build_patient(
+            rng, self.archetypes[habitus], self.fields, config.size, config.difficulty, self.one_scanner
+        )
         finding = _make_finding(
             rng, anatomy, FINDINGS[name], config.difficulty, _half_span(anatomy, n_slices)
         )
@@ -1079,19 +1103,21 @@ def synthesize(
     class_mix: dict[str, float] | None = None,
     slices_per_patient: tuple[int, int] = SLICES_PER_PATIENT,
     progress: ProgressFn | None = None,
+    one_scanner: bool = False,
 ) -> PhantomSummary:
     """Write ``n`` look-alike slices to ``out_dir`` in the Kaggle layout; see the module docstring.
 
     Takes the same arguments as :func:`kidney_edge.phantoms.classic.synthesize`. ``size`` is the
     nominal image side: each patient is stored at one of :data:`SIZE_FACTORS` times it. Deterministic
     for its arguments but ``progress``. A previous phantom in ``out_dir`` is replaced; any other
-    non-empty folder is refused.
+    non-empty folder is refused. ``one_scanner`` images every patient alike (:data:`ONE_SCANNER`):
+    the same patients and findings, without the acquisition nuisances.
     """
     low, high = slices_per_patient
     config = PhantomConfig(
         n=n, seed=seed, size=size, difficulty=difficulty, class_mix=class_mix, slices_per_patient=(low, high)
     )
-    return write_phantom(out_dir, config, _LookalikeRenderer, progress)
+    return write_phantom(out_dir, config, functools.partial(_LookalikeRenderer, one_scanner=one_scanner), progress)
 
 
 def _truth(habitus: int, patient: _Patient, finding: _Finding, rendered: RenderedSlice) -> dict[str, object]:

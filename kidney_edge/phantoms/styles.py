@@ -3,6 +3,7 @@ output formats (``--format``), each with the defaults the CLI shows."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from enum import Enum
 
@@ -16,6 +17,7 @@ class PhantomStyle(str, Enum):
 
     classic = "classic"  # kidney_edge.phantoms.classic: the tuned demo and test data
     lookalike = "lookalike"  # kidney_edge.phantoms.lookalike: independent anatomy, for checking defaults
+    lookalike_one_scanner = "lookalike-one-scanner"  # the same patients, all imaged alike
 
 
 class PhantomFormat(str, Enum):
@@ -29,11 +31,13 @@ Synthesizer = Callable[..., PhantomSummary]
 _SYNTHESIZERS: dict[PhantomStyle, Synthesizer] = {
     PhantomStyle.classic: classic.synthesize,
     PhantomStyle.lookalike: lookalike.synthesize,
+    PhantomStyle.lookalike_one_scanner: functools.partial(lookalike.synthesize, one_scanner=True),
 }
 # What each style draws when --slices-per-patient is not given.
 STYLE_SLICES_PER_PATIENT = {
     PhantomStyle.classic: classic.SLICES_PER_PATIENT,
     PhantomStyle.lookalike: lookalike.SLICES_PER_PATIENT,
+    PhantomStyle.lookalike_one_scanner: lookalike.SLICES_PER_PATIENT,
 }
 
 

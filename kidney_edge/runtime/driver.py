@@ -2,9 +2,11 @@
 
 :func:`run_predict` owns the order of a run: load the model under ``--precision`` (while the
 files are listed), derive the columns, drop the files already in ``--out`` (``--resume``), build
-the summary, stream rows to the writer as they come, and turn Ctrl-C into
-``summary.interrupted``. An engine (:class:`PredictEngine`) supplies only the rows: the local
-thread pool (:class:`~kidney_edge.runtime.predict.LocalEngine`) or a pool of Ray actors
+the summary, stream rows to the writer as they come, turn Ctrl-C into ``summary.interrupted``,
+and with ``--report`` keep the triage page's pictures while rows stream and write the page of
+every row at the end (:mod:`~kidney_edge.runtime.report_page`). An engine
+(:class:`PredictEngine`) supplies only the rows: the local thread pool
+(:class:`~kidney_edge.runtime.predict.LocalEngine`) or a pool of Ray actors
 (:class:`~kidney_edge.runtime.ray_engine.RayEngine`). A new engine implements one method and
 calls :func:`run_predict`; it gets resume, summaries, output formats and interrupts as they are.
 """
@@ -26,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.precision import Precision, PrecisionChoice, Probe, resolve_precision
+from kidney_edge.runtime.report_page import ReportOptions, check_report_format, write_run_report
 from kidney_edge.runtime.rows import (
     OutputFormat,
     PredictSummary,
@@ -33,13 +36,20 @@ from kidney_edge.runtime.rows import (
     label_counts,
     output_columns,
 )
+from kidney_edge.runtime.triage import RowEvidence, TriageCollector
 
 log = logging.getLogger(__name__)
 
 Rows = list[dict[str, Any]]
-RowSink = Callable[[Rows], None]
 Progress = Callable[[int, int], None]  # (files done, files to do)
 SummaryT = TypeVar("SummaryT", bound=PredictSummary)
+
+
+class RowSink(Protocol):
+    """What an engine calls per batch of rows; ``evidence``: the model inputs and activation maps
+    of the same ONNX call (an engine that has them, when asked; the triage page keeps a few)."""
+
+    def __call__(self, rows: Rows, evidence: RowEvidence | None = None, /) -> None: ...
 
 
 class PredictEngine(Protocol):
@@ -77,6 +87,7 @@ class PredictJob:
     threads: int  # onnxruntime threads of each session (per worker's share, per actor)
     ood: bool
     probe: Probe | None = None  # replaces --precision auto's speed probe (tests, benchmarks)
+    report: ReportOptions | None = None  # --report: the triage page, written when the run ends
 
 
 # --------------------------------------------------------------------------- the streaming writer
@@ -215,12 +226,20 @@ def _new_summary(
 
 
 def _row_sink(
-    writer: RowWriter, summary: PredictSummary, todo: int, started: float, progress: Progress | None
+    writer: RowWriter,
+    summary: PredictSummary,
+    todo: int,
+    started: float,
+    progress: Progress | None,
+    collector: TriageCollector | None,
 ) -> RowSink:
-    """What an engine calls per batch of rows: write them, count them, report progress."""
+    """What an engine calls per batch of rows: write them, count them, keep the triage page's
+    pictures (``collector``, --report), report progress."""
 
-    def write(rows: Rows) -> None:
+    def write(rows: Rows, evidence: RowEvidence | None = None, /) -> None:
         writer.write(rows)
+        if collector is not None:
+            collector.add(rows, evidence)
         summary.record(rows)
         if summary.first_batch_s is None:
             summary.first_batch_s = time.perf_counter() - started
@@ -248,7 +267,10 @@ def run_predict(
     ``summary.interrupted`` set instead of raising; every finished row is kept.
     """
     started = time.perf_counter()
+    if job.report is not None:
+        check_report_format(job.fmt)
     choice, classifier, files = _load_while_listing(job, list_files)
+    collector = None if job.report is None else TriageCollector(classifier.spec, job.report.max_per_group)
     columns = output_columns(classifier.class_names)
     with contextlib.closing(open_writer(job.out, job.fmt, columns, job.resume)) as writer:
         todo = [path for path in files if path not in writer.done]
@@ -259,7 +281,7 @@ def run_predict(
         # A listing may hold millions of paths: from here on only those still to do are kept.
         del files
         writer.done = set()
-        write = _row_sink(writer, summary, len(todo), started, progress)
+        write = _row_sink(writer, summary, len(todo), started, progress, collector)
         try:
             if progress is not None:
                 progress(0, len(todo))
@@ -269,4 +291,7 @@ def run_predict(
             summary.interrupted = True
             log.info("interrupted: %d rows written to %s", summary.processed, job.out)
     summary.wall_s = time.perf_counter() - started
+    if job.report is not None and collector is not None and not summary.interrupted:
+        page = write_run_report(job.report, job.out, job.fmt, classifier.spec, summary, collector)
+        summary.report = page.path
     return summary

@@ -14,7 +14,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.runtime.precision import Precision, Probe
+from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, prediction_rows
 from kidney_edge.spec import ModelSpec
 
@@ -136,12 +137,15 @@ class Classified:
 
     rows: list[dict[str, Any]]
     cams: dict[int, np.ndarray]  # row index -> (C, h, w) class activation maps, when asked and read
+    # row index -> (3, S, S) float32 model input, when ``cam`` was asked: a view of the batch
+    # buffer, valid until the buffer is reused (predict --report keeps a thumbnail of a few)
+    inputs: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
     """One output row per source of the batch, in order; failed sources carry `error`."""
     spec = classifier.spec
-    predicted, cams = {}, {}
+    predicted, cams, inputs = {}, {}, {}
     if loaded.ok:
         outputs = classifier.infer(loaded.inputs, cam=cam and classifier.has_cam)  # one ONNX call
         ok_sources = [loaded.sources[index] for index in loaded.ok]
@@ -151,11 +155,13 @@ def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: b
         predicted = dict(zip(loaded.ok, rows, strict=True))
         if outputs.cam is not None:
             cams = dict(zip(loaded.ok, outputs.cam, strict=True))
+        if cam:
+            inputs = dict(zip(loaded.ok, loaded.inputs, strict=True))
     rows = [
         predicted.get(index) or error_row(source, loaded.errors[index], spec.class_names)
         for index, source in enumerate(loaded.sources)
     ]
-    return Classified(rows, cams)
+    return Classified(rows, cams, inputs)
 
 
 def classify(sources: Sequence[ImageSource], classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
@@ -212,10 +218,10 @@ def execution_layout(threads: int | None = None, workers: int | None = None) -> 
 
 
 def _infer_batch(
-    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """One worker's job: decode ``paths`` into ``buffer``, infer, decide -> (rows, ``buffer``)."""
-    return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier).rows, buffer
+    paths: list[str], classifier: OnnxClassifier, buffer: np.ndarray, cam: bool
+) -> tuple[Classified, np.ndarray]:
+    """One worker's job: decode ``paths`` into ``buffer``, infer, decide -> (rows and maps, ``buffer``)."""
+    return _classify_loaded(_load_batch(paths, classifier.spec, buffer), classifier, cam=cam), buffer
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,7 @@ class LocalEngine:
     classifier: OnnxClassifier
     batch_size: int
     workers: int
+    evidence: bool = False  # hand the sink each batch's inputs and activation maps (--report)
 
     def classify(self, paths: list[str], write: RowSink) -> None:
         """Batches decoded and inferred side by side, written in order.
@@ -239,16 +246,18 @@ class LocalEngine:
         free = [np.empty((size, 3, spec.input_size, spec.input_size), np.float32) for _ in range(window + 1)]
 
         def write_next() -> None:
-            rows, buffer = pending.popleft().result()
-            write(rows)
+            classified, buffer = pending.popleft().result()
+            write(classified.rows, classified if self.evidence else None)  # before the buffer is reused
             free.append(buffer)
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="kidney-edge-predict") as pool:
-            pending: deque[Future[tuple[list[dict[str, Any]], np.ndarray]]] = deque()
+            pending: deque[Future[tuple[Classified, np.ndarray]]] = deque()
             try:
                 for start in range(0, len(paths), size):
                     batch = paths[start : start + size]
-                    pending.append(pool.submit(_infer_batch, batch, self.classifier, free.pop()))
+                    pending.append(
+                        pool.submit(_infer_batch, batch, self.classifier, free.pop(), self.evidence)
+                    )
                     if len(pending) > window:
                         write_next()
                 while pending:
@@ -283,6 +292,7 @@ def predict_folder(
     probe: Probe | None = None,
     ood: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    report: ReportOptions | None = None,
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
 
@@ -299,7 +309,8 @@ def predict_folder(
 
     ``model`` is an export folder, an .onnx file or None (the newest export folder); ``precision``
     picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`; ``probe`` replaces
-    its speed probe).
+    its speed probe). ``report``: also the triage page of every row at the end
+    (:mod:`~kidney_edge.runtime.report_page`), its pictures from the same ONNX calls as the rows.
     """
     config = PredictConfig(
         folder=Path(folder), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
@@ -308,12 +319,14 @@ def predict_folder(
     layout = execution_layout(config.threads, config.workers)
     job = PredictJob(
         out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
-        precision=config.precision, threads=layout.threads, ood=config.ood, probe=probe,
+        precision=config.precision, threads=layout.threads, ood=config.ood, probe=probe, report=report,
     )  # fmt: skip
     return run_predict(
         job,
         list_files=partial(_images_under, config.folder),
-        start=lambda classifier, summary: LocalEngine(classifier, config.batch_size, layout.workers),
+        start=lambda classifier, summary: LocalEngine(
+            classifier, config.batch_size, layout.workers, evidence=report is not None
+        ),
         new_summary=partial(PredictSummary, workers=layout.workers),
         progress=progress,
     )

@@ -49,6 +49,7 @@ from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.driver import PredictJob, RowSink, RowWriter, TextWriter, run_predict
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.predict import PredictConfig, classify_paths, scan_image_paths
+from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, is_number_column, output_columns
 
 log = logging.getLogger(__name__)
@@ -526,6 +527,7 @@ def predict_with_ray(
     precision: Precision | str = PredictConfig.precision,
     ood: bool = PredictConfig.ood,
     progress: Callable[[int, int], None] | None = None,
+    report: ReportOptions | None = None,
 ) -> RayPredictSummary:
     """Classify every image under ``source`` on Ray Data and stream one row per file to ``out``.
 
@@ -537,6 +539,7 @@ def predict_with_ray(
     or ``ray://host:10001`` joins an existing cluster, where every node needs kidney-edge
     installed and SOURCE readable. ``--precision auto`` is decided by a probe on the driver.
     Ctrl-C ends the run early with ``summary.interrupted`` set; rerun with ``resume``.
+    ``report``: the triage page at the end; actors return rows only, so it has no thumbnails.
     """
     config = RayPredictConfig(
         source=str(source), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
@@ -546,7 +549,7 @@ def predict_with_ray(
     ray = import_ray()
     job = PredictJob(
         out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
-        precision=config.precision, threads=config.threads, ood=config.ood,
+        precision=config.precision, threads=config.threads, ood=config.ood, report=report,
     )  # fmt: skip
     return run_predict(
         job,

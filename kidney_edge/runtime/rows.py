@@ -10,6 +10,7 @@ engine (local threads, Ray actors), serve, series rows and evaluation take these
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,6 +39,16 @@ class OutputFormat(str, Enum):
     CSV = "csv"
     JSONL = "jsonl"
     PARQUET = "parquet"  # a folder of Parquet parts: written by `--engine ray` only
+
+
+REPORT_SUFFIX = ".report.html"  # predict --report's page: <predictions stem>.report.html beside the rows
+
+
+def report_path(predictions: str | os.PathLike[str]) -> Path:
+    """Where ``predict --report`` writes its page without a PATH: beside the predictions file,
+    ``predictions.csv`` -> ``predictions.report.html``."""
+    predictions = Path(predictions)
+    return predictions.with_name(predictions.stem + REPORT_SUFFIX)
 
 
 def probability_column(class_name: str) -> str:
@@ -178,6 +189,7 @@ class PredictSummary:
     precision_reason: str = ""  # why that one: forced, gate record, measured speed on this CPU
     precision_warning: str | None = None  # a forced INT8 without a passed accuracy gate
     positive_class: str | None = None  # the spec's positive class (series rows name its peak slice)
+    report: Path | None = None  # the triage page written at the end (--report)
 
     @property
     def processed(self) -> int:

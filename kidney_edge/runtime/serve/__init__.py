@@ -3,8 +3,8 @@
 - :mod:`~kidney_edge.runtime.serve.config`: :class:`ServeConfig` (options, bind-address rule).
 - :mod:`~kidney_edge.runtime.serve.limits`: request limits and the errors that carry HTTP statuses.
 - :mod:`~kidney_edge.runtime.serve.batcher`: dynamic batching of concurrent requests.
-- :mod:`~kidney_edge.runtime.serve.service`: decode -> batch -> ``classify`` -> the answer.
-- :mod:`~kidney_edge.runtime.serve.cam`: class activation map overlays in numpy.
+- :mod:`~kidney_edge.runtime.serve.service`: decode -> batch -> ``classify`` -> the answer (its
+  activation-map overlays come from :mod:`kidney_edge.runtime.cam`, shared with ``predict --report``).
 - :mod:`~kidney_edge.runtime.serve.metrics`: Prometheus text.
 - :mod:`~kidney_edge.runtime.serve.app`: the FastAPI app and uvicorn (the ``serve`` extra).
 

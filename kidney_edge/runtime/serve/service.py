@@ -32,12 +32,12 @@ from PIL import Image
 from kidney_edge.errors import ImageReadError
 from kidney_edge.imaging import load_image, resized_image
 from kidney_edge.io_utils import atomic_write_bytes
+from kidney_edge.runtime.cam import heatmap, overlay, png_data_url
 from kidney_edge.runtime.classifier import PARITY_FILE, OnnxClassifier
 from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_precision
 from kidney_edge.runtime.predict import classify
 from kidney_edge.runtime.rows import PROBABILITY_PREFIX, probability_column
 from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
-from kidney_edge.runtime.serve.cam import heatmap, overlay, png_data_url
 from kidney_edge.runtime.serve.config import ServeConfig
 from kidney_edge.runtime.serve.limits import ServerBusy, Upload
 from kidney_edge.runtime.serve.metrics import ServeMetrics

@@ -1,4 +1,5 @@
-"""Class activation maps from the graph's ``cam`` output, drawn over the model's view, in numpy.
+"""Class activation maps from the graph's ``cam`` output, drawn over the model's view, in numpy:
+the one overlay code of serve's page and ``predict --report``'s triage page.
 
 CAM (Zhou et al. 2016, arXiv:1512.04150): the classifier weights of one class applied to the
 last feature map, (h, w) per class. Here, as in :mod:`kidney_edge.gradcam`'s report figures:
@@ -15,6 +16,9 @@ import numpy as np
 from PIL import Image
 
 OVERLAY_ALPHA = 0.45  # heatmap opacity at the peak: enough to read the anatomy underneath
+# Thumbnails of a triage page: a 128 px slice with its overlay is about 5 KB at this quality
+# (benchmarks/results/report.md states the page sizes it gives).
+JPEG_QUALITY = 75
 
 
 def heatmap(cam: np.ndarray, size: int) -> np.ndarray:
@@ -49,3 +53,10 @@ def png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def jpeg_data_url(image: Image.Image, quality: int = JPEG_QUALITY) -> str:
+    """An RGB image as a ``data:image/jpeg;base64,...`` URL: lossy, for pages of many thumbnails."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
