@@ -179,6 +179,7 @@ WORKSPACES: dict[str, tuple[str, ...]] = {
     "evaluation.md": ("CT-KIDNEY-DATASET", "models/kaggle", "export/kaggle"),
     "export-and-int8.md": ("CT-KIDNEY-DATASET", "models/kaggle"),
     "ray.md": ("new_slices", "export/kaggle"),
+    "report-page.md": ("new_slices", "export/kaggle"),
     "serve.md": ("export/kaggle", "slice.jpg", "slice.dcm", "a.jpg", "b.png"),
     "training.md": ("CT-KIDNEY-DATASET", "new_slices", "slice.jpg"),
     "unknown-inputs.md": (),
