@@ -79,17 +79,18 @@ def block_sensitivity(
 
 
 def measure_speedup(fp32_path: Path, int8_path: Path, probe: Any | None = None) -> dict[str, Any]:
-    """INT8 vs fp32 speed on this CPU at batch :data:`SPEED_BATCH`, by the runtime's probe."""
+    """INT8 vs fp32 speed on this CPU at batch :data:`SPEED_BATCH`, by the runtime's probe, with
+    the machine it was measured on (predict reuses it there, and probes again elsewhere)."""
     from kidney_edge.runtime import OnnxClassifier
     from kidney_edge.runtime.hardware import cpu_kind
-    from kidney_edge.runtime.precision import TimedProbe
+    from kidney_edge.runtime.precision import TimedProbe, machine_key
 
     probe = probe or TimedProbe(min_batches=4, max_batches=12, budget_s=1.0)
     fp32, int8 = OnnxClassifier(fp32_path, ood=False), OnnxClassifier(int8_path, ood=False)
     result = probe(fp32, int8, batch_size=SPEED_BATCH)
     return {"speedup": round(result.speedup, 3), "fp32_ms_per_image": result.fp32_ms_per_image,
             "int8_ms_per_image": result.int8_ms_per_image, "batch_size": result.batch_size,
-            "threads": result.threads, "cpu": cpu_kind()}  # fmt: skip
+            "threads": result.threads, "cpu": cpu_kind(), "machine": machine_key(result.threads)}  # fmt: skip
 
 
 @dataclass
