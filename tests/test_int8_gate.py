@@ -159,9 +159,10 @@ class FixedSpeed:
     """A probe that reports INT8 ``speedup`` times as fast as fp32 (no timing in tests)."""
 
     def __init__(self, speedup: float) -> None:
-        self.speedup = speedup
+        self.speedup, self.calls = speedup, 0
 
     def __call__(self, fp32, int8, *, batch_size: int) -> ProbeResult:
+        self.calls += 1
         return ProbeResult(2.0, 2.0 / self.speedup, batch_size, fp32.threads, batches=1, seconds=0.0)
 
 
@@ -179,13 +180,15 @@ def _repair(tmp_path: Path, bands, planted: int, speedup: float):
     probe = FixedSpeed(speedup)
     first = (gate(candidate), measure_speedup(fp32, candidate, probe))
     assert not first[0]["passed"]
-    return repair(builder, gate, candidate, tmp_path, min_speedup=1.1, first=first, recipe=recipe, probe=probe), candidate
+    outcome = repair(builder, gate, candidate, tmp_path, min_speedup=1.1, first=first, recipe=recipe, probe=probe)
+    return outcome, candidate, probe.calls
 
 
 def test_repair_keeps_exactly_the_planted_block_fp32(bands, tmp_path: Path) -> None:
     from kidney_edge.int8_repair import block_of
 
-    outcome, candidate = _repair(tmp_path, bands, planted=2, speedup=1.6)
+    outcome, candidate, probes = _repair(tmp_path, bands, planted=2, speedup=1.6)
+    assert probes == 2  # the recipe, then one step: fast enough, measured once each
     ranking = outcome.sensitivity
     assert [row["block"] for row in ranking][0] == "blocks.2"
     assert ranking[0]["logit_relative_error"] > 20 * ranking[1]["logit_relative_error"]
@@ -203,9 +206,10 @@ def test_repair_keeps_exactly_the_planted_block_fp32(bands, tmp_path: Path) -> N
 
 
 def test_repair_stops_when_int8_is_no_longer_faster(bands, tmp_path: Path) -> None:
-    outcome, _ = _repair(tmp_path, bands, planted=1, speedup=1.05)
+    outcome, _, probes = _repair(tmp_path, bands, planted=1, speedup=1.05)
     assert outcome.blocks_fp32 == [] and not outcome.gate["passed"]
     assert "1.05x of fp32" in outcome.stopped and "< 1.10x" in outcome.stopped
+    assert outcome.steps[0]["speedup"] == 1.05 and probes == 3  # "too slow" is measured twice before it stops
     assert outcome.steps[0]["blocks_fp32"] == ["blocks.1"] and outcome.steps[0]["passed"]
 
 
