@@ -43,8 +43,9 @@ DEFAULT_MIN_AGREEMENT = 0.99
 # recall drop is within 1 point of fp32.
 DEFAULT_MAX_DROP = 0.01
 # 2,000 images resolve agreement to 0.05 points (one image); at 99% its standard error is 0.22
-# points. On a 2-core EPYC, scoring them costs ~15 s per INT8 candidate at 224 px
-# (benchmarks/results/int8.md), which keeps the repair loop's export time in minutes.
+# points. Each repair candidate is scored on all of them, so the cap bounds the export's time on
+# a big dataset (12,446 Kaggle images) to that of a mid-sized one: the INT8 stage's seconds per
+# model are in benchmarks/results/int8.md (exports table).
 DEFAULT_MAX_IMAGES = 2000
 
 
