@@ -87,9 +87,10 @@ def measure_speedup(
     from kidney_edge.runtime.hardware import cpu_kind
     from kidney_edge.runtime.precision import TimedProbe, machine_key
 
-    # Three warm-up batches: after one, INT8 Lite0 at 224 px still timed 0.98-2.73x of fp32 over
-    # repeated probes on a shared 2-core EPYC, after three 1.48-1.70x (the interleaved benchmark:
-    # 1.78x, benchmarks/results/int8.md). A repair decision is worth two seconds of timing.
+    # Three warm-up batches: with one, repeated probes of the look-alike run's INT8 Lite0 (224 px)
+    # ranged 0.98-2.73x of fp32 on a shared 2-core EPYC, with three 1.48-1.70x (measured by hand
+    # on the files of benchmarks/results/int8.md's exports table, whose interleaved timing is the
+    # reference). A repair decision is worth two seconds of timing.
     probe = probe or TimedProbe(warmup=3, min_batches=6, max_batches=16, budget_s=2.0)
     fp32, int8 = OnnxClassifier(fp32_path, ood=False), OnnxClassifier(int8_path, ood=False)
     results = [probe(fp32, int8, batch_size=SPEED_BATCH)]
