@@ -147,14 +147,12 @@ def recorded_load(record: Mapping[str, Any], when: str) -> list[float] | None:
 
 
 def cpu_kind(machine_facts: Mapping[str, Any]) -> str:
-    """A label for the CPU kind: model name, SIMD width, VNNI and usable cores. Results files
-    keep one record per kind: fp32 and INT8 speed depend on these, so no ratio mixes two."""
-    isa = machine_facts["isa_flags"]
-    vnni = isa.get("avx512_vnni") or isa.get("avx_vnni")
-    simd = "AVX-512" if isa.get("avx512f") else "AVX2" if isa.get("avx2") else "no AVX2"
-    return (
-        f"{machine_facts['cpu_model']} ({simd}, {'VNNI' if vnni else 'no VNNI'}, "
-        f"{machine_facts['cores_usable']} cores)"
+    """The CPU-kind label of a recorded machine (``kidney_edge.runtime.hardware.cpu_kind_label``).
+    Results files keep one record per kind: fp32 and INT8 speed depend on it, so no ratio mixes two."""
+    from kidney_edge.runtime.hardware import cpu_kind_label
+
+    return cpu_kind_label(
+        machine_facts["cpu_model"], machine_facts["isa_flags"], machine_facts["cores_usable"]
     )
 
 

@@ -27,6 +27,7 @@ ROLES = {  # role -> extras of kidney-edge it installs
     "serve (HTTP API and page)": ("serve",),
     "ray (predict --engine ray)": ("ray",),
     "dicom (DICOM input)": ("dicom",),
+    "pacs (predict from a DICOMweb server, SR results)": ("pacs",),
     "dev (tests, linters)": ("dev",),
     "the demo (train + dicom)": ("train", "dicom"),
     "all (every extra: the test command)": ("all",),

@@ -3,6 +3,12 @@
     python benchmarks/bench_int8.py                          # the demo + three recipe-benchmark runs
     python benchmarks/bench_int8.py --models demo --variants baseline,fp32-stem
     python benchmarks/bench_int8.py --render-only            # rewrite int8.md from int8.json
+    python benchmarks/bench_int8.py --exports                # export runs with the gate and repair
+
+``--exports`` exports each run of EXPORTS (or ``--export NAME=RUN``) exactly as ``kidney-edge
+export`` does (evidence gate, repair loop) and records per model: verdict and deciding figure,
+blocks kept fp32, agreement with fp32, labelled deltas with their bootstrap CIs, the export's
+own speed-up probe and an interleaved timing at batch 8, and the export's wall time.
 
 For each trained model (checkpoint + its splits.csv):
 1. export fp32 ONNX (``kidney_edge.export``, parity checked);
@@ -14,8 +20,8 @@ For each trained model (checkpoint + its splits.csv):
 3. every recipe variant (calibration method, calibration size and class balance,
    ``quant_pre_process``, per-channel and reduce-range weights, fp32 stem / last conv) is
    quantized by ``kidney_edge.quantize.quantize_model`` and scored by the export's own gate
-   (``int8_accuracy_gate``: macro-F1 and Tumor recall on the test split, argmax and the spec's
-   rule, 1 point allowed);
+   (``kidney_edge.int8_gate``: agreement with fp32 on every image, macro-F1 and Tumor recall
+   drops on the test split with bootstrap CIs, argmax and the spec's rule);
 4. fp32 and every variant are timed at batch 8 with onnxruntime, interleaved round by round so
    load from other jobs hits all of them alike.
 The recommended default is the variant that passes on every model with the highest geometric
@@ -80,6 +86,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
     "fp32-early-calib-balanced": ({"fp32_layers": ("early",)}, 300, True),
     "fp32-early-no-pre-process": ({"fp32_layers": ("early",), "pre_process": False}, 300, False),
 }
+# name -> run folder (best.pt + splits.csv) for --exports: the demo's, a near-chance run, the
+# look-alike renderer's and the DICOM series phantom's (docs/export-and-int8.md says how each was made).
+EXPORTS = {
+    "demo": "/tmp/int8-work/demo-full/run",
+    "demo-quick": "/tmp/int8-work/demo/run",
+    "near-chance": "/tmp/int8-work/runs/nearchance",
+    "lookalike-224": "/tmp/int8-work/runs/lookalike",
+    "dicom-series": "/tmp/int8-work/runs/dicom",
+}
 SENSITIVITY_IMAGES = 16
 BLOCK_CALIBRATION_IMAGES, BLOCK_EVAL_IMAGES = 64, 32
 # Above this SQNR a tensor is exact to float precision: 8-bit pixels normalised by (v - m) / s
@@ -109,6 +124,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--speed-images", type=Path, help="calibration images of --speed-model")
     parser.add_argument("--note", default="")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--exports", action="store_true", help="export EXPORTS with the gate and repair")
+    parser.add_argument("--export", action="append", default=[], metavar="NAME=RUN",
+                        help="with --exports: these runs instead (repeatable)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -260,51 +278,15 @@ def sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path) -> d
     }
 
 
-def block_of(node: str) -> str | None:
-    """The Lite0 block a node of the exported graph belongs to, by its module path."""
-    match = re.match(r"/(stem|conv_head)/|/blocks/blocks\.(\d+)/", node)
-    if match is None:
-        return None
-    return match.group(1) or f"block {int(match.group(2)):02d}"
-
-
 def block_sensitivity(fp32: Path, calibration: list[Path], spec: Any, work: Path) -> list[dict[str, Any]]:
-    """Each block quantized alone (every other node fp32): logits SQNR and relative error vs
-    fp32 on calibration images. Noise injected early is amplified by everything after it, so
-    a block's own SQNR does not tell what quantizing it costs at the logits; this does."""
-    import onnx
+    """Each block quantized alone under the plain recipe (every other node fp32): its logit
+    relative error vs fp32 on calibration images. The library's measurement
+    (``kidney_edge.int8_repair.block_sensitivity``, which the export's repair loop ranks by)."""
+    from kidney_edge.int8_repair import block_sensitivity as measured_sensitivity
+    from kidney_edge.quantize import Int8Builder, QuantizationConfig
 
-    from kidney_edge.imaging import preprocess_batch
-    from kidney_edge.quantize import (
-        QuantizationConfig,
-        logit_relative_error,
-        prepare_for_quantization,
-        quantize_model,
-    )
-    from kidney_edge.runtime import OnnxClassifier
-
-    prepared = work / "blocks.prepared.onnx"
-    prepare_for_quantization(fp32, prepared, QuantizationConfig(**PLAIN))
-    names = [node.name for node in onnx.load(str(prepared)).graph.node]
-    groups = sorted({block for block in map(block_of, names) if block})
-    held_out = calibration[BLOCK_CALIBRATION_IMAGES : BLOCK_CALIBRATION_IMAGES + BLOCK_EVAL_IMAGES]
-    batch = preprocess_batch(held_out, spec)  # (n, 3, S, S) float32
-    reference = OnnxClassifier(fp32, ood=False).run(batch)[0]
-    rows = []
-    for group in [*groups, "all"]:
-        others = tuple(name for name in names if group != "all" and block_of(name) != group)
-        path = work / "blocks.one.int8.onnx"
-        quantize_model(
-            fp32,
-            path,
-            calibration[:BLOCK_CALIBRATION_IMAGES],
-            spec,
-            QuantizationConfig(**PLAIN, fp32_nodes=others),
-        )
-        logits = OnnxClassifier(path, ood=False).run(batch)[0]
-        rows.append({"block": group, "logits_sqnr_db": _sqnr_db(reference, logits),
-                     "logit_relative_error": round(logit_relative_error(reference, logits), 4)})  # fmt: skip
-    return rows
+    builder = Int8Builder(fp32, calibration[:BLOCK_CALIBRATION_IMAGES], spec, QuantizationConfig(**PLAIN), work)
+    return measured_sensitivity(builder, work, BLOCK_EVAL_IMAGES)
 
 
 def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
@@ -317,7 +299,8 @@ def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
 
 
 def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, work: Path) -> dict[str, Any]:
-    from kidney_edge.quantize import int8_accuracy_gate, quantize_model
+    from kidney_edge.int8_gate import Int8Gate, Int8GateConfig, gate_images
+    from kidney_edge.quantize import quantize_model
 
     _, n_calibration, balanced = VARIANTS[name]
     calibration = calibration_set(splits, spec, n_calibration, balanced)
@@ -327,7 +310,8 @@ def run_variant(name: str, fp32: Path, splits: Path, spec: Any, images: Any, wor
     started = time.perf_counter()
     recipe = quantize_model(fp32, path, calibration, spec, config)
     seconds = time.perf_counter() - started
-    gate = int8_accuracy_gate(fp32, path, images.test_paths, images.test_labels, max_drop=config.max_drop)
+    pool = gate_images(images.test_paths, images.test_labels, images.unlabelled_paths, 2000, 0)
+    gate = Int8Gate(fp32, pool, Int8GateConfig())(path)
     harness.log(f"  {name}: gate {'pass' if gate['passed'] else 'FAIL'} ({seconds:.0f} s to quantize)")
     return {"path": str(path), "balanced_calibration": balanced, "quantize_seconds": round(seconds, 1),
             "size_bytes": path.stat().st_size, "recipe": recipe, "gate": gate}  # fmt: skip
@@ -415,6 +399,106 @@ def bench_model(
     return record
 
 
+# --------------------------------------------------------------------------- exports with the gate and repair
+
+
+def bench_export(name: str, run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``kidney-edge export RUN`` with its defaults (evidence gate, repair), then fp32 vs the INT8
+    file it left (installed or rejected) timed interleaved at ``--batch-size``."""
+    import shutil
+
+    from kidney_edge.errors import KidneyEdgeError
+    from kidney_edge.export import ExportConfig, export_model
+
+    out = args.work / "exports" / name
+    shutil.rmtree(out, ignore_errors=True)
+    harness.log(f"{name}: export {run}")
+    started, error = time.perf_counter(), None
+    try:
+        export_model(run, out, ExportConfig())
+    except KidneyEdgeError as exc:  # a rejection: parity.json says why
+        error = str(exc)
+    seconds = time.perf_counter() - started
+    parity = json.loads((out / "parity.json").read_text())
+    gate = parity["int8"]
+    harness.log(f"{name}: {gate['deciding']} ({seconds:.0f} s)")
+    load = harness.load_average()
+    latency = time_models({"fp32": out / "model.onnx", "int8": out / gate["model"]}, args.batch_size,
+                          args.threads, args.rounds, args.iterations)  # fmt: skip
+    labelled = gate.get("labelled") or {}
+    return {"run": str(run), "images": parity.get("images"), "export_seconds": round(seconds, 1),
+            "int8_seconds": gate.get("seconds"), "error": error, "model": gate["model"], "passed": gate["passed"],
+            "deciding": gate["deciding"], "failures": gate["failures"], "first": gate.get("first"),
+            "recipe": {k: v for k, v in gate["recipe"].items() if k != "fp32_nodes"},
+            "repair": gate.get("repair"), "agreement": gate["agreement"], "labelled": labelled,
+            "export_probe": gate.get("speed"), "load_average_before_timing": load, "latency": latency,
+            "threads": args.threads, "batch_size": args.batch_size}  # fmt: skip
+
+
+def measure_exports(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # PyTorch only runs the export's parity check here
+    runs = dict(item.partition("=")[::2] for item in args.export) if args.export else EXPORTS
+    record = harness.start_record(note=args.note, exports={})
+    for name, run in runs.items():
+        record["exports"][name] = bench_export(name, Path(run), args)
+    return harness.finish_record(record)
+
+
+def _ci(figures: dict[str, Any] | None) -> str:
+    if not figures or figures.get("delta") is None:
+        return "n/a"
+    low, high = figures["delta_ci"]
+    return f"{figures['delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
+
+
+def _render_exports(record: dict[str, Any]) -> list[str]:
+    machine = harness.recorded(record, "machine")
+    lines = [
+        "### Exports with the evidence gate and the repair loop",
+        "",
+        f"Command: `{record['command']}` ({harness.recorded(record, 'started_utc')[:19]} UTC, commit "
+        f"{record.get('commit', '?')}). Machine: {harness.cpu_kind(machine)}; onnxruntime {machine['onnxruntime']}. "
+        f"Load average {harness.recorded_load(record, 'before')} at start, {harness.recorded_load(record, 'after')} "
+        "at the end (shared machine).",
+        "",
+        f"Notes: {record.get('note') or '-'}",
+        "",
+        "Deltas are INT8 - fp32 in points on the test split with their 95% paired-bootstrap interval; agreement "
+        "is on every distinct image of the splits (label-free). Speed-up: fp32 ms / INT8 ms at batch "
+        "8, by the export's own probe and by this script's interleaved timing (best of rounds).",
+        "",
+        "| model | verdict | blocks kept fp32 | agreement argmax / rule (images) | max / mean abs dp "
+        "| macro-F1 rule | macro-F1 argmax | Tumor recall rule | speed-up (export probe) | speed-up (timed) "
+        "| fp32 / INT8 ms per image | export s (INT8 s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | --- | --- |",
+    ]
+    for name, model in record["exports"].items():
+        agreement, labelled, repair = model["agreement"], model["labelled"] or {}, model["repair"] or {}
+        rule, argmax = labelled.get("rule") or {}, labelled.get("argmax") or {}
+        timed = model["latency"]
+        verdict = "pass" if model["passed"] else "rejected"
+        lines.append(
+            f"| {name} | {verdict} | {', '.join(repair.get('blocks_fp32') or []) or '-'} "
+            f"| {agreement['argmax']:.2%} / {agreement['rule']:.2%} ({agreement['n_images']}) "
+            f"| {agreement['max_abs_diff_probabilities']:.3f} / {agreement['mean_abs_diff_probabilities']:.4f} "
+            f"| {_ci(rule.get('macro_f1'))} | {_ci(argmax.get('macro_f1'))} | {_ci(rule.get('positive_recall'))} "
+            f"| {model['export_probe']['speedup']:.2f}x | {timed['int8']['speedup']:.2f}x "
+            f"| {timed['fp32']['ms_per_image']:.2f} / {timed['int8']['ms_per_image']:.2f} "
+            f"| {model['export_seconds']:.0f} ({model['int8_seconds']:.0f}) |"
+        )
+    lines += ["", "Per model: the deciding figure, the recipe as first built, and what the repair did.", ""]
+    for name, model in record["exports"].items():
+        repair, first = model["repair"] or {}, model.get("first") or {}
+        spent = "" if repair.get("seconds") is None else f" ({repair['seconds']} s)"
+        tested = (model["labelled"] or {}).get("n_images", 0)
+        lines.append(
+            f"- **{name}** (`{model['run']}`; {tested} test images): {model['deciding']}. Recipe as built: "
+            f"{first.get('deciding', '-')}, {first.get('speedup', float('nan')):.2f}x. "
+            f"Repair: {repair.get('stopped', '-')}{spent}."
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------- selection and rendering
 
 
@@ -449,6 +533,9 @@ def render(machines: dict[str, Any], legacy_md: str | None) -> str:
              "depend on the CPU, so no ratio mixes two kinds."]  # fmt: skip
     for kind, record in machines.items():
         lines += ["", f"## {kind}", ""]
+        if "models" not in record and record.get("exports"):
+            lines += _render_exports(record["exports"])
+            continue
         if record.get("legacy"):
             # its own headings one level down, under this CPU kind's
             legacy = (
@@ -457,6 +544,8 @@ def render(machines: dict[str, Any], legacy_md: str | None) -> str:
             lines += [legacy]
         else:
             lines += _render_record(record)
+        if record.get("exports"):
+            lines += ["", *_render_exports(record["exports"])]
     return "\n".join(lines) + "\n"
 
 
@@ -553,10 +642,10 @@ def _render_sensitivity(sens: dict[str, Any]) -> list[str]:
         lines.append(f"| `{row['node']}`{tag(row['node'])} | {row['op']} | {row['local_sqnr_db']} |")
     if sens.get("blocks"):
         lines += ["", f"Each block quantized alone, every other node fp32 ({BLOCK_CALIBRATION_IMAGES} calibration "
-                  f"images, logits on {BLOCK_EVAL_IMAGES} others): what quantizing it costs at the logits.", "",
+                  f"images, logits on {BLOCK_EVAL_IMAGES} of them): what quantizing it costs at the logits.", "",
                   "| block | logits SQNR dB | logit rel. error |", "| --- | ---: | ---: |"]  # fmt: skip
         for row in sens["blocks"]:
-            lines.append(f"| {row['block']} | {row['logits_sqnr_db']} | {row['logit_relative_error']} |")
+            lines.append(f"| {row['block']} | {row.get('logits_sqnr_db', 'n/a')} | {row['logit_relative_error']:.4g} |")
     lines += ["", "| lowest weight SQNR | node | dB |", "| --- | --- | ---: |"]
     for row in sens["weights"][:5]:
         lines.append(f"| `{row['weight']}` | `{row['node']}`{tag(row['node'])} | {row['sqnr_db']} |")
@@ -573,6 +662,11 @@ def main() -> None:
     legacy_md = _legacy_markdown(md_path)
     if args.render_only:
         harness.write_markdown(args.out, render(machines, legacy_md))
+    elif args.exports:
+        exports = measure_exports(args)
+        kind = harness.cpu_kind(exports["machine"])
+        machines[kind] = {**machines.get(kind, {}), "exports": exports}  # beside that kind's variant record
+        harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
     else:
         record = measure(args)
         machines[harness.cpu_kind(record["machine"])] = record

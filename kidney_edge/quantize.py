@@ -1,9 +1,10 @@
-"""INT8 static quantization (onnxruntime, QDQ, per-channel weights) and the accuracy gate.
+"""INT8 static quantization (onnxruntime, QDQ, per-channel weights).
 
 Naive INT8 can cost EfficientNets 20-60 points of accuracy, so an INT8 file only ships when it
-scores within ``max_drop`` of the fp32 model on the test split (macro-F1 and the spec's positive
-class's recall). Everything here runs on onnxruntime through the runtime's
-:class:`~kidney_edge.runtime.OnnxClassifier`: no torch. ``onnx`` (train extra) edits the graph.
+passes :mod:`kidney_edge.int8_gate` (repaired by :mod:`kidney_edge.int8_repair` first when it
+does not). :class:`Int8Builder` prepares and calibrates an fp32 graph once and writes INT8
+copies with any set of nodes kept fp32. Everything here runs on onnxruntime: no torch.
+``onnx`` (train extra) edits the graph.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError, KidneyEdgeError, enum_choice
-from kidney_edge.runtime import OnnxClassifier, cpu_isa
+from kidney_edge.runtime import cpu_isa
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 # agreed with fp32 on 46% of decisions at 100 images and 50% at 300, on a near-chance model
 # (benchmarks/results/int8.md).
 MIN_CALIBRATION_IMAGES = 300
-# The INT8 file ships only within 1 point of macro-F1 and of positive-class recall of fp32.
-DEFAULT_MAX_DROP = 0.01
 
 
 class ActivationType(str, Enum):
@@ -76,7 +75,6 @@ class QuantizationConfig:
     per_channel: bool = True
     reduce_range: bool | None = None  # 7-bit weights; None: see resolve_reduce_range
     calibration_batch_size: int = 8  # x ~50 MB of intermediate tensors per image (Lite0, 224 px)
-    max_drop: float = DEFAULT_MAX_DROP
     fp32_layers: tuple[Fp32Layer, ...] = (Fp32Layer.EARLY,)  # kept in fp32 besides the head
     fp32_nodes: tuple[str, ...] = ()  # more nodes kept in fp32, by name (model-specific: benchmarks)
     pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference + fusions) first
@@ -93,8 +91,6 @@ class QuantizationConfig:
         object.__setattr__(self, "fp32_nodes", tuple(str(name) for name in self.fp32_nodes))
         if not 1 <= self.calibration_batch_size <= 256:
             raise InputError(f"calibration batch size must be in 1..256, got {self.calibration_batch_size}")
-        if not 0.0 <= self.max_drop <= 1.0:
-            raise InputError(f"INT8 max drop must be in [0, 1] (0.01 = 1 point), got {self.max_drop}")
 
 
 def resolve_reduce_range(reduce_range: bool | None, activation: ActivationType, isa: dict[str, Any]) -> bool:
@@ -241,6 +237,102 @@ def _name_unnamed_nodes(model: Any) -> None:
 # --------------------------------------------------------------------------- quantize
 
 
+class Int8Builder:
+    """One fp32 graph, prepared and calibrated once; INT8 copies with any set of nodes kept fp32.
+
+    ``quant_pre_process`` (shape inference + onnxruntime's basic fusions) runs first unless
+    ``config.pre_process`` is off, so Q/DQ pairs go on the fused graph. The first :meth:`build`
+    calibrates activation ranges on every tensor and stores them in onnxruntime's calibration
+    cache under ``workdir``; later builds reuse them, whichever nodes they keep fp32 (ranges do
+    not depend on the exclusions), so a repair candidate costs a quantizer pass, not a
+    calibration. The head (classifier Gemm, temperature, Softmax) and ``config.fp32_layers``
+    always stay fp32.
+    """
+
+    def __init__(
+        self,
+        fp32_path: str | os.PathLike[str],
+        calibration_paths: Sequence[Path],
+        spec: ModelSpec,
+        config: QuantizationConfig,
+        workdir: Path,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        import onnx
+
+        if not calibration_paths:
+            raise InputError("INT8 calibration needs images: pass --splits with a train split, or --no-int8")
+        self.fp32_path, self.spec, self.config = Path(fp32_path), spec, config
+        self.calibration_paths, self.progress = list(calibration_paths), progress
+        self.activation = resolve_activation_type(config.activation_type)
+        self.reduce_range = resolve_reduce_range(config.reduce_range, self.activation, cpu_isa())
+        self.prepared, self.cache = workdir / "prepared.onnx", workdir / "calibration.json"
+        self.base_fp32_nodes = prepare_for_quantization(self.fp32_path, self.prepared, config)
+        self.node_names = [node.name for node in onnx.load(str(self.prepared)).graph.node]
+
+    def build(
+        self,
+        int8_path: str | os.PathLike[str],
+        extra_fp32_nodes: Sequence[str] = (),
+        *,
+        fp32_blocks: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Write an INT8 copy keeping ``extra_fp32_nodes`` (the nodes of ``fp32_blocks``, named in
+        the recipe) fp32 too; spec metadata and the recipe copied in, checked, atomic. Returns the recipe."""
+        import contextlib
+        import io
+        import tempfile
+
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        int8_path = Path(int8_path)
+        excluded = sorted(set(self.base_fp32_nodes) | set(extra_fp32_nodes))
+        quant_types = {ActivationType.UINT8: QuantType.QUInt8, ActivationType.INT8: QuantType.QInt8}
+        reader = calibration_reader(
+            self.calibration_paths, self.spec, self.config.calibration_batch_size, self.progress
+        )
+        with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
+            quantized = Path(tmp, "int8.onnx")
+            with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print per batch
+                quantize_static(
+                    str(self.prepared),
+                    str(quantized),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=self.config.per_channel,
+                    reduce_range=self.reduce_range,
+                    activation_type=quant_types[self.activation],
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=_ORT_METHODS[self.config.calibrate_method](),
+                    nodes_to_exclude=excluded,
+                    extra_options={"CalibStridedMinMax": 1},  # one batch per collect: bounded memory
+                    calibration_cache_path=str(self.cache),
+                )
+            recipe = self.recipe(excluded, fp32_blocks)
+            _finish_int8_file(self.fp32_path, quantized, int8_path, recipe)
+        return recipe
+
+    def recipe(self, fp32_nodes: list[str], fp32_blocks: Sequence[str] = ()) -> dict[str, Any]:
+        """What :meth:`build` made, with the CPU it was made for (the INT8 file's metadata)."""
+        from kidney_edge.runtime.hardware import cpu_kind
+
+        return {
+            "format": "QDQ",
+            "activation_type": self.activation.value,
+            "weight_type": "int8",
+            "per_channel": self.config.per_channel,
+            "reduce_range": self.reduce_range,
+            "calibrate_method": self.config.calibrate_method.value,
+            "calibration_images": len(self.calibration_paths),
+            "pre_process": self.config.pre_process,
+            "fp32_layers": [layer.value for layer in self.config.fp32_layers],
+            "fp32_nodes": fp32_nodes,
+            "fp32_blocks": list(fp32_blocks),  # blocks the repair loop kept fp32 (kidney_edge.int8_repair)
+            "cpu": cpu_kind(),  # reduce_range and the speed it was chosen for follow this CPU
+        }
+
+
 def quantize_model(
     fp32_path: str | os.PathLike[str],
     int8_path: str | os.PathLike[str],
@@ -250,57 +342,14 @@ def quantize_model(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write a QDQ INT8 copy of ``fp32_path`` calibrated on ``calibration_paths``; returns the recipe.
-
-    ``quant_pre_process`` (shape inference + onnxruntime's basic fusions) runs first unless
-    ``config.pre_process`` is off, so Q/DQ pairs go on the fused graph. The head (classifier
-    Gemm, temperature, Softmax) and ``config.fp32_layers`` stay fp32. The fp32 file's metadata
-    (the spec) is copied over.
-    """
-    import contextlib
-    import io
+    """Write a QDQ INT8 copy of ``fp32_path`` calibrated on ``calibration_paths``; returns the
+    recipe. One :class:`Int8Builder` build, its calibration cache discarded."""
     import tempfile
 
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    if not calibration_paths:
-        raise InputError("INT8 calibration needs images: pass --splits with a train split, or --no-int8")
     int8_path = Path(int8_path)
-    activation = resolve_activation_type(config.activation_type)
-    reduce_range = resolve_reduce_range(config.reduce_range, activation, cpu_isa())
-    quant_types = {ActivationType.UINT8: QuantType.QUInt8, ActivationType.INT8: QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
-        prepared, quantized = Path(tmp, "prepared.onnx"), Path(tmp, "int8.onnx")
-        excluded = prepare_for_quantization(fp32_path, prepared, config)
-        reader = calibration_reader(list(calibration_paths), spec, config.calibration_batch_size, progress)
-        with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print per batch
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=config.per_channel,
-                reduce_range=reduce_range,
-                activation_type=quant_types[activation],
-                weight_type=QuantType.QInt8,
-                calibrate_method=_ORT_METHODS[config.calibrate_method](),
-                nodes_to_exclude=excluded,
-                extra_options={"CalibStridedMinMax": 1},  # one batch per collect: bounded memory (any method)
-            )
-        recipe = {
-            "format": "QDQ",
-            "activation_type": activation.value,
-            "weight_type": "int8",
-            "per_channel": config.per_channel,
-            "reduce_range": reduce_range,
-            "calibrate_method": config.calibrate_method.value,
-            "calibration_images": len(calibration_paths),
-            "pre_process": config.pre_process,
-            "fp32_layers": [layer.value for layer in config.fp32_layers],
-            "fp32_nodes": excluded,
-        }
-        _finish_int8_file(Path(fp32_path), quantized, int8_path, recipe)
-    return recipe
+        builder = Int8Builder(fp32_path, calibration_paths, spec, config, Path(tmp), progress=progress)
+        return builder.build(int8_path)
 
 
 _ORT_METHODS: dict[CalibrationMethod, Callable[[], Any]] = {
@@ -358,114 +407,6 @@ def _finish_int8_file(fp32_path: Path, quantized: Path, int8_path: Path, recipe:
         recipe["activation_type"],
         recipe["calibrate_method"],
     )
-
-
-# --------------------------------------------------------------------------- accuracy gate
-
-
-GATED_SCORES = ("macro_f1", "positive_recall")  # a drop in either fails the gate
-DECISIONS = ("argmax", "rule")  # the gate scores both; predict writes the rule's labels
-
-
-def gate_scores(y_true: np.ndarray, y_pred: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the spec's positive-class recall (None without positives) of (N,)
-    decisions ``y_pred``."""
-    from kidney_edge.metrics import macro_f1
-
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    positive_recall = None
-    if spec.positive_class is not None:
-        is_positive = y_true == spec.class_names.index(spec.positive_class)
-        if is_positive.any():
-            positive_recall = float(np.mean(y_pred[is_positive] == y_true[is_positive]))
-    return {
-        "accuracy": float(np.mean(y_pred == y_true)),
-        "macro_f1": macro_f1(y_true, y_pred, spec.num_classes),
-        "positive_recall": positive_recall,
-    }
-
-
-def _decisions(probabilities: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
-    return {"argmax": probabilities.argmax(axis=1).astype(np.int64), "rule": spec.decide(probabilities)}
-
-
-def compare_scores(
-    fp32: dict[str, dict[str, Any]], int8: dict[str, dict[str, Any]], max_drop: float
-) -> tuple[dict, list[str]]:
-    """Deltas (INT8 - fp32) per decision and the gate's failures: a gated score that drops > ``max_drop``."""
-    deltas: dict[str, dict[str, float | None]] = {}
-    failures = []
-    for decision in DECISIONS:
-        before, after = fp32[decision], int8[decision]
-        deltas[decision] = {
-            k: None if before[k] is None or after[k] is None else after[k] - before[k] for k in before
-        }
-        failures += [
-            f"{decision} {key} dropped {-deltas[decision][key] * 100:.2f} points "
-            f"({before[key]:.4f} -> {after[key]:.4f}; allowed {max_drop * 100:.2f})"
-            for key in GATED_SCORES
-            if deltas[decision][key] is not None and -deltas[decision][key] > max_drop + 1e-9
-        ]
-    return deltas, failures
-
-
-def int8_accuracy_gate(
-    fp32_path: str | os.PathLike[str],
-    int8_path: str | os.PathLike[str],
-    paths: Sequence[Path],
-    labels: np.ndarray | None,
-    *,
-    max_drop: float = DEFAULT_MAX_DROP,
-    batch_size: int = 16,
-) -> dict[str, Any]:
-    """Score fp32 and INT8 on the same images, under argmax and under the spec's rule.
-
-    ``passed`` is False when macro-F1 or the positive class's recall drops by more than
-    ``max_drop`` under either. With ``labels`` None (no labelled split), the fp32 model's own
-    decisions are the reference, so the figures measure INT8-vs-fp32 agreement rather than
-    accuracy (``reference`` says which).
-    """
-    if not paths:
-        raise InputError("the INT8 accuracy gate needs test images: pass --splits with a test split")
-    fp32 = OnnxClassifier(fp32_path)
-    spec = fp32.spec
-    fp32_logits, fp32_probabilities = fp32.predict_files(paths, batch_size)
-    int8_logits, int8_probabilities = OnnxClassifier(int8_path).predict_files(paths, batch_size)
-    fp32_decisions, int8_decisions = (
-        _decisions(fp32_probabilities, spec),
-        _decisions(int8_probabilities, spec),
-    )
-    fp32_scores, int8_scores = {}, {}
-    for decision in DECISIONS:
-        reference = np.asarray(labels) if labels is not None else fp32_decisions[decision]
-        fp32_scores[decision] = gate_scores(reference, fp32_decisions[decision], spec)
-        int8_scores[decision] = gate_scores(reference, int8_decisions[decision], spec)
-    deltas, failures = compare_scores(fp32_scores, int8_scores, max_drop)
-    return {
-        "reference": "labels" if labels is not None else "fp32_decisions",
-        "n_images": len(paths),
-        "positive_class": spec.positive_class,
-        "decision_rule": spec.decision_rule.describe(),
-        "fp32": fp32_scores,
-        "int8": int8_scores,
-        "delta": deltas,
-        "max_drop": max_drop,
-        "decision_agreement": float(np.mean(fp32_decisions["rule"] == int8_decisions["rule"])),
-        "max_abs_diff_probabilities": float(np.abs(fp32_probabilities - int8_probabilities).max()),
-        "logit_relative_error": logit_relative_error(fp32_logits, int8_logits),
-        "passed": not failures,
-        "failures": failures,
-    }
-
-
-def logit_relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """||approx - ref|| / ||ref - per-image mean||: INT8 noise against the logit spread that decides.
-
-    Independent of model quality, unlike accuracy: an untrained head with tiny margins flips
-    decisions under the same noise that a trained one shrugs off.
-    """
-    spread = reference - reference.mean(axis=1, keepdims=True)
-    return float(np.linalg.norm(approximation - reference) / max(np.linalg.norm(spread), 1e-12))
 
 
 def require_quantization_tools() -> None:

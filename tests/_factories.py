@@ -158,3 +158,81 @@ def make_cam_onnx(path: Path, spec: ModelSpec | None = None) -> Path:
         ],
     )
     return _save(graph, path, spec)
+
+
+BLOCKS_SIZE = 32  # input size of the blocks model
+BLOCK_CENTRES = (31, 95, 159, 223)  # gray levels the blocks model puts mid-way inside classes 0..3
+PLANTED_OUTLIER = 1000.0  # the planted block's constant channel: 8-bit steps of ~4 over its range
+
+
+def make_blocks_onnx(path: Path, *, blocks: int = 3, planted: int | None = None, spec: ModelSpec | None = None) -> Path:
+    """A stem and ``blocks`` residual-free blocks with exporter-style names (``/blocks/blocks.K/...``),
+    pooled into a linear head whose classes are brightness bands with wide margins.
+
+    Every layer passes the image's brightness on (stem: a 1x1 conv, v = 2 x input + 2.5, so
+    0.5..4.5 on Lite0 normalisation; each block two identity 1x1 convs with ReLU); logits of
+    class k are s_k * v + b_k with class boundaries at v = 1.5, 2.5, 3.5: the gray levels of
+    :data:`BLOCK_CENTRES` land mid-way (2 logit units of margin). With ``planted`` = K, block K's first conv also writes a
+    constant :data:`PLANTED_OUTLIER` channel that its second conv ignores: fp32 is unchanged, but
+    8-bit per-tensor activations (MinMax ranges) of that tensor lose the brightness, so quantizing
+    that block, and only that one, is harmful.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = spec or ModelSpec(input_size=BLOCKS_SIZE)
+    width, classes = 8, spec.num_classes
+    inits = {"stem_w": np.full((width, 3, 1, 1), 2.0 / 3.0), "stem_b": np.full(width, 2.5),
+             "head_w": np.tile(np.linspace(-6.0, 6.0, classes) / width, (width, 1)),
+             "head_b": np.array([0.0, -6.0, -16.0, -30.0][:classes])}  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["input", "stem_w", "stem_b"], ["s0"], name="/stem/conv/Conv"),
+        helper.make_node("Relu", ["s0"], ["x0"], name="/stem/act/Relu"),
+    ]
+    for k in range(blocks):
+        inner = width + (k == planted)  # the planted block's extra channel: constant, then ignored
+        first, first_b, second = np.eye(inner, width), np.zeros(inner), np.eye(width, inner)
+        first_b[width:] = PLANTED_OUTLIER
+        inits.update({f"b{k}_wa": first[:, :, None, None], f"b{k}_ba": first_b, f"b{k}_wb": second[:, :, None, None]})
+        prefix = f"/blocks/blocks.{k}"
+        nodes += [
+            helper.make_node("Conv", [f"x{k}", f"b{k}_wa", f"b{k}_ba"], [f"a{k}"], name=f"{prefix}/conv_a/Conv"),
+            helper.make_node("Relu", [f"a{k}"], [f"ra{k}"], name=f"{prefix}/act_a/Relu"),
+            helper.make_node("Conv", [f"ra{k}", f"b{k}_wb"], [f"c{k}"], name=f"{prefix}/conv_b/Conv"),
+            helper.make_node("Relu", [f"c{k}"], [f"x{k + 1}"], name=f"{prefix}/act_b/Relu"),
+        ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [f"x{blocks}"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "head_w", "head_b"], ["logits"], name="/classifier/Gemm"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
+    ]
+    size = spec.input_size
+    graph = helper.make_graph(
+        nodes,
+        "blocks",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+        ],
+        [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in inits.items()],
+    )
+    return _save(graph, path, spec)
+
+
+def write_band_images(folder: Path, per_class: int, *, size: int = BLOCKS_SIZE, seed: int = 0) -> tuple[list[Path], np.ndarray]:
+    """``per_class`` gray PNGs at each of :data:`BLOCK_CENTRES` (+ a little noise), and their
+    classes: the blocks model's fp32 decisions, with wide margins."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths, labels = [], []
+    for label, level in enumerate(BLOCK_CENTRES):
+        for index in range(per_class):
+            pixels = np.clip(rng.normal(level, 4.0, size=(size, size)), 0, 255).astype(np.uint8)
+            path = folder / f"class{label}" / f"{index:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "L").save(path)
+            paths.append(path)
+            labels.append(label)
+    return paths, np.array(labels, np.int64)

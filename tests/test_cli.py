@@ -141,3 +141,10 @@ def test_usage_lines_show_plain_metavars() -> None:
     assert "[OPTIONS] DATA" in runner.invoke(app, ["evaluate", "--help"]).output
     assert "[OPTIONS] [FOLDER]" in runner.invoke(app, ["benchmark", "--help"]).output
     assert "[OPTIONS] [DATA]..." in runner.invoke(app, ["export", "--help"]).output
+
+
+def test_export_gate_options_are_checked_with_the_flag_named(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    for flag, value in (("--max-int8-drop", "2"), ("--int8-min-agreement", "1.5"), ("--int8-gate-images", "0")):
+        result = runner.invoke(app, ["export", "--model", str(tmp_path / "run"), flag, value])
+        assert result.exit_code == 2 and flag in result.output, result.output

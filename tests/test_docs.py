@@ -24,24 +24,15 @@ What it cannot see: whether a figure comes from the right row of its record (a r
 holds 2.03x for one recipe lets "2.03x" pass for another). It catches figures changed by hand,
 rounded too far, copied from another record, or never recorded at all.
 
-**Runnable examples.** A fenced block opened with ```` ```bash runnable ```` is executed, every
-block of a page in order in one temporary folder, with this checkout first on ``PYTHONPATH``
-and ``kidney-edge`` meaning ``python -m kidney_edge`` of this checkout. When a ```` ```text ````
-block follows it, every line of that block (``...`` lines skipped) must appear in what the
-commands printed, whitespace collapsed and decimal numbers (timings) masked.
+**Runnable examples** are the business of ``tests/test_docs_examples.py``.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -397,98 +388,3 @@ def test_figure_parsing_by_hand() -> None:
     assert not in_record(Figure("11 s", Decimal("11"), 0, "s"), record)  # "about 11 s" for 11.8
     assert in_record(Figure("1.53x", Decimal("1.53"), 2, "x"), record)
     assert not in_record(Figure("2x", Decimal("2"), 0, "x"), record)  # 1.98 is not written as a speed-up
-
-
-# ----------------------------------------------------------------------------- runnable examples
-
-FENCE = re.compile(r"^```(\w+)?([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
-
-
-def runnable_examples(path: Path) -> list[tuple[str, str | None]]:
-    """(commands, expected output or None) for each ```bash runnable block of a page."""
-    blocks = [
-        (m.group(1) or "", m.group(2).strip(), m.group(3), m.end(), m.start())
-        for m in FENCE.finditer(path.read_text(encoding="utf-8"))
-    ]
-    examples = []
-    for index, (language, info, body, end, _) in enumerate(blocks):
-        if language != "bash" or "runnable" not in info.split():
-            continue
-        expected = None
-        if index + 1 < len(blocks):
-            next_language, _, next_body, _, next_start = blocks[index + 1]
-            between = path.read_text(encoding="utf-8")[end:next_start]
-            if next_language == "text" and not between.strip():
-                expected = next_body
-        examples.append((body, expected))
-    return examples
-
-
-def _normalise(text: str) -> str:
-    text = re.sub(r"[─━│┃┏┓┗┛┡┩└┘┌┐╇┳┻╋├┤┼═║╔╗╚╝]", " ", text)
-    text = re.sub(r"\d+\.\d+", "#", text)
-    return " ".join(text.split())
-
-
-PAGES_WITH_EXAMPLES = [path for path in doc_files() if runnable_examples(path)]
-
-
-def test_some_pages_have_runnable_examples() -> None:
-    assert len(PAGES_WITH_EXAMPLES) >= 3
-
-
-@pytest.mark.parametrize("page", PAGES_WITH_EXAMPLES, ids=lambda path: path.name)
-def test_runnable_examples(page: Path, tmp_path: Path) -> None:
-    shim = tmp_path / "bin" / "kidney-edge"
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m kidney_edge "$@"\n')
-    shim.chmod(0o755)
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
-        "COLUMNS": "100",
-        "NO_COLOR": "1",
-        "TERM": "dumb",
-    }
-    for commands, expected in runnable_examples(page):
-        result = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", commands],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        printed = result.stdout + result.stderr
-        assert result.returncode == 0, f"{page.name}: {commands}\n{printed}"
-        if expected is None:
-            continue
-        seen = _normalise(printed)
-        for line in expected.splitlines():
-            if not line.strip() or line.strip() == "...":
-                continue
-            assert _normalise(line) in seen, f"{page.name}: {line!r} not printed by\n{commands}\n{printed}"
-
-
-def test_runnable_output_check_catches_a_changed_line(tmp_path: Path) -> None:
-    """Seen red: an output block edited by hand no longer matches what the command prints."""
-    page = tmp_path / "page.md"
-    page.write_text(
-        "```bash runnable\necho 'wrote 40 images in 1.2 s'\n```\n```text\nwrote 41 images in 9.9 s\n```\n"
-    )
-    ((commands, expected),) = runnable_examples(page)
-    printed = subprocess.run(["bash", "-c", commands], capture_output=True, text=True).stdout
-    assert _normalise("wrote 40 images in 9.9 s") in _normalise(printed)  # timings are masked
-    assert _normalise(expected.strip()) not in _normalise(printed)  # a count is not
-
-
-def test_runnable_blocks_need_no_network_or_model() -> None:
-    """Examples stay cheap: no training, no demo, nothing but tiny synthetic data."""
-    for page in PAGES_WITH_EXAMPLES:
-        for commands, _ in runnable_examples(page):
-            assert not re.search(r"kidney-edge (train|demo|export|serve)\b|pip install|curl", commands), (
-                page.name
-            )

@@ -53,9 +53,10 @@ def lite0_export(splits_csv: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     shutil.copy(splits_csv, run / "splits.csv")
     # A random head has near-tied logits, so INT8 may flip decisions: this fixture tests the
-    # mechanics (the gate itself is tested below), hence --allow-int8-drop.
+    # mechanics (the gate and the repair are tested in test_int8_gate.py), hence
+    # --allow-int8-drop and --no-int8-repair.
     config = ExportConfig(
-        calibration_images=8, max_parity_images=6, parity_batch_size=3, allow_int8_drop=True
+        calibration_images=8, max_parity_images=6, parity_batch_size=3, allow_int8_drop=True, int8_repair=False
     )
     result = export_model(run, run / "export", config)
     return result, spec
@@ -196,8 +197,14 @@ def test_int8_lite0_is_qdq_runs_and_is_gated(lite0_export) -> None:
     assert gate["recipe"]["format"] == "QDQ" and gate["recipe"]["per_channel"] is True
     assert gate["recipe"]["calibration_images"] == 8
     assert any("fewer than 300" in w for w in gate["warnings"])
-    assert gate["reference"] == "labels" and gate["n_images"] > 0
+    assert gate["reference"] == "labels" and gate["n_images"] == gate["labelled"]["n_images"] > 0
     assert set(gate["fp32"]) == {"argmax", "rule"} and gate["positive_class"] == "Tumor"
+    splits = [row for row in _read_rows(result) if row.split in ("train", "val", "test")]
+    assert gate["agreement"]["n_images"] == gate["agreement"]["available"] == len(splits)  # every image, once
+    assert gate["deciding"].startswith("INT8 gate") and gate["repair"]["stopped"] in (
+        "off (--no-int8-repair)", "not needed: the recipe passed")
+    assert gate["speed"]["speedup"] > 0 and gate["speed"]["batch_size"] == 8 and gate["seconds"] > 0
+    assert gate["recipe"]["cpu"] == gate["speed"]["cpu"] and "cores)" in gate["recipe"]["cpu"]
     for decision in ("argmax", "rule"):
         assert set(gate["fp32"][decision]) == {"accuracy", "macro_f1", "positive_recall"}
         assert gate["delta"][decision]["macro_f1"] == pytest.approx(
@@ -236,25 +243,25 @@ def test_describe_onnx_without_the_onnx_package(lite0_export, monkeypatch: pytes
     )
 
 
-def test_broken_int8_trips_the_accuracy_gate(lite0_export, tmp_path: Path) -> None:
-    from kidney_edge.quantize import int8_accuracy_gate
+def test_broken_int8_trips_the_gate_without_labels(lite0_export, tmp_path: Path) -> None:
+    from kidney_edge.int8_gate import Int8Gate, Int8GateConfig, gate_images
 
     result, _ = lite0_export
     broken = tmp_path / "broken.int8.onnx"
     _perturb_int8_weights(result.int8_path, broken)
-    paths = _test_images(result)[:8]
-    gate = int8_accuracy_gate(result.model_path, broken, paths, None)
-    assert gate["reference"] == "fp32_decisions"
-    assert gate["fp32"]["argmax"]["macro_f1"] == gate["fp32"]["rule"]["macro_f1"] == 1.0
-    assert not gate["passed"] and any(f.startswith("argmax macro_f1 dropped") for f in gate["failures"])
-    same = int8_accuracy_gate(result.model_path, result.model_path, paths, None)
-    assert same["passed"] and same["delta"]["rule"]["macro_f1"] == 0.0 and same["decision_agreement"] == 1.0
+    paths = [row.path for row in _read_rows(result) if row.split == "test"][:8]
+    gate = Int8Gate(result.model_path, gate_images(paths, None, [], 100, 0), Int8GateConfig())
+    record = gate(broken)
+    assert record["reference"] == "fp32_decisions" and record["labelled"] is None
+    assert not record["passed"] and record["failures"][0].startswith("argmax agreement with fp32")
+    same = gate(result.model_path)
+    assert same["passed"] and same["agreement"]["rule"] == 1.0 and same["agreement"]["max_abs_diff_probabilities"] == 0.0
 
 
-def _test_images(result) -> list[Path]:
+def _read_rows(result) -> list:
     from kidney_edge.dataset import read_splits
 
-    return [row.path for row in read_splits(result.out_dir.parent / "splits.csv") if row.split == "test"]
+    return read_splits(result.out_dir.parent / "splits.csv")
 
 
 def _perturb_int8_weights(source: Path, target: Path) -> None:
@@ -273,20 +280,20 @@ def _perturb_int8_weights(source: Path, target: Path) -> None:
 
 
 def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: Path, monkeypatch) -> None:
-    import kidney_edge.quantize as quantize
     from kidney_edge.export import ExportConfig, export_model
+    from kidney_edge.quantize import Int8Builder
 
     _checkpoint(tmp_path / "small.pt", "efficientnet_lite0", pretrained=True, size=64)
 
-    def broken_quantize(fp32_path, int8_path, calibration_paths, spec, config, progress=None):
-        _perturb_fp32_weights(Path(fp32_path), Path(int8_path))
-        return {"format": "QDQ", "activation_type": "uint8", "calibration_images": len(calibration_paths)}
+    def broken_build(self, int8_path, extra_fp32_nodes=(), *, fp32_blocks=()):
+        _perturb_fp32_weights(self.fp32_path, Path(int8_path))
+        return {"format": "QDQ", "activation_type": "uint8", "calibration_images": len(self.calibration_paths)}
 
-    monkeypatch.setattr(quantize, "quantize_model", broken_quantize)
+    monkeypatch.setattr(Int8Builder, "build", broken_build)
     images = sorted(phantom_dir.glob("*/*.jpg"))[::12]
     out = tmp_path / "out"
-    config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2)
-    with pytest.raises(KidneyEdgeError, match="INT8 accuracy gate failed.*--allow-int8-drop"):
+    config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2, int8_repair=False)
+    with pytest.raises(KidneyEdgeError, match="INT8 gate FAILED.*--no-int8-repair.*--allow-int8-drop"):
         export_model(tmp_path / "small.pt", out, config)
     assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
     assert (out / "model.int8.rejected.onnx").is_file()
@@ -297,7 +304,9 @@ def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: P
         and parity["int8"]["model"] == "model.int8.rejected.onnx"
     )
 
-    config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2, allow_int8_drop=True)
+    config = ExportConfig(
+        images=images, max_parity_images=4, parity_batch_size=2, allow_int8_drop=True, int8_repair=False
+    )
     result = export_model(tmp_path / "small.pt", out, config)
     assert result.int8_path == out / "model.int8.onnx" and result.int8_path.is_file()
     assert not (out / "model.int8.rejected.onnx").exists()  # the stale reject went with the new export
@@ -378,28 +387,6 @@ def test_export_config_names_the_flag(options: dict, flag: str) -> None:
 
     with pytest.raises(InputError, match=flag):
         ExportConfig(**options)
-
-
-def test_gate_decision_on_hand_computed_scores() -> None:
-    from kidney_edge.quantize import compare_scores
-
-    scores = {"accuracy": 0.90, "macro_f1": 0.850, "positive_recall": 0.980}
-    fp32 = {"argmax": scores, "rule": scores}
-    allowed = {"accuracy": 0.9, "macro_f1": 0.845, "positive_recall": 0.97}
-    deltas, failures = compare_scores(fp32, {"argmax": allowed, "rule": allowed}, 0.01)
-    assert failures == [] and deltas["rule"]["macro_f1"] == pytest.approx(
-        -0.005
-    )  # 0.5 and 1.0 points: allowed
-    # A drop under either decision fails the gate, and the failure names which.
-    dropped = {"accuracy": 0.9, "macro_f1": 0.83, "positive_recall": 0.99}
-    _, failures = compare_scores(fp32, {"argmax": scores, "rule": dropped}, 0.01)
-    assert failures == ["rule macro_f1 dropped 2.00 points (0.8500 -> 0.8300; allowed 1.00)"]
-    lost_tumors = {**scores, "positive_recall": 0.95}
-    _, failures = compare_scores(fp32, {"argmax": lost_tumors, "rule": scores}, 0.01)
-    assert failures == ["argmax positive_recall dropped 3.00 points (0.9800 -> 0.9500; allowed 1.00)"]
-    none = {**scores, "positive_recall": None}
-    _, failures = compare_scores({"argmax": none, "rule": none}, {"argmax": none, "rule": none}, 0.01)
-    assert failures == []  # no tumors in the test split: nothing to gate on
 
 
 def test_activation_type_auto_follows_the_cpu() -> None:

@@ -260,3 +260,37 @@ def test_int8_runs_decode_jpegs_in_draft_mode(export_dir: Path, tmp_path: Path, 
     summary = predict_folder(images, model=export_dir, out=tmp_path / "p.csv", threads=1, precision="int8")
     assert summary.is_int8 and summary.predicted == 5
     assert requests == [("L", (64, 64))] * len(jpegs)  # the spec's input size, gray: the INT8 file's own spec
+
+
+def test_export_probe_is_reused_on_its_machine_and_probed_again_on_another_cpu(
+    export_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from kidney_edge.runtime import hardware
+    from kidney_edge.runtime.precision import machine_key
+
+    made_on = hardware.cpu_kind()
+    record = json.loads((export_dir / PARITY_FILE).read_text())
+    record["int8"]["speed"] = {"speedup": 1.6, "fp32_ms_per_image": 3.2, "int8_ms_per_image": 2.0, "batch_size": 8,
+                               "threads": 1, "cpu": made_on, "machine": machine_key(1)}  # as export records it
+    (export_dir / PARITY_FILE).write_text(json.dumps(record))
+
+    class KindProbe(FakeProbe):  # reports the CPU kind it runs on, as TimedProbe does
+        def __call__(self, fp32, int8, *, batch_size):
+            result = super().__call__(fp32, int8, batch_size=batch_size)
+            return ProbeResult(**{**result.__dict__, "cpu": hardware.cpu_kind()})
+
+    probe = KindProbe(2.0)
+    choice, _ = choose(export_dir, probe=probe)
+    assert probe.calls == 0 and choice.precision is Precision.INT8 and choice.probe.speedup == pytest.approx(1.6)
+    assert "measured at export on this machine" in choice.reason and "made on" not in choice.reason
+
+    cpuinfo = tmp_path / "cpuinfo"  # another CPU kind: a Zen 3 line, AVX2 without VNNI
+    cpuinfo.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx2 fma\n")
+    monkeypatch.setattr(hardware, "_CPUINFO", cpuinfo)
+    other = hardware.cpu_kind()
+    assert other.startswith("AMD EPYC 7B13 (AVX2, no VNNI,") and other != made_on
+    choice, _ = choose(export_dir, probe=probe)
+    assert probe.calls == 1 and choice.probe.cpu == other
+    assert choice.reason.endswith(f"INT8 made on {made_on}, probed again on {other}")
+    choice, _ = choose(export_dir, probe=probe)  # that probe is cached for this CPU kind
+    assert probe.calls == 1 and "cached probe" in choice.reason

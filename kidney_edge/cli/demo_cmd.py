@@ -73,7 +73,7 @@ def _render(result: Any) -> None:
                   f"{_pct(parity.get('argmax_agreement'))} on {parity.get('n_images')} test images")  # fmt: skip
     if gate:
         verdict = "passed" if gate.get("passed") else "FAILED (fp32 deployed)"
-        console.print(f"INT8 gate {verdict}:")
+        console.print(f"INT8 gate {verdict}: {gate.get('deciding', '')}")
         for decision in ("argmax", "rule"):
             fp32, int8 = gate["fp32"][decision], gate["int8"][decision]
             console.print(f"  {decision:6s} macro-F1 {_pct(fp32['macro_f1'])} -> {_pct(int8['macro_f1'])}, "

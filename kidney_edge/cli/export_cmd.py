@@ -18,6 +18,7 @@ from kidney_edge.cli._app import (
     library_errors,
 )
 from kidney_edge.export import MIN_OPSET, ExportConfig, Exporter
+from kidney_edge.int8_gate import Int8GateConfig
 from kidney_edge.quantize import ActivationType, CalibrationMethod, QuantizationConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,8 +64,35 @@ def export(
         ),
     ] = ExportConfig.int8,
     allow_int8_drop: Annotated[
-        bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it loses > 1 point.")
+        bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it fails the gate.")
     ] = ExportConfig.allow_int8_drop,
+    max_int8_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-int8-drop",
+            help="Largest macro-F1 / positive-recall drop INT8 may have at the upper end of its "
+            "bootstrap CI on the test split (0.01 = 1 point).",
+        ),
+    ] = Int8GateConfig.max_drop,
+    int8_min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--int8-min-agreement",
+            help="Share of decisions (argmax and rule) INT8 must make as fp32 does, on every image "
+            "of the splits (label-free).",
+        ),
+    ] = Int8GateConfig.min_agreement,
+    int8_gate_images: Annotated[
+        int, typer.Option("--int8-gate-images", help="At most this many images for the agreement (seeded sample).")
+    ] = Int8GateConfig.max_images,
+    int8_repair: Annotated[
+        bool,
+        typer.Option(
+            "--int8-repair/--no-int8-repair",
+            help="When INT8 fails the gate, keep its most sensitive blocks fp32 one at a time while "
+            "it stays faster than fp32 on this CPU.",
+        ),
+    ] = ExportConfig.int8_repair,
     splits_csv: Annotated[
         Path | None,
         typer.Option(
@@ -114,7 +142,10 @@ def export(
         config = ExportConfig(
             int8=int8, allow_int8_drop=allow_int8_drop, splits=splits_csv, images=tuple(data or ()),
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
-            max_parity_images=parity_images, exporter=exporter, ood=ood,
+            max_parity_images=parity_images, exporter=exporter, ood=ood, int8_repair=int8_repair,
+            gate=Int8GateConfig(
+                min_agreement=int8_min_agreement, max_drop=max_int8_drop, max_images=int8_gate_images
+            ),
             quantization=QuantizationConfig(
                 activation_type=int8_activations, calibrate_method=calibration_method,
                 reduce_range=int8_reduce_range,
@@ -140,18 +171,7 @@ def _render(result: ExportResult) -> None:
     console.print(f"unknown (fp32): {ood['description']}" if ood else "unknown: no OOD detector")
     gate = result.int8_gate
     if gate is not None:
-        console.print(
-            f"[green]wrote[/] {result.int8_path}  ({gate['recipe']['activation_type']} activations"
-            f"{', 7-bit weights' if gate['recipe'].get('reduce_range') else ''}), vs {gate['reference']}:"
-        )
-        for decision in ("argmax", "rule"):
-            fp32, int8 = gate["fp32"][decision], gate["int8"][decision]
-            console.print(
-                f"  {decision:6s} macro-F1 {fp32['macro_f1']:.3f} -> {int8['macro_f1']:.3f}, "
-                f"{gate['positive_class']} recall {_pct(fp32['positive_recall'])} -> {_pct(int8['positive_recall'])}"
-            )
-        if gate.get("ood"):
-            console.print(f"  unknown (INT8): {gate['ood']['description']}")
+        _render_int8(result, gate)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     model = result.int8_path or result.model_path
@@ -164,5 +184,25 @@ def _render(result: ExportResult) -> None:
     )
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+def _render_int8(result: ExportResult, gate: dict) -> None:
+    recipe, speed, repair = gate["recipe"], gate.get("speed") or {}, gate.get("repair") or {}
+    if result.int8_path is not None:
+        console.print(
+            f"[green]wrote[/] {result.int8_path}  ({recipe['activation_type']} activations"
+            f"{', 7-bit weights' if recipe.get('reduce_range') else ''}; "
+            f"{speed.get('speedup', float('nan')):.2f}x fp32 speed at batch {speed.get('batch_size')} on this CPU)"
+        )
+    console.print(gate["deciding"])  # the one figure that decided
+    if repair.get("blocks_fp32") or repair.get("steps"):
+        kept = ", ".join(repair["blocks_fp32"]) or "none"
+        console.print(f"  repair: kept fp32 {kept} ({repair['stopped']}; {repair.get('seconds')} s)")
+    if gate.get("labelled"):
+        for decision in ("argmax", "rule"):
+            figures = gate["labelled"][decision]["macro_f1"]
+            low, high = figures["delta_ci"]
+            console.print(
+                f"  {decision:6s} macro-F1 {figures['fp32']:.3f} -> {figures['int8']:.3f} "
+                f"(change {low * 100:+.1f} to {high * 100:+.1f} pt, {gate['labelled']['confidence']:.0%} CI)"
+            )
+    if gate.get("ood"):
+        console.print(f"  unknown (INT8): {gate['ood']['description']}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kidney_edge.errors import InputError, enum_choice
+from kidney_edge.int8_gate import Int8GateConfig
 from kidney_edge.quantize import MIN_CALIBRATION_IMAGES, QuantizationConfig
 from kidney_edge.spec import ModelSpec
 
@@ -46,6 +47,8 @@ class ExportConfig:
     max_parity_images: int = 256
     exporter: Exporter = Exporter.TORCHSCRIPT
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    gate: Int8GateConfig = field(default_factory=Int8GateConfig)
+    int8_repair: bool = True  # keep the most sensitive blocks fp32 until the gate passes (see int8_repair)
     ood: bool = True  # carry the run's OOD detector (fitted here for runs that have none)
     seed: int = 0
 

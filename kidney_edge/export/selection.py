@@ -60,7 +60,8 @@ def default_out_dir(
 
 @dataclass
 class EvaluationImages:
-    """Images export runs on: parity + accuracy gate (test) and INT8 calibration (train)."""
+    """Images export runs on: parity + the INT8 gate's labelled deltas (test), INT8 calibration
+    (train), and every image for the gate's label-free agreement (test, val, train)."""
 
     test_paths: list[Path]
     test_labels: np.ndarray | None  # (N,) class indices in spec order; None without a labelled split
@@ -68,6 +69,12 @@ class EvaluationImages:
     origin: str  # where they came from, for parity.json
     warnings: list[str] = field(default_factory=list)
     splits: LabelledSplits | None = None  # the splits.csv they came from, for the OOD fit; None for --images
+    val_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def unlabelled_paths(self) -> list[Path]:
+        """Images the gate compares INT8 with fp32 on besides the test split (duplicates and all)."""
+        return [*self.val_paths, *self.calibration_paths]
 
 
 def select_images(
@@ -109,7 +116,8 @@ def _images_from_splits(splits: Path, spec: ModelSpec, seed: int) -> EvaluationI
     labels = np.array([spec.class_names.index(row.label) for row in test], dtype=np.int64)
     train = shuffled_paths([row.path for row in rows if row.split == "train"], seed)
     origin = f"{splits} (test split: {len(test)} images; train split: {len(train)} images)"
-    return EvaluationImages([row.path for row in test], labels, train, origin, splits=labelled)
+    val = [row.path for row in rows if row.split == "val"]
+    return EvaluationImages([row.path for row in test], labels, train, origin, splits=labelled, val_paths=val)
 
 
 def _expand_images(images: Sequence[Path]) -> list[Path]:

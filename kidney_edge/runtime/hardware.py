@@ -14,6 +14,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -120,3 +121,17 @@ def cpu_isa() -> dict[str, Any]:
         "vnni": info.vnni,
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+def cpu_kind_label(model: str, isa: Mapping[str, bool], cores: int) -> str:
+    """A label for a CPU kind: model name, SIMD width, VNNI and usable cores. INT8 speed and
+    numerics depend on these, so results, recipes and probes are kept per kind."""
+    vnni = isa.get("avx512_vnni") or isa.get("avx_vnni")
+    simd = "AVX-512" if isa.get("avx512f") else "AVX2" if isa.get("avx2") else "no AVX2"
+    return f"{model} ({simd}, {'VNNI' if vnni else 'no VNNI'}, {cores} cores)"
+
+
+def cpu_kind() -> str:
+    """This machine's :func:`cpu_kind_label` (usable cores: affinity and cgroup quota)."""
+    info = cpu_info()
+    return cpu_kind_label(info.model, info.isa, available_cpus())

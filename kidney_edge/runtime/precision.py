@@ -45,7 +45,7 @@ from kidney_edge.runtime.classifier import (
     find_default_model,
     is_int8_model,
 )
-from kidney_edge.runtime.hardware import available_cpus, cpu_info
+from kidney_edge.runtime.hardware import available_cpus, cpu_info, cpu_kind
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class ProbeResult:
     threads: int
     batches: int  # timed batches per model
     seconds: float  # wall time of the probe, warm-up included
+    cpu: str = ""  # the CPU kind it was measured on (hardware.cpu_kind)
 
     @property
     def speedup(self) -> float:
@@ -128,6 +129,7 @@ class TimedProbe:
             threads=fp32.threads,
             batches=len(times["int8"]),
             seconds=round(time.perf_counter() - started, 4),
+            cpu=cpu_kind(),
         )
 
 
@@ -137,6 +139,7 @@ class Int8Gate:
 
     passed: bool | None  # None: no record for model.int8.onnx
     summary: str  # one line: the gated deltas, or the failures, or why there is no record
+    export_speed: dict[str, Any] | None = None  # the export's own probe of this pair (with its machine)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,8 @@ def read_int8_gate(folder: Path) -> Int8Gate:
     if not record["passed"]:
         failures = "; ".join(record.get("failures") or []) or "failed"
         return Int8Gate(False, f"INT8 accuracy gate failed at export: {failures}")
-    return Int8Gate(True, f"INT8 accuracy gate passed at export ({_gate_deltas(record)})")
+    speed = record.get("speed") if isinstance(record.get("speed"), dict) else None
+    return Int8Gate(True, f"INT8 accuracy gate passed at export ({_gate_deltas(record)})", speed)
 
 
 def _gate_deltas(record: dict[str, Any]) -> str:
@@ -203,6 +207,9 @@ def _gate_deltas(record: dict[str, Any]) -> str:
         if isinstance(delta.get(key), int | float):
             parts.append(f"{name} {delta[key] * 100:+.2f} pt")
     parts.append(f"{record.get('n_images', '?')} test images")
+    agreement = record.get("agreement") or {}
+    if isinstance(agreement.get("rule"), int | float):
+        parts.append(f"agreement with fp32 {agreement['rule']:.1%} on {agreement.get('n_images', '?')} images")
     return ", ".join(parts)
 
 
@@ -283,6 +290,32 @@ def store_probe(folder: Path, key: dict[str, Any], result: ProbeResult) -> Path 
             log.debug("cannot write the probe cache %s: %s", path, exc)
     log.info("the INT8 probe result could not be cached; it will be measured again next time")
     return None
+
+
+def export_probe(gate: Int8Gate, key: dict[str, Any]) -> ProbeResult | None:
+    """The export's own measurement of this model pair, when it was made on this machine (same
+    CPU, instruction sets, threads, onnxruntime) at the probe's batch: export and predict then
+    time the same thing. On another CPU kind, None: the runtime probes again."""
+    speed = gate.export_speed or {}
+    machine = speed.get("machine")
+    if not isinstance(machine, dict) or speed.get("batch_size") != key["batch_size"]:
+        return None
+    if any(machine.get(name) != key[name] for name in ("cpu", "machine", "isa", "threads", "onnxruntime")):
+        return None
+    try:
+        return ProbeResult(float(speed["fp32_ms_per_image"]), float(speed["int8_ms_per_image"]),
+                           int(speed["batch_size"]), int(speed["threads"]), batches=0, seconds=0.0,
+                           cpu=str(speed.get("cpu", "")))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _exported_on(gate: Int8Gate, result: ProbeResult) -> str:
+    """Where the INT8 file was made and measured, when that is another CPU kind than this one."""
+    made_on = (gate.export_speed or {}).get("cpu")
+    if not made_on or made_on == result.cpu or not result.cpu:
+        return ""
+    return f"; INT8 made on {made_on}, probed again on {result.cpu}"
 
 
 # --------------------------------------------------------------------------- the choice
@@ -391,6 +424,9 @@ def _probed_choice(
     probe_batch = max(1, min(batch_size, MAX_PROBE_BATCH))
     key = _cache_key(fp32, int8, threads, probe_batch)
     result = cached_probe(folder, key)
+    source = "cached probe" if result is not None else ""
+    if result is None and (result := export_probe(gate, key)) is not None:
+        source = "measured at export on this machine"
     cached = result is not None
     if result is None:
         fp32_model, int8_model = load(fp32), load(int8)
@@ -402,10 +438,10 @@ def _probed_choice(
     measured = (
         f"INT8 {result.int8_ms_per_image:.2f} vs fp32 {result.fp32_ms_per_image:.2f} ms/image = "
         f"{result.speedup:.2f}x on this CPU (batch {result.batch_size}, {result.threads} threads"
-        f"{', cached probe' if cached else ''})"
+        f"{', ' + source if source else ''})"
     )
     verdict = "faster" if faster else f"not faster by {MIN_INT8_SPEEDUP:.2f}x"
-    reason = f"{precision.value}: {gate.summary}; {measured}: {verdict}"
+    reason = f"{precision.value}: {gate.summary}; {measured}: {verdict}{_exported_on(gate, result)}"
     choice = PrecisionChoice(chosen, precision, Precision.AUTO, reason, gate, result, cached)
     if cached:
         return choice, load(chosen)
