@@ -28,7 +28,7 @@ pytest.importorskip("dicomweb_client")
 pytest.importorskip("highdicom")
 
 import _orthanc  # noqa: E402
-from _factories import make_tiny_onnx  # noqa: E402
+from _factories import make_cam_onnx, make_tiny_onnx  # noqa: E402
 from conftest import CI_VARIABLE  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -173,6 +173,37 @@ def test_selection_by_study_and_modality(pacs: dict, tmp_path: Path) -> None:
     assert code == EXIT_OK, output
     rows = _rows(tmp_path / "p.csv")
     assert len(rows) == 4 and all("/studies/1.2.826.0.1.3680043.8.498.7002/" in row["path"] for row in rows)
+
+
+def test_report_of_a_dicomweb_run_has_cards_and_one_strip_per_series(pacs: dict, tmp_path: Path) -> None:
+    from collections import Counter
+
+    from test_report_page import page_counts
+
+    from kidney_edge.runtime.rows import report_path
+
+    model = make_cam_onnx(tmp_path / "cam.onnx", ModelSpec(input_size=32))  # has a cam output: maps on cards
+    out = tmp_path / "w.csv"
+    code, output = _predict(pacs["server"].source, "--since", "2000-01-01", "--model", str(model),
+                            "--out", str(out), "--report", "--workers", "1")  # fmt: skip
+    assert code == EXIT_OK, output
+    page, rows = report_path(out).read_text(encoding="utf-8"), _rows(out)
+    assert f"triage page -> {report_path(out)}" in output.replace("\n", "")
+    expected = Counter("error" if row["error"] else row["label"] for row in rows)
+    assert {k: v for k, v in page_counts(page).items() if v} == dict(expected) and len(rows) == 32
+    # One strip per series row, keyed by its UIDs; each labelled one shows key slices with maps.
+    strips = dict(re.findall(r'<article class="series"[^>]*><h3>series ([\d.]+):(.*?)</article>', page, re.S))
+    series = {row["series_uid"]: row for row in _rows(tmp_path / "w.series.csv")}
+    assert set(strips) == set(series) and len(strips) == 6
+    for uid, strip in strips.items():
+        slices = min(5, int(series[uid]["n_slices"] or 0)) if series[uid]["label"] else 0
+        assert strip.count('<img src="data:image/jpeg;base64,') == slices, uid
+        assert ('<svg class="zcurve"' in strip) == bool(slices), uid
+    mr_series = strips["1.2.826.0.1.3680043.8.498.7001.1"]  # not CT: a strip with its reason, no slices
+    assert "modality MR: the model reads CT slices" in mr_series
+    cards = re.findall(r'<article class="card"[^>]*data-path="([^"]+)">', page)
+    assert cards and all(path.startswith(pacs["server"].dicomweb + "/studies/") for path in cards)
+    assert "no activation map in this model" not in page
 
 
 # --------------------------------------------------------------------------- stored results

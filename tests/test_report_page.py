@@ -254,6 +254,21 @@ def test_the_collector_keeps_only_the_top_rows_of_each_group() -> None:
     assert set(jpegs) == {path for _, path in sorted(seen, reverse=True)[:3]}
 
 
+def test_with_headers_the_collector_keys_strips_by_series_not_folder() -> None:
+    from kidney_edge.runtime.series import DicomHeader
+
+    # Under one URL "folder": two series of 6 Tumor slices (p rising), then a row without a header.
+    paths = [f"http://pacs/instances/{i}" for i in range(13)]
+    headers = {path: DicomHeader(path, "1.2", f"1.2.{i // 6}") for i, path in enumerate(paths[:12])}
+    collector = TriageCollector(ModelSpec(input_size=32), max_per_group=2, headers=headers.get)
+    rows = [{"path": path, "label": "Tumor", "confidence": 0.5 + i / 30, "p_Tumor": 0.5 + i / 30, "error": None}
+            for i, path in enumerate(paths)]  # fmt: skip
+    collector.add(rows, _Evidence({i: np.zeros((3, 32, 32), np.float32) for i in range(13)}, {}))
+    # Each series keeps its five most positive slices (one folder would keep 7..11 only), and the
+    # two top cards; the headerless row is a card, never a strip slice.
+    assert set(collector.overlays()) == {paths[i] for i in (1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12)}
+
+
 def test_report_off_asks_for_no_maps_and_writes_no_page(gray_run: dict[str, Any], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     asked: list[bool] = []

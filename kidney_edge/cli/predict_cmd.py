@@ -231,7 +231,7 @@ def predict(
         page = ReportOptions(report_path, report_max, series_rule=rule) if wanted else None
     if is_dicomweb(folder):
         _predict_dicomweb(folder, rule, study=study, since=since, modality=modality, store=store, force=force,
-                          token=token, engine=engine, series=series, report=wanted, model=model, out=out,
+                          token=token, engine=engine, series=series, report=page, model=model, out=out,
                           fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
                           precision=precision, ood=ood)  # fmt: skip
     with library_errors():
@@ -258,9 +258,7 @@ def predict(
         else:
             summary = predict_folder(folder, workers=workers, **common)
     _render(summary)
-    if summary.report is not None:
-        size_mb = summary.report.stat().st_size / 1e6
-        console.print(f"triage page -> {summary.report} ({size_mb:.1f} MB)", highlight=False, soft_wrap=True)
+    _render_report(summary)
     # series rows need every slice row: a --resume run writes them
     if not summary.interrupted and series_readable(folder, fmt):
         with library_errors():
@@ -273,7 +271,7 @@ def predict(
 
 def _predict_dicomweb(
     source: str, rule: Any, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
-    force: bool, token: str | None, engine: Engine, series: bool | None, report: bool, **common: Any,
+    force: bool, token: str | None, engine: Engine, series: bool | None, **common: Any,
 ) -> None:  # fmt: skip
     """``predict dicomweb+http://…``: rows, series rows and (``--store``) SRs; exits with the run's code."""
     from rich.progress import TimeRemainingColumn
@@ -283,10 +281,10 @@ def _predict_dicomweb(
     from kidney_edge.runtime.pacs import predict_dicomweb
 
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
-        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET or report:
+        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET:
             raise InputError(
                 "a DICOMweb source runs on the local engine and writes csv/jsonl and series rows "
-                "(no --engine ray, --format parquet, --no-series or --report)"
+                "(no --engine ray, --format parquet or --no-series)"
             )
         task = bar.add_task("predict", total=None)
         selection = Selection(studies=tuple(study or ()), since=since, modality=modality)
@@ -295,6 +293,7 @@ def _predict_dicomweb(
             progress=lambda done, total: bar.update(task, completed=done, total=total), **common,
         )  # fmt: skip
     _render(summary)
+    _render_report(summary)
     console.print(f"{summary.studies} studies from {summary.server}", highlight=False)
     if summary.series is not None:
         _render_series(summary.series)
@@ -307,6 +306,12 @@ def _predict_dicomweb(
                 f"[red]not stored[/] series {series_uid}: {why}", highlight=False, soft_wrap=True
             )
     raise typer.Exit(130 if summary.interrupted else summary.exit_code)
+
+
+def _render_report(summary: PredictSummary) -> None:
+    if summary.report is not None:
+        size_mb = summary.report.stat().st_size / 1e6
+        console.print(f"triage page -> {summary.report} ({size_mb:.1f} MB)", highlight=False, soft_wrap=True)
 
 
 def _render_series(summary: SeriesSummary) -> None:

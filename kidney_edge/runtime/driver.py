@@ -272,7 +272,11 @@ def run_predict(
     if job.report is not None:
         check_report_format(job.fmt)
     choice, classifier, files = _load_while_listing(job, list_files)
-    collector = None if job.report is None else TriageCollector(classifier.spec, job.report.max_per_group)
+    collector = (
+        None
+        if job.report is None
+        else TriageCollector(classifier.spec, job.report.max_per_group, job.report.headers)
+    )
     columns = output_columns(classifier.class_names)
     with contextlib.closing(open_writer(job.out, job.fmt, columns, job.resume)) as writer:
         todo = [path for path in files if path not in writer.done]

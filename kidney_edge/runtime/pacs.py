@@ -5,7 +5,9 @@
 WADO-RS metadata), each instance is retrieved into memory as it is classified (nothing is
 written to disk but the rows), and the same driver (:func:`~kidney_edge.runtime.driver.run_predict`),
 local engine and series rules as a folder of DICOM files give the slice rows and series rows;
-the row key of an instance is its WADO-RS URL.
+the row key of an instance is its WADO-RS URL. With ``report`` the run's triage page
+(:mod:`~kidney_edge.runtime.report_page`) is a folder run's, its series read from the same
+metadata as the series rows.
 
 With ``store``, each classified series gets one DICOM SR (:mod:`~kidney_edge.runtime.dicom_sr`)
 sent into its study with STOW-RS. The SR's UIDs come from the source series and the model file,
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,10 @@ from kidney_edge.runtime.dicomweb import DicomwebSource, Listing, Selection, Ser
 from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.precision import Precision, Probe
 from kidney_edge.runtime.predict import LocalEngine, PredictConfig, execution_layout
+from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import EXIT_SERVER, OutputFormat, PredictSummary
 from kidney_edge.runtime.series import (
+    DicomHeader,
     SeriesAssessment,
     SeriesRule,
     SeriesSummary,
@@ -104,6 +108,7 @@ def predict_dicomweb(
     probe: Probe | None = None,
     ood: bool = True,
     rule: SeriesRule | None = None,
+    report: ReportOptions | None = None,
     store: bool = False,
     force: bool = False,
     token: str | None = None,
@@ -111,7 +116,8 @@ def predict_dicomweb(
 ) -> PacsPredictSummary:
     """Classify every instance of the selected studies, write slice and series rows, and with
     ``store`` send one SR per classified series into its study (``force``: even where this
-    model's SR is already there). ``token``: a bearer token, or ``user:password`` for HTTP Basic."""
+    model's SR is already there). ``token``: a bearer token, or ``user:password`` for HTTP Basic.
+    ``report``: also the triage page of every row, with the pictures of the same ONNX calls."""
     if force and not store:
         raise InputError("--force redoes stored results: it needs --store")
     pacs = DicomwebSource(source, token)
@@ -120,20 +126,27 @@ def predict_dicomweb(
                            batch_size=batch_size, threads=threads, workers=workers, resume=resume,
                            precision=precision, ood=ood)  # fmt: skip
     layout = execution_layout(config.threads, config.workers)
+    found: dict[str, Listing] = {}
+    headers: dict[str, DicomHeader] = {}  # instance URL -> header, from the listing's metadata
+    if report is not None:  # its series come from the listing, which is there before the first row
+        report = replace(report, headers=headers.get)
     job = PredictJob(out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume,
                      model=config.model, precision=config.precision, threads=layout.threads, ood=config.ood,
-                     probe=probe)  # fmt: skip
-    found: dict[str, Listing] = {}
+                     probe=probe, report=report)  # fmt: skip
 
     def list_instances() -> list[str]:
         found["listing"] = listing = pacs.list(selection)
         if not listing.keys:
             raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
+        headers.update((key, header_of(key, instance.header)) for key, instance in listing.instances.items())
         return listing.keys
 
     def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
         reader = SeriesReader(pacs, found["listing"])
-        return DicomwebEngine(LocalEngine(classifier, config.batch_size, layout.workers, read=reader), reader)
+        local = LocalEngine(
+            classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader
+        )
+        return DicomwebEngine(local, reader)
 
     summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
                           new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
@@ -142,7 +155,7 @@ def predict_dicomweb(
     if summary.interrupted:
         return summary  # series rows and results need every slice row: a --resume run writes them
     rule = rule or SeriesRule()
-    assessments = _write_series(summary, listing, rule)
+    assessments = _write_series(summary, headers, rule)
     if store:
         identity = ModelIdentity(
             Path(summary.model).name, file_sha256(summary.model), summary.spec_schema_version, summary.toolkit_version,
@@ -154,9 +167,10 @@ def predict_dicomweb(
     return summary
 
 
-def _write_series(summary: PacsPredictSummary, listing: Listing, rule: SeriesRule) -> list[SeriesAssessment]:
+def _write_series(
+    summary: PacsPredictSummary, headers: dict[str, DicomHeader], rule: SeriesRule
+) -> list[SeriesAssessment]:
     """Series rows of the finished predictions file, from the headers the server gave."""
-    headers = {key: header_of(key, instance.header) for key, instance in listing.instances.items()}
     rows = [row for row in read_prediction_rows(summary.out, summary.fmt) if row["path"] in headers]
     assessments, orphan = assess_all(rows, headers, summary.class_names, rule, summary.positive_class)
     result = [assessment.row for assessment in assessments] + ([orphan] if orphan else [])

@@ -234,6 +234,11 @@ class DicomHeader:
     error: str | None = None
 
 
+# A row's DICOM header by its path, None for a row that is not DICOM: what the series rules read
+# when the headers come from somewhere other than the files (a DICOMweb server's metadata).
+HeaderLookup = Callable[[str], DicomHeader | None]
+
+
 def read_header(path: str) -> DicomHeader:
     """The header fields of one DICOM file, read without its pixel data."""
     import pydicom

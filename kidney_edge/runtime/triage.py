@@ -10,8 +10,10 @@ the same function.
 same ONNX call gave beside them (the model inputs and, when the graph has them, the class
 activation maps) and keeps an :class:`Overlay` only for the rows that will be shown: the top
 ``max_per_group`` of each flagged group, and the ``STRIP_SLICES`` most positive slices of up to
-``max_per_group`` folders of DICOM files (a series is one folder) for the series strips. Memory stays
-bounded by those counts, whatever the run's size; no row is inferred twice.
+``max_per_group`` series for the series strips. A series is the (study, series) UID pair of the
+rows' headers when the run has them without reading files (a DICOMweb listing), else a folder of
+DICOM files: reading every file's header while rows stream would cost a second read per row.
+Memory stays bounded by those counts, whatever the run's size; no row is inferred twice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.runtime.rows import is_failed, is_unknown, probability_column
+from kidney_edge.runtime.series import HeaderLookup
 from kidney_edge.spec import ColorMode, ModelSpec, RuleKind
 
 DEFAULT_REPORT_MAX = 50  # cards per flagged group (--report-max), strips of series
@@ -144,10 +147,14 @@ class _Kept:
 class TriageCollector:
     """Keeps, while rows stream, the overlays of the rows the triage page will show (see module)."""
 
-    def __init__(self, spec: ModelSpec, max_per_group: int = DEFAULT_REPORT_MAX) -> None:
-        self.spec, self.max_per_group = spec, max_per_group
+    def __init__(
+        self, spec: ModelSpec, max_per_group: int = DEFAULT_REPORT_MAX, headers: HeaderLookup | None = None
+    ) -> None:
+        """``headers``: the rows' DICOM headers by path, when the run has them (see module);
+        None: a series is a folder of DICOM files."""
+        self.spec, self.max_per_group, self._headers = spec, max_per_group, headers
         self._groups: dict[Group, list[_Kept]] = {group: [] for group in FLAGGED}
-        self._folders: dict[str, list[_Kept]] = {}  # folder -> its most positive slices (min-heap)
+        self._series: dict[str, list[_Kept]] = {}  # series -> its most positive slices (min-heap)
         self._order = itertools.count()
         self.received_evidence = False  # whether the engine handed over any model input
 
@@ -161,7 +168,7 @@ class TriageCollector:
             if model_input is not None:
                 overlay = _Pending(model_input, evidence.cams.get(index), self.spec)
                 self._offer_group(row, overlay)
-                self._offer_folder(row, overlay)
+                self._offer_series(row, overlay)
 
     def _offer_group(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         group, rank = triage(row, self.spec)
@@ -169,24 +176,31 @@ class TriageCollector:
         if heap is not None:
             _push_bounded(heap, rank, next(self._order), str(row["path"]), overlay, self.max_per_group)
 
-    def _offer_folder(self, row: Mapping[str, Any], overlay: _Pending) -> None:
+    def _series_of(self, path: str) -> str | None:
+        """The series a row's slice belongs to (see module); None: not DICOM, or no series UID."""
+        if self._headers is None:
+            return os.path.dirname(path) if may_be_dicom(path) else None
+        header = self._headers(path)
+        return f"{header.study_uid}/{header.series_uid}" if header is not None and header.series_uid else None
+
+    def _offer_series(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         p_positive = positive_probability(row, self.spec)
-        if p_positive is None or not may_be_dicom(str(row["path"])):
+        series = None if p_positive is None else self._series_of(str(row["path"]))
+        if p_positive is None or series is None:
             return
-        folder = os.path.dirname(str(row["path"]))
-        heap = self._folders.get(folder)
+        heap = self._series.get(series)
         if heap is None:
-            if len(self._folders) >= self.max_per_group:  # full: evict the least positive folder
-                weakest = min(self._folders, key=lambda name: max(self._folders[name]).rank)
-                if max(self._folders[weakest]).rank >= p_positive:
+            if len(self._series) >= self.max_per_group:  # full: evict the least positive series
+                weakest = min(self._series, key=lambda name: max(self._series[name]).rank)
+                if max(self._series[weakest]).rank >= p_positive:
                     return
-                del self._folders[weakest]
-            heap = self._folders[folder] = []
+                del self._series[weakest]
+            heap = self._series[series] = []
         _push_bounded(heap, p_positive, next(self._order), str(row["path"]), overlay, STRIP_SLICES)
 
     def overlays(self) -> dict[str, Overlay]:
         """Path -> overlay of every row kept, for :func:`~kidney_edge.runtime.report_page.write_report`."""
-        heaps = itertools.chain(self._groups.values(), self._folders.values())
+        heaps = itertools.chain(self._groups.values(), self._series.values())
         return {kept.path: kept.overlay for heap in heaps for kept in heap}
 
 
