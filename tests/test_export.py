@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -293,10 +294,14 @@ def test_gate_failure_keeps_fp32_and_renames_int8(tmp_path: Path, phantom_dir: P
     images = sorted(phantom_dir.glob("*/*.jpg"))[::12]
     out = tmp_path / "out"
     config = ExportConfig(images=images, max_parity_images=4, parity_batch_size=2, int8_repair=False)
-    with pytest.raises(KidneyEdgeError, match="INT8 gate FAILED.*--no-int8-repair.*--allow-int8-drop"):
-        export_model(tmp_path / "small.pt", out, config)
+    result = export_model(tmp_path / "small.pt", out, config)  # fp32 ships; the warning says why not INT8
+    assert result.int8_path is None and result.rejected_int8_path == out / "model.int8.rejected.onnx"
+    assert [w for w in result.warnings if w.startswith("no INT8 shipped: INT8 gate FAILED")]
     assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
     assert (out / "model.int8.rejected.onnx").is_file()
+    required = dataclasses.replace(config, require_int8=True)
+    with pytest.raises(KidneyEdgeError, match="INT8 gate FAILED.*--no-int8-repair.*--allow-int8-drop.*--require-int8"):
+        export_model(tmp_path / "small.pt", out, required)
     parity = json.loads((out / "parity.json").read_text())
     assert (
         parity["passed"]

@@ -66,6 +66,13 @@ def export(
     allow_int8_drop: Annotated[
         bool, typer.Option("--allow-int8-drop", help="Keep INT8 even if it fails the gate.")
     ] = ExportConfig.allow_int8_drop,
+    require_int8: Annotated[
+        bool,
+        typer.Option(
+            "--require-int8",
+            help="Exit 1 when no INT8 passes the gate. Default: ship fp32 only and say why.",
+        ),
+    ] = ExportConfig.require_int8,
     max_int8_drop: Annotated[
         float,
         typer.Option(
@@ -140,7 +147,7 @@ def export(
     out_dir = out if out is not None else default_out_dir(model)
     with library_errors():
         config = ExportConfig(
-            int8=int8, allow_int8_drop=allow_int8_drop, splits=splits_csv, images=tuple(data or ()),
+            int8=int8, allow_int8_drop=allow_int8_drop, require_int8=require_int8, splits=splits_csv, images=tuple(data or ()),
             calibration_images=calibration_images, opset=opset, parity_batch_size=parity_batch_size,
             max_parity_images=parity_images, exporter=exporter, ood=ood, int8_repair=int8_repair,
             gate=Int8GateConfig(

@@ -39,6 +39,7 @@ class ExportConfig:
 
     int8: bool = True
     allow_int8_drop: bool = False
+    require_int8: bool = False  # a rejected INT8 fails the export instead of shipping fp32 only
     splits: Path | None = None
     images: tuple[Path, ...] = ()
     calibration_images: int = MIN_CALIBRATION_IMAGES
