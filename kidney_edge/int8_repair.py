@@ -24,13 +24,13 @@ from typing import Any
 
 from kidney_edge.int8_gate import Int8Gate, logit_relative_error
 from kidney_edge.quantize import Int8Builder
+from kidney_edge.runtime.precision import MAX_PROBE_BATCH as SPEED_BATCH  # predict reuses what export timed
 
 log = logging.getLogger(__name__)
 
 # Calibration images the sensitivity pass scores each block-alone graph on: a batch that is
 # cheap to hold (~19 MB at 224 px) and ranks Lite0's blocks as the 32-image bench pass did.
 SENSITIVITY_IMAGES = 32
-SPEED_BATCH = 8  # the batch the runtime's probe and the benchmarks time INT8 at
 _INDEXED = re.compile(r".+\.\d+$")
 
 
@@ -69,8 +69,8 @@ def block_sensitivity(
     reference = OnnxClassifier(builder.fp32_path, ood=False).run(batch)[0]
     every = [name for nodes in blocks.values() for name in nodes]
     rows = []
+    path = work / "sensitivity.int8.onnx"
     for block, nodes in blocks.items():
-        path = work / "sensitivity.int8.onnx"
         builder.build(path, [name for name in every if name not in set(nodes)])
         logits = OnnxClassifier(path, ood=False).run(batch)[0]
         rows.append({"block": block, "nodes": len(nodes), "logit_relative_error": logit_relative_error(reference, logits)})
@@ -166,7 +166,10 @@ def repair(
         if record["passed"]:
             outcome.stopped = f"the gate passed with {len(trial)} block(s) in fp32"
             return outcome
-    outcome.stopped = "every block is in fp32 and the gate still fails"
+    outcome.stopped = (
+        "every block is in fp32 and the gate still fails" if ranked
+        else "the graph's node names name no blocks to keep in fp32 (an exporter without module paths)"
+    )  # fmt: skip
     return outcome
 
 

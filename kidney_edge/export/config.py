@@ -66,6 +66,8 @@ class ExportConfig:
             raise InputError(f"--opset must be in {MIN_OPSET}..{newest} (this onnx), got {self.opset}")
         if self.calibration_images < 1:
             raise InputError(f"--calibration-images must be >= 1, got {self.calibration_images}")
+        if self.require_int8 and not self.int8:
+            raise InputError("--require-int8 asks for the INT8 file that --no-int8 turns off; drop one of them")
         if not 2 <= self.parity_batch_size <= 256:
             # Batch 1 is the export's own batch size: parity there would not test the dynamic axis.
             raise InputError(f"--parity-batch-size must be in 2..256, got {self.parity_batch_size}")

@@ -115,24 +115,30 @@ def _install(record: dict[str, Any], config: ExportConfig, result: ExportResult,
     target = result.out_dir / (INT8_FILE if accepted else REJECTED_INT8_FILE)
     os.replace(staging, target)
     record["model"] = target.name
-    result.parity["int8"] = record
-    atomic_write_json(result.parity_path, result.parity)
     if accepted:
         result.int8_path = target
         if not record["passed"]:
-            result.warnings.append(
-                f"INT8 failed the gate but was kept (--allow-int8-drop): {'; '.join(record['failures'])}"
-            )
+            warning = f"INT8 failed the gate but was kept (--allow-int8-drop): {'; '.join(record['failures'])}"
+            result.warnings.append(warning)
+            record["warnings"].append(warning)
+        _write_parity(result, record)
         return
     result.rejected_int8_path = target
-    stopped = record["repair"].get("stopped")
     reason = (
-        f"{record['deciding']}. Repair: {stopped}. The fp32 model {result.model_path} is kept (parity "
-        f"passed); the INT8 graph was renamed to {target} so nothing loads it by mistake. Figures: "
-        f"{result.parity_path}. Keep it anyway with --allow-int8-drop, or try another --calibration-method"
+        f"{record['deciding']}. Repair: {record['repair'].get('stopped')}. The fp32 model {result.model_path} "
+        f"is kept (parity passed); the INT8 graph was renamed to {target} so nothing loads it by mistake. "
+        f"Figures: {result.parity_path}. Keep it anyway with --allow-int8-drop, or try another --calibration-method"
     )
     # A rejected INT8 leaves a complete fp32 export: edge machines run it, so the export succeeds
     # and says why there is no INT8, unless the caller needs INT8 (a deployment that counts on its speed).
+    if not config.require_int8:
+        result.warnings.append(f"no INT8 shipped: {reason}")
+        record["warnings"].append(result.warnings[-1])
+    _write_parity(result, record)
     if config.require_int8:
         raise KidneyEdgeError(f"{reason}, or drop --require-int8 to ship fp32 only")
-    result.warnings.append(f"no INT8 shipped: {reason}")
+
+
+def _write_parity(result: ExportResult, record: dict[str, Any]) -> None:
+    result.parity["int8"] = record
+    atomic_write_json(result.parity_path, result.parity)

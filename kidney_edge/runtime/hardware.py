@@ -12,9 +12,9 @@ import logging
 import math
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def cpu_isa() -> dict[str, Any]:
 def cpu_kind_label(model: str, isa: Mapping[str, bool], cores: int) -> str:
     """A label for a CPU kind: model name, SIMD width, VNNI and usable cores. INT8 speed and
     numerics depend on these, so results, recipes and probes are kept per kind."""
-    vnni = isa.get("avx512_vnni") or isa.get("avx_vnni")
+    vnni = any(isa.get(flag) for flag in VNNI_FLAGS)
     simd = "AVX-512" if isa.get("avx512f") else "AVX2" if isa.get("avx2") else "no AVX2"
     return f"{model} ({simd}, {'VNNI' if vnni else 'no VNNI'}, {cores} cores)"
 
