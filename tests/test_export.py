@@ -385,7 +385,8 @@ def test_checkpoint_without_images_asks_for_splits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "flag"),
     [({"opset": 13}, "--opset"), ({"parity_batch_size": 1}, "--parity-batch-size"),
-     ({"calibration_images": 0}, "--calibration-images"), ({"exporter": "tf"}, "--exporter")],
+     ({"calibration_images": 0}, "--calibration-images"), ({"exporter": "tf"}, "--exporter"),
+     ({"int8": False, "require_int8": True}, "--require-int8")],
 )  # fmt: skip
 def test_export_config_names_the_flag(options: dict, flag: str) -> None:
     from kidney_edge.export import ExportConfig
