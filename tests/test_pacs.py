@@ -9,15 +9,21 @@ hold) or from tests/_orthanc.py's FaultProxy (a retrieve cut mid-stream, a rejec
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import http.server
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -483,3 +489,137 @@ def test_bad_selections_say_which_option(pacs: dict, tmp_path: Path) -> None:
     ]:
         code, output = _predict(*args, *base)
         assert code == EXIT_NOTHING_READ and message in _one_line_error(output), (args, output)
+
+
+# --------------------------------------------------------------------------- stub servers
+
+
+class _Stub(http.server.BaseHTTPRequestHandler):
+    """Answers every GET from ``self.server.answer(path)``: (status, content type, body)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        status, content_type, body = self.server.answer(self.path)  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _stub_server(answer: Callable[[str], tuple[int, str, bytes]]) -> Iterator[tuple[str, list[str]]]:
+    """A DICOMweb look-alike on 127.0.0.1 in a thread: (its dicomweb+ address, the paths asked for)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    server.answer, server.paths = answer, []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web", server.paths  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_login_page_or_a_bad_port_is_one_line_and_exit_code_4(tmp_path: Path) -> None:
+    model = make_tiny_onnx(tmp_path / "model.onnx", ModelSpec(input_size=32))
+    page = b"<html><body>Please log in</body></html>"
+    base = ["--since", "2000-01-01", "--model", str(model), "--out", str(tmp_path / "p.csv")]
+    with _stub_server(lambda path: (200, "text/html", page)) as (source, paths):
+        code, output = _predict(source, *base)
+    assert paths and paths[0].startswith("/dicom-web/studies?")
+    assert code == EXIT_SERVER, output
+    assert (
+        "no usable answer to the study search (JSONDecodeError): is the address its DICOMweb root?"
+        in _one_line_error(output)
+    )
+    code, output = _predict("dicomweb+http://127.0.0.1:99999/dicom-web", *base)
+    assert code == EXIT_SERVER and "gave no usable answer to the study search" in _one_line_error(output)
+
+
+def _study_json(uid: str) -> dict:
+    return {"0020000D": {"vr": "UI", "Value": [uid]}}
+
+
+def test_a_paged_study_search_is_read_to_its_last_page() -> None:
+    from kidney_edge.runtime.dicomweb import DicomwebSource, Selection
+
+    studies = [_study_json(f"1.2.3.{i}") for i in range(5)]
+
+    def answer(path: str) -> tuple[int, str, bytes]:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        if path.startswith("/dicom-web/studies?"):  # two per page, as a server with a page limit answers
+            offset = int(query.get("offset", ["0"])[0])
+            return 200, "application/dicom+json", json.dumps(studies[offset : offset + 2]).encode()
+        return 200, "application/dicom+json", b"[]"  # no series in any study
+
+    with _stub_server(answer) as (source, paths):
+        pacs = DicomwebSource(source)
+        try:
+            pacs.list(Selection(since="2000-01-01"))
+        finally:
+            pacs.close()
+    series_searches = sorted(path.split("/")[3] for path in paths if "/series" in path)
+    assert series_searches == [f"1.2.3.{i}" for i in range(5)]
+
+
+def test_credentials_or_a_query_in_the_address_are_refused_and_never_echoed(tmp_path: Path) -> None:
+    base = [
+        "--since",
+        "2000-01-01",
+        "--model",
+        str(tmp_path / "model.onnx"),
+        "--out",
+        str(tmp_path / "p.csv"),
+    ]
+    for source, message in [
+        ("dicomweb+http://user:secret@127.0.0.1:1/dicom-web", "put no credentials in the DICOMweb address"),
+        ("dicomweb+HTTP://user:secret@127.0.0.1:1/dicom-web", "put no credentials in the DICOMweb address"),
+        ("DICOMWEB+http://user:secret@127.0.0.1:1/dicom-web", "put no credentials in the DICOMweb address"),
+        ("dicomweb+user:secret@127.0.0.1:1/dicom-web", "put no credentials in the DICOMweb address"),
+        ("dicomweb+http://127.0.0.1:1/dicom-web?token=secret", "may not carry a query string"),
+        ("dicomweb+ftp://secret/dicom-web", "the address is not a DICOMweb address"),
+    ]:
+        code, output = _predict(source, *base)
+        assert code == EXIT_NOTHING_READ and message in _one_line_error(output), (source, output)
+        assert "secret" not in output, (source, output)
+
+
+def test_report_uids_follow_the_rules_that_made_the_label() -> None:
+    from kidney_edge.runtime.dicom_sr import ModelIdentity, report_uids
+
+    identity = ModelIdentity("m.onnx", "ab" * 32, 1, "0.1", "argmax", "top-3 mean of slice probabilities")
+    uids = report_uids("1.2.3", "1.2.3.4", identity)
+    assert report_uids("1.2.3", "1.2.3.4", identity) == uids
+    for changed in (replace(identity, series_rule="max of slice probabilities"),
+                    replace(identity, decision_rule="Stone at 0.3")):  # fmt: skip
+        other = report_uids("1.2.3", "1.2.3.4", changed)
+        assert other.sop_uid != uids.sop_uid and other.series_uid != uids.series_uid
+
+
+# Last in the file: it adds SRs to the session's Orthanc, which the store tests above count.
+def test_a_changed_series_rule_stores_a_new_sr_and_an_unchanged_one_nothing(
+    pacs: dict, tmp_path: Path
+) -> None:
+    study = "1.2.826.0.1.3680043.8.498.7002"
+    args = ["--study", study, "--model", str(pacs["model"]), "--store"]
+    code, output = _predict(pacs["server"].source, *args, "--out", str(tmp_path / "a.csv"))
+    assert code == EXIT_OK and "SRs stored: " in output, output
+    before = len(_stored_reports(pacs)[f"{study}.1"])
+    code, output = _predict(
+        pacs["server"].source, *args, "--aggregate", "max", "--out", str(tmp_path / "b.csv")
+    )
+    assert code == EXIT_OK and "SRs stored: 1, already there: 0, failed: 0" in output, output
+    code, output = _predict(
+        pacs["server"].source, *args, "--aggregate", "max", "--out", str(tmp_path / "c.csv")
+    )
+    assert code == EXIT_OK and "SRs stored: 0, already there: 1, failed: 0" in output, output
+    reports = _stored_reports(pacs)[f"{study}.1"]
+    assert len(reports) == before + 1
+    assert any(
+        "series rule: max of slice probabilities" in " ".join(_content(r)["parameters"]) for r in reports
+    )

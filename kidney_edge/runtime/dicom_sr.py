@@ -9,9 +9,11 @@ diagnosis", which the series description repeats. Patient and study attributes a
 highdicom from the evidence (the series' own instances), never made up; every instance of the
 series that was aggregated is referenced as evidence.
 
-UIDs are derived from the source series and the model file (:func:`report_uids`): storing the
-same result twice gives the same SOPInstanceUID, which is how a rerun or a resumed run sees that
-a series already carries this model's report (``--force`` asks for fresh UIDs instead).
+UIDs are derived from the source series, the model file and the series and slice decision rules
+(:func:`report_uids`): storing the same result twice gives the same SOPInstanceUID, which is how
+a rerun or a resumed run sees that a series already carries this model's report under these
+rules, while a run under another rule (``--aggregate``, ``--top-k``, ...) stores its own
+(``--force`` asks for fresh UIDs instead).
 """
 
 from __future__ import annotations
@@ -20,26 +22,16 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kidney_edge.runtime.series import Aggregation, SeriesAssessment, SeriesRule
+from kidney_edge.runtime.rows import probability_column
+from kidney_edge.runtime.series import DEFAULT_TOP_K, Aggregation, SeriesAssessment, SeriesRule
 
 CODING_SCHEME = "99KIDNEYEDGE"  # private coding scheme (PS3.16 8.2: designators starting "99")
 SR_MODALITY = "SR"
 RESEARCH_USE = "research use, not for diagnosis"
 SERIES_DESCRIPTION = f"kidney-edge AI result ({RESEARCH_USE})"
 SR_SERIES_NUMBER = 9901  # far above a scanner's series numbers, so a viewer lists it last
-_HASH_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -78,11 +70,13 @@ def derived_uid(*parts: str) -> str:
 def report_uids(
     study_uid: str, series_uid: str, identity: ModelIdentity, *, fresh: bool = False
 ) -> ReportUids:
-    """UIDs of the SR of (source series, model): the same on every run, or new ones when ``fresh``."""
+    """UIDs of the SR of (source series, model, rules): the same on every run, or new ones when
+    ``fresh``. The rules are part of them because they decide the label the SR states."""
+    rules = [identity.series_rule, identity.decision_rule]
     salt = [str(uuid.uuid4())] if fresh else []
     return ReportUids(
-        series_uid=derived_uid(study_uid, identity.sha256, "sr-series", *salt),
-        sop_uid=derived_uid(study_uid, series_uid, identity.sha256, "sr", *salt),
+        series_uid=derived_uid(study_uid, identity.sha256, *rules, "sr-series", *salt),
+        sop_uid=derived_uid(study_uid, series_uid, identity.sha256, *rules, "sr", *salt),
     )
 
 
@@ -118,9 +112,15 @@ def key_slices(assessment: SeriesAssessment, class_names: Sequence[str], rule: S
     driver = label
     if label == rule.normal_class:
         findings = [name for name in class_names if name != rule.normal_class]
-        driver = max(findings, key=lambda name: float(row[f"p_{name}"]), default=label)
-    k = 1 if rule.aggregate is Aggregation.MAX else rule.top_k if rule.aggregate is Aggregation.TOPK else 3
-    ranked = sorted(assessment.ordered, key=lambda item: -float(item[1][f"p_{driver}"]))
+        driver = max(findings, key=lambda name: float(row[probability_column(name)]), default=label)
+    k = (
+        1
+        if rule.aggregate is Aggregation.MAX
+        else rule.top_k
+        if rule.aggregate is Aggregation.TOPK
+        else DEFAULT_TOP_K
+    )
+    ranked = sorted(assessment.ordered, key=lambda item: -float(item[1][probability_column(driver)]))
     return [header for header, _ in ranked[:k]]
 
 
@@ -154,7 +154,7 @@ def series_report(
         measurements=[
             hd.sr.Measurement(
                 name=_code(f"p-{name}", f"Probability of {name}"),
-                value=float(row[f"p_{name}"]),
+                value=float(row[probability_column(name)]),
                 unit=codes.UCUM.NoUnits,
             )  # fmt: skip
             for name in class_names

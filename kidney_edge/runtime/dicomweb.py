@@ -47,20 +47,30 @@ class ServerError(KidneyEdgeError):
 
 def is_dicomweb(source: str) -> bool:
     """Whether predict's FOLDER argument names a DICOMweb server rather than a folder."""
-    return str(source).startswith(SCHEME)
+    return str(source).lower().startswith(SCHEME)
 
 
 def server_url(source: str) -> str:
-    """``dicomweb+http://host:port/dicom-web`` -> ``http://host:port/dicom-web``; InputError otherwise."""
-    url = str(source).removeprefix(SCHEME).rstrip("/")
-    if re.match(r"^[a-z]+://[^/]*@", url):  # checked first: a message must not repeat a password
+    """``dicomweb+http://host:port/dicom-web`` -> ``http://host:port/dicom-web``; InputError otherwise.
+
+    No message repeats the source: it may hold a password or a token, in any spelling."""
+    url = str(source)
+    url = url[len(SCHEME) :] if is_dicomweb(url) else url
+    url = url.rstrip("/")
+    if re.match(r"^(?:[a-z][a-z0-9+.-]*:)?/*[^/]*@", url, re.IGNORECASE):  # an @ in the authority
         raise InputError(f"put no credentials in the DICOMweb address; pass --token or set {TOKEN_ENV}")
-    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+    if "?" in url or "#" in url:  # a token there would be in every row's path
         raise InputError(
-            f"{source!r} is not a DICOMweb address; write dicomweb+http://HOST:PORT/ROOT, "
+            "the DICOMweb address may not carry a query string (?...); pass a token with --token or "
+            f"set {TOKEN_ENV}"
+        )
+    match = re.match(r"^(https?)(://[^/\s]+(/\S*)?)$", url, re.IGNORECASE)
+    if match is None:
+        raise InputError(
+            "the address is not a DICOMweb address; write dicomweb+http://HOST:PORT/ROOT, "
             "e.g. dicomweb+http://127.0.0.1:8042/dicom-web"
         )
-    return url
+    return match.group(1).lower() + match.group(2)
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,14 @@ class DicomwebSource:
         session.mount("https://", adapter)
         if token:
             session.headers["Authorization"] = _authorization(token)
+        self._session = session
         self._client = DICOMwebClient(self.url, session=session, timeout=timeout_s)
         # A retry of a refused or failed request only delays the message: faults are reported, not hidden.
         self._client.set_http_retry_params(retry=False)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._session.close()
 
     # ------------------------------------------------------------------ faults
 
@@ -190,6 +205,14 @@ class DicomwebSource:
             raise ServerError(
                 f"cannot reach the DICOMweb server {self.url} ({what}; {_root_cause(exc)}): is it running, "
                 "and is the address right?"
+            ) from None
+        # Anything else of requests (a cut stream, an invalid URL, a redirect loop, a body that is
+        # not JSON such as a login page) or of the client's parsing (ValueError): no usable answer.
+        except (requests.RequestException, ValueError) as exc:
+            wrong_address = isinstance(exc, requests.JSONDecodeError | requests.exceptions.InvalidURL)
+            hint = ": is the address its DICOMweb root?" if wrong_address else ""
+            raise ServerError(
+                f"the DICOMweb server {self.url} gave no usable answer to {what} ({type(exc).__name__}){hint}"
             ) from None
 
     def _call(self, what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -221,19 +244,20 @@ class DicomwebSource:
         """(SeriesInstanceUID, instance headers) of each series of a study (QIDO-RS, WADO-RS metadata)."""
         filters = {"Modality": selection.modality} if selection.modality else None
         series = self._call(f"the series search of study {study_uid}", self._client.search_for_series,
-                            study_uid, search_filters=filters)  # fmt: skip
+                            study_uid, search_filters=filters, get_remaining=True)  # fmt: skip
         uids = [uid for uid in (_value(found.get("0020000E")) for found in series) if uid]
         return [(uid, self._series_headers(study_uid, uid)) for uid in uids]
 
     def _study_uids(self, selection: Selection, listing: Listing) -> list[str]:
         base: dict[str, Any] = {"StudyDate": f"{selection.since}-"} if selection.since else {}
         if not selection.studies:
-            found = self._call("the study search", self._client.search_for_studies, search_filters=base)
+            found = self._call("the study search", self._client.search_for_studies, search_filters=base,
+                               get_remaining=True)  # fmt: skip
             return [uid for uid in (_value(study.get("0020000D")) for study in found) if uid]
         uids = []
         for uid in selection.studies:
             found = self._call(f"the search for study {uid}", self._client.search_for_studies,
-                               search_filters={**base, "StudyInstanceUID": uid})  # fmt: skip
+                               search_filters={**base, "StudyInstanceUID": uid}, get_remaining=True)  # fmt: skip
             if found:
                 uids.append(uid)
             else:
@@ -246,13 +270,14 @@ class DicomwebSource:
     def _series_headers(self, study_uid: str, series_uid: str) -> list[Any]:
         import pydicom
 
-        metadata = self._call(f"the metadata of series {series_uid}", self._client.retrieve_series_metadata,
-                              study_uid, series_uid)  # fmt: skip
-        headers = []
-        for item in metadata:
+        what = f"the metadata of series {series_uid}"
+        with self._faults(what):  # a malformed DICOM JSON answer is the server's fault too
+            metadata = self._client.retrieve_series_metadata(study_uid, series_uid)
             # Bulk data (pixels) is not in the metadata, only a URI to it: the header is what is read.
-            inline = {tag: element for tag, element in item.items() if "BulkDataURI" not in element}
-            headers.append(pydicom.Dataset.from_json(inline))
+            headers = [
+                pydicom.Dataset.from_json({tag: el for tag, el in item.items() if "BulkDataURI" not in el})
+                for item in metadata
+            ]
         headers.sort(key=lambda ds: (int(ds.get("InstanceNumber") or 0), str(ds.get("SOPInstanceUID", ""))))
         return headers
 
@@ -276,7 +301,7 @@ class DicomwebSource:
                 )
             return part10(dataset)
         except ServerError as exc:
-            raise ImageReadError(instance.key, str(exc)) from None
+            raise ImageReadError(instance.key, f"retrieve failed: {exc}") from None
         # A response cut mid-stream fails in requests, urllib3 or the multipart parser, by many types.
         except Exception as exc:
             raise ImageReadError(instance.key, f"retrieve failed ({type(exc).__name__}: {exc})") from None
@@ -293,7 +318,7 @@ class DicomwebSource:
     def instance_uids(self, study_uid: str, modality: str) -> set[str]:
         """SOPInstanceUIDs of the study's instances of ``modality`` (QIDO-RS)."""
         found = self._call(f"the {modality} search of study {study_uid}", self._client.search_for_instances,
-                           study_uid, search_filters={"Modality": modality})  # fmt: skip
+                           study_uid, search_filters={"Modality": modality}, get_remaining=True)  # fmt: skip
         return {uid for uid in (_value(item.get("00080018")) for item in found) if uid}
 
     def store(self, study_uid: str, datasets: Sequence[Any]) -> None:

@@ -29,14 +29,13 @@ from kidney_edge.errors import InputError, KidneyEdgeError
 from kidney_edge.runtime.dicom_sr import (
     SR_MODALITY,
     ModelIdentity,
-    file_sha256,
     key_slices,
     report_uids,
     series_report,
 )
 from kidney_edge.runtime.dicomweb import DicomwebSource, Listing, Selection, SeriesReader, ServerError
 from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
-from kidney_edge.runtime.precision import Precision, Probe
+from kidney_edge.runtime.precision import Precision, Probe, file_sha256
 from kidney_edge.runtime.predict import LocalEngine, PredictConfig, execution_layout
 from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import EXIT_SERVER, OutputFormat, PredictSummary
@@ -121,50 +120,55 @@ def predict_dicomweb(
     if force and not store:
         raise InputError("--force redoes stored results: it needs --store")
     pacs = DicomwebSource(source, token)
-    # The server is the source: PredictConfig checks every other option, with a folder that exists.
-    config = PredictConfig(folder=Path("."), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
-                           batch_size=batch_size, threads=threads, workers=workers, resume=resume,
-                           precision=precision, ood=ood)  # fmt: skip
-    layout = execution_layout(config.threads, config.workers)
-    found: dict[str, Listing] = {}
-    headers: dict[str, DicomHeader] = {}  # instance URL -> header, from the listing's metadata
-    if report is not None:  # its series come from the listing, which is there before the first row
-        report = replace(report, headers=headers.get)
-    job = PredictJob(out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume,
-                     model=config.model, precision=config.precision, threads=layout.threads, ood=config.ood,
-                     probe=probe, report=report)  # fmt: skip
+    try:
+        # The server is the source: PredictConfig checks every other option, with a folder that exists.
+        config = PredictConfig(folder=Path("."), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
+                               batch_size=batch_size, threads=threads, workers=workers, resume=resume,
+                               precision=precision, ood=ood)  # fmt: skip
+        layout = execution_layout(config.threads, config.workers)
+        found: dict[str, Listing] = {}
+        headers: dict[str, DicomHeader] = {}  # instance URL -> header, from the listing's metadata
+        if report is not None:  # its series come from the listing, which is there before the first row
+            report = replace(report, headers=headers.get)
+        job = PredictJob(out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume,
+                         model=config.model, precision=config.precision, threads=layout.threads, ood=config.ood,
+                         probe=probe, report=report)  # fmt: skip
 
-    def list_instances() -> list[str]:
-        found["listing"] = listing = pacs.list(selection)
-        if not listing.keys:
-            raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
-        headers.update((key, header_of(key, instance.header)) for key, instance in listing.instances.items())
-        return listing.keys
+        def list_instances() -> list[str]:
+            found["listing"] = listing = pacs.list(selection)
+            if not listing.keys:
+                raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
+            headers.update(
+                (key, header_of(key, instance.header)) for key, instance in listing.instances.items()
+            )
+            return listing.keys
 
-    def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
-        reader = SeriesReader(pacs, found["listing"])
-        local = LocalEngine(
-            classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader
-        )
-        return DicomwebEngine(local, reader)
+        def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
+            reader = SeriesReader(pacs, found["listing"])
+            local = LocalEngine(
+                classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader
+            )
+            return DicomwebEngine(local, reader)
 
-    summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
-                          new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
-    listing = found["listing"]
-    summary.studies = len({instance.study_uid for instance in listing.instances.values()})
-    if summary.interrupted:
-        return summary  # series rows and results need every slice row: a --resume run writes them
-    rule = rule or SeriesRule()
-    assessments = _write_series(summary, headers, rule)
-    if store:
-        identity = ModelIdentity(
-            Path(summary.model).name, file_sha256(summary.model), summary.spec_schema_version, summary.toolkit_version,
-            summary.decision_rule, rule.describe(),
-        )  # fmt: skip
-        summary.store = store_reports(
-            pacs, listing, assessments, summary.class_names, rule, identity, force=force
-        )
-    return summary
+        summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
+                              new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
+        listing = found["listing"]
+        summary.studies = len({instance.study_uid for instance in listing.instances.values()})
+        if summary.interrupted:
+            return summary  # series rows and results need every slice row: a --resume run writes them
+        rule = rule or SeriesRule()
+        assessments = _write_series(summary, headers, rule)
+        if store:
+            identity = ModelIdentity(
+                Path(summary.model).name, file_sha256(Path(summary.model)), summary.spec_schema_version, summary.toolkit_version,
+                summary.decision_rule, rule.describe(),
+            )  # fmt: skip
+            summary.store = store_reports(
+                pacs, listing, assessments, summary.class_names, rule, identity, force=force
+            )
+        return summary
+    finally:
+        pacs.close()
 
 
 def _write_series(
