@@ -85,7 +85,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
     "fp32-early-calib-all": ({"fp32_layers": ("early",)}, 100_000, False),
     "fp32-early-calib-balanced": ({"fp32_layers": ("early",)}, 300, True),
     "fp32-early-no-pre-process": ({"fp32_layers": ("early",), "pre_process": False}, 300, False),
-}
+    # Percentile clips each activation's histogram tail (onnxruntime's CalibPercentile).
+    "percentile-99.99": ({"calibrate_method": "percentile", "calibration_percentile": 99.99}, 300, False),
+    "percentile-99.9": ({"calibrate_method": "percentile", "calibration_percentile": 99.9}, 300, False),
+    "minmax-moving-average": ({"moving_average": True}, 300, False),
+    "fp32-stem-entropy": ({"fp32_layers": ("stem",), "calibrate_method": "entropy"}, 300, False),
+    "fp32-stem-percentile-99.99": ({"fp32_layers": ("stem",), "calibrate_method": "percentile",
+                                    "calibration_percentile": 99.99}, 300, False),
+    "fp32-early-entropy-calib-all": ({"fp32_layers": ("early",), "calibrate_method": "entropy"}, 100_000, False),
+    "fp32-early-entropy-calib-balanced": ({"fp32_layers": ("early",), "calibrate_method": "entropy"}, 300, True),
+    "fp32-early-moving-average": ({"fp32_layers": ("early",), "moving_average": True}, 300, False),
+    "fp32-early-percentile-99.99": ({"fp32_layers": ("early",), "calibrate_method": "percentile",
+                                     "calibration_percentile": 99.99}, 300, False),
+}  # fmt: skip
 # name -> run folder (best.pt + splits.csv) for --exports: the demo's, a near-chance run, the
 # look-alike renderer's and the DICOM series phantom's (docs/export-and-int8.md says how each was made).
 EXPORTS = {
@@ -669,7 +681,9 @@ def main() -> None:
         harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
     else:
         record = measure(args)
-        machines[harness.cpu_kind(record["machine"])] = record
+        kind = harness.cpu_kind(record["machine"])
+        exports = machines.get(kind, {}).get("exports")  # --exports' record stays beside the variants
+        machines[kind] = {**record, "exports": exports} if exports else record
         harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
     harness.log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
 

@@ -72,6 +72,9 @@ class QuantizationConfig:
 
     activation_type: ActivationType = ActivationType.AUTO
     calibrate_method: CalibrationMethod = CalibrationMethod.ENTROPY
+    # Percentile calibration only: the share of each activation's histogram kept in range.
+    calibration_percentile: float = 99.999
+    moving_average: bool = False  # MinMax only: ranges are a moving average over batches
     per_channel: bool = True
     reduce_range: bool | None = None  # 7-bit weights; None: see resolve_reduce_range
     calibration_batch_size: int = 8  # x ~50 MB of intermediate tensors per image (Lite0, 224 px)
@@ -89,6 +92,10 @@ class QuantizationConfig:
         object.__setattr__(self, "calibrate_method", method)
         object.__setattr__(self, "fp32_layers", layers)
         object.__setattr__(self, "fp32_nodes", tuple(str(name) for name in self.fp32_nodes))
+        if not 50.0 < self.calibration_percentile <= 100.0:
+            raise InputError(f"calibration percentile must be in (50, 100], got {self.calibration_percentile}")
+        if self.moving_average and method is not CalibrationMethod.MINMAX:
+            raise InputError(f"a moving average of ranges needs MinMax calibration, not {method.value}")
         if not 1 <= self.calibration_batch_size <= 256:
             raise InputError(f"calibration batch size must be in 1..256, got {self.calibration_batch_size}")
 
@@ -306,7 +313,7 @@ class Int8Builder:
                     weight_type=QuantType.QInt8,
                     calibrate_method=_ORT_METHODS[self.config.calibrate_method](),
                     nodes_to_exclude=excluded,
-                    extra_options={"CalibStridedMinMax": 1},  # one batch per collect: bounded memory
+                    extra_options=calibration_options(self.config),
                     calibration_cache_path=str(self.cache),
                 )
             recipe = self.recipe(excluded, fp32_blocks)
@@ -324,6 +331,7 @@ class Int8Builder:
             "per_channel": self.config.per_channel,
             "reduce_range": self.reduce_range,
             "calibrate_method": self.config.calibrate_method.value,
+            **{key: value for key, value in calibration_options(self.config).items() if key != "CalibStridedMinMax"},
             "calibration_images": len(self.calibration_paths),
             "pre_process": self.config.pre_process,
             "fp32_layers": [layer.value for layer in self.config.fp32_layers],
@@ -350,6 +358,16 @@ def quantize_model(
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=int8_path.parent) as tmp:
         builder = Int8Builder(fp32_path, calibration_paths, spec, config, Path(tmp), progress=progress)
         return builder.build(int8_path)
+
+
+def calibration_options(config: QuantizationConfig) -> dict[str, Any]:
+    """quantize_static's ``extra_options`` for the config's calibration (onnxruntime's names)."""
+    options: dict[str, Any] = {"CalibStridedMinMax": 1}  # one batch per collect: bounded memory
+    if config.calibrate_method is CalibrationMethod.PERCENTILE:
+        options["CalibPercentile"] = config.calibration_percentile
+    if config.moving_average:
+        options["CalibMovingAverage"] = True
+    return options
 
 
 _ORT_METHODS: dict[CalibrationMethod, Callable[[], Any]] = {
