@@ -17,8 +17,9 @@ For each trained model (checkpoint + its splits.csv):
    SQNR of that tensor's own quantization (``local``: pre- vs post-QDQ in the QDQ model) and
    the accumulated SQNR against fp32 (``vs fp32``); per weight, the weight's SQNR. The nodes
    with the lowest figures are the candidates to keep in fp32;
-3. every recipe variant (calibration method, calibration size and class balance,
-   ``quant_pre_process``, per-channel and reduce-range weights, fp32 stem / last conv) is
+3. every recipe variant (calibration method, its percentile or moving average, calibration
+   size and class balance, ``quant_pre_process``, per-channel and reduce-range weights, fp32
+   stem / early layers / last conv) is
    quantized by ``kidney_edge.quantize.quantize_model`` and scored by the export's own gate
    (``kidney_edge.int8_gate``: agreement with fp32 on every image, macro-F1 and Tumor recall
    drops on the test split with bootstrap CIs, argmax and the spec's rule);
@@ -101,7 +102,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
 # name -> run folder (best.pt + splits.csv) for --exports: the demo's, a near-chance run, the
 # look-alike renderer's and the DICOM series phantom's (docs/export-and-int8.md says how each was made).
 EXPORTS = {
-    "demo": "/tmp/int8-work/demo-full/run",
+    "demo": "/tmp/int8r/demo/run",  # demo --out /tmp/int8r/demo on a quiet machine
+    "demo-undertrained": "/tmp/int8-work/demo-full/run",  # its 7-minute budget cut short by load
     "demo-quick": "/tmp/int8-work/demo/run",
     "near-chance": "/tmp/int8-work/runs/nearchance",
     "lookalike-224": "/tmp/int8-work/runs/lookalike",

@@ -93,7 +93,9 @@ class QuantizationConfig:
         object.__setattr__(self, "fp32_layers", layers)
         object.__setattr__(self, "fp32_nodes", tuple(str(name) for name in self.fp32_nodes))
         if not 50.0 < self.calibration_percentile <= 100.0:
-            raise InputError(f"calibration percentile must be in (50, 100], got {self.calibration_percentile}")
+            raise InputError(
+                f"calibration percentile must be in (50, 100], got {self.calibration_percentile}"
+            )
         if self.moving_average and method is not CalibrationMethod.MINMAX:
             raise InputError(f"a moving average of ranges needs MinMax calibration, not {method.value}")
         if not 1 <= self.calibration_batch_size <= 256:
@@ -313,7 +315,8 @@ class Int8Builder:
                     weight_type=QuantType.QInt8,
                     calibrate_method=_ORT_METHODS[self.config.calibrate_method](),
                     nodes_to_exclude=excluded,
-                    extra_options=calibration_options(self.config),
+                    # one batch per collect: bounded memory
+                    extra_options={"CalibStridedMinMax": 1, **calibration_options(self.config)},
                     calibration_cache_path=str(self.cache),
                 )
             recipe = self.recipe(excluded, fp32_blocks)
@@ -331,7 +334,7 @@ class Int8Builder:
             "per_channel": self.config.per_channel,
             "reduce_range": self.reduce_range,
             "calibrate_method": self.config.calibrate_method.value,
-            **{key: value for key, value in calibration_options(self.config).items() if key != "CalibStridedMinMax"},
+            **calibration_options(self.config),
             "calibration_images": len(self.calibration_paths),
             "pre_process": self.config.pre_process,
             "fp32_layers": [layer.value for layer in self.config.fp32_layers],
@@ -361,8 +364,9 @@ def quantize_model(
 
 
 def calibration_options(config: QuantizationConfig) -> dict[str, Any]:
-    """quantize_static's ``extra_options`` for the config's calibration (onnxruntime's names)."""
-    options: dict[str, Any] = {"CalibStridedMinMax": 1}  # one batch per collect: bounded memory
+    """quantize_static's ``extra_options`` that set the config's calibration (onnxruntime's
+    names); the recipe records them."""
+    options: dict[str, Any] = {}
     if config.calibrate_method is CalibrationMethod.PERCENTILE:
         options["CalibPercentile"] = config.calibration_percentile
     if config.moving_average:

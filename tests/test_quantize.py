@@ -82,7 +82,6 @@ def test_quantize_keeps_the_chosen_layers_fp32(tmp_path: Path, pre_process: bool
     assert second.input[1] in dequantized and second.input[0] in dequantized  # int8 weights and input
 
 
-
 def _scale_of(graph, tensor: str) -> float:
     """The scale of the QuantizeLinear that quantizes ``tensor``."""
     from onnx import numpy_helper
@@ -112,6 +111,9 @@ def test_a_lower_percentile_clips_the_activation_range(tmp_path: Path) -> None:
     assert scales[99.9] < 0.99 * scales[99.999]
 
 
-def test_config_validates_the_percentile() -> None:
+def test_config_validates_the_calibration_options() -> None:
     with pytest.raises(InputError, match="calibration percentile must be in"):
         QuantizationConfig(calibration_percentile=100.5)
+    with pytest.raises(InputError, match="moving average of ranges needs MinMax calibration, not entropy"):
+        QuantizationConfig(calibrate_method="entropy", moving_average=True)
+    assert QuantizationConfig(calibrate_method="minmax", moving_average=True).moving_average
