@@ -102,8 +102,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
 # name -> run folder (best.pt + splits.csv) for --exports: the demo's, a near-chance run, the
 # look-alike renderer's and the DICOM series phantom's (docs/export-and-int8.md says how each was made).
 EXPORTS = {
-    "demo": "/tmp/int8r/demo/run",  # demo --out /tmp/int8r/demo on a quiet machine
-    "demo-undertrained": "/tmp/int8-work/demo-full/run",  # its 7-minute budget cut short by load
+    "demo": "/tmp/int8-work/demo-full/run",
     "demo-quick": "/tmp/int8-work/demo/run",
     "near-chance": "/tmp/int8-work/runs/nearchance",
     "lookalike-224": "/tmp/int8-work/runs/lookalike",
