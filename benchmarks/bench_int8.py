@@ -618,6 +618,13 @@ def _render_model(name: str, model: dict[str, Any]) -> list[str]:
             f"| {gate['logit_relative_error']:.3f} | {len(recipe['fp32_nodes'])} | {timing['ms_per_image']:.2f} "
             f"| {timing['speedup']:.2f}x |"
         )
+    judged = {v: r["gate"] for v, r in model["variants"].items() if "agreement" in r["gate"]}
+    if judged:  # records of the evidence gate: agreement per decision and the deciding figure
+        lines += ["", "Agreement with fp32 per decision, on every image of the splits, and the gate's deciding figure:", ""]
+        for variant, gate in judged.items():
+            agreement = gate["agreement"]
+            lines.append(f"- **{variant}**: argmax {agreement['argmax']:.2%}, rule {agreement['rule']:.2%} "
+                         f"({agreement['n_images']} images); {gate['deciding']}.")  # fmt: skip
     sens = model.get("sensitivity")
     if sens:
         lines += _render_sensitivity(sens)
