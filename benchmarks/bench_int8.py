@@ -17,8 +17,9 @@ For each trained model (checkpoint + its splits.csv):
    SQNR of that tensor's own quantization (``local``: pre- vs post-QDQ in the QDQ model) and
    the accumulated SQNR against fp32 (``vs fp32``); per weight, the weight's SQNR. The nodes
    with the lowest figures are the candidates to keep in fp32;
-3. every recipe variant (calibration method, calibration size and class balance,
-   ``quant_pre_process``, per-channel and reduce-range weights, fp32 stem / last conv) is
+3. every recipe variant (calibration method, its percentile or moving average, calibration
+   size and class balance, ``quant_pre_process``, per-channel and reduce-range weights, fp32
+   stem / early layers / last conv) is
    quantized by ``kidney_edge.quantize.quantize_model`` and scored by the export's own gate
    (``kidney_edge.int8_gate``: agreement with fp32 on every image, macro-F1 and Tumor recall
    drops on the test split with bootstrap CIs, argmax and the spec's rule);
@@ -85,7 +86,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], int, bool]] = {
     "fp32-early-calib-all": ({"fp32_layers": ("early",)}, 100_000, False),
     "fp32-early-calib-balanced": ({"fp32_layers": ("early",)}, 300, True),
     "fp32-early-no-pre-process": ({"fp32_layers": ("early",), "pre_process": False}, 300, False),
-}
+    # Percentile clips each activation's histogram tail (onnxruntime's CalibPercentile).
+    "percentile-99.99": ({"calibrate_method": "percentile", "calibration_percentile": 99.99}, 300, False),
+    "percentile-99.9": ({"calibrate_method": "percentile", "calibration_percentile": 99.9}, 300, False),
+    "minmax-moving-average": ({"moving_average": True}, 300, False),
+    "fp32-stem-entropy": ({"fp32_layers": ("stem",), "calibrate_method": "entropy"}, 300, False),
+    "fp32-stem-percentile-99.99": ({"fp32_layers": ("stem",), "calibrate_method": "percentile",
+                                    "calibration_percentile": 99.99}, 300, False),
+    "fp32-early-entropy-calib-all": ({"fp32_layers": ("early",), "calibrate_method": "entropy"}, 100_000, False),
+    "fp32-early-entropy-calib-balanced": ({"fp32_layers": ("early",), "calibrate_method": "entropy"}, 300, True),
+    "fp32-early-moving-average": ({"fp32_layers": ("early",), "moving_average": True}, 300, False),
+    "fp32-early-percentile-99.99": ({"fp32_layers": ("early",), "calibrate_method": "percentile",
+                                     "calibration_percentile": 99.99}, 300, False),
+}  # fmt: skip
 # name -> run folder (best.pt + splits.csv) for --exports: the demo's, a near-chance run, the
 # look-alike renderer's and the DICOM series phantom's (docs/export-and-int8.md says how each was made).
 EXPORTS = {
@@ -605,6 +618,13 @@ def _render_model(name: str, model: dict[str, Any]) -> list[str]:
             f"| {gate['logit_relative_error']:.3f} | {len(recipe['fp32_nodes'])} | {timing['ms_per_image']:.2f} "
             f"| {timing['speedup']:.2f}x |"
         )
+    judged = {v: r["gate"] for v, r in model["variants"].items() if "agreement" in r["gate"]}
+    if judged:  # records of the evidence gate: agreement per decision and the deciding figure
+        lines += ["", "Agreement with fp32 per decision, on every image of the splits, and the gate's deciding figure:", ""]
+        for variant, gate in judged.items():
+            agreement = gate["agreement"]
+            lines.append(f"- **{variant}**: argmax {agreement['argmax']:.2%}, rule {agreement['rule']:.2%} "
+                         f"({agreement['n_images']} images); {gate['deciding']}.")  # fmt: skip
     sens = model.get("sensitivity")
     if sens:
         lines += _render_sensitivity(sens)
@@ -669,7 +689,9 @@ def main() -> None:
         harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
     else:
         record = measure(args)
-        machines[harness.cpu_kind(record["machine"])] = record
+        kind = harness.cpu_kind(record["machine"])
+        exports = machines.get(kind, {}).get("exports")  # --exports' record stays beside the variants
+        machines[kind] = {**record, "exports": exports} if exports else record
         harness.write_results(args.out, {"machines": machines}, render(machines, legacy_md))
     harness.log(f"wrote {md_path}" if args.render_only else f"wrote {json_path} and {md_path}")
 

@@ -80,3 +80,40 @@ def test_quantize_keeps_the_chosen_layers_fp32(tmp_path: Path, pre_process: bool
     stem, second = convs
     assert stem.name in recipe["fp32_nodes"] and stem.input[1] not in dequantized  # float weights
     assert second.input[1] in dequantized and second.input[0] in dequantized  # int8 weights and input
+
+
+def _scale_of(graph, tensor: str) -> float:
+    """The scale of the QuantizeLinear that quantizes ``tensor``."""
+    from onnx import numpy_helper
+
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    node = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    return float(inits[node.input[1]])
+
+
+def test_a_lower_percentile_clips_the_activation_range(tmp_path: Path) -> None:
+    """CalibPercentile reaches onnxruntime: 99.9% of the first ReLU's histogram is a narrower range
+    (a finer scale) than 99.999%, and the recipe records it."""
+    import onnx
+
+    fp32 = make_conv_onnx(tmp_path / "model.onnx")
+    images = write_gray_images(tmp_path / "images", 8, size=64)
+    scales = {}
+    for percentile in (99.9, 99.999):
+        config = QuantizationConfig(
+            activation_type="uint8", calibrate_method="percentile", calibration_percentile=percentile,
+            fp32_layers=(), pre_process=False, calibration_batch_size=4,
+        )  # fmt: skip
+        int8 = tmp_path / f"int8.{percentile}.onnx"
+        recipe = quantize_model(fp32, int8, images, ModelSpec(input_size=64), config)
+        assert recipe["CalibPercentile"] == percentile
+        scales[percentile] = _scale_of(onnx.load(str(int8)).graph, "r1")
+    assert scales[99.9] < 0.99 * scales[99.999]
+
+
+def test_config_validates_the_calibration_options() -> None:
+    with pytest.raises(InputError, match="calibration percentile must be in"):
+        QuantizationConfig(calibration_percentile=100.5)
+    with pytest.raises(InputError, match="moving average of ranges needs MinMax calibration, not entropy"):
+        QuantizationConfig(calibrate_method="entropy", moving_average=True)
+    assert QuantizationConfig(calibrate_method="minmax", moving_average=True).moving_average
