@@ -7,6 +7,8 @@ outlier channel in one block makes it disagree on about half of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,7 @@ def test_bootstrap_scores_match_the_metrics_and_the_ci_is_paired() -> None:
     assert worse["accuracy"]["delta"] == pytest.approx(-0.1)
     low, high = worse["accuracy"]["delta_ci"]
     assert low < -0.1 < high <= 0.0 and worse["accuracy"]["drop_upper"] == -low
+    assert worse["accuracy"]["drop_lower"] == max(0.0, -high)
     assert paired_bootstrap(y, fp32, int8, 4, 3, config) == worse  # seeded: the same figures every time
 
 
@@ -221,3 +224,28 @@ def test_block_names_follow_the_module_path() -> None:
     assert block_of("/features/features.1/features.1.0/block/Conv") == "features.1"
     assert block_of("/Flatten") is None and block_of("Conv_12") is None
     assert BLOCK_CENTRES[0] < BLOCK_CENTRES[-1]
+
+
+def test_labels_veto_only_a_loss_shown_over_budget() -> None:
+    """One flipped near-tie on a small split does not decide; a systematic loss does, whatever
+    the agreement threshold."""
+    spec = ModelSpec(input_size=32)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(120, 4)) * 5
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = probabilities.argmax(1)  # fp32 is right on every test image
+    images = gate_images([Path(f"/x/{i}.png") for i in range(120)], labels, [], 1000, 0)
+    config = Int8GateConfig(resamples=400)
+
+    def int8_wrong_on(indices: np.ndarray) -> np.ndarray:
+        int8 = probabilities.copy()
+        int8[indices] = np.roll(int8[indices], 1, axis=1)
+        return int8
+
+    one = judge((logits, probabilities), (logits, int8_wrong_on(np.flatnonzero(labels == 3)[:1])), images, spec,
+                Int8GateConfig(min_agreement=0.99, resamples=400))  # fmt: skip
+    assert one["passed"] and one["labelled"]["argmax"]["positive_recall"]["drop_upper"] > 0.01
+    many = judge((logits, probabilities), (logits, int8_wrong_on(np.arange(24))), images, spec,
+                 dataclasses.replace(config, min_agreement=0.0))  # fmt: skip
+    assert not many["passed"]
+    assert {c["name"] for c in many["criteria"] if not c["passed"]} >= {"argmax macro_f1 drop"}

@@ -77,8 +77,8 @@ def export(
         float,
         typer.Option(
             "--max-int8-drop",
-            help="Largest macro-F1 / positive-recall drop INT8 may have at the upper end of its "
-            "bootstrap CI on the test split (0.01 = 1 point).",
+            help="INT8 is refused when its macro-F1 or positive-recall drop on the test split exceeds "
+            "this even at the low end of its bootstrap CI (0.01 = 1 point).",
         ),
     ] = Int8GateConfig.max_drop,
     int8_min_agreement: Annotated[
