@@ -408,3 +408,42 @@ def test_data_results_re_render_unchanged(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "data.md").read_text() == (results / "data.md").read_text()
+
+
+def _bench_recipe():
+    import importlib
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("bench_recipe")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_recipe_bench_default_is_the_librarys_finetune_default() -> None:
+    """The worst-case table is 'the defaults at full size': the recipe it reads must be the
+    fine-tuning phase `kidney-edge train` runs without options."""
+    from kidney_edge.training.config import default_finetune_phase
+
+    bench = _bench_recipe()
+    recipe, phase = bench.RECIPES[bench.DEFAULT_RECIPE], default_finetune_phase()
+    assert (recipe.lr, recipe.unfreeze_blocks, recipe.epochs, recipe.patience) == (
+        phase.lr, phase.unfreeze_blocks, phase.epochs, phase.patience)  # fmt: skip
+
+
+def test_worst_case_table_keeps_full_size_default_runs_worst_first() -> None:
+    bench = _bench_recipe()
+
+    def run(family: str, f1: float, recipe: str = "lr1e-3-b9-e12", n: int = 800) -> dict:
+        test = {"macro_f1": f1, "macro_f1_ci": [f1 - 0.1, f1 + 0.1], "tumor_recall": 0.5,
+                "recall": {"Tumor": 0.5, "Stone": 0.25, "Cyst": 1.0, "Normal": 0.75}}  # fmt: skip
+        result = {"test": {"argmax": test}, "n_train": 560, "wall_s": 300.0, "load_before": [1.0],
+                  "load_after": [2.0], "warnings": ["x retried from the best model at 0.0001"]}  # fmt: skip
+        return {"family": family, "seed": 0, "data_seed": 11, "recipe": recipe, "n_images": n,
+                "image_size": 224, "result": result}  # fmt: skip
+
+    runs = [run("dicom-series", 0.54), run("lookalike", 0.21), run("lookalike-oracle", 0.6),
+            run("lookalike", 0.3, recipe="lr3e-4-b9-e12"), run("classic", 0.9, n=500)]  # fmt: skip
+    rows = [line for line in bench.render_worst_case(runs, ["a note"]) if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| lookalike", "| dicom-series"]
+    assert "| 0.210 [0.110, 0.310] | 0.50 | 0.50 / 0.25 / 1.00 / 0.75 | 1 | 5.0 | 1.0 -> 2.0 |" in rows[1]
