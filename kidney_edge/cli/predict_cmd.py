@@ -27,7 +27,7 @@ from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import EXIT_SERVER, REPORT_SUFFIX
-from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
+from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation, series_path
 from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,8 +103,8 @@ def predict(
         bool | None,
         typer.Option(
             "--series/--no-series",
-            help="Also one row per DICOM series (study -> series, slices ordered along z) in series.csv "
-            "beside --out; default: when every input is DICOM.",
+            help="Also one row per DICOM series (study -> series, slices ordered along z) in "
+            f"{series_path(PredictConfig.out).name} beside --out; default: when every input is DICOM.",
         ),
     ] = None,
     aggregate: Annotated[

@@ -28,7 +28,13 @@ from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.runtime.precision import Precision, Probe
 from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, prediction_rows
+from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
+    OutputFormat,
+    PredictSummary,
+    error_row,
+    prediction_rows,
+)
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class PredictConfig:
 
     folder: Path
     model: Path | None = None
-    out: Path = Path("predictions.csv")
+    out: Path = Path(DEFAULT_PREDICTIONS_FILE)
     fmt: OutputFormat = OutputFormat.CSV
     batch_size: int = 8
     threads: int | None = None
@@ -69,7 +75,9 @@ class PredictConfig:
             raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
         execution_layout(self.threads, self.workers)  # checks --threads and --workers
         if self.out.is_dir():
-            raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
+            raise InputError(
+                f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
+            )
 
 
 def _log_unreadable_folder(error: OSError) -> None:

@@ -50,7 +50,14 @@ from kidney_edge.runtime.driver import PredictJob, RowSink, RowWriter, TextWrite
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.predict import PredictConfig, classify_paths, scan_image_paths
 from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, is_number_column, output_columns
+from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
+    OutputFormat,
+    PredictSummary,
+    error_row,
+    is_number_column,
+    output_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +180,14 @@ class RayPredictConfig:
         if self.fmt is OutputFormat.PARQUET:
             if self.out.is_file() or self.out.suffix.lower() in (".csv", ".jsonl"):
                 raise InputError(
-                    f"--format parquet writes a folder of part files; pass --out predictions.parquet, "
+                    f"--format parquet writes a folder of part files; pass --out "
+                    f"{Path(DEFAULT_PREDICTIONS_FILE).with_suffix('.parquet')}, "
                     f"not {self.out}"
                 )
         elif self.out.is_dir():
-            raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
+            raise InputError(
+                f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
+            )
 
 
 @dataclass

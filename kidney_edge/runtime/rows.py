@@ -36,6 +36,11 @@ EXIT_SERVER = 4
 _MAX_LISTED_FAILURES = 20
 
 
+# predict's --out when none is given; the series rows (series.series_path) and the triage page
+# (report_path) are named from it.
+DEFAULT_PREDICTIONS_FILE = "predictions.csv"
+
+
 class OutputFormat(str, Enum):
     """Format of a predictions file (``--format``)."""
 

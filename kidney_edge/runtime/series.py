@@ -45,6 +45,7 @@ from kidney_edge.errors import InputError, enum_choice
 from kidney_edge.imaging import is_dicom_file
 from kidney_edge.io_utils import atomic_write_text, csv_text
 from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
     FLOAT_DIGITS,
     is_failed,
     is_unknown,
@@ -634,7 +635,8 @@ def series_path(predictions: str | os.PathLike[str]) -> Path:
     """Where series rows go: ``series.csv`` beside ``predictions.csv``; ``run.series.csv`` beside
     any other ``run.csv`` (the same suffix, so JSONL stays JSONL)."""
     predictions = Path(predictions)
-    stem = SERIES_STEM if predictions.stem == "predictions" else f"{predictions.stem}.{SERIES_STEM}"
+    default = predictions.stem == Path(DEFAULT_PREDICTIONS_FILE).stem
+    stem = SERIES_STEM if default else f"{predictions.stem}.{SERIES_STEM}"
     return predictions.with_name(stem + (predictions.suffix or ".csv"))
 
 
