@@ -15,12 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kidney_edge.io_utils import csv_text
 from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kidney_edge.runtime.series import SeriesSummary
 
 FLOAT_DIGITS = 6  # decimals of every float in a predictions or series CSV
 PROBABILITY_PREFIX = "p_"  # p_<Class>: one probability (or series score) column per class
@@ -200,6 +203,7 @@ class PredictSummary:
     spec_schema_version: int = 0  # the model's identity beside its file (DICOM SR results name it)
     toolkit_version: str = ""  # the kidney-edge version that exported the model
     report: Path | None = None  # the triage page written at the end (--report)
+    series: SeriesSummary | None = None  # the series rows written at the end (--series)
 
     @property
     def processed(self) -> int:
