@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -119,8 +119,6 @@ def predict_dicomweb(
     series = series or SeriesOptions()
     if series.mode is SeriesMode.OFF:
         raise InputError("a DICOMweb source always writes series rows: drop --no-series")
-    # Every instance listed is DICOM; the error rows of missing studies belong to no series.
-    series = replace(series, mode=SeriesMode.ON)
     pacs = DicomwebSource(source, token)
     try:
         # The server is the source: PredictConfig checks every other option, with a folder that exists.

@@ -740,7 +740,10 @@ def assess_run_series(
         found = {path: header for path, header in looked_up if header is not None}
         dicom = [row for row in rows if str(row["path"]) in found]
     assessments, orphan = assess_all(dicom, found, class_names, rule, positive_class)
-    return RunSeries(assessments, orphan, len(dicom), len(rows) - len(dicom))
+    # From a listing, a row without a header is an error row of the source (a missing study),
+    # not a non-DICOM input: it belongs to no series and counts as neither.
+    non_dicom = len(rows) - len(dicom) if headers is None else 0
+    return RunSeries(assessments, orphan, len(dicom), non_dicom)
 
 
 def write_run_series(
