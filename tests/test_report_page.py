@@ -24,6 +24,7 @@ from kidney_edge.runtime import OnnxClassifier, classify_paths, predict_folder
 from kidney_edge.runtime.predict import LocalEngine
 from kidney_edge.runtime.report_page import ReportOptions, RunFacts, write_report
 from kidney_edge.runtime.rows import report_path
+from kidney_edge.runtime.series import SeriesOptions
 from kidney_edge.runtime.triage import Group, Overlay, TriageCollector, triage
 from kidney_edge.spec import DecisionRule, ModelSpec
 
@@ -156,7 +157,8 @@ def test_unknowns_and_errors_are_listed_with_their_reasons(tmp_path: Path) -> No
     assert "not an image Pillow can read (truncated)" in errors
 
 
-def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> None:
+def write_two_series(study: Path) -> None:
+    """Two DICOM series of one study (6 and 3 slices), brighter along z: p(Tumor) rises slice by slice."""
     pytest.importorskip("pydicom")
     from kidney_edge.phantoms.dicom_series import SliceHeader, write_slice
 
@@ -165,12 +167,15 @@ def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> Non
             header = SliceHeader(
                 "P1", "1.2.3", f"1.2.3.{series}", f"1.2.3.{series}.{i + 1}", i + 1, (0.0, 0.0, 5.0 * i)
             )
-            hu = np.full((16, 16), -150.0 + 60.0 * i)  # brighter along z: p(Tumor) rises slice by slice
-            write_slice(tmp_path / "study" / f"s{series}" / header.sop_uid, hu, header)
+            write_slice(study / f"s{series}" / header.sop_uid, np.full((16, 16), -150.0 + 60.0 * i), header)
+
+
+def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> None:
+    write_two_series(tmp_path / "study")
     model = make_cam_onnx(tmp_path / "model.onnx")
     summary = predict_folder(tmp_path / "study", model=model, out=tmp_path / "p.csv", workers=1, threads=1,
-                             report=ReportOptions())  # fmt: skip
-    assert summary.predicted == 9
+                             report=ReportOptions(), series=SeriesOptions())  # fmt: skip
+    assert summary.predicted == 9 and summary.series is not None and summary.series.n_series == 2
     page = report_path(tmp_path / "p.csv").read_text(encoding="utf-8")
     strips = re.findall(r'<article class="series".*?</article>', page, flags=re.S)
     assert len(strips) == 2 and "DICOM series (2)" in page
@@ -181,6 +186,63 @@ def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> Non
         assert ys == sorted(ys, reverse=True)  # p(Tumor) rises along z: y falls on the SVG
         assert strip.count("<figure") == min(5, slices) and strip.count("data:image/jpeg") == min(5, slices)
         assert f"{slices} slices" in strip and "<title>p(Tumor) along z" in strip
+
+
+STRIP = re.compile(r'<article class="series".*?</article>', flags=re.S)
+
+
+def spy_on_assess_series(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every call of series.assess_series, from whichever kidney_edge module calls it: (study, series) UIDs."""
+    import sys
+
+    from kidney_edge.runtime import series
+
+    calls: list[tuple[str, str]] = []
+    original = series.assess_series
+
+    def spy(slices: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((slices[0][0].study_uid, slices[0][0].series_uid))
+        return original(slices, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kidney_edge") and getattr(module, "assess_series", None) is original:
+            monkeypatch.setattr(module, "assess_series", spy)
+    return calls
+
+
+def run_cli_on_two_series(tmp_path: Path, *extra: str) -> tuple[Any, Path]:
+    from typer.testing import CliRunner
+
+    from kidney_edge.cli import app
+
+    write_two_series(tmp_path / "study")
+    model = make_cam_onnx(tmp_path / "model.onnx")
+    out = tmp_path / "predictions.csv"
+    args = ["predict", str(tmp_path / "study"), "--model", str(model), "--out", str(out), "--workers", "1"]
+    return CliRunner().invoke(app, [*args, "--threads", "1", "--report", *extra]), out
+
+
+def test_a_report_run_assesses_each_series_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_on_assess_series(monkeypatch)
+    result, out = run_cli_on_two_series(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == [("1.2.3", "1.2.3.1"), ("1.2.3", "1.2.3.2")]  # once each: rows and page share it
+    series_rows = list(csv.DictReader(open(out.with_name("series.csv"), newline="")))
+    page = report_path(out).read_text(encoding="utf-8")
+    assert [row["series_uid"] for row in series_rows] == ["1.2.3.1", "1.2.3.2"]
+    assert len(STRIP.findall(page)) == 2 and "DICOM series (2)" in page
+    for row in series_rows:  # the page shows the series rows' own labels
+        assert f'series {row["series_uid"]}: <span class="label">{row["label"]}</span>' in page
+
+
+def test_no_series_means_no_strips_on_the_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_on_assess_series(monkeypatch)
+    result, out = run_cli_on_two_series(tmp_path, "--no-series")
+    assert result.exit_code == 0, result.output
+    page = report_path(out).read_text(encoding="utf-8")
+    assert not calls and not out.with_name("series.csv").exists()
+    assert not STRIP.findall(page) and 'id="series"' not in page and "DICOM series" not in page
+    assert sum(page_counts(page).values()) == 9  # the slice rows are all there
 
 
 def test_resume_covers_old_and_new_rows(gray_run: dict[str, Any], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from kidney_edge.cli._app import (
 )
 from kidney_edge.dataset import SPLITS
 from kidney_edge.evaluation import EvaluateConfig
+from kidney_edge.layout import METRICS_FILE, PREDICTIONS_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from kidney_edge.evaluation import EvaluationResult
@@ -45,7 +46,9 @@ def evaluate(
     ] = Split(EvaluateConfig.split),
     out: Annotated[
         Path,
-        typer.Option("--out", metavar="DIR", help="Folder for metrics.json, predictions.csv and the report."),
+        typer.Option(
+            "--out", metavar="DIR", help=f"Folder for {METRICS_FILE}, {PREDICTIONS_FILE} and the report."
+        ),
     ] = Path("evaluation"),
     tumor_recall: Annotated[
         float | None,

@@ -27,14 +27,14 @@ from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.report_page import ReportOptions
 from kidney_edge.runtime.rows import EXIT_SERVER, REPORT_SUFFIX
-from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation
+from kidney_edge.runtime.series import DEFAULT_AGGREGATION, DEFAULT_TOP_K, Aggregation, series_path
 from kidney_edge.runtime.triage import DEFAULT_REPORT_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
 
     from kidney_edge.runtime import PredictSummary
-    from kidney_edge.runtime.series import SeriesSummary
+    from kidney_edge.runtime.series import SeriesOptions, SeriesSummary
 
 
 _PACS_PANEL = "DICOMweb source (dicomweb+http://HOST:PORT/ROOT; needs the pacs extra)"
@@ -103,8 +103,8 @@ def predict(
         bool | None,
         typer.Option(
             "--series/--no-series",
-            help="Also one row per DICOM series (study -> series, slices ordered along z) in series.csv "
-            "beside --out; default: when every input is DICOM.",
+            help="Also one row per DICOM series (study -> series, slices ordered along z) in "
+            f"{series_path(PredictConfig.out).name} beside --out; default: when every input is DICOM.",
         ),
     ] = None,
     aggregate: Annotated[
@@ -222,16 +222,17 @@ def predict(
     from kidney_edge.errors import InputError
     from kidney_edge.runtime import predict_folder
     from kidney_edge.runtime.dicomweb import is_dicomweb
-    from kidney_edge.runtime.ray_engine import check_engine_options, predict_with_ray, series_readable
-    from kidney_edge.runtime.series import SeriesMode, SeriesRule, write_series
+    from kidney_edge.runtime.ray_engine import check_engine_options, predict_with_ray
+    from kidney_edge.runtime.series import SeriesMode, SeriesOptions, SeriesRule
 
     with library_errors():
-        rule = SeriesRule(aggregate=aggregate, top_k=top_k)
+        mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
+        series_options = SeriesOptions(mode, SeriesRule(aggregate=aggregate, top_k=top_k))
         wanted = report or report_path is not None
-        page = ReportOptions(report_path, report_max, series_rule=rule) if wanted else None
+        page = ReportOptions(report_path, report_max) if wanted else None
     if is_dicomweb(folder):
-        _predict_dicomweb(folder, rule, study=study, since=since, modality=modality, store=store, force=force,
-                          token=token, engine=engine, series=series, report=page, model=model, out=out,
+        _predict_dicomweb(folder, study=study, since=since, modality=modality, store=store, force=force,
+                          token=token, engine=engine, series=series_options, report=page, model=model, out=out,
                           fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
                           precision=precision, ood=ood)  # fmt: skip
     with library_errors():
@@ -240,17 +241,12 @@ def predict(
                 "--study, --since, --modality, --store and --force read from a DICOMweb server: "
                 "pass dicomweb+http://HOST:PORT/ROOT instead of a folder"
             )
-    mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
         engine = check_engine_options(engine, actors=actors, address=address, workers=workers, fmt=fmt)
-        if series and not series_readable(folder, fmt):
-            raise InputError(
-                "--series reads predictions and DICOM headers back: it needs csv/jsonl, local files"
-            )
         common: dict[str, Any] = {
             "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
-            "resume": resume, "precision": precision, "ood": ood, "report": page,
+            "resume": resume, "precision": precision, "ood": ood, "report": page, "series": series_options,
             "progress": lambda done, total: bar.update(task, completed=done, total=total),
         }  # fmt: skip
         if engine is Engine.RAY:
@@ -259,19 +255,14 @@ def predict(
             summary = predict_folder(folder, workers=workers, **common)
     _render(summary)
     _render_report(summary)
-    # series rows need every slice row: a --resume run writes them
-    if not summary.interrupted and series_readable(folder, fmt):
-        with library_errors():
-            series_summary = write_series(summary.out, class_names=summary.class_names, rule=rule,
-                                          positive_class=summary.positive_class, fmt=summary.fmt, mode=mode)  # fmt: skip
-        if series_summary is not None:
-            _render_series(series_summary)
+    if summary.series is not None:
+        _render_series(summary.series)
     raise typer.Exit(130 if summary.interrupted else summary.exit_code)
 
 
 def _predict_dicomweb(
-    source: str, rule: Any, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
-    force: bool, token: str | None, engine: Engine, series: bool | None, **common: Any,
+    source: str, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
+    force: bool, token: str | None, engine: Engine, series: SeriesOptions, **common: Any,
 ) -> None:  # fmt: skip
     """``predict dicomweb+http://…``: rows, series rows and (``--store``) SRs; exits with the run's code."""
     from rich.progress import TimeRemainingColumn
@@ -279,9 +270,14 @@ def _predict_dicomweb(
     from kidney_edge.errors import InputError
     from kidney_edge.runtime.dicomweb import Selection
     from kidney_edge.runtime.pacs import predict_dicomweb
+    from kidney_edge.runtime.series import SeriesMode
 
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
-        if engine is not Engine.LOCAL or series is False or common["fmt"] is OutputFormat.PARQUET:
+        if (
+            engine is not Engine.LOCAL
+            or series.mode is SeriesMode.OFF
+            or common["fmt"] is OutputFormat.PARQUET
+        ):
             raise InputError(
                 "a DICOMweb source runs on the local engine and writes csv/jsonl and series rows "
                 "(no --engine ray, --format parquet or --no-series)"
@@ -289,7 +285,7 @@ def _predict_dicomweb(
         task = bar.add_task("predict", total=None)
         selection = Selection(studies=tuple(study or ()), since=since, modality=modality)
         summary = predict_dicomweb(
-            source, selection, rule=rule, store=store, force=force, token=token,
+            source, selection, series=series, store=store, force=force, token=token,
             progress=lambda done, total: bar.update(task, completed=done, total=total), **common,
         )  # fmt: skip
     _render(summary)

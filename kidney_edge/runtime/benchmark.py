@@ -39,6 +39,7 @@ from kidney_edge.runtime.classifier import (
 from kidney_edge.runtime.hardware import available_cpus, cpu_info
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.predict import ExecutionLayout, execution_layout, predict_folder
+from kidney_edge.runtime.rows import DEFAULT_PREDICTIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def bench_pipeline(
         summary = predict_folder(
             images_dir,
             model=model,
-            out=Path(scratch) / "predictions.csv",
+            out=Path(scratch) / DEFAULT_PREDICTIONS_FILE,
             batch_size=batch_size,
             threads=threads,
             precision=precision,

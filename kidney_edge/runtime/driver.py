@@ -3,8 +3,10 @@
 :func:`run_predict` owns the order of a run: load the model under ``--precision`` (while the
 files are listed), derive the columns, drop the files already in ``--out`` (``--resume``), build
 the summary, stream rows to the writer as they come, turn Ctrl-C into ``summary.interrupted``,
-and with ``--report`` keep the triage page's pictures while rows stream and write the page of
-every row at the end (:mod:`~kidney_edge.runtime.report_page`). An engine
+and with ``--report`` keep the triage page's pictures while rows stream. When the rows are done
+it reads them back once, assesses the DICOM series once (``--series``) for the series rows
+(:mod:`~kidney_edge.runtime.series`) and writes the page of every row with those series
+(:mod:`~kidney_edge.runtime.report_page`). An engine
 (:class:`PredictEngine`) supplies only the rows: the local thread pool
 (:class:`~kidney_edge.runtime.predict.LocalEngine`) or a pool of Ray actors
 (:class:`~kidney_edge.runtime.ray_engine.RayEngine`). A new engine implements one method and
@@ -35,6 +37,16 @@ from kidney_edge.runtime.rows import (
     format_predictions,
     label_counts,
     output_columns,
+)
+from kidney_edge.runtime.series import (
+    HeaderLookup,
+    RunSeries,
+    SeriesMode,
+    SeriesOptions,
+    assess_run_series,
+    read_prediction_rows,
+    series_path,
+    write_run_series,
 )
 from kidney_edge.runtime.triage import RowEvidence, TriageCollector
 
@@ -88,6 +100,12 @@ class PredictJob:
     ood: bool
     probe: Probe | None = None  # replaces --precision auto's speed probe (tests, benchmarks)
     report: ReportOptions | None = None  # --report: the triage page, written when the run ends
+    series: SeriesOptions | None = None  # series rows beside out when the run ends; None: no series
+    headers: HeaderLookup | None = None  # the rows' DICOM headers when not read from files (DICOMweb)
+
+    @property
+    def assesses_series(self) -> bool:
+        return self.series is not None and self.series.mode is not SeriesMode.OFF
 
 
 # --------------------------------------------------------------------------- the streaming writer
@@ -275,7 +293,9 @@ def run_predict(
     collector = (
         None
         if job.report is None
-        else TriageCollector(classifier.spec, job.report.max_per_group, job.report.headers)
+        else TriageCollector(
+            classifier.spec, job.report.max_per_group, job.headers, series=job.assesses_series
+        )
     )
     columns = output_columns(classifier.class_names)
     with contextlib.closing(open_writer(job.out, job.fmt, columns, job.resume)) as writer:
@@ -297,7 +317,27 @@ def run_predict(
             summary.interrupted = True
             log.info("interrupted: %d rows written to %s", summary.processed, job.out)
     summary.wall_s = time.perf_counter() - started
-    if job.report is not None and collector is not None and not summary.interrupted:
-        page = write_run_report(job.report, job.out, job.fmt, classifier.spec, summary, collector)
-        summary.report = page.path
+    if not summary.interrupted:  # series rows and the page need every row: a --resume run writes them
+        _after_rows(job, classifier, summary, collector)
     return summary
+
+
+def _after_rows(
+    job: PredictJob, classifier: OnnxClassifier, summary: PredictSummary, collector: TriageCollector | None
+) -> None:
+    """The series rows (``job.series``) and the triage page (``job.report``) of a finished run,
+    from one read of ``job.out`` (old rows too, with --resume): each series is assessed once, and
+    the page shows the series the rows were written for."""
+    if not job.assesses_series and job.report is None:
+        return
+    spec = classifier.spec
+    rows = read_prediction_rows(job.out, job.fmt.value)
+    series: RunSeries | None = None
+    if job.series is not None and job.assesses_series:
+        series = assess_run_series(rows, spec.class_names, spec.positive_class, job.series.rule, job.headers)
+        summary.series = write_run_series(
+            series, job.series, series_path(job.out), class_names=spec.class_names, fmt=job.fmt.value
+        )
+    if job.report is not None and collector is not None:
+        page = write_run_report(job.report, job.out, rows, spec, summary, collector, series)
+        summary.report = page.path

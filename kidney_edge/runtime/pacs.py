@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,10 @@ from kidney_edge.runtime.rows import EXIT_SERVER, OutputFormat, PredictSummary
 from kidney_edge.runtime.series import (
     DicomHeader,
     SeriesAssessment,
+    SeriesMode,
+    SeriesOptions,
     SeriesRule,
-    SeriesSummary,
-    assess_all,
     header_of,
-    read_prediction_rows,
-    save_series_rows,
-    series_path,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +67,6 @@ class PacsPredictSummary(PredictSummary):
 
     server: str = ""
     studies: int = 0  # studies found (missing ones are error rows)
-    series: SeriesSummary | None = None
     store: StoreSummary | None = None
 
     @property
@@ -106,7 +102,7 @@ def predict_dicomweb(
     precision: Precision | str = PredictConfig.precision,
     probe: Probe | None = None,
     ood: bool = True,
-    rule: SeriesRule | None = None,
+    series: SeriesOptions | None = None,
     report: ReportOptions | None = None,
     store: bool = False,
     force: bool = False,
@@ -116,9 +112,13 @@ def predict_dicomweb(
     """Classify every instance of the selected studies, write slice and series rows, and with
     ``store`` send one SR per classified series into its study (``force``: even where this
     model's SR is already there). ``token``: a bearer token, or ``user:password`` for HTTP Basic.
+    ``series``: the series rule (mode off is refused: series rows are what a DICOMweb run gives).
     ``report``: also the triage page of every row, with the pictures of the same ONNX calls."""
     if force and not store:
         raise InputError("--force redoes stored results: it needs --store")
+    series = series or SeriesOptions()
+    if series.mode is SeriesMode.OFF:
+        raise InputError("a DICOMweb source always writes series rows: drop --no-series")
     pacs = DicomwebSource(source, token)
     try:
         # The server is the source: PredictConfig checks every other option, with a folder that exists.
@@ -127,12 +127,12 @@ def predict_dicomweb(
                                precision=precision, ood=ood)  # fmt: skip
         layout = execution_layout(config.threads, config.workers)
         found: dict[str, Listing] = {}
-        headers: dict[str, DicomHeader] = {}  # instance URL -> header, from the listing's metadata
-        if report is not None:  # its series come from the listing, which is there before the first row
-            report = replace(report, headers=headers.get)
+        # instance URL -> header, from the listing's metadata: there before the first row, so the
+        # report's strips and the series rows read it instead of files
+        headers: dict[str, DicomHeader] = {}
         job = PredictJob(out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume,
                          model=config.model, precision=config.precision, threads=layout.threads, ood=config.ood,
-                         probe=probe, report=report)  # fmt: skip
+                         probe=probe, report=report, series=series, headers=headers.get)  # fmt: skip
 
         def list_instances() -> list[str]:
             found["listing"] = listing = pacs.list(selection)
@@ -156,31 +156,19 @@ def predict_dicomweb(
         summary.studies = len({instance.study_uid for instance in listing.instances.values()})
         if summary.interrupted:
             return summary  # series rows and results need every slice row: a --resume run writes them
-        rule = rule or SeriesRule()
-        assessments = _write_series(summary, headers, rule)
         if store:
+            rule = series.rule
             identity = ModelIdentity(
                 Path(summary.model).name, file_sha256(Path(summary.model)), summary.spec_schema_version, summary.toolkit_version,
                 summary.decision_rule, rule.describe(),
             )  # fmt: skip
+            assessments = [] if summary.series is None else summary.series.assessments
             summary.store = store_reports(
                 pacs, listing, assessments, summary.class_names, rule, identity, force=force
             )
         return summary
     finally:
         pacs.close()
-
-
-def _write_series(
-    summary: PacsPredictSummary, headers: dict[str, DicomHeader], rule: SeriesRule
-) -> list[SeriesAssessment]:
-    """Series rows of the finished predictions file, from the headers the server gave."""
-    rows = [row for row in read_prediction_rows(summary.out, summary.fmt) if row["path"] in headers]
-    assessments, orphan = assess_all(rows, headers, summary.class_names, rule, summary.positive_class)
-    result = [assessment.row for assessment in assessments] + ([orphan] if orphan else [])
-    summary.series = save_series_rows(result, series_path(summary.out), class_names=summary.class_names,
-                                      rule=rule, fmt=summary.fmt)  # fmt: skip
-    return assessments
 
 
 def store_reports(

@@ -28,7 +28,14 @@ from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.hardware import available_cpus
 from kidney_edge.runtime.precision import Precision, Probe
 from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, prediction_rows
+from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
+    OutputFormat,
+    PredictSummary,
+    error_row,
+    prediction_rows,
+)
+from kidney_edge.runtime.series import SeriesOptions
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ class PredictConfig:
 
     folder: Path
     model: Path | None = None
-    out: Path = Path("predictions.csv")
+    out: Path = Path(DEFAULT_PREDICTIONS_FILE)
     fmt: OutputFormat = OutputFormat.CSV
     batch_size: int = 8
     threads: int | None = None
@@ -69,7 +76,9 @@ class PredictConfig:
             raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
         execution_layout(self.threads, self.workers)  # checks --threads and --workers
         if self.out.is_dir():
-            raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
+            raise InputError(
+                f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
+            )
 
 
 def _log_unreadable_folder(error: OSError) -> None:
@@ -301,6 +310,7 @@ def predict_folder(
     ood: bool = True,
     progress: Callable[[int, int], None] | None = None,
     report: ReportOptions | None = None,
+    series: SeriesOptions | None = None,
 ) -> PredictSummary:
     """Classify every image under ``folder`` and stream one row per file to ``out``.
 
@@ -317,8 +327,10 @@ def predict_folder(
 
     ``model`` is an export folder, an .onnx file or None (the newest export folder); ``precision``
     picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`; ``probe`` replaces
-    its speed probe). ``report``: also the triage page of every row at the end
-    (:mod:`~kidney_edge.runtime.report_page`), its pictures from the same ONNX calls as the rows.
+    its speed probe). ``series``: also the series rows of the DICOM files when the run ends
+    (:mod:`~kidney_edge.runtime.series`; None: none). ``report``: also the triage page of every
+    row at the end (:mod:`~kidney_edge.runtime.report_page`), its pictures from the same ONNX
+    calls as the rows, its series strips those of ``series``.
     """
     config = PredictConfig(
         folder=Path(folder), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
@@ -328,6 +340,7 @@ def predict_folder(
     job = PredictJob(
         out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
         precision=config.precision, threads=layout.threads, ood=config.ood, probe=probe, report=report,
+        series=series,
     )  # fmt: skip
     return run_predict(
         job,

@@ -50,7 +50,15 @@ from kidney_edge.runtime.driver import PredictJob, RowSink, RowWriter, TextWrite
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.predict import PredictConfig, classify_paths, scan_image_paths
 from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import OutputFormat, PredictSummary, error_row, is_number_column, output_columns
+from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
+    OutputFormat,
+    PredictSummary,
+    error_row,
+    is_number_column,
+    output_columns,
+)
+from kidney_edge.runtime.series import SeriesMode, SeriesOptions
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +181,14 @@ class RayPredictConfig:
         if self.fmt is OutputFormat.PARQUET:
             if self.out.is_file() or self.out.suffix.lower() in (".csv", ".jsonl"):
                 raise InputError(
-                    f"--format parquet writes a folder of part files; pass --out predictions.parquet, "
+                    f"--format parquet writes a folder of part files; pass --out "
+                    f"{Path(DEFAULT_PREDICTIONS_FILE).with_suffix('.parquet')}, "
                     f"not {self.out}"
                 )
         elif self.out.is_dir():
-            raise InputError(f"--out {self.out} is a directory; pass a file name such as predictions.csv")
+            raise InputError(
+                f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
+            )
 
 
 @dataclass
@@ -528,6 +539,7 @@ def predict_with_ray(
     ood: bool = PredictConfig.ood,
     progress: Callable[[int, int], None] | None = None,
     report: ReportOptions | None = None,
+    series: SeriesOptions | None = None,
 ) -> RayPredictSummary:
     """Classify every image under ``source`` on Ray Data and stream one row per file to ``out``.
 
@@ -540,16 +552,24 @@ def predict_with_ray(
     installed and SOURCE readable. ``--precision auto`` is decided by a probe on the driver.
     Ctrl-C ends the run early with ``summary.interrupted`` set; rerun with ``resume``.
     ``report``: the triage page at the end; actors return rows only, so it has no thumbnails.
+    ``series``: the series rows at the end, which read the rows and DICOM headers back: local
+    files and csv/jsonl only (auto: none elsewhere).
     """
     config = RayPredictConfig(
         source=str(source), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
         batch_size=batch_size, threads=threads or DEFAULT_ACTOR_THREADS, actors=actors, address=address,
         resume=resume, precision=precision, ood=ood,
     )  # fmt: skip
+    if series is not None and not series_readable(config.source, config.fmt):
+        if series.mode is SeriesMode.ON:
+            raise InputError(
+                "--series reads predictions and DICOM headers back: it needs csv/jsonl, local files"
+            )
+        series = None
     ray = import_ray()
     job = PredictJob(
         out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
-        precision=config.precision, threads=config.threads, ood=config.ood, report=report,
+        precision=config.precision, threads=config.threads, ood=config.ood, report=report, series=series,
     )  # fmt: skip
     return run_predict(
         job,

@@ -35,19 +35,10 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge.errors import InputError
-from kidney_edge.imaging import is_dicom_file
 from kidney_edge.io_utils import atomic_write_text
 from kidney_edge.runtime.cam import heatmap, jpeg_data_url, overlay
 from kidney_edge.runtime.rows import PredictSummary, is_failed, probability_column, report_path
-from kidney_edge.runtime.series import (
-    HeaderLookup,
-    SeriesAssessment,
-    SeriesRule,
-    assess_series,
-    group_series,
-    read_header,
-    read_prediction_rows,
-)
+from kidney_edge.runtime.series import RunSeries, SeriesAssessment
 from kidney_edge.runtime.triage import (
     DEFAULT_REPORT_MAX,
     FLAGGED,
@@ -57,7 +48,6 @@ from kidney_edge.runtime.triage import (
     Group,
     Overlay,
     TriageCollector,
-    may_be_dicom,
     near_threshold,
     positive_probability,
     triage,
@@ -281,36 +271,6 @@ def _errors_section(rows: Sequence[Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------- DICOM series
 
 
-def series_assessments(
-    rows: Sequence[Mapping[str, Any]],
-    spec: ModelSpec,
-    rule: SeriesRule | None = None,
-    headers: HeaderLookup | None = None,
-) -> tuple[list[SeriesAssessment], str | None]:
-    """The series among the DICOM rows (:func:`~kidney_edge.runtime.series.assess_series` under
-    ``rule``, a :class:`~kidney_edge.runtime.series.SeriesRule`; default its defaults), and a note
-    when there are DICOM rows but no pydicom to read their headers. ``headers``: the rows' headers
-    when they are not files to read (a DICOMweb listing); None: read from the files."""
-    if headers is None:
-        paths = [str(row["path"]) for row in rows]
-        dicom = [path for path in paths if may_be_dicom(path) and is_dicom_file(path)]
-        if not dicom:
-            return [], None
-        try:
-            import pydicom  # noqa: F401
-        except ImportError:
-            return [], "series strips need DICOM headers: pip install 'kidney-edge[dicom]'"
-        found = {path: read_header(path) for path in dicom}
-    else:
-        looked_up = ((str(row["path"]), headers(str(row["path"]))) for row in rows)
-        found = {path: header for path, header in looked_up if header is not None}
-    groups, _ = group_series(rows, found)  # rows without a header belong to no series
-    rule = rule or SeriesRule()
-    return [
-        assess_series(group.members, spec.class_names, rule, spec.positive_class) for group in groups
-    ], None
-
-
 def z_curve(
     p: Sequence[float], key: Sequence[int], spec: ModelSpec, width: int = 320, height: int = 72
 ) -> str:
@@ -456,23 +416,22 @@ def write_report(
     overlays: Mapping[str, Overlay] | None = None,
     *,
     max_per_group: int = DEFAULT_REPORT_MAX,
-    series_rule: SeriesRule | None = None,
-    headers: HeaderLookup | None = None,
+    series: RunSeries | None = None,
 ) -> ReportPage:
     """The triage page of ``rows`` (every row of the run, old and new), written atomically to ``path``.
 
     ``overlays`` (path -> :class:`~kidney_edge.runtime.triage.Overlay`) are the pictures kept
     while the rows streamed; a flagged row without one is listed in the table instead of a card.
-    ``series_rule`` (:class:`~kidney_edge.runtime.series.SeriesRule`) labels the DICOM series, as
-    the series rows beside the predictions are labelled; ``headers`` gives the rows' DICOM headers
-    when they are not files to read (a DICOMweb listing: its rows' paths are instance URLs).
+    ``series``: the run's DICOM series as assessed for its series rows
+    (:func:`~kidney_edge.runtime.series.assess_run_series`), one strip each; None (a run without
+    series, e.g. ``--no-series``): no series section.
     """
     overlays = overlays or {}
     counts = label_counts(rows, spec)
     cards = select_cards(rows, spec, overlays, max_per_group)
     carded = {str(row["path"]) for group in cards.values() for row in group}
     rest = [row for row in rows if not is_failed(row) and str(row["path"]) not in carded]
-    assessments, series_note = series_assessments(rows, spec, series_rule, headers)
+    assessments, series_note = (series.assessments, series.note) if series is not None else ([], None)
     body = "".join((
         f'<header><h1>kidney-edge triage: {len(rows)} rows</h1><p class="banner">{_e(INTENDED_USE)}</p>'
         f'<p class="when">written {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}</p></header>',
@@ -503,8 +462,6 @@ class ReportOptions:
 
     path: Path | None = None  # None: rows.report_path(--out)
     max_per_group: int = DEFAULT_REPORT_MAX
-    series_rule: SeriesRule | None = None  # the rule of the run's series rows (None: its defaults)
-    headers: HeaderLookup | None = None  # the rows' DICOM headers when not read from files (DICOMweb)
 
     def __post_init__(self) -> None:
         check_report_max(self.max_per_group)
@@ -529,18 +486,18 @@ def check_report_format(fmt: Any) -> None:
 def write_run_report(
     options: ReportOptions,
     out: Path,
-    fmt: Any,
+    rows: Sequence[Mapping[str, Any]],
     spec: ModelSpec,
     summary: PredictSummary,
     collector: TriageCollector,
+    series: RunSeries | None = None,
 ) -> ReportPage:
-    """The page of a finished predict run: every row of ``out`` (old ones too, with --resume) and
-    the overlays ``collector`` kept."""
-    rows = read_prediction_rows(out, str(getattr(fmt, "value", fmt)))
+    """The page of a finished predict run: ``rows``, every row of ``out`` (old ones too, with
+    --resume), the overlays ``collector`` kept, and the run's ``series`` (None: no strips)."""
     note = None
     if summary.processed and not collector.received_evidence:
         note = "This engine returns rows only (no model inputs or activation maps): flagged rows are in the table."
     return write_report(
         options.target(out), rows, spec, RunFacts.from_summary(summary, note), collector.overlays(),
-        max_per_group=options.max_per_group, series_rule=options.series_rule, headers=options.headers,
+        max_per_group=options.max_per_group, series=series,
     )  # fmt: skip

@@ -15,12 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kidney_edge.io_utils import csv_text
 from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kidney_edge.runtime.series import SeriesSummary
 
 FLOAT_DIGITS = 6  # decimals of every float in a predictions or series CSV
 PROBABILITY_PREFIX = "p_"  # p_<Class>: one probability (or series score) column per class
@@ -34,6 +37,11 @@ EXIT_SOME_FAILED = 3  # predictions were written, but some files have an `error`
 # unlike 2 the arguments may be right (retry when the server is back, or fix the token).
 EXIT_SERVER = 4
 _MAX_LISTED_FAILURES = 20
+
+
+# predict's --out when none is given; the series rows (series.series_path) and the triage page
+# (report_path) are named from it.
+DEFAULT_PREDICTIONS_FILE = "predictions.csv"
 
 
 class OutputFormat(str, Enum):
@@ -195,6 +203,7 @@ class PredictSummary:
     spec_schema_version: int = 0  # the model's identity beside its file (DICOM SR results name it)
     toolkit_version: str = ""  # the kidney-edge version that exported the model
     report: Path | None = None  # the triage page written at the end (--report)
+    series: SeriesSummary | None = None  # the series rows written at the end (--series)
 
     @property
     def processed(self) -> int:

@@ -1,8 +1,8 @@
 """Series-level results for DICOM studies: slices grouped into series, one row per series.
 
 A CT study arrives as series of slices that share a StudyInstanceUID and a SeriesInstanceUID.
-After predict has written one row per slice, :func:`write_series` reads that predictions file
-and the slices' DICOM headers (``stop_before_pixels``: no pixel is decoded twice), groups the
+After predict has written one row per slice, the predict driver (or :func:`write_series`, for
+any predictions file) reads that file back and the slices' DICOM headers (``stop_before_pixels``: no pixel is decoded twice), groups the
 rows by study -> series, orders each series along its slice normal (ImagePositionPatient
 projected on the cross product of ImageOrientationPatient's row and column directions;
 InstanceNumber when positions are missing), aggregates the slice probabilities and writes one
@@ -34,7 +34,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import InputError, enum_choice
-from kidney_edge.imaging import is_dicom_file
+from kidney_edge.imaging import SUPPORTED_SUFFIXES, is_dicom_file
 from kidney_edge.io_utils import atomic_write_text, csv_text
 from kidney_edge.runtime.rows import (
+    DEFAULT_PREDICTIONS_FILE,
     FLOAT_DIGITS,
     is_failed,
     is_unknown,
@@ -628,13 +629,16 @@ class SeriesSummary:
     n_error: int
     n_non_dicom: int  # prediction rows that are not DICOM files: part of no series
     rows: list[dict[str, Any]]
+    # the series behind the rows, with their slices in z order (a DICOM SR is built from one)
+    assessments: list[SeriesAssessment] = field(default_factory=list)
 
 
 def series_path(predictions: str | os.PathLike[str]) -> Path:
     """Where series rows go: ``series.csv`` beside ``predictions.csv``; ``run.series.csv`` beside
     any other ``run.csv`` (the same suffix, so JSONL stays JSONL)."""
     predictions = Path(predictions)
-    stem = SERIES_STEM if predictions.stem == "predictions" else f"{predictions.stem}.{SERIES_STEM}"
+    default = predictions.stem == Path(DEFAULT_PREDICTIONS_FILE).stem
+    stem = SERIES_STEM if default else f"{predictions.stem}.{SERIES_STEM}"
     return predictions.with_name(stem + (predictions.suffix or ".csv"))
 
 
@@ -668,22 +672,101 @@ def write_series(
     """Series rows for a finished predictions file, written atomically to ``out``
     (default :func:`series_path`). None when ``mode`` is off, or auto and some input is not DICOM.
     """
-    mode = enum_choice(SeriesMode, mode, "--series")
-    rule = rule or SeriesRule()
-    if mode is SeriesMode.OFF:
+    options = SeriesOptions(mode, rule or SeriesRule())
+    if options.mode is SeriesMode.OFF:
         return None
     rows = read_prediction_rows(predictions, fmt)
-    dicom = [row for row in rows if is_dicom_file(str(row["path"]))]
-    if not dicom or (mode is SeriesMode.AUTO and len(dicom) < len(rows)):
-        if mode is SeriesMode.ON:
-            log.warning("no DICOM files among the %d predictions: no series rows", len(rows))
-        return None
-    _require_pydicom()
-    headers = {str(row["path"]): read_header(str(row["path"])) for row in dicom}
-    result = series_rows(dicom, headers, class_names, rule, positive_class)
+    run = assess_run_series(rows, class_names, positive_class, options.rule)
     target = Path(out) if out is not None else series_path(predictions)
-    return save_series_rows(result, target, class_names=class_names, rule=rule, fmt=fmt,
-                            n_non_dicom=len(rows) - len(dicom))  # fmt: skip
+    return write_run_series(run, options, target, class_names=class_names, fmt=fmt)
+
+
+@dataclass(frozen=True)
+class SeriesOptions:
+    """``--series/--no-series``, ``--aggregate`` and ``--top-k``: whether a predict run writes
+    series rows beside its predictions, and how a series is labelled."""
+
+    mode: SeriesMode = SeriesMode.AUTO
+    rule: SeriesRule = field(default_factory=SeriesRule)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", enum_choice(SeriesMode, self.mode, "--series"))
+
+
+PYDICOM_HINT = "pip install 'kidney-edge[dicom]'"
+
+
+def may_be_dicom(path: str) -> bool:
+    """Whether a row's file may be DICOM by its name: not one of the raster image suffixes
+    (DICOM files have ``.dcm``, no suffix, or a UID-style name; a DICOMweb path has none).
+    A cheap test before :func:`~kidney_edge.imaging.is_dicom_file` opens the file."""
+    return os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES - {".dcm"}
+
+
+@dataclass(frozen=True)
+class RunSeries:
+    """The series among a finished run's rows, assessed once: the series rows and the triage
+    page's strips are both made from it."""
+
+    assessments: list[SeriesAssessment]
+    orphan: dict[str, Any] | None  # the error row of the DICOM files that name no series
+    n_dicom: int  # rows with a DICOM header (or a DICOM file without pydicom to read it)
+    n_non_dicom: int
+    note: str | None = None  # why the DICOM rows were not assessed (no pydicom to read headers)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [assessment.row for assessment in self.assessments] + ([self.orphan] if self.orphan else [])
+
+
+def assess_run_series(
+    rows: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    positive_class: str | None,
+    rule: SeriesRule,
+    headers: HeaderLookup | None = None,
+) -> RunSeries:
+    """:func:`assess_all` of the DICOM rows among ``rows``. ``headers``: the rows' headers when
+    they are not files to read (a DICOMweb listing); None: read from the DICOM files among the
+    rows, without pixels (no pydicom: nothing is assessed and ``note`` says how to get it)."""
+    if headers is None:
+        dicom = [row for row in rows if may_be_dicom(str(row["path"])) and is_dicom_file(str(row["path"]))]
+        if dicom and not _has_pydicom():
+            note = f"series need DICOM headers: {PYDICOM_HINT}"
+            return RunSeries([], None, len(dicom), len(rows) - len(dicom), note)
+        found = {str(row["path"]): read_header(str(row["path"])) for row in dicom}
+    else:
+        looked_up = ((str(row["path"]), headers(str(row["path"]))) for row in rows)
+        found = {path: header for path, header in looked_up if header is not None}
+        dicom = [row for row in rows if str(row["path"]) in found]
+    assessments, orphan = assess_all(dicom, found, class_names, rule, positive_class)
+    # From a listing, a row without a header is an error row of the source (a missing study),
+    # not a non-DICOM input: it belongs to no series and counts as neither.
+    non_dicom = len(rows) - len(dicom) if headers is None else 0
+    return RunSeries(assessments, orphan, len(dicom), non_dicom)
+
+
+def write_run_series(
+    run: RunSeries,
+    options: SeriesOptions,
+    target: Path,
+    *,
+    class_names: Sequence[str],
+    fmt: str = "csv",
+) -> SeriesSummary | None:
+    """The series rows of ``run`` written to ``target`` when ``options.mode`` asks for them: on,
+    for the DICOM rows among others; auto, when every row is DICOM; off, never (None)."""
+    if options.mode is SeriesMode.OFF or not run.n_dicom:
+        if options.mode is SeriesMode.ON:
+            log.warning("no DICOM files among the %d predictions: no series rows", run.n_non_dicom)
+        return None
+    if options.mode is SeriesMode.AUTO and run.n_non_dicom:
+        return None
+    if run.note is not None:
+        raise InputError(f"series rows read DICOM headers: {PYDICOM_HINT}")
+    summary = save_series_rows(run.rows, target, class_names=class_names, rule=options.rule, fmt=fmt,
+                               n_non_dicom=run.n_non_dicom)  # fmt: skip
+    return replace(summary, assessments=run.assessments)
 
 
 def save_series_rows(
@@ -715,8 +798,9 @@ def save_series_rows(
     )
 
 
-def _require_pydicom() -> None:
+def _has_pydicom() -> bool:
     try:
         import pydicom  # noqa: F401
     except ImportError:
-        raise InputError("series rows read DICOM headers: pip install 'kidney-edge[dicom]'") from None
+        return False
+    return True

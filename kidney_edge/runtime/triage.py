@@ -28,9 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.runtime.rows import is_failed, is_unknown, probability_column
-from kidney_edge.runtime.series import HeaderLookup
+from kidney_edge.runtime.series import HeaderLookup, may_be_dicom
 from kidney_edge.spec import ColorMode, ModelSpec, RuleKind
 
 DEFAULT_REPORT_MAX = 50  # cards per flagged group (--report-max), strips of series
@@ -130,12 +129,6 @@ def model_view(model_input: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
 
 
-def may_be_dicom(path: str) -> bool:
-    """Whether a row's file may be DICOM by its name: not one of the raster image suffixes
-    (DICOM files have ``.dcm``, no suffix, or a UID-style name; a DICOMweb path has none)."""
-    return os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES - {".dcm"}
-
-
 @dataclass(order=True)
 class _Kept:
     rank: float
@@ -148,11 +141,18 @@ class TriageCollector:
     """Keeps, while rows stream, the overlays of the rows the triage page will show (see module)."""
 
     def __init__(
-        self, spec: ModelSpec, max_per_group: int = DEFAULT_REPORT_MAX, headers: HeaderLookup | None = None
+        self,
+        spec: ModelSpec,
+        max_per_group: int = DEFAULT_REPORT_MAX,
+        headers: HeaderLookup | None = None,
+        *,
+        series: bool = True,
     ) -> None:
         """``headers``: the rows' DICOM headers by path, when the run has them (see module);
-        None: a series is a folder of DICOM files."""
+        None: a series is a folder of DICOM files. ``series``: keep the strips' slices (False: the
+        run assesses no series, so its page has no strips)."""
         self.spec, self.max_per_group, self._headers = spec, max_per_group, headers
+        self._keep_series = series
         self._groups: dict[Group, list[_Kept]] = {group: [] for group in FLAGGED}
         self._series: dict[str, list[_Kept]] = {}  # series -> its most positive slices (min-heap)
         self._order = itertools.count()
@@ -168,7 +168,8 @@ class TriageCollector:
             if model_input is not None:
                 overlay = _Pending(model_input, evidence.cams.get(index), self.spec)
                 self._offer_group(row, overlay)
-                self._offer_series(row, overlay)
+                if self._keep_series:
+                    self._offer_series(row, overlay)
 
     def _offer_group(self, row: Mapping[str, Any], overlay: _Pending) -> None:
         group, rank = triage(row, self.spec)
