@@ -70,6 +70,7 @@ class Recipe:
     update_bn_stats: bool = False
     augment: str = "geometric"
     mixup_alpha: float = 0.0
+    head_epochs: int | None = None  # None: the library's head phase
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +80,8 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-e12": Recipe(1e-3, 9, 12, 6, note="the recipe that scored 0.994 on the outside look-alike set"),
     "lr1e-3-all-ld0.8-e12": Recipe(1e-3, "all", 12, 6, layer_decay=0.8, note="whole backbone, layer-wise decay"),
     "lr1e-3-b9-ls0.1-e12": Recipe(1e-3, 9, 12, 6, label_smoothing=0.1, note="label smoothing 0.1"),
+    "lr1e-3-b9-e12-h60": Recipe(1e-3, 9, 12, 6, head_epochs=60,
+                                note="a head phase of 60 epochs on cached features (early stopping from epoch 30)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
     "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
     "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
@@ -210,7 +213,8 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
         freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
     )  # fmt: skip
-    return dataclasses.replace(base, finetune=finetune)
+    head = base.head if recipe.head_epochs is None else dataclasses.replace(base.head, epochs=recipe.head_epochs)
+    return dataclasses.replace(base, head=head, finetune=finetune)
 
 
 def run_one(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> dict[str, Any]:
