@@ -386,6 +386,46 @@ def test_time_budget_cuts_finetune_epochs_to_fit(tmp_path: Path) -> None:
         tiny_config(tmp_path, tmp_path / "run", time_budget_min=0.0)
 
 
+def test_budget_deadline_leaves_time_for_the_end_of_the_run() -> None:
+    from kidney_edge.training.budget import FIXED_OVERHEAD_S, Deadline, Speed, plan_epochs
+
+    config = tiny_config(Path("."), Path("run"), time_budget_min=10.0)
+    plan = plan_epochs(config, Speed(finetune_s=0.05, frozen_s=0.01), 560, 120, 120)
+    assert plan.end_s == pytest.approx(FIXED_OVERHEAD_S + 240 * 0.01)  # calibration + test + overhead
+    deadline = Deadline.of(plan, started=1000.0)
+    assert deadline.at == pytest.approx(1000.0 + 600.0 - plan.end_s)
+    assert deadline.next_epoch_fits(30.0, now=deadline.at - 30.0)  # ends exactly on time
+    assert not deadline.next_epoch_fits(30.0, now=deadline.at - 29.0)
+    note = deadline.stop_note("finetune", 3, 12, 41.6)
+    assert "fine-tuning stopped after epoch 3 of 12" in note and "(42 s)" in note and "10.0 min" in note
+    assert deadline.stop_note("head", 1, 15, 0.1).startswith("time budget 10.0 min: the head phase stopped")
+
+
+def test_a_run_that_slows_down_stops_at_its_budget_and_says_so(
+    phantom_dir: Path, straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epochs that run slower than the start-of-run measurement (other jobs on the cores) must not
+    carry a budgeted run past its budget: the next epoch is not started, the best model is kept."""
+    from kidney_edge.training import budget
+
+    monkeypatch.setattr(budget.Deadline, "next_epoch_fits", lambda self, last_epoch_s, now=None: False)
+    out = tmp_path / "slow"
+    events: list[TrainEvent] = []
+    train(tiny_config(phantom_dir, out, splits=straight_run / "splits.csv", time_budget_min=600.0),
+          progress=events.append)  # fmt: skip
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert [(row["phase"], row["epoch"]) for row in history] == [("head", "1"), ("finetune", "1")]
+    assert json.loads((out / "config.json").read_text())["time_budget_plan"]["finetune_epochs"] == 2
+    notes = [e.message for e in events if e.kind == "warning" and "time budget" in e.message]
+    assert [n.split(", because")[0] for n in notes] == [
+        "time budget 600.0 min: the head phase stopped after epoch 1 of 2",  # each phase's first epoch runs
+        "time budget 600.0 min: fine-tuning stopped after epoch 1 of 2",
+    ]
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert any("fine-tuning stopped after epoch 1 of 2" in w for w in warnings)
+    assert (out / "best.pt").is_file()
+
+
 def test_layer_decay_groups_and_whole_backbone_unfreezing() -> None:
     from kidney_edge.backbones import create_model
     from kidney_edge.training.config import ALL_BLOCKS

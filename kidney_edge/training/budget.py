@@ -39,6 +39,7 @@ class EpochPlan:
     estimated_s: float
     budget_s: float
     speed: Speed
+    end_s: float = 0.0  # estimated seconds after fine-tuning: calibration, test evaluation, overhead
 
     @property
     def over_budget(self) -> bool:
@@ -64,12 +65,42 @@ def plan_epochs(config: TrainConfig, speed: Speed, n_train: int, n_val: int, n_t
     if config.time_budget_min is None:
         raise InputError("plan_epochs needs TrainConfig.time_budget_min (--time-budget)")
     budget = config.time_budget_min * 60.0
-    fixed = FIXED_OVERHEAD_S + (n_train + n_val) * speed.frozen_s + (n_val + n_test) * speed.frozen_s
+    end = FIXED_OVERHEAD_S + (n_val + n_test) * speed.frozen_s
+    fixed = end + (n_train + n_val) * speed.frozen_s
     per_epoch = n_train * speed.finetune_s + n_val * speed.frozen_s
     wanted = config.finetune.epochs
     fits = math.floor((budget - fixed) / per_epoch) if per_epoch > 0 else wanted
     epochs = max(1, min(wanted, fits))
-    return EpochPlan(config.head.epochs, epochs, fixed + epochs * per_epoch, budget, speed)
+    return EpochPlan(config.head.epochs, epochs, fixed + epochs * per_epoch, budget, speed, end)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the last fine-tuning epoch must end for the run to finish inside its budget.
+
+    The plan sizes the epochs from a speed measured at the start; a machine that slows down
+    later (other jobs on the cores) would carry the run past its budget, so each epoch after
+    the first is started only when, at the pace of the epoch before it, it ends in time.
+    """
+
+    at: float  # time.monotonic() seconds
+    budget_s: float
+
+    @classmethod
+    def of(cls, plan: EpochPlan, started: float) -> Deadline:
+        return cls(started + plan.budget_s - plan.end_s, plan.budget_s)
+
+    def next_epoch_fits(self, last_epoch_s: float, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) + last_epoch_s <= self.at
+
+    def stop_note(self, phase: str, epoch: int, epochs: int, last_epoch_s: float) -> str:
+        name = "fine-tuning" if phase == "finetune" else f"the {phase} phase"
+        return (
+            f"time budget {self.budget_s / 60:.1f} min: {name} stopped after epoch {epoch} of "
+            f"{epochs}, because another epoch at the last one's pace ({last_epoch_s:.0f} s) would end "
+            "past the budget (epochs ran slower than measured at the start, e.g. under load); the "
+            "best model so far is kept"
+        )
 
 
 def apply_plan(config: TrainConfig, plan: EpochPlan) -> TrainConfig:

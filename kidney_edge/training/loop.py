@@ -27,6 +27,7 @@ from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
 from kidney_edge.io_utils import atomic_write_csv
 from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
 from kidney_edge.metrics import macro_f1
+from kidney_edge.training.budget import Deadline
 from kidney_edge.training.config import PhaseConfig, TrainEvent
 from kidney_edge.training.distributed import DistContext, sharded_map
 
@@ -409,8 +410,10 @@ def fit_phase(
     settings: LoaderSettings,
     resume_from: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    deadline: Deadline | None = None,
 ) -> None:
-    """Train ``phase`` from ``state.phase_epoch`` to its end or early stop, checkpointing each epoch."""
+    """Train ``phase`` from ``state.phase_epoch`` to its end, an early stop, or ``deadline``
+    (``--time-budget``), checkpointing each epoch."""
     ctx, notify = saver.context, progress or (lambda event: None)
     if state.phase != phase.name:  # entering this phase: start from the best model so far
         start_from_best(model, phase.name, state, saver)
@@ -426,6 +429,8 @@ def fit_phase(
         _restore(opt, resume_from)
     notify(TrainEvent("phase", phase.name, state.phase_epoch, phase.epochs, 0, steps))
     for epoch in range(state.phase_epoch + 1, phase.epochs + 1):
+        if _out_of_time(deadline, phase, state, notify):
+            break
         started = time.perf_counter()
         seed = epoch_seed(settings.seed, phase.name, epoch)
         seed_everything(seed + ctx.rank)  # augmentation and dropout differ per rank
@@ -442,6 +447,20 @@ def fit_phase(
         notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
         if state.phase_done:
             break
+
+
+def _out_of_time(deadline: Deadline | None, phase: PhaseConfig, state: RunState, notify: Progress) -> bool:
+    """True (and said in words) when the next epoch, at the pace of the phase's last one, would end
+    past ``deadline``; the phase's first epoch always runs, so a budgeted run trains something."""
+    done = [row["seconds"] for row in state.history if row["phase"] == phase.name]
+    if deadline is None or not done or deadline.next_epoch_fits(done[-1]):
+        return False
+    note = deadline.stop_note(phase.name, state.phase_epoch, phase.epochs, done[-1])
+    state.notes.append(note)
+    state.phase_done = True
+    log.warning(note)
+    notify(TrainEvent("warning", message=note))
+    return True
 
 
 def _end_epoch(

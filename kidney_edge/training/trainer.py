@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
 
 def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress | None) -> TrainResult:
+    started = time.monotonic()  # --time-budget counts from here
     config = _planned_on_resume(config)
     run_dir = config.out_dir
     if config.pretrained or config.weights is not None:  # fail before anything is written
@@ -75,8 +77,9 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
 
     model = create_model(config.arch, num_classes=len(class_names), pretrained=config.pretrained,
                          weights=config.weights).to(ctx.device)  # fmt: skip
+    deadline = None
     if config.time_budget_min is not None and resume_from is None:
-        config = _fit_budget(config, model, data, rows, ctx, progress)
+        config, deadline = _fit_budget(config, model, data, rows, ctx, progress, started)
     state = RunState()
     if resume_from is not None:
         model.load_state_dict(resume_from["model_state"])
@@ -89,10 +92,10 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, progress: Progress
             continue  # resumed just after a stall that is not retried
         mid_phase = resume_from is not None and state.phase == phase.name and state.phase_epoch > 0
         fit_phase(model, state.attempt(phase), data, state, saver, settings, resume_from if mid_phase else None,
-                  progress)  # fmt: skip
+                  progress, deadline)  # fmt: skip
         resume_from = None
         while state.stalled and _retry_stalled(phase, state, model, saver, progress):
-            fit_phase(model, state.attempt(phase), data, state, saver, settings, None, progress)
+            fit_phase(model, state.attempt(phase), data, state, saver, settings, None, progress, deadline)
     state.finished = True
     saver.save(LAST_CHECKPOINT, model, training_state(state, None))
     from kidney_edge.training.diagnostics import run_warnings
@@ -154,8 +157,10 @@ def _planned_on_resume(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, epochs=epochs))
 
 
-def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, progress) -> TrainConfig:
-    """The config with fine-tuning epochs cut to ``--time-budget``, recorded in config.json."""
+def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, progress, started: float):
+    """(the config with fine-tuning epochs cut to ``--time-budget``, recorded in config.json; the
+    deadline that stops a slowed-down run in time). Under torchrun each rank would time its own
+    epochs and could stop at a different one, so only a single-process run gets a deadline."""
     import json
 
     from kidney_edge.training import budget
@@ -174,7 +179,7 @@ def _fit_budget(config: TrainConfig, model, data: PhaseData, rows: list, ctx, pr
         record["train_config"] = planned.to_dict()
         record["time_budget_plan"] = {"description": plan.describe(), **dataclasses.asdict(plan)}
         atomic_write_json(config.out_dir / CONFIG_FILE, record)
-    return planned
+    return planned, None if ctx.distributed else budget.Deadline.of(plan, started)
 
 
 def _measure_speed(config: TrainConfig, model, data: PhaseData, ctx):
