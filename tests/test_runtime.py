@@ -277,6 +277,33 @@ def test_nothing_readable_exits_2_and_empty_folder_is_an_input_error(
         predict_folder(tmp_path / "bad", PredictOptions(model=model_path, batch_size=0))
 
 
+def test_predict_options_are_checked_once_and_each_engine_adds_only_its_own(tmp_path: Path) -> None:
+    from kidney_edge.runtime import PredictOptions, predict_folder
+    from kidney_edge.runtime.ray_engine import RayPredictConfig
+
+    bad = [
+        ({"batch_size": 0}, "--batch-size must be in 1..512, got 0"),
+        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"workers": 65}, "--workers must be in 1..64, got 65"),
+        ({"fmt": "xml"}, "--format"),
+        ({"precision": "fp16"}, "--precision"),
+        ({"out": tmp_path}, "--out .* is a directory"),
+    ]
+    for options, message in bad:
+        with pytest.raises(InputError, match=message):
+            PredictOptions(**options)
+    parquet = PredictOptions(fmt="parquet", out=tmp_path / "p.parquet")
+    with pytest.raises(InputError, match="--format parquet needs --engine ray"):
+        predict_folder(tmp_path, parquet)
+    with pytest.raises(InputError, match="FOLDER .* is not a directory"):
+        predict_folder(tmp_path / "missing")
+    assert RayPredictConfig(str(tmp_path), parquet).threads == 1  # one onnxruntime thread per actor
+    with pytest.raises(InputError, match="--format parquet writes a folder of part files"):
+        RayPredictConfig(str(tmp_path), PredictOptions(fmt="parquet"))
+    with pytest.raises(InputError, match="--workers sets local decode threads"):
+        RayPredictConfig(str(tmp_path), PredictOptions(workers=2))
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_resume_after_partial_last_line_yields_each_file_once(
     model_path: Path, image_dir: Path, tmp_path: Path, fmt: str
