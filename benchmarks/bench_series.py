@@ -40,7 +40,7 @@ from kidney_edge.phantoms.dicom_series import (
     read_series_truth,
     synthesize_series,
 )
-from kidney_edge.runtime import predict_folder
+from kidney_edge.runtime import PredictOptions, predict_folder
 from kidney_edge.runtime.series import (
     DEFAULT_AGGREGATION,
     DEFAULT_TOP_K,
@@ -96,7 +96,7 @@ def _labelled_results(data: Path, predictions: Path) -> tuple[list[SeriesResult]
 def predict_series(data: Path, model: str, out: Path) -> tuple[list[SeriesResult], dict[str, Any]]:
     """Predict every slice, then series results with true labels from splits.csv."""
     started = time.perf_counter()
-    summary = predict_folder(data, model=model, out=out / "predictions.csv", threads=2)
+    summary = predict_folder(data, PredictOptions(model=model, out=out / "predictions.csv", threads=2))
     wall = time.perf_counter() - started
     results, rows = _labelled_results(data, out / "predictions.csv")
     slice_correct = sum(row["label"] == row["true_label"] for row in rows)
@@ -153,7 +153,9 @@ def issue_check(model: str, work: Path) -> dict[str, Any]:
     aggregation's count too (reported, never used to choose)."""
     data = work / "issue-n40"
     synthesize_series(data, SeriesPhantomConfig(n_series=40, seed=0))
-    summary = predict_folder(data, model=model, out=work / "issue-n40-out" / "predictions.csv", threads=2)
+    summary = predict_folder(
+        data, PredictOptions(model=model, out=work / "issue-n40-out" / "predictions.csv", threads=2)
+    )
     series = write_series(summary.out, class_names=summary.class_names, positive_class="Tumor")
     truth = {row["series_uid"]: row["label"] for row in read_series_truth(data)}
     wrong = [

@@ -306,11 +306,11 @@ def _deployed_model(result: DemoResult) -> Path:
 
 
 def _predict(out: Path, result: DemoResult) -> None:
-    from kidney_edge.runtime import OnnxClassifier, predict_folder
+    from kidney_edge.runtime import OnnxClassifier, PredictOptions, predict_folder
 
     model = _deployed_model(result)
     predictions = out / "holdout_predictions.csv"
-    summary = predict_folder(out / "holdout", model=model, out=predictions)
+    summary = predict_folder(out / "holdout", PredictOptions(model=model, out=predictions))
     result.artifacts["holdout_predictions.csv"] = str(predictions)
     result.holdout = {"model": model.name, "images": summary.predicted, "failed": summary.failed,
                       "images_per_s": round(summary.images_per_s, 1),
@@ -320,12 +320,12 @@ def _predict(out: Path, result: DemoResult) -> None:
 
 def _predict_foreign(out: Path, result: DemoResult) -> None:
     from kidney_edge.phantoms.foreign import write_foreign_corpus
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     folder = out / "foreign"
     write_foreign_corpus(folder)
     predictions = out / "foreign_predictions.csv"
-    summary = predict_folder(folder, model=_deployed_model(result), out=predictions)
+    summary = predict_folder(folder, PredictOptions(model=_deployed_model(result), out=predictions))
     result.artifacts["foreign_predictions.csv"] = str(predictions)
     result.foreign = {"images": summary.total_files, "failed": summary.failed,
                       "labels": dict(summary.class_counts)}  # fmt: skip

@@ -96,13 +96,13 @@ def _model_with_detector(path: Path, detector: OodDetector) -> Path:
 
 
 def test_predict_writes_unknown_rows_with_scores_and_no_ood_turns_it_off(tmp_path: Path) -> None:
-    from kidney_edge.runtime import OnnxClassifier, predict_folder
+    from kidney_edge.runtime import OnnxClassifier, PredictOptions, predict_folder
 
     images = tmp_path / "images"
     write_gray_images(images, 12)
     detector = OodDetector(OodMethod.MSP, 0.2)
     model = _model_with_detector(tmp_path / "m.onnx", detector)
-    summary = predict_folder(images, model=model, out=tmp_path / "p.csv")
+    summary = predict_folder(images, PredictOptions(model=model, out=tmp_path / "p.csv"))
     rows = read_rows(tmp_path / "p.csv")
     probabilities = np.array(
         [[float(r[f"p_{c}"]) for c in ("Cyst", "Normal", "Stone", "Tumor")] for r in rows]
@@ -118,7 +118,7 @@ def test_predict_writes_unknown_rows_with_scores_and_no_ood_turns_it_off(tmp_pat
     assert summary.class_counts[UNKNOWN_LABEL] == sum(unknown) and summary.exit_code == 0
     assert summary.ood_detector == detector.describe()
 
-    off = predict_folder(images, model=model, out=tmp_path / "off.csv", ood=False)
+    off = predict_folder(images, PredictOptions(model=model, out=tmp_path / "off.csv", ood=False))
     rows_off = read_rows(tmp_path / "off.csv")
     assert all(r["label"] != UNKNOWN_LABEL and r["ood_score"] == "" for r in rows_off)
     assert UNKNOWN_LABEL not in off.class_counts and off.ood_detector is None

@@ -201,12 +201,14 @@ def test_timed_probe_measures_both_models(export_dir: Path) -> None:
 
 
 def test_predict_export_folder_end_to_end(export_dir: Path, tmp_path: Path) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     images = tmp_path / "images"
     write_gray_images(images, 6)
     out = tmp_path / "p.csv"
-    summary = predict_folder(images, model=export_dir, out=out, threads=1, probe=FakeProbe(2.0))
+    summary = predict_folder(
+        images, PredictOptions(model=export_dir, out=out, threads=1, probe=FakeProbe(2.0))
+    )
     assert summary.precision == "int8" and summary.is_int8 and summary.model == export_dir / INT8_FILE
     assert "faster" in summary.precision_reason and summary.predicted == 6
     with open(out, newline="") as handle:
@@ -245,7 +247,7 @@ def test_benchmark_takes_an_export_folder_and_a_precision(export_dir: Path, tmp_
 def test_int8_runs_decode_jpegs_in_draft_mode(export_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from PIL import JpegImagePlugin
 
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     requests = []
     original = JpegImagePlugin.JpegImageFile.draft
@@ -257,7 +259,9 @@ def test_int8_runs_decode_jpegs_in_draft_mode(export_dir: Path, tmp_path: Path, 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
     images = tmp_path / "images"
     jpegs = [path for path in write_gray_images(images, 5, size=256) if path.suffix == ".jpg"]
-    summary = predict_folder(images, model=export_dir, out=tmp_path / "p.csv", threads=1, precision="int8")
+    summary = predict_folder(
+        images, PredictOptions(model=export_dir, out=tmp_path / "p.csv", threads=1, precision="int8")
+    )
     assert summary.is_int8 and summary.predicted == 5
     assert requests == [("L", (64, 64))] * len(jpegs)  # the spec's input size, gray: the INT8 file's own spec
 

@@ -21,7 +21,7 @@ from test_runtime import make_bad_files, read_rows, write_gray_images
 from typer.testing import CliRunner
 
 from kidney_edge.errors import InputError
-from kidney_edge.runtime import predict_folder
+from kidney_edge.runtime import PredictOptions, predict_folder
 from kidney_edge.spec import ModelSpec
 
 ray = pytest.importorskip("ray")
@@ -78,7 +78,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_rows(model: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """The local engine's JSONL rows (full float precision), keyed by path."""
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
-    predict_folder(images, model=model, out=out, fmt="jsonl", batch_size=4)
+    predict_folder(images, PredictOptions(model=model, out=out, fmt="jsonl", batch_size=4))
     return {row["path"]: row for row in read_jsonl(out)}
 
 
@@ -119,7 +119,9 @@ def test_ray_rows_equal_local_rows_bad_files_included(
     ray_local: Any, model: Path, images: Path, local_rows: dict[str, dict], tmp_path: Path
 ) -> None:
     out = tmp_path / "ray.jsonl"
-    summary = predict_with_ray(images, model=model, out=out, fmt="jsonl", batch_size=3, actors=2)
+    summary = predict_with_ray(
+        images, PredictOptions(model=model, out=out, fmt="jsonl", batch_size=3), actors=2
+    )
     rows = read_jsonl(out)
     assert_same_rows(rows, local_rows)
     failed = {Path(row["path"]).name for row in rows if row["error"]}
@@ -136,8 +138,10 @@ def test_ray_summary_counts_labels_under_local_rule(ray_local: Any, images: Path
     from kidney_edge.spec import UNKNOWN_LABEL
 
     model = _model_with_detector(tmp_path / "ood.onnx", OodDetector(OodMethod.MSP, 1.0))
-    local = predict_folder(images / "left", model=model, out=tmp_path / "local.csv")
-    on_ray = predict_with_ray(images / "left", model=model, out=tmp_path / "ray.csv", actors=1)
+    local = predict_folder(images / "left", PredictOptions(model=model, out=tmp_path / "local.csv"))
+    on_ray = predict_with_ray(
+        images / "left", PredictOptions(model=model, out=tmp_path / "ray.csv"), actors=1
+    )
     assert on_ray.class_counts == local.class_counts and on_ray.class_counts[UNKNOWN_LABEL] == 0
     assert list(on_ray.class_counts) == [*local.class_names, UNKNOWN_LABEL]
     assert (on_ray.model, on_ray.threads, on_ray.precision) == (local.model, 1, local.precision)
@@ -147,10 +151,10 @@ def test_resume_after_a_partial_line_completes_each_file_once(
     ray_local: Any, model: Path, images: Path, local_rows: dict[str, dict], tmp_path: Path
 ) -> None:
     out = tmp_path / "p.csv"
-    predict_folder(images, model=model, out=out, batch_size=4)
+    predict_folder(images, PredictOptions(model=model, out=out, batch_size=4))
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:9]) + lines[9][:15])  # header, 8 rows, half a row
-    summary = predict_with_ray(images, model=model, out=out, batch_size=4, resume=True)
+    summary = predict_with_ray(images, PredictOptions(model=model, out=out, batch_size=4, resume=True))
     assert (summary.skipped, summary.processed) == (8, 17)
     assert_same_rows([as_typed(row) for row in read_rows(out)], local_rows)
 
@@ -161,13 +165,17 @@ def test_parquet_from_a_uri_source_then_resume_skips_everything(
     import pyarrow.parquet as pq
 
     out = tmp_path / "p.parquet"
-    summary = predict_with_ray(f"file://{images}", model=model, out=out, fmt="parquet", batch_size=5)
+    summary = predict_with_ray(
+        f"file://{images}", PredictOptions(model=model, out=out, fmt="parquet", batch_size=5)
+    )
     assert summary.processed == 25 and sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]
     table = pq.read_table(out)
     assert table.schema.field("p_Tumor").type == "double" and table.schema.field("error").type == "string"
     rows = [{**row, "path": row["path"].removeprefix("file://")} for row in table.to_pylist()]
     assert_same_rows(rows, local_rows)
-    again = predict_with_ray(f"file://{images}", model=model, out=out, fmt="parquet", resume=True)
+    again = predict_with_ray(
+        f"file://{images}", PredictOptions(model=model, out=out, fmt="parquet", resume=True)
+    )
     assert (again.skipped, again.processed) == (25, 0) and pq.read_table(out).num_rows == 25
 
 
@@ -178,7 +186,7 @@ def test_a_file_that_kills_its_worker_becomes_an_error_row(
     shutil.copytree(images / "left", folder)
     shutil.copy(images / "left" / "slice-001.jpg", folder / f"{POISON}.jpg")
     out = tmp_path / "p.jsonl"
-    summary = predict_with_ray(folder, model=model, out=out, fmt="jsonl", batch_size=4)
+    summary = predict_with_ray(folder, PredictOptions(model=model, out=out, fmt="jsonl", batch_size=4))
     rows = {Path(row["path"]).name: row for row in read_jsonl(out)}
     assert rows.pop(f"{POISON}.jpg")["error"] == WORKER_DIED
     expected = {Path(path).name: row for path, row in local_rows.items() if "/left/" in path}

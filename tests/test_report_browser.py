@@ -22,7 +22,7 @@ if CHROMIUM is None:  # CI installs it (.ci/run) and stops if it cannot
 
 from test_report_page import threshold_model  # noqa: E402
 
-from kidney_edge.runtime import predict_folder  # noqa: E402
+from kidney_edge.runtime import PredictOptions, predict_folder  # noqa: E402
 from kidney_edge.runtime.predict import scan_image_paths  # noqa: E402
 from kidney_edge.runtime.report_page import ReportOptions  # noqa: E402
 from kidney_edge.runtime.rows import report_path  # noqa: E402
@@ -37,7 +37,9 @@ def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[di
     (root / "phantom" / "notes.png").write_bytes(b"not a png")  # one unreadable file
     model = threshold_model(root, scan_image_paths(root / "phantom"), quantile=0.5)
     out = root / "predictions.csv"
-    predict_folder(root / "phantom", model=model, out=out, workers=1, threads=1, report=ReportOptions())
+    predict_folder(
+        root / "phantom", PredictOptions(model=model, out=out, workers=1, threads=1, report=ReportOptions())
+    )
     with open(out, newline="") as handle:
         return report_path(out), list(csv.DictReader(handle))
 

@@ -20,7 +20,7 @@ from _factories import make_cam_onnx
 from test_runtime import write_gray_images
 
 from kidney_edge.errors import InputError
-from kidney_edge.runtime import OnnxClassifier, classify_paths, predict_folder
+from kidney_edge.runtime import OnnxClassifier, PredictOptions, classify_paths, predict_folder
 from kidney_edge.runtime.predict import LocalEngine
 from kidney_edge.runtime.report_page import ReportOptions, RunFacts, write_report
 from kidney_edge.runtime.rows import report_path
@@ -48,7 +48,7 @@ def gray_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = threshold_model(root, images)
     out = root / "p.csv"
     summary = predict_folder(
-        root / "images", model=model, out=out, workers=1, threads=1, report=ReportOptions()
+        root / "images", PredictOptions(model=model, out=out, workers=1, threads=1, report=ReportOptions())
     )
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -114,8 +114,16 @@ def test_report_max_cuts_each_group_and_the_rest_go_to_the_table(
 ) -> None:
     out = tmp_path / "p.csv"
     page_file = tmp_path / "triage.html"
-    predict_folder(gray_run["root"] / "images", model=gray_run["model"], out=out, workers=1, threads=1,
-                   report=ReportOptions(page_file, max_per_group=2))  # fmt: skip
+    predict_folder(
+        gray_run["root"] / "images",
+        PredictOptions(
+            model=gray_run["model"],
+            out=out,
+            workers=1,
+            threads=1,
+            report=ReportOptions(page_file, max_per_group=2),
+        ),
+    )
     page = page_file.read_text(encoding="utf-8")
     groups = cards_by_group(page)
     assert [len(groups["positive"]), len(groups["uncertain"])] == [2, 2]
@@ -173,8 +181,17 @@ def write_two_series(study: Path) -> None:
 def test_series_runs_get_a_strip_and_a_z_curve_per_series(tmp_path: Path) -> None:
     write_two_series(tmp_path / "study")
     model = make_cam_onnx(tmp_path / "model.onnx")
-    summary = predict_folder(tmp_path / "study", model=model, out=tmp_path / "p.csv", workers=1, threads=1,
-                             report=ReportOptions(), series=SeriesOptions())  # fmt: skip
+    summary = predict_folder(
+        tmp_path / "study",
+        PredictOptions(
+            model=model,
+            out=tmp_path / "p.csv",
+            workers=1,
+            threads=1,
+            report=ReportOptions(),
+            series=SeriesOptions(),
+        ),
+    )
     assert summary.predicted == 9 and summary.series is not None and summary.series.n_series == 2
     page = report_path(tmp_path / "p.csv").read_text(encoding="utf-8")
     strips = re.findall(r'<article class="series".*?</article>', page, flags=re.S)
@@ -249,11 +266,15 @@ def test_resume_covers_old_and_new_rows(gray_run: dict[str, Any], tmp_path: Path
     images = tmp_path / "images"
     write_gray_images(images, 10)
     out = tmp_path / "p.csv"
-    predict_folder(images, model=gray_run["model"], out=out, workers=1, threads=1)
+    predict_folder(images, PredictOptions(model=gray_run["model"], out=out, workers=1, threads=1))
     old = {row["path"] for row in csv.DictReader(open(out, newline=""))}
     write_gray_images(tmp_path / "images" / "more", 6, seed=5)
-    summary = predict_folder(images, model=gray_run["model"], out=out, workers=1, threads=1, resume=True,
-                             report=ReportOptions())  # fmt: skip
+    summary = predict_folder(
+        images,
+        PredictOptions(
+            model=gray_run["model"], out=out, workers=1, threads=1, resume=True, report=ReportOptions()
+        ),
+    )
     assert (summary.skipped, summary.processed) == (10, 6)
     page = report_path(out).read_text(encoding="utf-8")
     assert sum(page_counts(page).values()) == 16
@@ -342,11 +363,15 @@ def test_report_off_asks_for_no_maps_and_writes_no_page(gray_run: dict[str, Any]
 
     monkeypatch.setattr(OnnxClassifier, "infer", spy)
     out = tmp_path / "p.csv"
-    predict_folder(gray_run["root"] / "images", model=gray_run["model"], out=out, workers=1, threads=1)
+    predict_folder(
+        gray_run["root"] / "images", PredictOptions(model=gray_run["model"], out=out, workers=1, threads=1)
+    )
     assert asked and not any(asked) and not report_path(out).exists()
     asked.clear()
-    predict_folder(gray_run["root"] / "images", model=gray_run["model"], out=out, workers=1, threads=1,
-                   report=ReportOptions())  # fmt: skip
+    predict_folder(
+        gray_run["root"] / "images",
+        PredictOptions(model=gray_run["model"], out=out, workers=1, threads=1, report=ReportOptions()),
+    )
     assert asked and all(asked)  # the same one call per batch, now with the cam output
     assert LocalEngine.__dataclass_fields__["evidence"].default is False
 

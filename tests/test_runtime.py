@@ -140,7 +140,7 @@ def test_available_cpus_honours_affinity_and_cgroup_quota(
 def test_default_model_is_newest_export_and_message_when_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_dir: Path
 ) -> None:
-    from kidney_edge.runtime import find_default_model, predict_folder
+    from kidney_edge.runtime import PredictOptions, find_default_model, predict_folder
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=r"kidney-edge demo.*kidney-edge export"):
@@ -151,7 +151,7 @@ def test_default_model_is_newest_export_and_message_when_none(
     new = make_tiny_onnx(tmp_path / "export" / "a-new" / "model.onnx", seed=1)
     os.utime(old, (time.time() - 100, time.time() - 100))
     assert find_default_model() == Path("export/a-new/model.onnx")
-    summary = predict_folder(image_dir, out=tmp_path / "p.csv")
+    summary = predict_folder(image_dir, PredictOptions(out=tmp_path / "p.csv"))
     assert summary.model.resolve() == new.resolve() and summary.exit_code == 0
 
 
@@ -160,10 +160,10 @@ def test_default_model_is_newest_export_and_message_when_none(
 
 def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
     from kidney_edge.imaging import preprocess_batch
-    from kidney_edge.runtime import OnnxClassifier, output_columns, predict_folder
+    from kidney_edge.runtime import OnnxClassifier, PredictOptions, output_columns, predict_folder
 
     out = tmp_path / "predictions.csv"
-    summary = predict_folder(image_dir, model=model_path, out=out, batch_size=5, workers=2)
+    summary = predict_folder(image_dir, PredictOptions(model=model_path, out=out, batch_size=5, workers=2))
     rows = read_rows(out)
     assert list(rows[0]) == output_columns(CLASSES) == [
         "path", "label", "argmax_label", "confidence", "p_Cyst", "p_Normal", "p_Stone", "p_Tumor", "ood_score", "error",
@@ -193,11 +193,11 @@ def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path,
 
 
 def test_threshold_rule_from_spec_decides_labels(tmp_path: Path, image_dir: Path) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     rule = DecisionRule(kind="threshold", positive_class="Tumor", threshold=0.05)
     model = make_tiny_onnx(tmp_path / "m.onnx", ModelSpec(input_size=SIZE, decision_rule=rule))
-    summary = predict_folder(image_dir, model=model, out=tmp_path / "p.csv")
+    summary = predict_folder(image_dir, PredictOptions(model=model, out=tmp_path / "p.csv"))
     rows = read_rows(tmp_path / "p.csv")
     for row in rows:
         p_tumor = float(row["p_Tumor"])
@@ -210,11 +210,11 @@ def test_threshold_rule_from_spec_decides_labels(tmp_path: Path, image_dir: Path
 
 
 def test_jsonl_output(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
-    from kidney_edge.runtime import output_columns, predict_folder
+    from kidney_edge.runtime import PredictOptions, output_columns, predict_folder
 
     (image_dir / "empty.jpg").write_bytes(b"")
     out = tmp_path / "p.jsonl"
-    summary = predict_folder(image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4)
+    summary = predict_folder(image_dir, PredictOptions(model=model_path, out=out, fmt="jsonl", batch_size=4))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 25 and all(list(row) == output_columns(CLASSES) for row in rows)
     good = [row for row in rows if row["error"] is None]
@@ -246,11 +246,11 @@ def make_bad_files(folder: Path) -> dict[str, str]:
 def test_every_bad_file_kind_gets_an_error_row_and_the_run_goes_on(
     model_path: Path, image_dir: Path, tmp_path: Path
 ) -> None:
-    from kidney_edge.runtime import EXIT_SOME_FAILED, predict_folder
+    from kidney_edge.runtime import EXIT_SOME_FAILED, PredictOptions, predict_folder
 
     expected = make_bad_files(image_dir / "bad")
     out = tmp_path / "p.csv"
-    summary = predict_folder(image_dir, model=model_path, out=out, batch_size=3)
+    summary = predict_folder(image_dir, PredictOptions(model=model_path, out=out, batch_size=3))
     rows = {Path(row["path"]).name: row for row in read_rows(out)}
     assert len(rows) == 24 + len(expected)
     for name, fragment in expected.items():
@@ -265,42 +265,69 @@ def test_every_bad_file_kind_gets_an_error_row_and_the_run_goes_on(
 def test_nothing_readable_exits_2_and_empty_folder_is_an_input_error(
     model_path: Path, tmp_path: Path
 ) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     make_bad_files(tmp_path / "bad")
-    summary = predict_folder(tmp_path / "bad", model=model_path, out=tmp_path / "p.csv")
+    summary = predict_folder(tmp_path / "bad", PredictOptions(model=model_path, out=tmp_path / "p.csv"))
     assert summary.predicted == 0 and summary.failed == 5 and summary.exit_code == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images found"):
-        predict_folder(tmp_path / "empty", model=model_path, out=tmp_path / "q.csv")
+        predict_folder(tmp_path / "empty", PredictOptions(model=model_path, out=tmp_path / "q.csv"))
     with pytest.raises(InputError, match="--batch-size"):
-        predict_folder(tmp_path / "bad", model=model_path, batch_size=0)
+        predict_folder(tmp_path / "bad", PredictOptions(model=model_path, batch_size=0))
+
+
+def test_predict_options_are_checked_once_and_each_engine_adds_only_its_own(tmp_path: Path) -> None:
+    from kidney_edge.runtime import PredictOptions, predict_folder
+    from kidney_edge.runtime.ray_engine import RayPredictConfig
+
+    bad = [
+        ({"batch_size": 0}, "--batch-size must be in 1..512, got 0"),
+        ({"threads": 0}, "--threads must be >= 1, got 0"),
+        ({"workers": 65}, "--workers must be in 1..64, got 65"),
+        ({"fmt": "xml"}, "--format"),
+        ({"precision": "fp16"}, "--precision"),
+        ({"out": tmp_path}, "--out .* is a directory"),
+    ]
+    for options, message in bad:
+        with pytest.raises(InputError, match=message):
+            PredictOptions(**options)
+    parquet = PredictOptions(fmt="parquet", out=tmp_path / "p.parquet")
+    with pytest.raises(InputError, match="--format parquet needs --engine ray"):
+        predict_folder(tmp_path, parquet)
+    with pytest.raises(InputError, match="FOLDER .* is not a directory"):
+        predict_folder(tmp_path / "missing")
+    assert RayPredictConfig(str(tmp_path), parquet).threads == 1  # one onnxruntime thread per actor
+    with pytest.raises(InputError, match="--format parquet writes a folder of part files"):
+        RayPredictConfig(str(tmp_path), PredictOptions(fmt="parquet"))
+    with pytest.raises(InputError, match="--workers sets local decode threads"):
+        RayPredictConfig(str(tmp_path), PredictOptions(workers=2))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_resume_after_partial_last_line_yields_each_file_once(
     model_path: Path, image_dir: Path, tmp_path: Path, fmt: str
 ) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     reference = tmp_path / f"reference.{fmt}"
-    predict_folder(image_dir, model=model_path, out=reference, fmt=fmt)
+    predict_folder(image_dir, PredictOptions(model=model_path, out=reference, fmt=fmt))
     out = tmp_path / f"p.{fmt}"
     text = reference.read_text()
     lines = text.splitlines(keepends=True)
     out.write_text("".join(lines[:10]) + lines[10][:25])  # what a kill -9 mid-write leaves
-    summary = predict_folder(image_dir, model=model_path, out=out, fmt=fmt, resume=True)
+    summary = predict_folder(image_dir, PredictOptions(model=model_path, out=out, fmt=fmt, resume=True))
     kept = 9 if fmt == "csv" else 10  # the CSV header is one of the 10 lines
     assert summary.skipped == kept and summary.processed == 24 - kept
     assert out.read_text() == text  # every row exactly once, in order, header once
-    again = predict_folder(image_dir, model=model_path, out=out, fmt=fmt, resume=True)
+    again = predict_folder(image_dir, PredictOptions(model=model_path, out=out, fmt=fmt, resume=True))
     assert again.skipped == 24 and again.processed == 0 and out.read_text() == text
 
 
 def test_ctrl_c_keeps_finished_rows_and_resume_completes(
     model_path: Path, image_dir: Path, tmp_path: Path
 ) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     def interrupt_after_two_batches(done: int, total: int) -> None:
         if done >= 8:
@@ -308,11 +335,15 @@ def test_ctrl_c_keeps_finished_rows_and_resume_completes(
 
     out = tmp_path / "p.jsonl"
     summary = predict_folder(
-        image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4, progress=interrupt_after_two_batches
+        image_dir,
+        PredictOptions(model=model_path, out=out, fmt="jsonl", batch_size=4),
+        progress=interrupt_after_two_batches,
     )
     assert summary.interrupted and summary.processed == 8
     assert len(out.read_text().splitlines()) == 8
-    predict_folder(image_dir, model=model_path, out=out, fmt="jsonl", batch_size=4, resume=True)
+    predict_folder(
+        image_dir, PredictOptions(model=model_path, out=out, fmt="jsonl", batch_size=4, resume=True)
+    )
     paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
     assert sorted(paths) == paths and len(paths) == len(set(paths)) == 24
 
@@ -338,21 +369,22 @@ def test_decoding_stays_a_bounded_window_ahead_of_inference(
     monkeypatch.setattr(predict, "_load_batch", counting_load)
     ahead: list[int] = []  # batches decoded but not yet written, seen after each write
     summary = predict.predict_folder(
-        folder, model=model_path, out=tmp_path / "p.csv", batch_size=2, workers=1,
+        folder,
+        predict.PredictOptions(model=model_path, out=tmp_path / "p.csv", batch_size=2, workers=1),
         progress=lambda done, total: ahead.append(len(decoded) - done // 2),
-    )  # fmt: skip
+    )
     assert summary.predicted == 60 and len(decoded) == 30
     assert max(ahead) <= 2  # workers + 1: memory does not grow with the folder
     assert len(buffers) == 3  # window + 1 batch buffers, cycled: none allocated per batch
 
 
 def test_resume_refuses_output_of_another_model(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
-    from kidney_edge.runtime import predict_folder
+    from kidney_edge.runtime import PredictOptions, predict_folder
 
     out = tmp_path / "p.csv"
     out.write_text("path,label,p_A,p_B,error\n")
     with pytest.raises(InputError, match="--resume"):
-        predict_folder(image_dir, model=model_path, out=out, resume=True)
+        predict_folder(image_dir, PredictOptions(model=model_path, out=out, resume=True))
 
 
 # --------------------------------------------------------------------------- the driver and the rows schema

@@ -19,7 +19,7 @@ from kidney_edge.runtime import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     OutputFormat,
-    PredictConfig,
+    PredictOptions,
     output_columns,
 )
 from kidney_edge.runtime.dicomweb import TOKEN_ENV
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import ProgressColumn, Task
 
     from kidney_edge.runtime import PredictSummary
-    from kidney_edge.runtime.series import SeriesOptions, SeriesSummary
+    from kidney_edge.runtime.series import SeriesSummary
 
 
 _PACS_PANEL = "DICOMweb source (dicomweb+http://HOST:PORT/ROOT; needs the pacs extra)"
@@ -76,14 +76,14 @@ def predict(
             metavar="FILE",
             help="File to write the predictions to, row by row as they come (--format parquet: a folder of parts).",
         ),
-    ] = PredictConfig.out,
+    ] = PredictOptions.out,
     fmt: Annotated[
         OutputFormat,
         typer.Option("--format", help="Format of --out; parquet needs --engine ray."),
-    ] = PredictConfig.fmt,
+    ] = PredictOptions.fmt,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Images per onnxruntime call.")
-    ] = PredictConfig.batch_size,
+    ] = PredictOptions.batch_size,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -104,7 +104,7 @@ def predict(
         typer.Option(
             "--series/--no-series",
             help="Also one row per DICOM series (study -> series, slices ordered along z) in "
-            f"{series_path(PredictConfig.out).name} beside --out; default: when every input is DICOM.",
+            f"{series_path(PredictOptions.out).name} beside --out; default: when every input is DICOM.",
         ),
     ] = None,
     aggregate: Annotated[
@@ -120,7 +120,7 @@ def predict(
             help="Model of an export folder: auto = INT8 when its accuracy gate passed and it measures "
             "faster on this CPU (probe cached beside the models), else fp32; fp32/int8 force one.",
         ),
-    ] = PredictConfig.precision,
+    ] = PredictOptions.precision,
     ood: Annotated[
         bool,
         typer.Option(
@@ -128,7 +128,7 @@ def predict(
             help="Label images the model's out-of-distribution detector rejects as `unknown` "
             "(probabilities are still written).",
         ),
-    ] = PredictConfig.ood,
+    ] = PredictOptions.ood,
     engine: Annotated[
         Engine, typer.Option("--engine", help="local: this process; ray: a pool of Ray Data actors.")
     ] = Engine.LOCAL,
@@ -227,14 +227,15 @@ def predict(
 
     with library_errors():
         mode = SeriesMode.AUTO if series is None else SeriesMode.ON if series else SeriesMode.OFF
-        series_options = SeriesOptions(mode, SeriesRule(aggregate=aggregate, top_k=top_k))
         wanted = report or report_path is not None
-        page = ReportOptions(report_path, report_max) if wanted else None
+        options = PredictOptions(
+            model=model, out=out, fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
+            precision=precision, ood=ood, series=SeriesOptions(mode, SeriesRule(aggregate=aggregate, top_k=top_k)),
+            report=ReportOptions(report_path, report_max) if wanted else None,
+        )  # fmt: skip
     if is_dicomweb(folder):
-        _predict_dicomweb(folder, study=study, since=since, modality=modality, store=store, force=force,
-                          token=token, engine=engine, series=series_options, report=page, model=model, out=out,
-                          fmt=fmt, batch_size=batch_size, threads=threads, workers=workers, resume=resume,
-                          precision=precision, ood=ood)  # fmt: skip
+        _predict_dicomweb(folder, options, study=study, since=since, modality=modality, store=store, force=force,
+                          token=token, engine=engine)  # fmt: skip
     with library_errors():
         if study or since or modality or store or force:
             raise InputError(
@@ -244,15 +245,11 @@ def predict(
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
         task = bar.add_task("predict", total=None)
         engine = check_engine_options(engine, actors=actors, address=address, workers=workers, fmt=fmt)
-        common: dict[str, Any] = {
-            "model": model, "out": out, "fmt": fmt, "batch_size": batch_size, "threads": threads,
-            "resume": resume, "precision": precision, "ood": ood, "report": page, "series": series_options,
-            "progress": lambda done, total: bar.update(task, completed=done, total=total),
-        }  # fmt: skip
+        advance = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         if engine is Engine.RAY:
-            summary = predict_with_ray(folder, actors=actors, address=address, **common)
+            summary = predict_with_ray(folder, options, actors=actors, address=address, progress=advance)
         else:
-            summary = predict_folder(folder, workers=workers, **common)
+            summary = predict_folder(folder, options, progress=advance)
     _render(summary)
     _render_report(summary)
     if summary.series is not None:
@@ -261,8 +258,8 @@ def predict(
 
 
 def _predict_dicomweb(
-    source: str, *, study: list[str] | None, since: str | None, modality: str | None, store: bool,
-    force: bool, token: str | None, engine: Engine, series: SeriesOptions, **common: Any,
+    source: str, options: PredictOptions, *, study: list[str] | None, since: str | None, modality: str | None,
+    store: bool, force: bool, token: str | None, engine: Engine,
 ) -> None:  # fmt: skip
     """``predict dicomweb+http://…``: rows, series rows and (``--store``) SRs; exits with the run's code."""
     from rich.progress import TimeRemainingColumn
@@ -273,10 +270,11 @@ def _predict_dicomweb(
     from kidney_edge.runtime.series import SeriesMode
 
     with library_errors(), progress_bar(_images_per_second(), TimeRemainingColumn()) as bar:
+        series = options.series
         if (
             engine is not Engine.LOCAL
-            or series.mode is SeriesMode.OFF
-            or common["fmt"] is OutputFormat.PARQUET
+            or (series is not None and series.mode is SeriesMode.OFF)
+            or options.fmt is OutputFormat.PARQUET
         ):
             raise InputError(
                 "a DICOMweb source runs on the local engine and writes csv/jsonl and series rows "
@@ -285,8 +283,8 @@ def _predict_dicomweb(
         task = bar.add_task("predict", total=None)
         selection = Selection(studies=tuple(study or ()), since=since, modality=modality)
         summary = predict_dicomweb(
-            source, selection, series=series, store=store, force=force, token=token,
-            progress=lambda done, total: bar.update(task, completed=done, total=total), **common,
+            source, selection, options, store=store, force=force, token=token,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     _render(summary)
     _render_report(summary)

@@ -44,7 +44,7 @@ from kidney_edge.runtime.precision import Precision, PrecisionChoice, resolve_pr
 from kidney_edge.runtime.predict import (
     Classified,
     ExecutionLayout,
-    PredictConfig,
+    PredictOptions,
     classify,
     classify_paths,
     execution_layout,
@@ -78,7 +78,7 @@ __all__ = [
     "ExecutionLayout",
     "OnnxClassifier",
     "OutputFormat",
-    "PredictConfig",
+    "PredictOptions",
     "Precision",
     "PrecisionChoice",
     "PredictSummary",

@@ -38,7 +38,7 @@ from kidney_edge.runtime.classifier import (
 )
 from kidney_edge.runtime.hardware import available_cpus, cpu_info
 from kidney_edge.runtime.precision import Precision
-from kidney_edge.runtime.predict import ExecutionLayout, execution_layout, predict_folder
+from kidney_edge.runtime.predict import ExecutionLayout, PredictOptions, execution_layout, predict_folder
 from kidney_edge.runtime.rows import DEFAULT_PREDICTIONS_FILE
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,13 @@ def bench_pipeline(
     with tempfile.TemporaryDirectory(prefix="kidney-edge-bench-") as scratch:
         summary = predict_folder(
             images_dir,
-            model=model,
-            out=Path(scratch) / DEFAULT_PREDICTIONS_FILE,
-            batch_size=batch_size,
-            threads=threads,
-            precision=precision,
+            PredictOptions(
+                model=model,
+                out=Path(scratch) / DEFAULT_PREDICTIONS_FILE,
+                batch_size=batch_size,
+                threads=threads,
+                precision=precision,
+            ),
         )
     return {
         "images_dir": str(images_dir),

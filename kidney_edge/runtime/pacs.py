@@ -18,9 +18,8 @@ run killed mid-way and run again stores only what is missing. ``force`` stores f
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ from kidney_edge.runtime.dicom_sr import (
     series_report,
 )
 from kidney_edge.runtime.dicomweb import DicomwebSource, Listing, Selection, SeriesReader, ServerError
-from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
-from kidney_edge.runtime.precision import Precision, Probe, file_sha256
-from kidney_edge.runtime.predict import LocalEngine, PredictConfig, execution_layout
-from kidney_edge.runtime.report_page import ReportOptions
-from kidney_edge.runtime.rows import EXIT_SERVER, OutputFormat, PredictSummary
+from kidney_edge.runtime.driver import RowSink, run_predict
+from kidney_edge.runtime.precision import file_sha256
+from kidney_edge.runtime.predict import ExecutionLayout, LocalEngine, PredictOptions
+from kidney_edge.runtime.rows import EXIT_SERVER, PredictSummary
 from kidney_edge.runtime.series import (
     DicomHeader,
     SeriesAssessment,
@@ -91,19 +89,8 @@ class DicomwebEngine:
 def predict_dicomweb(
     source: str,
     selection: Selection,
+    options: PredictOptions | None = None,
     *,
-    model: str | os.PathLike[str] | None = None,
-    out: str | os.PathLike[str] = PredictConfig.out,
-    fmt: OutputFormat | str = PredictConfig.fmt,
-    batch_size: int = PredictConfig.batch_size,
-    threads: int | None = None,
-    workers: int | None = None,
-    resume: bool = False,
-    precision: Precision | str = PredictConfig.precision,
-    probe: Probe | None = None,
-    ood: bool = True,
-    series: SeriesOptions | None = None,
-    report: ReportOptions | None = None,
     store: bool = False,
     force: bool = False,
     token: str | None = None,
@@ -112,51 +99,21 @@ def predict_dicomweb(
     """Classify every instance of the selected studies, write slice and series rows, and with
     ``store`` send one SR per classified series into its study (``force``: even where this
     model's SR is already there). ``token``: a bearer token, or ``user:password`` for HTTP Basic.
-    ``series``: the series rule (mode off is refused: series rows are what a DICOMweb run gives).
-    ``report``: also the triage page of every row, with the pictures of the same ONNX calls."""
+    ``options.series``: the series rule (None: the default; mode off is refused: series rows are
+    what a DICOMweb run gives). ``options.report``: also the triage page of every row, with the
+    pictures of the same ONNX calls."""
     if force and not store:
         raise InputError("--force redoes stored results: it needs --store")
-    series = series or SeriesOptions()
+    options = options or PredictOptions()
+    series = options.series or SeriesOptions()
     if series.mode is SeriesMode.OFF:
         raise InputError("a DICOMweb source always writes series rows: drop --no-series")
+    options = replace(options, series=series)
+    layout = options.local_layout()
     pacs = DicomwebSource(source, token)
     try:
-        # The server is the source: PredictConfig checks every other option, with a folder that exists.
-        config = PredictConfig(folder=Path("."), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
-                               batch_size=batch_size, threads=threads, workers=workers, resume=resume,
-                               precision=precision, ood=ood)  # fmt: skip
-        layout = execution_layout(config.threads, config.workers)
-        found: dict[str, Listing] = {}
-        # instance URL -> header, from the listing's metadata: there before the first row, so the
-        # report's strips and the series rows read it instead of files
-        headers: dict[str, DicomHeader] = {}
-        job = PredictJob(out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume,
-                         model=config.model, precision=config.precision, threads=layout.threads, ood=config.ood,
-                         probe=probe, report=report, series=series, headers=headers.get)  # fmt: skip
-
-        def list_instances() -> list[str]:
-            found["listing"] = listing = pacs.list(selection)
-            if not listing.keys:
-                raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
-            headers.update(
-                (key, header_of(key, instance.header)) for key, instance in listing.instances.items()
-            )
-            return listing.keys
-
-        def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
-            reader = SeriesReader(pacs, found["listing"])
-            local = LocalEngine(
-                classifier, config.batch_size, layout.workers, evidence=report is not None, read=reader
-            )
-            return DicomwebEngine(local, reader)
-
-        summary = run_predict(job, list_files=list_instances, start=start, progress=progress,
-                              new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
-        listing = found["listing"]
-        summary.studies = len({instance.study_uid for instance in listing.instances.values()})
-        if summary.interrupted:
-            return summary  # series rows and results need every slice row: a --resume run writes them
-        if store:
+        summary, listing = _classify_studies(pacs, selection, options, layout, progress)
+        if store and not summary.interrupted:  # results need every slice row: a --resume run stores them
             rule = series.rule
             identity = ModelIdentity(
                 Path(summary.model).name, file_sha256(Path(summary.model)), summary.spec_schema_version, summary.toolkit_version,
@@ -169,6 +126,41 @@ def predict_dicomweb(
         return summary
     finally:
         pacs.close()
+
+
+def _classify_studies(
+    pacs: DicomwebSource,
+    selection: Selection,
+    options: PredictOptions,
+    layout: ExecutionLayout,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[PacsPredictSummary, Listing]:
+    """The driver's run over the selected studies' instances: slice rows, series rows, page."""
+    found: dict[str, Listing] = {}
+    # instance URL -> header, from the listing's metadata: there before the first row, so the
+    # report's strips and the series rows read it instead of files
+    headers: dict[str, DicomHeader] = {}
+
+    def list_instances() -> list[str]:
+        found["listing"] = listing = pacs.list(selection)
+        if not listing.keys:
+            raise InputError(f"no study on {pacs.url} matches the selection (--study/--since/--modality)")
+        headers.update((key, header_of(key, instance.header)) for key, instance in listing.instances.items())
+        return listing.keys
+
+    def start(classifier: Any, summary: PacsPredictSummary) -> DicomwebEngine:
+        reader = SeriesReader(pacs, found["listing"])
+        evidence = options.report is not None
+        return DicomwebEngine(
+            LocalEngine(classifier, options.batch_size, layout.workers, evidence, reader), reader
+        )
+
+    summary = run_predict(options.job(layout.threads, headers.get), list_files=list_instances, start=start,
+                          progress=progress,
+                          new_summary=partial(PacsPredictSummary, workers=layout.workers, server=pacs.url))  # fmt: skip
+    listing = found["listing"]
+    summary.studies = len({instance.study_uid for instance in listing.instances.values()})
+    return summary, listing
 
 
 def store_reports(

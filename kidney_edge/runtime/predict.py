@@ -35,7 +35,7 @@ from kidney_edge.runtime.rows import (
     error_row,
     prediction_rows,
 )
-from kidney_edge.runtime.series import SeriesOptions
+from kidney_edge.runtime.series import HeaderLookup, SeriesOptions
 from kidney_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -43,42 +43,55 @@ log = logging.getLogger(__name__)
 Reader = Callable[[str], ImageSource]  # a row key -> the bytes or file to decode for it
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    """Options of ``kidney-edge predict``; validated here so every caller gets the same messages."""
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    """What every predict entry point shares, whatever its source (a folder, a DICOMweb server,
+    Ray): the model, the output, the batching and the extras of a run. Validated here, once,
+    with messages naming the CLI flag, so every caller gets the same ones. An entry point takes
+    its source plus one of these, and checks only what its engine adds (the local engine has no
+    ``--format parquet``; Ray has no ``--workers``)."""
 
-    folder: Path
-    model: Path | None = None
+    model: Path | None = None  # an export folder, an .onnx file, or None: the newest export folder
     out: Path = Path(DEFAULT_PREDICTIONS_FILE)
     fmt: OutputFormat = OutputFormat.CSV
     batch_size: int = 8
-    threads: int | None = None
-    workers: int | None = None
+    threads: int | None = None  # None: derived from the usable CPUs (Ray: DEFAULT_ACTOR_THREADS)
+    workers: int | None = None  # None: one per usable CPU, up to MAX_WORKERS (local engine only)
     resume: bool = False
     precision: Precision = Precision.AUTO
     ood: bool = True  # label inputs the model's OOD detector rejects as unknown (--no-ood: off)
+    series: SeriesOptions | None = None  # series rows beside out when the run ends; None: none
+    report: ReportOptions | None = None  # --report: the triage page, written when the run ends
+    probe: Probe | None = None  # replaces --precision auto's speed probe (tests, benchmarks)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "folder", Path(self.folder))
         set_(self, "out", Path(self.out))
         if self.model is not None:
             set_(self, "model", Path(self.model))
         set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
-        if self.fmt is OutputFormat.PARQUET:
-            raise InputError("--format parquet needs --engine ray; local predict writes csv or jsonl")
         set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
-        if not self.folder.is_dir():
-            raise InputError(
-                f"FOLDER {self.folder} is not a directory; pass the folder of images to classify"
-            )
         if not 1 <= self.batch_size <= 512:
             raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
         execution_layout(self.threads, self.workers)  # checks --threads and --workers
-        if self.out.is_dir():
+        if self.fmt is not OutputFormat.PARQUET and self.out.is_dir():  # parquet: Ray checks its folder
             raise InputError(
                 f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
             )
+
+    def local_layout(self) -> ExecutionLayout:
+        """The local engine's workers and threads; InputError for ``--format parquet`` (Ray's alone)."""
+        if self.fmt is OutputFormat.PARQUET:
+            raise InputError("--format parquet needs --engine ray; local predict writes csv or jsonl")
+        return execution_layout(self.threads, self.workers)
+
+    def job(self, threads: int, headers: HeaderLookup | None = None) -> PredictJob:
+        """The driver's job for these options, with each session's onnxruntime ``threads``."""
+        return PredictJob(
+            out=self.out, fmt=self.fmt, batch_size=self.batch_size, resume=self.resume, model=self.model,
+            precision=self.precision, threads=threads, ood=self.ood, probe=self.probe, report=self.report,
+            series=self.series, headers=headers,
+        )  # fmt: skip
 
 
 def _log_unreadable_folder(error: OSError) -> None:
@@ -297,27 +310,16 @@ def _images_under(folder: Path) -> list[str]:
 
 def predict_folder(
     folder: str | os.PathLike[str],
+    options: PredictOptions | None = None,
     *,
-    model: str | os.PathLike[str] | None = None,
-    out: str | os.PathLike[str] = PredictConfig.out,
-    fmt: OutputFormat | str = PredictConfig.fmt,
-    batch_size: int = PredictConfig.batch_size,
-    threads: int | None = None,
-    workers: int | None = None,
-    resume: bool = False,
-    precision: Precision | str = PredictConfig.precision,
-    probe: Probe | None = None,
-    ood: bool = True,
     progress: Callable[[int, int], None] | None = None,
-    report: ReportOptions | None = None,
-    series: SeriesOptions | None = None,
 ) -> PredictSummary:
-    """Classify every image under ``folder`` and stream one row per file to ``out``.
+    """Classify every image under ``folder`` and stream one row per file to ``options.out``.
 
     Columns: ``path`` (absolute), ``label`` (the spec's decision rule), ``argmax_label`` (the
     most probable class), ``confidence`` (the label's probability), ``p_<Class>``
     (temperature-calibrated, summing to 1), ``ood_score`` and ``error``. With the model's OOD
-    detector on (``ood``, the default) an input it rejects gets label ``unknown``; its
+    detector on (``options.ood``, the default) an input it rejects gets label ``unknown``; its
     probabilities are still written.
 
     Rows are flushed per batch, so an interrupted run keeps every finished row; ``resume``
@@ -325,28 +327,23 @@ def predict_folder(
     ``progress(done, total)`` is called after each batch. Ctrl-C ends the run early with
     ``summary.interrupted`` set instead of raising.
 
-    ``model`` is an export folder, an .onnx file or None (the newest export folder); ``precision``
-    picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`; ``probe`` replaces
-    its speed probe). ``series``: also the series rows of the DICOM files when the run ends
-    (:mod:`~kidney_edge.runtime.series`; None: none). ``report``: also the triage page of every
-    row at the end (:mod:`~kidney_edge.runtime.report_page`), its pictures from the same ONNX
-    calls as the rows, its series strips those of ``series``.
+    ``options.model`` is an export folder, an .onnx file or None (the newest export folder);
+    ``precision`` picks fp32 or INT8 from a folder (:mod:`~kidney_edge.runtime.precision`;
+    ``probe`` replaces its speed probe). ``series``: also the series rows of the DICOM files
+    when the run ends (:mod:`~kidney_edge.runtime.series`; None: none). ``report``: also the
+    triage page of every row at the end (:mod:`~kidney_edge.runtime.report_page`), its pictures
+    from the same ONNX calls as the rows, its series strips those of ``series``.
     """
-    config = PredictConfig(
-        folder=Path(folder), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
-        batch_size=batch_size, threads=threads, workers=workers, resume=resume, precision=precision, ood=ood,
-    )  # fmt: skip
-    layout = execution_layout(config.threads, config.workers)
-    job = PredictJob(
-        out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
-        precision=config.precision, threads=layout.threads, ood=config.ood, probe=probe, report=report,
-        series=series,
-    )  # fmt: skip
+    options = options or PredictOptions()
+    layout = options.local_layout()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"FOLDER {folder} is not a directory; pass the folder of images to classify")
     return run_predict(
-        job,
-        list_files=partial(_images_under, config.folder),
+        options.job(layout.threads),
+        list_files=partial(_images_under, folder),
         start=lambda classifier, summary: LocalEngine(
-            classifier, config.batch_size, layout.workers, evidence=report is not None
+            classifier, options.batch_size, layout.workers, evidence=options.report is not None
         ),
         new_summary=partial(PredictSummary, workers=layout.workers),
         progress=progress,

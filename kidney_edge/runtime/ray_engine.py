@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -46,10 +46,8 @@ from kidney_edge.errors import InputError, KidneyEdgeError, enum_choice
 from kidney_edge.imaging import SUPPORTED_SUFFIXES
 from kidney_edge.io_utils import atomic_path, atomic_write_bytes
 from kidney_edge.runtime.classifier import OnnxClassifier
-from kidney_edge.runtime.driver import PredictJob, RowSink, RowWriter, TextWriter, run_predict
-from kidney_edge.runtime.precision import Precision
-from kidney_edge.runtime.predict import PredictConfig, classify_paths, scan_image_paths
-from kidney_edge.runtime.report_page import ReportOptions
+from kidney_edge.runtime.driver import RowSink, RowWriter, TextWriter, run_predict
+from kidney_edge.runtime.predict import PredictOptions, classify_paths, scan_image_paths
 from kidney_edge.runtime.rows import (
     DEFAULT_PREDICTIONS_FILE,
     OutputFormat,
@@ -58,7 +56,7 @@ from kidney_edge.runtime.rows import (
     is_number_column,
     output_columns,
 )
-from kidney_edge.runtime.series import SeriesMode, SeriesOptions
+from kidney_edge.runtime.series import SeriesMode
 
 log = logging.getLogger(__name__)
 
@@ -145,50 +143,43 @@ def is_uri(source: str | os.PathLike[str]) -> bool:
 
 @dataclass(frozen=True)
 class RayPredictConfig:
-    """Options of ``kidney-edge predict --engine ray``; validated here for every caller."""
+    """``kidney-edge predict --engine ray``: SOURCE, the actor pool, and the options every entry
+    point shares; what Ray adds is validated here for every caller."""
 
     source: str
-    model: Path | None = None
-    out: Path = PredictConfig.out
-    fmt: OutputFormat = PredictConfig.fmt
-    batch_size: int = PredictConfig.batch_size
-    threads: int = DEFAULT_ACTOR_THREADS  # onnxruntime threads per actor, and CPUs it reserves
+    options: PredictOptions = field(default_factory=PredictOptions)
     actors: int | None = None  # default: the cluster's CPUs // threads
     address: str | None = None  # None: start Ray on this machine; "auto" or "ray://host:10001"
-    resume: bool = False
-    precision: Precision = PredictConfig.precision
-    ood: bool = PredictConfig.ood
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "source", str(self.source))
-        set_(self, "out", Path(self.out))
-        if self.model is not None:
-            set_(self, "model", Path(self.model))
-        set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
-        set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
+        object.__setattr__(self, "source", str(self.source))
         if not is_uri(self.source) and not Path(self.source).is_dir():
             raise InputError(
                 f"SOURCE {self.source} is not a directory; pass a folder of images (shared by every "
                 "node on a cluster) or an object-store URI such as s3://bucket/slices"
             )
-        if not 1 <= self.batch_size <= 512:
-            raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
-        if self.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.options.workers is not None:
+            raise InputError(
+                "--workers sets local decode threads; with --engine ray each actor decodes its own batches"
+            )
         if self.actors is not None and not 1 <= self.actors <= 10_000:
             raise InputError(f"--actors must be in 1..10000, got {self.actors}")
-        if self.fmt is OutputFormat.PARQUET:
-            if self.out.is_file() or self.out.suffix.lower() in (".csv", ".jsonl"):
-                raise InputError(
-                    f"--format parquet writes a folder of part files; pass --out "
-                    f"{Path(DEFAULT_PREDICTIONS_FILE).with_suffix('.parquet')}, "
-                    f"not {self.out}"
-                )
-        elif self.out.is_dir():
-            raise InputError(
-                f"--out {self.out} is a directory; pass a file name such as {DEFAULT_PREDICTIONS_FILE}"
-            )
+        if self.options.fmt is OutputFormat.PARQUET:
+            _check_parquet_out(self.options.out)
+
+    @property
+    def threads(self) -> int:
+        """onnxruntime threads per actor, and the CPUs each reserves."""
+        return self.options.threads or DEFAULT_ACTOR_THREADS
+
+
+def _check_parquet_out(out: Path) -> None:
+    """--format parquet writes a folder: refuse a file, or a name that says csv/jsonl."""
+    if out.is_file() or out.suffix.lower() in (".csv", ".jsonl"):
+        raise InputError(
+            f"--format parquet writes a folder of part files; pass --out "
+            f"{Path(DEFAULT_PREDICTIONS_FILE).with_suffix('.parquet')}, not {out}"
+        )
 
 
 @dataclass
@@ -466,11 +457,11 @@ def _classify_on_ray(
             write(table.drop_columns([_INDEX]).to_pylist())
 
     actors = summary.actors
-    block_rows = _block_rows(len(todo), actors, config.batch_size)
+    block_rows = _block_rows(len(todo), actors, config.options.batch_size)
     common = {"actor_args": actor_args, "threads": config.threads}
     consume(
         _dataset(ray, _blocks(todo, range(len(todo)), block_rows), **common, actors=actors,
-                 batch_size=config.batch_size)
+                 batch_size=config.options.batch_size)
     )  # fmt: skip
     missing = np.flatnonzero(~written)
     if missing.size == 0:
@@ -510,7 +501,7 @@ class RayEngine:
             cpus = int(self.ray.cluster_resources().get("CPU", 1))
             summary.actors = config.actors or max(1, cpus // config.threads)
             actor_args = {
-                "model_bytes": self.classifier.path.read_bytes(), "threads": config.threads, "ood": config.ood,
+                "model_bytes": self.classifier.path.read_bytes(), "threads": config.threads, "ood": config.options.ood,
                 "schema": arrow_schema(output_columns(self.classifier.class_names)), "source": config.source,
             }  # fmt: skip
             _classify_on_ray(self.ray, paths, actor_args, config, write, summary)
@@ -526,56 +517,44 @@ def _images_in(source: str) -> list[str]:
 
 def predict_with_ray(
     source: str | os.PathLike[str],
+    options: PredictOptions | None = None,
     *,
-    model: str | os.PathLike[str] | None = None,
-    out: str | os.PathLike[str] = PredictConfig.out,
-    fmt: OutputFormat | str = PredictConfig.fmt,
-    batch_size: int = PredictConfig.batch_size,
-    threads: int | None = None,
     actors: int | None = None,
     address: str | None = None,
-    resume: bool = False,
-    precision: Precision | str = PredictConfig.precision,
-    ood: bool = PredictConfig.ood,
     progress: Callable[[int, int], None] | None = None,
-    report: ReportOptions | None = None,
-    series: SeriesOptions | None = None,
 ) -> RayPredictSummary:
-    """Classify every image under ``source`` on Ray Data and stream one row per file to ``out``.
+    """Classify every image under ``source`` on Ray Data and stream one row per file to ``options.out``.
 
     The rows are those :func:`~kidney_edge.runtime.predict.predict_folder` writes for the same
     files (columns :func:`~kidney_edge.runtime.rows.output_columns`), in completion order.
-    ``threads`` are onnxruntime threads per actor (default :data:`DEFAULT_ACTOR_THREADS`), each
-    actor reserving as many CPUs; ``actors`` defaults to the cluster's CPUs // threads.
+    ``options.threads`` are onnxruntime threads per actor (default :data:`DEFAULT_ACTOR_THREADS`),
+    each actor reserving as many CPUs; ``actors`` defaults to the cluster's CPUs // threads.
     ``address`` None starts Ray on this machine (or uses the process's running Ray); "auto"
     or ``ray://host:10001`` joins an existing cluster, where every node needs kidney-edge
     installed and SOURCE readable. ``--precision auto`` is decided by a probe on the driver.
     Ctrl-C ends the run early with ``summary.interrupted`` set; rerun with ``resume``.
-    ``report``: the triage page at the end; actors return rows only, so it has no thumbnails.
-    ``series``: the series rows at the end, which read the rows and DICOM headers back: local
-    files and csv/jsonl only (auto: none elsewhere).
+    ``options.report``: the triage page at the end; actors return rows only, so it has no
+    thumbnails. ``options.series``: the series rows at the end, which read the rows and DICOM
+    headers back: local files and csv/jsonl only (auto: none elsewhere).
     """
-    config = RayPredictConfig(
-        source=str(source), model=None if model is None else Path(model), out=Path(out), fmt=fmt,
-        batch_size=batch_size, threads=threads or DEFAULT_ACTOR_THREADS, actors=actors, address=address,
-        resume=resume, precision=precision, ood=ood,
-    )  # fmt: skip
-    if series is not None and not series_readable(config.source, config.fmt):
-        if series.mode is SeriesMode.ON:
-            raise InputError(
-                "--series reads predictions and DICOM headers back: it needs csv/jsonl, local files"
-            )
-        series = None
+    config = RayPredictConfig(str(source), options or PredictOptions(), actors=actors, address=address)
     ray = import_ray()
-    job = PredictJob(
-        out=config.out, fmt=config.fmt, batch_size=config.batch_size, resume=config.resume, model=config.model,
-        precision=config.precision, threads=config.threads, ood=config.ood, report=report, series=series,
-    )  # fmt: skip
     return run_predict(
-        job,
+        _readable_series(config).job(config.threads),
         list_files=partial(_images_in, config.source),
         start=lambda classifier, summary: RayEngine(ray, config, classifier, summary),
         new_summary=partial(RayPredictSummary, workers=0, address=config.address or "local"),
         open_writer=open_writer,
         progress=progress,
     )
+
+
+def _readable_series(config: RayPredictConfig) -> PredictOptions:
+    """``config.options`` without series rows where they cannot be read back (``--series``
+    asked for there: an InputError)."""
+    options = config.options
+    if options.series is None or series_readable(config.source, options.fmt):
+        return options
+    if options.series.mode is SeriesMode.ON:
+        raise InputError("--series reads predictions and DICOM headers back: it needs csv/jsonl, local files")
+    return replace(options, series=None)
