@@ -317,6 +317,15 @@ def threshold_for_recall(positive_scores: np.ndarray, is_positive: np.ndarray, t
     return float(scores[_needed(target_recall, len(scores)) - 1])
 
 
+def _too_costly(others: np.ndarray, threshold: float, n_other: int, limit: float | None) -> str:
+    """'' when the threshold's added positive calls among the other items fit ``limit`` (a share
+    of ``n_other``), else those calls in words."""
+    added = int(np.count_nonzero(others >= threshold))
+    if limit is None or n_other == 0 or added <= limit * n_other:
+        return ""
+    return f"{added} of {n_other} other validation items positive ({added / n_other:.0%}; at most {limit:.0%})"
+
+
 def _check_target(target_recall: float) -> None:
     if not 0.0 < target_recall <= 1.0:
         raise InputError(f"--tumor-recall must be in (0, 1], got {target_recall}")
@@ -327,6 +336,13 @@ def _needed(target_recall: float, n_positive: int) -> int:
     return max(1, math.ceil(target_recall * n_positive - 1e-9))
 
 
+# A threshold that reaches the target recall on validation only by calling many other items
+# positive is set by one or two outlying positives, not an operating point: with a few dozen
+# validation tumours, the last one can sit at p(Tumor) near zero, and a threshold there labels
+# a large share of every other class Tumor on new data.
+MAX_ADDED_FALSE_POSITIVES = 0.05  # share of the other validation items a threshold may add calls on
+
+
 def tumor_decision_rule(
     probabilities: np.ndarray,
     y_true: np.ndarray,
@@ -334,6 +350,7 @@ def tumor_decision_rule(
     *,
     positive_class: str | None,
     target_recall: float = 0.98,
+    max_added_false_positives: float | None = None,
 ) -> DecisionRule | None:
     """The operating point for ``positive_class`` that reaches ``target_recall`` on these (validation) data.
 
@@ -343,7 +360,9 @@ def tumor_decision_rule(
     target under the rule: the k-th highest p(positive) among the positives argmax misses,
     with k the positive calls still needed. When no other item scores at or above the
     positives the rule must catch (validation separates them), any t in the gap reaches the
-    target and the gap's midpoint is taken instead of its edge, with a note saying so.
+    target and the gap's midpoint is taken instead of its edge, with a note saying so. With
+    ``max_added_false_positives``, a threshold that would newly call a larger share of the
+    other validation items positive is refused: the rule stays argmax, with a note saying why.
 
     Returns None, with a logged note, when there is no positive class or no positive item.
     """
@@ -380,6 +399,12 @@ def tumor_decision_rule(
             "threshold at the gap's midpoint"
         )
         log.info(note)
+    refused = _too_costly(others, threshold, int((~is_positive).sum()), max_added_false_positives)
+    if refused:
+        note = (f"argmax kept: reaching {positive_class} recall {target_recall:g} on validation needs "
+                f"p({positive_class}) >= {threshold:.4f}, which would call {refused}")  # fmt: skip
+        log.warning(note)
+        return DecisionRule(kind=RuleKind.ARGMAX.value, positive_class=positive_class, note=note)
     return DecisionRule(
         kind=RuleKind.THRESHOLD.value,
         positive_class=positive_class,

@@ -201,6 +201,31 @@ def test_tumor_rule_reaches_target_recall_on_validation() -> None:
     assert np.mean(probs[tumor].argmax(axis=1) == 3) < recall
 
 
+def test_a_threshold_that_calls_many_others_positive_is_refused() -> None:
+    """One outlying validation tumour (argmax Normal, p(Tumor) 0.015) must not set the operating
+    point: catching it would call most other items Tumor. A cheap threshold is still taken."""
+    rng = np.random.default_rng(0)
+    n = 100  # 20 per class in order Cyst, Normal, Stone, Tumor; 20 extra Normal
+    y_true = np.repeat([0, 1, 2, 3, 1], 20)
+    probs = np.full((n, 4), 0.01)
+    probs[np.arange(n), y_true] = 0.9
+    probs[y_true != 3, 3] = rng.uniform(0.02, 0.05, size=80)  # everyone else: p(Tumor) 2-5%
+    probs[60, :] = [0.02, 0.955, 0.01, 0.015]  # the outlier: a Tumor that looks Normal
+    probs /= probs.sum(axis=1, keepdims=True)
+    refused = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98,
+                                          max_added_false_positives=0.05)  # fmt: skip
+    assert refused.kind == "argmax" and refused.target_recall is None
+    assert refused.describe().startswith("argmax; argmax kept: reaching Tumor recall 0.98 on validation")
+    assert "which would call 80 of 80 other validation items positive (100%; at most 5%)" in refused.note
+    unlimited = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
+    assert unlimited.kind == "threshold" and unlimited.threshold < 0.02  # the old behaviour, on request
+    probs[60, 3] = 0.3  # the missed tumour scores above every other item: a cheap threshold
+    probs /= probs.sum(axis=1, keepdims=True)
+    cheap = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98,
+                                        max_added_false_positives=0.05)  # fmt: skip
+    assert cheap.kind == "threshold" and cheap.note.startswith("validation separates")
+
+
 def test_rule_only_adds_positive_calls() -> None:
     # Row 0: argmax Tumor at p 0.40 < t: stays Tumor. Row 1: p(Tumor) 0.35 >= t: becomes Tumor.
     # Row 2: p(Tumor) 0.10 < t: keeps its argmax (Normal), not the argmax of the other classes.
