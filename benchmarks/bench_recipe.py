@@ -429,8 +429,7 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
     ]  # fmt: skip
     for run in sorted(hard, key=lambda r: (_data_seed(r), r["n_images"], r["family"], r["recipe"])):
         res, t = run["result"], run["result"]["test"]["argmax"]
-        recall = " / ".join(f"{t['recall'].get(c, float('nan')):.2f}" for c in ("Tumor", "Stone", "Cyst", "Normal"))
-        retries = sum("retried from the best model" in w for w in res.get("warnings", []))
+        recall, retries = _recall_cells(t), _retries(res)
         val = res["best_val_macro_f1"]
         lines.append(
             f"| {run['family']} | {_data_seed(run)} | {run['recipe']} | {res['n_train']} "
@@ -443,12 +442,11 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
 
 
 DEFAULT_RECIPE = "lr1e-3-b9-e12"  # training.config's defaults (tests/test_bench.py checks they agree)
-BASE_VIEWS = tuple(FAMILIES)  # whole slices, all training patients: no oracle view, no share
 
 
 def render_worst_case(runs: list[dict[str, Any]], notes: list[str]) -> list[str]:
     """The defaults at full size (>= 800 slices, 224 px) on every family, worst family first."""
-    full = [r for r in runs if r["recipe"] == DEFAULT_RECIPE and r["family"] in BASE_VIEWS
+    full = [r for r in runs if r["recipe"] == DEFAULT_RECIPE and r["family"] in FAMILIES
             and r["n_images"] >= 800 and r["image_size"] == 224 and _data_seed(r) in HARD_DATA_SEEDS]  # fmt: skip
     if not full:
         return []
@@ -462,8 +460,7 @@ def render_worst_case(runs: list[dict[str, Any]], notes: list[str]) -> list[str]
     ]  # fmt: skip
     for run in sorted(full, key=lambda r: r["result"]["test"]["argmax"]["macro_f1"]):
         res, t = run["result"], run["result"]["test"]["argmax"]
-        recall = " / ".join(f"{t['recall'].get(c, float('nan')):.2f}" for c in ("Tumor", "Stone", "Cyst", "Normal"))
-        retries = sum("retried from the best model" in w for w in res.get("warnings", []))
+        recall, retries = _recall_cells(t), _retries(res)
         lines.append(
             f"| {run['family']} | {_data_seed(run)} | {run['n_images']} ({res['n_train']}) "
             f"| {t['macro_f1']:.3f} {_ci(t['macro_f1_ci'])} | {t['tumor_recall']:.2f} | {recall} | {retries} "
@@ -472,6 +469,16 @@ def render_worst_case(runs: list[dict[str, Any]], notes: list[str]) -> list[str]
     for note in notes:
         lines += ["", note]
     return lines
+
+
+def _recall_cells(test: dict[str, Any]) -> str:
+    """Per-class recall, Tumor / Stone / Cyst / Normal, as the hard-findings tables print it."""
+    return " / ".join(f"{test['recall'].get(c, float('nan')):.2f}" for c in ("Tumor", "Stone", "Cyst", "Normal"))
+
+
+def _retries(result: dict[str, Any]) -> int:
+    """Fine-tuning attempts restarted after a stall (the trainer's warnings say each)."""
+    return sum("retried from the best model" in w for w in result.get("warnings", []))
 
 
 def _target_check(summary: dict[str, Any]) -> list[str]:

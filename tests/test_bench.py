@@ -410,30 +410,26 @@ def test_data_results_re_render_unchanged(tmp_path: Path) -> None:
     assert (tmp_path / "data.md").read_text() == (results / "data.md").read_text()
 
 
-def _bench_recipe():
-    import importlib
+@pytest.fixture
+def bench_recipe(monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/bench_recipe.py, imported the way the harness fixture imports _harness."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_recipe
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module("bench_recipe")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return bench_recipe
 
 
-def test_recipe_bench_default_is_the_librarys_finetune_default() -> None:
+def test_recipe_bench_default_is_the_librarys_finetune_default(bench_recipe) -> None:
     """The worst-case table is 'the defaults at full size': the recipe it reads must be the
     fine-tuning phase `kidney-edge train` runs without options."""
     from kidney_edge.training.config import default_finetune_phase
 
-    bench = _bench_recipe()
-    recipe, phase = bench.RECIPES[bench.DEFAULT_RECIPE], default_finetune_phase()
+    recipe, phase = bench_recipe.RECIPES[bench_recipe.DEFAULT_RECIPE], default_finetune_phase()
     assert (recipe.lr, recipe.unfreeze_blocks, recipe.epochs, recipe.patience) == (
         phase.lr, phase.unfreeze_blocks, phase.epochs, phase.patience)  # fmt: skip
 
 
-def test_worst_case_table_keeps_full_size_default_runs_worst_first() -> None:
-    bench = _bench_recipe()
-
+def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe) -> None:
     def run(family: str, f1: float, recipe: str = "lr1e-3-b9-e12", n: int = 800) -> dict:
         test = {"macro_f1": f1, "macro_f1_ci": [f1 - 0.1, f1 + 0.1], "tumor_recall": 0.5,
                 "recall": {"Tumor": 0.5, "Stone": 0.25, "Cyst": 1.0, "Normal": 0.75}}  # fmt: skip
@@ -444,6 +440,6 @@ def test_worst_case_table_keeps_full_size_default_runs_worst_first() -> None:
 
     runs = [run("dicom-series", 0.54), run("lookalike", 0.21), run("lookalike-oracle", 0.6),
             run("lookalike", 0.3, recipe="lr3e-4-b9-e12"), run("classic", 0.9, n=500)]  # fmt: skip
-    rows = [line for line in bench.render_worst_case(runs, ["a note"]) if line.startswith("| ") and "---" not in line]
+    rows = [line for line in bench_recipe.render_worst_case(runs, ["a note"]) if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| lookalike", "| dicom-series"]
     assert "| 0.210 [0.110, 0.310] | 0.50 | 0.50 / 0.25 / 1.00 / 0.75 | 1 | 5.0 | 1.0 -> 2.0 |" in rows[1]
