@@ -243,7 +243,6 @@ def _rule_from_val(predictor: Predictor, config: EvaluateConfig, notes: list[str
         predictor.spec.class_names,
         positive_class=predictor.spec.positive_class,
         target_recall=config.tumor_recall,
-        max_added_false_positives=M.MAX_ADDED_FALSE_POSITIVES,
     )
     if rule is not None:
         notes.append(

@@ -350,7 +350,7 @@ def tumor_decision_rule(
     *,
     positive_class: str | None,
     target_recall: float = 0.98,
-    max_added_false_positives: float | None = None,
+    max_added_false_positives: float | None = MAX_ADDED_FALSE_POSITIVES,
 ) -> DecisionRule | None:
     """The operating point for ``positive_class`` that reaches ``target_recall`` on these (validation) data.
 
@@ -360,9 +360,10 @@ def tumor_decision_rule(
     target under the rule: the k-th highest p(positive) among the positives argmax misses,
     with k the positive calls still needed. When no other item scores at or above the
     positives the rule must catch (validation separates them), any t in the gap reaches the
-    target and the gap's midpoint is taken instead of its edge, with a note saying so. With
-    ``max_added_false_positives``, a threshold that would newly call a larger share of the
-    other validation items positive is refused: the rule stays argmax, with a note saying why.
+    target and the gap's midpoint is taken instead of its edge, with a note saying so. A
+    threshold that would newly call more than ``max_added_false_positives`` of the other
+    validation items positive is refused (None: no limit): the rule stays argmax, with a note
+    saying why.
 
     Returns None, with a logged note, when there is no positive class or no positive item.
     """

@@ -186,7 +186,8 @@ def test_threshold_for_recall_is_the_largest_that_reaches_the_target() -> None:
 
 def test_tumor_rule_reaches_target_recall_on_validation() -> None:
     y_true, _, probs = noisy_predictions(n=600, accuracy=0.6, seed=3)
-    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
+    rule = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98,
+                                       max_added_false_positives=None)  # the threshold search alone  # fmt: skip
     assert rule is not None and rule.kind == "threshold" and rule.positive_class == "Tumor"
     assert rule.note == ""  # noisy validation: no separation, the largest threshold is kept
     spec = ModelSpec(decision_rule=rule)
@@ -212,12 +213,12 @@ def test_a_threshold_that_calls_many_others_positive_is_refused() -> None:
     probs[y_true != 3, 3] = rng.uniform(0.02, 0.05, size=80)  # everyone else: p(Tumor) 2-5%
     probs[60, :] = [0.02, 0.955, 0.01, 0.015]  # the outlier: a Tumor that looks Normal
     probs /= probs.sum(axis=1, keepdims=True)
-    refused = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98,
-                                          max_added_false_positives=0.05)  # fmt: skip
+    refused = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
     assert refused.kind == "argmax" and refused.target_recall is None
     assert refused.describe().startswith("argmax; argmax kept: reaching Tumor recall 0.98 on validation")
     assert "which would call 80 of 80 other validation items positive (100%; at most 5%)" in refused.note
-    unlimited = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98)
+    unlimited = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=0.98,
+                                            max_added_false_positives=None)  # fmt: skip
     assert unlimited.kind == "threshold" and unlimited.threshold < 0.02  # the old behaviour, on request
     probs[60, 3] = 0.3  # the missed tumour scores above every other item: a cheap threshold
     probs /= probs.sum(axis=1, keepdims=True)
@@ -250,7 +251,8 @@ def test_rule_never_removes_an_argmax_tumor(seed: int, n: int, threshold: float,
     y_true = rng.integers(0, 4, n)
     argmax_tumor = probs.argmax(axis=1) == 3
     rules = [DecisionRule(kind="threshold", positive_class="Tumor", threshold=threshold)]
-    chosen = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=target)
+    chosen = metrics.tumor_decision_rule(probs, y_true, CLASSES, positive_class="Tumor", target_recall=target,
+                                         max_added_false_positives=None)  # fmt: skip
     rules += [chosen] if chosen is not None else []
     for rule in rules:
         decided = rule.decide(probs, CLASSES)

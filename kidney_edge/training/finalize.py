@@ -128,7 +128,6 @@ def _calibrate_on_val(
             spec.class_names,
             positive_class=spec.positive_class,
             target_recall=tumor_recall,
-            max_added_false_positives=M.MAX_ADDED_FALSE_POSITIVES,
         )
     spec = spec.replace(decision_rule=rule or DecisionRule())
     validation = {
