@@ -45,6 +45,10 @@ FAMILIES: dict[str, tuple[str, float]] = {
     # Its patients and findings, every one imaged alike: "cannot see" vs "cannot generalise across
     # scanners". Its file names match "lookalike", so the same splits.csv can be reused.
     "lookalike-one-scanner": ("lookalike-one-scanner", 1.0),
+    # The same renderer with its findings drawn larger, more contrasted and less noisy (the
+    # `difficulty` of `synth`): where between "cannot see" and "cannot learn" the defaults fail.
+    "lookalike-d0.5": ("lookalike", 0.5),
+    "lookalike-d0.25": ("lookalike", 0.25),
     # `synth --format dicom`: the classic phantom as CT series (findings on some slices only,
     # export quirks); n_images / SLICES_PER_SERIES_MEAN series, split 70/15/15 by series.
     "dicom-series": (DICOM_SERIES, 0.25),

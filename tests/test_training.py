@@ -364,6 +364,36 @@ def test_warnings_for_a_climbing_phase_a_small_class_and_a_head_near_chance() ->
     assert run_warnings(calm, {"head": 3, "finetune": 4}, balanced, names) == []
 
 
+def test_warning_for_a_run_that_memorised_its_training_images() -> None:
+    from kidney_edge.training.diagnostics import run_warnings
+
+    names = ("Cyst", "Normal", "Stone", "Tumor")
+    balanced = np.repeat(np.arange(4), 10)
+
+    def run(head: list[float], finetune: list[float], last_train_accuracy: float) -> list[dict]:
+        history = _history("head", head) + _history("finetune", finetune)
+        for row in history:
+            row["train_accuracy"] = 0.5
+        history[-1]["train_accuracy"] = last_train_accuracy
+        return history
+
+    # The look-alike failure: 99% of the training images fitted, validation at most 0.48.
+    memorised = run_warnings(run([0.28, 0.33], [0.41, 0.48, 0.42], 0.99), {"head": 9, "finetune": 9}, balanced, names)
+    assert len(memorised) == 1  # it replaces the head's "more fine-tuning" advice
+    assert "best validation macro-F1 is 0.480 (chance is 0.250; below 0.500" in memorised[0]
+    assert "it fits 99% of its training images: it memorised them" in memorised[0]
+    assert "will not help" in memorised[0] and "docs/training.md#" in memorised[0]
+    # Not fitted either: not learned, without the memorising clause.
+    unfitted = run_warnings(run([0.28], [0.30, 0.31], 0.60), {"head": 9, "finetune": 9}, balanced, names)
+    assert len(unfitted) == 1 and "best validation macro-F1 is 0.310" in unfitted[0]
+    assert "memorised" not in unfitted[0]
+    # Learned (validation at the threshold): no such warning.
+    assert run_warnings(run([0.6], [0.7, 0.5], 0.99), {"head": 9, "finetune": 9}, balanced, names) == []
+    # Two classes: chance 0.5, learned from 0.667.
+    two = run_warnings(run([0.6], [0.66], 0.95), {"head": 9, "finetune": 9}, np.repeat([0, 1], 10), ("a", "b"))
+    assert len(two) == 1 and "below 0.667" in two[0]
+
+
 def test_time_budget_cuts_finetune_epochs_to_fit(tmp_path: Path) -> None:
     from kidney_edge.training.budget import FIXED_OVERHEAD_S, Speed, apply_plan, plan_epochs
 

@@ -16,6 +16,15 @@ MIN_VAL_PER_CLASS = 10  # below this, one image moves a class's validation recal
 # linear probe that cannot separate the classes on ImageNet features (docs/architecture.md measured 0.34
 # on a look-alike set of 4 classes, where fine-tuning then had to do all the work).
 CHANCE_FACTOR = 1.5
+# A run "has not learned the classes" while its best validation macro-F1 stays within the first
+# LEARNED_SHARE of the way from chance (1/C) to perfect: 0.5 for 4 classes, 0.67 for 2. It
+# "memorised" them when its last training accuracy (under augmentation) is FITTED_ACCURACY or
+# more. On the look-alike renderer the defaults fit 80-99% of the training slices and peaked at
+# validation 0.28-0.48, test 0.19-0.31; on the demo phantom validation reaches 0.97
+# (benchmarks/results/recipe.md).
+FITTED_ACCURACY = 0.8
+LEARNED_SHARE = 1 / 3
+GUIDE = "docs/training.md#what-the-model-can-and-cannot-learn-hard-findings"
 
 
 def run_warnings(
@@ -25,11 +34,14 @@ def run_warnings(
     class_names: Sequence[str],
 ) -> list[str]:
     """Warnings for: a phase still climbing at its last epoch, a class with few validation
-    images, and a head phase that stayed near chance."""
+    images, a head phase that stayed near chance, and a run that has not learned the classes."""
     warnings = [*_still_rising(history, phase_epochs), *_small_val_classes(val_labels, class_names)]
+    not_learned = _not_learned(history, len(class_names))
     head = [row["val_macro_f1"] for row in history if row["phase"] == "head"]
     chance = CHANCE_FACTOR / len(class_names)
-    if head and max(head) < chance:
+    if not_learned:
+        warnings.append(not_learned)  # it says what to do instead of "more fine-tuning"
+    elif head and max(head) < chance:
         warnings.append(
             f"the head phase (frozen ImageNet features) reached only validation macro-F1 {max(head):.3f} "
             f"(near chance, < {chance:.3f}): the classes are not separable without fine-tuning; "
@@ -61,3 +73,33 @@ def _small_val_classes(val_labels: np.ndarray, class_names: Sequence[str]) -> li
         f"classes with fewer than {MIN_VAL_PER_CLASS} validation images ({', '.join(small)}): early "
         "stopping, calibration and the tumor threshold rest on a handful of images; add data"
     ]
+
+
+def _not_learned(history: Sequence[dict[str, Any]], num_classes: int) -> str | None:
+    """The warning for a run whose best validation macro-F1 stays near chance, or None.
+
+    When it also fits its training images, more epochs or unfrozen blocks only fit them further;
+    what helps is what lets the classes generalise: more patients, findings the input size can
+    show, a view closer to the kidneys.
+    """
+    if not history:
+        return None
+    best = max(float(row["val_macro_f1"]) for row in history)
+    chance = 1 / num_classes
+    learned = chance + LEARNED_SHARE * (1 - chance)
+    if best >= learned:
+        return None
+    seen = (
+        f"the model has not learned the classes: its best validation macro-F1 is {best:.3f} (chance is "
+        f"{chance:.3f}; below {learned:.3f} is not learned)"
+    )
+    fitted = float(history[-1].get("train_accuracy", 0.0))
+    if fitted >= FITTED_ACCURACY:
+        seen += (
+            f", while it fits {fitted:.0%} of its training images: it memorised them. More epochs or "
+            "unfrozen blocks will not help"
+        )
+    return (
+        f"{seen}; more patients per class, findings larger than a few pixels at --image-size, or a view "
+        f"closer to the kidneys will ({GUIDE})"
+    )
