@@ -75,6 +75,7 @@ class Recipe:
     augment: str = "geometric"
     mixup_alpha: float = 0.0
     head_epochs: int | None = None  # None: the library's head phase
+    region: str = "whole"  # train --region: what of each slice the model sees
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +87,8 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-ls0.1-e12": Recipe(1e-3, 9, 12, 6, label_smoothing=0.1, note="label smoothing 0.1"),
     "lr1e-3-b9-e12-h60": Recipe(1e-3, 9, 12, 6, head_epochs=60,
                                 note="a head phase of 60 epochs on cached features (early stopping from epoch 30)"),
+    "lr1e-3-b9-e12-kidneys": Recipe(1e-3, 9, 12, 6, region="kidneys",
+                                    note="the band about the spine that holds both kidneys (train --region kidneys)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
     "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
     "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
@@ -210,7 +213,7 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
     from kidney_edge.training.config import ALL_BLOCKS
 
     base = TrainConfig(data_dir=data, out_dir=out, splits=splits, image_size=image_size, seed=seed, device="cpu",
-                       augmentation=recipe.augment)  # fmt: skip
+                       augmentation=recipe.augment, region=recipe.region)  # fmt: skip
     blocks = ALL_BLOCKS if recipe.unfreeze_blocks == "all" else int(recipe.unfreeze_blocks)
     finetune = dataclasses.replace(
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kidney_edge.errors import ImageReadError, InputError
+from kidney_edge.regions import apply_region
 from kidney_edge.spec import ColorMode, ModelSpec, ResizeRule
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,8 @@ def _load_dicom(source: Path | BinaryIO, spec: ModelSpec, name: object) -> Image
 
 
 def resized_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
-    """Decode if needed and apply the spec's resize rule: an ``input_size`` square image."""
-    image = _as_image(source, spec)
+    """Decode if needed and apply the spec's region and resize rules: an ``input_size`` square image."""
+    image = apply_region(_as_image(source, spec), spec.region)
     size = spec.input_size
     width, height = image.size
     if (width, height) == (size, size):

@@ -56,6 +56,13 @@ class ResizeRule(str, Enum):
     CENTER_CROP = "center_crop"  # keep aspect ratio, resize the short side, crop the centre
 
 
+class RegionRule(str, Enum):
+    """Which part of a decoded slice the model sees, before the resize rule (kidney_edge.regions)."""
+
+    WHOLE = "whole"  # the image as decoded
+    KIDNEYS = "kidneys"  # the band about the spine that holds both kidneys; the whole where not found
+
+
 class ColorMode(str, Enum):
     """What the image is reduced to before the 3 input channels are filled."""
 
@@ -174,6 +181,7 @@ class ModelSpec:
     arch: str = "efficientnet_lite0"
     input_size: int = 224
     resize: ResizeRule = ResizeRule.LETTERBOX
+    region: RegionRule = RegionRule.WHOLE
     color_mode: ColorMode = ColorMode.GRAY
     channel_order: str = "RGB"
     mean: tuple[float, float, float] = LITE0_MEAN
@@ -198,6 +206,7 @@ class ModelSpec:
             set_(self, "toolkit_version", __version__)
         try:
             set_(self, "resize", ResizeRule(self.resize))
+            set_(self, "region", RegionRule(self.region))
             set_(self, "color_mode", ColorMode(self.color_mode))
         except ValueError as exc:
             raise InputError(f"invalid spec: {exc}") from None
@@ -257,6 +266,12 @@ class ModelSpec:
         data["class_names"] = list(self.class_names)
         data["mean"], data["std"] = list(self.mean), list(self.std)
         data["resize"], data["color_mode"] = self.resize.value, self.color_mode.value
+        # Written only where it crops, so a whole-slice model stays readable by a kidney-edge that
+        # predates the field (it refuses unknown fields by name).
+        if self.region is RegionRule.WHOLE:
+            del data["region"]
+        else:
+            data["region"] = self.region.value
         return data
 
     @classmethod

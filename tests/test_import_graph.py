@@ -33,10 +33,18 @@ from kidney_edge.spec import ModelSpec
 RUNTIME_PACKAGE = "kidney_edge.runtime"
 # What the runtime may import of kidney_edge besides its own package, by exact module name:
 # the package's __init__ (a name, not a prefix: every module starts with "kidney_edge") and the
-# spec / imaging / errors / io layer. Everything else of kidney_edge (checkpoint, training,
-# evaluation, export, dataset, quantize, report, backbones, ood fitting, ...) is above it.
+# spec / imaging (with the region finder it calls) / errors / io layer. Everything else of
+# kidney_edge (checkpoint, training, evaluation, export, dataset, quantize, report, backbones, ood
+# fitting, ...) is above it.
 RUNTIME_MAY_IMPORT = frozenset(
-    {"kidney_edge", "kidney_edge.errors", "kidney_edge.spec", "kidney_edge.imaging", "kidney_edge.io_utils"}
+    {
+        "kidney_edge",
+        "kidney_edge.errors",
+        "kidney_edge.spec",
+        "kidney_edge.imaging",
+        "kidney_edge.regions",
+        "kidney_edge.io_utils",
+    }
 )
 # Third-party packages no runtime module imports, not even inside a function: the training
 # stack. scipy comes only with scikit-learn, so the base install lacks it.

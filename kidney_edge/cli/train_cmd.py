@@ -10,6 +10,7 @@ import typer
 
 from kidney_edge.cli._app import PANEL_MODEL, Renamed, app, console, library_errors, print_headline
 from kidney_edge.ood import OodMethod
+from kidney_edge.spec import RegionRule
 from kidney_edge.training.config import (
     ALL_BLOCKS,
     ARCHS,
@@ -75,6 +76,14 @@ def train(
     image_size: Annotated[
         int, typer.Option("--image-size", help="Input side in pixels, a multiple of 32.")
     ] = _RUN.image_size,
+    region: Annotated[
+        RegionRule,
+        typer.Option(
+            help="What the model sees of each slice: the whole image, or the band about the spine that "
+            "holds both kidneys (found in each image; the whole image where none is found). The choice "
+            "travels in the model's spec, so export, predict and serve crop alike.",
+        ),
+    ] = RegionRule(_RUN.region),
     seed: Annotated[
         int, typer.Option("--seed", help="Random seed of the split, initialisation and batches.")
     ] = _RUN.seed,
@@ -193,7 +202,7 @@ def train(
 
     with library_errors():
         config = TrainConfig(
-            data_dir=data, out_dir=resolve_run_dir(data, out, resume=resume), arch=arch.value, image_size=image_size, batch_size=batch_size,
+            data_dir=data, out_dir=resolve_run_dir(data, out, resume=resume), arch=arch.value, image_size=image_size, region=region.value, batch_size=batch_size,
             seed=seed, device=device.value, splits=splits_csv, resume=resume, workers=loader_workers,
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             ood_method=None if no_ood else ood_method.value, ood_max_rejection=ood_max_rejection,

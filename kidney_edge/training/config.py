@@ -17,6 +17,7 @@ from kidney_edge.archs import ALL_BLOCKS, ARCHS
 from kidney_edge.errors import InputError
 from kidney_edge.layout import MODELS_ROOT
 from kidney_edge.ood import DEFAULT_MAX_ID_REJECTION, DEFAULT_OOD_METHOD, OodMethod
+from kidney_edge.spec import RegionRule
 
 
 class Augmentation(str, Enum):
@@ -131,6 +132,7 @@ class TrainConfig:
     out_dir: Path
     arch: str = ARCHS[0]
     image_size: int = 224
+    region: str = RegionRule.WHOLE.value  # the spec's region rule (kidney_edge.regions)
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
@@ -164,6 +166,8 @@ class TrainConfig:
             raise InputError(f"unknown --arch {self.arch!r}; choose one of {', '.join(available_archs())}")
         if not 32 <= self.image_size <= 1024 or self.image_size % 32:
             raise InputError(f"--image-size must be a multiple of 32 in 32..1024, got {self.image_size}")
+        if self.region not in {r.value for r in RegionRule}:
+            raise InputError(f"--region must be one of {', '.join(r.value for r in RegionRule)}, got {self.region!r}")
         if self.batch_size < 2:
             raise InputError(f"--batch-size must be >= 2 (BatchNorm needs it), got {self.batch_size}")
         if self.device not in DEVICES:

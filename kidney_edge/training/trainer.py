@@ -37,7 +37,7 @@ from kidney_edge.training.loop import (
 
 log = logging.getLogger(__name__)
 # Fields that shape the weights: a resumed run must use the same values to continue exactly.
-RESUME_FIELDS = ("arch", "image_size", "batch_size", "seed", "pretrained", "head", "finetune")
+RESUME_FIELDS = ("arch", "image_size", "region", "batch_size", "seed", "pretrained", "head", "finetune")
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
@@ -245,10 +245,12 @@ def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"--resume: {saved_config} is not a kidney-edge run config ({exc})") from None
     current = config.to_dict()
+    # A field the saved config lacks predates it: that run used the field's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [
-        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        f"{key}: {saved.get(key, defaults[key])!r} -> {current[key]!r}"
         for key in RESUME_FIELDS
-        if saved.get(key) != current[key]
+        if saved.get(key, defaults[key]) != current[key]
     ]
     if changed:
         raise InputError(
@@ -285,6 +287,7 @@ def _make_spec(config: TrainConfig, class_names: tuple[str, ...], rows: list) ->
         class_names=class_names,
         arch=config.arch,
         input_size=config.image_size,
+        region=config.region,
         data_fingerprint=data_fingerprint(rows),
         **backbone_spec_defaults(config.arch),
     )

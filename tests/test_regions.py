@@ -1,0 +1,89 @@
+"""The spec's region rule: the kidney band found from the image alone, and what keeps the whole."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from kidney_edge.imaging import preprocess, resized_image
+from kidney_edge.regions import apply_region, region_box
+from kidney_edge.spec import ModelSpec, RegionRule
+
+
+def axial_slice(width: int = 400, height: int = 300) -> Image.Image:
+    """Air, a body ellipse, a bright vertebra low in the middle and two kidneys beside it."""
+    image = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((20, 40, width - 20, height - 30), fill=90)  # body: x 20..380, y 40..270
+    draw.ellipse((180, 175, 220, 215), fill=255)  # vertebral body centred at (200, 195)
+    draw.ellipse((90, 150, 150, 220), fill=140)  # right kidney
+    draw.ellipse((250, 150, 310, 220), fill=140)  # left kidney
+    draw.ellipse((60, 55, 180, 105), fill=120)  # liver, anterior: outside the band
+    return image
+
+
+def test_kidney_band_about_the_spine_holds_both_kidneys_and_drops_the_front() -> None:
+    box = region_box(axial_slice(), RegionRule.KIDNEYS)
+    assert box is not None
+    left, top, right, bottom = box
+    # Body box 360 x 230 px about the spine centre (200, 195): 0.5 x 360 = 180 to each side,
+    # 0.34 x 230 = 78 up, 0.26 x 230 = 60 down (within a thumbnail pixel of the finder).
+    assert left == pytest.approx(200 - 180, abs=4) and right == pytest.approx(200 + 180, abs=4)
+    assert top == pytest.approx(195 - 78, abs=4) and bottom == pytest.approx(195 + 60, abs=4)
+    assert left < 90 and right > 310 and top < 150 and bottom > 220  # both kidneys inside
+    assert top > 105  # the liver (lower edge y 105) and what is in front of it are cut away
+    assert region_box(axial_slice(), RegionRule.WHOLE) is None
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (300, 300), 0),  # all air
+        Image.new("L", (300, 300), 90),  # no air above and below: a crop, not a slice
+        Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (200, 1))),  # a ramp fills the frame
+    ],
+    ids=["air", "crop", "ramp"],
+)
+def test_images_without_a_body_and_spine_stay_whole(image: Image.Image) -> None:
+    assert region_box(image, RegionRule.KIDNEYS) is None
+    assert apply_region(image, RegionRule.KIDNEYS) is image
+
+
+def test_the_spec_carries_the_rule_into_preprocessing(tmp_path: Path) -> None:
+    path = tmp_path / "slice.png"
+    axial_slice().save(path)
+    kidneys = ModelSpec(input_size=64, region=RegionRule.KIDNEYS)
+    whole = ModelSpec(input_size=64)
+    box = region_box(axial_slice(), RegionRule.KIDNEYS)
+    expected = resized_image(axial_slice().crop(box), whole)
+    assert np.array_equal(np.asarray(resized_image(path, kidneys)), np.asarray(expected))
+    assert not np.array_equal(preprocess(path, kidneys), preprocess(path, whole))
+    # The spec round-trips the rule; a whole-slice spec does not write the field at all, so
+    # kidney-edge versions that predate it still read whole-slice models.
+    assert ModelSpec.from_json(kidneys.to_json()).region is RegionRule.KIDNEYS
+    assert "region" not in whole.to_dict() and kidneys.to_dict()["region"] == "kidneys"
+    assert ModelSpec.from_dict({**whole.to_dict()}).region is RegionRule.WHOLE
+
+
+@pytest.mark.parametrize("style", ["classic", "lookalike"])
+def test_band_holds_the_findings_of_both_phantom_renderers(tmp_path: Path, style: str) -> None:
+    from kidney_edge.phantoms.styles import synthesizer
+
+    synthesizer(style)(tmp_path, n=40, seed=3, size=256)
+    with open(tmp_path / "phantom_truth.csv", newline="") as handle:
+        findings = [row for row in csv.DictReader(handle) if row["lesion_x"]]
+    assert len(findings) >= 15
+    inside = 0
+    for row in findings:
+        with Image.open(tmp_path / row["path"]) as image:
+            box = region_box(image, RegionRule.KIDNEYS)
+        assert box is not None, row["path"]
+        x, y, radius = float(row["lesion_x"]), float(row["lesion_y"]), float(row["lesion_radius_px"])
+        inside += box[0] <= x - radius and x + radius <= box[2] and box[1] <= y - radius and y + radius <= box[3]
+        # The band drops the front and the back of the slice: at most half of its height.
+        assert box[3] - box[1] <= 0.5 * image.height
+    assert inside == len(findings)
