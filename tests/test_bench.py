@@ -422,11 +422,12 @@ def bench_recipe(monkeypatch: pytest.MonkeyPatch):
 def test_recipe_bench_default_is_the_librarys_finetune_default(bench_recipe) -> None:
     """The worst-case table is 'the defaults at full size': the recipe it reads must be the
     fine-tuning phase `kidney-edge train` runs without options."""
-    from kidney_edge.training.config import default_finetune_phase
+    from kidney_edge.training.config import TrainConfig, default_finetune_phase
 
     recipe, phase = bench_recipe.RECIPES[bench_recipe.DEFAULT_RECIPE], default_finetune_phase()
     assert (recipe.lr, recipe.unfreeze_blocks, recipe.epochs, recipe.patience) == (
         phase.lr, phase.unfreeze_blocks, phase.epochs, phase.patience)  # fmt: skip
+    assert recipe.region == TrainConfig(data_dir=Path("d"), out_dir=Path("o")).region
 
 
 def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe) -> None:

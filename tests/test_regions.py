@@ -30,10 +30,10 @@ def test_kidney_band_about_the_spine_holds_both_kidneys_and_drops_the_front() ->
     box = region_box(axial_slice(), RegionRule.KIDNEYS)
     assert box is not None
     left, top, right, bottom = box
-    # Body box 360 x 230 px about the spine centre (200, 195): 0.5 x 360 = 180 to each side,
-    # 0.34 x 230 = 78 up, 0.26 x 230 = 60 down (within a thumbnail pixel of the finder).
-    assert left == pytest.approx(200 - 180, abs=4) and right == pytest.approx(200 + 180, abs=4)
-    assert top == pytest.approx(195 - 78, abs=4) and bottom == pytest.approx(195 + 60, abs=4)
+    # Body box 360 x 230 px about the spine centre (200, 195): 0.42 x 360 = 151 to each side,
+    # 0.30 x 230 = 69 up, 0.22 x 230 = 51 down (within a thumbnail pixel of the finder).
+    assert left == pytest.approx(200 - 151, abs=4) and right == pytest.approx(200 + 151, abs=4)
+    assert top == pytest.approx(195 - 69, abs=4) and bottom == pytest.approx(195 + 51, abs=4)
     assert left < 90 and right > 310 and top < 150 and bottom > 220  # both kidneys inside
     assert top > 105  # the liver (lower edge y 105) and what is in front of it are cut away
     assert region_box(axial_slice(), RegionRule.WHOLE) is None
@@ -77,13 +77,16 @@ def test_band_holds_the_findings_of_both_phantom_renderers(tmp_path: Path, style
     with open(tmp_path / "phantom_truth.csv", newline="") as handle:
         findings = [row for row in csv.DictReader(handle) if row["lesion_x"]]
     assert len(findings) >= 15
-    inside = 0
+    centres, whole = 0, 0
     for row in findings:
         with Image.open(tmp_path / row["path"]) as image:
             box = region_box(image, RegionRule.KIDNEYS)
         assert box is not None, row["path"]
         x, y, radius = float(row["lesion_x"]), float(row["lesion_y"]), float(row["lesion_radius_px"])
-        inside += box[0] <= x - radius and x + radius <= box[2] and box[1] <= y - radius and y + radius <= box[3]
-        # The band drops the front and the back of the slice: at most half of its height.
-        assert box[3] - box[1] <= 0.5 * image.height
-    assert inside == len(findings)
+        centres += box[0] <= x <= box[2] and box[1] <= y <= box[3]
+        whole += box[0] <= x - radius and x + radius <= box[2] and box[1] <= y - radius and y + radius <= box[3]
+        # The band drops the front and the back of the slice: at most 40% of its height.
+        assert box[3] - box[1] <= 0.4 * image.height
+    # Every lesion's centre is in the band; a tumour bulging out toward the flank may be cut
+    # (91.5% whole on 460 look-alike findings, benchmarks/results/region.md).
+    assert centres == len(findings) and whole >= 0.7 * len(findings)
