@@ -205,6 +205,35 @@ def _oracle_view(data: Path, splits: Path, pad: float = 0.15) -> tuple[Path, Pat
     return view, view_splits
 
 
+def describe_findings(data: Path, image_size: int) -> dict[str, Any] | None:
+    """What a phantom folder draws, from its ``phantom_truth.csv``: per finding class the median
+    and 10th-percentile lesion diameter at ``image_size`` px on the whole slice and |contrast| in
+    HU, the median noise and the share of slices with a look-alike calcification; None without
+    a truth file (DICOM series)."""
+    import csv
+
+    import numpy as np
+
+    truth = data / "phantom_truth.csv"
+    if not truth.is_file():
+        return None
+    with open(truth, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if not row.get("duplicate_of")]
+    summary: dict[str, Any] = {}
+    for name in ("Cyst", "Tumor", "Stone"):
+        found = [r for r in rows if r["class"] == name and r["lesion_x"]]
+        diameters = [2 * float(r["lesion_radius_px"]) * image_size / float(r.get("size_px") or image_size) for r in found]
+        contrasts = [abs(float(r["lesion_contrast_hu"])) for r in found]
+        summary[name] = {
+            "diameter_px": [float(np.median(diameters)), float(np.percentile(diameters, 10))],
+            "contrast_hu": [float(np.median(contrasts)), float(np.percentile(contrasts, 10))],
+        }
+    if rows and "noise_hu" in rows[0]:
+        summary["noise_hu"] = float(np.median([float(r["noise_hu"]) for r in rows]))
+        summary["confounder_share"] = float(np.mean([bool(r.get("confounders")) for r in rows]))
+    return summary
+
+
 def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> Any:
     """The TrainConfig of ``recipe``: library defaults but for the recipe's fine-tuning options."""
     import dataclasses
@@ -380,6 +409,7 @@ def render(record: dict[str, Any]) -> str:
             f"| {_load(res['load_before'])} -> {_load(res['load_after'])} |"
         )
     lines += render_hard_findings(runs, record.get("hard_notes", []))
+    lines += render_difficulty(runs, record.get("datasets", {}))
     lines += render_worst_case(runs, record.get("worst_case_notes", []))
     lines += ["", f"## Selection on the screening runs ({settings}; mean test macro-F1 over seeds)", ""]
     families = summary["families"]
@@ -429,7 +459,9 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
         "the model learns when it is shown where to look. `@F`: the same splits with a share F of the training "
         "patients. `lookalike-one-scanner`: the same patients, findings and splits, every patient imaged alike "
         "(one matrix size, kernel, noise level, window and JPEG quality; `synth --style lookalike-one-scanner`). "
-        "Test figures under argmax with 95% bootstrap CIs; recall per class.",
+        "`lookalike-dD`: the renderer at difficulty D (see the next table). Recipe `...-kidneys`: `train --region "
+        "kidneys`, each slice cropped to the band about the spine that holds both kidneys, found from the image "
+        "alone (`kidney_edge.regions`; benchmarks/results/region.md). Test figures under argmax with 95% bootstrap CIs; recall per class.",
         "",
         "| view | data seed | recipe | train images | test macro-F1 [CI] | recall Tumor / Stone / Cyst / Normal | best val F1 head / fine-tune | last train loss | fine-tune retries | wall min |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -445,6 +477,45 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
         )
     for note in notes:
         lines += ["", note]
+    return lines
+
+
+WHOLE_SLICE_RECIPE = "lr1e-3-b9-e12"  # the difficulty rows: the fine-tuning defaults on whole slices
+
+
+def render_difficulty(runs: list[dict[str, Any]], datasets: dict[str, Any]) -> list[str]:
+    """The look-alike renderer at each difficulty: what it draws and what the defaults learn."""
+    rows = []
+    for family, (style, difficulty) in FAMILIES.items():
+        if style != "lookalike":
+            continue
+        for run in runs:
+            name = f"{family}-d{_data_seed(run)}-n{run['n_images']}-{run['slice_size']}px"
+            if run["family"] == family and run["recipe"] == WHOLE_SLICE_RECIPE and name in datasets:
+                rows.append((difficulty, _data_seed(run), run["n_images"], datasets[name], run["result"]["test"]["argmax"]))
+    if not rows:
+        return []
+    lines = [
+        "", "## What the look-alike renderer draws, by difficulty", "",
+        "`synth --style lookalike --difficulty D` (slices and data seed as shown): per finding class the median "
+        "[10th percentile] lesion diameter in pixels of the 224 px whole slice and |contrast| in HU against the "
+        "surrounding tissue, from `phantom_truth.csv` (byte copies left out); the median noise; the share of "
+        "slices with a look-alike calcification; and test macro-F1 of the default fine-tuning recipe on whole "
+        "slices (argmax).",
+        "",
+        "| difficulty | data seed | slices | Cyst px / HU | Tumor px / HU | Stone px / HU | noise HU | look-alike calcification | test macro-F1 | recall Tumor / Stone / Cyst / Normal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for difficulty, seed, slices, found, test in sorted(rows, key=lambda r: r[:3]):
+        cells = [
+            f"{found[c]['diameter_px'][0]:.1f} [{found[c]['diameter_px'][1]:.1f}] / "
+            f"{found[c]['contrast_hu'][0]:.0f} [{found[c]['contrast_hu'][1]:.0f}]"
+            for c in ("Cyst", "Tumor", "Stone")
+        ]
+        lines.append(
+            f"| {difficulty:g} | {seed} | {slices} | {' | '.join(cells)} | {found['noise_hu']:.0f} | {found['confounder_share']:.0%} "
+            f"| {test['macro_f1']:.3f} {_ci(test['macro_f1_ci'])} | {_recall_cells(test)} |"
+        )
     return lines
 
 
@@ -557,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for family in args.families:
                 data, splits = make_dataset(args.workdir, family, seed, args.n_images, args.slice_size, args.data_seed)
+                datasets = record.setdefault("datasets", {})
+                if data.name not in datasets and (found := describe_findings(data, args.image_size)) is not None:
+                    datasets[data.name] = found
                 for name in args.recipes:
                     key = dict(family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed, **settings)
                     if any({k: r.get(k, 1000 + r["seed"]) if k == "data_seed" else r[k] for k in key} == key
