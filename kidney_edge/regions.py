@@ -31,6 +31,10 @@ SPINE_COLUMNS = (0.35, 0.65)
 SPINE_TOP = 0.3
 BONE_SHARE = 0.92
 MIN_BONE_PIXELS = 6  # on the thumbnail: a vertebral body covers ~100
+# An axial vertebra is at most ~3 times as tall as wide (body and spinous process; 2.9 at most on
+# 600 phantom slices); a coronal or sagittal slice shows the spine as a column, and the band about
+# its middle would cut the kidneys off: such slices keep the whole image.
+MAX_BONE_ASPECT = 4.0
 # The band about the spine centre, in shares of the body box (width, height): out to either side,
 # up (anterior) and down (posterior). On both phantom renderers it holds every lesion's centre
 # and 91.5% of look-alike lesions whole (a tumour bulging toward the flank may be cut;
@@ -108,7 +112,8 @@ def _box_count(mask: np.ndarray, side: int) -> np.ndarray:
 
 
 def _spine_centre(pixels: np.ndarray, body: Box) -> tuple[float, float] | None:
-    """(x, y) of the brightest structure in the middle of the body's lower part, or None."""
+    """(x, y) of the brightest structure in the middle of the body's lower part, or None where
+    there is none or it is a column (a coronal or sagittal slice)."""
     left, top, right, bottom = body
     x0 = left + int(SPINE_COLUMNS[0] * (right - left))
     x1 = left + int(SPINE_COLUMNS[1] * (right - left))
@@ -119,4 +124,8 @@ def _spine_centre(pixels: np.ndarray, body: Box) -> tuple[float, float] | None:
     rows, cols = np.nonzero(search >= BONE_SHARE * float(search.max()))
     if len(rows) < MIN_BONE_PIXELS:
         return None
+    tall = np.percentile(rows, 95) - np.percentile(rows, 5) + 1
+    wide = np.percentile(cols, 95) - np.percentile(cols, 5) + 1
+    if tall > MAX_BONE_ASPECT * wide:
+        return None  # a spinal column, not a vertebra: not an axial slice
     return x0 + float(np.median(cols)) + 0.5, y0 + float(np.median(rows)) + 0.5

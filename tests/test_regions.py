@@ -39,14 +39,26 @@ def test_kidney_band_about_the_spine_holds_both_kidneys_and_drops_the_front() ->
     assert region_box(axial_slice(), RegionRule.WHOLE) is None
 
 
+def coronal_slice() -> Image.Image:
+    """A coronal view: the spine is a column from the pelvis to the chest, kidneys high beside it."""
+    image = Image.new("L", (400, 400), 0)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((60, 30, 340, 380), fill=90)  # trunk
+    draw.rectangle((188, 60, 212, 370), fill=255)  # spinal column
+    draw.ellipse((110, 90, 170, 190), fill=140)  # right kidney
+    draw.ellipse((230, 90, 290, 190), fill=140)  # left kidney
+    return image
+
+
 @pytest.mark.parametrize(
     "image",
     [
+        coronal_slice(),  # a band about the column's middle would cut the kidneys off
         Image.new("L", (300, 300), 0),  # all air
         Image.new("L", (300, 300), 90),  # no air above and below: a crop, not a slice
         Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (200, 1))),  # a ramp fills the frame
     ],
-    ids=["air", "crop", "ramp"],
+    ids=["coronal", "air", "crop", "ramp"],
 )
 def test_images_without_a_body_and_spine_stay_whole(image: Image.Image) -> None:
     assert region_box(image, RegionRule.KIDNEYS) is None
