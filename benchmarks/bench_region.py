@@ -111,6 +111,10 @@ def render(record: dict[str, Any]) -> str:
         "(byte copies left out). The band is `kidney_edge.regions.region_box` with `--region kidneys`, "
         "found from each image alone; the truth is the renderer's `phantom_truth.csv`.",
         "",
+        f"The band at this commit reaches {record['reach']['side']:.0%} of the body's width to either side of the "
+        f"spine's centre, {record['reach']['up']:.0%} of the body's height forward (up) and "
+        f"{record['reach']['down']:.0%} back (`KIDNEY_REACH`).",
+        "",
         "| family | slices | no band found | findings | lesion held whole | lesion centre held | kidneys' box held whole | band width / height, share of the slice (median [p10, p90]) | finder ms per slice |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "region")
     args = parser.parse_args(argv)
     record = harness.start_record(args={k: str(v) for k, v in vars(args).items() if k != "out"})
+    from kidney_edge.regions import KIDNEY_REACH
+
+    record["reach"] = dict(KIDNEY_REACH)
     record["families"] = {}
     for family in args.families:
         data = family_data(args.workdir, family, args.data_seed, args.n_images, args.slice_size)
