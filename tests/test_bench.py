@@ -431,7 +431,7 @@ def test_recipe_bench_default_is_the_librarys_finetune_default(bench_recipe) -> 
 
 
 def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe) -> None:
-    def run(family: str, f1: float, recipe: str = "lr1e-3-b9-e12", n: int = 800) -> dict:
+    def run(family: str, f1: float, recipe: str = bench_recipe.DEFAULT_RECIPE, n: int = 800) -> dict:
         test = {"macro_f1": f1, "macro_f1_ci": [f1 - 0.1, f1 + 0.1], "tumor_recall": 0.5,
                 "recall": {"Tumor": 0.5, "Stone": 0.25, "Cyst": 1.0, "Normal": 0.75}}  # fmt: skip
         result = {"test": {"argmax": test}, "n_train": 560, "wall_s": 300.0, "load_before": [1.0],
@@ -439,8 +439,13 @@ def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe)
         return {"family": family, "seed": 0, "data_seed": 11, "recipe": recipe, "n_images": n,
                 "image_size": 224, "result": result}  # fmt: skip
 
-    runs = [run("dicom-series", 0.54), run("lookalike", 0.21), run("lookalike-oracle", 0.6),
+    runs = [run("dicom-series", 0.54), run("lookalike", 0.21), run("lookalike-oracle", 0.6), run("lookalike-d0.25", 0.8),
             run("lookalike", 0.3, recipe="lr3e-4-b9-e12"), run("classic", 0.9, n=500)]  # fmt: skip
     rows = [line for line in bench_recipe.render_worst_case(runs, ["a note"]) if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| lookalike", "| dicom-series"]
     assert "| 0.210 [0.110, 0.310] | 0.50 | 0.50 / 0.25 / 1.00 / 0.75 | 1 | 5.0 | 1.0 -> 2.0 |" in rows[1]
+    # The whole-slice recipe the defaults replaced gets its own table, each with its worst case.
+    whole = run("lookalike", 0.19, recipe=bench_recipe.WHOLE_SLICE_RECIPE)
+    text = "\n".join(bench_recipe.render_worst_case([*runs, whole], []))
+    assert f"`{bench_recipe.DEFAULT_RECIPE}` (the defaults: the kidney band); worst test macro-F1 across its datasets: 0.210" in text
+    assert f"`{bench_recipe.WHOLE_SLICE_RECIPE}` (the whole slice); worst test macro-F1 across its datasets: 0.190" in text
