@@ -4,6 +4,7 @@
     python benchmarks/bench_demo.py --summary runs/demo/demo_summary.json --total-s 512
                                                             # records an existing run
     python benchmarks/bench_demo.py --render-only           # rewrite demo.md from demo.json
+    python benchmarks/bench_demo.py --render-only --note "…" # add a reading of the figures
 
 Writes benchmarks/results/demo.md and demo.json (the ``--note`` paragraphs are kept in the JSON).
 """
@@ -118,7 +119,12 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="rewrite demo.md from demo.json")
     args = parser.parse_args()
     if args.render_only:
-        harness.write_markdown(RESULTS, render(harness.read_results(RESULTS)))
+        record = harness.read_results(RESULTS)
+        if args.note:  # a reading of the recorded figures, added after the run
+            record["notes"] = [*record.get("notes", []), *args.note]
+            harness.write_results(RESULTS, record, render(record))
+        else:
+            harness.write_markdown(RESULTS, render(record))
         return
     record = harness.start_record(notes=args.note, whole_process_s=args.total_s)
     if args.summary is None:

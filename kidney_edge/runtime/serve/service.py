@@ -215,7 +215,8 @@ class InferenceService:
         return scored
 
     def _activation(self, view: Image.Image, scored: _Scored) -> dict[str, Any]:
-        """The model's view (the decoded, resized upload) and the CAM overlay, as PNG data URLs."""
+        """The model's view (the decoded upload after the spec's region and resize rules) and the
+        CAM overlay, as PNG data URLs."""
         shown = {"view_png": png_data_url(view.convert("RGB"))}
         if scored.heat is None:
             return {**shown, "overlay_png": None, "note": "no activation map in this model"}
