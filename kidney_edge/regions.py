@@ -7,7 +7,9 @@ band spans ``KIDNEY_REACH`` of the body's box about the spine. Kidneys lie on ei
 vertebral body at its level; a whole slice also shows the liver, bowel, arms and the couch, which
 let a classifier trained on a few hundred patients tell patients apart instead of findings
 (docs/training.md#what-the-model-can-and-cannot-learn-hard-findings). Where no body or spine is
-found (a foreign image, a crop already), the rule keeps the whole image.
+found (a foreign image, a crop already, a coronal or sagittal view), the rule keeps the whole
+image. It assumes a supine patient, spine at the bottom of the image as CT displays it; for prone
+scans (the spine at the top) train with ``--region whole``.
 
 numpy + Pillow only: the edge runtime calls it through :func:`kidney_edge.imaging.preprocess`.
 """
@@ -21,7 +23,7 @@ from kidney_edge.spec import RegionRule
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) pixels, as Pillow's crop takes it
 
-FINDER_SIDE = 128  # the body and the spine are found on a thumbnail this size: < 0.3 ms a slice
+FINDER_SIDE = 128  # the body and the spine are found on a thumbnail this size: ~0.3 ms a slice
 AIR_LEVEL = 10  # of 255: air is black under every abdominal window
 OPENING = 5  # thumbnail pixels: the couch, sheets and thin lines are narrower
 MIN_BODY_SHARE = 0.2  # a body box smaller than this share of the image: not an axial body slice
