@@ -8,7 +8,6 @@ outlier channel in one block makes it disagree on about half of them.
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import numpy as np
