@@ -79,8 +79,8 @@ def _not_learned(history: Sequence[dict[str, Any]], num_classes: int) -> str | N
     """The warning for a run whose best validation macro-F1 stays near chance, or None.
 
     When it also fits its training images, more epochs or unfrozen blocks only fit them further;
-    what helps is what lets the classes generalise: more patients, findings the input size can
-    show, a view closer to the kidneys.
+    what helps is what lets the classes generalise: more patients, and findings the model's view
+    (region and input size) shows large enough.
     """
     if not history:
         return None
@@ -100,6 +100,6 @@ def _not_learned(history: Sequence[dict[str, Any]], num_classes: int) -> str | N
             "unfrozen blocks will not help"
         )
     return (
-        f"{seen}; more patients per class, findings larger than a few pixels at --image-size, or a view "
-        f"closer to the kidneys will ({GUIDE})"
+        f"{seen}; more patients per class, or findings larger than a few pixels in the model's view "
+        f"(--region kidneys, --image-size), will ({GUIDE})"
     )
