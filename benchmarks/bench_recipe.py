@@ -76,6 +76,7 @@ class Recipe:
     mixup_alpha: float = 0.0
     head_epochs: int | None = None  # None: the library's head phase
     region: str = "whole"  # train --region: what of each slice the model sees
+    clip_grad_norm: float | None = None  # train --clip-grad: both phases
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -89,6 +90,8 @@ RECIPES: dict[str, Recipe] = {
                                 note="a head phase of 60 epochs on cached features (early stopping from epoch 30)"),
     "lr1e-3-b9-e12-kidneys": Recipe(1e-3, 9, 12, 6, region="kidneys",
                                     note="the band about the spine that holds both kidneys (train --region kidneys)"),
+    "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
+                                          note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
     "lr1e-3-b9-e12-scanner": Recipe(1e-3, 9, 12, 6, augment="scanner", note="scanner augmentation"),
     "lr3e-4-b9-e12-scanner": Recipe(3e-4, 9, 12, 6, augment="scanner", note="scanner augmentation, a third of the rate"),
@@ -248,8 +251,10 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
         freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
+        clip_grad_norm=recipe.clip_grad_norm,
     )  # fmt: skip
     head = base.head if recipe.head_epochs is None else dataclasses.replace(base.head, epochs=recipe.head_epochs)
+    head = dataclasses.replace(head, clip_grad_norm=recipe.clip_grad_norm)
     return dataclasses.replace(base, head=head, finetune=finetune)
 
 

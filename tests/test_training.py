@@ -394,6 +394,28 @@ def test_warning_for_a_run_that_memorised_its_training_images() -> None:
     assert len(two) == 1 and "below 0.667" in two[0]
 
 
+def test_clip_grad_norm_bounds_every_step_and_is_checked() -> None:
+    from torch import nn
+
+    from kidney_edge.training.config import default_finetune_phase
+    from kidney_edge.training.loop import Optimization, train_one_epoch
+
+    def grad_norm_after_epoch(clip: float | None) -> float:
+        torch.manual_seed(0)
+        net = nn.Linear(8, 4)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        opt = Optimization(net, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss())
+        batches = [(100 * torch.randn(4, 8), torch.tensor([0, 1, 2, 3])) for _ in range(3)]  # large inputs, large grads
+        train_one_epoch(opt, batches, torch.device("cpu"), lambda step: None, clip_grad_norm=clip)
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])))
+
+    assert grad_norm_after_epoch(None) > 10  # the last step's gradients, left in place by the step
+    assert grad_norm_after_epoch(0.5) == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(InputError, match="--clip-grad"):
+        dataclasses.replace(default_finetune_phase(), clip_grad_norm=0.0)
+
+
 def test_time_budget_cuts_finetune_epochs_to_fit(tmp_path: Path) -> None:
     from kidney_edge.training.budget import FIXED_OVERHEAD_S, Speed, apply_plan, plan_epochs
 

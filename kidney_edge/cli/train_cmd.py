@@ -188,6 +188,14 @@ def train(
         float,
         typer.Option(help="Phase 2 mixup: blend image pairs at Beta(A, A) shares (0: off).", metavar="A"),
     ] = _FINETUNE.mixup_alpha,
+    clip_grad: Annotated[
+        float | None,
+        typer.Option(
+            "--clip-grad",
+            help="Clip the global gradient norm to NORM before each step, in both phases (default: no clipping).",
+            metavar="NORM",
+        ),
+    ] = _FINETUNE.clip_grad_norm,
 ) -> None:
     """Train an EfficientNet classifier in two phases (frozen backbone, then fine-tuning).
 
@@ -207,11 +215,11 @@ def train(
             pretrained=not no_pretrained, weights=weights, tumor_recall=tumor_recall,
             ood_method=None if no_ood else ood_method.value, ood_max_rejection=ood_max_rejection,
             time_budget_min=time_budget_min, augmentation=augment.value,
-            head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head),
+            head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head, clip_grad_norm=clip_grad),
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
-                freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup),
+                freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup, clip_grad_norm=clip_grad),
         )  # fmt: skip
         main_process = is_main_process()  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:

@@ -72,6 +72,10 @@ class PhaseConfig:
     layer_decay: float = 1.0
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) shares (training.loop.mixup)
+    # The global gradient norm is clipped to this before each step (None: no clipping), as timm's
+    # --clip-grad does: against steps at the peak rate that stall fine-tuning at chance
+    # (benchmarks/results/recipe.md, recipe lr1e-3-b9-e12-kidneys-clip1).
+    clip_grad_norm: float | None = None
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
     # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
@@ -98,6 +102,8 @@ class PhaseConfig:
             raise InputError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.mixup_alpha <= 10:
             raise InputError(f"--mixup must be in [0, 10], got {self.mixup_alpha}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise InputError(f"--clip-grad must be > 0, got {self.clip_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -295,9 +295,12 @@ class Optimization:
 
 def train_one_epoch(
     opt: Optimization, loader: DataLoader, device: torch.device, on_step: Callable[[int], None],
-    mixup_alpha: float = 0.0,
+    mixup_alpha: float = 0.0, clip_grad_norm: float | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """One pass over ``loader``; returns mean train loss and accuracy (against the unmixed labels)."""
+    """One pass over ``loader``; returns mean train loss and accuracy (against the unmixed labels).
+
+    ``clip_grad_norm``: the global norm of the (unscaled) gradients is clipped to it before each step.
+    """
     total_loss, correct, seen = 0.0, 0, 0
     for step, (inputs, targets) in enumerate(loader, start=1):
         inputs = inputs.to(device, non_blocking=True)
@@ -310,6 +313,10 @@ def train_one_epoch(
                 loss = loss + (1.0 - share) * opt.loss_fn(logits.float(), partners)
         opt.optimizer.zero_grad(set_to_none=True)
         opt.scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            opt.scaler.unscale_(opt.optimizer)  # clip the true gradients, not the loss-scaled ones
+            trained = [p for group in opt.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(trained, clip_grad_norm)
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
@@ -440,7 +447,7 @@ def fit_phase(
         def on_step(step: int, epoch: int = epoch) -> None:
             notify(TrainEvent("step", phase.name, epoch, phase.epochs, step, steps))
 
-        metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha)
+        metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha, phase.clip_grad_norm)
         metrics.update(validation_metrics(validate(), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
         _end_epoch(model, phase, epoch, metrics, state, saver, opt, len(data.class_weights))
