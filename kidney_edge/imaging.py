@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kidney_edge.errors import ImageReadError, InputError
 from kidney_edge.regions import apply_region
-from kidney_edge.spec import ColorMode, ModelSpec, ResizeRule
+from kidney_edge.spec import ColorMode, ModelSpec, RegionRule, ResizeRule
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,13 @@ def resized_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     return resized.crop((left, top, left + size, top + size))
+
+
+def view_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec that preprocesses images already through ``spec``'s region and resize rules
+    (:func:`resized_image`'s output, e.g. serve's uploads decoded off the batch thread): it only
+    normalises them. ``spec`` itself would look for the region again inside the cropped view."""
+    return spec.replace(region=RegionRule.WHOLE)
 
 
 def _as_image(source: ImageSource, spec: ModelSpec) -> Image.Image:

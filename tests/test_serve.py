@@ -194,6 +194,28 @@ def test_answer_is_predicts_row_with_model_identity_and_latency(
     assert body["filename"] is None and body["saved_as"] is None and body["activation"] is None
 
 
+def test_a_region_model_answers_as_predict_does(tmp_path: Path) -> None:
+    """Serve brings uploads to the model's view off the batch thread; the batch must not look for
+    the kidney band again inside the cropped view."""
+    from test_regions import axial_slice
+
+    from kidney_edge.imaging import resized_image
+    from kidney_edge.regions import region_box
+    from kidney_edge.spec import RegionRule
+
+    spec = ModelSpec(input_size=128, region=RegionRule.KIDNEYS)  # a view large enough to search again
+    model = make_tiny_onnx(tmp_path / "m.onnx", spec)
+    image = tmp_path / "slice.png"
+    axial_slice().save(image)
+    view = resized_image(axial_slice(), spec)
+    assert region_box(axial_slice(), RegionRule.KIDNEYS) is not None  # the band is found and cropped
+    assert region_box(view, RegionRule.KIDNEYS) is not None  # and would be "found" inside the view
+    (row,) = classify_paths([str(image)], OnnxClassifier(model, threads=1))
+    with serving(model) as client:
+        body = post_png(client, image.read_bytes()).json()
+    assert body["probabilities"] == {name: row[f"p_{name}"] for name in ModelSpec().class_names}
+
+
 def test_threshold_rule_says_whether_it_fired(tmp_path: Path) -> None:
     from kidney_edge.spec import DecisionRule
 

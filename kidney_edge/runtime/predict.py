@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kidney_edge.errors import ImageReadError, InputError, enum_choice
-from kidney_edge.imaging import SUPPORTED_SUFFIXES, ImageSource, is_image_file, preprocess
+from kidney_edge.imaging import SUPPORTED_SUFFIXES, ImageSource, is_image_file, preprocess, view_spec
 from kidney_edge.runtime.classifier import OnnxClassifier
 from kidney_edge.runtime.driver import PredictJob, RowSink, run_predict
 from kidney_edge.runtime.hardware import available_cpus
@@ -191,13 +191,18 @@ def _classify_loaded(loaded: _LoadedBatch, classifier: OnnxClassifier, *, cam: b
     return Classified(rows, cams, inputs)
 
 
-def classify(sources: Sequence[ImageSource], classifier: OnnxClassifier, *, cam: bool = False) -> Classified:
+def classify(
+    sources: Sequence[ImageSource], classifier: OnnxClassifier, *, cam: bool = False, views: bool = False
+) -> Classified:
     """Decode, preprocess, infer, decide: the one chain every entry point runs (folder predict,
     serve, a Ray actor). ``sources`` are paths, file bytes or decoded images (each row's ``path``
     is its source). Unreadable sources get a row with ``error`` set and empty scores instead of
     raising. ``cam``: also the class activation maps, from the same ONNX call, when the graph has them.
+    ``views``: the sources are the model's views already (:func:`~kidney_edge.imaging.resized_image`
+    of a decoded image), so they are only normalised.
     """
-    return _classify_loaded(_load_batch(list(sources), classifier.spec), classifier, cam=cam)
+    spec = view_spec(classifier.spec) if views else classifier.spec
+    return _classify_loaded(_load_batch(list(sources), spec), classifier, cam=cam)
 
 
 def classify_paths(paths: Sequence[str], classifier: OnnxClassifier) -> list[dict[str, Any]]:

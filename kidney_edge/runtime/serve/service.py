@@ -3,11 +3,11 @@
 Every answer comes from :func:`~kidney_edge.runtime.predict.classify`, the chain
 ``predict`` runs (preprocess -> ONNX -> calibrated probabilities -> OOD check -> decision rule),
 so a file gets the same row here as in a predictions CSV. Uploads are decoded in memory and
-resized by :func:`~kidney_edge.imaging.load_image` and
-:func:`~kidney_edge.imaging.resized_image`, the two steps ``preprocess`` itself runs, in a small
-thread pool while the previous batch runs (``preprocess`` leaves an image already at the input
-size as it is, so its rows do not change); the images are batched by the
-:class:`~kidney_edge.runtime.serve.batcher.DynamicBatcher`.
+brought to the model's view by :func:`~kidney_edge.imaging.load_image` and
+:func:`~kidney_edge.imaging.resized_image` (the spec's region and resize rules), the steps
+``preprocess`` itself runs, in a small thread pool while the previous batch runs; the batch then
+only normalises them (``classify(..., views=True)``), so its rows equal predict's. The images
+are batched by the :class:`~kidney_edge.runtime.serve.batcher.DynamicBatcher`.
 """
 
 from __future__ import annotations
@@ -195,13 +195,15 @@ class InferenceService:
         stream = io.BytesIO(upload.data)
         stream.name = upload.filename or "<upload>"  # what errors call the file
         spec = self.classifier.spec
-        # Resizing here keeps it off the serial batch thread; preprocess skips it for this image.
+        # The region and the resize here keep them off the serial batch thread (classify(views=True)).
         return resized_image(load_image(stream, spec), spec), saved
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Scored]:
         """Runs in a batcher worker thread: one :func:`classify` call (one ONNX run) per batch."""
         self.metrics.observe_batch(len(jobs))
-        classified = classify([job.image for job in jobs], self.classifier, cam=any(job.cam for job in jobs))
+        classified = classify(
+            [job.image for job in jobs], self.classifier, cam=any(job.cam for job in jobs), views=True
+        )
         spec = self.classifier.spec
         scored = []
         for index, (job, row) in enumerate(zip(jobs, classified.rows, strict=True)):
