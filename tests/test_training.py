@@ -394,6 +394,22 @@ def test_warning_for_a_run_that_memorised_its_training_images() -> None:
     assert len(two) == 1 and "below 0.667" in two[0]
 
 
+def test_resume_of_a_run_saved_before_the_region_rule_needs_the_whole_slice(tmp_path: Path) -> None:
+    import json
+
+    from kidney_edge.training.trainer import _check_compatible
+
+    config = tiny_config(tmp_path, tmp_path / "run")
+    saved = config.to_dict()
+    del saved["region"]  # written before the field existed: that run saw the whole slice
+    saved_config = tmp_path / "config.json"
+    saved_config.write_text(json.dumps({"train_config": saved}))
+    assert config.region == "kidneys"  # today's default
+    with pytest.raises(InputError, match="region: 'whole' -> 'kidneys'"):
+        _check_compatible(config, saved_config)
+    _check_compatible(dataclasses.replace(config, region="whole"), saved_config)  # resumes as it trained
+
+
 def test_clip_grad_norm_bounds_every_step_and_is_checked() -> None:
     from torch import nn
 

@@ -16,7 +16,7 @@ import torch
 from kidney_edge.errors import InputError
 from kidney_edge.io_utils import atomic_write_json, atomic_write_text
 from kidney_edge.layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, SPEC_FILE, SPLITS_FILE
-from kidney_edge.spec import ModelSpec
+from kidney_edge.spec import ModelSpec, RegionRule
 from kidney_edge.training import data as run_data
 from kidney_edge.training import distributed
 from kidney_edge.training.config import TrainConfig, TrainEvent, TrainResult
@@ -38,6 +38,9 @@ from kidney_edge.training.loop import (
 log = logging.getLogger(__name__)
 # Fields that shape the weights: a resumed run must use the same values to continue exactly.
 RESUME_FIELDS = ("arch", "image_size", "region", "batch_size", "seed", "pretrained", "head", "finetune")
+# Resume fields added after runs were saved without them, with the value such a run trained with
+# (not today's default: runs before the region rule saw the whole slice).
+BEFORE_FIELD_EXISTED = {"region": RegionRule.WHOLE.value}
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
@@ -245,12 +248,10 @@ def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"--resume: {saved_config} is not a kidney-edge run config ({exc})") from None
     current = config.to_dict()
-    # A field the saved config lacks predates it: that run used the field's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     changed = [
-        f"{key}: {saved.get(key, defaults[key])!r} -> {current[key]!r}"
+        f"{key}: {saved.get(key, BEFORE_FIELD_EXISTED.get(key))!r} -> {current[key]!r}"
         for key in RESUME_FIELDS
-        if saved.get(key, defaults[key]) != current[key]
+        if saved.get(key, BEFORE_FIELD_EXISTED.get(key)) != current[key]
     ]
     if changed:
         raise InputError(
