@@ -302,6 +302,7 @@ def train_one_epoch(
     ``clip_grad_norm``: the global norm of the (unscaled) gradients is clipped to it before each step.
     """
     total_loss, correct, seen = 0.0, 0, 0
+    trained = [p for group in opt.optimizer.param_groups for p in group["params"]]
     for step, (inputs, targets) in enumerate(loader, start=1):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -315,7 +316,6 @@ def train_one_epoch(
         opt.scaler.scale(loss).backward()
         if clip_grad_norm is not None:
             opt.scaler.unscale_(opt.optimizer)  # clip the true gradients, not the loss-scaled ones
-            trained = [p for group in opt.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(trained, clip_grad_norm)
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
