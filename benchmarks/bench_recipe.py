@@ -109,6 +109,11 @@ def machine_line() -> str:
             f"Python {facts['python']}")  # fmt: skip
 
 
+def dataset_name(family: str, phantom_seed: int, n_images: int, slice_size: int) -> str:
+    """The folder of one family's phantom under ``--workdir`` (its splits.csv sits beside it)."""
+    return f"{family}-d{phantom_seed}-n{n_images}-{slice_size}px"
+
+
 def make_dataset(
     workdir: Path, family: str, seed: int, n_images: int, slice_size: int, data_seed: int = 1000
 ) -> tuple[Path, Path]:
@@ -126,7 +131,7 @@ def make_dataset(
         return _oracle_view(*make_dataset(workdir, family.removesuffix(ORACLE_SUFFIX), seed, n_images,
                                           slice_size, data_seed))  # fmt: skip
     style, difficulty = FAMILIES[family]
-    data = workdir / f"{family}-d{data_seed + seed}-n{n_images}-{slice_size}px"
+    data = workdir / dataset_name(family, data_seed + seed, n_images, slice_size)
     splits = data.with_name(data.name + "-splits.csv")
     if not splits.is_file() and style == DICOM_SERIES:
         _series_dataset(data, splits, n_images, data_seed + seed, slice_size, difficulty, seed)
@@ -495,7 +500,7 @@ def render_difficulty(runs: list[dict[str, Any]], datasets: dict[str, Any]) -> l
         if style != "lookalike":
             continue
         for run in runs:
-            name = f"{family}-d{_data_seed(run)}-n{run['n_images']}-{run['slice_size']}px"
+            name = dataset_name(family, _data_seed(run), run["n_images"], run["slice_size"])
             if run["family"] == family and run["recipe"] == WHOLE_SLICE_RECIPE and name in datasets:
                 rows.append((difficulty, _data_seed(run), run["n_images"], datasets[name], run["result"]["test"]["argmax"]))
     if not rows:
