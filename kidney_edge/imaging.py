@@ -15,6 +15,7 @@ import io
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kidney_edge.errors import ImageReadError, InputError
-from kidney_edge.regions import apply_region
+from kidney_edge.regions import Box, region_box
 from kidney_edge.spec import ColorMode, ModelSpec, RegionRule, ResizeRule
 
 log = logging.getLogger(__name__)
@@ -240,27 +241,71 @@ def _load_dicom(source: Path | BinaryIO, spec: ModelSpec, name: object) -> Image
 
 def resized_image(source: ImageSource, spec: ModelSpec) -> Image.Image:
     """Decode if needed and apply the spec's region and resize rules: an ``input_size`` square image."""
-    image = apply_region(_as_image(source, spec), spec.region)
+    return to_view(_as_image(source, spec), spec)[0]
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where the model's (S, S) view lies on the decoded slice: the region rule kept ``box`` of
+    the slice, and the resize rule drew that box onto ``placed`` of the view (letterbox: inside
+    it; center crop: beyond it). Maps what the model saw, e.g. an activation map, back onto the slice."""
+
+    slice_size: tuple[int, int]  # (width, height) of the decoded slice
+    box: Box  # (left, top, right, bottom) on the slice
+    placed: Box  # the same box in view pixels
+
+
+def to_view(image: Image.Image, spec: ModelSpec) -> tuple[Image.Image, ViewGeometry]:
+    """A decoded slice -> (the ``input_size`` square the model sees, where it lies on the slice)."""
+    box = region_box(image, spec.region) or (0, 0, image.width, image.height)
+    cropped = image if box == (0, 0, image.width, image.height) else image.crop(box)
     size = spec.input_size
-    width, height = image.size
-    if (width, height) == (size, size):
-        return image
-    if spec.resize is ResizeRule.STRETCH:
-        return image.resize((size, size), Image.Resampling.BILINEAR)
+    placed = placement(cropped.size, size, spec.resize)
+    geometry = ViewGeometry(image.size, box, placed)
+    if cropped.size == (size, size):
+        return cropped, geometry
+    left, top, right, bottom = placed
+    resized = cropped.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
     if spec.resize is ResizeRule.LETTERBOX:
+        canvas = Image.new(cropped.mode, (size, size), 0)  # black = air in CT
+        canvas.paste(resized, (left, top))
+        return canvas, geometry
+    return resized.crop((-left, -top, size - left, size - top)), geometry  # STRETCH: the whole
+
+
+def placement(source: tuple[int, int], size: int, rule: ResizeRule) -> Box:
+    """Where the resize rule draws a (width, height) image on the (size, size) view."""
+    width, height = source
+    if (width, height) == (size, size) or rule is ResizeRule.STRETCH:
+        return (0, 0, size, size)
+    if rule is ResizeRule.LETTERBOX:
         scale = size / max(width, height)
-        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        canvas = Image.new(image.mode, (size, size), 0)  # black = air in CT
-        canvas.paste(
-            image.resize(new_size, Image.Resampling.BILINEAR),
-            ((size - new_size[0]) // 2, (size - new_size[1]) // 2),
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        left, top = (size - new_w) // 2, (size - new_h) // 2
+    else:  # CENTER_CROP: the short side fills the view, the long one is cut
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        left, top = -((new_w - size) // 2), -((new_h - size) // 2)
+    return (left, top, left + new_w, top + new_h)
+
+
+def heat_on_slice(heat: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
+    """A (S, S) map over the model's view -> (height, width) float32 over the decoded slice: the
+    view's part of it drawn back onto the region's box, zero elsewhere (the model saw nothing there)."""
+    size = heat.shape[0]
+    left, top, right, bottom = geometry.placed
+    on_box = np.zeros((bottom - top, right - left), dtype=np.float32)  # the box at view scale
+    x0, y0, x1, y1 = max(0, left), max(0, top), min(size, right), min(size, bottom)
+    on_box[y0 - top : y1 - top, x0 - left : x1 - left] = heat[y0:y1, x0:x1]
+    box_left, box_top, box_right, box_bottom = geometry.box
+    width, height = geometry.slice_size
+    out = np.zeros((height, width), dtype=np.float32)
+    out[box_top:box_bottom, box_left:box_right] = np.asarray(
+        Image.fromarray(on_box, "F").resize(
+            (box_right - box_left, box_bottom - box_top), Image.Resampling.BILINEAR
         )
-        return canvas
-    scale = size / min(width, height)  # CENTER_CROP
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    return resized.crop((left, top, left + size, top + size))
+    )
+    return out
 
 
 def view_spec(spec: ModelSpec) -> ModelSpec:

@@ -72,12 +72,6 @@ def region_box(image: Image.Image, rule: RegionRule) -> Box | None:
     return box if box[2] - box[0] >= 8 and box[3] - box[1] >= 8 else None
 
 
-def apply_region(image: Image.Image, rule: RegionRule) -> Image.Image:
-    """``image`` cropped to the region ``rule`` keeps (the image itself where it keeps all)."""
-    box = region_box(image, rule)
-    return image if box is None else image.crop(box)
-
-
 def _body_box(thumb: np.ndarray) -> Box | None:
     """What is brighter than air, opened so the couch and thin lines drop out; None where that is
     small or fills the image from top to bottom."""

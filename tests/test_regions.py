@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kidney_edge.imaging import preprocess, resized_image
-from kidney_edge.regions import apply_region, region_box
-from kidney_edge.spec import ModelSpec, RegionRule
+from kidney_edge.imaging import heat_on_slice, preprocess, resized_image, to_view
+from kidney_edge.regions import region_box
+from kidney_edge.spec import ModelSpec, RegionRule, ResizeRule
 
 
 def axial_slice(width: int = 400, height: int = 300) -> Image.Image:
@@ -62,7 +62,6 @@ def coronal_slice() -> Image.Image:
 )
 def test_images_without_a_body_and_spine_stay_whole(image: Image.Image) -> None:
     assert region_box(image, RegionRule.KIDNEYS) is None
-    assert apply_region(image, RegionRule.KIDNEYS) is image
 
 
 def test_the_spec_carries_the_rule_into_preprocessing(tmp_path: Path) -> None:
@@ -96,9 +95,37 @@ def test_band_holds_the_findings_of_both_phantom_renderers(tmp_path: Path, style
         assert box is not None, row["path"]
         x, y, radius = float(row["lesion_x"]), float(row["lesion_y"]), float(row["lesion_radius_px"])
         centres += box[0] <= x <= box[2] and box[1] <= y <= box[3]
-        whole += box[0] <= x - radius and x + radius <= box[2] and box[1] <= y - radius and y + radius <= box[3]
+        whole += (
+            box[0] <= x - radius and x + radius <= box[2] and box[1] <= y - radius and y + radius <= box[3]
+        )
         # The band drops the front and the back of the slice: at most 40% of its height.
         assert box[3] - box[1] <= 0.4 * image.height
     # Every lesion's centre is in the band; a tumour bulging out toward the flank may be cut
     # (91.5% whole on 460 look-alike findings, benchmarks/results/region.md).
     assert centres == len(findings) and whole >= 0.7 * len(findings)
+
+
+@pytest.mark.parametrize("resize", list(ResizeRule))
+@pytest.mark.parametrize("region", list(RegionRule))
+def test_a_map_over_the_view_lands_where_the_slice_shows_it(resize: ResizeRule, region: RegionRule) -> None:
+    """An activation map drawn over the model's view is drawn back onto the slice: a spot beside
+    the spine maps back to where the slice shows it, and nothing the model did not see lights up."""
+    image = axial_slice()
+    spotted = image.copy()
+    ImageDraw.Draw(spotted).ellipse((241, 161, 249, 169), fill=255)  # a "stone" at (245, 165)
+    spec = ModelSpec(input_size=64, region=region, resize=resize)
+    view, geometry = to_view(image, spec)
+    assert np.array_equal(np.asarray(view), np.asarray(resized_image(image, spec)))
+    spotted_view, spotted_geometry = to_view(spotted, spec)
+    assert spotted_geometry == geometry
+    heat = np.abs(np.asarray(spotted_view, dtype=np.float32) - np.asarray(view, dtype=np.float32))  # the spot
+    on_slice = heat_on_slice(heat, geometry)
+    assert on_slice.shape == (300, 400)
+    y, x = np.unravel_index(np.argmax(on_slice), on_slice.shape)
+    assert abs(x - 245) <= 6 and abs(y - 165) <= 6
+    left, top, right, bottom = geometry.box
+    outside = np.ones_like(on_slice, dtype=bool)
+    outside[top:bottom, left:right] = False
+    assert not on_slice[outside].any()
+    if region is RegionRule.KIDNEYS:
+        assert geometry.box == region_box(image, region) and top > 105

@@ -420,3 +420,50 @@ def test_model_view_undoes_preprocessing(spec: ModelSpec) -> None:
     pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
     expected = np.asarray(resized_image(pixels, spec))  # what preprocess normalises
     assert np.array_equal(model_view(preprocess(pixels, spec), spec), expected)
+
+
+def test_a_region_models_cards_draw_the_map_back_onto_the_slice(tmp_path: Path) -> None:
+    """A kidney-band model's card shows the whole slice with the map and the band outlined; a file
+    that no longer decodes to its row's view keeps the view it was predicted from."""
+    import base64
+    import io
+
+    from PIL import Image
+    from test_regions import axial_slice
+
+    from kidney_edge.imaging import preprocess
+    from kidney_edge.runtime.triage import model_view
+    from kidney_edge.spec import RegionRule
+
+    spec = ModelSpec(input_size=64, region=RegionRule.KIDNEYS)
+    kept, changed = tmp_path / "kept.png", tmp_path / "changed.png"
+    for path in (kept, changed):
+        axial_slice().save(path)
+    cams = np.zeros((4, 8, 8), np.float32)
+    cams[3, 4, 4] = 1.0  # Tumor's evidence in the middle of the view: about the vertebra
+    overlays = {
+        str(path): Overlay(model_view(preprocess(path, spec), spec), cams) for path in (kept, changed)
+    }
+    Image.new("L", (400, 300), 0).save(changed)  # replaced after its row was predicted
+    rows = [{"path": str(path), "label": "Tumor", "argmax_label": "Tumor", "confidence": 0.9, "p_Tumor": 0.9,
+             "error": None} for path in (kept, changed)]  # fmt: skip
+    facts = RunFacts("m.onnx", "fp32", "argmax", None, processed=2, wall_s=1.0)
+    page = write_report(tmp_path / "page.html", rows, spec, facts, overlays).path.read_text(encoding="utf-8")
+    pictures = dict(
+        re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" width="128" height="128" alt="([^"]+)"', page)
+    )
+    (slice_picture,) = [data for data, alt in pictures.items() if alt.startswith("kept.png: the slice with")]
+    assert "changed.png: the model&#x27;s view with the activation map of Tumor" in pictures.values()
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(slice_picture))).convert("RGB"), dtype=int)
+    assert drawn.shape == (128, 128, 3)
+    # The 400 x 300 slice letterboxed to 128 px: rows 16..112. In front of the band (the liver at
+    # y 55-105 of the slice, thumbnail y 34-50) the slice is gray; the band's edge is amber.
+    front = drawn[20:45, 10:118]
+    assert np.abs(front[..., 0] - front[..., 2]).max() < 20
+    amber = (drawn[..., 0] > 180) & (drawn[..., 1] > 140) & (drawn[..., 2] < 90)
+    assert amber[55:60].any()  # the band's top edge, slice y 126 -> thumbnail y 56
+    inside = drawn[59:92, 18:109]  # the band (thumbnail x 15-112, y 56-95) inside its outline
+    red = inside[..., 0] - inside[..., 2]
+    y, x = np.unravel_index(np.argmax(red), red.shape)
+    # The evidence's cell maps to slice (217, 206): thumbnail (69, 82).
+    assert red.max() > 60 and abs(x + 18 - 69) <= 6 and abs(y + 59 - 82) <= 6

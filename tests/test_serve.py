@@ -355,7 +355,7 @@ def test_activation_map_overlay_and_its_absence(models: dict[str, Path]) -> None
         body = post_png(client, png_bytes(pixels), params={"cam": "true"}).json()
     assert body["label"] == "Tumor"  # the brightest class of the CAM model
     activation = body["activation"]
-    assert activation["note"] is None
+    assert activation["note"] is None and activation["slice_overlay_png"] is None  # the view is the slice
     overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(activation["overlay_png"].split(",", 1)[1]))))
     view = np.asarray(Image.open(io.BytesIO(base64.b64decode(activation["view_png"].split(",", 1)[1]))))
     assert overlay.shape == view.shape == (SIZE, SIZE, 3)
@@ -366,6 +366,36 @@ def test_activation_map_overlay_and_its_absence(models: dict[str, Path]) -> None
         assert client.get("/v1/model").json()["has_cam"] is False
         plain = post_png(client, png_bytes(pixels), params={"cam": "true"}).json()["activation"]
     assert plain["overlay_png"] is None and plain["note"] == "no activation map in this model"
+
+
+def test_a_region_model_draws_its_activation_map_back_onto_the_slice(tmp_path: Path) -> None:
+    from test_regions import axial_slice
+
+    from kidney_edge.regions import region_box
+    from kidney_edge.runtime.cam import REGION_OUTLINE
+    from kidney_edge.spec import RegionRule, ResizeRule
+
+    # Brightened (body 170, kidneys 220, vertebra 255): the CAM model's evidence for its brightest
+    # class is brightness, so its heat peaks on a kidney or the vertebra.
+    bright = axial_slice().point(lambda value: 0 if value == 0 else min(255, value + 80))
+    gray = np.asarray(bright)
+    spec = ModelSpec(input_size=64, region=RegionRule.KIDNEYS, resize=ResizeRule.STRETCH)
+    with serving(make_cam_onnx(tmp_path / "m.onnx", spec)) as client:
+        body = post_png(client, png_bytes(gray), params={"cam": "true"}).json()
+    assert body["label"] == "Tumor"
+    drawn = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(body["activation"]["slice_overlay_png"].split(",", 1)[1])))
+    )
+    assert drawn.shape == (*gray.shape, 3)  # the whole slice, not the model's view
+    left, top, right, bottom = region_box(bright, RegionRule.KIDNEYS)
+    np.testing.assert_array_equal(drawn[: top - 1, :, 0], gray[: top - 1])  # in front: the slice untouched
+    np.testing.assert_array_equal(drawn[bottom + 1 :, :, 1], gray[bottom + 1 :])  # behind as well
+    np.testing.assert_array_equal(drawn[:, : left - 1, 2], gray[:, : left - 1])  # and beside it
+    assert tuple(drawn[top, (left + right) // 2]) == REGION_OUTLINE  # what the model saw, outlined
+    inside = (slice(top + 3, bottom - 3), slice(left + 3, right - 3))
+    redness = drawn[..., 0].astype(int) - drawn[..., 2]  # jet's red: the heat's peak
+    y, x = np.unravel_index(np.argmax(redness[inside]), redness[inside].shape)
+    assert redness[inside].max() > 60 and gray[y + top + 3, x + left + 3] >= 220
 
 
 def test_model_card_and_health(client: TestClient) -> None:

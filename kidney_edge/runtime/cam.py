@@ -1,5 +1,6 @@
-"""Class activation maps from the graph's ``cam`` output, drawn over the model's view, in numpy:
-the one overlay code of serve's page and ``predict --report``'s triage page.
+"""Class activation maps from the graph's ``cam`` output, drawn over the model's view or mapped
+back onto the whole slice, in numpy: the one overlay code of serve's page and ``predict
+--report``'s triage page.
 
 CAM (Zhou et al. 2016, arXiv:1512.04150): the classifier weights of one class applied to the
 last feature map, (h, w) per class. Here, as in :mod:`kidney_edge.gradcam`'s report figures:
@@ -13,12 +14,16 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from kidney_edge.imaging import ViewGeometry, heat_on_slice, placement
+from kidney_edge.spec import ResizeRule
 
 OVERLAY_ALPHA = 0.45  # heatmap opacity at the peak: enough to read the anatomy underneath
 # Thumbnails of a triage page: a 128 px slice with its overlay is about 5 KB at this quality
 # (benchmarks/results/report.md states the page sizes it gives).
 JPEG_QUALITY = 75
+REGION_OUTLINE = (255, 215, 0)  # the outline of what the model saw on a whole slice: amber
 
 
 def heatmap(cam: np.ndarray, size: int) -> np.ndarray:
@@ -46,6 +51,29 @@ def overlay(view: Image.Image, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -
     weight = alpha * np.clip(heat, 0.0, 1.0)[..., None]
     blended = base * (1.0 - weight) + jet(heat) * 255.0 * weight
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
+
+
+def overlay_on_slice(
+    slice_image: Image.Image, heat: np.ndarray, geometry: ViewGeometry, side: int | None = None
+) -> Image.Image:
+    """A (S, S) heatmap over the model's view drawn back onto the decoded slice, with the spec's
+    region (what the model saw) outlined where it is not the whole slice -> RGB image. ``side``:
+    letterboxed to a side x side thumbnail, the outline drawn at that scale so that it stays crisp."""
+    drawn = overlay(slice_image, heat_on_slice(heat, geometry))
+    scale, shift = 1.0, (0, 0)
+    if side is not None:
+        left, top, right, bottom = placement(drawn.size, side, ResizeRule.LETTERBOX)
+        scale, shift = (right - left) / drawn.width, (left, top)
+        thumbnail = Image.new("RGB", (side, side), 0)  # black = air in CT
+        thumbnail.paste(drawn.resize((right - left, bottom - top), Image.Resampling.BILINEAR), shift)
+        drawn = thumbnail
+    if geometry.box != (0, 0, *geometry.slice_size):
+        left, top, right, bottom = (round(v * scale) + shift[i % 2] for i, v in enumerate(geometry.box))
+        width = 1 if side is not None else max(1, round(max(drawn.size) / 256))  # a pixel on a 256 px page
+        ImageDraw.Draw(drawn).rectangle(
+            (left, top, right - 1, bottom - 1), outline=REGION_OUTLINE, width=width
+        )
+    return drawn
 
 
 def png_data_url(image: Image.Image) -> str:

@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from kidney_edge.errors import InputError
+from kidney_edge.errors import ImageReadError, InputError
+from kidney_edge.imaging import load_image, to_view
 from kidney_edge.io_utils import atomic_write_text
-from kidney_edge.runtime.cam import heatmap, jpeg_data_url, overlay
+from kidney_edge.runtime.cam import heatmap, jpeg_data_url, overlay, overlay_on_slice
 from kidney_edge.runtime.rows import PredictSummary, is_failed, probability_column, report_path
 from kidney_edge.runtime.series import RunSeries, SeriesAssessment
 from kidney_edge.runtime.triage import (
@@ -52,7 +53,7 @@ from kidney_edge.runtime.triage import (
     positive_probability,
     triage,
 )
-from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec
+from kidney_edge.spec import UNKNOWN_LABEL, ModelSpec, RegionRule
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,33 @@ def label_counts(rows: Sequence[Mapping[str, Any]], spec: ModelSpec) -> dict[str
     return {name: counted.get(name, 0) for name in (*names, *sorted(set(counted) - set(names)))}
 
 
-def _picture(item: Overlay, class_name: str, spec: ModelSpec) -> str:
-    """The JPEG data URL of a view with the activation map of ``class_name`` over it."""
+def _picture(item: Overlay, class_name: str, spec: ModelSpec, path: str) -> tuple[str, str]:
+    """(JPEG data URL, alt text) of the activation map of ``class_name``: drawn back onto the whole
+    slice, the model's region outlined, where the spec crops one; else over the model's view."""
     view = Image.fromarray(item.view).convert("RGB").resize((THUMBNAIL_PX,) * 2, Image.Resampling.BILINEAR)
     if item.cams is None or class_name not in spec.class_names:
-        return jpeg_data_url(view)
-    heat = heatmap(item.cams[spec.class_names.index(class_name)], view.width)
-    return jpeg_data_url(overlay(view, heat))
+        return jpeg_data_url(view), "the model's view"
+    cam = item.cams[spec.class_names.index(class_name)]
+    if spec.region is not RegionRule.WHOLE:
+        drawn = _on_slice(item, heatmap(cam, spec.input_size), spec, path)
+        if drawn is not None:
+            alt = f"the slice with the activation map of {class_name}, the model's region outlined"
+            return jpeg_data_url(drawn), alt
+    alt = f"the model's view with the activation map of {class_name}"
+    return jpeg_data_url(overlay(view, heatmap(cam, THUMBNAIL_PX))), alt
+
+
+def _on_slice(item: Overlay, heat: np.ndarray, spec: ModelSpec, path: str) -> Image.Image | None:
+    """The (S, S) ``heat`` drawn back onto the slice at ``path``, letterboxed to a thumbnail; None
+    where the file no longer decodes to the view the row was predicted from."""
+    try:
+        image = load_image(path, spec)
+    except (ImageReadError, OSError):
+        return None
+    view, geometry = to_view(image, spec)
+    if np.abs(np.asarray(view, dtype=np.int16) - item.view).max(initial=0) > 1:
+        return None  # the file changed since its row: its own view and map stay the honest picture
+    return overlay_on_slice(image, heat, geometry, side=THUMBNAIL_PX)
 
 
 def _shown_class(row: Mapping[str, Any]) -> str:
@@ -188,10 +209,11 @@ def _card(row: Mapping[str, Any], item: Overlay, spec: ModelSpec) -> str:
     label, path = row_label(row), str(row["path"])
     shown = _shown_class(row)
     note = "" if item.cams is not None else '<p class="note">no activation map in this model</p>'
+    picture, alt = _picture(item, shown, spec, path)
     return (
         f'<article class="card" tabindex="0" data-label="{_e(label)}" data-path="{_e(path)}">'
-        f'<img src="{_picture(item, shown, spec)}" width="{THUMBNAIL_PX}" height="{THUMBNAIL_PX}" '
-        f'alt="{_e(os.path.basename(path))}: the model\'s view with the activation map of {_e(shown)}">'
+        f'<img src="{picture}" width="{THUMBNAIL_PX}" height="{THUMBNAIL_PX}" '
+        f'alt="{_e(os.path.basename(path))}: {_e(alt)}">'
         f'<h3 class="label">{_e(label)}</h3><p class="why">{_e(reason(row, spec))}</p>'
         f"{_probabilities(row, spec)}{note}"
         f'<p class="path" title="{_e(path)}">{_e(path)}</p></article>'
@@ -314,8 +336,8 @@ def _strip(assessment: SeriesAssessment, spec: ModelSpec, overlays: Mapping[str,
     for i in key:
         path = ordered[i][0].path
         item = overlays.get(path)
-        image = (f'<img src="{_picture(item, str(spec.positive_class), spec)}" width="96" height="96" alt="slice {i + 1}">'
-                 if item is not None else '<div class="noimg">no overlay kept</div>')  # fmt: skip
+        image = (f'<img src="{_picture(item, str(spec.positive_class), spec, path)[0]}" width="96" height="96" '
+                 f'alt="slice {i + 1}">' if item is not None else '<div class="noimg">no overlay kept</div>')  # fmt: skip
         figures.append(
             f'<figure title="{_e(path)}">{image}<figcaption>z {i + 1}: p {p[i]:.3f}</figcaption></figure>'
         )

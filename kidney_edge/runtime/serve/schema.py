@@ -35,6 +35,11 @@ class ActivationOut(BaseModel):
     overlay_png: str | None = Field(
         description="class activation map over the view; null without a cam output"
     )
+    slice_overlay_png: str | None = Field(
+        None,
+        description="the activation map drawn back onto the whole decoded slice, the model's region "
+        "outlined; null without a cam output or where the view is the whole slice",
+    )
     note: str | None
 
 

@@ -4,7 +4,7 @@ Every answer comes from :func:`~kidney_edge.runtime.predict.classify`, the chain
 ``predict`` runs (preprocess -> ONNX -> calibrated probabilities -> OOD check -> decision rule),
 so a file gets the same row here as in a predictions CSV. Uploads are decoded in memory and
 brought to the model's view by :func:`~kidney_edge.imaging.load_image` and
-:func:`~kidney_edge.imaging.resized_image` (the spec's region and resize rules), the steps
+:func:`~kidney_edge.imaging.to_view` (the spec's region and resize rules), the steps
 ``preprocess`` itself runs, in a small thread pool while the previous batch runs; the batch then
 only normalises them (``classify(..., views=True)``), so its rows equal predict's. The images
 are batched by the :class:`~kidney_edge.runtime.serve.batcher.DynamicBatcher`.
@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from kidney_edge.errors import ImageReadError
-from kidney_edge.imaging import load_image, resized_image
+from kidney_edge.imaging import ViewGeometry, load_image, to_view
 from kidney_edge.io_utils import atomic_write_bytes
-from kidney_edge.runtime.cam import heatmap, overlay, png_data_url
+from kidney_edge.runtime.cam import heatmap, overlay, overlay_on_slice, png_data_url
 from kidney_edge.runtime.classifier import PARITY_FILE, OnnxClassifier
 from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_precision
 from kidney_edge.runtime.predict import classify
@@ -41,6 +41,7 @@ from kidney_edge.runtime.serve.batcher import Batched, DynamicBatcher
 from kidney_edge.runtime.serve.config import ServeConfig
 from kidney_edge.runtime.serve.limits import ServerBusy, Upload
 from kidney_edge.runtime.serve.metrics import ServeMetrics
+from kidney_edge.spec import RegionRule
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,16 @@ _MAGIC_SUFFIXES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b
 class _Job:
     image: Image.Image  # decoded, 8-bit, in the spec's colour mode, resized to the input size
     cam: bool  # the caller wants the activation map
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """An upload brought to the model's view, and the slice it came from (for the activation map)."""
+
+    slice: Image.Image  # decoded, 8-bit, in the spec's colour mode
+    view: Image.Image  # after the spec's region and resize rules
+    geometry: ViewGeometry  # where the view lies on the slice
+    saved: str | None  # server-chosen file name under --save-dir
 
 
 @dataclass(frozen=True)
@@ -173,21 +184,21 @@ class InferenceService:
         """The answer for one upload (see :meth:`answer`). Raises ImageReadError (422)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        image, saved = await loop.run_in_executor(self.decoder, self._decode, upload)
+        decoded = await loop.run_in_executor(self.decoder, self._decode, upload)
         decode_s = time.perf_counter() - started
-        batched = await self.batcher.submit(_Job(image, cam))
+        batched = await self.batcher.submit(_Job(decoded.view, cam))
         row = batched.result.row
         if row["error"] is not None:
             raise ImageReadError(upload.filename or "<upload>", row["error"])
         activation = None
         if cam:
-            activation = await loop.run_in_executor(self.decoder, self._activation, image, batched.result)
+            activation = await loop.run_in_executor(self.decoder, self._activation, decoded, batched.result)
         total_s = time.perf_counter() - started
         stages = {"decode": decode_s, "queue": batched.queue_s, "inference": batched.run_s}
         self.metrics.observe_image(row["label"], stages)
-        return self.answer(upload, row, batched, {**stages, "total": total_s}, saved, activation)
+        return self.answer(upload, row, batched, {**stages, "total": total_s}, decoded.saved, activation)
 
-    def _decode(self, upload: Upload) -> tuple[Image.Image, str | None]:
+    def _decode(self, upload: Upload) -> _Decoded:
         saved = None
         if self.config.save_dir is not None:
             saved = saved_name(upload.data)
@@ -196,7 +207,8 @@ class InferenceService:
         stream.name = upload.filename or "<upload>"  # what errors call the file
         spec = self.classifier.spec
         # The region and the resize here keep them off the serial batch thread (classify(views=True)).
-        return resized_image(load_image(stream, spec), spec), saved
+        image = load_image(stream, spec)
+        return _Decoded(image, *to_view(image, spec), saved)
 
     def _run_batch(self, jobs: list[_Job]) -> list[_Scored]:
         """Runs in a batcher worker thread: one :func:`classify` call (one ONNX run) per batch."""
@@ -216,12 +228,17 @@ class InferenceService:
             scored.append(_Scored(row, heat))
         return scored
 
-    def _activation(self, view: Image.Image, scored: _Scored) -> dict[str, Any]:
+    def _activation(self, decoded: _Decoded, scored: _Scored) -> dict[str, Any]:
         """The model's view (the decoded upload after the spec's region and resize rules) and the
-        CAM overlay, as PNG data URLs."""
-        shown = {"view_png": png_data_url(view.convert("RGB"))}
+        CAM overlay over it, as PNG data URLs; where the view is a region of the slice, the CAM
+        drawn back onto the whole slice with the region outlined as well."""
+        view = decoded.view
+        shown = {"view_png": png_data_url(view.convert("RGB")), "slice_overlay_png": None}
         if scored.heat is None:
             return {**shown, "overlay_png": None, "note": "no activation map in this model"}
+        if self.classifier.spec.region is not RegionRule.WHOLE:
+            drawn = overlay_on_slice(decoded.slice, scored.heat, decoded.geometry)
+            shown["slice_overlay_png"] = png_data_url(drawn)
         return {**shown, "overlay_png": png_data_url(overlay(view, scored.heat)), "note": None}
 
     def answer(
