@@ -369,6 +369,32 @@ def best_images_per_s(measurement: Mapping[str, Any], batch_size: int | None = N
 # --------------------------------------------------------------------------- shared inputs
 
 
+DICOM_SERIES = "dicom-series"  # `synth --format dicom`: the classic phantom as CT series
+# name -> (renderer style, phantom difficulty): families that differ the way scans differ; the
+# training benchmark (bench_recipe.py) trains on them, others measure on the same folders.
+PHANTOM_FAMILIES: dict[str, tuple[str, float]] = {
+    "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
+    "classic": ("classic", 1.0),  # the same renderer at its default difficulty
+    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
+    # Its patients and findings, every one imaged alike: "cannot see" vs "cannot generalise across
+    # scanners". Its file names match "lookalike", so the same splits.csv can be reused.
+    "lookalike-one-scanner": ("lookalike-one-scanner", 1.0),
+    # The same renderer with its findings drawn larger, more contrasted and less noisy (the
+    # `difficulty` of `synth`): where between "cannot see" and "cannot learn" the defaults fail.
+    "lookalike-d0.5": ("lookalike", 0.5),
+    "lookalike-d0.25": ("lookalike", 0.25),
+    # The classic phantom as CT series (findings on some slices only, export quirks), split 70/15/15
+    # by series.
+    DICOM_SERIES: (DICOM_SERIES, 0.25),
+}
+
+
+def phantom_folder(family: str, phantom_seed: int, n_images: int, slice_size: int) -> str:
+    """The folder name of one family's phantom under a benchmark's ``--workdir`` (its
+    ``-splits.csv`` sits beside it): one name, so every benchmark reuses the same slices."""
+    return f"{family}-d{phantom_seed}-n{n_images}-{slice_size}px"
+
+
 def phantom_images(cache: Path, n: int) -> Path:
     """n phantom 512 px JPEGs in the Kaggle layout, made once under ``cache`` (seed 0)."""
     from kidney_edge.runtime import scan_images

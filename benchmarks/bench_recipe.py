@@ -34,25 +34,9 @@ from kidney_edge.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
 
 RESULTS = harness.RESULTS
 
-DICOM_SERIES = "dicom-series"
+DICOM_SERIES = harness.DICOM_SERIES
 SLICES_PER_SERIES_MEAN = 32  # synth --format dicom draws 24-40 slices per series
-
-# name -> (renderer style, phantom difficulty): families that differ the way scans differ.
-FAMILIES: dict[str, tuple[str, float]] = {
-    "classic-easy": ("classic", 0.25),  # the demo's phantom: conspicuous findings
-    "classic": ("classic", 1.0),  # the same renderer at its default difficulty
-    "lookalike": ("lookalike", 1.0),  # an independent renderer (kidney_edge/phantoms/lookalike.py)
-    # Its patients and findings, every one imaged alike: "cannot see" vs "cannot generalise across
-    # scanners". Its file names match "lookalike", so the same splits.csv can be reused.
-    "lookalike-one-scanner": ("lookalike-one-scanner", 1.0),
-    # The same renderer with its findings drawn larger, more contrasted and less noisy (the
-    # `difficulty` of `synth`): where between "cannot see" and "cannot learn" the defaults fail.
-    "lookalike-d0.5": ("lookalike", 0.5),
-    "lookalike-d0.25": ("lookalike", 0.25),
-    # `synth --format dicom`: the classic phantom as CT series (findings on some slices only,
-    # export quirks); n_images / SLICES_PER_SERIES_MEAN series, split 70/15/15 by series.
-    "dicom-series": (DICOM_SERIES, 0.25),
-}
+FAMILIES = harness.PHANTOM_FAMILIES
 # Views of a family for learnability checks, not candidates for defaults: the same slices and
 # splits, cropped with the renderer's truth to the region a reader looks at.
 ORACLE_SUFFIX = "-oracle"  # e.g. "lookalike-oracle": each slice cropped to its kidneys' box
@@ -109,11 +93,6 @@ def machine_line() -> str:
             f"Python {facts['python']}")  # fmt: skip
 
 
-def dataset_name(family: str, phantom_seed: int, n_images: int, slice_size: int) -> str:
-    """The folder of one family's phantom under ``--workdir`` (its splits.csv sits beside it)."""
-    return f"{family}-d{phantom_seed}-n{n_images}-{slice_size}px"
-
-
 def make_dataset(
     workdir: Path, family: str, seed: int, n_images: int, slice_size: int, data_seed: int = 1000
 ) -> tuple[Path, Path]:
@@ -131,7 +110,7 @@ def make_dataset(
         return _oracle_view(*make_dataset(workdir, family.removesuffix(ORACLE_SUFFIX), seed, n_images,
                                           slice_size, data_seed))  # fmt: skip
     style, difficulty = FAMILIES[family]
-    data = workdir / dataset_name(family, data_seed + seed, n_images, slice_size)
+    data = workdir / harness.phantom_folder(family, data_seed + seed, n_images, slice_size)
     splits = data.with_name(data.name + "-splits.csv")
     if not splits.is_file() and style == DICOM_SERIES:
         _series_dataset(data, splits, n_images, data_seed + seed, slice_size, difficulty, seed)
@@ -500,7 +479,7 @@ def render_difficulty(runs: list[dict[str, Any]], datasets: dict[str, Any]) -> l
         if style != "lookalike":
             continue
         for run in runs:
-            name = dataset_name(family, _data_seed(run), run["n_images"], run["slice_size"])
+            name = harness.phantom_folder(family, _data_seed(run), run["n_images"], run["slice_size"])
             if run["family"] == family and run["recipe"] == WHOLE_SLICE_RECIPE and name in datasets:
                 rows.append((difficulty, _data_seed(run), run["n_images"], datasets[name], run["result"]["test"]["argmax"]))
     if not rows:

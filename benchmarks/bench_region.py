@@ -20,11 +20,7 @@ from typing import Any
 import _harness as harness
 import numpy as np
 
-FAMILIES = {  # name -> (renderer style, difficulty), as bench_recipe.py draws them
-    "classic": ("classic", 1.0),
-    "classic-easy": ("classic", 0.25),
-    "lookalike": ("lookalike", 1.0),
-}
+FAMILIES = {name: harness.PHANTOM_FAMILIES[name] for name in ("classic", "classic-easy", "lookalike")}
 TIMED_SLICES = 200  # slices timed per family, after one warm-up pass
 
 
@@ -32,7 +28,7 @@ def family_data(workdir: Path, family: str, data_seed: int, n_images: int, slice
     """The phantom folder bench_recipe.py uses for this family and seed (made if missing)."""
     from kidney_edge.phantoms.styles import synthesizer
 
-    data = workdir / f"{family}-d{data_seed}-n{n_images}-{slice_size}px"
+    data = workdir / harness.phantom_folder(family, data_seed, n_images, slice_size)
     if not (data / "phantom_truth.csv").is_file():
         style, difficulty = FAMILIES[family]
         synthesizer(style)(data, n=n_images, seed=data_seed, size=slice_size, difficulty=difficulty)

@@ -333,6 +333,7 @@ _OWNED_BY_HARNESS = {
     "the CPU-kind label": r"def cpu_kind\(",
     "another script as a library": r"^\s*(from|import) bench_",
     "a non-atomic result file": r"\.write_text\(|json\.dump\(",
+    "a phantom family's folder name": r"-d\{[^}]*\}-n\{",
 }
 # Another engineer ports bench_recipe.py to the harness.
 _NOT_YET_ON_THE_HARNESS: set[str] = set()
@@ -364,12 +365,14 @@ def test_the_guard_sees_a_script_that_keeps_its_own_copy() -> None:
         "\nfrom bench_serve import free_port\n"
         "def git_commit():\n    return subprocess.run(['git', 'rev-parse', 'HEAD'])\n"
         "LOAD = os.getloadavg()\nPath('x.md').write_text('half')\n"
+        "data = workdir / f'{family}-d{seed}-n{n}-{size}px'\n"
     )
     assert harness_violations(planted) == [
         "load average",
         "git commit",
         "another script as a library",
         "a non-atomic result file",
+        "a phantom family's folder name",
     ]
 
 
