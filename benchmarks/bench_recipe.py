@@ -74,6 +74,8 @@ RECIPES: dict[str, Recipe] = {
                                 note="a head phase of 60 epochs on cached features (early stopping from epoch 30)"),
     "lr1e-3-b9-e12-kidneys": Recipe(1e-3, 9, 12, 6, region="kidneys",
                                     note="the band about the spine that holds both kidneys (train --region kidneys)"),
+    "lr1e-3-b9-ld0.8-e12-kidneys": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys",
+                                          note="the kidney band; each unfrozen block 0.8 times the rate of the block above it"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
