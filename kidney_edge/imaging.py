@@ -270,7 +270,7 @@ def to_view(image: Image.Image, spec: ModelSpec) -> tuple[Image.Image, ViewGeome
         canvas = Image.new(cropped.mode, (size, size), 0)  # black = air in CT
         canvas.paste(resized, (left, top))
         return canvas, geometry
-    return resized.crop((-left, -top, size - left, size - top)), geometry  # STRETCH: the whole
+    return resized.crop((-left, -top, size - left, size - top)), geometry  # center crop: the middle
 
 
 def placement(source: tuple[int, int], size: int, rule: ResizeRule) -> Box:
