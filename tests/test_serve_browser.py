@@ -23,10 +23,12 @@ if CHROMIUM is None:  # CI installs it (.ci/run) and stops if it cannot
     pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
-from _factories import make_cam_onnx  # noqa: E402
+from _factories import SIZE, make_cam_onnx  # noqa: E402
 
+from kidney_edge.imaging import load_image  # noqa: E402
 from kidney_edge.runtime import OnnxClassifier, classify_paths  # noqa: E402
 from kidney_edge.runtime.serve import ServeConfig, create_app  # noqa: E402
+from kidney_edge.spec import ModelSpec, RegionRule  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,10 @@ def phantom_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sorted((out / "Tumor").glob("*.jpg"))[0]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    model = make_cam_onnx(tmp_path_factory.mktemp("browser-model") / "model.onnx")
+@pytest.fixture(scope="module", params=[RegionRule.WHOLE, RegionRule.KIDNEYS], ids=lambda rule: rule.value)
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[str, Path]]:
+    spec = ModelSpec(input_size=SIZE, region=request.param)
+    model = make_cam_onnx(tmp_path_factory.mktemp("browser-model") / "model.onnx", spec)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
     port = listener.getsockname()[1]
@@ -86,6 +89,12 @@ def test_page_classifies_a_phantom_slice(
             assert page.locator("#rule").inner_text().startswith("Decision rule: argmax")
             sync_api.expect(page.locator("#cam-fig")).to_be_visible()
             assert page.evaluate("document.getElementById('cam').naturalWidth") == model_input_size(model)
+            if OnnxClassifier(model, threads=1).spec.region is RegionRule.WHOLE:  # the view is the slice
+                sync_api.expect(page.locator("#slice-fig")).to_be_hidden()
+            else:  # the map drawn back onto the whole uploaded slice, as decoded for the model
+                sync_api.expect(page.locator("#slice-fig")).to_be_visible()
+                decoded = load_image(phantom_slice, OnnxClassifier(model, threads=1).spec)
+                assert page.evaluate("document.getElementById('slice-cam').naturalWidth") == decoded.width
             screenshot = tmp_path / "serve-page.png"
             page.screenshot(path=str(screenshot), full_page=True)
             assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
