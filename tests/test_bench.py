@@ -428,8 +428,9 @@ def test_recipe_bench_default_is_the_librarys_finetune_default(bench_recipe) -> 
     from kidney_edge.training.config import TrainConfig, default_finetune_phase
 
     recipe, phase = bench_recipe.RECIPES[bench_recipe.DEFAULT_RECIPE], default_finetune_phase()
-    assert (recipe.lr, recipe.unfreeze_blocks, recipe.epochs, recipe.patience) == (
-        phase.lr, phase.unfreeze_blocks, phase.epochs, phase.patience)  # fmt: skip
+    assert (recipe.lr, recipe.unfreeze_blocks, recipe.epochs, recipe.patience, recipe.layer_decay) == (
+        phase.lr, phase.unfreeze_blocks, phase.epochs, phase.patience, phase.layer_decay)  # fmt: skip
+    assert bench_recipe.WORST_CASE_RECIPES[0][0] == bench_recipe.DEFAULT_RECIPE
     assert recipe.region == TrainConfig(data_dir=Path("d"), out_dir=Path("o")).region
 
 
@@ -447,8 +448,13 @@ def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe)
     rows = [line for line in bench_recipe.render_worst_case(runs, ["a note"]) if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| lookalike", "| dicom-series"]
     assert "| 0.210 [0.110, 0.310] | 0.50 | 0.50 / 0.25 / 1.00 / 0.75 | 1 | 5.0 | 1.0 -> 2.0 |" in rows[1]
-    # The whole-slice recipe the defaults replaced gets its own table, each with its worst case.
-    whole = run("lookalike", 0.19, recipe=bench_recipe.WHOLE_SLICE_RECIPE)
-    text = "\n".join(bench_recipe.render_worst_case([*runs, whole], []))
-    assert f"`{bench_recipe.DEFAULT_RECIPE}` (the defaults: the kidney band); worst test macro-F1 across its datasets: 0.210" in text
-    assert f"`{bench_recipe.WHOLE_SLICE_RECIPE}` (the whole slice); worst test macro-F1 across its datasets: 0.190" in text
+    # Each recipe the defaults were chosen against gets its own table, each with its worst case,
+    # and the shortfall table compares them on the datasets they all ran.
+    (default, what), _, (whole_recipe, whole_what) = bench_recipe.WORST_CASE_RECIPES
+    whole = [run("lookalike", 0.19, recipe=whole_recipe), run("dicom-series", 0.64, recipe=whole_recipe)]
+    text = "\n".join(bench_recipe.render_worst_case([*runs, *whole], []))
+    assert text.index(f"`{default}` ({what})") < text.index(f"`{whole_recipe}` ({whole_what})")
+    assert f"`{default}` ({what}); worst test macro-F1 across its datasets: 0.210" in text
+    assert f"`{whole_recipe}` ({whole_what}); worst test macro-F1 across its datasets: 0.190" in text
+    assert f"| `{default}` | 0.210 | 0.100 (dicom-series, data seed 11, 800 slices) |" in text
+    assert f"| `{whole_recipe}` | 0.190 | 0.020 (lookalike, data seed 11, 800 slices) |" in text
