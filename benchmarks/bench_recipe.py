@@ -411,7 +411,7 @@ def render(record: dict[str, Any]) -> str:
     for recipe, per_family in sorted(summary["mean_macro_f1"].items()):
         cells = [_f(per_family.get(f)) for f in families]
         lines.append(
-            f"| {recipe}{' **(default)**' if recipe == summary['winner'] else ''} | " + " | ".join(cells)
+            f"| {recipe}{' **(winner)**' if recipe == summary['winner'] else ''} | " + " | ".join(cells)
             + f" | {_f(summary['worst_macro_f1'].get(recipe))} | {_f(summary['worst_shortfall'].get(recipe))} |"
         )
     lines += ["", f"Winner by worst-case shortfall: **{summary['winner']}**.", ""]
