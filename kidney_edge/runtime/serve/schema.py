@@ -108,6 +108,10 @@ class ModelCardOut(BaseModel):
     classes: list[str] = Field(description="class names in the model's index order")
     positive_class: str | None
     input_size: int
+    region: str = Field(
+        description="what of each slice the model sees: 'whole', or 'kidneys' (the band about the spine "
+        "that holds both kidneys, found in each image; the whole image where none is found)"
+    )
     resize: str
     color_mode: str
     ct_window: CtWindowOut = Field(description="the CT window (HU) DICOM uploads are read with")

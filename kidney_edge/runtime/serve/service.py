@@ -291,6 +291,7 @@ class InferenceService:
             "classes": list(spec.class_names),
             "positive_class": spec.positive_class,
             "input_size": spec.input_size,
+            "region": spec.region.value,
             "resize": spec.resize.value,
             "color_mode": spec.color_mode.value,
             "ct_window": {"level": spec.ct_window.level, "width": spec.ct_window.width},
