@@ -602,3 +602,20 @@ def test_mixup_blends_pairs_and_keeps_both_labels() -> None:
     mixed, partners, share = mixup(images, labels, 0.4)
     assert 0.0 < share < 1.0 and sorted(partners.tolist()) == [0, 1, 2, 3]
     assert torch.allclose(mixed, share * images + (1 - share) * images[partners])
+
+
+def test_resume_of_a_run_saved_before_gradient_clipping_compares_its_phases_as_trained(tmp_path: Path) -> None:
+    import json
+
+    from kidney_edge.training.trainer import _check_compatible
+
+    config = tiny_config(tmp_path, tmp_path / "run")
+    saved = config.to_dict()
+    for phase in ("head", "finetune"):
+        del saved[phase]["clip_grad_norm"]  # written before the field existed: that run did not clip
+    saved_config = tmp_path / "config.json"
+    saved_config.write_text(json.dumps({"train_config": saved}))
+    _check_compatible(config, saved_config)  # resumes as it trained
+    clipped = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, clip_grad_norm=1.0))
+    with pytest.raises(InputError, match="finetune: .*'clip_grad_norm': None"):
+        _check_compatible(clipped, saved_config)

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 # Fields that shape the weights: a resumed run must use the same values to continue exactly.
 RESUME_FIELDS = ("arch", "image_size", "region", "batch_size", "seed", "pretrained", "head", "finetune")
 # Resume fields added after runs were saved without them, with the value such a run trained with
-# (not today's default: runs before the region rule saw the whole slice).
+# (not today's default: runs before the region rule saw the whole slice); the same for the fields
+# of a saved phase (runs before gradient clipping did not clip).
 BEFORE_FIELD_EXISTED = {"region": RegionRule.WHOLE.value}
+PHASE_BEFORE_FIELD_EXISTED = {"clip_grad_norm": None}
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
@@ -240,6 +242,16 @@ def _check_run_folder(config: TrainConfig) -> dict[str, Any] | None:
     return _load_last(run_dir) if (run_dir / LAST_CHECKPOINT).is_file() else None
 
 
+def _as_trained(saved: dict[str, Any], key: str) -> Any:
+    """A saved config's ``key``, with what its kidney-edge did not write yet filled in as it trained."""
+    if key not in saved:
+        return BEFORE_FIELD_EXISTED.get(key)
+    value = saved[key]
+    if key in ("head", "finetune") and isinstance(value, dict):
+        return {**PHASE_BEFORE_FIELD_EXISTED, **value}
+    return value
+
+
 def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
     import json
 
@@ -249,9 +261,9 @@ def _check_compatible(config: TrainConfig, saved_config: Path) -> None:
         raise InputError(f"--resume: {saved_config} is not a kidney-edge run config ({exc})") from None
     current = config.to_dict()
     changed = [
-        f"{key}: {saved.get(key, BEFORE_FIELD_EXISTED.get(key))!r} -> {current[key]!r}"
+        f"{key}: {_as_trained(saved, key)!r} -> {current[key]!r}"
         for key in RESUME_FIELDS
-        if saved.get(key, BEFORE_FIELD_EXISTED.get(key)) != current[key]
+        if _as_trained(saved, key) != current[key]
     ]
     if changed:
         raise InputError(
