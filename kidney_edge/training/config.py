@@ -26,6 +26,7 @@ class Augmentation(str, Enum):
     geometric = "geometric"  # small rotations, shifts and zooms
     scanner = "scanner"  # geometric + left-right mirror + what differs between scanners
 
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -146,7 +147,7 @@ class TrainConfig:
     image_size: int = 224
     # The band about the spine that holds both kidneys: the worst family's test macro-F1 0.334
     # against 0.124 for the whole slice, the look-alike renderer 0.382 / 0.523 against 0.214 /
-    # 0.194 (benchmarks/results/recipe.md); the demo's hold-out macro-F1 99.8% (demo.md).
+    # 0.194, both at one fine-tuning rate (benchmarks/results/recipe.md).
     region: str = RegionRule.KIDNEYS.value
     batch_size: int = 32
     seed: int = 0
@@ -182,7 +183,9 @@ class TrainConfig:
         if not 32 <= self.image_size <= 1024 or self.image_size % 32:
             raise InputError(f"--image-size must be a multiple of 32 in 32..1024, got {self.image_size}")
         if self.region not in {r.value for r in RegionRule}:
-            raise InputError(f"--region must be one of {', '.join(r.value for r in RegionRule)}, got {self.region!r}")
+            raise InputError(
+                f"--region must be one of {', '.join(r.value for r in RegionRule)}, got {self.region!r}"
+            )
         if self.batch_size < 2:
             raise InputError(f"--batch-size must be >= 2 (BatchNorm needs it), got {self.batch_size}")
         if self.device not in DEVICES:
