@@ -62,6 +62,13 @@ class RegionRule(str, Enum):
     WHOLE = "whole"  # the image as decoded
     KIDNEYS = "kidneys"  # the band about the spine that holds both kidneys; the whole where not found
 
+    @property
+    def description(self) -> str:
+        """The rule in words, for readers of a model card (report card, serve's ``/v1/model``)."""
+        if self is RegionRule.KIDNEYS:
+            return "the band about the spine that holds both kidneys (the whole image where none is found)"
+        return "the whole slice"
+
 
 class ColorMode(str, Enum):
     """What the image is reduced to before the 3 input channels are filled."""

@@ -144,6 +144,7 @@ def test_markdown_report_and_model_card(full_report: tuple[ReportInputs, ReportF
     ):
         assert heading in card
     assert "not for diagnosis" in card and "synthetic phantom" in card
+    assert f"region {inputs.spec.region.value}: {inputs.spec.region.description}," in card
     assert "p(Tumor) >= 0.2500" in card and "only adds Tumor calls" in card
     spec_json = card.split("```json\n")[1].split("```")[0]
     assert ModelSpec.from_json(spec_json) == inputs.spec  # the spec travels with the report

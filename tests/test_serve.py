@@ -382,7 +382,8 @@ def test_a_region_model_draws_its_activation_map_back_onto_the_slice(tmp_path: P
     spec = ModelSpec(input_size=64, region=RegionRule.KIDNEYS, resize=ResizeRule.STRETCH)
     with serving(make_cam_onnx(tmp_path / "m.onnx", spec)) as client:
         body = post_png(client, png_bytes(gray), params={"cam": "true"}).json()
-        assert client.get("/v1/model").json()["region"] == "kidneys"
+        card = client.get("/v1/model").json()
+        assert card["region"] == "kidneys" and card["region_description"] == RegionRule.KIDNEYS.description
     assert body["label"] == "Tumor"
     drawn = np.asarray(
         Image.open(io.BytesIO(base64.b64decode(body["activation"]["slice_overlay_png"].split(",", 1)[1])))
@@ -402,7 +403,7 @@ def test_a_region_model_draws_its_activation_map_back_onto_the_slice(tmp_path: P
 def test_model_card_and_health(client: TestClient) -> None:
     card = client.get("/v1/model").json()
     assert card["classes"] == list(ModelSpec().class_names) and card["input_size"] == SIZE
-    assert card["region"] == "whole"
+    assert card["region"] == "whole" and card["region_description"] == "the whole slice"
     assert "not for diagnosis" in card["intended_use"] and card["figures"] is None
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ready"

@@ -73,6 +73,8 @@ def test_page_classifies_a_phantom_slice(
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(url + "/")
             sync_api.expect(page.locator("#card")).to_contain_text("Cyst, Normal, Stone, Tumor")
+            region = OnnxClassifier(model, threads=1).spec.region
+            sync_api.expect(page.locator("#card")).to_contain_text(region.description)
             assert "Not a medical device" in page.inner_text(".banner")
             for _ in range(10):  # the file chooser is reachable from the keyboard
                 page.keyboard.press("Tab")

@@ -17,7 +17,6 @@ from kidney_edge.report.figures import (
     ordered_classes,
 )
 from kidney_edge.report.inputs import ReportInputs
-from kidney_edge.spec import ModelSpec, RegionRule
 
 Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"pre"|"ul", text or list of texts)
 
@@ -58,7 +57,7 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
         (
             "ul",
             [
-                f"architecture {spec.arch}, input {spec.input_size} px, region {_region(spec)}, "
+                f"architecture {spec.arch}, input {spec.input_size} px, region {spec.region.value}: {spec.region.description}, "
                 f"resize {spec.resize.value}, colour {spec.color_mode.value}",
                 f"classes (index order): {', '.join(spec.class_names)}",
                 f"calibration temperature {spec.temperature:.4f}",
@@ -138,9 +137,3 @@ def blocks_to_html(blocks: list[Block]) -> str:
         else:
             parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in content) + "</ul>")
     return "\n".join(parts)
-
-
-def _region(spec: ModelSpec) -> str:
-    if spec.region is RegionRule.KIDNEYS:
-        return "kidneys (each slice cropped to the band about the spine that holds both kidneys)"
-    return "whole slice"

@@ -112,6 +112,7 @@ class ModelCardOut(BaseModel):
         description="what of each slice the model sees: 'whole', or 'kidneys' (the band about the spine "
         "that holds both kidneys, found in each image; the whole image where none is found)"
     )
+    region_description: str = Field(description="the region rule in words, as the model card says it")
     resize: str
     color_mode: str
     ct_window: CtWindowOut = Field(description="the CT window (HU) DICOM uploads are read with")

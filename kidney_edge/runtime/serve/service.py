@@ -292,6 +292,7 @@ class InferenceService:
             "positive_class": spec.positive_class,
             "input_size": spec.input_size,
             "region": spec.region.value,
+            "region_description": spec.region.description,
             "resize": spec.resize.value,
             "color_mode": spec.color_mode.value,
             "ct_window": {"level": spec.ct_window.level, "width": spec.ct_window.width},
