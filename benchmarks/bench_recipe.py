@@ -30,6 +30,7 @@ from typing import Any
 
 import _harness as harness
 
+from kidney_edge.archs import EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR
 from kidney_edge.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
 
 RESULTS = harness.RESULTS
@@ -61,6 +62,7 @@ class Recipe:
     head_epochs: int | None = None  # None: the library's head phase
     region: str = "whole"  # train --region: what of each slice the model sees
     clip_grad_norm: float | None = None  # train --clip-grad: both phases
+    arch: str = EFFICIENTNET_LITE0  # train --arch; named, so a new default arch does not rename old rows
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +80,8 @@ RECIPES: dict[str, Recipe] = {
                                           note="the kidney band; each unfrozen block 0.8 times the rate of the block above it"),
     "lr1e-3-b9-ld0.8-e12-kidneys-scanner": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", augment="scanner",
                                                   note="the kidney band, layer-wise decay 0.8, scanner augmentation"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR,
+                                               note="the kidney band read as two mirrored halves, one kidney each (train --arch efficientnet_lite0_pair)"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
@@ -233,7 +237,7 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
     from kidney_edge.training.config import ALL_BLOCKS
 
     base = TrainConfig(data_dir=data, out_dir=out, splits=splits, image_size=image_size, seed=seed, device="cpu",
-                       augmentation=recipe.augment, region=recipe.region)  # fmt: skip
+                       augmentation=recipe.augment, region=recipe.region, arch=recipe.arch)  # fmt: skip
     blocks = ALL_BLOCKS if recipe.unfreeze_blocks == "all" else int(recipe.unfreeze_blocks)
     finetune = dataclasses.replace(
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 EFFICIENTNET_B0 = "efficientnet_b0"
+# Lite0 reading its view as two mirrored halves, one kidney each (backbones.KidneyPairNet).
+EFFICIENTNET_LITE0_PAIR = "efficientnet_lite0_pair"
 # The built-in backbones, the default first; tests/test_backbones.py checks the registry agrees.
-ARCHS = (EFFICIENTNET_LITE0, EFFICIENTNET_B0)
+ARCHS = (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR, EFFICIENTNET_B0)
 ALL_BLOCKS = -1  # unfreeze the whole backbone, stem included (CLI: --unfreeze-blocks all)

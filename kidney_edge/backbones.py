@@ -26,13 +26,14 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from kidney_edge.archs import ALL_BLOCKS, EFFICIENTNET_B0, EFFICIENTNET_LITE0
+from kidney_edge.archs import ALL_BLOCKS, EFFICIENTNET_B0, EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR
 from kidney_edge.errors import InputError, KidneyEdgeError
-from kidney_edge.spec import LITE0_MEAN, LITE0_STD
+from kidney_edge.spec import LITE0_MEAN, LITE0_STD, ResizeRule
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ class KidneyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def class_activation_maps(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(N, F, h, w) feature map -> (N, C, h, w): each position's share of each logit (CAM,
+        Zhou et al. 2016), the classifier applied at every position: the spatial mean plus the
+        bias is the logit."""
+        return nn.functional.conv2d(feature_map, self.classifier.weight[:, :, None, None])
+
     @property
     def stat_blocks(self) -> tuple[int, ...]:
         """Indices of the blocks whose channel statistics :meth:`forward_with_block_stats` returns:
@@ -142,6 +149,74 @@ class KidneyNet(nn.Module):
     def last_blocks_parameters(self, n: int) -> Iterator[nn.Parameter]:
         for module in self.last_blocks_modules(n):
             yield from module.parameters()
+
+
+class KidneyPairNet(KidneyNet):
+    """A :class:`KidneyNet` that reads its view as two halves about the middle column and
+    compares them: under the kidney band (spine in the middle) one kidney each.
+
+    The right half is mirrored so both kidneys face the same way, both halves go through the
+    one backbone, and the head sees the mean of their pooled features and their absolute
+    difference. What the halves share (the patient's build, the scanner, the window) cancels in
+    the difference; a finding in one kidney does not. Trained on a few hundred patients, a model
+    of the whole view learns patients by their build instead (docs/training.md).
+
+    ``forward_features`` returns the halves' feature maps side by side in view orientation
+    (N, F, h, 2 * w_half), so Grad-CAM, the exported CAM and everything that maps a feature map
+    onto the view treat it as any model's.
+    """
+
+    def __init__(self, base: KidneyNet, arch: str) -> None:
+        super().__init__(
+            arch, base.stem, list(base.blocks), base.conv_head, 2 * base.num_features,
+            base.num_classes, base.dropout.p,
+        )  # fmt: skip
+        nn.init.normal_(self.classifier.weight, std=0.01)  # as _init_weights: start near uniform
+        nn.init.zeros_(self.classifier.bias)
+        self.joined = nn.Identity()  # the halves' maps side by side: what Grad-CAM hooks
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.joined
+
+    @staticmethod
+    def halves(x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (2N, 3, S, S // 2): each view's left half, then its mirrored right half."""
+        half = x.shape[-1] // 2
+        return torch.stack([x[..., :half], x[..., -half:].flip(-1)], dim=1).flatten(0, 1)
+
+    def _joined(self, maps: torch.Tensor) -> torch.Tensor:
+        """(2N, F, h, w) maps of :meth:`halves` -> (N, F, h, 2w), the right one mirrored back."""
+        pairs = maps.unflatten(0, (-1, 2))  # (N, 2, F, h, w)
+        return self.joined(torch.cat([pairs[:, 0], pairs[:, 1].flip(-1)], dim=-1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._joined(self.conv_head(self.blocks(self.stem(self.halves(x)))))
+
+    def pool_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F, h, 2w) joined maps -> (N, 2F): [mean of the halves, |left - right|]."""
+        left, right = (half.mean(dim=(2, 3)) for half in features.chunk(2, dim=-1))
+        return torch.cat([(left + right) / 2, (left - right).abs()], dim=1)
+
+    def forward_with_block_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The halves' joined feature map, and each block statistic averaged over the two halves."""
+        maps, stats = super().forward_with_block_stats(self.halves(x))  # (2N, F, h, w), (2N, T)
+        return self._joined(maps), stats.unflatten(0, (-1, 2)).mean(dim=1)
+
+    def class_activation_maps(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """CAM of the pair: with s = sign(left - right) per channel, |left - right| = s (left - right),
+        so the logit minus the bias is the mean over the left map of (W_mean / 2 + W_diff s) and
+        over the right map of (W_mean / 2 - W_diff s). Doubled, because the joined map has twice
+        each half's positions, their side-by-side maps average to the logit as :class:`KidneyNet`'s do."""
+        left, right = feature_map.chunk(2, dim=-1)  # (N, F, h, w) each
+        width = left.shape[1]
+        sign = torch.sign(left.mean(dim=(2, 3)) - right.mean(dim=(2, 3)))[:, None, :]  # (N, 1, F)
+        on_mean, on_difference = self.classifier.weight[:, :width], self.classifier.weight[:, width:]  # (C, F)
+        maps = [
+            torch.matmul(on_mean + sign_ * 2 * on_difference * sign, half.flatten(2)).unflatten(2, half.shape[2:])
+            for sign_, half in ((1, left), (-1, right))
+        ]  # (N, C, h, w) each
+        return torch.cat(maps, dim=-1)
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------------
@@ -307,11 +382,12 @@ def b0_weights_path() -> Path:
 
 
 class _Backbone:
-    def __init__(self, build, map_key, weights_path, mean, std):
+    def __init__(self, build, map_key, weights_path, mean, std, resize=ResizeRule.LETTERBOX):
         self.build: Callable[[int], KidneyNet] = build
         self.map_key: Callable[[str], str] = map_key
         self.weights_path: Callable[[], Path] = weights_path
         self.mean, self.std = mean, std
+        self.resize: ResizeRule = resize  # how the arch wants its view filled
 
 
 _REGISTRY: dict[str, _Backbone] = {}
@@ -331,6 +407,15 @@ def register_backbone(name: str, backbone: _Backbone) -> None:
 register_backbone(
     EFFICIENTNET_LITE0, _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
 )
+# The halves of a stretched view are one kidney each under the kidney band; a letterboxed band
+# (about 2.2 times as wide as tall) would leave more than half of each half black.
+register_backbone(
+    EFFICIENTNET_LITE0_PAIR,
+    _Backbone(
+        lambda num_classes: KidneyPairNet(_build_lite0(num_classes), EFFICIENTNET_LITE0_PAIR),
+        _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD, ResizeRule.STRETCH,
+    ),  # fmt: skip
+)
 register_backbone(
     EFFICIENTNET_B0, _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)
 )
@@ -347,10 +432,11 @@ def _backbone(arch: str) -> _Backbone:
     return _REGISTRY[arch]
 
 
-def backbone_spec_defaults(arch: str) -> dict[str, tuple[float, float, float]]:
-    """The normalisation (0..255 scale) the arch's pretrained weights were trained with."""
+def backbone_spec_defaults(arch: str) -> dict[str, Any]:
+    """The spec fields the arch decides: the normalisation (0..255 scale) its pretrained weights
+    were trained with, and the resize rule that fills its view."""
     backbone = _backbone(arch)
-    return {"mean": tuple(backbone.mean), "std": tuple(backbone.std)}
+    return {"mean": tuple(backbone.mean), "std": tuple(backbone.std), "resize": backbone.resize}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -405,7 +491,9 @@ def create_model(
     model = backbone.build(num_classes)
     if pretrained or weights is not None:
         path = pretrained_weights_path(arch, weights)
-        _load_pretrained(model, backbone, path, keep_classifier=num_classes == 1000)
+        # ImageNet's classifier reads one pooled map; a pair's head reads two
+        keep = num_classes == 1000 and not isinstance(model, KidneyPairNet)
+        _load_pretrained(model, backbone, path, keep_classifier=keep)
     return model
 
 

@@ -12,6 +12,7 @@ from kidney_edge import InputError, ModelSpec
 from kidney_edge import backbones as bb
 from kidney_edge.backbones import backbone_spec_defaults, create_model
 from kidney_edge.checkpoint import load_checkpoint, load_model, save_checkpoint, update_spec
+from kidney_edge.spec import ResizeRule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,7 +28,7 @@ def test_lite0_imagenet_weights_classify_grace_hopper(lite0_imagenet) -> None:
     from kidney_edge.imaging import preprocess
 
     photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    spec = ModelSpec(color_mode="rgb", resize="center_crop", **backbone_spec_defaults("efficientnet_lite0"))
+    spec = ModelSpec(color_mode="rgb", **{**backbone_spec_defaults("efficientnet_lite0"), "resize": "center_crop"})
     batch = torch.from_numpy(preprocess(photo, spec))[None]  # (1, 3, 224, 224)
     with torch.no_grad():
         probabilities = lite0_imagenet(batch).softmax(1)[0]
@@ -44,7 +45,8 @@ def test_lite0_weights_map_onto_every_key_exactly() -> None:
 
 
 def test_lite0_uses_tf_normalisation_and_asymmetric_same_padding() -> None:
-    assert backbone_spec_defaults("efficientnet_lite0") == {"mean": (127.0,) * 3, "std": (128.0,) * 3}
+    defaults = backbone_spec_defaults("efficientnet_lite0")
+    assert defaults == {"mean": (127.0,) * 3, "std": (128.0,) * 3, "resize": ResizeRule.LETTERBOX}
     stride2 = bb._same_padding(5, 2)
     assert stride2.padding == (1, 2, 1, 2)  # TF puts the odd pixel right/bottom
     assert bb._same_padding(3, 1).padding == (1, 1, 1, 1)
@@ -72,10 +74,46 @@ def test_b0_without_cached_weights_says_how_to_get_them(monkeypatch, tmp_path: P
 
 
 def test_registry_rejects_unknown_and_duplicate_names() -> None:
-    with pytest.raises(InputError, match="efficientnet_lite0, efficientnet_b0"):
+    with pytest.raises(InputError, match="efficientnet_lite0, efficientnet_lite0_pair, efficientnet_b0"):
         create_model("resnet50")
     with pytest.raises(Exception, match="already registered"):
         bb.register_backbone("efficientnet_lite0", bb._REGISTRY["efficientnet_lite0"])
+
+
+def test_a_pair_model_compares_the_mirrored_halves_of_its_view() -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0_pair", num_classes=4, pretrained=False).eval()
+    assert backbone_spec_defaults("efficientnet_lite0_pair")["resize"] is ResizeRule.STRETCH
+    view = torch.randn(2, 3, 64, 64)
+    symmetric = torch.cat([view[..., :32], view[..., :32].flip(-1)], dim=-1)  # right half = mirrored left
+    with torch.no_grad():
+        features = model.pool_features(model.forward_features(view))  # (2, 2F)
+        mirrored = model.pool_features(model.forward_features(view.flip(-1)))  # the halves swapped
+        alike = model.pool_features(model.forward_features(symmetric))
+        half = bb.KidneyNet.pool_features(model, bb.KidneyNet.forward_features(model, view[..., :32]))
+    assert features.shape == (2, 2 * 1280) and model.classifier.in_features == 2 * 1280
+    torch.testing.assert_close(mirrored, features)  # which kidney holds the finding does not matter
+    assert float(alike[:, 1280:].abs().max()) == 0.0  # what both halves show cancels in the difference
+    assert float(features[:, 1280:].abs().min()) >= 0 and float(features[:, 1280:].max()) > 0
+    torch.testing.assert_close(alike[:, :1280], half)  # the mean part: a half's own pooled features
+
+
+def test_a_pair_models_class_maps_add_up_to_its_logits() -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0_pair", num_classes=4, pretrained=False).eval()
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)  # a trained head: weights far from 0
+    view = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        feature_map = model.forward_features(view)  # (3, F, 3, 2 * 2): the halves side by side
+        maps = model.class_activation_maps(feature_map)
+        logits = model(view)
+    assert maps.shape == (3, 4, *feature_map.shape[2:])
+    torch.testing.assert_close(maps.mean(dim=(2, 3)) + model.classifier.bias, logits, atol=1e-5, rtol=1e-5)
+    # Grad-CAM's layer is the joined map, shaped as the view: one map over the whole view
+    from kidney_edge.gradcam import grad_cam
+
+    heat = grad_cam(model, view.numpy(), torch.zeros(3, dtype=torch.long).numpy())
+    assert heat.shape == (3, 96, 96)
 
 
 def test_torch_free_arch_names_are_the_registered_backbones() -> None:

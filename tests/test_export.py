@@ -27,7 +27,7 @@ def _checkpoint(
     from kidney_edge.backbones import backbone_spec_defaults, create_model
 
     torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, input_size=size, **backbone_spec_defaults(arch), **spec_kw)
+    spec = ModelSpec(arch=arch, input_size=size, **{**backbone_spec_defaults(arch), **spec_kw})
     model = create_model(arch, num_classes=num_classes, pretrained=pretrained)
     save_checkpoint(path, model=model, spec=spec, config={"test": True})
     return spec
@@ -348,6 +348,31 @@ def test_b0_without_pretrained_weights_via_cli(tmp_path: Path, splits_csv: Path)
     text = "".join(outcome.output.split())
     assert f"kidney-edgepredictFOLDER--model{out / 'model.onnx'}" in text
     assert f"kidney-edgebenchmark--model{out / 'model.onnx'}" in text
+
+
+def test_a_pair_model_exports_with_parity_and_its_class_maps(tmp_path: Path, splits_csv: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kidney_edge.cli import app
+    from kidney_edge.dataset import read_splits
+    from kidney_edge.imaging import preprocess_batch
+    from kidney_edge.runtime import OnnxClassifier
+
+    spec = _checkpoint(tmp_path / "pair.pt", "efficientnet_lite0_pair", pretrained=True, size=96)
+    out = tmp_path / "export" / "pair"
+    args = ["export", str(tmp_path / "pair.pt"), "--out", str(out), "--no-int8", "--splits", str(splits_csv)]
+    outcome = CliRunner().invoke(app, [*args, "--parity-batch-size", "3", "--parity-images", "3"])
+    assert outcome.exit_code == 0, outcome.output
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+    classifier = OnnxClassifier(out / "model.onnx")
+    assert classifier.spec.arch == "efficientnet_lite0_pair" and classifier.spec.resize.value == "stretch"
+    paths = [row.path for row in read_splits(splits_csv) if row.split == "test"][:2]
+    outputs = classifier.infer(preprocess_batch(paths, spec), features=True, cam=True)
+    assert outputs.features.shape == (2, 2 * 1280) and outputs.cam.shape == (2, 4, 3, 2)
+    logits, _ = _torch_outputs(tmp_path / "pair.pt", preprocess_batch(paths, spec))
+    bias = torch.load(tmp_path / "pair.pt", weights_only=True)["model_state"]["classifier.bias"].numpy()
+    np.testing.assert_allclose(outputs.cam.mean(axis=(2, 3)) + bias, logits, atol=1e-3)
 
 
 def test_checkpoint_with_wrong_classes_fails_clearly(tmp_path: Path) -> None:

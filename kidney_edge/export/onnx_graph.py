@@ -60,10 +60,7 @@ def onnx_module(model: Any, temperature: float) -> Any:
             features = self.model.pool_features(feature_map)  # (N, F)
             logits = self.model.forward_head(features)  # (N, C)
             scaled = logits if temperature == 1.0 else logits / temperature
-            # CAM (Zhou et al. 2016): the classifier's weights applied at every position of the
-            # feature map; its spatial mean plus the bias is the logit. (N, C, h, w)
-            weight = self.model.classifier.weight[:, :, None, None]
-            cam = torch.nn.functional.conv2d(feature_map, weight)
+            cam = self.model.class_activation_maps(feature_map)  # (N, C, h, w)
             return logits, torch.softmax(scaled, dim=1), features, block_stats, cam
 
     return OnnxHead().eval()
