@@ -63,6 +63,7 @@ class Recipe:
     region: str = "whole"  # train --region: what of each slice the model sees
     clip_grad_norm: float | None = None  # train --clip-grad: both phases
     arch: str = EFFICIENTNET_LITE0  # train --arch; named, so a new default arch does not rename old rows
+    image_size: int | None = None  # train --image-size where the recipe fixes it (None: --image-size)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -80,8 +81,9 @@ RECIPES: dict[str, Recipe] = {
                                           note="the kidney band; each unfrozen block 0.8 times the rate of the block above it"),
     "lr1e-3-b9-ld0.8-e12-kidneys-scanner": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", augment="scanner",
                                                   note="the kidney band, layer-wise decay 0.8, scanner augmentation"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR,
-                                               note="the kidney band read as two mirrored halves, one kidney each (train --arch efficientnet_lite0_pair)"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448": Recipe(
+        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+        note="the kidney band read as two mirrored halves, each kidney at 224 px (train --arch efficientnet_lite0_pair --image-size 448)"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
@@ -451,7 +453,7 @@ def render_hard_findings(runs: list[dict[str, Any]], notes: list[str]) -> list[s
     lines = [
         "", "## Hard findings: the look-alike renderer at full size", "",
         "Phantom seeds 11 and 12 (`synth --style lookalike --seed 11` is the set the defaults failed on), "
-        "224 px input, grouped 70/15/15 split of the data's own seed, train seed = run seed. `-oracle`: the same "
+        "224 px input (a recipe that fixes another size says so in its name), grouped 70/15/15 split of the data's own seed, train seed = run seed. `-oracle`: the same "
         "slices and splits cropped to the kidneys' box from `phantom_truth.csv` (15% margin, native pixels): what "
         "the model learns when it is shown where to look. `@F`: the same splits with a share F of the training "
         "patients. `lookalike-one-scanner`: the same patients, findings and splits, every patient imaged alike "
@@ -678,16 +680,18 @@ def main(argv: list[str] | None = None) -> int:
                 if data.name not in datasets and (found := describe_findings(data, args.image_size)) is not None:
                     datasets[data.name] = found
                 for name in args.recipes:
-                    key = dict(family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed, **settings)
+                    size = RECIPES[name].image_size or args.image_size
+                    key = dict(family=family, seed=seed, recipe=name, data_seed=args.data_seed + seed,
+                               **{**settings, "image_size": size})  # fmt: skip
                     if any({k: r.get(k, 1000 + r["seed"]) if k == "data_seed" else r[k] for k in key} == key
                            for r in record["runs"]):  # fmt: skip
                         continue
                     print(f"run {key}", file=sys.stderr, flush=True)
-                    out = args.workdir / "runs" / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{args.image_size}"
+                    out = args.workdir / "runs" / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{size}"
                     if args.adopt:
-                        result = adopt(args.adopt, RECIPES[name], data, splits, args.image_size, seed)
+                        result = adopt(args.adopt, RECIPES[name], data, splits, size, seed)
                     else:
-                        result = run_one(data, splits, out, RECIPES[name], args.image_size, seed)
+                        result = run_one(data, splits, out, RECIPES[name], size, seed)
                     record["runs"].append({**key, "result": result})
                     _save(args, record)
     _save(args, record)

@@ -181,9 +181,13 @@ class KidneyPairNet(KidneyNet):
 
     @staticmethod
     def halves(x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (2N, 3, S, S // 2): each view's left half, then its mirrored right half."""
+        """(N, 3, S, S) -> (2N, 3, S // 2, S // 2): each view's left half, then its mirrored right
+        half, each resized to a square (half its height). The kidney band's halves are about as
+        tall as wide, so each kidney keeps its shape: at S = 448 each is seen at 224 px, the size
+        the backbone was pretrained at."""
         half = x.shape[-1] // 2
-        return torch.stack([x[..., :half], x[..., -half:].flip(-1)], dim=1).flatten(0, 1)
+        pairs = torch.stack([x[..., :half], x[..., -half:].flip(-1)], dim=1).flatten(0, 1)  # (2N, 3, S, S // 2)
+        return nn.functional.interpolate(pairs, size=(half, half), mode="bilinear", align_corners=False)
 
     def _joined(self, maps: torch.Tensor) -> torch.Tensor:
         """(2N, F, h, w) maps of :meth:`halves` -> (N, F, h, 2w), the right one mirrored back."""
@@ -408,7 +412,8 @@ register_backbone(
     EFFICIENTNET_LITE0, _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
 )
 # The halves of a stretched view are one kidney each under the kidney band; a letterboxed band
-# (about 2.2 times as wide as tall) would leave more than half of each half black.
+# (about 2.2 times as wide as tall) would leave more than half of each half black. At
+# --image-size 448 each kidney is seen at 224 px (KidneyPairNet.halves).
 register_backbone(
     EFFICIENTNET_LITE0_PAIR,
     _Backbone(

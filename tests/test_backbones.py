@@ -90,7 +90,10 @@ def test_a_pair_model_compares_the_mirrored_halves_of_its_view() -> None:
         features = model.pool_features(model.forward_features(view))  # (2, 2F)
         mirrored = model.pool_features(model.forward_features(view.flip(-1)))  # the halves swapped
         alike = model.pool_features(model.forward_features(symmetric))
-        half = bb.KidneyNet.pool_features(model, bb.KidneyNet.forward_features(model, view[..., :32]))
+        left = model.halves(view)[::2]  # (2, 3, 32, 32): the left halves, squared
+        half = bb.KidneyNet.pool_features(model, bb.KidneyNet.forward_features(model, left))
+    tiles = model.halves(symmetric)  # left, mirrored right, per view: one kidney each, squared
+    assert tiles.shape == (4, 3, 32, 32) and torch.equal(tiles[0], tiles[1]) and not torch.equal(tiles[0], tiles[2])
     assert features.shape == (2, 2 * 1280) and model.classifier.in_features == 2 * 1280
     torch.testing.assert_close(mirrored, features)  # which kidney holds the finding does not matter
     assert float(alike[:, 1280:].abs().max()) == 0.0  # what both halves show cancels in the difference
@@ -104,7 +107,7 @@ def test_a_pair_models_class_maps_add_up_to_its_logits() -> None:
     torch.nn.init.normal_(model.classifier.weight, std=0.5)  # a trained head: weights far from 0
     view = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
-        feature_map = model.forward_features(view)  # (3, F, 3, 2 * 2): the halves side by side
+        feature_map = model.forward_features(view)  # (3, F, 2, 2 * 2): the halves side by side
         maps = model.class_activation_maps(feature_map)
         logits = model(view)
     assert maps.shape == (3, 4, *feature_map.shape[2:])

@@ -369,7 +369,7 @@ def test_a_pair_model_exports_with_parity_and_its_class_maps(tmp_path: Path, spl
     assert classifier.spec.arch == "efficientnet_lite0_pair" and classifier.spec.resize.value == "stretch"
     paths = [row.path for row in read_splits(splits_csv) if row.split == "test"][:2]
     outputs = classifier.infer(preprocess_batch(paths, spec), features=True, cam=True)
-    assert outputs.features.shape == (2, 2 * 1280) and outputs.cam.shape == (2, 4, 3, 2)
+    assert outputs.features.shape == (2, 2 * 1280) and outputs.cam.shape == (2, 4, 1, 2)
     logits, _ = _torch_outputs(tmp_path / "pair.pt", preprocess_batch(paths, spec))
     bias = torch.load(tmp_path / "pair.pt", weights_only=True)["model_state"]["classifier.bias"].numpy()
     np.testing.assert_allclose(outputs.cam.mean(axis=(2, 3)) + bias, logits, atol=1e-3)
