@@ -619,3 +619,17 @@ def test_resume_of_a_run_saved_before_gradient_clipping_compares_its_phases_as_t
     clipped = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, clip_grad_norm=1.0))
     with pytest.raises(InputError, match="finetune: .*'clip_grad_norm': None"):
         _check_compatible(clipped, saved_config)
+
+
+def test_a_pair_run_trains_and_records_its_arch_and_stretched_view(phantom_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.checkpoint import load_model
+    from kidney_edge.spec import ResizeRule
+
+    out = tmp_path / "pair"
+    result = train(tiny_config(phantom_dir, out, arch="efficientnet_lite0_pair", image_size=64))
+    model, spec = load_model(result.best_checkpoint)
+    assert spec.arch == "efficientnet_lite0_pair" and spec.resize is ResizeRule.STRETCH  # the arch's view
+    assert ModelSpec.from_json((out / "spec.json").read_text()) == spec
+    assert model.classifier.in_features == 2 * 1280  # the head reads [mean, |difference|] of the halves
+    history = [row for row in csv.DictReader((out / "history.csv").open()) if row["phase"] == "finetune"]
+    assert len(history) == 2 and all(float(row["train_loss"]) > 0 for row in history)
