@@ -687,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                            for r in record["runs"]):  # fmt: skip
                         continue
                     print(f"run {key}", file=sys.stderr, flush=True)
-                    out = args.workdir / "runs" / f"{family}-d{args.data_seed + seed}-s{seed}-{name}-{size}"
+                    # the dataset's folder name (family, data seed, size) keeps runs of other sizes apart
+                    out = args.workdir / "runs" / f"{data.name}-s{seed}-{name}-{size}"
                     if args.adopt:
                         result = adopt(args.adopt, RECIPES[name], data, splits, size, seed)
                     else:
