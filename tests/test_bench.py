@@ -450,7 +450,7 @@ def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe)
     assert "| 0.210 [0.110, 0.310] | 0.50 | 0.50 / 0.25 / 1.00 / 0.75 | 1 | 5.0 | 1.0 -> 2.0 |" in rows[1]
     # Each recipe the defaults were chosen against gets its own table, each with its worst case,
     # and the shortfall table compares them on the datasets they all ran.
-    (default, what), _, (whole_recipe, whole_what) = bench_recipe.WORST_CASE_RECIPES
+    (default, what), _, (whole_recipe, whole_what), *_ = bench_recipe.WORST_CASE_RECIPES
     whole = [run("lookalike", 0.19, recipe=whole_recipe), run("dicom-series", 0.64, recipe=whole_recipe)]
     text = "\n".join(bench_recipe.render_worst_case([*runs, *whole], []))
     assert text.index(f"`{default}` ({what})") < text.index(f"`{whole_recipe}` ({whole_what})")
@@ -458,3 +458,9 @@ def test_worst_case_table_keeps_full_size_default_runs_worst_first(bench_recipe)
     assert f"`{whole_recipe}` ({whole_what}); worst test macro-F1 across its datasets: 0.190" in text
     assert f"| `{default}` | 0.210 | 0.100 (dicom-series, data seed 11, 800 slices) |" in text
     assert f"| `{whole_recipe}` | 0.190 | 0.020 (lookalike, data seed 11, 800 slices) |" in text
+    # A recipe that fixes its input size is read at that size only
+    pair = "lr1e-3-b9-ld0.8-e12-kidneys-pair448"
+    assert pair in dict(bench_recipe.WORST_CASE_RECIPES) and bench_recipe.RECIPES[pair].image_size == 448
+    sized = [{**run("lookalike", 0.6, recipe=pair), "image_size": 448}, run("dicom-series", 0.1, recipe=pair)]
+    text = "\n".join(bench_recipe.render_worst_case([*runs, *sized], []))
+    assert f"`{pair}` (" in text and "worst test macro-F1 across its datasets: 0.600" in text
