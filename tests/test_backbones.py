@@ -28,7 +28,9 @@ def test_lite0_imagenet_weights_classify_grace_hopper(lite0_imagenet) -> None:
     from kidney_edge.imaging import preprocess
 
     photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    spec = ModelSpec(color_mode="rgb", **{**backbone_spec_defaults("efficientnet_lite0"), "resize": "center_crop"})
+    spec = ModelSpec(
+        color_mode="rgb", **{**backbone_spec_defaults("efficientnet_lite0"), "resize": "center_crop"}
+    )
     batch = torch.from_numpy(preprocess(photo, spec))[None]  # (1, 3, 224, 224)
     with torch.no_grad():
         probabilities = lite0_imagenet(batch).softmax(1)[0]
@@ -93,7 +95,11 @@ def test_a_pair_model_compares_the_mirrored_halves_of_its_view() -> None:
         left = model.halves(view)[::2]  # (2, 3, 32, 32): the left halves, squared
         half = bb.KidneyNet.pool_features(model, bb.KidneyNet.forward_features(model, left))
     tiles = model.halves(symmetric)  # left, mirrored right, per view: one kidney each, squared
-    assert tiles.shape == (4, 3, 32, 32) and torch.equal(tiles[0], tiles[1]) and not torch.equal(tiles[0], tiles[2])
+    assert (
+        tiles.shape == (4, 3, 32, 32)
+        and torch.equal(tiles[0], tiles[1])
+        and not torch.equal(tiles[0], tiles[2])
+    )
     assert features.shape == (2, 2 * 1280) and model.classifier.in_features == 2 * 1280
     torch.testing.assert_close(mirrored, features)  # which kidney holds the finding does not matter
     assert float(alike[:, 1280:].abs().max()) == 0.0  # what both halves show cancels in the difference
