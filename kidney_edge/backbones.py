@@ -411,9 +411,6 @@ def register_backbone(name: str, backbone: _Backbone) -> None:
     _REGISTRY[name] = backbone
 
 
-register_backbone(
-    EFFICIENTNET_LITE0, _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
-)
 # The halves of a stretched view are one kidney each under the kidney band; a letterboxed band
 # (about 2.2 times as wide as tall) would leave more than half of each half black. At
 # --image-size 448 each kidney is seen at 224 px (KidneyPairNet.halves).
@@ -427,6 +424,9 @@ register_backbone(
         LITE0_STD,
         ResizeRule.STRETCH,
     ),
+)
+register_backbone(
+    EFFICIENTNET_LITE0, _Backbone(_build_lite0, _lite0_key, lite0_weights_path, LITE0_MEAN, LITE0_STD)
 )
 register_backbone(
     EFFICIENTNET_B0, _Backbone(_build_b0, _b0_key, b0_weights_path, IMAGENET_MEAN, IMAGENET_STD)

@@ -76,7 +76,7 @@ def test_b0_without_cached_weights_says_how_to_get_them(monkeypatch, tmp_path: P
 
 
 def test_registry_rejects_unknown_and_duplicate_names() -> None:
-    with pytest.raises(InputError, match="efficientnet_lite0, efficientnet_lite0_pair, efficientnet_b0"):
+    with pytest.raises(InputError, match="efficientnet_lite0_pair, efficientnet_lite0, efficientnet_b0"):
         create_model("resnet50")
     with pytest.raises(Exception, match="already registered"):
         bb.register_backbone("efficientnet_lite0", bb._REGISTRY["efficientnet_lite0"])

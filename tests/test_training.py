@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
-    values = dict(
-        data_dir=data, out_dir=out, image_size=SIZE, batch_size=16, seed=0,
+    values = dict(  # one view at the smallest size: the pair's halves would be 16 px
+        data_dir=data, out_dir=out, arch="efficientnet_lite0", image_size=SIZE, batch_size=16, seed=0,
         head=PhaseConfig("head", epochs=2, lr=1e-2),
         finetune=PhaseConfig("finetune", epochs=2, lr=1e-3, unfreeze_blocks=2, augment=True),
     )  # fmt: skip
@@ -326,7 +326,7 @@ def test_torchrun_two_processes_on_cpu(phantom_dir: Path, tmp_path: Path) -> Non
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "kidney_edge", "train", str(phantom_dir), "--out", str(out), "--device", "cpu",
-        "--image-size", str(SIZE), "--batch-size", "8", "--epochs-head", "2", "--epochs-finetune", "1",
+        "--image-size", "64", "--batch-size", "8", "--epochs-head", "2", "--epochs-finetune", "1",
         "--unfreeze-blocks", "2",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

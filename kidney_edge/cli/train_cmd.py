@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from kidney_edge.archs import DEFAULT_INPUT_SIZE, EFFICIENTNET_LITE0_PAIR, INPUT_SIZES
 from kidney_edge.cli._app import PANEL_MODEL, Renamed, app, console, library_errors, print_headline
 from kidney_edge.ood import OodMethod
 from kidney_edge.spec import RegionRule
@@ -63,7 +64,14 @@ def train(
             help=f"Folder of the run to create (or continue with --resume); default: {MODELS_ROOT}/<DATA name>-<time>.",
         ),
     ] = None,
-    arch: Annotated[Arch, typer.Option("--arch", help="Backbone.")] = Arch(_RUN.arch),
+    arch: Annotated[
+        Arch,
+        typer.Option(
+            "--arch",
+            help=f"Backbone. {EFFICIENTNET_LITE0_PAIR}: Lite0 reading the view as two halves, one kidney each, "
+            "the right one mirrored, and comparing them.",
+        ),
+    ] = Arch(_RUN.arch),
     epochs_head: Annotated[
         int, typer.Option("--epochs-head", help="Phase 1 epochs (frozen backbone, cached features).")
     ] = _HEAD.epochs,
@@ -74,8 +82,13 @@ def train(
         int, typer.Option("--batch-size", help="Training images per step.")
     ] = _RUN.batch_size,
     image_size: Annotated[
-        int, typer.Option("--image-size", help="Input side in pixels, a multiple of 32.")
-    ] = _RUN.image_size,
+        int | None,
+        typer.Option(
+            "--image-size",
+            help=f"Input side in pixels, a multiple of 32; default: the arch's ({DEFAULT_INPUT_SIZE}; "
+            f"{INPUT_SIZES[EFFICIENTNET_LITE0_PAIR]} for {EFFICIENTNET_LITE0_PAIR}, each kidney at half of it).",
+        ),
+    ] = None,
     region: Annotated[
         RegionRule,
         typer.Option(
