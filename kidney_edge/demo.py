@@ -59,8 +59,9 @@ class DemoSize:
 # Kaggle's imbalance, softened: at its 11% Stone share a 1,200-image demo would hold only ~45
 # training patients with stones. Still imbalanced, so class weighting is exercised.
 DEMO_MIX = dict(zip(DEFAULT_CLASS_NAMES, (0.25, 0.35, 0.2, 0.2), strict=True))  # Cyst Normal Stone Tumor
-# Sized for a 2-core CPU (benchmarks/results/demo.md): 160 px rather than 224 buys the default
-# recipe's fine-tuning epochs (the findings of a difficulty-0.25 phantom stay visible at 160),
+# Sized for a 2-core CPU (benchmarks/results/demo.md): 160 px rather than the default arch's 448
+# (each kidney at 80 px rather than 224) buys the default recipe's fine-tuning epochs (the
+# findings of a difficulty-0.25 phantom stay visible at that size),
 # and the time budget cuts epochs on a slower machine instead of overrunning. The hold-out
 # folder of new patients is large enough that one image is 0.1 points.
 FULL = DemoSize(n_images=1200, n_holdout=1000, image_size=160, slice_size=512, difficulty=DEMO_DIFFICULTY,
