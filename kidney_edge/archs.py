@@ -14,14 +14,13 @@ EFFICIENTNET_B0 = "efficientnet_b0"
 EFFICIENTNET_LITE0_PAIR = "efficientnet_lite0_pair"
 # The built-in backbones, the default first; tests/test_backbones.py checks the registry agrees.
 ARCHS = (EFFICIENTNET_LITE0_PAIR, EFFICIENTNET_LITE0, EFFICIENTNET_B0)
-# The input size (px) an arch trains at unless --image-size says otherwise: the size its
-# pretrained weights saw, per view the backbone reads; the pair reads two halves of its input,
-# so at 448 px each kidney is seen at 224.
+ALL_BLOCKS = -1  # unfreeze the whole backbone, stem included (CLI: --unfreeze-blocks all)
+# The input side (px) an arch trains at unless --image-size says otherwise: each view the backbone
+# reads at the 224 px its ImageNet weights saw. The pair reads two halves of its input, squared.
 DEFAULT_INPUT_SIZE = 224
 INPUT_SIZES = {EFFICIENTNET_LITE0_PAIR: 448}
 
 
 def input_size(arch: str) -> int:
-    """The input size ``arch`` trains at by default."""
+    """The input side ``arch`` trains at by default."""
     return INPUT_SIZES.get(arch, DEFAULT_INPUT_SIZE)
-ALL_BLOCKS = -1  # unfreeze the whole backbone, stem included (CLI: --unfreeze-blocks all)

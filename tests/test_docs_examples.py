@@ -233,7 +233,8 @@ def _phantom_dicom_slice(base: Path) -> None:
 
 
 def _tiny_run_and_export(base: Path) -> None:
-    """The smallest training that goes through every stage (32 px, one fine-tuning epoch), exported."""
+    """The smallest training that goes through every stage (64 px: the default pair arch sees two
+    32 px halves; one fine-tuning epoch), exported."""
     import torch
 
     from kidney_edge.export import export_model
@@ -244,7 +245,7 @@ def _tiny_run_and_export(base: Path) -> None:
     torch.set_num_threads(1)  # tiny convolutions run fastest on one thread (see conftest)
     try:
         config = TrainConfig(
-            data_dir=base / "CT-KIDNEY-DATASET", out_dir=base / "models" / "kaggle", image_size=32,
+            data_dir=base / "CT-KIDNEY-DATASET", out_dir=base / "models" / "kaggle", image_size=64,
             batch_size=16, head=PhaseConfig("head", epochs=2, lr=1e-2),
             finetune=PhaseConfig("finetune", epochs=1, lr=1e-3, unfreeze_blocks=1),
         )  # fmt: skip

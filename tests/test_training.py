@@ -633,3 +633,13 @@ def test_a_pair_run_trains_and_records_its_arch_and_stretched_view(phantom_dir: 
     assert model.classifier.in_features == 2 * 1280  # the head reads [mean, |difference|] of the halves
     history = [row for row in csv.DictReader((out / "history.csv").open()) if row["phase"] == "finetune"]
     assert len(history) == 2 and all(float(row["train_loss"]) > 0 for row in history)
+
+
+def test_the_input_size_defaults_to_the_archs_own(tmp_path: Path) -> None:
+    def config(**changes) -> TrainConfig:
+        return TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **changes)
+
+    assert (config().arch, config().image_size) == ("efficientnet_lite0_pair", 448)  # each kidney at 224 px
+    assert config(arch="efficientnet_lite0").image_size == 224
+    assert config(image_size=160).image_size == 160  # an explicit size wins
+    assert config().to_dict()["image_size"] == 448  # the run records the size it trained at
