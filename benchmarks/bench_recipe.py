@@ -30,7 +30,7 @@ from typing import Any
 
 import _harness as harness
 
-from kidney_edge.archs import EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR
+from kidney_edge.archs import DEFAULT_INPUT_SIZE, EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR
 from kidney_edge.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
 
 RESULTS = harness.RESULTS
@@ -539,7 +539,7 @@ def render_worst_case(runs: list[dict[str, Any]], notes: list[str]) -> list[str]
     the same for each recipe they were chosen against: the worst-case choice between them."""
     lines: list[str] = []
     full = {recipe: [r for r in runs if r["recipe"] == recipe and r["family"] in WORST_CASE_FAMILIES
-                     and r["n_images"] >= 800 and r["image_size"] == (RECIPES[recipe].image_size or 224)
+                     and r["n_images"] >= 800 and r["image_size"] == (RECIPES[recipe].image_size or DEFAULT_INPUT_SIZE)
                      and _data_seed(r) in HARD_DATA_SEEDS]
             for recipe, _ in WORST_CASE_RECIPES}  # fmt: skip
     for recipe, what in WORST_CASE_RECIPES:
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--n-images", type=int, default=800)
     parser.add_argument("--slice-size", type=int, default=512, help="phantom JPEG size (lookalike varies it)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input size")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_INPUT_SIZE, help="model input size")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kidney-edge-recipe"))
     parser.add_argument("--json", type=Path, default=RESULTS / "recipe.json")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "recipe.md")
