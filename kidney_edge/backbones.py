@@ -33,9 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from kidney_edge.archs import ALL_BLOCKS, EFFICIENTNET_B0, EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_PAIR
+from kidney_edge.archs import (
+    ALL_BLOCKS,
+    EFFICIENTNET_B0,
+    EFFICIENTNET_LITE0,
+    EFFICIENTNET_LITE0_PAIR,
+    arch_view,
+)
 from kidney_edge.errors import InputError, KidneyEdgeError
-from kidney_edge.spec import LITE0_MEAN, LITE0_STD, ResizeRule
+from kidney_edge.spec import LITE0_MEAN, LITE0_STD
 
 log = logging.getLogger(__name__)
 
@@ -389,12 +395,11 @@ def b0_weights_path() -> Path:
 
 
 class _Backbone:
-    def __init__(self, build, map_key, weights_path, mean, std, resize=ResizeRule.LETTERBOX):
+    def __init__(self, build, map_key, weights_path, mean, std):
         self.build: Callable[[int], KidneyNet] = build
         self.map_key: Callable[[str], str] = map_key
         self.weights_path: Callable[[], Path] = weights_path
         self.mean, self.std = mean, std
-        self.resize: ResizeRule = resize  # how the arch wants its view filled
 
 
 _REGISTRY: dict[str, _Backbone] = {}
@@ -411,9 +416,6 @@ def register_backbone(name: str, backbone: _Backbone) -> None:
     _REGISTRY[name] = backbone
 
 
-# The halves of a stretched view are one kidney each under the kidney band; a letterboxed band
-# (about 2.2 times as wide as tall) would leave more than half of each half black. At
-# --image-size 448 each kidney is seen at 224 px (KidneyPairNet.halves).
 register_backbone(
     EFFICIENTNET_LITE0_PAIR,
     _Backbone(
@@ -422,7 +424,6 @@ register_backbone(
         lite0_weights_path,
         LITE0_MEAN,
         LITE0_STD,
-        ResizeRule.STRETCH,
     ),
 )
 register_backbone(
@@ -446,9 +447,9 @@ def _backbone(arch: str) -> _Backbone:
 
 def backbone_spec_defaults(arch: str) -> dict[str, Any]:
     """The spec fields the arch decides: the normalisation (0..255 scale) its pretrained weights
-    were trained with, and the resize rule that fills its view."""
+    were trained with, and the resize rule that fills its view (:func:`kidney_edge.archs.arch_view`)."""
     backbone = _backbone(arch)
-    return {"mean": tuple(backbone.mean), "std": tuple(backbone.std), "resize": backbone.resize}
+    return {"mean": tuple(backbone.mean), "std": tuple(backbone.std), "resize": arch_view(arch).resize}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -467,9 +468,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path, keep_classifier: bool) -> None:
+def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path) -> None:
+    """Load the backbone's weights; the pretrained classifier only where its shapes are the
+    model's head (ImageNet's 1,000 classes on one pooled map), else the head keeps its fresh
+    initialisation."""
     state = {backbone.map_key(k): v for k, v in _read_state_dict(path).items()}
-    if not keep_classifier:  # a new task head: keep its fresh initialisation
+    head = model.classifier.state_dict()
+    keep_classifier = all(
+        f"classifier.{k}" in state and state[f"classifier.{k}"].shape == v.shape for k, v in head.items()
+    )
+    if not keep_classifier:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     try:
         result = model.load_state_dict(state, strict=False)
@@ -494,8 +502,8 @@ def create_model(
     """Build ``arch`` with a new ``num_classes`` head; load ImageNet weights when ``pretrained``.
 
     ``weights`` overrides where the pretrained weights come from (a state dict file in the
-    architecture's original key names). With ``num_classes=1000`` the original ImageNet
-    classifier is kept, otherwise the head is freshly initialised.
+    architecture's original key names). Where the pretrained classifier fits the head (1,000
+    classes read from one pooled map) it is kept, otherwise the head is freshly initialised.
     """
     backbone = _backbone(arch)
     if num_classes < 2:
@@ -503,9 +511,7 @@ def create_model(
     model = backbone.build(num_classes)
     if pretrained or weights is not None:
         path = pretrained_weights_path(arch, weights)
-        # ImageNet's classifier reads one pooled map; a pair's head reads two
-        keep = num_classes == 1000 and not isinstance(model, KidneyPairNet)
-        _load_pretrained(model, backbone, path, keep_classifier=keep)
+        _load_pretrained(model, backbone, path)
     return model
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kidney_edge.archs import DEFAULT_INPUT_SIZE, EFFICIENTNET_LITE0_PAIR, INPUT_SIZES
+from kidney_edge.archs import DEFAULT_INPUT_SIZE, EFFICIENTNET_LITE0_PAIR, input_size
 from kidney_edge.cli._app import PANEL_MODEL, Renamed, app, console, library_errors, print_headline
 from kidney_edge.ood import OodMethod
 from kidney_edge.spec import RegionRule
@@ -86,7 +86,7 @@ def train(
         typer.Option(
             "--image-size",
             help=f"Input side in pixels, a multiple of 32; default: the arch's ({DEFAULT_INPUT_SIZE}; "
-            f"{INPUT_SIZES[EFFICIENTNET_LITE0_PAIR]} for {EFFICIENTNET_LITE0_PAIR}, each kidney at half of it).",
+            f"{input_size(EFFICIENTNET_LITE0_PAIR)} for {EFFICIENTNET_LITE0_PAIR}, each kidney at half of it).",
         ),
     ] = None,
     region: Annotated[
