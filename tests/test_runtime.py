@@ -158,6 +158,18 @@ def test_default_model_is_newest_export_and_message_when_none(
 # --------------------------------------------------------------------------- predict_folder
 
 
+def test_default_batch_holds_the_pixels_of_eight_224_px_images(image_dir: Path, tmp_path: Path) -> None:
+    from kidney_edge.runtime import PredictOptions, predict_folder
+    from kidney_edge.runtime.driver import default_batch_size
+
+    assert [default_batch_size(size) for size in (64, 160, 224, 320, 448, 1024)] == [8, 8, 8, 3, 2, 1]
+    large = make_tiny_onnx(tmp_path / "large" / "model.onnx", ModelSpec(input_size=448))
+    summary = predict_folder(image_dir, PredictOptions(model=large, out=tmp_path / "p.csv"))
+    assert summary.batch_size == 2 and summary.processed == 24  # a pair model's 448 px: 2 per call
+    summary = predict_folder(image_dir, PredictOptions(model=large, out=tmp_path / "q.csv", batch_size=5))
+    assert summary.batch_size == 5  # --batch-size wins
+
+
 def test_predict_rows_match_direct_evaluation(model_path: Path, image_dir: Path, tmp_path: Path) -> None:
     from kidney_edge.imaging import preprocess_batch
     from kidney_edge.runtime import OnnxClassifier, PredictOptions, output_columns, predict_folder

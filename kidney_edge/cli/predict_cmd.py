@@ -23,6 +23,7 @@ from kidney_edge.runtime import (
     output_columns,
 )
 from kidney_edge.runtime.dicomweb import TOKEN_ENV
+from kidney_edge.runtime.driver import DEFAULT_BATCH_SIZE
 from kidney_edge.runtime.precision import Precision
 from kidney_edge.runtime.ray_engine import Engine, RayPredictSummary
 from kidney_edge.runtime.report_page import ReportOptions
@@ -82,7 +83,12 @@ def predict(
         typer.Option("--format", help="Format of --out; parquet needs --engine ray."),
     ] = PredictOptions.fmt,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Images per onnxruntime call.")
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help=f"Images per onnxruntime call; default: {DEFAULT_BATCH_SIZE} up to 224 px, as many pixels "
+            "per call for larger inputs (2 at 448 px).",
+        ),
     ] = PredictOptions.batch_size,
     threads: Annotated[
         int | None,

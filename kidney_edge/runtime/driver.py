@@ -86,13 +86,26 @@ class RowWriter(Protocol):
 WriterFactory = Callable[[Path, OutputFormat, list[str], bool], RowWriter]  # (out, fmt, columns, resume)
 
 
+# Images per onnxruntime call unless --batch-size says: 8 at 224 px or less, and as many pixels
+# per call above (2 at 448 px). onnxruntime's intermediate tensors grow with a call's pixels: a
+# 448 px pair model at batch 8 peaked at 545 MB in predict against 317 MB for a 224 px model, and
+# on one thread it ran no faster at batch 8 than at 2 (benchmarks/results/runtime.md).
+DEFAULT_BATCH_SIZE = 8
+_DEFAULT_BATCH_PIXELS = DEFAULT_BATCH_SIZE * 224 * 224
+
+
+def default_batch_size(input_size: int) -> int:
+    """Images per onnxruntime call for a model of ``input_size`` px when the user does not say."""
+    return max(1, min(DEFAULT_BATCH_SIZE, _DEFAULT_BATCH_PIXELS // (input_size * input_size)))
+
+
 @dataclass(frozen=True)
 class PredictJob:
     """What every engine's run shares: the model to load, the output and how to write it."""
 
     out: Path
     fmt: OutputFormat
-    batch_size: int
+    batch_size: int | None  # None: default_batch_size of the model's input
     resume: bool
     model: Path | None  # an export folder, an .onnx file, or None: the newest export folder
     precision: Precision
@@ -203,7 +216,8 @@ def _load_while_listing(
     load = partial(OnnxClassifier, threads=job.threads, ood=job.ood)
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
         pending = loader.submit(
-            resolve_precision, job.model, job.precision, batch_size=job.batch_size, threads=job.threads,
+            resolve_precision, job.model, job.precision, batch_size=job.batch_size or DEFAULT_BATCH_SIZE,
+            threads=job.threads,
             probe=job.probe, load=load,
         )  # fmt: skip
         try:
@@ -239,7 +253,7 @@ def _new_summary(
         spec_schema_version=spec.schema_version,
         toolkit_version=spec.toolkit_version,
         threads=classifier.threads,
-        batch_size=job.batch_size,
+        batch_size=job.batch_size or default_batch_size(spec.input_size),
         class_counts=label_counts(spec.class_names, ood=classifier.ood is not None),
         **counts,
     )
@@ -280,8 +294,8 @@ def run_predict(
 ) -> SummaryT:
     """One predict run: every file ``list_files`` names gets one row in ``job.out``.
 
-    ``start(classifier, summary)`` builds the engine once the model is loaded (it may record its
-    own facts in ``summary``, an instance of ``new_summary``, which takes the engine's own
+    ``start(classifier, summary)`` builds the engine once the model is loaded, batching
+    ``summary.batch_size`` images per call (it may record its own facts in ``summary``, an instance of ``new_summary``, which takes the engine's own
     fields bound). ``open_writer`` opens ``job.out`` (default: CSV/JSONL text). ``progress(done,
     total)`` is called before the first batch and after each. Ctrl-C ends the run early with
     ``summary.interrupted`` set instead of raising; every finished row is kept.

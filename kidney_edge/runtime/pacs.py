@@ -152,7 +152,7 @@ def _classify_studies(
         reader = SeriesReader(pacs, found["listing"])
         evidence = options.report is not None
         return DicomwebEngine(
-            LocalEngine(classifier, options.batch_size, layout.workers, evidence, reader), reader
+            LocalEngine(classifier, summary.batch_size, layout.workers, evidence, reader), reader
         )
 
     summary = run_predict(options.job(layout.threads, headers.get), list_files=list_instances, start=start,

@@ -54,7 +54,7 @@ class PredictOptions:
     model: Path | None = None  # an export folder, an .onnx file, or None: the newest export folder
     out: Path = Path(DEFAULT_PREDICTIONS_FILE)
     fmt: OutputFormat = OutputFormat.CSV
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the model's own (driver.default_batch_size of its input)
     threads: int | None = None  # None: derived from the usable CPUs (Ray: DEFAULT_ACTOR_THREADS)
     workers: int | None = None  # None: one per usable CPU, up to MAX_WORKERS (local engine only)
     resume: bool = False
@@ -71,7 +71,7 @@ class PredictOptions:
             set_(self, "model", Path(self.model))
         set_(self, "fmt", enum_choice(OutputFormat, self.fmt, "--format"))
         set_(self, "precision", enum_choice(Precision, self.precision, "--precision"))
-        if not 1 <= self.batch_size <= 512:
+        if self.batch_size is not None and not 1 <= self.batch_size <= 512:
             raise InputError(f"--batch-size must be in 1..512, got {self.batch_size}")
         execution_layout(self.threads, self.workers)  # checks --threads and --workers
         if self.fmt is not OutputFormat.PARQUET and self.out.is_dir():  # parquet: Ray checks its folder
@@ -348,7 +348,7 @@ def predict_folder(
         options.job(layout.threads),
         list_files=partial(_images_under, folder),
         start=lambda classifier, summary: LocalEngine(
-            classifier, options.batch_size, layout.workers, evidence=options.report is not None
+            classifier, summary.batch_size, layout.workers, evidence=options.report is not None
         ),
         new_summary=partial(PredictSummary, workers=layout.workers),
         progress=progress,

@@ -457,11 +457,11 @@ def _classify_on_ray(
             write(table.drop_columns([_INDEX]).to_pylist())
 
     actors = summary.actors
-    block_rows = _block_rows(len(todo), actors, config.options.batch_size)
+    block_rows = _block_rows(len(todo), actors, summary.batch_size)
     common = {"actor_args": actor_args, "threads": config.threads}
     consume(
         _dataset(ray, _blocks(todo, range(len(todo)), block_rows), **common, actors=actors,
-                 batch_size=config.options.batch_size)
+                 batch_size=summary.batch_size)
     )  # fmt: skip
     missing = np.flatnonzero(~written)
     if missing.size == 0:

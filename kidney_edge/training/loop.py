@@ -189,14 +189,16 @@ def lr_schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], flo
 
 
 class _HeadOnly(nn.Module):
-    """The classifier on cached (N, F) pooled features; shares parameters with the model."""
+    """The model's head on cached pooled features (``forward_head``, so a model whose head does
+    more than one linear layer trains as it predicts); shares parameters with the model."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.dropout, self.classifier = model.dropout, model.classifier
+        self.dropout, self.classifier = model.dropout, model.classifier  # what train()/eval() switch
+        self.head = model.forward_head  # a bound method: the backbone stays unregistered here
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(features))
+        return self.head(features)
 
 
 def make_loader(
