@@ -50,7 +50,13 @@ def serve(
         int, typer.Option("--max-queue", help="Images in flight before 503 + Retry-After.")
     ] = _D.max_queue,
     max_files: Annotated[int, typer.Option("--max-files", help="Files per batch request.")] = _D.max_files,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Images per ONNX call.")] = _D.max_batch,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batch",
+            help="Images per ONNX call at most; default: predict's for the model (8 up to 224 px, 2 at 448 px).",
+        ),
+    ] = _D.max_batch,
     max_wait_ms: Annotated[
         float,
         typer.Option("--max-wait-ms", help="Milliseconds a request waits for others to batch with."),

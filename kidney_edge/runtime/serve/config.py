@@ -47,7 +47,8 @@ class ServeConfig:
 
     ``model``: an .onnx file or an export folder (``precision`` picks fp32 or INT8 in a folder,
     as for ``predict``); None: the newest ``export/*/``. Batching: requests wait at most
-    ``max_wait_ms`` for others, and at most ``max_batch`` images run as one ONNX call; up to
+    ``max_wait_ms`` for others, and at most ``max_batch`` images run as one ONNX call (None:
+    predict's default batch for the model's input, :func:`~kidney_edge.runtime.driver.default_batch_size`); up to
     ``workers`` calls run side by side with ``threads`` onnxruntime threads each (None: predict's
     :func:`~kidney_edge.runtime.predict.execution_layout`).
     """
@@ -59,7 +60,7 @@ class ServeConfig:
     max_bytes: int = 32 * MB
     max_queue: int = 64
     max_files: int = 32
-    max_batch: int = 8
+    max_batch: int | None = None
     max_wait_ms: float = 5.0
     threads: int | None = None
     workers: int | None = None
@@ -85,7 +86,7 @@ class ServeConfig:
             "--max-batch": (self.max_batch, 1, 512),
         }
         for flag, (value, low, high) in bounds.items():
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:
                 raise InputError(f"{flag} must be in {low}..{high}, got {value}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise InputError(f"--max-wait-ms must be in 0..1000, got {self.max_wait_ms}")
