@@ -87,9 +87,10 @@ WriterFactory = Callable[[Path, OutputFormat, list[str], bool], RowWriter]  # (o
 
 
 # Images per onnxruntime call unless --batch-size says: 8 at 224 px or less, and as many pixels
-# per call above (2 at 448 px). onnxruntime's intermediate tensors grow with a call's pixels: a
-# 448 px pair model at batch 8 peaked at 545 MB in predict against 317 MB for a 224 px model, and
-# on one thread it ran no faster at batch 8 than at 2 (benchmarks/results/runtime.md).
+# per call above (2 at 448 px). onnxruntime's intermediate tensors grow with a call's pixels: the
+# 448 px pair model peaked at 544.7 MB in predict at batch 8 and at 243.1 MB at batch 2, where it
+# also ran faster (INT8 183.9 against 172.4 images/s; benchmarks/results/runtime.md, AMD EPYC
+# AVX-512 VNNI section and its notes).
 DEFAULT_BATCH_SIZE = 8
 _DEFAULT_BATCH_PIXELS = DEFAULT_BATCH_SIZE * 224 * 224
 
