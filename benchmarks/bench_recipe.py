@@ -87,6 +87,12 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-ld0.8-e12-kidneys-pair448-scanner": Recipe(
         1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
         augment="scanner", note="the two kidneys compared, with scanner augmentation (train --augment scanner)"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-mix0.2": Recipe(
+        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+        mixup_alpha=0.2, note="the two kidneys compared, with mixup 0.2 (train --mixup 0.2)"),
+    "lr1e-3-b9-ld0.8-ls0.1-e12-kidneys-pair448": Recipe(
+        1e-3, 9, 12, 6, layer_decay=0.8, label_smoothing=0.1, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR,
+        image_size=448, note="the two kidneys compared, with label smoothing 0.1 (train --label-smoothing 0.1)"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
