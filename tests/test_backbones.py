@@ -86,7 +86,9 @@ def test_imagenets_classifier_is_kept_only_where_it_fits_the_head(lite0_imagenet
     pair = create_model("efficientnet_lite0_pair", num_classes=1000)  # 1,000 classes, two pooled maps
     imagenet = lite0_imagenet.classifier.weight
     assert pair.classifier.weight.shape == (1000, 2 * 1280)  # a fresh head of the pair's shape ...
-    assert float(pair.classifier.weight.detach().std()) < 0.02 < float(imagenet.detach().std())  # ... at its initial scale
+    assert (
+        float(pair.classifier.weight.detach().std()) < 0.02 < float(imagenet.detach().std())
+    )  # ... at its initial scale
     torch.testing.assert_close(pair.stem.conv.weight, lite0_imagenet.stem.conv.weight)  # the backbone loaded
 
 

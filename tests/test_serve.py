@@ -298,7 +298,9 @@ def test_max_batch_defaults_to_predicts_batch_for_the_models_input(models, tmp_p
     large = make_tiny_onnx(tmp_path / "large" / "model.onnx", ModelSpec(input_size=448))
     assert InferenceService(ServeConfig(model=large, threads=1, workers=1)).batcher.max_batch == 2
     assert InferenceService(ServeConfig(model=models["plain"], threads=1, workers=1)).batcher.max_batch == 8
-    assert InferenceService(ServeConfig(model=large, max_batch=5, threads=1, workers=1)).batcher.max_batch == 5
+    assert (
+        InferenceService(ServeConfig(model=large, max_batch=5, threads=1, workers=1)).batcher.max_batch == 5
+    )
 
 
 def test_batcher_splits_at_max_batch_keeps_order_and_shares_failures() -> None:
