@@ -92,7 +92,7 @@ WriterFactory = Callable[[Path, OutputFormat, list[str], bool], RowWriter]  # (o
 # also ran faster (INT8 183.9 against 172.4 images/s; benchmarks/results/runtime.md, AMD EPYC
 # AVX-512 VNNI section and its notes).
 DEFAULT_BATCH_SIZE = 8
-_DEFAULT_BATCH_PIXELS = DEFAULT_BATCH_SIZE * 224 * 224
+_DEFAULT_BATCH_PIXELS = DEFAULT_BATCH_SIZE * 224 * 224  # eight views of 224 px
 
 
 def default_batch_size(input_size: int) -> int:
@@ -296,8 +296,8 @@ def run_predict(
     """One predict run: every file ``list_files`` names gets one row in ``job.out``.
 
     ``start(classifier, summary)`` builds the engine once the model is loaded, batching
-    ``summary.batch_size`` images per call (it may record its own facts in ``summary``, an instance of ``new_summary``, which takes the engine's own
-    fields bound). ``open_writer`` opens ``job.out`` (default: CSV/JSONL text). ``progress(done,
+    ``summary.batch_size`` images per call (it may record its own facts in ``summary``, an
+    instance of ``new_summary``, which takes the engine's own fields bound). ``open_writer`` opens ``job.out`` (default: CSV/JSONL text). ``progress(done,
     total)`` is called before the first batch and after each. Ctrl-C ends the run early with
     ``summary.interrupted`` set instead of raising; every finished row is kept.
     """

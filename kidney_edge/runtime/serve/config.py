@@ -48,8 +48,9 @@ class ServeConfig:
     ``model``: an .onnx file or an export folder (``precision`` picks fp32 or INT8 in a folder,
     as for ``predict``); None: the newest ``export/*/``. Batching: requests wait at most
     ``max_wait_ms`` for others, and at most ``max_batch`` images run as one ONNX call (None:
-    predict's default batch for the model's input, :func:`~kidney_edge.runtime.driver.default_batch_size`); up to
-    ``workers`` calls run side by side with ``threads`` onnxruntime threads each (None: predict's
+    predict's default batch for the model's input,
+    :func:`~kidney_edge.runtime.driver.default_batch_size`); up to ``workers`` calls run side by
+    side with ``threads`` onnxruntime threads each (None: predict's
     :func:`~kidney_edge.runtime.predict.execution_layout`).
     """
 
