@@ -217,8 +217,7 @@ def _load_while_listing(
     load = partial(OnnxClassifier, threads=job.threads, ood=job.ood)
     with ThreadPoolExecutor(1, thread_name_prefix="kidney-edge-load") as loader:
         pending = loader.submit(
-            resolve_precision, job.model, job.precision, batch_size=job.batch_size or DEFAULT_BATCH_SIZE,
-            threads=job.threads,
+            resolve_precision, job.model, job.precision, batch_size=job.batch_size, threads=job.threads,
             probe=job.probe, load=load,
         )  # fmt: skip
         try:
@@ -297,9 +296,10 @@ def run_predict(
 
     ``start(classifier, summary)`` builds the engine once the model is loaded, batching
     ``summary.batch_size`` images per call (it may record its own facts in ``summary``, an
-    instance of ``new_summary``, which takes the engine's own fields bound). ``open_writer`` opens ``job.out`` (default: CSV/JSONL text). ``progress(done,
-    total)`` is called before the first batch and after each. Ctrl-C ends the run early with
-    ``summary.interrupted`` set instead of raising; every finished row is kept.
+    instance of ``new_summary``, which takes the engine's own fields bound). ``open_writer``
+    opens ``job.out`` (default: CSV/JSONL text). ``progress(done, total)`` is called before the
+    first batch and after each. Ctrl-C ends the run early with ``summary.interrupted`` set
+    instead of raising; every finished row is kept.
     """
     started = time.perf_counter()
     if job.report is not None:

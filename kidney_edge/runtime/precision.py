@@ -325,13 +325,14 @@ def resolve_precision(
     model: str | os.PathLike[str] | None,
     precision: Precision | str = Precision.AUTO,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     threads: int | None = None,
     probe: Probe | None = None,
     load: Callable[[Path], OnnxClassifier] | None = None,
 ) -> tuple[PrecisionChoice, OnnxClassifier]:
     """The model to run for ``model`` (an export folder, an .onnx file, or None for the newest
-    export folder) under ``precision``, and that model loaded.
+    export folder) under ``precision``, and that model loaded. ``batch_size`` is the batch the
+    INT8 probe times (at most :data:`MAX_PROBE_BATCH`; None: that many).
 
     ``load`` builds a classifier from a path (default ``OnnxClassifier(path, threads=threads)``;
     pass one to add options, with the same ``threads``, which the probe cache is keyed by). The
@@ -415,13 +416,13 @@ def _int8_choice(int8: Path, precision: Precision, gate: Int8Gate) -> PrecisionC
 def _probed_choice(
     folder: Path,
     gate: Int8Gate,
-    batch_size: int,
+    batch_size: int | None,
     threads: int,
     probe: Probe,
     load: Callable[[Path], OnnxClassifier],
 ) -> tuple[PrecisionChoice, OnnxClassifier]:
     fp32, int8 = folder / MODEL_FILE, folder / INT8_FILE
-    probe_batch = max(1, min(batch_size, MAX_PROBE_BATCH))
+    probe_batch = max(1, min(batch_size or MAX_PROBE_BATCH, MAX_PROBE_BATCH))  # None: the most it times
     key = _cache_key(fp32, int8, threads, probe_batch)
     result = cached_probe(folder, key)
     source = "cached probe" if result is not None else ""

@@ -34,7 +34,7 @@ from kidney_edge.imaging import ViewGeometry, load_image, to_view
 from kidney_edge.io_utils import atomic_write_bytes
 from kidney_edge.runtime.cam import heatmap, overlay, overlay_on_slice, png_data_url
 from kidney_edge.runtime.classifier import PARITY_FILE, OnnxClassifier
-from kidney_edge.runtime.driver import DEFAULT_BATCH_SIZE, default_batch_size
+from kidney_edge.runtime.driver import default_batch_size
 from kidney_edge.runtime.precision import PrecisionChoice, file_sha256, resolve_precision
 from kidney_edge.runtime.predict import classify
 from kidney_edge.runtime.rows import PROBABILITY_PREFIX, probability_column
@@ -127,8 +127,7 @@ class InferenceService:
         layout = config.layout
         if classifier is None:
             choice, classifier = resolve_precision(
-                config.model, config.precision, batch_size=config.max_batch or DEFAULT_BATCH_SIZE,
-                threads=layout.threads,
+                config.model, config.precision, batch_size=config.max_batch, threads=layout.threads,
                 load=partial(OnnxClassifier, threads=layout.threads),
             )  # fmt: skip
         self.classifier = classifier
