@@ -92,6 +92,54 @@ def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path, fr
     assert bool(statistics) is not freeze_bn_stats  # running statistics move only when asked
 
 
+def test_weight_average_is_what_validation_and_best_pt_see(tmp_path: Path) -> None:
+    """--ema: best.pt holds the moving average of the trained weights at the best epoch; last.pt
+    holds the trained weights and the average's state, so a resumed run continues both."""
+    decay, steps_per_epoch = 0.5, 3  # 12 images in batches of 4
+    phase = PhaseConfig("finetune", epochs=2, lr=1e-2, unfreeze_blocks=1, augment=True, ema_decay=decay)
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=4)
+    trained: list[torch.Tensor] = []
+
+    def record(event: TrainEvent) -> None:
+        if event.kind == "step":
+            trained.append(model.classifier.weight.detach().clone())
+
+    state = RunState(phase=phase.name)
+    saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
+    fit_phase(model, phase, _phase_data(), state, saver, LoaderSettings(4, 0, 0), progress=record)
+    averages = [trained[0]]  # the first update copies the weights
+    for weights in trained[1:]:
+        averages.append(decay * averages[-1] + (1 - decay) * weights)
+    assert len(trained) == 2 * steps_per_epoch
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    expected_best = averages[best["epoch"] * steps_per_epoch - 1]
+    assert torch.allclose(best["model_state"]["classifier.weight"], expected_best, atol=1e-6)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert torch.equal(last["model_state"]["classifier.weight"], trained[-1])
+    assert torch.allclose(last["weight_average"]["module.classifier.weight"], averages[-1], atol=1e-6)
+    assert not torch.allclose(averages[-1], trained[-1])
+
+    def crash_in_second_epoch(event: TrainEvent) -> None:
+        if event.kind == "step" and event.epoch == 2:
+            raise _Crash
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=4)
+    saver = Saver(crashed, ModelSpec(input_size=SIZE), {}, DistContext())
+    with pytest.raises(_Crash):
+        fit_phase(model, phase, _phase_data(), RunState(phase=phase.name), saver, LoaderSettings(4, 0, 0),
+                  progress=crash_in_second_epoch)  # fmt: skip
+    resume = torch.load(crashed / "last.pt", weights_only=True)
+    model.load_state_dict(resume["model_state"])
+    fit_phase(model, phase, _phase_data(), RunState.from_dict(resume["run_state"]), saver,
+              LoaderSettings(4, 0, 0), resume)  # fmt: skip
+    resumed = torch.load(crashed / "last.pt", weights_only=True)["weight_average"]
+    assert torch.equal(resumed["module.classifier.weight"], last["weight_average"]["module.classifier.weight"])
+
+
 @pytest.mark.parametrize(
     ("finetune_f1", "stopped_after"),
     [((0.50, 0.60, 0.70, 0.80), None), ((0.50, 0.40, 0.45, 0.80), 3)],
@@ -105,13 +153,13 @@ def test_early_stopping_counts_from_the_phase_best(
 
     saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
     model, state = torch.nn.Linear(2, 4), RunState(phase="head")
-    _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9, "train_loss": 0.5}, state, saver,
-               None, 4)  # fmt: skip
+    _end_epoch(model, model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9, "train_loss": 0.5}, state,
+               saver, (None,), 4)  # fmt: skip
     state.enter_phase("finetune")
     phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
     stop = None
     for epoch, f1 in enumerate(finetune_f1, start=1):
-        _end_epoch(model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, None, 4)
+        _end_epoch(model, model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, (None,), 4)
         if state.phase_done and stop is None:
             stop = epoch
     assert stop == (stopped_after or 4)
@@ -307,6 +355,7 @@ def test_bad_inputs_get_clear_messages(phantom_dir: Path, straight_run: Path, tm
         ((phantom_dir, "--out", tmp_path / "empty", "--resume"), "no training run"),
         ((phantom_dir, "--out", tmp_path / "r4", "--arch", "resnet50"), "resnet50"),
         ((phantom_dir, "--out", tmp_path / "r5", "--weights", tmp_path / "none.pth"), "none.pth"),
+        ((phantom_dir, "--out", tmp_path / "r7", "--ema", "1.5"), "--ema must be in (0, 1)"),
     ]  # fmt: skip
     if not torch.cuda.is_available():
         cases.append(((phantom_dir, "--out", tmp_path / "r6", "--device", "cuda"), "--device cuda"))

@@ -201,6 +201,15 @@ def train(
         float,
         typer.Option(help="Phase 2 mixup: blend image pairs at Beta(A, A) shares (0: off).", metavar="A"),
     ] = _FINETUNE.mixup_alpha,
+    ema: Annotated[
+        float | None,
+        typer.Option(
+            "--ema",
+            help="Phase 2 validates and keeps an exponential moving average of the weights, updated "
+            "each step with this decay (e.g. 0.98; default: the trained weights).",
+            metavar="DECAY",
+        ),
+    ] = _FINETUNE.ema_decay,
     clip_grad: Annotated[
         float | None,
         typer.Option(
@@ -232,7 +241,8 @@ def train(
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
-                freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup, clip_grad_norm=clip_grad),
+                freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup, clip_grad_norm=clip_grad,
+                ema_decay=ema),
         )  # fmt: skip
         main_process = is_main_process()  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:

@@ -77,6 +77,11 @@ class PhaseConfig:
     # --clip-grad does: against steps at the peak rate that stall fine-tuning at chance
     # (benchmarks/results/recipe.md, recipe lr1e-3-b9-e12-kidneys-clip1).
     clip_grad_norm: float | None = None
+    # Validation, best.pt and early stopping read an exponential moving average of the weights,
+    # updated after every optimizer step with this decay (None: the trained weights themselves),
+    # as timm's --model-ema: on a few hundred slices each step moves the weights far, and the
+    # average is a smoother point of the same path. The horizon is about 1 / (1 - decay) steps.
+    ema_decay: float | None = None
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
     # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
@@ -105,6 +110,8 @@ class PhaseConfig:
             raise InputError(f"--mixup must be in [0, 10], got {self.mixup_alpha}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise InputError(f"--clip-grad must be > 0, got {self.clip_grad_norm}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise InputError(f"--ema must be in (0, 1), got {self.ema_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

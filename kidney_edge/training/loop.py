@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
@@ -378,16 +379,24 @@ def _phase_inputs(model, phase: PhaseConfig, data: PhaseData, settings: LoaderSe
         log.info("cached backbone features in %.1f s", time.perf_counter() - started)
         train_set = TensorDataset(train_features, torch.from_numpy(data.train_labels))
 
-        def validate() -> torch.Tensor:
-            model.eval()
+        def validate(scored: nn.Module) -> torch.Tensor:
+            scored.eval()
             with torch.no_grad():
-                return model.forward_head(val_features.to(ctx.device)).float().cpu()
+                return scored.forward_head(val_features.to(ctx.device)).float().cpu()
 
         return _HeadOnly(model), train_set, validate
     train_set = data.train
     if phase.augment:
         train_set = _Augmented(data.train, data.augment)
-    return model, train_set, lambda: predict_logits(model, data.val, settings, ctx)
+    return model, train_set, lambda scored: predict_logits(scored, data.val, settings, ctx)
+
+
+def weight_average(model: nn.Module, phase: PhaseConfig) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights the phase validates and keeps
+    (``phase.ema_decay``), or None. BatchNorm buffers are copied from the model, not averaged."""
+    if phase.ema_decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(phase.ema_decay), use_buffers=False)
 
 
 class _Augmented(Dataset):
@@ -434,8 +443,10 @@ def fit_phase(
     net, train_set, validate = _phase_inputs(model, phase, data, settings, ctx)
     steps = len(make_loader(train_set, settings, ctx, shuffle_seed=0))
     opt = build_optimization(model, net, phase, steps, data.class_weights, ctx)
+    average = weight_average(model, phase)
     if resume_from is not None:
-        _restore(opt, resume_from)
+        _restore(opt, average, resume_from)
+    scored = model if average is None else average.module  # what validation and best.pt see
     notify(TrainEvent("phase", phase.name, state.phase_epoch, phase.epochs, 0, steps))
     for epoch in range(state.phase_epoch + 1, phase.epochs + 1):
         if _out_of_time(deadline, phase, state, notify):
@@ -447,12 +458,14 @@ def fit_phase(
         set_train_mode(model, trainable, phase.freeze_bn_stats)
 
         def on_step(step: int, epoch: int = epoch) -> None:
+            if average is not None:
+                average.update_parameters(model)
             notify(TrainEvent("step", phase.name, epoch, phase.epochs, step, steps))
 
         metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha, phase.clip_grad_norm)
-        metrics.update(validation_metrics(validate(), data.val_labels, data.class_weights))
+        metrics.update(validation_metrics(validate(scored), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
-        _end_epoch(model, phase, epoch, metrics, state, saver, opt, len(data.class_weights))
+        _end_epoch(model, scored, phase, epoch, metrics, state, saver, (opt, average), len(data.class_weights))
         notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
         if state.phase_done:
             break
@@ -473,9 +486,11 @@ def _out_of_time(deadline: Deadline | None, phase: PhaseConfig, state: RunState,
 
 
 def _end_epoch(
-    model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt, num_classes: int
-) -> None:
-    """Book-keeping in crash-safe order: decide, then best.pt, then last.pt (the resume point)."""
+    model, scored, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, optimization,
+    num_classes: int,
+) -> None:  # fmt: skip
+    """Book-keeping in crash-safe order: decide, then best.pt (``scored``, the validated weights),
+    then last.pt (``model``, the trained weights, and ``optimization``: the resume point)."""
     f1 = metrics["val_macro_f1"]
     improved = f1 > state.best_f1  # best.pt: the best model of the whole run
     if improved:
@@ -496,29 +511,35 @@ def _end_epoch(
     state.history.append({"phase": phase.name, "epoch": epoch, **metrics, "best": improved})
     if improved:
         saver.save(
-            BEST_CHECKPOINT, model, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1}
+            BEST_CHECKPOINT, scored, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1}
         )
-    saver.save(LAST_CHECKPOINT, model, training_state(state, opt))
+    saver.save(LAST_CHECKPOINT, model, training_state(state, *optimization))
     if saver.context.is_main:
         write_history(saver.run_dir / HISTORY_FILE, state.history)
     saver.context.barrier()
 
 
-def training_state(state: RunState, opt: Optimization | None) -> dict[str, Any]:
+def training_state(
+    state: RunState, opt: Optimization | None, average: AveragedModel | None = None
+) -> dict[str, Any]:
     extra: dict[str, Any] = {"run_state": state.to_dict(), "phase": state.phase, "epoch": state.phase_epoch}
     extra["rng"] = rng_state()
     if opt is not None:
         extra["optimizer"] = opt.optimizer.state_dict()
         extra["scheduler"] = opt.scheduler.state_dict()
         extra["scaler"] = opt.scaler.state_dict()
+    if average is not None:
+        extra["weight_average"] = average.state_dict()
     return extra
 
 
-def _restore(opt: Optimization, checkpoint: dict[str, Any]) -> None:
+def _restore(opt: Optimization, average: AveragedModel | None, checkpoint: dict[str, Any]) -> None:
     opt.optimizer.load_state_dict(checkpoint["optimizer"])
     opt.scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint.get("scaler"):
         opt.scaler.load_state_dict(checkpoint["scaler"])
+    if average is not None and "weight_average" in checkpoint:
+        average.load_state_dict(checkpoint["weight_average"])
 
 
 HISTORY_COLUMNS = ("phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_macro_f1",
