@@ -92,6 +92,24 @@ def test_finetune_phase_changes_only_unfrozen_blocks_and_head(tmp_path: Path, fr
     assert bool(statistics) is not freeze_bn_stats  # running statistics move only when asked
 
 
+def test_label_smoothing_does_not_reward_predicting_a_heavily_weighted_class() -> None:
+    from kidney_edge.training.loop import ClassWeightedCrossEntropy
+
+    weights = torch.tensor([1.0, 0.5, 18.75, 3.0])  # the DICOM series phantom's: Stone is rare
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 1, 3, 1, 2])
+    plain = torch.nn.CrossEntropyLoss(weight=weights)(logits, targets)
+    assert ClassWeightedCrossEntropy(weights)(logits, targets) == pytest.approx(plain.item(), rel=1e-6)
+    uniform = torch.zeros(4, 4, requires_grad=True)  # four Normal slices, no opinion yet
+    ClassWeightedCrossEntropy(weights, 0.1)(uniform, torch.ones(4, dtype=torch.long)).backward()
+    assert uniform.grad[:, 1].lt(0).all() and uniform.grad[:, [0, 2, 3]].gt(0).all()  # towards Normal only
+    torch_formula = torch.zeros(4, 4, requires_grad=True)
+    torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)(
+        torch_formula, torch.ones(4, dtype=torch.long)
+    ).backward()
+    assert torch_formula.grad[:, 2].lt(0).all()  # what it replaces: pulled towards Stone
+
+
 def test_weight_average_is_what_validation_and_best_pt_see(tmp_path: Path) -> None:
     """--ema: best.pt holds the moving average of the trained weights at the best epoch; last.pt
     holds the trained weights and the average's state, so a resumed run continues both."""
@@ -137,7 +155,9 @@ def test_weight_average_is_what_validation_and_best_pt_see(tmp_path: Path) -> No
     fit_phase(model, phase, _phase_data(), RunState.from_dict(resume["run_state"]), saver,
               LoaderSettings(4, 0, 0), resume)  # fmt: skip
     resumed = torch.load(crashed / "last.pt", weights_only=True)["weight_average"]
-    assert torch.equal(resumed["module.classifier.weight"], last["weight_average"]["module.classifier.weight"])
+    assert torch.equal(
+        resumed["module.classifier.weight"], last["weight_average"]["module.classifier.weight"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +179,9 @@ def test_early_stopping_counts_from_the_phase_best(
     phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
     stop = None
     for epoch, f1 in enumerate(finetune_f1, start=1):
-        _end_epoch(model, model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, (None,), 4)
+        _end_epoch(
+            model, model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, (None,), 4
+        )
         if state.phase_done and stop is None:
             stop = epoch
     assert stop == (stopped_after or 4)

@@ -355,8 +355,32 @@ def build_optimization(
     schedule = lr_schedule(phase.epochs * steps_per_epoch, phase.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.device.type == "cuda")
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(ctx.device), label_smoothing=phase.label_smoothing)
+    loss_fn = ClassWeightedCrossEntropy(weights.to(ctx.device), phase.label_smoothing)
     return Optimization(net, optimizer, scheduler, scaler, loss_fn)
+
+
+class ClassWeightedCrossEntropy(nn.Module):
+    """Cross-entropy with each sample weighted by its true class's weight, the mean over the
+    batch's weights; label smoothing is spread evenly over the classes inside each sample's term.
+
+    Not ``nn.CrossEntropyLoss(weight=..., label_smoothing=...)``: that weights the smoothing term
+    of every sample by every class's weight, so a rare class's large weight rewards predicting it
+    everywhere. On the DICOM series phantom (Stone weight 18.75) fine-tuning collapsed that way
+    at every rate the stall rule tried (benchmarks/results/recipe.md). Without smoothing the two
+    are the same loss.
+    """
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_sample = nn.functional.cross_entropy(
+            logits, targets, reduction="none", label_smoothing=self.label_smoothing
+        )
+        weights = self.weight[targets]
+        return (weights * per_sample).sum() / weights.sum()
 
 
 def parameter_groups(model: nn.Module, phase: PhaseConfig) -> list[dict[str, Any]]:
