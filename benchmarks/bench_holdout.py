@@ -1,0 +1,169 @@
+"""Trained runs scored on a hold-out of new patients drawn by the same renderer.
+
+An 800-slice look-alike phantom's test split holds 6-7 Tumor and 3 Stone patients, so one
+patient moves its macro-F1 by several points and levers a few points apart cannot be told
+apart on it (benchmarks/results/recipe.md). A hold-out of 1,000 slices from a phantom seed no
+training set uses holds about 230 new patients; every run of the same family is scored on the
+same files, whatever its data seed, so two recipes' figures compare directly.
+
+    python benchmarks/bench_holdout.py --workdir /work/data --runs /work/data/runs/RUN ...
+    python benchmarks/bench_holdout.py --render-only       # rewrite holdout.md from holdout.json
+
+The hold-out is ``kidney-edge synth DIR --style STYLE --n N --seed SEED`` (made once under
+``--workdir``); each run's best.pt is scored with ``kidney-edge evaluate``'s library call on the
+whole folder, argmax figures with 95% bootstrap CIs. Runs already recorded are kept (``--force``
+rescores them); the record is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import _harness as harness
+
+OUT = harness.RESULTS / "holdout"
+RECALL_ORDER = ("Tumor", "Stone", "Cyst", "Normal")
+FINETUNE_SHOWN = (
+    "lr",
+    "unfreeze_blocks",
+    "layer_decay",
+    "label_smoothing",
+    "mixup_alpha",
+    "ema_decay",
+    "epochs",
+)
+
+
+def holdout_folder(workdir: Path, style: str, n_images: int, seed: int) -> Path:
+    """The hold-out phantom (made if missing)."""
+    from kidney_edge.phantoms.styles import synthesizer
+
+    folder = workdir / f"holdout-{style}-s{seed}-n{n_images}"
+    if not (folder / "phantom_truth.csv").is_file():
+        synthesizer(style)(folder, n=n_images, seed=seed, size=512)
+    return folder
+
+
+def trained_with(run: Path) -> dict[str, Any]:
+    """What a run folder was trained on and how (its config.json), as the table shows it."""
+    config = json.loads((run / "config.json").read_text())
+    train = config["train_config"]
+    finetune = train["finetune"]
+    return {
+        "data": Path(train["data_dir"]).name,
+        "n_train": sum(config["train_counts"].values()),
+        "arch": train["arch"],
+        "image_size": train["image_size"],
+        "region": train.get("region", "whole"),
+        "finetune": {key: finetune.get(key) for key in FINETUNE_SHOWN},
+        "augmentation": train.get("augmentation"),
+    }
+
+
+def figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.json's argmax figures as the demo headlines them (CIs, recall per class)."""
+    from kidney_edge.demo import decision_figures
+
+    return decision_figures(metrics["argmax"], metrics["positive_class"])
+
+
+def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
+    from kidney_edge.evaluation import evaluate
+
+    load_before, started = harness.load_average(), time.perf_counter()
+    result = evaluate(run / "best.pt", holdout, out_dir=eval_dir / run.name)
+    seconds = time.perf_counter() - started
+    test = json.loads((run / "metrics.json").read_text())
+    return {
+        "run": run.name,
+        **trained_with(run),
+        "test": figures(test),
+        "holdout": figures(result.metrics),
+        "n_holdout": result.n_images,
+        "seconds": round(seconds, 1),
+        "load_before": load_before,
+        "load_after": harness.load_average(),
+    }
+
+
+def _ci(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def render(record: dict[str, Any]) -> str:
+    holdout = record["holdout"]
+    lines = [
+        "# Trained runs on a hold-out of new patients",
+        "",
+        f"Recorded by `benchmarks/bench_holdout.py` (`{record['command']}`, commit {record['commit']}), "
+        f"{record['started_utc']} to {record.get('finished_utc', '(unfinished)')}.",
+        f"Machine: {harness.cpu_kind(record['machine'])}; scoring time does not enter any figure here.",
+        "",
+        f"Hold-out: `kidney-edge synth {holdout['folder']} --style {holdout['style']} --n {holdout['n_images']} "
+        f"--seed {holdout['seed']}` ({holdout['n_patients']} patients; a phantom seed no training set "
+        "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices. "
+        "Test: the run's own test split (its metrics.json), for comparison.",
+        "",
+        "| run | slices trained on | test macro-F1 [CI] | hold-out macro-F1 [CI] | hold-out Tumor recall [CI] "
+        "| hold-out recall Tumor / Stone / Cyst / Normal | hold-out accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(record["runs"], key=lambda r: (r["data"], r["run"])):
+        test, held = row["test"], row["holdout"]
+        recall = " / ".join(f"{held['recall'][name]:.2f}" for name in RECALL_ORDER if name in held["recall"])
+        lines.append(
+            f"| {row['run']} | {row['n_train']} | {_ci(test['macro_f1'], test['macro_f1_ci'])} "
+            f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} | {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
+            f"| {recall} | {held['accuracy']:.3f} |"
+        )
+    lines += ["", *record.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def patients(folder: Path) -> int:
+    import csv
+
+    with open(folder / "phantom_truth.csv", newline="") as handle:
+        return len({row["patient"] for row in csv.DictReader(handle)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument(
+        "--runs", nargs="*", type=Path, default=[], help="Run folders (best.pt, config.json)."
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("bench-data"), help="Where the hold-out is made."
+    )
+    parser.add_argument("--style", default="lookalike")
+    parser.add_argument("--n-images", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--force", action="store_true", help="Rescore runs already recorded.")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    record = harness.read_results(OUT)
+    if args.render_only:
+        harness.write_markdown(OUT, render(record))
+        return 0
+    folder = holdout_folder(args.workdir, args.style, args.n_images, args.seed)
+    wanted = {"folder": folder.name, "style": args.style, "n_images": args.n_images, "seed": args.seed}
+    if record is None or {k: record["holdout"].get(k) for k in wanted} != wanted:
+        record = harness.start_record(holdout={**wanted, "n_patients": patients(folder)}, runs=[], notes=[])
+    for run in args.runs:
+        if not args.force and any(row["run"] == run.name for row in record["runs"]):
+            continue
+        harness.log(f"scoring {run.name}")
+        record["runs"] = [row for row in record["runs"] if row["run"] != run.name]
+        record["runs"].append(score(run, folder, args.workdir / "holdout-eval"))
+        harness.write_results(OUT, harness.finish_record(record), render(record))
+    harness.write_results(OUT, harness.finish_record(record), render(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
