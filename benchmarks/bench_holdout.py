@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,12 @@ def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
     }
 
 
+def recipe_of(row: dict[str, Any]) -> str:
+    """The bench_recipe.py recipe of a run folder named ``{data}-s{seed}-{recipe}-{size}``."""
+    match = re.fullmatch(r".*?-s\d+-(.+)-\d+", row["run"])
+    return match.group(1) if match else row["run"]
+
+
 def _ci(value: float, ci: list[float]) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -108,15 +115,15 @@ def render(record: dict[str, Any]) -> str:
         "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices. "
         "Test: the run's own test split (its metrics.json), for comparison.",
         "",
-        "| run | slices trained on | test macro-F1 [CI] | hold-out macro-F1 [CI] | hold-out Tumor recall [CI] "
+        "| recipe | trained on (slices) | test macro-F1 [CI] | hold-out macro-F1 [CI] | hold-out Tumor recall [CI] "
         "| hold-out recall Tumor / Stone / Cyst / Normal | hold-out accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(record["runs"], key=lambda r: (r["data"], r["run"])):
+    for row in sorted(record["runs"], key=lambda r: (recipe_of(r), r["n_train"], r["data"])):
         test, held = row["test"], row["holdout"]
         recall = " / ".join(f"{held['recall'][name]:.2f}" for name in RECALL_ORDER if name in held["recall"])
         lines.append(
-            f"| {row['run']} | {row['n_train']} | {_ci(test['macro_f1'], test['macro_f1_ci'])} "
+            f"| {recipe_of(row)} | {row['data']} ({row['n_train']}) | {_ci(test['macro_f1'], test['macro_f1_ci'])} "
             f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} | {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
             f"| {recall} | {held['accuracy']:.3f} |"
         )
