@@ -151,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--force", action="store_true", help="Rescore runs already recorded.")
-    parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help="OUT.json and OUT.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
     args = parser.parse_args(argv)
-    record = harness.read_results(OUT)
+    out = args.out
+    record = harness.read_results(out)
     if args.render_only:
-        harness.write_markdown(OUT, render(record))
+        harness.write_markdown(out, render(record))
         return 0
     folder = holdout_folder(args.workdir, args.style, args.n_images, args.seed)
     wanted = {"folder": folder.name, "style": args.style, "n_images": args.n_images, "seed": args.seed}
@@ -167,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         harness.log(f"scoring {run.name}")
         record["runs"] = [row for row in record["runs"] if row["run"] != run.name]
         record["runs"].append(score(run, folder, args.workdir / "holdout-eval"))
-        harness.write_results(OUT, harness.finish_record(record), render(record))
-    harness.write_results(OUT, harness.finish_record(record), render(record))
+        harness.write_results(out, harness.finish_record(record), render(record))
+    harness.write_results(out, harness.finish_record(record), render(record))
     return 0
 
 

@@ -377,7 +377,7 @@ def test_the_guard_sees_a_script_that_keeps_its_own_copy() -> None:
 
 
 # Results whose Markdown is rendered from their JSON alone (the others add hand-written notes).
-_RENDERED_FROM_JSON = ("runtime", "int8", "ray", "serve", "series", "ood")
+_RENDERED_FROM_JSON = ("runtime", "int8", "ray", "serve", "series", "ood", "holdout")
 
 
 @pytest.mark.parametrize("name", _RENDERED_FROM_JSON)
