@@ -28,6 +28,7 @@ import _harness as harness
 
 OUT = harness.RESULTS / "holdout"
 RECALL_ORDER = ("Tumor", "Stone", "Cyst", "Normal")
+PATIENT_DRAWS = 1000
 FINETUNE_SHOWN = (
     "lr",
     "unfreeze_blocks",
@@ -72,6 +73,35 @@ def figures(metrics: dict[str, Any]) -> dict[str, Any]:
     return decision_figures(metrics["argmax"], metrics["positive_class"])
 
 
+def patient_interval(predictions: Path, holdout: Path, draws: int = PATIENT_DRAWS) -> list[float]:
+    """95% interval of argmax macro-F1 when the hold-out's patients, not its slices, are drawn
+    with replacement: a patient's slices are alike, so slices are not independent samples."""
+    import csv
+
+    import numpy as np
+
+    from kidney_edge.metrics import macro_f1
+
+    with open(holdout / "phantom_truth.csv", newline="") as handle:
+        patient_of = {row["path"]: row["patient"] for row in csv.DictReader(handle)}
+    with open(predictions, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = sorted({row["true_label"] for row in rows} | {row["argmax_label"] for row in rows})
+    truth = np.array([names.index(row["true_label"]) for row in rows])
+    called = np.array([names.index(row["argmax_label"]) for row in rows])
+    patients = [patient_of[str(Path(row["path"]).relative_to(holdout))] for row in rows]
+    slices: dict[str, list[int]] = {}
+    for index, patient in enumerate(patients):
+        slices.setdefault(patient, []).append(index)
+    groups = list(slices.values())
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(draws):
+        drawn = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        scores.append(macro_f1(truth[drawn], called[drawn], len(names)))
+    return [float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))]
+
+
 def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
     from kidney_edge.evaluation import evaluate
 
@@ -84,6 +114,7 @@ def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
         **trained_with(run),
         "test": figures(test),
         "holdout": figures(result.metrics),
+        "holdout_patient_ci": patient_interval(result.out_dir / "predictions.csv", holdout),
         "n_holdout": result.n_images,
         "seconds": round(seconds, 1),
         "load_before": load_before,
@@ -95,6 +126,10 @@ def recipe_of(row: dict[str, Any]) -> str:
     """The bench_recipe.py recipe of a run folder named ``{data}-s{seed}-{recipe}-{size}``."""
     match = re.fullmatch(r".*?-s\d+-(.+)-\d+", row["run"])
     return match.group(1) if match else row["run"]
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "[-]" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _ci(value: float, ci: list[float]) -> str:
@@ -112,10 +147,12 @@ def render(record: dict[str, Any]) -> str:
         "",
         f"Hold-out: `kidney-edge synth {holdout['folder']} --style {holdout['style']} --n {holdout['n_images']} "
         f"--seed {holdout['seed']}` ({holdout['n_patients']} patients; a phantom seed no training set "
-        "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices. "
+        "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices and, "
+        "for macro-F1, over patients (a patient's slices drawn together). "
         "Test: the run's own test split (its metrics.json), for comparison.",
         "",
-        "| recipe | trained on (slices) | test macro-F1 [CI] | hold-out macro-F1 [CI] | hold-out Tumor recall [CI] "
+        "| recipe | trained on (slices) | test macro-F1 [CI] | hold-out macro-F1 [CI] [patient CI] "
+        "| hold-out Tumor recall [CI] "
         "| hold-out recall Tumor / Stone / Cyst / Normal | hold-out accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -124,7 +161,8 @@ def render(record: dict[str, Any]) -> str:
         recall = " / ".join(f"{held['recall'][name]:.2f}" for name in RECALL_ORDER if name in held["recall"])
         lines.append(
             f"| {recipe_of(row)} | {row['data']} ({row['n_train']}) | {_ci(test['macro_f1'], test['macro_f1_ci'])} "
-            f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} | {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
+            f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} {_interval(row.get('holdout_patient_ci'))} "
+            f"| {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
             f"| {recall} | {held['accuracy']:.3f} |"
         )
     lines += ["", *record.get("notes", [])]
@@ -163,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {"folder": folder.name, "style": args.style, "n_images": args.n_images, "seed": args.seed}
     if record is None or {k: record["holdout"].get(k) for k in wanted} != wanted:
         record = harness.start_record(holdout={**wanted, "n_patients": patients(folder)}, runs=[], notes=[])
+    for row in record["runs"]:  # rows scored before the patient interval existed
+        predictions = args.workdir / "holdout-eval" / row["run"] / "predictions.csv"
+        if "holdout_patient_ci" not in row and predictions.is_file():
+            row["holdout_patient_ci"] = patient_interval(predictions, folder)
     for run in args.runs:
         if not args.force and any(row["run"] == run.name for row in record["runs"]):
             continue
