@@ -73,33 +73,24 @@ def figures(metrics: dict[str, Any]) -> dict[str, Any]:
     return decision_figures(metrics["argmax"], metrics["positive_class"])
 
 
-def patient_interval(predictions: Path, holdout: Path, draws: int = PATIENT_DRAWS) -> list[float]:
-    """95% interval of argmax macro-F1 when the hold-out's patients, not its slices, are drawn
-    with replacement: a patient's slices are alike, so slices are not independent samples."""
+def patient_interval(predictions: Path, holdout: Path) -> list[float] | None:
+    """95% interval of argmax macro-F1 drawing the hold-out's patients, not its slices, with
+    replacement (``metrics.bootstrap_ci`` with groups): a patient's slices are alike."""
     import csv
 
     import numpy as np
 
-    from kidney_edge.metrics import macro_f1
+    from kidney_edge.metrics import bootstrap_ci
 
     with open(holdout / "phantom_truth.csv", newline="") as handle:
         patient_of = {row["path"]: row["patient"] for row in csv.DictReader(handle)}
     with open(predictions, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    names = sorted({row["true_label"] for row in rows} | {row["argmax_label"] for row in rows})
+    names = tuple(sorted({row["true_label"] for row in rows} | {row["argmax_label"] for row in rows}))
     truth = np.array([names.index(row["true_label"]) for row in rows])
     called = np.array([names.index(row["argmax_label"]) for row in rows])
-    patients = [patient_of[str(Path(row["path"]).relative_to(holdout))] for row in rows]
-    slices: dict[str, list[int]] = {}
-    for index, patient in enumerate(patients):
-        slices.setdefault(patient, []).append(index)
-    groups = list(slices.values())
-    rng = np.random.default_rng(0)
-    scores = []
-    for _ in range(draws):
-        drawn = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        scores.append(macro_f1(truth[drawn], called[drawn], len(names)))
-    return [float(np.percentile(scores, 2.5)), float(np.percentile(scores, 97.5))]
+    patients = np.array([patient_of[str(Path(row["path"]).relative_to(holdout))] for row in rows])
+    return bootstrap_ci(truth, called, names, n_bootstrap=PATIENT_DRAWS, groups=patients)["macro_f1"]
 
 
 def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
@@ -145,7 +136,8 @@ def render(record: dict[str, Any]) -> str:
         f"{record['started_utc']} to {record.get('finished_utc', '(unfinished)')}.",
         f"Machine: {harness.cpu_kind(record['machine'])}; scoring time does not enter any figure here.",
         "",
-        f"Hold-out: `kidney-edge synth {holdout['folder']} --style {holdout['style']} --n {holdout['n_images']} "
+        f"Hold-out: `kidney-edge synth {holdout['folder']} --style {holdout['style']} "
+        f"--n {holdout['n_images']} "
         f"--seed {holdout['seed']}` ({holdout['n_patients']} patients; a phantom seed no training set "
         "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices and, "
         "for macro-F1, over patients (a patient's slices drawn together). "
@@ -160,7 +152,8 @@ def render(record: dict[str, Any]) -> str:
         test, held = row["test"], row["holdout"]
         recall = " / ".join(f"{held['recall'][name]:.2f}" for name in RECALL_ORDER if name in held["recall"])
         lines.append(
-            f"| {recipe_of(row)} | {row['data']} ({row['n_train']}) | {_ci(test['macro_f1'], test['macro_f1_ci'])} "
+            f"| {recipe_of(row)} | {row['data']} ({row['n_train']}) "
+            f"| {_ci(test['macro_f1'], test['macro_f1_ci'])} "
             f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} {_interval(row.get('holdout_patient_ci'))} "
             f"| {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
             f"| {recall} | {held['accuracy']:.3f} |"

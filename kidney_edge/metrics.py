@@ -164,19 +164,27 @@ def bootstrap_ci(
     n_bootstrap: int = 1000,
     seed: int = 0,
     level: float = CI_LEVEL,
+    groups: np.ndarray | None = None,
 ) -> dict[str, list[float] | None]:
     """Percentile confidence intervals from a stratified bootstrap.
 
     Each resample draws, within every true class, as many items as that class has (with
     replacement), so class supports stay fixed and every class present in the test set is
-    present in every resample. Keys: ``accuracy``, ``macro_f1``, ``recall_<cls>`` and
-    ``precision_<cls>``; an interval is None when the statistic is undefined.
+    present in every resample. With ``groups`` (e.g. the patient of each slice) whole groups are
+    drawn instead, within the class of each group's first item: slices of one patient are alike,
+    so counting them as independent draws makes intervals too narrow. Keys: ``accuracy``,
+    ``macro_f1``, ``recall_<cls>`` and ``precision_<cls>``; an interval is None when the
+    statistic is undefined.
     """
     n_classes = len(class_names)
     if n_bootstrap < 1:
         return {}
-    index = _stratified_indices(y_true, n_bootstrap, seed)  # (B, N)
-    cms = _batched_confusion(y_true[index], y_pred[index], n_classes)  # (B, C, C)
+    if groups is None:
+        index = _stratified_indices(y_true, n_bootstrap, seed)  # (B, N)
+        cms = _batched_confusion(y_true[index], y_pred[index], n_classes)  # (B, C, C)
+    else:
+        draws = _grouped_indices(y_true, np.asarray(groups), n_bootstrap, seed)
+        cms = np.concatenate([_batched_confusion(y_true[i][None], y_pred[i][None], n_classes) for i in draws])
     tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)  # (B, C)
     support, predicted = cms.sum(axis=2), cms.sum(axis=1)  # (B, C) each
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -186,7 +194,7 @@ def bootstrap_ci(
     present = (support + predicted) > 0  # same label set as macro_f1()
     macro = np.where(present, np.nan_to_num(f1), 0).sum(axis=1) / present.sum(axis=1)
     ci: dict[str, list[float] | None] = {
-        "accuracy": _percentiles(tp.sum(axis=1) / len(y_true), level),
+        "accuracy": _percentiles(tp.sum(axis=1) / cms.sum(axis=(1, 2)), level),
         "macro_f1": _percentiles(macro, level),
     }
     for k, name in enumerate(class_names):
@@ -202,6 +210,17 @@ def _stratified_indices(y_true: np.ndarray, n_bootstrap: int, seed: int) -> np.n
         members = np.flatnonzero(y_true == cls)
         blocks.append(members[rng.integers(0, len(members), size=(n_bootstrap, len(members)))])
     return np.concatenate(blocks, axis=1)
+
+
+def _grouped_indices(y_true: np.ndarray, groups: np.ndarray, n_bootstrap: int, seed: int) -> list[np.ndarray]:
+    """Per resample, the items of groups drawn with replacement, as many per class as it has."""
+    names, first, member_of = np.unique(groups, return_index=True, return_inverse=True)
+    members = [np.flatnonzero(member_of == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y_true[first] == cls) for cls in np.unique(y_true[first])]
+    drawn = np.concatenate([group_ids[rng.integers(0, len(group_ids), size=(n_bootstrap, len(group_ids)))]
+                            for group_ids in by_class], axis=1)  # (B, number of groups)  # fmt: skip
+    return [np.concatenate([members[g] for g in row]) for row in drawn]
 
 
 def _batched_confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:

@@ -139,6 +139,23 @@ def test_bootstrap_is_stratified() -> None:
     assert ci["recall_Normal"] is None and ci["recall_Cyst"] == [1.0, 1.0]
 
 
+def test_grouped_bootstrap_draws_patients_not_slices() -> None:
+    y_true, y_pred, _ = noisy_predictions(n=200)
+    slices = metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=300, seed=0)
+    # One slice per patient: the same draws as the slice bootstrap.
+    assert metrics.bootstrap_ci(y_true, y_pred, CLASSES, n_bootstrap=300, seed=0,
+                                groups=np.arange(200)) == slices  # fmt: skip
+    # Five alike slices per patient: drawn together, the interval is the one-slice interval;
+    # drawn as slices, five times the items make it narrower than the patients allow.
+    alike_true, alike_pred = np.repeat(y_true, 5), np.repeat(y_pred, 5)
+    patients = np.repeat(np.arange(200), 5)
+    grouped = metrics.bootstrap_ci(alike_true, alike_pred, CLASSES, n_bootstrap=300, seed=0, groups=patients)
+    for key, interval in slices.items():
+        assert grouped[key] == pytest.approx(interval), key
+    naive = metrics.bootstrap_ci(alike_true, alike_pred, CLASSES, n_bootstrap=300, seed=0)
+    assert naive["macro_f1"][1] - naive["macro_f1"][0] < 0.6 * (grouped["macro_f1"][1] - grouped["macro_f1"][0])
+
+
 def test_ece_and_reliability_bins_by_hand() -> None:
     probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
     y_true = np.array([0, 1, 0, 0])

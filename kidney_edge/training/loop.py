@@ -489,7 +489,8 @@ def fit_phase(
         metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha, phase.clip_grad_norm)
         metrics.update(validation_metrics(validate(scored), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
-        _end_epoch(model, scored, phase, epoch, metrics, state, saver, (opt, average), len(data.class_weights))
+        optimization = (opt, average)
+        _end_epoch(model, scored, phase, epoch, metrics, state, saver, optimization, len(data.class_weights))
         notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
         if state.phase_done:
             break
