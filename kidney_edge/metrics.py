@@ -184,7 +184,8 @@ def bootstrap_ci(
         cms = _batched_confusion(y_true[index], y_pred[index], n_classes)  # (B, C, C)
     else:
         draws = _grouped_indices(y_true, np.asarray(groups), n_bootstrap, seed)
-        cms = np.concatenate([_batched_confusion(y_true[i][None], y_pred[i][None], n_classes) for i in draws])
+        cms = np.concatenate([_batched_confusion(y_true[i][None], y_pred[i][None], n_classes)
+                              for i in draws])  # (B, C, C)  # fmt: skip
     tp = np.diagonal(cms, axis1=1, axis2=2).astype(np.float64)  # (B, C)
     support, predicted = cms.sum(axis=2), cms.sum(axis=1)  # (B, C) each
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -212,7 +213,9 @@ def _stratified_indices(y_true: np.ndarray, n_bootstrap: int, seed: int) -> np.n
     return np.concatenate(blocks, axis=1)
 
 
-def _grouped_indices(y_true: np.ndarray, groups: np.ndarray, n_bootstrap: int, seed: int) -> list[np.ndarray]:
+def _grouped_indices(
+    y_true: np.ndarray, groups: np.ndarray, n_bootstrap: int, seed: int
+) -> list[np.ndarray]:
     """Per resample, the items of groups drawn with replacement, as many per class as it has."""
     names, first, member_of = np.unique(groups, return_index=True, return_inverse=True)
     members = [np.flatnonzero(member_of == g) for g in range(len(names))]

@@ -79,8 +79,8 @@ class PhaseConfig:
     clip_grad_norm: float | None = None
     # Validation, best.pt and early stopping read an exponential moving average of the weights,
     # updated after every optimizer step with this decay (None: the trained weights themselves),
-    # as timm's --model-ema: on a few hundred slices each step moves the weights far, and the
-    # average is a smoother point of the same path. The horizon is about 1 / (1 - decay) steps.
+    # as timm's --model-ema. The horizon is about 1 / (1 - decay) steps. Off by default: at 0.98
+    # it scored 0.578 against 0.601 on the look-alike renderer (benchmarks/results/recipe.md).
     ema_decay: float | None = None
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
