@@ -73,6 +73,14 @@ def figures(metrics: dict[str, Any]) -> dict[str, Any]:
     return decision_figures(metrics["argmax"], metrics["positive_class"])
 
 
+def patient_of(holdout: Path) -> dict[str, str]:
+    """The hold-out's patient of each slice (path relative to the folder), from its truth file."""
+    import csv
+
+    with open(holdout / "phantom_truth.csv", newline="") as handle:
+        return {row["path"]: row["patient"] for row in csv.DictReader(handle)}
+
+
 def patient_interval(predictions: Path, holdout: Path) -> list[float] | None:
     """95% interval of argmax macro-F1 drawing the hold-out's patients, not its slices, with
     replacement (``metrics.bootstrap_ci`` with groups): a patient's slices are alike."""
@@ -82,14 +90,13 @@ def patient_interval(predictions: Path, holdout: Path) -> list[float] | None:
 
     from kidney_edge.metrics import bootstrap_ci
 
-    with open(holdout / "phantom_truth.csv", newline="") as handle:
-        patient_of = {row["path"]: row["patient"] for row in csv.DictReader(handle)}
+    patients_by_path = patient_of(holdout)
     with open(predictions, newline="") as handle:
         rows = list(csv.DictReader(handle))
     names = tuple(sorted({row["true_label"] for row in rows} | {row["argmax_label"] for row in rows}))
     truth = np.array([names.index(row["true_label"]) for row in rows])
     called = np.array([names.index(row["argmax_label"]) for row in rows])
-    patients = np.array([patient_of[str(Path(row["path"]).relative_to(holdout))] for row in rows])
+    patients = np.array([patients_by_path[str(Path(row["path"]).relative_to(holdout))] for row in rows])
     return bootstrap_ci(truth, called, names, n_bootstrap=PATIENT_DRAWS, groups=patients)["macro_f1"]
 
 
@@ -124,7 +131,7 @@ def _interval(ci: list[float] | None) -> str:
 
 
 def _ci(value: float, ci: list[float]) -> str:
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f} {_interval(ci)}"
 
 
 def render(record: dict[str, Any]) -> str:
@@ -162,13 +169,6 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def patients(folder: Path) -> int:
-    import csv
-
-    with open(folder / "phantom_truth.csv", newline="") as handle:
-        return len({row["patient"] for row in csv.DictReader(handle)})
-
-
 def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = holdout_folder(args.workdir, args.style, args.n_images, args.seed)
     wanted = {"folder": folder.name, "style": args.style, "n_images": args.n_images, "seed": args.seed}
     if record is None or {k: record["holdout"].get(k) for k in wanted} != wanted:
-        record = harness.start_record(holdout={**wanted, "n_patients": patients(folder)}, runs=[], notes=[])
+        record = harness.start_record(
+            holdout={**wanted, "n_patients": len(set(patient_of(folder).values()))}, runs=[], notes=[]
+        )
     for row in record["runs"]:  # rows scored before the patient interval existed
         predictions = args.workdir / "holdout-eval" / row["run"] / "predictions.csv"
         if "holdout_patient_ci" not in row and predictions.is_file():

@@ -173,15 +173,13 @@ def test_early_stopping_counts_from_the_phase_best(
 
     saver = Saver(tmp_path, ModelSpec(input_size=SIZE), {}, DistContext())
     model, state = torch.nn.Linear(2, 4), RunState(phase="head")
-    _end_epoch(model, model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9, "train_loss": 0.5}, state,
-               saver, (None,), 4)  # fmt: skip
+    _end_epoch(model, PhaseConfig("head", 1, 1e-3), 1, {"val_macro_f1": 0.9, "train_loss": 0.5}, state, saver,
+               None, 4)  # fmt: skip
     state.enter_phase("finetune")
     phase = PhaseConfig("finetune", epochs=4, lr=1e-4, unfreeze_blocks=1, patience=2)
     stop = None
     for epoch, f1 in enumerate(finetune_f1, start=1):
-        _end_epoch(
-            model, model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, (None,), 4
-        )
+        _end_epoch(model, phase, epoch, {"val_macro_f1": f1, "train_loss": 0.5}, state, saver, None, 4)
         if state.phase_done and stop is None:
             stop = epoch
     assert stop == (stopped_after or 4)

@@ -423,6 +423,11 @@ def weight_average(model: nn.Module, phase: PhaseConfig) -> AveragedModel | None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(phase.ema_decay), use_buffers=False)
 
 
+def validated_weights(model: nn.Module, average: AveragedModel | None) -> nn.Module:
+    """What validation scores and best.pt keeps: the moving average where there is one."""
+    return model if average is None else average.module
+
+
 class _Augmented(Dataset):
     def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.base, self.transform = base, transform
@@ -470,7 +475,7 @@ def fit_phase(
     average = weight_average(model, phase)
     if resume_from is not None:
         _restore(opt, average, resume_from)
-    scored = model if average is None else average.module  # what validation and best.pt see
+    scored = validated_weights(model, average)
     notify(TrainEvent("phase", phase.name, state.phase_epoch, phase.epochs, 0, steps))
     for epoch in range(state.phase_epoch + 1, phase.epochs + 1):
         if _out_of_time(deadline, phase, state, notify):
@@ -489,8 +494,7 @@ def fit_phase(
         metrics = train_one_epoch(opt, loader, ctx.device, on_step, phase.mixup_alpha, phase.clip_grad_norm)
         metrics.update(validation_metrics(validate(scored), data.val_labels, data.class_weights))
         metrics.update(seconds=time.perf_counter() - started, lr=opt.scheduler.get_last_lr()[0])
-        optimization = (opt, average)
-        _end_epoch(model, scored, phase, epoch, metrics, state, saver, optimization, len(data.class_weights))
+        _end_epoch(model, phase, epoch, metrics, state, saver, opt, len(data.class_weights), average)
         notify(TrainEvent("epoch", phase.name, epoch, phase.epochs, steps, steps, metrics))
         if state.phase_done:
             break
@@ -511,11 +515,11 @@ def _out_of_time(deadline: Deadline | None, phase: PhaseConfig, state: RunState,
 
 
 def _end_epoch(
-    model, scored, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, optimization,
-    num_classes: int,
+    model, phase: PhaseConfig, epoch: int, metrics: dict, state: RunState, saver: Saver, opt,
+    num_classes: int, average: AveragedModel | None = None,
 ) -> None:  # fmt: skip
-    """Book-keeping in crash-safe order: decide, then best.pt (``scored``, the validated weights),
-    then last.pt (``model``, the trained weights, and ``optimization``: the resume point)."""
+    """Book-keeping in crash-safe order: decide, then best.pt (the validated weights), then
+    last.pt (the trained weights, optimizer and weight average: the resume point)."""
     f1 = metrics["val_macro_f1"]
     improved = f1 > state.best_f1  # best.pt: the best model of the whole run
     if improved:
@@ -536,9 +540,11 @@ def _end_epoch(
     state.history.append({"phase": phase.name, "epoch": epoch, **metrics, "best": improved})
     if improved:
         saver.save(
-            BEST_CHECKPOINT, scored, {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1}
+            BEST_CHECKPOINT,
+            validated_weights(model, average),
+            {"phase": phase.name, "epoch": epoch, "val_macro_f1": state.best_f1},
         )
-    saver.save(LAST_CHECKPOINT, model, training_state(state, *optimization))
+    saver.save(LAST_CHECKPOINT, model, training_state(state, opt, average))
     if saver.context.is_main:
         write_history(saver.run_dir / HISTORY_FILE, state.history)
     saver.context.barrier()
