@@ -276,7 +276,7 @@ def evaluate_files(
     y_true = class_indices(files.labels, spec.class_names)
     probabilities = spec.probabilities(logits)  # (N, C) calibrated with the spec's temperature
     decided = spec.decide(probabilities)
-    metrics = build_metrics(logits, y_true, spec)
+    metrics = build_metrics(logits, y_true, spec, files.groups)
     ood_scores = None if predictor.ood is None else predictor.ood.score(outputs)
     metrics["ood"] = ood_record(predictor.ood, ood_scores)
     metrics.update(model=str(predictor.path), data=files.description, split=split, **(extra or {}))
@@ -323,20 +323,23 @@ def evaluate_files(
 HEADLINE_BLOCK = "rule"  # headlines show the labels that predict writes: the spec's rule
 
 
-def build_metrics(logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec) -> dict[str, Any]:
+def build_metrics(
+    logits: np.ndarray, y_true: np.ndarray, spec: ModelSpec, groups: Sequence[str] | None = None
+) -> dict[str, Any]:
     """metrics.json content: an ``argmax`` and a ``rule`` block with the same keys.
 
     ``rule`` holds the figures of the labels written to predictions.csv (the spec's decision
     rule); ``argmax`` those of the most probable class. ``headline`` names the block that
-    headlines show. Under an argmax rule the two blocks are equal.
+    headlines show. Under an argmax rule the two blocks are equal. With ``groups`` (from a
+    splits.csv) each block also holds intervals that resample whole groups (``ci_groups``).
     """
     probabilities = spec.probabilities(logits)
     names = spec.class_names
     argmax = M.classification_metrics(
-        y_true, probabilities.argmax(axis=1), probabilities, names, n_bootstrap=N_BOOTSTRAP
+        y_true, probabilities.argmax(axis=1), probabilities, names, n_bootstrap=N_BOOTSTRAP, groups=groups
     )
     rule = M.classification_metrics(
-        y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP
+        y_true, spec.decide(probabilities), probabilities, names, n_bootstrap=N_BOOTSTRAP, groups=groups
     )
     uncalibrated = softmax(logits)
     return {

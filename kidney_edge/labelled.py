@@ -24,13 +24,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LabelledFiles:
-    """Images with their class names, where they came from, and the split audit when there is one."""
+    """Images with their class names, where they came from, and the split audit when there is one.
+
+    ``groups`` holds each image's split group (a patient, or near-duplicates kept together) when a
+    splits.csv names them: the unit that confidence intervals resample. None for a plain folder.
+    """
 
     paths: list[Path]
     labels: list[str]
     description: str
     audit: dict[str, Any] | None = None
     phantom: bool = False
+    groups: list[str] | None = None
 
 
 def load_labelled(data: Path, split: str, *, class_names: Sequence[str]) -> LabelledFiles:
@@ -76,6 +81,7 @@ class LabelledSplits:
             paths=[Path(row.path) for row in chosen],
             labels=[row.label for row in chosen],
             description=f"{self.source}",
+            groups=[row.group for row in chosen],
         )
         _check_classes(files.labels, class_names, self.source)
         return files

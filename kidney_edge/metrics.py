@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,14 @@ def classification_metrics(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All test-set figures for (N,) true and predicted class indices and (N, C) probabilities.
 
     Macro-F1 averages over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's
-    default label set): a class absent from both says nothing about the model.
+    default label set): a class absent from both says nothing about the model. ``ci`` resamples
+    images; with ``groups`` (each image's patient or split group) ``ci_groups`` resamples whole
+    groups as well, the interval to trust when a patient contributes several alike slices.
     """
     class_names = tuple(class_names)
     y_true, y_pred, probabilities = _check_inputs(y_true, y_pred, probabilities, len(class_names))
@@ -58,6 +62,26 @@ def classification_metrics(
         "ci": bootstrap_ci(y_true, y_pred, class_names, n_bootstrap=n_bootstrap, seed=seed),
         "ece": expected_calibration_error(probabilities, y_true),
         "reliability": reliability_bins(probabilities, y_true),
+        **_grouped_ci(y_true, y_pred, class_names, groups, n_bootstrap=n_bootstrap, seed=seed),
+    }
+
+
+def _grouped_ci(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: tuple[str, ...],
+    groups: Sequence[str] | np.ndarray | None,
+    **bootstrap: Any,
+) -> dict[str, Any]:
+    """``ci_groups`` and ``n_groups`` when groups are known, else nothing."""
+    if groups is None:
+        return {}
+    groups = np.asarray(groups)
+    if groups.shape != y_true.shape:
+        raise InputError(f"metric inputs disagree: {len(groups)} groups for {len(y_true)} images")
+    return {
+        "ci_groups": bootstrap_ci(y_true, y_pred, class_names, groups=groups, **bootstrap),
+        "n_groups": int(len(np.unique(groups))),
     }
 
 

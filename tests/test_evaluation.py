@@ -180,6 +180,26 @@ def test_finalize_run_metrics_match_predictions_csv(finished_run: Path, splits_c
     assert all(r["label"] == "Tumor" for r in rows if r["argmax_label"] == "Tumor"), tumor
 
 
+def test_test_split_intervals_also_resample_its_patient_groups(
+    finished_run: Path, splits_csv: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    """A splits.csv names each slice's group: both blocks hold intervals over groups, the report
+    shows them beside the image intervals; a plain folder has no groups and gets image intervals only."""
+    from kidney_edge.dataset import read_splits
+    from kidney_edge.report import headline_header, headline_rows
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    groups = {row.group for row in read_splits(splits_csv) if row.split == "test"}
+    for block in ("argmax", "rule"):
+        assert metrics[block]["n_groups"] == len(groups) > 1
+        assert metrics[block]["ci_groups"].keys() == metrics[block]["ci"].keys()
+    assert headline_header(metrics)[2:4] == ("95% CI, images", "95% CI, patient groups")
+    assert all(len(row) == 5 for row in headline_rows(metrics))
+    assert f"whole groups of the splits.csv ({len(groups)} here)" in (finished_run / "report.md").read_text()
+    folder = evaluate(finished_run / "best.pt", phantom_dir, out_dir=tmp_path)
+    assert "ci_groups" not in folder.metrics["rule"] and len(headline_header(folder.metrics)) == 4
+
+
 def test_finalize_run_report(finished_run: Path) -> None:
     html = (finished_run / "report.html").read_text()
     for section in ("headline", "operating-point", "training", "split-audit", "errors", "model-card"):

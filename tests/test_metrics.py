@@ -156,6 +156,21 @@ def test_grouped_bootstrap_draws_patients_not_slices() -> None:
     assert naive["macro_f1"][1] - naive["macro_f1"][0] < 0.6 * (grouped["macro_f1"][1] - grouped["macro_f1"][0])
 
 
+def test_classification_metrics_add_group_intervals_only_when_groups_are_known() -> None:
+    y_true, y_pred, probabilities = noisy_predictions(n=200)
+    alike = (np.repeat(y_true, 4), np.repeat(y_pred, 4), np.repeat(probabilities, 4, axis=0))
+    patients = np.repeat([f"p{k}" for k in range(200)], 4)
+    plain = metrics.classification_metrics(*alike, CLASSES, n_bootstrap=200)
+    assert "ci_groups" not in plain and "n_groups" not in plain
+    grouped = metrics.classification_metrics(*alike, CLASSES, n_bootstrap=200, groups=patients)
+    assert grouped["n_groups"] == 200 and grouped["ci"] == plain["ci"]
+    assert grouped["ci_groups"] == metrics.bootstrap_ci(*alike[:2], CLASSES, n_bootstrap=200, groups=patients)
+    width = {key: grouped[key]["macro_f1"][1] - grouped[key]["macro_f1"][0] for key in ("ci", "ci_groups")}
+    assert width["ci_groups"] > 1.5 * width["ci"]
+    with pytest.raises(InputError, match="3 groups for 800 images"):
+        metrics.classification_metrics(*alike, CLASSES, n_bootstrap=10, groups=["a", "b", "c"])
+
+
 def test_ece_and_reliability_bins_by_hand() -> None:
     probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
     y_true = np.array([0, 1, 0, 0])

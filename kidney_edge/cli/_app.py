@@ -288,15 +288,15 @@ def print_headline(metrics: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
     from kidney_edge.report import (
-        HEADLINE_HEADER,
         RULE_COMPARISON_HEADER,
         headline_caption,
+        headline_header,
         headline_rows,
         rule_comparison_rows,
     )
 
     table = Table(title=f"{title}, {headline_caption(metrics)}")
-    for column in HEADLINE_HEADER:
+    for column in headline_header(metrics):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for row in headline_rows(metrics):
         table.add_row(*row)

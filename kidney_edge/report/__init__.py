@@ -17,13 +17,14 @@ This package re-exports their public names.
 
 from kidney_edge.report.card import Block, blocks_to_markdown, model_card_blocks
 from kidney_edge.report.figures import (
-    HEADLINE_HEADER,
     PER_CLASS_HEADER,
     RULE_COMPARISON_HEADER,
     audit_summary,
     headline_block,
     headline_caption,
+    headline_header,
     headline_rows,
+    interval_note,
     ordered_classes,
     per_class_rows,
     rule_comparison_rows,
@@ -43,7 +44,6 @@ from kidney_edge.report.writer import write_report
 
 __all__ = [
     "GALLERY_LIMIT",
-    "HEADLINE_HEADER",
     "PER_CLASS_HEADER",
     "RULE_COMPARISON_HEADER",
     "SECTIONS",
@@ -55,7 +55,9 @@ __all__ = [
     "blocks_to_markdown",
     "headline_block",
     "headline_caption",
+    "headline_header",
     "headline_rows",
+    "interval_note",
     "model_card_blocks",
     "ordered_classes",
     "per_class_rows",

@@ -9,7 +9,7 @@ from typing import Any
 
 from kidney_edge.report.figures import (
     audit_summary,
-    format_ci,
+    format_intervals,
     format_number,
     headline_block,
     headline_caption,
@@ -40,7 +40,7 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
         )
     block = headline_block(metrics)
     recall = [
-        f"recall {c} {format_number(block['per_class'][c]['recall'])} {format_ci(block['ci'].get(f'recall_{c}'))} "
+        f"recall {c} {format_number(block['per_class'][c]['recall'])} {format_intervals(block, f'recall_{c}')} "
         f"(n={block['per_class'][c]['support']})"
         for c in ordered_classes(metrics["labels"], metrics["positive_class"])
     ]
@@ -83,8 +83,8 @@ def model_card_blocks(inputs: ReportInputs) -> list[Block]:
             "ul",
             [
                 *recall,
-                f"macro-F1 {format_number(block['macro_f1'])} {format_ci(block['ci'].get('macro_f1'))}",
-                f"accuracy {format_number(block['accuracy'])} {format_ci(block['ci'].get('accuracy'))}",
+                f"macro-F1 {format_number(block['macro_f1'])} {format_intervals(block, 'macro_f1')}",
+                f"accuracy {format_number(block['accuracy'])} {format_intervals(block, 'accuracy')}",
                 f"expected calibration error {format_number(block['ece'])} after temperature scaling",
             ],
         ),

@@ -35,33 +35,57 @@ def format_ci(interval: Sequence[float] | None) -> str:
     return "n/a" if not interval else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
+def format_intervals(block: dict[str, Any], key: str) -> str:
+    """``key``'s interval over images, then over patient groups where the block has them."""
+    text = format_ci(block.get("ci", {}).get(key))
+    if "ci_groups" in block:
+        text += f" (patient groups {format_ci(block['ci_groups'].get(key))})"
+    return text
+
+
 HEADLINE_HEADER = ("figure", "value", "95% CI", "n")
+GROUPED_HEADLINE_HEADER = ("figure", "value", "95% CI, images", "95% CI, patient groups", "n")
 
 
-def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(figure, value, 95% CI, n) rows of the headline block: recall per class (positive class
-    first), macro-F1, precision, accuracy.
+def headline_header(metrics: dict[str, Any]) -> tuple[str, ...]:
+    """The columns of :func:`headline_rows`: a second interval where groups were resampled."""
+    return GROUPED_HEADLINE_HEADER if "ci_groups" in headline_block(metrics) else HEADLINE_HEADER
+
+
+def interval_note(metrics: dict[str, Any]) -> str:
+    """What the second interval column draws, or nothing when there is none."""
+    block = headline_block(metrics)
+    if "ci_groups" not in block:
+        return ""
+    return (f" The patient-group intervals draw whole groups of the splits.csv ({block['n_groups']} here) "
+            "within their class: read those when a patient contributes several slices.")  # fmt: skip
+
+
+def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(figure, value, 95% CI, [95% CI over groups,] n) rows of the headline block: recall per
+    class (positive class first), macro-F1, precision, accuracy.
 
     ``n`` is what the figure is a fraction of (class support for recall, predictions of the
-    class for precision): a reader needs it to judge an interval from a handful of images.
+    class for precision): a reader needs it to judge an interval from a handful of images. The
+    interval over groups (present when a splits.csv named them) draws whole patients, so alike
+    slices of one patient do not narrow it.
     """
     block = headline_block(metrics)
-    ci, per_class = block.get("ci", {}), block["per_class"]
+    per_class = block["per_class"]
+    intervals = [block.get("ci", {})] + ([block["ci_groups"]] if "ci_groups" in block else [])
     classes = ordered_classes(metrics["labels"], metrics["positive_class"])
     total = str(metrics["n_samples"])
 
-    def per_class_figure(figure: str, n_key: str) -> list[tuple[str, str, str, str]]:
-        return [
-            (f"{figure.capitalize()} {c}", format_number(per_class[c][figure]), format_ci(ci.get(f"{figure}_{c}")),
-             str(per_class[c][n_key]))
-            for c in classes
-        ]  # fmt: skip
+    def row(figure: str, value: float | None, key: str | None, n: Any) -> tuple[str, ...]:
+        cis = [format_ci(ci.get(key)) if key else "" for ci in intervals]
+        return (figure, format_number(value), *cis, str(n))
 
-    rows = per_class_figure("recall", "support")
-    rows.append(("Macro-F1", format_number(block["macro_f1"]), format_ci(ci.get("macro_f1")), total))
-    rows += per_class_figure("precision", "predicted")
-    rows.append(("Accuracy", format_number(block["accuracy"]), format_ci(ci.get("accuracy")), total))
-    rows.append(("Balanced accuracy", format_number(block["balanced_accuracy"]), "", total))
+    rows = [row(f"Recall {c}", per_class[c]["recall"], f"recall_{c}", per_class[c]["support"]) for c in classes]
+    rows.append(row("Macro-F1", block["macro_f1"], "macro_f1", total))
+    rows += [row(f"Precision {c}", per_class[c]["precision"], f"precision_{c}", per_class[c]["predicted"])
+             for c in classes]  # fmt: skip
+    rows.append(row("Accuracy", block["accuracy"], "accuracy", total))
+    rows.append(row("Balanced accuracy", block["balanced_accuracy"], None, total))
     return rows
 
 

@@ -16,13 +16,14 @@ from kidney_edge.layout import (
 )
 from kidney_edge.report.card import Block, blocks_to_html
 from kidney_edge.report.figures import (
-    HEADLINE_HEADER,
     PER_CLASS_HEADER,
     RULE_COMPARISON_HEADER,
     audit_summary,
     format_number,
     headline_caption,
+    headline_header,
     headline_rows,
+    interval_note,
     operating_point_text,
     ordered_classes,
     per_class_rows,
@@ -116,8 +117,8 @@ def _headline_html(inputs: ReportInputs, images: dict[str, bytes]) -> str:
     m = inputs.metrics
     return (
         f"<p>Labels {html.escape(headline_caption(m))} (the labels predict writes). 95% intervals: "
-        "stratified bootstrap, 1,000 resamples, seed 0.</p>"
-        + _table(HEADLINE_HEADER, headline_rows(m))
+        f"stratified bootstrap, 1,000 resamples, seed 0.{html.escape(interval_note(m))}</p>"
+        + _table(headline_header(m), headline_rows(m))
         + "<h3>Per class (one-vs-rest)</h3>"
         + _table(PER_CLASS_HEADER, per_class_rows(m))
     )

@@ -8,12 +8,13 @@ from kidney_edge.layout import (
     REPORT_HTML_FILE,
 )
 from kidney_edge.report.figures import (
-    HEADLINE_HEADER,
     PER_CLASS_HEADER,
     RULE_COMPARISON_HEADER,
     format_number,
     headline_caption,
+    headline_header,
     headline_rows,
+    interval_note,
     operating_point_text,
     per_class_rows,
     rule_comparison_rows,
@@ -38,8 +39,8 @@ def render_markdown(inputs: ReportInputs) -> str:
     ]
     if inputs.phantom_data:
         lines += ["> Synthetic phantom data: pipeline figures, not clinical performance.", ""]
-    lines += [f"Labels {headline_caption(m)}.", ""]
-    lines += _md_table(HEADLINE_HEADER, headline_rows(m)) + [""]
+    lines += [f"Labels {headline_caption(m)}.{interval_note(m)}", ""]
+    lines += _md_table(headline_header(m), headline_rows(m)) + [""]
     lines += _md_table(PER_CLASS_HEADER, per_class_rows(m)) + [""]
     comparison = rule_comparison_rows(m)
     rule = m.get("decision_rule") or {"kind": "argmax"}
