@@ -63,6 +63,7 @@ class Recipe:
     region: str = "whole"  # train --region: what of each slice the model sees
     clip_grad_norm: float | None = None  # train --clip-grad: both phases
     ema_decay: float | None = None  # train --ema: phase 2 keeps a moving average of its weights
+    drop_path: float | None = None  # train --drop-path: phase 2 stochastic depth (None: the arch's own)
     arch: str = EFFICIENTNET_LITE0  # train --arch; named, so a new default arch does not rename old rows
     image_size: int | None = None  # train --image-size where the recipe fixes it (None: --image-size)
     note: str = ""
@@ -97,6 +98,9 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-ld0.8-e12-kidneys-pair448-ema0.98": Recipe(
         1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
         ema_decay=0.98, note="the two kidneys compared, validated on a moving average of the weights (train --ema 0.98)"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-dp0.2": Recipe(
+        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+        drop_path=0.2, note="the two kidneys compared, with stochastic depth 0.2 (train --drop-path 0.2)"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
@@ -258,7 +262,7 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
         base.finetune, lr=recipe.lr, unfreeze_blocks=blocks, epochs=recipe.epochs, patience=recipe.patience,
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
         freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
-        clip_grad_norm=recipe.clip_grad_norm, ema_decay=recipe.ema_decay,
+        clip_grad_norm=recipe.clip_grad_norm, ema_decay=recipe.ema_decay, drop_path=recipe.drop_path,
     )  # fmt: skip
     head = base.head if recipe.head_epochs is None else dataclasses.replace(base.head, epochs=recipe.head_epochs)
     head = dataclasses.replace(head, clip_grad_norm=recipe.clip_grad_norm)

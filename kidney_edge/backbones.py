@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops import stochastic_depth
 
 from kidney_edge.archs import (
     ALL_BLOCKS,
@@ -278,10 +279,13 @@ class _MBConvLite(nn.Module):
         self.depthwise = _ConvBNAct(hidden, hidden, kernel, stride, groups=hidden)
         self.project = _ConvBNAct(hidden, cout, 1, act=False)
         self.residual = stride == 1 and cin == cout
+        self.drop_path = 0.0  # stochastic depth of the residual branch; see set_drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
-        return out + x if self.residual else out
+        if not self.residual:
+            return out
+        return stochastic_depth(out, self.drop_path, "row", self.training) + x
 
 
 def _build_lite0(num_classes: int) -> KidneyNet:
@@ -490,6 +494,22 @@ def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path) -> None:
             f"unexpected {result.unexpected_keys[:5]}"
         )
     log.info("loaded ImageNet weights for %s from %s", model.arch, path)
+
+
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth (Huang et al. 2016) at ``rate`` for the last MBConv block, scaled linearly
+    with depth before it (block i of n drops its residual branch with ``rate * i / n``), as timm's
+    ``drop_path_rate`` and torchvision's ``stochastic_depth_prob`` do. Only training mode drops:
+    evaluation and the exported graph see every block."""
+    from torchvision.models.efficientnet import MBConv
+
+    blocks = [m for m in model.modules() if isinstance(m, (_MBConvLite, MBConv))]
+    for index, block in enumerate(blocks):
+        share = rate * index / len(blocks)
+        if isinstance(block, MBConv):
+            block.stochastic_depth.p = share
+        else:
+            block.drop_path = share
 
 
 def create_model(

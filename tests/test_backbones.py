@@ -135,6 +135,30 @@ def test_a_pair_models_class_maps_add_up_to_its_logits() -> None:
     assert heat.shape == (3, 96, 96)
 
 
+def test_drop_path_skips_residual_branches_in_training_only() -> None:
+    """Block i of n drops its residual branch with rate * i / n (torchvision's B0 rule, which
+    B0 keeps by default); evaluation, hence export, sees every block."""
+    b0 = create_model("efficientnet_b0", pretrained=False)
+    torchvision_rates = [m.stochastic_depth.p for m in b0.modules() if hasattr(m, "stochastic_depth")]
+    bb.set_drop_path(b0, 0.2)
+    assert [m.stochastic_depth.p for m in b0.modules() if hasattr(m, "stochastic_depth")] == torchvision_rates
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0")  # ImageNet weights: activations of a realistic scale
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.eval().forward_features(x)
+        bb.set_drop_path(model, 0.9)
+        assert [round(b.drop_path, 4) for b in model.blocks] == [round(0.9 * i / 16, 4) for i in range(16)]
+        torch.testing.assert_close(model.forward_features(x), plain)  # eval: no block dropped
+        for module in model.modules():  # training mode for the blocks, BatchNorm left on its statistics
+            module.train(not isinstance(module, torch.nn.BatchNorm2d))
+        dropped = model.forward_features(x)
+        bb.set_drop_path(model, 0.0)
+        torch.testing.assert_close(model.forward_features(x), plain)
+    assert (dropped - plain).abs().mean() > 0.1 * plain.abs().mean()
+
+
 def test_torch_free_arch_names_are_the_registered_backbones() -> None:
     from kidney_edge.archs import ARCHS
 

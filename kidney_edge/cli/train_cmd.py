@@ -210,6 +210,15 @@ def train(
             metavar="DECAY",
         ),
     ] = _FINETUNE.ema_decay,
+    drop_path: Annotated[
+        float | None,
+        typer.Option(
+            "--drop-path",
+            help="Phase 2 stochastic depth: the deepest block skips its residual branch with this "
+            "probability, earlier blocks linearly less (e.g. 0.2; default: the arch's own, none for Lite0).",
+            metavar="RATE",
+        ),
+    ] = _FINETUNE.drop_path,
     clip_grad: Annotated[
         float | None,
         typer.Option(
@@ -242,7 +251,7 @@ def train(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
                 patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
                 freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup, clip_grad_norm=clip_grad,
-                ema_decay=ema),
+                ema_decay=ema, drop_path=drop_path),
         )  # fmt: skip
         main_process = is_main_process()  # under torchrun only rank 0 draws
         with _EpochProgress(enabled=main_process) as bar:

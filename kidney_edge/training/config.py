@@ -82,6 +82,10 @@ class PhaseConfig:
     # as timm's --model-ema. The horizon is about 1 / (1 - decay) steps. Off by default: at 0.98
     # it scored 0.578 against 0.601 on the look-alike renderer (benchmarks/results/recipe.md).
     ema_decay: float | None = None
+    # Stochastic depth: the deepest block drops its residual branch with this probability in
+    # training, earlier blocks linearly less (backbones.set_drop_path). None: the arch's own
+    # (Lite0 none, B0 torchvision's 0.2).
+    drop_path: float | None = None
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
     # 0.61-0.78 (benchmarks/results/bn_stats.md): the head was fitted on running-statistic
@@ -112,6 +116,8 @@ class PhaseConfig:
             raise InputError(f"--clip-grad must be > 0, got {self.clip_grad_norm}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise InputError(f"--ema must be in (0, 1), got {self.ema_decay}")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise InputError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if not 0 <= self.label_smoothing < 1:
             raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
+from kidney_edge.backbones import set_drop_path
 from kidney_edge.checkpoint import load_checkpoint, save_checkpoint
 from kidney_edge.io_utils import atomic_write_csv
 from kidney_edge.layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT
@@ -468,6 +469,8 @@ def fit_phase(
         state.phase_done = True
         return
     trainable = configure_trainable(model, phase)
+    if phase.drop_path is not None:
+        set_drop_path(model, phase.drop_path)
     seed_everything(epoch_seed(settings.seed, phase.name, 0) + ctx.rank)
     net, train_set, validate = _phase_inputs(model, phase, data, settings, ctx)
     steps = len(make_loader(train_set, settings, ctx, shuffle_seed=0))

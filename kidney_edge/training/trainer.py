@@ -42,7 +42,7 @@ RESUME_FIELDS = ("arch", "image_size", "region", "batch_size", "seed", "pretrain
 # (not today's default: runs before the region rule saw the whole slice); the same for the fields
 # of a saved phase (runs before gradient clipping did not clip).
 BEFORE_FIELD_EXISTED = {"region": RegionRule.WHOLE.value}
-PHASE_BEFORE_FIELD_EXISTED = {"clip_grad_norm": None, "ema_decay": None}
+PHASE_BEFORE_FIELD_EXISTED = {"clip_grad_norm": None, "ema_decay": None, "drop_path": None}
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
