@@ -101,6 +101,9 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-ld0.8-e12-kidneys-pair448-dp0.2": Recipe(
         1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
         drop_path=0.2, note="the two kidneys compared, with stochastic depth 0.2 (train --drop-path 0.2)"),
+    "lr1e-3-b5-ld0.8-e12-kidneys-pair448": Recipe(
+        1e-3, 5, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+        note="the two kidneys compared, fine-tuning the last 5 blocks instead of 9 (train --unfreeze-blocks 5)"),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
