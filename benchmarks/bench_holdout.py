@@ -66,11 +66,12 @@ def trained_with(run: Path) -> dict[str, Any]:
     }
 
 
-def figures(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A metrics.json's argmax figures as the demo headlines them (CIs, recall per class)."""
+def figures(metrics: dict[str, Any], block: str = "argmax") -> dict[str, Any]:
+    """A metrics.json block's figures as the demo headlines them (CIs, recall per class):
+    ``argmax``, or ``rule`` (the run's stored decision rule, the labels predict writes)."""
     from kidney_edge.demo import decision_figures
 
-    return decision_figures(metrics["argmax"], metrics["positive_class"])
+    return decision_figures(metrics[block], metrics["positive_class"])
 
 
 def patient_of(holdout: Path) -> dict[str, str]:
@@ -112,6 +113,7 @@ def score(run: Path, holdout: Path, eval_dir: Path) -> dict[str, Any]:
         **trained_with(run),
         "test": figures(test),
         "holdout": figures(result.metrics),
+        "holdout_rule": figures(result.metrics, "rule"),
         "holdout_patient_ci": patient_interval(result.out_dir / "predictions.csv", holdout),
         "n_holdout": result.n_images,
         "seconds": round(seconds, 1),
@@ -134,6 +136,10 @@ def _ci(value: float, ci: list[float]) -> str:
     return f"{value:.3f} {_interval(ci)}"
 
 
+def _rule_cell(rule: dict[str, Any] | None) -> str:
+    return "-" if rule is None else f"{rule['macro_f1']:.3f} / {rule['tumor_recall']:.3f}"
+
+
 def render(record: dict[str, Any]) -> str:
     holdout = record["holdout"]
     lines = [
@@ -147,13 +153,16 @@ def render(record: dict[str, Any]) -> str:
         f"--n {holdout['n_images']} "
         f"--seed {holdout['seed']}` ({holdout['n_patients']} patients; a phantom seed no training set "
         "uses), every file scored by each run's best.pt under argmax, 95% bootstrap CIs over slices and, "
-        "for macro-F1, over patients (a patient's slices drawn together). "
+        "for macro-F1, over patients (a patient's slices drawn together); the last column under the "
+        "run's stored decision rule (Tumor when p(Tumor) reaches the threshold chosen on validation "
+        "for Tumor recall 0.98), the labels `predict` writes. "
         "Test: the run's own test split (its metrics.json), for comparison.",
         "",
         "| recipe | trained on (slices) | test macro-F1 [CI] | hold-out macro-F1 [CI] [patient CI] "
         "| hold-out Tumor recall [CI] "
-        "| hold-out recall Tumor / Stone / Cyst / Normal | hold-out accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| hold-out recall Tumor / Stone / Cyst / Normal | hold-out accuracy "
+        "| hold-out under the stored rule: macro-F1 / Tumor recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(record["runs"], key=lambda r: (recipe_of(r), r["n_train"], r["data"])):
         test, held = row["test"], row["holdout"]
@@ -163,7 +172,7 @@ def render(record: dict[str, Any]) -> str:
             f"| {_ci(test['macro_f1'], test['macro_f1_ci'])} "
             f"| {_ci(held['macro_f1'], held['macro_f1_ci'])} {_interval(row.get('holdout_patient_ci'))} "
             f"| {_ci(held['tumor_recall'], held['tumor_recall_ci'])} "
-            f"| {recall} | {held['accuracy']:.3f} |"
+            f"| {recall} | {held['accuracy']:.3f} | {_rule_cell(row.get('holdout_rule'))} |"
         )
     lines += ["", *record.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -196,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         record = harness.start_record(
             holdout={**wanted, "n_patients": len(set(patient_of(folder).values()))}, runs=[], notes=[]
         )
-    for row in record["runs"]:  # rows scored before the patient interval existed
-        predictions = args.workdir / "holdout-eval" / row["run"] / "predictions.csv"
-        if "holdout_patient_ci" not in row and predictions.is_file():
-            row["holdout_patient_ci"] = patient_interval(predictions, folder)
+    for row in record["runs"]:  # rows scored before the patient interval and the rule's figures
+        scored = args.workdir / "holdout-eval" / row["run"]
+        if "holdout_patient_ci" not in row and (scored / "predictions.csv").is_file():
+            row["holdout_patient_ci"] = patient_interval(scored / "predictions.csv", folder)
+        if "holdout_rule" not in row and (scored / "metrics.json").is_file():
+            row["holdout_rule"] = figures(json.loads((scored / "metrics.json").read_text()), "rule")
     for run in args.runs:
         if not args.force and any(row["run"] == run.name for row in record["runs"]):
             continue
