@@ -64,6 +64,7 @@ class Recipe:
     clip_grad_norm: float | None = None  # train --clip-grad: both phases
     ema_decay: float | None = None  # train --ema: phase 2 keeps a moving average of its weights
     drop_path: float | None = None  # train --drop-path: phase 2 stochastic depth (None: the arch's own)
+    weight_decay: float | None = None  # train --weight-decay: phase 2 (None: the library's)
     arch: str = EFFICIENTNET_LITE0  # train --arch; named, so a new default arch does not rename old rows
     image_size: int | None = None  # train --image-size where the recipe fixes it (None: --image-size)
     note: str = ""
@@ -101,6 +102,9 @@ RECIPES: dict[str, Recipe] = {
     "lr1e-3-b9-ld0.8-e12-kidneys-pair448-dp0.2": Recipe(
         1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
         drop_path=0.2, note="the two kidneys compared, with stochastic depth 0.2 (train --drop-path 0.2)"),
+    "lr1e-3-b9-ld0.8-wd0.1-e12-kidneys-pair448": Recipe(
+        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+        weight_decay=0.1, note="the two kidneys compared, AdamW weight decay 0.1 instead of 0.01 (train --weight-decay 0.1)"),
     "lr1e-3-b5-ld0.8-e12-kidneys-pair448": Recipe(
         1e-3, 5, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
         note="the two kidneys compared, fine-tuning the last 5 blocks instead of 9 (train --unfreeze-blocks 5)"),
@@ -267,6 +271,8 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
         freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
         clip_grad_norm=recipe.clip_grad_norm, ema_decay=recipe.ema_decay, drop_path=recipe.drop_path,
     )  # fmt: skip
+    if recipe.weight_decay is not None:
+        finetune = dataclasses.replace(finetune, weight_decay=recipe.weight_decay)
     head = base.head if recipe.head_epochs is None else dataclasses.replace(base.head, epochs=recipe.head_epochs)
     head = dataclasses.replace(head, clip_grad_norm=recipe.clip_grad_norm)
     return dataclasses.replace(base, head=head, finetune=finetune)

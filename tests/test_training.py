@@ -377,6 +377,7 @@ def test_bad_inputs_get_clear_messages(phantom_dir: Path, straight_run: Path, tm
         ((phantom_dir, "--out", tmp_path / "r5", "--weights", tmp_path / "none.pth"), "none.pth"),
         ((phantom_dir, "--out", tmp_path / "r7", "--ema", "1.5"), "--ema must be in (0, 1)"),
         ((phantom_dir, "--out", tmp_path / "r8", "--drop-path", "1.5"), "--drop-path must be in [0, 1)"),
+        ((phantom_dir, "--out", tmp_path / "r9", "--weight-decay", "-1"), "--weight-decay must be in [0, 1)"),
     ]  # fmt: skip
     if not torch.cuda.is_available():
         cases.append(((phantom_dir, "--out", tmp_path / "r6", "--device", "cuda"), "--device cuda"))

@@ -135,6 +135,9 @@ def train(
     label_smoothing: Annotated[
         float, typer.Option("--label-smoothing", help="Phase 2 label smoothing of the cross-entropy.")
     ] = _FINETUNE.label_smoothing,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="Phase 2 AdamW weight decay (decoupled, as in timm).")
+    ] = _FINETUNE.weight_decay,
     patience: Annotated[
         int,
         typer.Option(
@@ -249,7 +252,7 @@ def train(
             head=dataclasses.replace(_HEAD, epochs=epochs_head, lr=lr_head, clip_grad_norm=clip_grad),
             finetune=dataclasses.replace(
                 _FINETUNE, epochs=epochs_finetune, lr=lr_finetune, unfreeze_blocks=_blocks(unfreeze_blocks),
-                patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing,
+                patience=patience, layer_decay=layer_decay, label_smoothing=label_smoothing, weight_decay=weight_decay,
                 freeze_bn_stats=not update_bn_stats, mixup_alpha=mixup, clip_grad_norm=clip_grad,
                 ema_decay=ema, drop_path=drop_path),
         )  # fmt: skip

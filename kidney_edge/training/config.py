@@ -104,8 +104,10 @@ class PhaseConfig:
             raise InputError(f"--unfreeze-blocks must be >= 0 or 'all', got {self.unfreeze_blocks}")
         if self.name == "head" and self.unfreeze_blocks != 0:
             raise InputError("the head phase trains the classifier only (unfreeze_blocks must be 0)")
-        if self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
-            raise InputError("weight decay must be >= 0 and warm-up fraction in [0, 1)")
+        if not 0 <= self.weight_decay < 1:
+            raise InputError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise InputError(f"warm-up fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.patience < 1:
             raise InputError(f"--patience must be >= 1, got {self.patience}")
         if not 0 < self.layer_decay <= 1:
