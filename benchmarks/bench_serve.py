@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serve-args", default="", help="extra `kidney-edge serve` options")
     parser.add_argument("--out", type=Path, default=RESULTS, help="OUT.json and OUT.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph under the model line (kept)")
     return parser.parse_args()
 
 
@@ -313,6 +314,7 @@ def render(record: dict[str, Any]) -> str:
         f"{harness.recorded_load(record, 'before')}, at end {harness.recorded_load(record, 'after')} (a shared machine: other "
         "jobs ran during the measurements).",
         f"Model: `{record['model']}`. Images: {record['images']}.",
+        *([""] + record["notes"] if record.get("notes") else []),
         "",
         "## Model-only (`kidney-edge benchmark`, in the same run)",
         "",
@@ -425,9 +427,11 @@ def cpu_budget(record: dict[str, Any], target_runs: list[dict[str, Any]]) -> lis
 def main() -> None:
     args = parse_args()
     if args.render_only:
-        harness.write_markdown(args.out, render(harness.read_results(args.out)))
+        record = harness.read_results(args.out)
+        record["notes"] = [*record.get("notes", []), *args.note]
+        harness.write_results(args.out, record, render(record))
         return
-    record = run(args)
+    record = {**run(args), "notes": args.note}
     harness.write_results(args.out, record, render(record))
     print(f"wrote {args.out.with_suffix('.md')}")
 
