@@ -17,8 +17,8 @@ Generates phantom kidney CT slices, splits them without leakage, trains Efficien
 phases, evaluates on the test split (report with CIs, calibration, Grad-CAM), exports ONNX fp32 + \
 INT8 with parity, predicts {FULL.n_holdout:,} slices of new phantom patients and benchmarks latency. \
 Training runs the default recipe of `train` at {FULL.image_size} px within a \
-{FULL.train_budget_min:g}-minute budget; the whole demo took 448 s (7.5 minutes) on a 2-core Xeon \
-(benchmarks/results/demo.md). --quick takes 1-2 minutes.
+{FULL.train_budget_min:g}-minute budget, so a slower CPU trains fewer epochs rather than waiting \
+longer; benchmarks/results/demo.md records the whole demo's time per stage. --quick takes 1-2 minutes.
 """
 
 
