@@ -84,7 +84,8 @@ class PhaseConfig:
     ema_decay: float | None = None
     # Stochastic depth: the deepest block drops its residual branch with this probability in
     # training, earlier blocks linearly less (backbones.set_drop_path). None: the arch's own
-    # (Lite0 none, B0 torchvision's 0.2).
+    # (Lite0 none, B0 torchvision's 0.2). Not on for Lite0: at 0.2 it scored 0.548 and 0.574 on
+    # the look-alike hold-out against 0.565 and 0.562 (benchmarks/results/holdout.md).
     drop_path: float | None = None
     # BatchNorm of the unfrozen blocks keeps its ImageNet running statistics (its affine weights
     # still train). With batch statistics, validation macro-F1 stayed at 0.39-0.48 against
