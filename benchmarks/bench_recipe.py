@@ -20,6 +20,7 @@ so a crash or a stop keeps what is done, and a rerun skips finished runs), and r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -71,6 +72,17 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# The defaults (train without options); the levers measured on top of it change one option each.
+PAIR448 = Recipe(
+    1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
+    note="the kidney band read as two mirrored halves, each kidney at 224 px "
+    "(train --arch efficientnet_lite0_pair --image-size 448)")
+
+
+def _on_pair448(change: str, **options: Any) -> Recipe:
+    return dataclasses.replace(PAIR448, note=f"the two kidneys compared, {change}", **options)
+
+
 RECIPES: dict[str, Recipe] = {
     "lr1e-4-b6-e8": Recipe(1e-4, 6, 8, 4, note="the defaults before this benchmark"),
     "lr1e-3-b9-e12": Recipe(1e-3, 9, 12, 6, note="the recipe that scored 0.994 on the outside look-alike set"),
@@ -84,30 +96,20 @@ RECIPES: dict[str, Recipe] = {
                                           note="the kidney band; each unfrozen block 0.8 times the rate of the block above it"),
     "lr1e-3-b9-ld0.8-e12-kidneys-scanner": Recipe(1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", augment="scanner",
                                                   note="the kidney band, layer-wise decay 0.8, scanner augmentation"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair448": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        note="the kidney band read as two mirrored halves, each kidney at 224 px (train --arch efficientnet_lite0_pair --image-size 448)"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-scanner": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        augment="scanner", note="the two kidneys compared, with scanner augmentation (train --augment scanner)"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-mix0.2": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        mixup_alpha=0.2, note="the two kidneys compared, with mixup 0.2 (train --mixup 0.2)"),
-    "lr1e-3-b9-ld0.8-ls0.1-e12-kidneys-pair448": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, label_smoothing=0.1, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR,
-        image_size=448, note="the two kidneys compared, with label smoothing 0.1 (train --label-smoothing 0.1)"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-ema0.98": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        ema_decay=0.98, note="the two kidneys compared, validated on a moving average of the weights (train --ema 0.98)"),
-    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-dp0.2": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        drop_path=0.2, note="the two kidneys compared, with stochastic depth 0.2 (train --drop-path 0.2)"),
-    "lr1e-3-b9-ld0.8-wd0.1-e12-kidneys-pair448": Recipe(
-        1e-3, 9, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        weight_decay=0.1, note="the two kidneys compared, AdamW weight decay 0.1 instead of 0.01 (train --weight-decay 0.1)"),
-    "lr1e-3-b5-ld0.8-e12-kidneys-pair448": Recipe(
-        1e-3, 5, 12, 6, layer_decay=0.8, region="kidneys", arch=EFFICIENTNET_LITE0_PAIR, image_size=448,
-        note="the two kidneys compared, fine-tuning the last 5 blocks instead of 9 (train --unfreeze-blocks 5)"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448": PAIR448,
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-scanner": _on_pair448(
+        "with scanner augmentation (train --augment scanner)", augment="scanner"),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-mix0.2": _on_pair448("with mixup 0.2 (train --mixup 0.2)", mixup_alpha=0.2),
+    "lr1e-3-b9-ld0.8-ls0.1-e12-kidneys-pair448": _on_pair448(
+        "with label smoothing 0.1 (train --label-smoothing 0.1)", label_smoothing=0.1),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-ema0.98": _on_pair448(
+        "validated on a moving average of the weights (train --ema 0.98)", ema_decay=0.98),
+    "lr1e-3-b9-ld0.8-e12-kidneys-pair448-dp0.2": _on_pair448(
+        "with stochastic depth 0.2 (train --drop-path 0.2)", drop_path=0.2),
+    "lr1e-3-b9-ld0.8-wd0.1-e12-kidneys-pair448": _on_pair448(
+        "AdamW weight decay 0.1 instead of 0.01 (train --weight-decay 0.1)", weight_decay=0.1),
+    "lr1e-3-b5-ld0.8-e12-kidneys-pair448": _on_pair448(
+        "fine-tuning the last 5 blocks instead of 9 (train --unfreeze-blocks 5)", unfreeze_blocks=5),
     "lr1e-3-b9-e12-kidneys-clip1": Recipe(1e-3, 9, 12, 6, region="kidneys", clip_grad_norm=1.0,
                                           note="the kidney band, gradient norm clipped to 1 (train --clip-grad 1)"),
     "lr3e-4-b9-e12": Recipe(3e-4, 9, 12, 6, note="a third of the rate"),
@@ -158,7 +160,6 @@ def _series_dataset(data: Path, splits: Path, n_images: int, phantom_seed: int, 
                     difficulty: float, seed: int) -> None:  # fmt: skip
     """The DICOM series phantom with its slice labels, whole series assigned 70/15/15 per series
     label (the phantom's own splits.csv is a hold-out: val and test only)."""
-    import dataclasses
     import random
 
     from kidney_edge.dataset import read_splits, write_splits
@@ -201,7 +202,6 @@ def _oracle_view(data: Path, splits: Path, pad: float = 0.15) -> tuple[Path, Pat
     """Every slice of ``data`` cropped to its kidneys' box (phantom_truth.csv) plus ``pad`` of its
     size on each side, at native resolution, saved as quality-95 JPEG; the same splits."""
     import csv
-    import dataclasses
 
     from PIL import Image
 
@@ -257,7 +257,6 @@ def describe_findings(data: Path, image_size: int) -> dict[str, Any] | None:
 
 def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> Any:
     """The TrainConfig of ``recipe``: library defaults but for the recipe's fine-tuning options."""
-    import dataclasses
 
     from kidney_edge.training import TrainConfig
     from kidney_edge.training.config import ALL_BLOCKS
