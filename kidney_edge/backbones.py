@@ -497,10 +497,9 @@ def _load_pretrained(model: KidneyNet, backbone: _Backbone, path: Path) -> None:
 
 
 def set_drop_path(model: nn.Module, rate: float) -> None:
-    """Stochastic depth (Huang et al. 2016) at ``rate`` for the last MBConv block, scaled linearly
-    with depth before it (block i of n drops its residual branch with ``rate * i / n``), as timm's
-    ``drop_path_rate`` and torchvision's ``stochastic_depth_prob`` do. Only training mode drops:
-    evaluation and the exported graph see every block."""
+    """Stochastic depth (Huang et al. 2016): MBConv block i of n (from 0) drops its residual
+    branch with probability ``rate * i / n``, torchvision's ``stochastic_depth_prob`` rule. Only
+    training mode drops: evaluation and the exported graph see every block."""
     from torchvision.models.efficientnet import MBConv
 
     blocks = [m for m in model.modules() if isinstance(m, (_MBConvLite, MBConv))]

@@ -217,8 +217,8 @@ def train(
         float | None,
         typer.Option(
             "--drop-path",
-            help="Phase 2 stochastic depth: the deepest block skips its residual branch with this "
-            "probability, earlier blocks linearly less (e.g. 0.2; default: the arch's own, none for Lite0).",
+            help="Phase 2 stochastic depth: block i of n skips its residual branch with probability "
+            "RATE * i / n (e.g. 0.2; default: the arch's own, none for Lite0).",
             metavar="RATE",
         ),
     ] = _FINETUNE.drop_path,

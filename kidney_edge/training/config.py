@@ -82,8 +82,8 @@ class PhaseConfig:
     # as timm's --model-ema. The horizon is about 1 / (1 - decay) steps. Off by default: at 0.98
     # it scored 0.578 against 0.601 on the look-alike renderer (benchmarks/results/recipe.md).
     ema_decay: float | None = None
-    # Stochastic depth: the deepest block drops its residual branch with this probability in
-    # training, earlier blocks linearly less (backbones.set_drop_path). None: the arch's own
+    # Stochastic depth: in training, block i of n (from 0) skips its residual branch with
+    # probability drop_path * i / n (backbones.set_drop_path). None: the arch's own
     # (Lite0 none, B0 torchvision's 0.2). Not on for Lite0: at 0.2 it scored 0.548 and 0.574 on
     # the look-alike hold-out against 0.565 and 0.562 (benchmarks/results/holdout.md).
     drop_path: float | None = None
