@@ -257,7 +257,6 @@ def describe_findings(data: Path, image_size: int) -> dict[str, Any] | None:
 
 def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_size: int, seed: int) -> Any:
     """The TrainConfig of ``recipe``: library defaults but for the recipe's fine-tuning options."""
-
     from kidney_edge.training import TrainConfig
     from kidney_edge.training.config import ALL_BLOCKS
 
@@ -269,9 +268,8 @@ def recipe_config(data: Path, splits: Path, out: Path, recipe: Recipe, image_siz
         layer_decay=recipe.layer_decay, label_smoothing=recipe.label_smoothing,
         freeze_bn_stats=not recipe.update_bn_stats, mixup_alpha=recipe.mixup_alpha,
         clip_grad_norm=recipe.clip_grad_norm, ema_decay=recipe.ema_decay, drop_path=recipe.drop_path,
+        weight_decay=base.finetune.weight_decay if recipe.weight_decay is None else recipe.weight_decay,
     )  # fmt: skip
-    if recipe.weight_decay is not None:
-        finetune = dataclasses.replace(finetune, weight_decay=recipe.weight_decay)
     head = base.head if recipe.head_epochs is None else dataclasses.replace(base.head, epochs=recipe.head_epochs)
     head = dataclasses.replace(head, clip_grad_norm=recipe.clip_grad_norm)
     return dataclasses.replace(base, head=head, finetune=finetune)
